@@ -1,0 +1,81 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let strict: [SwiftSetting] = [.swiftLanguageMode(.v6)]
+
+let package = Package(
+  name: "xe-vfio-user",
+  platforms: [.macOS(.v14)],
+  products: [
+    .executable(name: "xe-vfio-user", targets: ["xe-vfio-user"]),
+    .library(name: "VFIOUser", targets: ["VFIOUser"]),
+    .library(name: "VFIOUserServer", targets: ["VFIOUserServer"]),
+    .library(name: "VFIOUserClient", targets: ["VFIOUserClient"]),
+    .library(name: "XeVF", targets: ["XeVF"]),
+  ],
+  dependencies: [
+    .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+    .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
+  ],
+  targets: [
+    // linux/vfio.h structs, ioctl and SCM_RIGHTS wrappers Swift cannot express.
+    .target(name: "CVFIOUser"),
+    // json-c, the declared C dependency (Debian: libjson-c-dev).
+    .systemLibrary(
+      name: "CJSONC", pkgConfig: "json-c",
+      providers: [.apt(["libjson-c-dev"])]),
+    // Wire format only: header, commands, payload codecs, capability JSON. No I/O.
+    .target(
+      name: "VFIOUser",
+      dependencies: ["CJSONC", .product(name: "SystemPackage", package: "swift-system")],
+      swiftSettings: strict),
+    // Unix stream socket framing with fd passing, shared by server and client.
+    .target(
+      name: "VFIOUserSocket",
+      dependencies: ["VFIOUser", "CVFIOUser", .product(name: "SystemPackage", package: "swift-system")],
+      swiftSettings: strict),
+    .target(
+      name: "VFIOUserServer",
+      dependencies: [
+        "VFIOUser", "VFIOUserSocket", "CVFIOUser",
+        .product(name: "Logging", package: "swift-log"),
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
+      swiftSettings: strict),
+    .target(
+      name: "VFIOUserClient",
+      dependencies: [
+        "VFIOUser", "VFIOUserSocket", "CVFIOUser",
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
+      swiftSettings: strict),
+    .target(
+      name: "XeVF",
+      dependencies: [
+        "VFIOUser", "VFIOUserServer", "CVFIOUser",
+        .product(name: "Logging", package: "swift-log"),
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
+      swiftSettings: strict),
+    .executableTarget(
+      name: "xe-vfio-user",
+      dependencies: [
+        "VFIOUser", "VFIOUserServer", "VFIOUserClient", "XeVF", "CVFIOUser",
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        .product(name: "Logging", package: "swift-log"),
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
+      swiftSettings: strict),
+    .testTarget(
+      name: "VFIOUserTests", dependencies: ["VFIOUser"],
+      swiftSettings: strict),
+    .testTarget(
+      name: "VFIOUserServerTests",
+      dependencies: ["VFIOUser", "VFIOUserServer", "VFIOUserClient", "XeVF", "CVFIOUser"],
+      swiftSettings: strict),
+    .testTarget(
+      name: "XeVFTests", dependencies: ["XeVF", "VFIOUser", "VFIOUserServer"],
+      swiftSettings: strict),
+  ]
+)

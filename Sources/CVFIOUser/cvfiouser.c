@@ -1,0 +1,143 @@
+#define _GNU_SOURCE
+#include "cvfiouser.h"
+
+#include <errno.h>
+#include <sched.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+_Static_assert(sizeof(struct vfio_region_info) == 32, "vfio_region_info");
+_Static_assert(sizeof(struct vfio_irq_set) == 20, "vfio_irq_set");
+
+ssize_t cvfu_sendmsg(int sock, const struct iovec *iov, int iovcnt,
+                     const int *fds, int nfds) {
+  struct msghdr msg = {0};
+  msg.msg_iov = (struct iovec *)iov;
+  msg.msg_iovlen = (size_t)iovcnt;
+  union {
+    char buf[CMSG_SPACE(sizeof(int) * CVFU_SCM_MAX_FD)];
+    struct cmsghdr align;
+  } control;
+  if (nfds > 0) {
+    if (nfds > CVFU_SCM_MAX_FD) return -EINVAL;
+    memset(&control, 0, sizeof(control));
+    msg.msg_control = control.buf;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+    memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
+  }
+  for (;;) {
+    ssize_t n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    if (n >= 0) return n;
+    if (errno != EINTR) return -errno;
+  }
+}
+
+ssize_t cvfu_recvmsg(int sock, void *buf, size_t len, int *fds, int maxfds,
+                     int *nfds, int flags) {
+  struct iovec iov = {.iov_base = buf, .iov_len = len};
+  union {
+    char buf[CMSG_SPACE(sizeof(int) * CVFU_SCM_MAX_FD)];
+    struct cmsghdr align;
+  } control;
+  struct msghdr msg = {0};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control.buf;
+  msg.msg_controllen = sizeof(control.buf);
+  *nfds = 0;
+  ssize_t n;
+  for (;;) {
+    n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | flags);
+    if (n >= 0) break;
+    if (errno != EINTR) return -errno;
+  }
+  int got = 0;
+  for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    int *data = (int *)CMSG_DATA(c);
+    for (size_t i = 0; i < count; i++) {
+      int fd;
+      memcpy(&fd, &data[i], sizeof(int));
+      if (got < maxfds) fds[got] = fd; else close(fd);
+      got++;
+    }
+  }
+  *nfds = got;
+  return n;
+}
+
+int cvfu_ioctl(int fd, unsigned long request, void *arg) {
+  int r = ioctl(fd, request, arg);
+  return r < 0 ? -errno : r;
+}
+
+int cvfu_memfd_create(const char *name, unsigned int flags) {
+  int r = memfd_create(name, flags);
+  return r < 0 ? -errno : r;
+}
+
+int cvfu_eventfd(unsigned int initval, int flags) {
+  int r = eventfd(initval, flags);
+  return r < 0 ? -errno : r;
+}
+
+int cvfu_eventfd_signal(int fd) {
+  uint64_t one = 1;
+  for (;;) {
+    ssize_t n = write(fd, &one, sizeof(one));
+    if (n == sizeof(one)) return 0;
+    if (n < 0 && errno == EINTR) continue;
+    return n < 0 ? -errno : -EIO;
+  }
+}
+
+int64_t cvfu_eventfd_drain(int fd) {
+  uint64_t value = 0;
+  for (;;) {
+    ssize_t n = read(fd, &value, sizeof(value));
+    if (n == sizeof(value)) return (int64_t)value;
+    if (n < 0 && errno == EINTR) continue;
+    return n < 0 ? -errno : -EIO;
+  }
+}
+
+int cvfu_pin_to_cpu(int cpu) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  return sched_setaffinity(0, sizeof(set), &set) < 0 ? -errno : 0;
+}
+
+int cvfu_socket_buffers(int sock, int bytes) {
+  if (setsockopt(sock, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof(bytes)) < 0) return -errno;
+  if (setsockopt(sock, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof(bytes)) < 0) return -errno;
+  return 0;
+}
+
+int cvfu_socketpair(int fds[2]) {
+  return socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) < 0 ? -errno : 0;
+}
+
+int cvfu_set_recv_timeout_ms(int sock, int ms) {
+  struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
+  return setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) < 0 ? -errno : 0;
+}
+
+int cvfu_peer_cred(int sock, int32_t *pid, uint32_t *uid) {
+  struct ucred cred;
+  socklen_t len = sizeof(cred);
+  if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) return -errno;
+  *pid = cred.pid;
+  *uid = cred.uid;
+  return 0;
+}

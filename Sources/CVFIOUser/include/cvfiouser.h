@@ -1,0 +1,41 @@
+// C shim for what Swift cannot express directly: variadic ioctl, CMSG_*
+// ancillary-data walking for SCM_RIGHTS, and the linux/vfio.h definitions the
+// kernel backend uses.
+#ifndef CVFIOUSER_H
+#define CVFIOUSER_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <linux/vfio.h>
+
+// Most fds one recvmsg can carry on Linux (SCM_MAX_FD). The receive buffer is
+// sized for it so surplus fds are received and closed, never silently dropped.
+#define CVFU_SCM_MAX_FD 253
+
+/// sendmsg() of `iov` with `nfds` descriptors as SCM_RIGHTS, retrying EINTR.
+/// Returns bytes sent or -errno.
+ssize_t cvfu_sendmsg(int sock, const struct iovec *iov, int iovcnt,
+                     const int *fds, int nfds);
+
+/// recvmsg() into `buf`; descriptors go to `fds` (close-on-exec). At most
+/// `maxfds` are kept; the count received is stored in `*nfds`, and any beyond
+/// `maxfds` are closed here. Returns bytes read, 0 on EOF, or -errno.
+ssize_t cvfu_recvmsg(int sock, void *buf, size_t len, int *fds, int maxfds,
+                     int *nfds, int flags);
+
+int cvfu_ioctl(int fd, unsigned long request, void *arg);
+int cvfu_memfd_create(const char *name, unsigned int flags);
+int cvfu_eventfd(unsigned int initval, int flags);
+int cvfu_eventfd_signal(int fd);
+/// Reads and clears an eventfd counter without blocking; -errno (EAGAIN) if 0.
+int64_t cvfu_eventfd_drain(int fd);
+int cvfu_pin_to_cpu(int cpu);
+int cvfu_socket_buffers(int sock, int bytes);
+int cvfu_socketpair(int fds[2]);
+int cvfu_set_recv_timeout_ms(int sock, int ms);
+/// Peer credentials of a connected unix socket (pid, uid).
+int cvfu_peer_cred(int sock, int32_t *pid, uint32_t *uid);
+
+#endif

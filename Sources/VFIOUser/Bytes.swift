@@ -1,0 +1,56 @@
+// Little-endian field access on raw message bytes. The protocol is host-endian
+// and this project builds for little-endian Linux only.
+
+extension UnsafeRawBufferPointer {
+  @inlinable func u8(_ offset: Int) -> UInt8 { self[offset] }
+  @inlinable func u16(_ offset: Int) -> UInt16 { loadUnaligned(fromByteOffset: offset, as: UInt16.self) }
+  @inlinable func u32(_ offset: Int) -> UInt32 { loadUnaligned(fromByteOffset: offset, as: UInt32.self) }
+  @inlinable func u64(_ offset: Int) -> UInt64 { loadUnaligned(fromByteOffset: offset, as: UInt64.self) }
+}
+
+extension UnsafeMutableRawBufferPointer {
+  @inlinable func put<T: FixedWidthInteger>(_ value: T, at offset: Int) {
+    storeBytes(of: value, toByteOffset: offset, as: T.self)
+  }
+}
+
+/// A payload with a fixed wire layout. Decoding validates everything the
+/// layout alone can tell (sizes, reserved bits); semantic checks against the
+/// device happen in the server.
+public protocol WirePayload: Equatable, Sendable {
+  init(decoding bytes: UnsafeRawBufferPointer) throws(Errno)
+  var encodedSize: Int { get }
+  func encode(into bytes: UnsafeMutableRawBufferPointer)
+}
+
+import SystemPackage
+
+extension WirePayload {
+  public func encoded() -> [UInt8] {
+    var out = [UInt8](repeating: 0, count: encodedSize)
+    out.withUnsafeMutableBytes { encode(into: $0) }
+    return out
+  }
+
+  public init(decoding bytes: [UInt8]) throws(Errno) {
+    let result: Result<Self, Errno> = bytes.withUnsafeBytes { raw in
+      do throws(Errno) { return .success(try Self(decoding: raw)) } catch { return .failure(error) }
+    }
+    self = try result.get()
+  }
+}
+
+/// Builds a whole message (header plus payload) as bytes; used by clients,
+/// tests and the golden vectors, never on the server's hot path.
+public func encodeMessage(
+  id: UInt16, command: UInt16, flags: UInt32 = 0, error: UInt32 = 0, payload: [UInt8]
+) -> [UInt8] {
+  var out = [UInt8](repeating: 0, count: MessageHeader.size + payload.count)
+  out.withUnsafeMutableBytes { raw in
+    MessageHeader(
+      messageID: id, command: command, size: UInt32(raw.count), flags: flags, error: error
+    ).encode(into: raw)
+  }
+  out.replaceSubrange(MessageHeader.size..., with: payload)
+  return out
+}

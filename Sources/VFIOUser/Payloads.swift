@@ -1,0 +1,661 @@
+import SystemPackage
+
+// Payload codecs, one per message layout of docs/interop/vfio-user.rst. Offsets
+// are from the end of the 16-byte header.
+
+/// VERSION request and reply: major, minor, optional NUL-terminated JSON.
+public struct VersionPayload: WirePayload {
+  public var major: UInt16
+  public var minor: UInt16
+  /// The capabilities JSON without its terminating NUL, or nil when absent.
+  public var json: String?
+
+  public init(major: UInt16, minor: UInt16, json: String?) {
+    self.major = major
+    self.minor = minor
+    self.json = json
+  }
+
+  public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    guard bytes.count >= 4 else { throw .invalidArgument }
+    major = bytes.u16(0)
+    minor = bytes.u16(2)
+    guard bytes.count > 4 else {
+      json = nil
+      return
+    }
+    let text = UnsafeRawBufferPointer(rebasing: bytes[4...])
+    // The JSON must end with its NUL and hold no other.
+    guard text.last == 0, text.firstIndex(of: 0) == text.count - 1 else { throw .invalidArgument }
+    guard let string = String(validating: text.dropLast(), as: UTF8.self) else {
+      throw .invalidArgument
+    }
+    json = string
+  }
+
+  public var encodedSize: Int { 4 + (json.map { $0.utf8.count + 1 } ?? 0) }
+
+  public func encode(into bytes: UnsafeMutableRawBufferPointer) {
+    bytes.put(major, at: 0)
+    bytes.put(minor, at: 2)
+    if let json {
+      var offset = 4
+      for byte in json.utf8 {
+        bytes[offset] = byte
+        offset += 1
+      }
+      bytes[offset] = 0
+    }
+  }
+}
+
+/// DMA_MAP request (the reply has no payload).
+public struct DMAMapRequest: WirePayload {
+  public static let size = 32
+  public var argsz: UInt32
+  public var flags: UInt32
+  public var offset: UInt64
+  public var address: UInt64
+  public var size: UInt64
+
+  public init(flags: UInt32, offset: UInt64, address: UInt64, size: UInt64, argsz: UInt32 = 32) {
+    self.argsz = argsz
+    self.flags = flags
+    self.offset = offset
+    self.address = address
+    self.size = size
+  }
+
+  public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    guard bytes.count == Self.size else { throw .invalidArgument }
+    argsz = bytes.u32(0)
+    flags = bytes.u32(4)
+    offset = bytes.u64(8)
+    address = bytes.u64(16)
+    size = bytes.u64(24)
+    guard argsz == UInt32(Self.size) else { throw .invalidArgument }
+    guard flags & ~(VFIODMAMapFlags.read | VFIODMAMapFlags.write) == 0 else { throw .invalidArgument }
+    guard size > 0, address.addingReportingOverflow(size).overflow == false,
+      offset.addingReportingOverflow(size).overflow == false
+    else { throw .invalidArgument }
+  }
+
+  public var encodedSize: Int { Self.size }
+  public func encode(into bytes: UnsafeMutableRawBufferPointer) {
+    bytes.put(argsz, at: 0)
+    bytes.put(flags, at: 4)
+    bytes.put(offset, at: 8)
+    bytes.put(address, at: 16)
+    bytes.put(size, at: 24)
+  }
+}
+
+/// DMA_UNMAP request, and its reply (the original entry echoed).
+public struct DMAUnmapPayload: WirePayload {
+  public static let size = 24
+  public var argsz: UInt32
+  public var flags: UInt32
+  public var address: UInt64
+  public var size: UInt64
+
+  public init(flags: UInt32 = 0, address: UInt64, size: UInt64, argsz: UInt32 = 24) {
+    self.argsz = argsz
+    self.flags = flags
+    self.address = address
+    self.size = size
+  }
+
+  public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    guard bytes.count == Self.size else { throw .invalidArgument }
+    argsz = bytes.u32(0)
+    flags = bytes.u32(4)
+    address = bytes.u64(8)
+    size = bytes.u64(16)
+    guard argsz >= UInt32(Self.size) else { throw .invalidArgument }
+    // Only UNMAP_ALL exists in this protocol; the dirty-bitmap flag belonged to v1 migration.
+    guard flags & ~VFIODMAUnmapFlags.all == 0 else { throw .invalidArgument }
+    if flags & VFIODMAUnmapFlags.all != 0 {
+      guard address == 0, size == 0 else { throw .invalidArgument }
+    } else {
+      guard size > 0, address.addingReportingOverflow(size).overflow == false else {
+        throw .invalidArgument
+      }
+    }
+  }
+
+  public var encodedSize: Int { Self.size }
+  public func encode(into bytes: UnsafeMutableRawBufferPointer) {
+    bytes.put(argsz, at: 0)
+    bytes.put(flags, at: 4)
+    bytes.put(address, at: 8)
+    bytes.put(size, at: 16)
+  }
+}
+
+/// DEVICE_GET_INFO request and reply.
+public struct DeviceInfoPayload: WirePayload {
+  public static let size = 16
+  public var argsz: UInt32
+  public var flags: UInt32
+  public var numRegions: UInt32
+  public var numIRQs: UInt32
+
+  public init(argsz: UInt32 = 16, flags: UInt32 = 0, numRegions: UInt32 = 0, numIRQs: UInt32 = 0) {
+    self.argsz = argsz
+    self.flags = flags
+    self.numRegions = numRegions
+    self.numIRQs = numIRQs
+  }
+
+  public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    guard bytes.count == Self.size else { throw .invalidArgument }
+    argsz = bytes.u32(0)
+    flags = bytes.u32(4)
+    numRegions = bytes.u32(8)
+    numIRQs = bytes.u32(12)
+  }
+
+  public var encodedSize: Int { Self.size }
+  public func encode(into bytes: UnsafeMutableRawBufferPointer) {
+    bytes.put(argsz, at: 0)
+    bytes.put(flags, at: 4)
+    bytes.put(numRegions, at: 8)
+    bytes.put(numIRQs, at: 12)
+  }
+}
+
+/// One mmap-able window of a sparse region.
+public struct SparseMmapArea: Equatable, Sendable, Hashable {
+  public var offset: UInt64
+  public var size: UInt64
+  public init(offset: UInt64, size: UInt64) {
+    self.offset = offset
+    self.size = size
+  }
+}
+
+/// A region capability in the chain after `vfio_region_info`.
+public enum RegionCapability: Equatable, Sendable {
+  case sparseMmap([SparseMmapArea])
+  case type(type: UInt32, subtype: UInt32)
+  case msixMappable
+
+  var encodedSize: Int {
+    switch self {
+    case .sparseMmap(let areas): 16 + 16 * areas.count
+    case .type: 16
+    case .msixMappable: 8
+    }
+  }
+}
+
+/// DEVICE_GET_REGION_INFO request and reply (the reply carries the capability chain).
+public struct RegionInfoPayload: WirePayload {
+  public static let fixedSize = 32
+  public var argsz: UInt32
+  public var flags: UInt32
+  public var index: UInt32
+  public var capOffset: UInt32
+  public var size: UInt64
+  public var offset: UInt64
+  public var capabilities: [RegionCapability]
+
+  public init(
+    argsz: UInt32 = 32, flags: UInt32 = 0, index: UInt32, capOffset: UInt32 = 0, size: UInt64 = 0,
+    offset: UInt64 = 0, capabilities: [RegionCapability] = []
+  ) {
+    self.argsz = argsz
+    self.flags = flags
+    self.index = index
+    self.capOffset = capOffset
+    self.size = size
+    self.offset = offset
+    self.capabilities = capabilities
+  }
+
+  /// Bytes the fixed part plus every capability take.
+  public var fullSize: Int { Self.fixedSize + capabilities.reduce(0) { $0 + $1.encodedSize } }
+
+  public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    guard bytes.count >= Self.fixedSize else { throw .invalidArgument }
+    argsz = bytes.u32(0)
+    flags = bytes.u32(4)
+    index = bytes.u32(8)
+    capOffset = bytes.u32(12)
+    size = bytes.u64(16)
+    offset = bytes.u64(24)
+    capabilities = []
+    guard flags & VFIORegionFlags.caps != 0, bytes.count > Self.fixedSize else { return }
+    var next = Int(capOffset)
+    var seen = 0
+    while next != 0 {
+      // Each capability header must lie inside the bytes, after the fixed part, without loops.
+      guard next >= Self.fixedSize, next + 8 <= bytes.count, seen < 64 else { throw .invalidArgument }
+      seen += 1
+      let id = bytes.u16(next)
+      let following = Int(bytes.u32(next + 4))
+      switch id {
+      case VFIORegionCapID.sparseMmap:
+        guard next + 16 <= bytes.count else { throw .invalidArgument }
+        let count = Int(bytes.u32(next + 8))
+        guard count <= 1024, next + 16 + 16 * count <= bytes.count else { throw .invalidArgument }
+        var areas: [SparseMmapArea] = []
+        for i in 0..<count {
+          let base = next + 16 + 16 * i
+          areas.append(SparseMmapArea(offset: bytes.u64(base), size: bytes.u64(base + 8)))
+        }
+        capabilities.append(.sparseMmap(areas))
+      case VFIORegionCapID.type:
+        guard next + 16 <= bytes.count else { throw .invalidArgument }
+        capabilities.append(.type(type: bytes.u32(next + 8), subtype: bytes.u32(next + 12)))
+      case VFIORegionCapID.msixMappable:
+        capabilities.append(.msixMappable)
+      default:
+        break  // unknown capabilities are skipped, as the kernel's consumers do
+      }
+      guard following == 0 || following > next else { throw .invalidArgument }
+      next = following
+    }
+  }
+
+  public var encodedSize: Int { capabilities.isEmpty ? Self.fixedSize : fullSize }
+
+  public func encode(into bytes: UnsafeMutableRawBufferPointer) {
+    bytes.put(argsz, at: 0)
+    bytes.put(flags, at: 4)
+    bytes.put(index, at: 8)
+    bytes.put(capOffset, at: 12)
+    bytes.put(size, at: 16)
+    bytes.put(offset, at: 24)
+    var at = Self.fixedSize
+    for (i, cap) in capabilities.enumerated() {
+      let next = i + 1 < capabilities.count ? UInt32(at + cap.encodedSize) : 0
+      bytes.put(UInt32(next), at: at + 4)
+      switch cap {
+      case .sparseMmap(let areas):
+        bytes.put(VFIORegionCapID.sparseMmap, at: at)
+        bytes.put(UInt16(1), at: at + 2)
+        bytes.put(UInt32(areas.count), at: at + 8)
+        bytes.put(UInt32(0), at: at + 12)
+        for (j, area) in areas.enumerated() {
+          bytes.put(area.offset, at: at + 16 + 16 * j)
+          bytes.put(area.size, at: at + 24 + 16 * j)
+        }
+      case .type(let type, let subtype):
+        bytes.put(VFIORegionCapID.type, at: at)
+        bytes.put(UInt16(1), at: at + 2)
+        bytes.put(type, at: at + 8)
+        bytes.put(subtype, at: at + 12)
+      case .msixMappable:
+        bytes.put(VFIORegionCapID.msixMappable, at: at)
+        bytes.put(UInt16(1), at: at + 2)
+      }
+      at += cap.encodedSize
+    }
+  }
+}
+
+/// One sub-region of a DEVICE_GET_REGION_IO_FDS reply (ioeventfd or ioregionfd form).
+public struct IOFDSubRegion: Equatable, Sendable {
+  public static let size = 40
+  public static let typeIOEventFD: UInt32 = 0
+  public static let typeIORegionFD: UInt32 = 1
+  public var offset: UInt64
+  public var size: UInt64
+  public var fdIndex: UInt32
+  public var type: UInt32
+  public var flags: UInt32
+  /// datamatch (ioeventfd) or user_data (ioregionfd).
+  public var value: UInt64
+
+  public init(offset: UInt64, size: UInt64, fdIndex: UInt32, type: UInt32, flags: UInt32, value: UInt64) {
+    self.offset = offset
+    self.size = size
+    self.fdIndex = fdIndex
+    self.type = type
+    self.flags = flags
+    self.value = value
+  }
+}
+
+/// DEVICE_GET_REGION_IO_FDS request and reply.
+public struct RegionIOFDsPayload: WirePayload {
+  public static let fixedSize = 16
+  public var argsz: UInt32
+  public var flags: UInt32
+  public var index: UInt32
+  public var count: UInt32
+  public var subRegions: [IOFDSubRegion]
+
+  public init(argsz: UInt32 = 16, flags: UInt32 = 0, index: UInt32, count: UInt32 = 0, subRegions: [IOFDSubRegion] = []) {
+    self.argsz = argsz
+    self.flags = flags
+    self.index = index
+    self.count = count
+    self.subRegions = subRegions
+  }
+
+  public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    guard bytes.count >= Self.fixedSize else { throw .invalidArgument }
+    argsz = bytes.u32(0)
+    flags = bytes.u32(4)
+    index = bytes.u32(8)
+    count = bytes.u32(12)
+    subRegions = []
+    let available = (bytes.count - Self.fixedSize) / IOFDSubRegion.size
+    for i in 0..<min(Int(count), available) {
+      let base = Self.fixedSize + IOFDSubRegion.size * i
+      subRegions.append(
+        IOFDSubRegion(
+          offset: bytes.u64(base), size: bytes.u64(base + 8), fdIndex: bytes.u32(base + 16),
+          type: bytes.u32(base + 20), flags: bytes.u32(base + 24), value: bytes.u64(base + 32)))
+    }
+  }
+
+  public var encodedSize: Int { Self.fixedSize + IOFDSubRegion.size * subRegions.count }
+
+  public func encode(into bytes: UnsafeMutableRawBufferPointer) {
+    bytes.put(argsz, at: 0)
+    bytes.put(flags, at: 4)
+    bytes.put(index, at: 8)
+    bytes.put(count, at: 12)
+    for (i, sub) in subRegions.enumerated() {
+      let base = Self.fixedSize + IOFDSubRegion.size * i
+      bytes.put(sub.offset, at: base)
+      bytes.put(sub.size, at: base + 8)
+      bytes.put(sub.fdIndex, at: base + 16)
+      bytes.put(sub.type, at: base + 20)
+      bytes.put(sub.flags, at: base + 24)
+      bytes.put(UInt32(0), at: base + 28)
+      bytes.put(sub.value, at: base + 32)
+    }
+  }
+}
+
+/// DEVICE_GET_IRQ_INFO request and reply.
+public struct IRQInfoPayload: WirePayload {
+  public static let size = 16
+  public var argsz: UInt32
+  public var flags: UInt32
+  public var index: UInt32
+  public var count: UInt32
+
+  public init(argsz: UInt32 = 16, flags: UInt32 = 0, index: UInt32, count: UInt32 = 0) {
+    self.argsz = argsz
+    self.flags = flags
+    self.index = index
+    self.count = count
+  }
+
+  public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    guard bytes.count == Self.size else { throw .invalidArgument }
+    argsz = bytes.u32(0)
+    flags = bytes.u32(4)
+    index = bytes.u32(8)
+    count = bytes.u32(12)
+  }
+
+  public var encodedSize: Int { Self.size }
+  public func encode(into bytes: UnsafeMutableRawBufferPointer) {
+    bytes.put(argsz, at: 0)
+    bytes.put(flags, at: 4)
+    bytes.put(index, at: 8)
+    bytes.put(count, at: 12)
+  }
+}
+
+/// DEVICE_SET_IRQS request (the reply has no payload). Eventfds travel as SCM_RIGHTS.
+public struct IRQSetPayload: WirePayload {
+  public static let fixedSize = 20
+  public var argsz: UInt32
+  public var flags: UInt32
+  public var index: UInt32
+  public var start: UInt32
+  public var count: UInt32
+  /// The DATA_BOOL array, one byte per vector; empty for the other data types.
+  public var bools: [UInt8]
+
+  public init(argsz: UInt32? = nil, flags: UInt32, index: UInt32, start: UInt32, count: UInt32, bools: [UInt8] = []) {
+    self.argsz = argsz ?? UInt32(Self.fixedSize + bools.count)
+    self.flags = flags
+    self.index = index
+    self.start = start
+    self.count = count
+    self.bools = bools
+  }
+
+  public var dataType: UInt32 { flags & VFIOIRQSetFlags.dataTypeMask }
+  public var action: UInt32 { flags & VFIOIRQSetFlags.actionTypeMask }
+
+  public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    guard bytes.count >= Self.fixedSize else { throw .invalidArgument }
+    argsz = bytes.u32(0)
+    flags = bytes.u32(4)
+    index = bytes.u32(8)
+    start = bytes.u32(12)
+    count = bytes.u32(16)
+    guard argsz >= UInt32(Self.fixedSize) else { throw .invalidArgument }
+    // Exactly one data type and one action, nothing else.
+    let data = flags & VFIOIRQSetFlags.dataTypeMask
+    let action = flags & VFIOIRQSetFlags.actionTypeMask
+    guard flags & ~(VFIOIRQSetFlags.dataTypeMask | VFIOIRQSetFlags.actionTypeMask) == 0,
+      data.nonzeroBitCount == 1, action.nonzeroBitCount == 1
+    else { throw .invalidArgument }
+    guard start.addingReportingOverflow(count).overflow == false else { throw .invalidArgument }
+    let extra = bytes.count - Self.fixedSize
+    if data == VFIOIRQSetFlags.dataBool {
+      guard extra == Int(count) else { throw .invalidArgument }
+      bools = Array(UnsafeRawBufferPointer(rebasing: bytes[Self.fixedSize...]))
+    } else {
+      guard extra == 0 else { throw .invalidArgument }
+      bools = []
+    }
+  }
+
+  public var encodedSize: Int { Self.fixedSize + bools.count }
+  public func encode(into bytes: UnsafeMutableRawBufferPointer) {
+    bytes.put(argsz, at: 0)
+    bytes.put(flags, at: 4)
+    bytes.put(index, at: 8)
+    bytes.put(start, at: 12)
+    bytes.put(count, at: 16)
+    for (i, b) in bools.enumerated() { bytes[Self.fixedSize + i] = b }
+  }
+}
+
+/// The 16-byte head of REGION_READ / REGION_WRITE requests and replies; data follows it.
+public struct RegionAccessHeader: Equatable, Sendable {
+  public static let size = 16
+  public var offset: UInt64
+  public var region: UInt32
+  public var count: UInt32
+
+  public init(offset: UInt64, region: UInt32, count: UInt32) {
+    self.offset = offset
+    self.region = region
+    self.count = count
+  }
+
+  @inlinable
+  public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    guard bytes.count >= Self.size else { throw .invalidArgument }
+    offset = bytes.u64(0)
+    region = bytes.u32(8)
+    count = bytes.u32(12)
+  }
+
+  @inlinable
+  public func encode(into bytes: UnsafeMutableRawBufferPointer) {
+    bytes.put(offset, at: 0)
+    bytes.put(region, at: 8)
+    bytes.put(count, at: 12)
+  }
+
+  public func encoded(data: [UInt8] = []) -> [UInt8] {
+    var out = [UInt8](repeating: 0, count: Self.size + data.count)
+    out.withUnsafeMutableBytes { encode(into: $0) }
+    out.replaceSubrange(Self.size..., with: data)
+    return out
+  }
+}
+
+/// How the DMA_READ / DMA_WRITE head is laid out on the wire. The spec has
+/// `address u64, count u64, data`; QEMU's hw/vfio-user (10.x, 11.x) uses
+/// `offset u64, count u32, data` with the struct padded to 16 bytes and data at 12,
+/// and answers DMA_WRITE with a bare header.
+public enum DMATransferLayout: String, Sendable, CaseIterable {
+  case spec
+  case qemu
+
+  /// Offset of the data from the start of the payload.
+  public var dataOffset: Int { self == .spec ? 16 : 12 }
+  /// Payload bytes before and around the data that the message carries beyond `count`.
+  public var overhead: Int { 16 }
+}
+
+/// The head of DMA_READ / DMA_WRITE requests and replies.
+public struct DMAAccessHeader: Equatable, Sendable {
+  public var address: UInt64
+  public var count: UInt64
+
+  public init(address: UInt64, count: UInt64) {
+    self.address = address
+    self.count = count
+  }
+
+  public init(decoding bytes: UnsafeRawBufferPointer, layout: DMATransferLayout) throws(Errno) {
+    guard bytes.count >= 16 else { throw .invalidArgument }
+    address = bytes.u64(0)
+    count = layout == .spec ? bytes.u64(8) : UInt64(bytes.u32(8))
+  }
+
+  public func encode(into bytes: UnsafeMutableRawBufferPointer, layout: DMATransferLayout) {
+    bytes.put(address, at: 0)
+    switch layout {
+    case .spec: bytes.put(count, at: 8)
+    case .qemu:
+      bytes.put(UInt32(truncatingIfNeeded: count), at: 8)
+      bytes.put(UInt32(0), at: 12)
+    }
+  }
+}
+
+/// One entry of REGION_WRITE_MULTI.
+public struct WriteMultiEntry: Equatable, Sendable {
+  public static let size = 24
+  public var offset: UInt64
+  public var region: UInt32
+  public var count: UInt32
+  /// Up to 8 data bytes, little-endian in a u64.
+  public var data: UInt64
+
+  public init(offset: UInt64, region: UInt32, count: UInt32, data: UInt64) {
+    self.offset = offset
+    self.region = region
+    self.count = count
+    self.data = data
+  }
+}
+
+/// REGION_WRITE_MULTI request.
+public struct WriteMultiPayload: WirePayload {
+  public var entries: [WriteMultiEntry]
+
+  public init(entries: [WriteMultiEntry]) { self.entries = entries }
+
+  /// Validates the layout without building an array (the server's path).
+  @inlinable
+  public static func validate(_ bytes: UnsafeRawBufferPointer) throws(Errno) -> Int {
+    guard bytes.count >= 8 else { throw .invalidArgument }
+    let count = bytes.u64(0)
+    guard count >= 1, count <= UInt64(WriteMultiLimits.maxWrites) else { throw .invalidArgument }
+    guard bytes.count == 8 + WriteMultiEntry.size * Int(count) else { throw .invalidArgument }
+    for i in 0..<Int(count) {
+      let n = bytes.u32(8 + WriteMultiEntry.size * i + 12)
+      guard n >= 1, n <= UInt32(WriteMultiLimits.maxDataPerWrite) else { throw .invalidArgument }
+    }
+    return Int(count)
+  }
+
+  public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    let count = try Self.validate(bytes)
+    entries = (0..<count).map { i in
+      let base = 8 + WriteMultiEntry.size * i
+      return WriteMultiEntry(
+        offset: bytes.u64(base), region: bytes.u32(base + 8), count: bytes.u32(base + 12),
+        data: bytes.u64(base + 16))
+    }
+  }
+
+  public var encodedSize: Int { 8 + WriteMultiEntry.size * entries.count }
+  public func encode(into bytes: UnsafeMutableRawBufferPointer) {
+    bytes.put(UInt64(entries.count), at: 0)
+    for (i, entry) in entries.enumerated() {
+      let base = 8 + WriteMultiEntry.size * i
+      bytes.put(entry.offset, at: base)
+      bytes.put(entry.region, at: base + 8)
+      bytes.put(entry.count, at: base + 12)
+      bytes.put(entry.data, at: base + 16)
+    }
+  }
+}
+
+/// DEVICE_FEATURE request and reply: argsz, flags, feature data.
+public struct DeviceFeaturePayload: WirePayload {
+  public static let fixedSize = 8
+  public var argsz: UInt32
+  public var flags: UInt32
+  public var data: [UInt8]
+
+  public init(argsz: UInt32? = nil, flags: UInt32, data: [UInt8] = []) {
+    self.argsz = argsz ?? UInt32(Self.fixedSize + data.count)
+    self.flags = flags
+    self.data = data
+  }
+
+  public var feature: UInt32 { flags & VFIODeviceFeatureFlags.mask }
+
+  public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    guard bytes.count >= Self.fixedSize else { throw .invalidArgument }
+    argsz = bytes.u32(0)
+    flags = bytes.u32(4)
+    data = Array(UnsafeRawBufferPointer(rebasing: bytes[Self.fixedSize...]))
+    guard argsz >= UInt32(Self.fixedSize) else { throw .invalidArgument }
+    let known = VFIODeviceFeatureFlags.mask | VFIODeviceFeatureFlags.get | VFIODeviceFeatureFlags.set
+      | VFIODeviceFeatureFlags.probe
+    guard flags & ~known == 0 else { throw .invalidArgument }
+    // GET and SET are exclusive except when probing (as in the kernel).
+    let getSet = VFIODeviceFeatureFlags.get | VFIODeviceFeatureFlags.set
+    if flags & getSet == getSet, flags & VFIODeviceFeatureFlags.probe == 0 { throw .invalidArgument }
+  }
+
+  public var encodedSize: Int { Self.fixedSize + data.count }
+  public func encode(into bytes: UnsafeMutableRawBufferPointer) {
+    bytes.put(argsz, at: 0)
+    bytes.put(flags, at: 4)
+    for (i, b) in data.enumerated() { bytes[Self.fixedSize + i] = b }
+  }
+}
+
+/// MIG_DATA_READ / MIG_DATA_WRITE head: argsz, size; data follows.
+public struct MigDataHeader: Equatable, Sendable {
+  public static let size = 8
+  public var argsz: UInt32
+  public var size: UInt32
+
+  public init(argsz: UInt32, size: UInt32) {
+    self.argsz = argsz
+    self.size = size
+  }
+
+  public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    guard bytes.count >= Self.size else { throw .invalidArgument }
+    argsz = bytes.u32(0)
+    size = bytes.u32(4)
+  }
+
+  public func encode(into bytes: UnsafeMutableRawBufferPointer) {
+    bytes.put(argsz, at: 0)
+    bytes.put(size, at: 4)
+  }
+}
