@@ -9,6 +9,8 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <poll.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 _Static_assert(sizeof(struct vfio_region_info) == 32, "vfio_region_info");
@@ -140,4 +142,76 @@ int cvfu_peer_cred(int sock, int32_t *pid, uint32_t *uid) {
   *pid = cred.pid;
   *uid = cred.uid;
   return 0;
+}
+
+static int fill_addr(struct sockaddr_un *addr, const char *path) {
+  memset(addr, 0, sizeof(*addr));
+  addr->sun_family = AF_UNIX;
+  size_t len = strlen(path);
+  if (len == 0 || len >= sizeof(addr->sun_path)) return -ENAMETOOLONG;
+  memcpy(addr->sun_path, path, len + 1);
+  return 0;
+}
+
+int cvfu_connect_unix(const char *path) {
+  struct sockaddr_un addr;
+  int r = fill_addr(&addr, path);
+  if (r < 0) return r;
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -errno;
+  while (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0) {
+    if (errno == EINTR) continue;
+    int e = errno;
+    close(fd);
+    return -e;
+  }
+  return fd;
+}
+
+int cvfu_listen_unix(const char *path, int backlog) {
+  struct sockaddr_un addr;
+  int r = fill_addr(&addr, path);
+  if (r < 0) return r;
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -errno;
+  for (int attempt = 0; attempt < 2; attempt++) {
+    if (bind(fd, (struct sockaddr *)&addr, sizeof(addr)) == 0) {
+      if (listen(fd, backlog) < 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+      }
+      return fd;
+    }
+    if (errno != EADDRINUSE || attempt > 0) break;
+    // Someone listening there is a live server; a refused connect is a stale file.
+    int probe = cvfu_connect_unix(path);
+    if (probe >= 0) {
+      close(probe);
+      close(fd);
+      return -EADDRINUSE;
+    }
+    if (probe != -ECONNREFUSED) break;
+    unlink(path);
+  }
+  int e = errno;
+  close(fd);
+  return -e;
+}
+
+int cvfu_accept(int listener) {
+  for (;;) {
+    int fd = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+    if (fd >= 0) return fd;
+    if (errno != EINTR) return -errno;
+  }
+}
+
+int cvfu_wait_readable(int fd, int ms) {
+  struct pollfd p = {.fd = fd, .events = POLLIN};
+  for (;;) {
+    int r = poll(&p, 1, ms);
+    if (r >= 0) return r;
+    if (errno != EINTR) return -errno;
+  }
 }

@@ -38,4 +38,14 @@ int cvfu_set_recv_timeout_ms(int sock, int ms);
 /// Peer credentials of a connected unix socket (pid, uid).
 int cvfu_peer_cred(int sock, int32_t *pid, uint32_t *uid);
 
+/// A listening AF_UNIX stream socket bound at `path` (close-on-exec). A stale
+/// socket file nobody listens on is replaced; a live one gives -EADDRINUSE.
+int cvfu_listen_unix(const char *path, int backlog);
+/// A connected AF_UNIX stream socket to `path` (close-on-exec), or -errno.
+int cvfu_connect_unix(const char *path);
+/// accept4 with SOCK_CLOEXEC, retrying EINTR.
+int cvfu_accept(int listener);
+/// Waits up to `ms` for `fd` to become readable: 1 ready, 0 timeout, -errno.
+int cvfu_wait_readable(int fd, int ms);
+
 #endif

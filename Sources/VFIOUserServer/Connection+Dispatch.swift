@@ -1,0 +1,330 @@
+import SystemPackage
+import VFIOUser
+import VFIOUserSocket
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+extension Connection {
+  /// Handles one command. Returns non-nil when the connection must close.
+  /// Each handler decodes and validates (the codec), acts on the device,
+  /// and writes its reply payload at tx[16...]; errors become error replies.
+  func dispatch(_ message: inout ReceivedMessage) -> ConnectionEnd? {
+    let header = message.header
+    guard let command = header.knownCommand else {
+      logger.warning("unknown command \(header.command) (message \(header.messageID)): ENOSYS")
+      if header.wantsReply { sendError(to: header, .noFunction) }
+      return nil
+    }
+    if logger.logLevel <= .trace {
+      logger.trace("<- \(command) id=\(header.messageID) size=\(header.size) fds=\(message.fds.count)")
+    }
+    if command == .version { return handleVersion(header, message.payload, fds: &message.fds) }
+    guard negotiated else {
+      logger.warning("\(command) before VERSION: EINVAL")
+      if header.wantsReply { sendError(to: header, .invalidArgument) }
+      return nil
+    }
+    var replyFD: Int32 = -1
+    do throws(Errno) {
+      let payload = message.payload
+      // Only these commands take descriptors; any sent with another are closed unread.
+      if !message.fds.isEmpty, command != .dmaMap, command != .deviceSetIRQs { throw .invalidArgument }
+      let size: Int
+      switch command {
+      case .regionRead: size = try regionRead(payload)
+      case .regionWrite: size = try regionWrite(payload)
+      case .regionWriteMulti: size = try regionWriteMulti(payload)
+      case .dmaMap: size = try dmaMap(payload, fds: &message.fds)
+      case .dmaUnmap: size = try dmaUnmap(payload)
+      case .deviceGetInfo: size = try deviceInfo(payload)
+      case .deviceGetRegionInfo: size = try regionInfo(payload, fd: &replyFD)
+      case .deviceGetRegionIOFDs: size = try regionIOFDs(payload)
+      case .deviceGetIRQInfo: size = try irqInfo(payload)
+      case .deviceSetIRQs: size = try setIRQs(payload, fds: &message.fds)
+      case .deviceReset: size = try deviceReset(payload)
+      case .deviceFeature: size = try deviceFeature(payload)
+      case .migDataRead: size = try migDataRead(payload)
+      case .migDataWrite: size = try migDataWrite(payload)
+      case .dmaRead, .dmaWrite, .version:
+        throw .invalidArgument  // server-to-client commands are not valid requests
+      }
+      if header.wantsReply { sendReply(to: header, payloadSize: size, fd: replyFD) }
+    } catch {
+      if header.wantsReply {
+        logger.debug("\(command) id=\(header.messageID) failed: \(error.name)")
+        sendError(to: header, error)
+      } else {
+        logger.warning("posted \(command) id=\(header.messageID) failed: \(error.name)")
+      }
+    }
+    return nil
+  }
+
+  // MARK: VERSION
+
+  private func handleVersion(_ header: MessageHeader, _ payload: UnsafeRawBufferPointer, fds: inout FDList)
+    -> ConnectionEnd?
+  {
+    fds.closeAll()
+    if negotiated {
+      logger.warning("second VERSION refused: EINVAL")
+      if header.wantsReply { sendError(to: header, .invalidArgument) }
+      return nil
+    }
+    let proposal: VersionPayload
+    do throws(Errno) {
+      proposal = try VersionPayload(decoding: payload)
+    } catch {
+      return refuseVersion(header, "malformed VERSION payload (no NUL-terminated JSON)")
+    }
+    guard proposal.major == 0 else {
+      return refuseVersion(header, "unsupported protocol major version \(proposal.major)")
+    }
+    var caps = Capabilities()
+    if let json = proposal.json {
+      do throws(Capabilities.ParseError) {
+        caps = try Capabilities.parse(json: json)
+      } catch {
+        return refuseVersion(header, "\(error)")
+      }
+    }
+    if !caps.unknownKeys.isEmpty {
+      logger.warning("ignoring unknown capabilities: \(caps.unknownKeys.joined(separator: ", "))")
+    }
+    clientCapabilities = caps
+    writeMultipleNegotiated = caps.writeMultiple == true
+    // QEMU (which still sends the v1 "migration" object) lays DMA_READ/WRITE out its own way.
+    dmaLayout = limits.dmaLayout ?? (caps.migration != nil ? .qemu : .spec)
+    let reply = VersionPayload(major: 0, minor: 0, json: limits.offer(to: caps).json())
+    let size = reply.encodedSize
+    reply.encode(into: UnsafeMutableRawBufferPointer(rebasing: tx[MessageHeader.size...]))
+    negotiated = true
+    channel.maxMessageSize = limits.maxMessageSize
+    logger.info(
+      "client negotiated protocol 0.\(proposal.minor) → 0.0: max_msg_fds=\(caps.effectiveMaxMsgFDs) max_data_xfer_size=\(caps.effectiveMaxDataXferSize) write_multiple=\(writeMultipleNegotiated) dma_layout=\(dmaLayout)"
+    )
+    sendReply(to: header, payloadSize: size)
+    return nil
+  }
+
+  private func refuseVersion(_ header: MessageHeader, _ why: String) -> ConnectionEnd {
+    logger.error("VERSION refused, closing: \(why)")
+    sendError(to: header, .invalidArgument)
+    return .protocolError(why)
+  }
+
+  // MARK: Regions
+
+  /// Checks an access against the region description: index, bounds, width, permission.
+  @inline(__always)
+  private func checkAccess(region: UInt32, offset: UInt64, count: UInt32, write: Bool) throws(Errno) {
+    guard count > 0 else { throw .invalidArgument }
+    guard count <= limits.maxDataXferSize else { throw .argListTooLong }
+    guard Int(region) < regions.count, let description = regions[Int(region)] else { throw .invalidArgument }
+    guard write ? description.writable : description.readable else { throw .invalidArgument }
+    let (end, overflow) = offset.addingReportingOverflow(UInt64(count))
+    guard !overflow, end <= description.size else { throw .invalidArgument }
+  }
+
+  func regionRead(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
+    guard payload.count == RegionAccessHeader.size else { throw .invalidArgument }
+    let access = try RegionAccessHeader(decoding: payload)
+    try checkAccess(region: access.region, offset: access.offset, count: access.count, write: false)
+    let out = UnsafeMutableRawBufferPointer(rebasing: tx[MessageHeader.size...])
+    try backend.read(
+      region: access.region, offset: access.offset,
+      into: UnsafeMutableRawBufferPointer(rebasing: out[RegionAccessHeader.size..<(RegionAccessHeader.size + Int(access.count))]))
+    access.encode(into: out)
+    return RegionAccessHeader.size + Int(access.count)
+  }
+
+  func regionWrite(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
+    let access = try RegionAccessHeader(decoding: payload)
+    guard payload.count - RegionAccessHeader.size == Int(access.count) else { throw .invalidArgument }
+    try checkAccess(region: access.region, offset: access.offset, count: access.count, write: true)
+    try backend.write(
+      region: access.region, offset: access.offset,
+      from: UnsafeRawBufferPointer(rebasing: payload[RegionAccessHeader.size...]))
+    access.encode(into: UnsafeMutableRawBufferPointer(rebasing: tx[MessageHeader.size...]))
+    return RegionAccessHeader.size
+  }
+
+  func regionWriteMulti(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
+    guard writeMultipleNegotiated else { throw .notSupported }
+    let count = try WriteMultiPayload.validate(payload)
+    // Writes apply in order; the first failure stops the batch and is reported.
+    for i in 0..<count {
+      let base = 8 + WriteMultiEntry.size * i
+      let offset = payload.loadUnaligned(fromByteOffset: base, as: UInt64.self)
+      let region = payload.loadUnaligned(fromByteOffset: base + 8, as: UInt32.self)
+      let n = payload.loadUnaligned(fromByteOffset: base + 12, as: UInt32.self)
+      try checkAccess(region: region, offset: offset, count: n, write: true)
+      try backend.write(
+        region: region, offset: offset,
+        from: UnsafeRawBufferPointer(rebasing: payload[(base + 16)..<(base + 16 + Int(n))]))
+    }
+    tx.storeBytes(of: UInt64(count), toByteOffset: MessageHeader.size, as: UInt64.self)
+    return 8
+  }
+
+  func regionInfo(_ payload: UnsafeRawBufferPointer, fd: inout Int32) throws(Errno) -> Int {
+    let request = try RegionInfoPayload(decoding: payload)
+    guard payload.count == RegionInfoPayload.fixedSize else { throw .invalidArgument }
+    guard request.argsz >= UInt32(RegionInfoPayload.fixedSize) else { throw .invalidArgument }
+    guard Int(request.index) < regions.count else { throw .invalidArgument }
+    var info = RegionInfoPayload(index: request.index)
+    if let region = regions[Int(request.index)] {
+      info.size = region.size
+      if region.size > 0 {
+        if region.readable { info.flags |= VFIORegionFlags.read }
+        if region.writable { info.flags |= VFIORegionFlags.write }
+      }
+      if let mmap = region.mmap, region.size > 0 {
+        info.flags |= VFIORegionFlags.mmap
+        info.offset = mmap.offset
+        if !region.sparseAreas.isEmpty { info.capabilities.append(.sparseMmap(region.sparseAreas)) }
+      }
+      if let type = region.type { info.capabilities.append(.type(type: type.type, subtype: type.subtype)) }
+    }
+    let full = info.fullSize
+    info.argsz = UInt32(full)
+    if !info.capabilities.isEmpty {
+      info.flags |= VFIORegionFlags.caps
+      // QEMU checks cap_offset lies within argsz even in a short reply, then asks again.
+      info.capOffset = UInt32(RegionInfoPayload.fixedSize)
+    }
+    let out = UnsafeMutableRawBufferPointer(rebasing: tx[MessageHeader.size...])
+    if Int(request.argsz) < full {
+      var short = info
+      short.capabilities = []
+      short.encode(into: out)
+      return RegionInfoPayload.fixedSize
+    }
+    info.encode(into: out)
+    if info.flags & VFIORegionFlags.mmap != 0, let mmap = regions[Int(request.index)]?.mmap {
+      fd = mmap.fd
+    }
+    return full
+  }
+
+  func regionIOFDs(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
+    guard payload.count == RegionIOFDsPayload.fixedSize else { throw .invalidArgument }
+    let request = try RegionIOFDsPayload(decoding: payload)
+    guard request.argsz >= UInt32(RegionIOFDsPayload.fixedSize), request.flags == 0, request.count == 0,
+      Int(request.index) < regions.count
+    else { throw .invalidArgument }
+    // No sub-region of this device is served by an ioeventfd: the empty set.
+    RegionIOFDsPayload(argsz: 16, index: request.index).encode(
+      into: UnsafeMutableRawBufferPointer(rebasing: tx[MessageHeader.size...]))
+    return RegionIOFDsPayload.fixedSize
+  }
+
+  // MARK: Device and IRQs
+
+  func deviceInfo(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
+    let request = try DeviceInfoPayload(decoding: payload)
+    guard request.argsz >= UInt32(DeviceInfoPayload.size) else { throw .invalidArgument }
+    DeviceInfoPayload(
+      argsz: UInt32(DeviceInfoPayload.size), flags: backend.deviceFlags, numRegions: backend.regionCount,
+      numIRQs: backend.irqCount
+    ).encode(into: UnsafeMutableRawBufferPointer(rebasing: tx[MessageHeader.size...]))
+    return DeviceInfoPayload.size
+  }
+
+  func irqInfo(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
+    let request = try IRQInfoPayload(decoding: payload)
+    guard request.argsz >= UInt32(IRQInfoPayload.size), request.index < backend.irqCount else {
+      throw .invalidArgument
+    }
+    let description = irqs.indexes[Int(request.index)].description
+    IRQInfoPayload(
+      argsz: UInt32(IRQInfoPayload.size), flags: description.flags, index: request.index, count: description.count
+    ).encode(into: UnsafeMutableRawBufferPointer(rebasing: tx[MessageHeader.size...]))
+    return IRQInfoPayload.size
+  }
+
+  func setIRQs(_ payload: UnsafeRawBufferPointer, fds: inout FDList) throws(Errno) -> Int {
+    let request: IRQSetPayload
+    do throws(Errno) {
+      request = try IRQSetPayload(decoding: payload)
+    } catch {
+      fds.closeAll()
+      throw error
+    }
+    if let configuration = try irqs.apply(request, fds: &fds) {
+      try backend.irqsChanged(configuration)
+    }
+    stats.update { $0.irqFDs = irqs.openFDCount }
+    return 0
+  }
+
+  func deviceReset(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
+    guard payload.isEmpty else { throw .invalidArgument }
+    abortDMAJobs()
+    deferred = []
+    try backend.reset()
+    logger.info("device reset")
+    return 0
+  }
+
+  // MARK: Features and migration data
+
+  func deviceFeature(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
+    let request = try DeviceFeaturePayload(decoding: payload)
+    // This device implements no feature: the kernel answers ENOTTY for every
+    // feature of a device without migration or DMA-logging ops.
+    logger.debug("DEVICE_FEATURE \(request.feature) flags=\(request.flags): ENOTTY")
+    throw .inappropriateIOCTLForDevice
+  }
+
+  func migDataRead(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
+    guard payload.count == MigDataHeader.size else { throw .invalidArgument }
+    let request = try MigDataHeader(decoding: payload)
+    guard request.size <= limits.maxDataXferSize else { throw .invalidArgument }
+    throw .invalidArgument  // the device is not in a saving state
+  }
+
+  func migDataWrite(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
+    let request = try MigDataHeader(decoding: payload)
+    guard payload.count - MigDataHeader.size == Int(request.size) else { throw .invalidArgument }
+    guard request.size <= limits.maxDataXferSize else { throw .invalidArgument }
+    throw .invalidArgument  // the device is not resuming
+  }
+
+  // MARK: DMA windows
+
+  func dmaMap(_ payload: UnsafeRawBufferPointer, fds: inout FDList) throws(Errno) -> Int {
+    var received = fds.take()
+    defer { for fd in received { _ = close(fd) } }
+    let request = try DMAMapRequest(decoding: payload)
+    guard received.count <= 1 else { throw .invalidArgument }
+    let fd = received.first
+    received = []
+    let region = try dma.add(request, fd: fd)
+    do throws(Errno) {
+      try backend.dmaMapped(region)
+    } catch {
+      _ = try? dma.remove(address: region.address, size: region.size)
+      throw error
+    }
+    stats.update { $0.dmaRegions = dma.count }
+    return 0
+  }
+
+  func dmaUnmap(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
+    let request = try DMAUnmapPayload(decoding: payload)
+    if request.flags & VFIODMAUnmapFlags.all != 0 {
+      abortDMAJobs()
+      for region in dma.removeAll() { backend.dmaUnmapped(region) }
+    } else {
+      let region = try dma.remove(address: request.address, size: request.size)
+      abortDMAJobs(touching: region)
+      backend.dmaUnmapped(region)
+    }
+    stats.update { $0.dmaRegions = dma.count }
+    request.encode(into: UnsafeMutableRawBufferPointer(rebasing: tx[MessageHeader.size...]))
+    return DMAUnmapPayload.size
+  }
+}

@@ -1,0 +1,150 @@
+import Logging
+import SystemPackage
+import VFIOUser
+import VFIOUserSocket
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// Why a connection ended.
+public enum ConnectionEnd: Sendable, Equatable {
+  case clientClosed
+  case protocolError(String)
+  case shutdown
+}
+
+/// One client driving one device. Every request, reply and device callback
+/// of the connection runs on its single thread, in arrival order: the device,
+/// the DMA table, the IRQ table and (later) the migration state have exactly
+/// one owner, so no lock is ever held across I/O to the client.
+final class Connection {
+  let channel: MessageChannel
+  let backend: any VFIODeviceBackend
+  let limits: ServerLimits
+  var logger: Logger
+  let stats: ServerStatistics
+
+  var negotiated = false
+  var clientCapabilities = Capabilities()
+  var dmaLayout: DMATransferLayout = .spec
+  var writeMultipleNegotiated = false
+  var dma: DMATable
+  var irqs: IRQTable
+  var regions: [RegionDescription?]
+
+  /// Reply buffer: header, fixed reply fields, then up to maxDataXferSize of data.
+  let tx: UnsafeMutableRawBufferPointer
+  var deferred: [() -> Void] = []
+  var shuttingDown: Bool { stats.snapshot.stopping }
+
+  // Server-to-client requests (DMA_READ / DMA_WRITE for windows without an fd).
+  var nextRequestID: UInt16 = 0x8000
+  var outstanding: [UInt16: DMAJob] = [:]
+  var abandoned: Set<UInt16> = []
+
+  init(
+    fd: Int32, backend: any VFIODeviceBackend, limits: ServerLimits, logger: Logger, stats: ServerStatistics
+  ) {
+    self.backend = backend
+    self.limits = limits
+    self.logger = logger
+    self.stats = stats
+    channel = MessageChannel(
+      fd: fd, capacity: limits.maxMessageSize + 64 * 1024, maxMessageSize: ServerLimits.maxVersionMessage)
+    channel.maxFDs = Int(limits.maxMsgFDs)
+    tx = .allocate(byteCount: limits.maxMessageSize + 64, alignment: 16)
+    dma = DMATable(pageSize: limits.pgsizes, limit: Int(limits.maxDMAMaps))
+    irqs = IRQTable((0..<backend.irqCount).map { backend.irq($0) ?? IRQDescription(index: $0, count: 0, flags: 0) })
+    regions = (0..<backend.regionCount).map { backend.region($0) }
+  }
+
+  deinit { tx.deallocate() }
+
+  /// Serves until the client hangs up, breaks the protocol, or the server stops.
+  func run() -> ConnectionEnd {
+    backend.attach(host: self)
+    defer { teardown() }
+    while true {
+      let result: ReceiveResult
+      do {
+        result = try channel.receive()
+      } catch {
+        if shuttingDown { return .shutdown }
+        logger.error("unframeable message or socket error, closing: \(error)")
+        return .protocolError("\(error)")
+      }
+      switch result {
+      case .closed:
+        return shuttingDown ? .shutdown : .clientClosed
+      case .oversized(let header):
+        logger.warning(
+          "message \(header.messageID) (\(commandName(header.command))) of \(header.size) bytes exceeds the limit \(channel.maxMessageSize); discarded"
+        )
+        if header.isCommand, header.wantsReply { sendError(to: header, .argListTooLong) }
+      case .message(var message):
+        if message.header.isReply {
+          message.fds.closeAll()
+          handleReply(message)
+        } else if let end = dispatch(&message) {
+          message.fds.closeAll()
+          return end
+        }
+        message.fds.closeAll()
+        runDeferredWork()
+      }
+    }
+  }
+
+  func runDeferredWork() {
+    while !deferred.isEmpty {
+      let work = deferred
+      deferred = []
+      for item in work { item() }
+    }
+  }
+
+  /// Releases everything the client gave: DMA mappings, eventfds, in-flight
+  /// transfers; then resets the device so the next client finds it clean.
+  private func teardown() {
+    abortDMAJobs()
+    for region in dma.removeAll() { backend.dmaUnmapped(region) }
+    for configuration in irqs.removeAll() { try? backend.irqsChanged(configuration) }
+    deferred = []
+    do { try backend.reset() } catch { logger.warning("device reset after hang-up failed: \(error)") }
+    backend.attach(host: nil)
+    stats.update { $0.dmaRegions = 0; $0.irqFDs = 0 }
+    channel.close()
+  }
+
+  func commandName(_ raw: UInt16) -> String { Command(rawValue: raw)?.description ?? "command \(raw)" }
+
+  // MARK: Sending
+
+  /// Sends the reply whose payload (`payloadSize` bytes) the handler wrote at tx[16...].
+  func sendReply(to request: MessageHeader, payloadSize: Int, fd: Int32 = -1, extra: UnsafeRawBufferPointer? = nil) {
+    let total = MessageHeader.size + payloadSize + (extra?.count ?? 0)
+    MessageHeader(
+      messageID: request.messageID, command: request.command, size: UInt32(total),
+      flags: MessageHeader.typeReply
+    ).encode(into: tx)
+    let head = UnsafeRawBufferPointer(rebasing: tx[0..<(MessageHeader.size + payloadSize)])
+    do {
+      let tail = extra ?? UnsafeRawBufferPointer(start: nil, count: 0)
+      if fd >= 0 { try channel.send(head, tail, fd: fd) } else { try channel.send(head, tail) }
+    } catch {
+      logger.debug("reply to \(request.messageID) not sent: \(error)")
+    }
+  }
+
+  func sendError(to request: MessageHeader, _ errno: Errno) {
+    var header = [UInt8](repeating: 0, count: MessageHeader.size)
+    header.withUnsafeMutableBytes { request.errorReply(errno).encode(into: $0) }
+    do {
+      try channel.send(bytes: header)
+    } catch {
+      logger.debug("error reply to \(request.messageID) not sent: \(error)")
+    }
+  }
+}
+

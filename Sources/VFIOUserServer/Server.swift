@@ -1,0 +1,188 @@
+import CVFIOUser
+import Dispatch
+import Foundation
+import Logging
+import Synchronization
+import SystemPackage
+import VFIOUser
+import VFIOUserSocket
+
+/// What the server is doing, for logs, tests and `info`.
+public struct ServerSnapshot: Sendable, Equatable {
+  public var clientConnected = false
+  public var connectionsServed = 0
+  public var clientsRefused = 0
+  public var dmaRegions = 0
+  public var irqFDs = 0
+  public var lastEnd: ConnectionEnd?
+  public var stopping = false
+}
+
+/// Shared counters, updated by the connection thread and read anywhere.
+public final class ServerStatistics: Sendable {
+  private let state = Mutex(ServerSnapshot())
+  public init() {}
+  public var snapshot: ServerSnapshot { state.withLock { $0 } }
+  func update(_ body: (inout ServerSnapshot) -> Void) { state.withLock { body(&$0) } }
+}
+
+/// Hands the (non-Sendable) device from one connection thread to the next.
+/// Only one connection runs at a time and thread start/join order the
+/// hand-over, so the device is never touched by two threads at once.
+private final class DeviceSlot: @unchecked Sendable {
+  let backend: any VFIODeviceBackend
+  init(_ backend: any VFIODeviceBackend) { self.backend = backend }
+}
+
+/// A vfio-user server for one device on one Unix socket, serving one client
+/// at a time. A second client gets an EBUSY error reply to its VERSION and is
+/// disconnected; when the client leaves, its mappings and eventfds are released,
+/// the device is reset, and the next client is accepted.
+public final class VFIOUserServer: Sendable {
+  public let statistics = ServerStatistics()
+  public let limits: ServerLimits
+  private let slot: DeviceSlot
+  private let logger: Logger
+  private let listener = Mutex<Int32>(-1)
+  private let activeSocket = Mutex<Int32>(-1)
+  private let path = Mutex<String?>(nil)
+  private let finished = DispatchSemaphore(value: 0)
+
+  public init(backend: any VFIODeviceBackend, limits: ServerLimits = ServerLimits(), logger: Logger) {
+    slot = DeviceSlot(backend)
+    self.limits = limits
+    self.logger = logger
+  }
+
+  /// The socket path when the server created its own socket.
+  public var socketPath: String? { path.withLock { $0 } }
+
+  /// Creates and listens on `socketPath` (a stale socket file is replaced).
+  public func listen(socketPath: String) throws(Errno) {
+    let fd = cvfu_listen_unix(socketPath, 8)
+    guard fd >= 0 else { throw Errno(rawValue: -fd) }
+    listener.withLock { $0 = fd }
+    path.withLock { $0 = socketPath }
+  }
+
+  /// Serves on an already listening socket (the `--fd` convention).
+  public func listen(fd: Int32) {
+    listener.withLock { $0 = fd }
+  }
+
+  /// Starts accepting clients on a thread of its own.
+  public func start() {
+    let thread = Thread { [self] in
+      acceptLoop()
+      finished.signal()
+    }
+    thread.name = "vfio-user-accept"
+    thread.start()
+  }
+
+  /// Blocks until `stop()` has completed.
+  public func wait() {
+    finished.wait()
+    finished.signal()
+  }
+
+  /// Stops accepting, disconnects the client (its state is released as on a
+  /// hang-up), waits for that to finish, and removes the socket file.
+  public func stop() {
+    let alreadyStopping = statistics.snapshot.stopping
+    statistics.update { $0.stopping = true }
+    if !alreadyStopping {
+      let fd = listener.withLock { $0 }
+      if fd >= 0 { _ = shutdown(fd, Int32(SHUT_RDWR)) }
+      let active = activeSocket.withLock { $0 }
+      if active >= 0 { _ = shutdown(active, Int32(SHUT_RDWR)) }
+    }
+    wait()
+  }
+
+  private func acceptLoop() {
+    let fd = listener.withLock { $0 }
+    var connectionDone: DispatchSemaphore?
+    while true {
+      let client = cvfu_accept(fd)
+      if statistics.snapshot.stopping {
+        if client >= 0 { _ = close(client) }
+        break
+      }
+      guard client >= 0 else {
+        if -client == EMFILE || -client == ENFILE || -client == ENOMEM {
+          logger.error("accept failed: \(Errno(rawValue: -client)); retrying")
+          usleep(100_000)
+          continue
+        }
+        logger.error("accept failed: \(Errno(rawValue: -client)); no longer accepting")
+        break
+      }
+      if statistics.snapshot.clientConnected {
+        refuse(client)
+        continue
+      }
+      connectionDone?.wait()
+      connectionDone = serve(client)
+    }
+    let active = activeSocket.withLock { $0 }
+    if active >= 0 { _ = shutdown(active, Int32(SHUT_RDWR)) }
+    connectionDone?.wait()
+    _ = close(fd)
+    listener.withLock { $0 = -1 }
+    if let socketPath = path.withLock({ $0 }) { _ = unlink(socketPath) }
+    logger.info("server stopped")
+  }
+
+  private func serve(_ client: Int32) -> DispatchSemaphore {
+    var pid: Int32 = 0
+    var uid: UInt32 = 0
+    _ = cvfu_peer_cred(client, &pid, &uid)
+    var connectionLogger = logger
+    connectionLogger[metadataKey: "client"] = "pid \(pid)"
+    logger.info("client connected (pid \(pid), uid \(uid))")
+    statistics.update {
+      $0.clientConnected = true
+      $0.connectionsServed += 1
+    }
+    activeSocket.withLock { $0 = client }
+    let done = DispatchSemaphore(value: 0)
+    let thread = Thread { [self, connectionLogger] in
+      let connection = Connection(
+        fd: client, backend: slot.backend, limits: limits, logger: connectionLogger, stats: statistics)
+      let end = connection.run()
+      activeSocket.withLock { $0 = -1 }
+      statistics.update {
+        $0.clientConnected = false
+        $0.lastEnd = end
+      }
+      connectionLogger.info("client disconnected (\(end)); device reset, DMA and eventfds released")
+      done.signal()
+    }
+    thread.name = "vfio-user-client"
+    thread.stackSize = 1 << 20
+    thread.start()
+    return done
+  }
+
+  /// A second client: answer its first message with EBUSY and hang up, on a
+  /// short-lived thread so the active client is never delayed.
+  private func refuse(_ client: Int32) {
+    statistics.update { $0.clientsRefused += 1 }
+    logger.warning("refusing a second client: one client is already connected")
+    let timeout = limits.refusalTimeoutMilliseconds
+    let thread = Thread {
+      let channel = MessageChannel(fd: client, capacity: ServerLimits.maxVersionMessage)
+      channel.maxFDs = 0
+      if cvfu_wait_readable(client, timeout) > 0, case .message(let message)? = try? channel.receive(),
+        message.header.isCommand
+      {
+        var header = [UInt8](repeating: 0, count: MessageHeader.size)
+        header.withUnsafeMutableBytes { message.header.errorReply(.resourceBusy).encode(into: $0) }
+        try? channel.send(bytes: header)
+      }
+      channel.close()
+    }
+    thread.start()
+  }
+}

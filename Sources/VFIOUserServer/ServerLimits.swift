@@ -1,0 +1,41 @@
+import VFIOUser
+
+/// The server's own limits, offered in the VERSION reply and enforced on
+/// every message. All are configurable (see `xe-vfio-user serve --help`).
+public struct ServerLimits: Sendable, Equatable {
+  /// Descriptors the server accepts in one message (eventfds for SET_IRQS).
+  public var maxMsgFDs: UInt32 = 16
+  /// Largest `count` of one REGION_READ / REGION_WRITE / MIG_DATA message.
+  public var maxDataXferSize: UInt32 = 1 << 20
+  /// DMA windows that may be live at once.
+  public var maxDMAMaps: UInt32 = 65535
+  /// DMA page sizes (4 KiB).
+  public var pgsizes: UInt64 = 4096
+  /// How DMA_READ / DMA_WRITE are laid out; `nil` picks per client (see `Connection`).
+  public var dmaLayout: DMATransferLayout? = nil
+  /// Milliseconds a refused second client gets to send its VERSION before it is dropped.
+  public var refusalTimeoutMilliseconds: Int32 = 1000
+
+  /// QEMU refuses a larger max_data_xfer_size (VFIO_USER_MAX_MAX_XFER).
+  public static let largestDataXferSize: UInt32 = 64 << 20
+  /// The biggest VERSION message (header, version numbers, JSON) taken before negotiation.
+  public static let maxVersionMessage = 64 * 1024
+
+  public init() {}
+
+  /// Largest message accepted after negotiation: a REGION_WRITE or MIG_DATA_WRITE of
+  /// `maxDataXferSize` bytes, or a full REGION_WRITE_MULTI.
+  public var maxMessageSize: Int {
+    MessageHeader.size + max(16 + Int(maxDataXferSize), 8 + WriteMultiEntry.size * WriteMultiLimits.maxWrites)
+  }
+
+  /// The capabilities object of the VERSION reply for a client that proposed `client`.
+  func offer(to client: Capabilities) -> Capabilities {
+    var caps = Capabilities(
+      maxMsgFDs: maxMsgFDs, maxDataXferSize: maxDataXferSize, maxDMAMaps: maxDMAMaps, pgsizes: pgsizes)
+    // Booleans are echoed only when proposed: the reply's list is a subset of the client's.
+    if client.writeMultiple == true { caps.writeMultiple = true }
+    if client.twinSocket?.supported == true { caps.twinSocket = .init(supported: false) }
+    return caps
+  }
+}

@@ -1,0 +1,273 @@
+import CVFIOUser
+import SystemPackage
+import VFIOUser
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// One message taken off the stream. `payload` points into the channel's
+/// receive buffer and is valid until the next call to `receive()`.
+public struct ReceivedMessage {
+  public var header: MessageHeader
+  public var payload: UnsafeRawBufferPointer
+  /// Descriptors that arrived with this message; the receiver owns them.
+  public var fds: FDList
+}
+
+/// What `receive()` found.
+public enum ReceiveResult {
+  case message(ReceivedMessage)
+  /// A message larger than `maxMessageSize`: its body was discarded unread
+  /// (the stream stays in step) and any descriptors with it were closed.
+  case oversized(MessageHeader)
+  /// The peer closed the stream (or the socket was shut down).
+  case closed
+}
+
+/// A small owned list of descriptors with no heap allocation for the common
+/// cases (up to 16). Whatever is not taken is closed by `closeAll()`.
+public struct FDList {
+  public private(set) var count: Int = 0
+  private var storage: (
+    Int32, Int32, Int32, Int32, Int32, Int32, Int32, Int32,
+    Int32, Int32, Int32, Int32, Int32, Int32, Int32, Int32
+  ) = (-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1)
+  private var overflow: [Int32] = []
+
+  public init() {}
+  public init(_ fds: [Int32]) { for fd in fds { append(fd) } }
+
+  public var isEmpty: Bool { count == 0 }
+
+  public mutating func append(_ fd: Int32) {
+    if count < 16 {
+      withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: fd, toByteOffset: count * 4, as: Int32.self) }
+    } else {
+      overflow.append(fd)
+    }
+    count += 1
+  }
+
+  public subscript(i: Int) -> Int32 {
+    if i < 16 { return withUnsafeBytes(of: storage) { $0.load(fromByteOffset: i * 4, as: Int32.self) } }
+    return overflow[i - 16]
+  }
+
+  public var array: [Int32] { (0..<count).map { self[$0] } }
+
+  /// Hands the descriptors to the caller; the list is empty afterwards.
+  public mutating func take() -> [Int32] {
+    let all = array
+    self = FDList()
+    return all
+  }
+
+  public mutating func closeAll() {
+    for i in 0..<count { _ = close(self[i]) }
+    self = FDList()
+  }
+}
+
+/// A vfio-user message stream over a connected Unix stream socket.
+///
+/// Receiving reads as much as the socket has in one `recvmsg`, so pipelined
+/// requests cost one system call for several messages. Descriptors: Linux
+/// stops a `recvmsg` right after the segment that carried SCM_RIGHTS, and that
+/// segment starts with the header of the message they were sent with, so the
+/// descriptors belong to the last message that begins in the bytes of that
+/// call. (A peer that packs several messages into one `sendmsg` with
+/// descriptors is ambiguous by construction; none of the known clients do.)
+public final class MessageChannel {
+  public let fd: Int32
+  /// Largest message accepted whole; larger ones are discarded (see `ReceiveResult.oversized`).
+  public var maxMessageSize: Int
+  /// Most descriptors kept per received message; surplus ones are closed.
+  public var maxFDs: Int = Int(CVFU_SCM_MAX_FD)
+
+  private let buffer: UnsafeMutableRawBufferPointer
+  private var start = 0  // first unconsumed byte
+  private var end = 0  // one past the last received byte
+  private var streamBase: UInt64 = 0  // stream position of buffer[0]
+  private var discardRemaining: UInt64 = 0
+  private var fdChunkEnd: UInt64 = 0  // stream end of the recvmsg that brought `fdBatch`
+  private var fdBatch = FDList()
+  private var scratchFDs = [Int32](repeating: -1, count: Int(CVFU_SCM_MAX_FD))
+
+  /// - Parameters:
+  ///   - capacity: receive buffer bytes; must hold the largest accepted message.
+  public init(fd: Int32, capacity: Int, maxMessageSize: Int? = nil) {
+    self.fd = fd
+    self.maxMessageSize = maxMessageSize ?? capacity
+    buffer = .allocate(byteCount: max(capacity, 4096), alignment: 16)
+  }
+
+  deinit {
+    fdBatch.closeAll()
+    buffer.deallocate()
+  }
+
+  /// Capacity of the receive buffer.
+  public var capacity: Int { buffer.count }
+
+  /// Closes the socket (idempotent use is the owner's job).
+  public func close() { _ = Glibc.close(fd) }
+
+  /// Wakes a thread blocked in `receive()` (it then sees `.closed`).
+  public func shutdown() { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+
+  /// Whether a whole message is already buffered (no system call needed).
+  public var hasBufferedMessage: Bool {
+    guard end - start >= MessageHeader.size else { return false }
+    let size = Int(UnsafeRawBufferPointer(buffer).loadUnaligned(fromByteOffset: start + 4, as: UInt32.self))
+    return size < MessageHeader.size || size > maxMessageSize || end - start >= size
+  }
+
+  /// The next message. Throws on a socket error or a header that cannot be
+  /// framed (size < 16): the stream can't be resynchronised after that.
+  public func receive() throws(Errno) -> ReceiveResult {
+    while true {
+      if discardRemaining > 0 {
+        let have = UInt64(end - start)
+        let drop = min(have, discardRemaining)
+        start += Int(drop)
+        discardRemaining -= drop
+        if discardRemaining > 0 {
+          guard try fill() else { return .closed }
+          continue
+        }
+      }
+      if end - start >= MessageHeader.size {
+        let raw = UnsafeRawBufferPointer(rebasing: buffer[start..<end])
+        let header = try MessageHeader(decoding: raw)
+        let size = Int(header.size)
+        let messageStart = streamBase + UInt64(start)
+        if size > maxMessageSize {
+          var fds = takeFDs(messageStart: messageStart, messageEnd: messageStart + UInt64(size))
+          fds.closeAll()
+          discardRemaining = UInt64(size)
+          continue
+        }
+        if end - start >= size {
+          let fds = takeFDs(messageStart: messageStart, messageEnd: messageStart + UInt64(size))
+          let payload = UnsafeRawBufferPointer(rebasing: buffer[(start + MessageHeader.size)..<(start + size)])
+          start += size
+          return .message(ReceivedMessage(header: header, payload: payload, fds: fds))
+        }
+        if discardRemaining == 0, start + size > buffer.count { compact() }
+      } else if start + MessageHeader.size > buffer.count {
+        compact()
+      }
+      guard try fill() else { return .closed }
+    }
+  }
+
+  /// Descriptors of the message at [messageStart, messageEnd) if it is the
+  /// last message beginning inside the recvmsg chunk that carried them.
+  private func takeFDs(messageStart: UInt64, messageEnd: UInt64) -> FDList {
+    guard !fdBatch.isEmpty else { return FDList() }
+    if messageStart < fdChunkEnd, messageEnd >= fdChunkEnd {
+      let fds = fdBatch
+      fdBatch = FDList()
+      return fds
+    }
+    if messageStart >= fdChunkEnd {
+      fdBatch.closeAll()  // nobody claimed them: never leak
+    }
+    return FDList()
+  }
+
+  private func compact() {
+    let live = end - start
+    if live > 0, start > 0 {
+      buffer.baseAddress!.copyMemory(from: buffer.baseAddress! + start, byteCount: live)
+    }
+    streamBase += UInt64(start)
+    start = 0
+    end = live
+  }
+
+  /// One recvmsg into the free tail of the buffer. Returns false on EOF.
+  private func fill() throws(Errno) -> Bool {
+    if start == end {
+      streamBase += UInt64(start)
+      start = 0
+      end = 0
+    } else if end == buffer.count {
+      compact()
+    }
+    var count: Int32 = 0
+    let n = scratchFDs.withUnsafeMutableBufferPointer { fds in
+      cvfu_recvmsg(fd, buffer.baseAddress! + end, buffer.count - end, fds.baseAddress, Int32(fds.count), &count, 0)
+    }
+    if n < 0 {
+      if -n == ECONNRESET || -n == EPIPE { return false }
+      throw Errno(rawValue: Int32(-n))
+    }
+    if count > 0 {
+      fdBatch.closeAll()
+      for i in 0..<Int(min(count, CVFU_SCM_MAX_FD)) {
+        if i < maxFDs { fdBatch.append(scratchFDs[i]) } else { _ = Glibc.close(scratchFDs[i]) }
+      }
+      fdChunkEnd = streamBase + UInt64(end) + UInt64(n)
+    }
+    if n == 0 { return false }
+    end += n
+    return true
+  }
+
+  /// Sends `first` then `second` as one message, with `fds` attached to its
+  /// first byte. Partial sends are continued until everything is out.
+  public func send(
+    _ first: UnsafeRawBufferPointer, _ second: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0),
+    fds: UnsafeBufferPointer<Int32> = UnsafeBufferPointer(start: nil, count: 0)
+  ) throws(Errno) {
+    var a = first
+    var b = second
+    var fdsToSend = fds
+    while a.count + b.count > 0 {
+      var iov = (
+        iovec(iov_base: UnsafeMutableRawPointer(mutating: a.baseAddress), iov_len: a.count),
+        iovec(iov_base: UnsafeMutableRawPointer(mutating: b.baseAddress), iov_len: b.count)
+      )
+      let n = withUnsafeMutableBytes(of: &iov) { raw -> Int in
+        let vecs = raw.bindMemory(to: iovec.self)
+        let start = a.count == 0 ? 1 : 0
+        return cvfu_sendmsg(
+          fd, vecs.baseAddress! + start, Int32(2 - start), fdsToSend.baseAddress, Int32(fdsToSend.count))
+      }
+      if n < 0 { throw Errno(rawValue: Int32(-n)) }
+      fdsToSend = UnsafeBufferPointer(start: nil, count: 0)
+      var sent = n
+      let fromA = min(sent, a.count)
+      a = UnsafeRawBufferPointer(rebasing: a[fromA...])
+      sent -= fromA
+      b = UnsafeRawBufferPointer(rebasing: b[sent...])
+    }
+  }
+
+  /// Sends a message with at most one descriptor (region info replies).
+  public func send(_ first: UnsafeRawBufferPointer, _ second: UnsafeRawBufferPointer, fd: Int32) throws(Errno) {
+    var one = fd
+    let result: Result<Void, Errno> = withUnsafePointer(to: &one) { p in
+      do throws(Errno) {
+        try send(first, second, fds: UnsafeBufferPointer(start: p, count: fd >= 0 ? 1 : 0))
+        return .success(())
+      } catch { return .failure(error) }
+    }
+    try result.get()
+  }
+
+  /// Convenience for non-hot paths.
+  public func send(bytes: [UInt8], fds: [Int32] = []) throws(Errno) {
+    let result: Result<Void, Errno> = bytes.withUnsafeBytes { raw in
+      fds.withUnsafeBufferPointer { f in
+        do throws(Errno) {
+          try send(raw, fds: f)
+          return .success(())
+        } catch { return .failure(error) }
+      }
+    }
+    try result.get()
+  }
+}
