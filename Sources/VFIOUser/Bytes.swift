@@ -54,3 +54,11 @@ public func encodeMessage(
   out.replaceSubrange(MessageHeader.size..., with: payload)
   return out
 }
+
+/// `withUnsafeBytes` for a body with typed throws (the standard one rethrows untyped).
+public func decodeBytes<T>(_ bytes: [UInt8], _ body: (UnsafeRawBufferPointer) throws(Errno) -> T) throws(Errno) -> T {
+  let result: Result<T, Errno> = bytes.withUnsafeBytes { raw in
+    do throws(Errno) { return .success(try body(raw)) } catch { return .failure(error) }
+  }
+  return try result.get()
+}

@@ -80,10 +80,17 @@ public struct MessageHeader: Equatable, Sendable {
   public var isError: Bool { flags & Self.errorFlag != 0 }
   public var payloadSize: Int { Int(size) - Self.size }
 
-  /// Decodes a header. Only framing is checked here (size and type bits): a
-  /// header that fails this cannot be trusted to find the next message.
+  /// Decodes and validates a header: size at least 16 and a known type (command or reply).
   @inlinable
   public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    try self.init(framing: bytes)
+    guard hasValidType else { throw .invalidArgument }
+  }
+
+  /// Decodes only what framing needs: a size below 16 cannot locate the next
+  /// message, so it is the one header error after which a stream is lost.
+  @inlinable
+  public init(framing bytes: UnsafeRawBufferPointer) throws(Errno) {
     guard bytes.count >= Self.size else { throw .invalidArgument }
     messageID = bytes.loadUnaligned(fromByteOffset: 0, as: UInt16.self)
     command = bytes.loadUnaligned(fromByteOffset: 2, as: UInt16.self)
@@ -91,8 +98,10 @@ public struct MessageHeader: Equatable, Sendable {
     flags = bytes.loadUnaligned(fromByteOffset: 8, as: UInt32.self)
     error = bytes.loadUnaligned(fromByteOffset: 12, as: UInt32.self)
     guard size >= Self.size else { throw .invalidArgument }
-    guard flags & Self.typeMask <= Self.typeReply else { throw .invalidArgument }
   }
+
+  /// Type bits say command (0) or reply (1); the other 14 values are invalid.
+  public var hasValidType: Bool { flags & Self.typeMask <= Self.typeReply }
 
   @inlinable
   public func encode(into bytes: UnsafeMutableRawBufferPointer) {

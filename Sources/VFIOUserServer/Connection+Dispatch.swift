@@ -12,6 +12,11 @@ extension Connection {
   /// and writes its reply payload at tx[16...]; errors become error replies.
   func dispatch(_ message: inout ReceivedMessage) -> ConnectionEnd? {
     let header = message.header
+    guard header.hasValidType else {
+      logger.warning("message \(header.messageID) has invalid type bits \(header.flags & MessageHeader.typeMask): EINVAL")
+      if header.wantsReply { sendError(to: header, .invalidArgument) }
+      return nil
+    }
     guard let command = header.knownCommand else {
       logger.warning("unknown command \(header.command) (message \(header.messageID)): ENOSYS")
       if header.wantsReply { sendError(to: header, .noFunction) }

@@ -139,14 +139,17 @@ public final class MessageChannel {
       }
       if end - start >= MessageHeader.size {
         let raw = UnsafeRawBufferPointer(rebasing: buffer[start..<end])
-        let header = try MessageHeader(decoding: raw)
+        let header = try MessageHeader(framing: raw)
         let size = Int(header.size)
         let messageStart = streamBase + UInt64(start)
         if size > maxMessageSize {
           var fds = takeFDs(messageStart: messageStart, messageEnd: messageStart + UInt64(size))
           fds.closeAll()
-          discardRemaining = UInt64(size)
-          continue
+          // Drop what is buffered now; later calls drop the rest before reading on.
+          let drop = min(end - start, size)
+          start += drop
+          discardRemaining = UInt64(size - drop)
+          return .oversized(header)
         }
         if end - start >= size {
           let fds = takeFDs(messageStart: messageStart, messageEnd: messageStart + UInt64(size))

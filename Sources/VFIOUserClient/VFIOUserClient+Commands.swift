@@ -1,0 +1,220 @@
+import CVFIOUser
+import SystemPackage
+import VFIOUser
+import VFIOUserSocket
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+extension VFIOUserClient {
+  private func decode<P: WirePayload>(_ type: P.Type, _ message: ClientMessage) throws(VFIOUserClientError) -> P {
+    do throws(Errno) {
+      return try P(decoding: message.payload)
+    } catch {
+      throw .protocolViolation("malformed \(message.header.knownCommand?.description ?? "?") reply")
+    }
+  }
+
+  public func deviceInfo(argsz: UInt32 = 16) throws(VFIOUserClientError) -> DeviceInfoPayload {
+    try decode(DeviceInfoPayload.self, request(.deviceGetInfo, payload: DeviceInfoPayload(argsz: argsz).encoded()))
+  }
+
+  /// Region info with its capability chain, and the mmap descriptor when the
+  /// region is mappable (the caller owns it). Re-asks with a larger argsz when
+  /// the first answer says the capabilities did not fit, as QEMU does.
+  public func regionInfo(_ index: UInt32, argsz: UInt32 = 32) throws(VFIOUserClientError) -> (
+    info: RegionInfoPayload, fd: Int32?
+  ) {
+    var size = argsz
+    while true {
+      let reply = try request(.deviceGetRegionInfo, payload: RegionInfoPayload(argsz: size, index: index).encoded())
+      let info = try decode(RegionInfoPayload.self, reply)
+      if info.argsz > size {
+        for fd in reply.fds { _ = close(fd) }
+        size = info.argsz
+        continue
+      }
+      for fd in reply.fds.dropFirst() { _ = close(fd) }
+      return (info, reply.fds.first)
+    }
+  }
+
+  public func regionIOFDs(_ index: UInt32) throws(VFIOUserClientError) -> (RegionIOFDsPayload, [Int32]) {
+    let reply = try request(.deviceGetRegionIOFDs, payload: RegionIOFDsPayload(argsz: 4096, index: index).encoded())
+    return (try decode(RegionIOFDsPayload.self, reply), reply.fds)
+  }
+
+  public func irqInfo(_ index: UInt32) throws(VFIOUserClientError) -> IRQInfoPayload {
+    try decode(IRQInfoPayload.self, request(.deviceGetIRQInfo, payload: IRQInfoPayload(index: index).encoded()))
+  }
+
+  public func setIRQs(_ payload: IRQSetPayload, fds: [Int32] = []) throws(VFIOUserClientError) {
+    try request(.deviceSetIRQs, payload: payload.encoded(), fds: fds)
+  }
+
+  /// Eventfds for `fds.count` vectors from `start`, in messages of at most
+  /// `chunk` descriptors (QEMU sends max_msg_fds at a time).
+  public func setIRQEventfds(index: UInt32, start: UInt32, fds: [Int32], chunk: Int) throws(VFIOUserClientError) {
+    var offset = 0
+    while offset < fds.count {
+      let part = Array(fds[offset..<min(offset + chunk, fds.count)])
+      try setIRQs(
+        IRQSetPayload(
+          flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger, index: index,
+          start: start + UInt32(offset), count: UInt32(part.count)), fds: part)
+      offset += part.count
+    }
+  }
+
+  public func read(region: UInt32, offset: UInt64, count: Int) throws(VFIOUserClientError) -> [UInt8] {
+    let reply = try request(
+      .regionRead, payload: RegionAccessHeader(offset: offset, region: region, count: UInt32(count)).encoded())
+    guard reply.payload.count == RegionAccessHeader.size + count else {
+      throw .protocolViolation("REGION_READ reply of \(reply.payload.count) bytes for \(count)")
+    }
+    return Array(reply.payload[RegionAccessHeader.size...])
+  }
+
+  public func write(region: UInt32, offset: UInt64, data: [UInt8], posted: Bool = false) throws(VFIOUserClientError) {
+    try request(
+      .regionWrite, payload: RegionAccessHeader(offset: offset, region: region, count: UInt32(data.count)).encoded(data: data),
+      noReply: posted)
+  }
+
+  public func read32(region: UInt32, offset: UInt64) throws(VFIOUserClientError) -> UInt32 {
+    let bytes = try read(region: region, offset: offset, count: 4)
+    return bytes.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }
+  }
+
+  public func write32(region: UInt32, offset: UInt64, _ value: UInt32, posted: Bool = false) throws(VFIOUserClientError) {
+    try write(region: region, offset: offset, data: withUnsafeBytes(of: value.littleEndian) { Array($0) }, posted: posted)
+  }
+
+  public func read64(region: UInt32, offset: UInt64) throws(VFIOUserClientError) -> UInt64 {
+    let bytes = try read(region: region, offset: offset, count: 8)
+    return bytes.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+  }
+
+  public func write64(region: UInt32, offset: UInt64, _ value: UInt64, posted: Bool = false) throws(VFIOUserClientError) {
+    try write(region: region, offset: offset, data: withUnsafeBytes(of: value.littleEndian) { Array($0) }, posted: posted)
+  }
+
+  @discardableResult
+  public func writeMulti(_ entries: [WriteMultiEntry], posted: Bool = false) throws(VFIOUserClientError) -> UInt64 {
+    let reply = try request(.regionWriteMulti, payload: WriteMultiPayload(entries: entries).encoded(), noReply: posted)
+    guard !posted else { return UInt64(entries.count) }
+    guard reply.payload.count == 8 else { throw .protocolViolation("REGION_WRITE_MULTI reply size") }
+    return reply.payload.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+  }
+
+  public func dmaMap(address: UInt64, size: UInt64, flags: UInt32, fd: Int32? = nil, offset: UInt64 = 0)
+    throws(VFIOUserClientError)
+  {
+    try request(
+      .dmaMap, payload: DMAMapRequest(flags: flags, offset: offset, address: address, size: size).encoded(),
+      fds: fd.map { [$0] } ?? [])
+  }
+
+  @discardableResult
+  public func dmaUnmap(address: UInt64, size: UInt64) throws(VFIOUserClientError) -> DMAUnmapPayload {
+    try decode(DMAUnmapPayload.self, request(.dmaUnmap, payload: DMAUnmapPayload(address: address, size: size).encoded()))
+  }
+
+  @discardableResult
+  public func dmaUnmapAll() throws(VFIOUserClientError) -> DMAUnmapPayload {
+    try decode(
+      DMAUnmapPayload.self,
+      request(.dmaUnmap, payload: DMAUnmapPayload(flags: VFIODMAUnmapFlags.all, address: 0, size: 0).encoded()))
+  }
+
+  public func reset() throws(VFIOUserClientError) { try request(.deviceReset) }
+
+  public func feature(flags: UInt32, data: [UInt8] = [], argsz: UInt32? = nil) throws(VFIOUserClientError)
+    -> DeviceFeaturePayload
+  {
+    try decode(
+      DeviceFeaturePayload.self,
+      request(.deviceFeature, payload: DeviceFeaturePayload(argsz: argsz, flags: flags, data: data).encoded()))
+  }
+
+  /// MIG_DATA_READ: fewer bytes than asked means the stream ended.
+  public func migDataRead(size: UInt32) throws(VFIOUserClientError) -> [UInt8] {
+    var payload = [UInt8](repeating: 0, count: MigDataHeader.size)
+    payload.withUnsafeMutableBytes { MigDataHeader(argsz: UInt32(MigDataHeader.size) + size, size: size).encode(into: $0) }
+    let reply = try request(.migDataRead, payload: payload)
+    let head: MigDataHeader
+    do throws(Errno) {
+      head = try decodeBytes(reply.payload) { raw throws(Errno) in try MigDataHeader(decoding: raw) }
+    } catch { throw .protocolViolation("malformed MIG_DATA_READ reply") }
+    guard head.size <= size, reply.payload.count == MigDataHeader.size + Int(head.size) else {
+      throw .protocolViolation("MIG_DATA_READ reply size \(head.size) for \(size)")
+    }
+    return Array(reply.payload[MigDataHeader.size...])
+  }
+
+  public func migDataWrite(_ data: [UInt8]) throws(VFIOUserClientError) {
+    var payload = [UInt8](repeating: 0, count: MigDataHeader.size)
+    payload.withUnsafeMutableBytes { MigDataHeader(argsz: UInt32(MigDataHeader.size), size: UInt32(data.count)).encode(into: $0) }
+    try request(.migDataWrite, payload: payload + data)
+  }
+}
+
+// MARK: Allocation-free paths for benchmarks
+
+extension VFIOUserClient {
+  /// Sends a REGION_READ without waiting; returns its message id.
+  public func sendRegionRead(region: UInt32, offset: UInt64, count: UInt32) throws(VFIOUserClientError) -> UInt16 {
+    let id = allocateID()
+    let buffer = UnsafeMutableRawBufferPointer(rebasing: requestScratch[0..<32])
+    MessageHeader(messageID: id, command: .regionRead, size: 32).encode(into: buffer)
+    RegionAccessHeader(offset: offset, region: region, count: count).encode(
+      into: UnsafeMutableRawBufferPointer(rebasing: buffer[16...]))
+    do throws(Errno) { try channel.send(UnsafeRawBufferPointer(buffer)) } catch { throw .system(error) }
+    return id
+  }
+
+  /// Receives the reply to a REGION_READ sent with `sendRegionRead`, copying its data to `into`.
+  public func receiveRegionRead(id: UInt16, into: UnsafeMutableRawBufferPointer) throws(VFIOUserClientError) {
+    let result: ReceiveResult
+    do throws(Errno) { result = try channel.receive() } catch { throw .system(error) }
+    guard case .message(var message) = result else { throw .disconnected }
+    message.fds.closeAll()
+    let h = message.header
+    guard h.messageID == id, h.command == Command.regionRead.rawValue, h.isReply else {
+      throw .protocolViolation("reply id \(h.messageID) for \(id)")
+    }
+    if h.isError { throw .server(Errno(rawValue: Int32(bitPattern: h.error)), command: h.command) }
+    guard message.payload.count == RegionAccessHeader.size + into.count else {
+      throw .protocolViolation("REGION_READ reply size")
+    }
+    into.copyMemory(from: UnsafeRawBufferPointer(rebasing: message.payload[RegionAccessHeader.size...]))
+  }
+
+  /// Sends a REGION_WRITE of `data` without waiting; returns its message id.
+  public func sendRegionWrite(region: UInt32, offset: UInt64, data: UnsafeRawBufferPointer, posted: Bool = false)
+    throws(VFIOUserClientError) -> UInt16
+  {
+    let id = allocateID()
+    let buffer = UnsafeMutableRawBufferPointer(rebasing: requestScratch[0..<32])
+    MessageHeader(
+      messageID: id, command: .regionWrite, size: UInt32(32 + data.count), flags: posted ? MessageHeader.noReplyFlag : 0
+    ).encode(into: buffer)
+    RegionAccessHeader(offset: offset, region: region, count: UInt32(data.count)).encode(
+      into: UnsafeMutableRawBufferPointer(rebasing: buffer[16...]))
+    do throws(Errno) { try channel.send(UnsafeRawBufferPointer(buffer), data) } catch { throw .system(error) }
+    return id
+  }
+
+  /// Receives a plain (header-and-fixed-part) reply to message `id`.
+  public func receiveAck(id: UInt16) throws(VFIOUserClientError) {
+    let result: ReceiveResult
+    do throws(Errno) { result = try channel.receive() } catch { throw .system(error) }
+    guard case .message(var message) = result else { throw .disconnected }
+    message.fds.closeAll()
+    guard message.header.messageID == id else { throw .protocolViolation("reply id \(message.header.messageID) for \(id)") }
+    if message.header.isError {
+      throw .server(Errno(rawValue: Int32(bitPattern: message.header.error)), command: message.header.command)
+    }
+  }
+}

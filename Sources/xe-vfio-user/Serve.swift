@@ -1,0 +1,114 @@
+import ArgumentParser
+import Dispatch
+import Foundation
+import Logging
+import SystemPackage
+import VFIOUser
+import VFIOUserServer
+import XeVF
+
+struct Serve: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    abstract: "Serve an Xe VF (the simulated one by default) on a vfio-user socket.",
+    discussion: """
+      Listens on the socket, prints the QEMU command line that attaches the
+      device, and serves one client at a time until SIGINT or SIGTERM, which
+      disconnect the client cleanly and remove the socket. A client that
+      hangs up loses its DMA mappings and eventfds and the device is reset for
+      the next one.
+      """)
+
+  @Option(name: [.customLong("socket-path"), .customShort("s")], help: "Unix socket to listen on.")
+  var socketPath: String?
+
+  @Option(help: "Serve on this already-listening socket descriptor instead (vfio-user convention).")
+  var fd: Int32?
+
+  @Option(help: "Device profile: bmg (discrete, with VRAM), ptl or wcl (integrated).")
+  var profile: String = "bmg"
+
+  @Option(help: "VRAM (BAR2) size for bmg: a power of two such as 256M or 4G.")
+  var vramSize: ByteSize?
+
+  @Option(help: "Largest REGION_READ/WRITE or migration data message (up to 64M).")
+  var maxDataXferSize: ByteSize = ByteSize(1 << 20)
+
+  @Option(help: "DMA windows a client may have at once.")
+  var maxDMAMaps: UInt32 = 65535
+
+  @Option(help: "Descriptors accepted per message.")
+  var maxMsgFDs: UInt32 = 16
+
+  @Option(help: "DMA_READ/DMA_WRITE layout: spec or qemu (default: qemu for QEMU clients, spec otherwise).")
+  var dmaLayout: DMATransferLayout?
+
+  @Option(help: "Permissions of the socket file, in octal.")
+  var socketMode: String = "0600"
+
+  @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+  var logLevel: Logger.Level = .info
+
+  @Flag(help: "Do not print the QEMU command line.")
+  var quiet = false
+
+  func validate() throws {
+    if socketPath != nil, fd != nil { throw ValidationError("--socket-path and --fd are exclusive") }
+    guard XeProfile.named(profile) != nil else {
+      throw ValidationError("unknown profile '\(profile)'; choose \(XeProfile.allProfiles.map(\.name).joined(separator: ", "))")
+    }
+    guard maxDataXferSize.bytes >= 4096, maxDataXferSize.bytes <= UInt64(ServerLimits.largestDataXferSize) else {
+      throw ValidationError("--max-data-xfer-size must be between 4K and 64M")
+    }
+    guard UInt32(socketMode, radix: 8) != nil else { throw ValidationError("--socket-mode must be octal, e.g. 0660") }
+  }
+
+  func run() throws {
+    let logger = bootstrapLogging(level: logLevel)
+    let profile = XeProfile.named(profile)!
+    let device: SimulatedXeVF
+    do {
+      device = try SimulatedXeVF(profile: profile, vramSize: vramSize?.bytes, logger: logger)
+    } catch {
+      throw ValidationError("cannot create the simulated \(profile.name) VF: \(error.name) (VRAM must be a power of two ≥ 1M, bmg only)")
+    }
+    var limits = ServerLimits()
+    limits.maxDataXferSize = UInt32(maxDataXferSize.bytes)
+    limits.maxDMAMaps = maxDMAMaps
+    limits.maxMsgFDs = maxMsgFDs
+    limits.dmaLayout = dmaLayout
+    let server = VFIOUserServer(backend: device, limits: limits, logger: logger)
+    let path = socketPath ?? defaultSocketPath
+    if let fd {
+      server.listen(fd: fd)
+    } else {
+      do {
+        try server.listen(socketPath: path)
+      } catch {
+        throw ValidationError(
+          error == .addressInUse ? "\(path): another server is listening there" : "cannot listen on \(path): \(error)")
+      }
+      chmod(path, mode_t(UInt32(socketMode, radix: 8)!))
+    }
+    let vram = device.vramSize > 0 ? ", \(formatBytes(device.vramSize)) VRAM" : ""
+    logger.info(
+      "serving simulated Xe VF \(profile.name) [8086:\(String(profile.deviceID, radix: 16))]\(vram) on \(fd.map { "fd \($0)" } ?? path)"
+    )
+    if !quiet, fd == nil {
+      print("Attach it to QEMU (10.1 or later) with:\n\n\(qemuCommandLine(socketPath: path))\n")
+      fflush(nil)
+    }
+    let signals = [SIGINT, SIGTERM].map { number -> DispatchSourceSignal in
+      signal(number, SIG_IGN)
+      let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+      source.setEventHandler {
+        logger.info("signal \(number): shutting down")
+        server.stop()
+      }
+      source.resume()
+      return source
+    }
+    server.start()
+    server.wait()
+    signals.forEach { $0.cancel() }
+  }
+}

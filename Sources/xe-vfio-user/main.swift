@@ -1,1 +1,0 @@
-print("xe-vfio-user")

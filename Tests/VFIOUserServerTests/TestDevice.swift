@@ -1,0 +1,156 @@
+import CVFIOUser
+import Foundation
+import SystemPackage
+import VFIOUser
+import VFIOUserServer
+
+/// A small generic device for the server's own semantics (INTx, MSI and
+/// width rules the Xe VF does not have). Registers in BAR0 (4-byte only):
+///   0x00 scratch, 0x04 fire interrupt (index << 16 | vector),
+///   0x08 DMA address lo, 0x0C hi, 0x10 length, 0x14 go (1 = from client, 2 = to client),
+///   0x18 DMA status (0 idle, 1 busy, 2 done, 3 error), 0x1C DMA errno.
+/// BAR2 is a 64 KiB memfd with two sparse areas; DMA moves bytes between BAR2 and client memory.
+final class TestDevice: VFIODeviceBackend {
+  var host: DeviceHost?
+  var scratch: UInt32 = 0
+  var resets = 0
+  var dmaStatus: UInt32 = 0
+  var dmaErrno: UInt32 = 0
+  var dmaAddress: UInt64 = 0
+  var dmaLength: UInt32 = 0
+  var generation = 0
+  var lastIRQConfiguration: [UInt32: IRQConfiguration] = [:]
+  var mappedWindows = 0
+  let memfd: Int32
+  let memory: UnsafeMutableRawBufferPointer
+  static let bar2Size = 64 * 1024
+
+  init() {
+    memfd = cvfu_memfd_create("test-bar2", 0)
+    precondition(memfd >= 0)
+    ftruncate(memfd, off_t(Self.bar2Size))
+    let p = mmap(nil, Self.bar2Size, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0)!
+    memory = UnsafeMutableRawBufferPointer(start: p, count: Self.bar2Size)
+  }
+
+  deinit {
+    munmap(memory.baseAddress, memory.count)
+    close(memfd)
+  }
+
+  var deviceFlags: UInt32 { VFIODeviceFlags.pci | VFIODeviceFlags.reset }
+  var regionCount: UInt32 { 9 }
+  var irqCount: UInt32 { 5 }
+
+  func region(_ index: UInt32) -> RegionDescription? {
+    switch index {
+    case 0: RegionDescription(index: 0, size: 4096)
+    case 2:
+      RegionDescription(
+        index: 2, size: UInt64(Self.bar2Size), mmap: MmapSource(fd: memfd, offset: 0),
+        sparseAreas: [SparseMmapArea(offset: 0, size: 0x4000), SparseMmapArea(offset: 0x8000, size: 0x8000)])
+    case 6: RegionDescription(index: 6, size: 4096, readable: true, writable: false)
+    case 7: RegionDescription(index: 7, size: 256)
+    default: RegionDescription(index: index, size: 0, readable: false, writable: false)
+    }
+  }
+
+  func irq(_ index: UInt32) -> IRQDescription? {
+    switch index {
+    case 0:
+      IRQDescription(
+        index: 0, count: 1, flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.maskable | VFIOIRQInfoFlags.automasked)
+    case 1: IRQDescription(index: 1, count: 4, flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.noresize)
+    case 2: IRQDescription(index: 2, count: 8, flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.maskable)
+    case 3, 4: IRQDescription(index: index, count: 1, flags: VFIOIRQInfoFlags.eventfd)
+    default: nil
+    }
+  }
+
+  func read(region: UInt32, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(Errno) {
+    switch region {
+    case 0:
+      guard buffer.count == 4, offset % 4 == 0 else { throw .invalidArgument }
+      let value: UInt32 =
+        switch offset {
+        case 0x00: scratch
+        case 0x08: UInt32(truncatingIfNeeded: dmaAddress)
+        case 0x0C: UInt32(truncatingIfNeeded: dmaAddress >> 32)
+        case 0x10: dmaLength
+        case 0x18: dmaStatus
+        case 0x1C: dmaErrno
+        default: 0
+        }
+      buffer.storeBytes(of: value, as: UInt32.self)
+    case 2:
+      buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: memory[Int(offset)..<(Int(offset) + buffer.count)]))
+    case 6, 7:
+      for i in 0..<buffer.count { buffer[i] = UInt8(truncatingIfNeeded: Int(offset) + i) }
+    default:
+      throw .invalidArgument
+    }
+  }
+
+  func write(region: UInt32, offset: UInt64, from buffer: UnsafeRawBufferPointer) throws(Errno) {
+    switch region {
+    case 0:
+      guard buffer.count == 4, offset % 4 == 0 else { throw .invalidArgument }
+      let value = buffer.loadUnaligned(as: UInt32.self)
+      switch offset {
+      case 0x00: scratch = value
+      case 0x04: host?.triggerInterrupt(index: value >> 16, vector: value & 0xFFFF)
+      case 0x08: dmaAddress = (dmaAddress & ~0xFFFF_FFFF) | UInt64(value)
+      case 0x0C: dmaAddress = (dmaAddress & 0xFFFF_FFFF) | (UInt64(value) << 32)
+      case 0x10: dmaLength = value
+      case 0x14: startDMA(toClient: value == 2)
+      default: break
+      }
+    case 2:
+      UnsafeMutableRawBufferPointer(rebasing: memory[Int(offset)..<(Int(offset) + buffer.count)]).copyMemory(from: buffer)
+    case 7:
+      break
+    default:
+      throw .invalidArgument
+    }
+  }
+
+  private func startDMA(toClient: Bool) {
+    guard let host, dmaStatus != 1 else { return }
+    dmaStatus = 1
+    let length = Int(min(dmaLength, UInt32(Self.bar2Size)))
+    let address = dmaAddress
+    let generation = generation
+    let buffer = UnsafeMutableRawBufferPointer(rebasing: memory[0..<length])
+    host.deferWork { [self] in
+      let done: (Result<Void, Errno>) -> Void = { [self] result in
+        guard self.generation == generation else { return }
+        switch result {
+        case .success: dmaStatus = 2
+        case .failure(let e):
+          dmaStatus = 3
+          dmaErrno = UInt32(e.rawValue)
+        }
+      }
+      if toClient {
+        host.dmaWrite(address: address, from: UnsafeRawBufferPointer(buffer), completion: done)
+      } else {
+        host.dmaRead(address: address, into: buffer, completion: done)
+      }
+    }
+  }
+
+  func reset() throws(Errno) {
+    resets += 1
+    generation += 1
+    scratch = 0
+    dmaStatus = 0
+    dmaErrno = 0
+  }
+
+  func attach(host: DeviceHost?) { self.host = host }
+  func irqsChanged(_ configuration: IRQConfiguration) throws(Errno) {
+    lastIRQConfiguration[configuration.index] = configuration
+  }
+  func dmaMapped(_ region: DMARegion) throws(Errno) { mappedWindows += 1 }
+  func dmaUnmapped(_ region: DMARegion) { mappedWindows -= 1 }
+}
