@@ -47,11 +47,18 @@ public final class VFIOUserServer: Sendable {
   private let activeSocket = Mutex<Int32>(-1)
   private let path = Mutex<String?>(nil)
   private let finished = DispatchSemaphore(value: 0)
+  private let connectionThreadSetup: (@Sendable () -> Void)?
 
-  public init(backend: any VFIODeviceBackend, limits: ServerLimits = ServerLimits(), logger: Logger) {
+  /// - Parameter connectionThreadSetup: runs first on each client's thread
+  ///   (the benchmark pins it to a CPU with it).
+  public init(
+    backend: any VFIODeviceBackend, limits: ServerLimits = ServerLimits(), logger: Logger,
+    connectionThreadSetup: (@Sendable () -> Void)? = nil
+  ) {
     slot = DeviceSlot(backend)
     self.limits = limits
     self.logger = logger
+    self.connectionThreadSetup = connectionThreadSetup
   }
 
   /// The socket path when the server created its own socket.
@@ -148,6 +155,7 @@ public final class VFIOUserServer: Sendable {
     activeSocket.withLock { $0 = client }
     let done = DispatchSemaphore(value: 0)
     let thread = Thread { [self, connectionLogger] in
+      connectionThreadSetup?()
       let connection = Connection(
         fd: client, backend: slot.backend, limits: limits, logger: connectionLogger, stats: statistics)
       let end = connection.run()

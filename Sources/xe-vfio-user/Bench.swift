@@ -1,4 +1,295 @@
 import ArgumentParser
+import CVFIOUser
+import Foundation
+import Logging
+import VFIOUser
+import VFIOUserClient
+import VFIOUserServer
+import XeVF
+
 struct Bench: ParsableCommand {
-  func run() throws {}
+  static let configuration = CommandConfiguration(
+    abstract: "Measure the server against the raw Unix-socket limit, in one run.",
+    discussion: """
+      Runs an in-process server with the simulated BMG VF and a client on
+      another thread, and prints each figure next to the same measurement
+      over a plain Unix socket (three system calls per request: receive
+      header, receive body, send reply) taken in the same run.
+      """)
+
+  @Option(help: "Round trips per latency figure.")
+  var iterations = 100_000
+
+  @Option(help: "CPU placement: same (server and client on CPU 0), split (server CPU 1, client CPU 0), none.")
+  var cpus: String = "same"
+
+  @Option(help: "VRAM of the simulated VF.")
+  var vramSize: ByteSize = ByteSize(256 << 20)
+
+  @Option(help: "Live DMA windows for the large DMA_MAP figure.")
+  var liveMappings = 60_000
+
+  @Flag(help: "Also count user-space instructions per 4-byte REGION_READ with valgrind (slow).")
+  var instructions = false
+
+  @Option(help: "Comma-separated subset: read,write,inflight,large,dma,rss (default all).")
+  var only: String?
+
+  func validate() throws {
+    guard ["same", "split", "none"].contains(cpus) else { throw ValidationError("--cpus is same, split or none") }
+  }
+
+  func run() throws {
+    let clientCPU: Int32? = cpus == "none" ? nil : 0
+    let serverCPU: Int32? = cpus == "none" ? nil : (cpus == "split" ? 1 : 0)
+    if let clientCPU { _ = cvfu_pin_to_cpu(clientCPU) }
+    let selected = Set((only ?? "read,write,inflight,large,dma,rss").split(separator: ",").map(String.init))
+    var logger = Logger(label: "bench")
+    logger.logLevel = .error
+    let device = try SimulatedXeVF(profile: .bmg, vramSize: vramSize.bytes, logger: logger)
+    let path = "/tmp/xe-vfio-user-bench-\(getpid()).sock"
+    let server = VFIOUserServer(
+      backend: device, logger: logger,
+      connectionThreadSetup: { if let serverCPU { _ = cvfu_pin_to_cpu(serverCPU) } })
+    try server.listen(socketPath: path)
+    server.start()
+    defer { server.stop() }
+    let client = try VFIOUserClient.connect(path: path)
+    _ = cvfu_socket_buffers(client.channel.fd, 8 << 20)
+
+    let placement =
+      cpus == "same" ? "server and client both pinned to CPU 0" : cpus == "split" ? "server on CPU 1, client on CPU 0" : "not pinned"
+    print("xe-vfio-user bench: simulated bmg VF, \(formatBytes(vramSize.bytes)) VRAM, \(placement), \(iterations) round trips per figure\n")
+    var table = ReportTable()
+    let scratch = XeSimRegisters.vfSwFlag(0)
+    let n = iterations
+
+    if selected.contains("read") {
+      let floor = LatencySummary(SocketFloor.roundTrips(requestSize: 32, replySize: 36, count: n, serverCPU: serverCPU))
+      let ours = LatencySummary(try measure(n) { try readOnce(client, scratch, 4) })
+      table.latency("4-byte REGION_READ", ours, floor)
+    }
+    if selected.contains("write") {
+      let floor = LatencySummary(SocketFloor.roundTrips(requestSize: 36, replySize: 32, count: n, serverCPU: serverCPU))
+      var value: UInt32 = 0
+      let ours = LatencySummary(
+        try measure(n) {
+          value &+= 1
+          let id = try withUnsafeBytes(of: &value) { try client.sendRegionWrite(region: 0, offset: scratch, data: $0) }
+          try client.receiveAck(id: id)
+        })
+      table.latency("4-byte REGION_WRITE", ours, floor)
+    }
+    if selected.contains("inflight") {
+      let floor = LatencySummary(
+        SocketFloor.roundTrips(requestSize: 32, replySize: 36, count: n, inFlight: 16, serverCPU: serverCPU))
+      let ours = LatencySummary(try pipelined(client, scratch, depth: 16, count: n))
+      table.rate("4-byte REGION_READ, 16 in flight", ours.opsPerSecond, floor.opsPerSecond, unit: "ops/s", target: "≥ 200 k ops/s")
+    }
+    if selected.contains("large") {
+      let size = 1 << 20
+      let count = max(200, n / 50)
+      let floor = LatencySummary(SocketFloor.roundTrips(requestSize: 32, replySize: 32 + size, count: count, serverCPU: serverCPU))
+      let ours = LatencySummary(try measure(count) { try readOnce(client, 0, UInt32(size), region: 2) })
+      let copy = SocketFloor.memcpyRate(size: size, repeats: count)
+      table.rate(
+        "1 MiB REGION_READ (BAR2)", ours.opsPerSecond * Double(size), floor.opsPerSecond * Double(size), unit: "B/s",
+        target: "≥ 5.8 GB/s", extra: "memcpy \(String(format: "%.1f", copy / 1e9)) GB/s")
+    }
+    if selected.contains("dma") {
+      for live in [10, liveMappings] {
+        let pairs = try dmaPairs(client, live: live, pairs: min(20_000, max(2_000, n / 5)))
+        table.rate("DMA_MAP+DMA_UNMAP with fd, \(live) live", pairs, nil, unit: "pairs/s", target: "≥ 28 k pairs/s")
+      }
+    }
+    if selected.contains("rss") {
+      if let rss = try idleRSS() {
+        table.plain("idle RSS of `serve` (VRAM untouched)", String(format: "%.1f MiB", Double(rss) / 1024), target: "≤ 8 MiB")
+      }
+    }
+    if instructions {
+      if let perRead = try instructionsPerRead() {
+        table.plain("user-space instructions per 4-byte REGION_READ (callgrind)", "\(perRead)", target: "≤ 1,500")
+      } else {
+        table.plain("user-space instructions per 4-byte REGION_READ", "valgrind not installed", target: "")
+      }
+    }
+    print(table.render())
+  }
+
+  private func readOnce(_ client: VFIOUserClient, _ offset: UInt64, _ count: UInt32, region: UInt32 = 0) throws {
+    let id = try client.sendRegionRead(region: region, offset: offset, count: count)
+    try client.receiveRegionRead(id: id, into: BenchBuffer.shared.prefix(Int(count)))
+  }
+
+  private func measure(_ count: Int, _ body: () throws -> Void) throws -> [UInt64] {
+    for _ in 0..<min(2000, count) { try body() }
+    var samples = [UInt64](repeating: 0, count: count)
+    for i in 0..<count {
+      let start = now()
+      try body()
+      samples[i] = now() - start
+    }
+    return samples
+  }
+
+  private func pipelined(_ client: VFIOUserClient, _ offset: UInt64, depth: Int, count: Int) throws -> [UInt64] {
+    var ids: [UInt16] = []
+    for _ in 0..<depth { ids.append(try client.sendRegionRead(region: 0, offset: offset, count: 4)) }
+    var samples = [UInt64](repeating: 0, count: count)
+    var head = 0
+    for i in 0..<count {
+      let start = now()
+      ids.append(try client.sendRegionRead(region: 0, offset: offset, count: 4))
+      try client.receiveRegionRead(id: ids[head], into: BenchBuffer.shared.prefix(4))
+      head += 1
+      samples[i] = now() - start
+    }
+    while head < ids.count {
+      try client.receiveRegionRead(id: ids[head], into: BenchBuffer.shared.prefix(4))
+      head += 1
+    }
+    return samples
+  }
+
+  /// DMA_MAP + DMA_UNMAP pairs per second, each map sending a memfd, with `live` other windows mapped.
+  private func dmaPairs(_ client: VFIOUserClient, live: Int, pairs: Int) throws -> Double {
+    let fd = cvfu_memfd_create("bench-guest", 0)
+    defer { close(fd) }
+    ftruncate(fd, off_t(live + 1) * 4096)
+    if live > 30_000 { raiseMapCountIfNeeded(live + 10_000) }
+    let base: UInt64 = 1 << 32
+    for i in 0..<live {
+      try client.dmaMap(address: base + UInt64(i) * 8192, size: 4096, flags: 3, fd: fd, offset: UInt64(i) * 4096)
+    }
+    let probe = base + UInt64(live) * 8192
+    for _ in 0..<200 {
+      try client.dmaMap(address: probe, size: 4096, flags: 3, fd: fd, offset: 0)
+      try client.dmaUnmap(address: probe, size: 4096)
+    }
+    let start = now()
+    for _ in 0..<pairs {
+      try client.dmaMap(address: probe, size: 4096, flags: 3, fd: fd, offset: 0)
+      try client.dmaUnmap(address: probe, size: 4096)
+    }
+    let rate = Double(pairs) / (Double(now() - start) / 1e9)
+    try client.dmaUnmapAll()
+    return rate
+  }
+
+  private func raiseMapCountIfNeeded(_ wanted: Int) {
+    let path = "/proc/sys/vm/max_map_count"
+    guard let text = try? String(contentsOfFile: path, encoding: .utf8), let current = Int(text.trimmingCharacters(in: .whitespacesAndNewlines)),
+      current < wanted
+    else { return }
+    if (try? "\(wanted)\n".write(toFile: path, atomically: false, encoding: .utf8)) != nil {
+      print("(raised vm.max_map_count from \(current) to \(wanted): each fd-backed DMA window is one mapping)")
+    }
+  }
+
+  /// VmRSS of a freshly started `serve` child after one client negotiated.
+  private func idleRSS() throws -> Int? {
+    let path = "/tmp/xe-vfio-user-rss-\(getpid()).sock"
+    let child = Process()
+    child.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).standardizedFileURL
+    child.arguments = ["serve", "--socket-path", path, "--quiet", "--log-level", "error", "--vram-size", "\(vramSize.bytes)"]
+    try child.run()
+    defer {
+      child.interrupt()
+      child.waitUntilExit()
+    }
+    var client: VFIOUserClient?
+    for _ in 0..<500 where client == nil {
+      client = try? VFIOUserClient.connect(path: path)
+      if client == nil { usleep(10_000) }
+    }
+    guard let client else { return nil }
+    _ = try client.deviceInfo()
+    let status = try String(contentsOfFile: "/proc/\(child.processIdentifier)/status", encoding: .utf8)
+    let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") }
+    return line.flatMap { Int($0.split(separator: " ", omittingEmptySubsequences: true)[1]) }
+  }
+
+  /// Instructions per 4-byte read: callgrind totals of a `serve` child with 0 and with N reads.
+  private func instructionsPerRead() throws -> Int? {
+    guard FileManager.default.isExecutableFile(atPath: "/usr/bin/valgrind") else { return nil }
+    func run(reads: Int) throws -> Int {
+      let path = "/tmp/xe-vfio-user-cg-\(getpid()).sock"
+      let out = "/tmp/xe-vfio-user-cg-\(getpid()).out"
+      let child = Process()
+      child.executableURL = URL(fileURLWithPath: "/usr/bin/valgrind")
+      child.arguments = [
+        "--tool=callgrind", "--callgrind-out-file=\(out)", CommandLine.arguments[0], "serve", "--socket-path", path,
+        "--quiet", "--log-level", "error",
+      ]
+      child.standardError = FileHandle.nullDevice
+      try child.run()
+      var client: VFIOUserClient?
+      for _ in 0..<3000 where client == nil {
+        client = try? VFIOUserClient.connect(path: path)
+        if client == nil { usleep(20_000) }
+      }
+      guard let client else { throw ValidationError("valgrind'ed server did not start") }
+      for _ in 0..<reads { try readOnce(client, XeSimRegisters.vfSwFlag(0), 4) }
+      child.interrupt()
+      child.waitUntilExit()
+      let text = try String(contentsOfFile: out, encoding: .utf8)
+      try? FileManager.default.removeItem(atPath: out)
+      guard let line = text.split(separator: "\n").first(where: { $0.hasPrefix("totals:") || $0.hasPrefix("summary:") }),
+        let total = Int(line.split(separator: " ")[1])
+      else { throw ValidationError("no callgrind totals") }
+      return total
+    }
+    let reads = 20_000
+    let base = try run(reads: 0)
+    let loaded = try run(reads: reads)
+    return (loaded - base) / reads
+  }
+}
+
+/// One reusable receive area for the benchmark's reads.
+final class BenchBuffer: @unchecked Sendable {
+  static let shared = BenchBuffer()
+  let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: 2 << 20, alignment: 64)
+  func prefix(_ n: Int) -> UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(rebasing: bytes[0..<n]) }
+}
+
+struct ReportTable {
+  var rows: [[String]] = [["figure", "xe-vfio-user", "raw socket", "ratio", "target"]]
+
+  mutating func latency(_ name: String, _ ours: LatencySummary, _ floor: LatencySummary) {
+    rows.append([
+      "\(name) p50", String(format: "%.2f µs", ours.p50), String(format: "%.2f µs", floor.p50),
+      String(format: "%.3f×", ours.p50 / floor.p50), name.contains("READ") ? "≤ 1.06×" : "",
+    ])
+    rows.append([
+      "\(name) p99", String(format: "%.2f µs", ours.p99), String(format: "%.2f µs", floor.p99),
+      String(format: "%.3f×", ours.p99 / floor.p99), "",
+    ])
+    rows.append([
+      "\(name) ops/s", String(format: "%.0f", ours.opsPerSecond), String(format: "%.0f", floor.opsPerSecond),
+      String(format: "%.3f×", ours.opsPerSecond / floor.opsPerSecond), "",
+    ])
+  }
+
+  mutating func rate(_ name: String, _ ours: Double, _ floor: Double?, unit: String, target: String, extra: String? = nil) {
+    func fmt(_ v: Double) -> String {
+      unit == "B/s" ? String(format: "%.2f GB/s", v / 1e9) : String(format: "%.0f %@", v, unit)
+    }
+    rows.append([
+      name, fmt(ours), floor.map(fmt) ?? (extra ?? "-"), floor.map { String(format: "%.3f×", ours / $0) } ?? "-", target,
+    ])
+    if let extra, floor != nil { rows.append(["", "", extra, "", ""]) }
+  }
+
+  mutating func plain(_ name: String, _ value: String, target: String) {
+    rows.append([name, value, "-", "-", target])
+  }
+
+  func render() -> String {
+    let widths = (0..<5).map { c in rows.map { $0[c].count }.max() ?? 0 }
+    return rows.map { row in
+      row.enumerated().map { $1.padding(toLength: widths[$0] + 2, withPad: " ", startingAt: 0) }.joined()
+    }.joined(separator: "\n")
+  }
 }

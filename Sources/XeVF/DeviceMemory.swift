@@ -1,0 +1,70 @@
+import CVFIOUser
+import Glibc
+import SystemPackage
+
+/// The memory the DMA engine copies to and from: VRAM (BAR2) or, on profiles
+/// without VRAM, a small SRAM block reached through BAR0.
+///
+/// VRAM is a memfd mapped MAP_SHARED, so the client can map the same pages
+/// through the fd the region description carries. Nothing touches the pages
+/// at creation: they are allocated on first access and idle RSS stays small.
+/// Device memory survives resets and FLRs, a deliberate choice: the state a
+/// reset must restore is the register and config state, and keeping the
+/// contents lets tests see that a reset did not disturb memory the client
+/// maps. (The real PF's RESET_CONFIG step sanitizes the VF's resources and
+/// may scrub LMEM; punching a hole in the memfd would model that cheaply.)
+final class DeviceMemory {
+  let base: UnsafeMutableRawPointer
+  let size: UInt64
+  /// The memfd behind VRAM, or -1 for SRAM.
+  let fd: Int32
+
+  private init(base: UnsafeMutableRawPointer, size: UInt64, fd: Int32) {
+    self.base = base
+    self.size = size
+    self.fd = fd
+  }
+
+  /// `size` bytes of zeroed, shareable VRAM.
+  static func vram(size: UInt64, name: String) throws(Errno) -> DeviceMemory {
+    let fd = cvfu_memfd_create(name, 1)  // MFD_CLOEXEC (needs _GNU_SOURCE, not imported)
+    guard fd >= 0 else { throw Errno(rawValue: -fd) }
+    guard ftruncate(fd, off_t(size)) == 0 else {
+      let error = Errno(rawValue: errno)
+      close(fd)
+      throw error
+    }
+    let pointer = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+    guard let pointer, pointer != UnsafeMutableRawPointer(bitPattern: -1) else {
+      let error = Errno(rawValue: errno)
+      close(fd)
+      throw error
+    }
+    return DeviceMemory(base: pointer, size: size, fd: fd)
+  }
+
+  /// `size` bytes of zeroed private memory.
+  static func sram(size: UInt64) -> DeviceMemory {
+    let pointer = UnsafeMutableRawPointer.allocate(byteCount: Int(size), alignment: 4096)
+    pointer.initializeMemory(as: UInt8.self, repeating: 0, count: Int(size))
+    return DeviceMemory(base: pointer, size: size, fd: -1)
+  }
+
+  deinit {
+    if fd >= 0 {
+      munmap(base, Int(size))
+      close(fd)
+    } else {
+      base.deallocate()
+    }
+  }
+
+  func contains(offset: UInt64, length: UInt64) -> Bool {
+    offset <= size && length <= size - offset
+  }
+
+  /// The bytes at `offset`; the caller has checked `contains`.
+  func buffer(offset: UInt64, length: UInt64) -> UnsafeMutableRawBufferPointer {
+    UnsafeMutableRawBufferPointer(start: base + Int(offset), count: Int(length))
+  }
+}

@@ -1,0 +1,95 @@
+import VFIOUser
+
+/// The device side of MSI-X: the vector table and pending bits in BAR0.
+///
+/// A raised vector is delivered only while MSI-X is enabled, the function is
+/// not masked and the vector's own mask bit is clear; otherwise its pending
+/// bit is set and it is delivered (and the bit cleared) once all three allow
+/// it, as the PCI spec requires.
+struct MSIXState {
+  static let vectors = XeSimRegisters.msixVectors
+  static let tableBytes = UInt64(vectors) * XeSimRegisters.msixEntrySize
+
+  /// Four dwords per entry: address low, address high, data, vector control.
+  private(set) var table: [UInt32]
+  /// Bit n: vector n is pending.
+  private(set) var pending: UInt64 = 0
+
+  init() { table = Self.resetTable }
+
+  private static var resetTable: [UInt32] {
+    (0..<vectors * 4).map { $0 % 4 == 3 ? XeSimRegisters.msixVectorMasked : 0 }
+  }
+
+  mutating func reset() {
+    table = Self.resetTable
+    pending = 0
+  }
+
+  func isMasked(_ vector: Int) -> Bool {
+    table[vector * 4 + 3] & XeSimRegisters.msixVectorMasked != 0
+  }
+
+  /// `dword` indexes the table in 4-byte units.
+  func readTable(dword: Int) -> UInt32 { table[dword] }
+
+  /// Writes the bits of `mask`; only the mask bit of vector control is writable.
+  /// Returns true when a vector control changed (pending vectors may now go out).
+  mutating func writeTable(dword: Int, value: UInt32, mask: UInt32) -> Bool {
+    let writable = dword % 4 == 3 ? mask & XeSimRegisters.msixVectorMasked : mask
+    let old = table[dword]
+    table[dword] = old & ~writable | value & writable
+    return dword % 4 == 3 && old != table[dword]
+  }
+
+  /// The PBA dword `dword` (0 or 1).
+  func readPBA(dword: Int) -> UInt32 { UInt32(truncatingIfNeeded: pending >> (32 * UInt64(dword))) }
+
+  /// Raises `vector`; returns true when it must be delivered now, false when
+  /// it was left pending.
+  mutating func raise(_ vector: Int, functionOpen: Bool) -> Bool {
+    if functionOpen && !isMasked(vector) { return true }
+    pending |= 1 << UInt64(vector)
+    return false
+  }
+
+  /// Clears and returns the pending vectors that may be delivered now.
+  mutating func takeDeliverable(functionOpen: Bool) -> [UInt32] {
+    guard functionOpen, pending != 0 else { return [] }
+    var ready: [UInt32] = []
+    for vector in 0..<Self.vectors where pending & 1 << UInt64(vector) != 0 && !isMasked(vector) {
+      pending &= ~(1 << UInt64(vector))
+      ready.append(UInt32(vector))
+    }
+    return ready
+  }
+}
+
+extension SimulatedXeVF {
+  /// Raises MSI-X `vector` through the client's eventfd, or leaves it pending.
+  func raiseMSIX(_ vector: UInt32) {
+    guard vector < UInt32(MSIXState.vectors) else {
+      logger.warning(
+        "DMA completion asks for MSI-X vector \(vector), the device has \(MSIXState.vectors)")
+      return
+    }
+    if msix.raise(Int(vector), functionOpen: config.msixOpen) {
+      deliver(vector)
+    } else {
+      logger.trace("MSI-X vector \(vector) pending")
+    }
+  }
+
+  /// Sends the pending vectors that masking no longer holds back.
+  func deliverPendingMSIX() {
+    for vector in msix.takeDeliverable(functionOpen: config.msixOpen) { deliver(vector) }
+  }
+
+  private func deliver(_ vector: UInt32) {
+    guard let host else {
+      logger.debug("MSI-X vector \(vector) dropped: no client")
+      return
+    }
+    host.triggerInterrupt(index: VFIOPCIIRQ.msix, vector: vector)
+  }
+}

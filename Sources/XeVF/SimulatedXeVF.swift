@@ -1,0 +1,181 @@
+import Logging
+import SystemPackage
+import VFIOUser
+import VFIOUserServer
+
+/// A software Intel Xe SR-IOV VF: config space, BAR0 registers and GGTT
+/// window, VRAM as BAR2 (bmg), MSI-X, FLR, and a DMA engine that exercises
+/// the server's DMA and interrupt paths.
+///
+/// Not Sendable: one connection thread owns it, and every call, the host's
+/// deferred work and DMA completions included, arrives on that thread.
+public final class SimulatedXeVF: VFIODeviceBackend {
+  public let profile: XeProfile
+  /// Size of BAR2 (0 on profiles without VRAM).
+  public let vramSize: UInt64
+  var logger: Logger
+  /// VRAM, or the SRAM block on profiles without VRAM.
+  let memory: DeviceMemory
+  var config: ConfigSpace
+  var registers: RegisterFile
+  var msix = MSIXState()
+  var dma = DMAEngine()
+  /// Held strongly until the server detaches it (`attach(host: nil)` on hang-up).
+  var host: DeviceHost?
+  public private(set) var resetCount = 0
+
+  public let deviceFlags = VFIODeviceFlags.pci | VFIODeviceFlags.reset
+  public let regionCount = VFIOPCIRegion.count
+  public let irqCount = VFIOPCIIRQ.count
+
+  /// - Parameters:
+  ///   - vramSize: BAR2 size for profiles with VRAM: a power of two of at
+  ///     least 1 MiB (default `profile.defaultVRAMSize`). Must be nil or 0 for
+  ///     profiles without VRAM.
+  /// - Throws: EINVAL for a bad size, or the errno of memfd_create, ftruncate or mmap.
+  public init(
+    profile: XeProfile = .bmg, vramSize: UInt64? = nil,
+    logger: Logger = Logger(label: "xe-vfio-user.xe-vf")
+  ) throws(Errno) {
+    self.profile = profile
+    self.logger = logger
+    self.logger[metadataKey: "xe-vf"] = "\(profile.name)"
+    if profile.hasVRAM {
+      let size = vramSize ?? profile.defaultVRAMSize
+      guard size >= 1 << 20, size.nonzeroBitCount == 1 else { throw .invalidArgument }
+      self.vramSize = size
+      memory = try DeviceMemory.vram(size: size, name: "xe-vf-\(profile.name)-vram")
+    } else {
+      guard vramSize ?? 0 == 0 else { throw .invalidArgument }
+      self.vramSize = 0
+      memory = DeviceMemory.sram(size: XeSimRegisters.sramSize)
+    }
+    config = ConfigSpace(profile: profile, bar2Size: self.vramSize)
+    registers = RegisterFile(profile: profile)
+  }
+
+  // MARK: Description
+
+  public func region(_ index: UInt32) -> RegionDescription? {
+    switch index {
+    case VFIOPCIRegion.bar0:
+      return RegionDescription(index: index, size: XeSimRegisters.bar0Size)
+    case VFIOPCIRegion.bar2 where vramSize > 0:
+      return RegionDescription(
+        index: index, size: vramSize, mmap: MmapSource(fd: memory.fd, offset: 0),
+        sparseAreas: [SparseMmapArea(offset: 0, size: vramSize)])
+    case VFIOPCIRegion.config:
+      return RegionDescription(index: index, size: UInt64(XePCIConfig.size))
+    case 0..<regionCount:
+      // BAR1 and BAR3 are the upper halves of 64-bit BARs; BAR4, BAR5, ROM and VGA are absent.
+      return RegionDescription(index: index, size: 0, readable: false, writable: false)
+    default:
+      return nil
+    }
+  }
+
+  public func irq(_ index: UInt32) -> IRQDescription? {
+    let eventfd = VFIOIRQInfoFlags.eventfd
+    switch index {
+    // SR-IOV VFs have no INTx and this one no MSI capability.
+    case VFIOPCIIRQ.intx, VFIOPCIIRQ.msi:
+      return IRQDescription(index: index, count: 0, flags: eventfd)
+    case VFIOPCIIRQ.msix:
+      return IRQDescription(index: index, count: UInt32(MSIXState.vectors), flags: eventfd)
+    case VFIOPCIIRQ.err, VFIOPCIIRQ.req:
+      return IRQDescription(index: index, count: 1, flags: eventfd)
+    default: return nil
+    }
+  }
+
+  // MARK: Access
+
+  public func read(region: UInt32, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer)
+    throws(Errno)
+  {
+    switch region {
+    case VFIOPCIRegion.config:
+      try ConfigSpace.validate(offset: offset, count: buffer.count, isWrite: false)
+      config.read(offset: Int(offset), into: buffer)
+    case VFIOPCIRegion.bar0:
+      try readBAR0(offset: offset, into: buffer)
+    case VFIOPCIRegion.bar2 where vramSize > 0:
+      try checkVRAM(offset: offset, count: buffer.count)
+      buffer.copyMemory(
+        from: UnsafeRawBufferPointer(memory.buffer(offset: offset, length: UInt64(buffer.count))))
+    default:
+      throw .invalidArgument
+    }
+  }
+
+  public func write(region: UInt32, offset: UInt64, from buffer: UnsafeRawBufferPointer)
+    throws(Errno)
+  {
+    switch region {
+    case VFIOPCIRegion.config:
+      try ConfigSpace.validate(offset: offset, count: buffer.count, isWrite: true)
+      let effects = config.write(offset: Int(offset), from: buffer)
+      if effects.contains(.flr) {
+        functionLevelReset(reason: "PCIe FLR")
+      } else if effects.contains(.msixControl) {
+        deliverPendingMSIX()
+      }
+    case VFIOPCIRegion.bar0:
+      try writeBAR0(offset: offset, from: buffer)
+    case VFIOPCIRegion.bar2 where vramSize > 0:
+      try checkVRAM(offset: offset, count: buffer.count)
+      memory.buffer(offset: offset, length: UInt64(buffer.count)).copyMemory(from: buffer)
+    default:
+      throw .invalidArgument
+    }
+  }
+
+  private func checkVRAM(offset: UInt64, count: Int) throws(Errno) {
+    guard memory.contains(offset: offset, length: UInt64(count)) else { throw .invalidArgument }
+  }
+
+  // MARK: Lifecycle
+
+  public func reset() throws(Errno) { functionLevelReset(reason: "DEVICE_RESET") }
+
+  public func attach(host: DeviceHost?) {
+    self.host = host
+    logger.debug("\(host == nil ? "client detached" : "client attached")")
+  }
+
+  /// What both DEVICE_RESET and a config-space FLR do: config space, BAR0
+  /// registers, GGTT, MSI-X table and PBA back to their reset values, and the
+  /// DMA engine idle in a new generation so late completions are ignored.
+  /// Device memory keeps its contents (see `DeviceMemory`).
+  func functionLevelReset(reason: String) {
+    config.reset()
+    registers.reset()
+    msix.reset()
+    dma.reset()
+    resetCount += 1
+    logger.debug("\(reason): function reset")
+  }
+
+  // MARK: Inspection (tests, CLI)
+
+  /// The memfd behind BAR2, or nil without VRAM.
+  public var vramFD: Int32? { vramSize > 0 ? memory.fd : nil }
+  /// Bytes of device memory the DMA engine reaches (VRAM, or SRAM without VRAM).
+  public var deviceMemorySize: UInt64 { memory.size }
+  /// Scratch register `index` (0..<4) of GT `gt` (0 primary, 1 media).
+  public func scratch(gt: Int, index: Int) -> UInt32 { registers.scratch[gt][index] }
+  /// Runs `body` on the device memory: VRAM, or the SRAM block without VRAM.
+  public func withDeviceMemory<R, E: Error>(_ body: (UnsafeMutableRawBufferPointer) throws(E) -> R)
+    throws(E) -> R
+  {
+    try body(memory.buffer(offset: 0, length: memory.size))
+  }
+  /// The DMA engine's STATUS register.
+  public var dmaStatus: UInt32 { dma.status }
+  /// The DMA engine's COMPLETED register.
+  public var dmaCompleted: UInt32 { dma.completed }
+  /// The MSI-X pending bits.
+  public var msixPending: UInt64 { msix.pending }
+  /// The config space Command register.
+  public var command: UInt16 { config.command }
+}
