@@ -78,6 +78,8 @@ public struct Capabilities: Equatable, Sendable {
     let bytes = Array(json.utf8)
     guard let tokener = json_tokener_new() else { throw .malformedJSON("out of memory") }
     defer { json_tokener_free(tokener) }
+    // Strict RFC 8259: no comments, trailing commas, leading zeros or bare words.
+    json_tokener_set_flags(tokener, JSON_TOKENER_STRICT)
     let root: OpaquePointer? = bytes.withUnsafeBufferPointer { buffer in
       buffer.withMemoryRebound(to: CChar.self) {
         json_tokener_parse_ex(tokener, $0.baseAddress, Int32($0.count))
@@ -87,7 +89,9 @@ public struct Capabilities: Equatable, Sendable {
       let err = json_tokener_get_error(tokener)
       let text = json_tokener_error_desc(err).map { String(cString: $0) } ?? "parse error"
       // A document cut short parses as "continue": report it as truncated.
-      throw .malformedJSON(err == json_tokener_continue ? "truncated" : text)
+      if err == json_tokener_continue { throw .malformedJSON("truncated") }
+      if hasTrailingBytes(bytes) { throw .malformedJSON("trailing bytes after the JSON value") }
+      throw .malformedJSON(text)
     }
     defer { json_object_put(root) }
     guard json_tokener_get_parse_end(tokener) == bytes.count else {
@@ -135,6 +139,18 @@ public struct Capabilities: Equatable, Sendable {
       }
     }
     return caps
+  }
+
+  /// Whether `bytes` is one complete JSON value followed by more bytes (for a clearer message).
+  private static func hasTrailingBytes(_ bytes: [UInt8]) -> Bool {
+    guard let tokener = json_tokener_new() else { return false }
+    defer { json_tokener_free(tokener) }
+    let value: OpaquePointer? = bytes.withUnsafeBufferPointer { buffer in
+      buffer.withMemoryRebound(to: CChar.self) { json_tokener_parse_ex(tokener, $0.baseAddress, Int32($0.count)) }
+    }
+    guard let value else { return false }
+    json_object_put(value)
+    return json_tokener_get_parse_end(tokener) < bytes.count
   }
 
   private static func entries(of object: OpaquePointer) -> [(String, OpaquePointer?)] {

@@ -6,6 +6,12 @@ import VFIOUser
 /// not masked and the vector's own mask bit is clear; otherwise its pending
 /// bit is set and it is delivered (and the bit cleared) once all three allow
 /// it, as the PCI spec requires.
+///
+/// QEMU's vfio-user client emulates the MSI-X table itself: it never writes
+/// the device's copy, and masks vectors by re-pointing their eventfds through
+/// SET_IRQS. So the per-vector mask bits here count only once a client has
+/// written the table since the last reset; until then (the QEMU case) masking
+/// is the client's business and only enable and function mask apply.
 struct MSIXState {
   static let vectors = XeSimRegisters.msixVectors
   static let tableBytes = UInt64(vectors) * XeSimRegisters.msixEntrySize
@@ -14,6 +20,8 @@ struct MSIXState {
   private(set) var table: [UInt32]
   /// Bit n: vector n is pending.
   private(set) var pending: UInt64 = 0
+  /// Whether the client drives this table (it wrote it since the last reset).
+  private(set) var clientDrivesTable = false
 
   init() { table = Self.resetTable }
 
@@ -24,10 +32,11 @@ struct MSIXState {
   mutating func reset() {
     table = Self.resetTable
     pending = 0
+    clientDrivesTable = false
   }
 
   func isMasked(_ vector: Int) -> Bool {
-    table[vector * 4 + 3] & XeSimRegisters.msixVectorMasked != 0
+    clientDrivesTable && table[vector * 4 + 3] & XeSimRegisters.msixVectorMasked != 0
   }
 
   /// `dword` indexes the table in 4-byte units.
@@ -37,9 +46,11 @@ struct MSIXState {
   /// Returns true when a vector control changed (pending vectors may now go out).
   mutating func writeTable(dword: Int, value: UInt32, mask: UInt32) -> Bool {
     let writable = dword % 4 == 3 ? mask & XeSimRegisters.msixVectorMasked : mask
+    let wasDriven = clientDrivesTable
+    clientDrivesTable = true
     let old = table[dword]
     table[dword] = old & ~writable | value & writable
-    return dword % 4 == 3 && old != table[dword]
+    return (dword % 4 == 3 && old != table[dword]) || !wasDriven
   }
 
   /// The PBA dword `dword` (0 or 1).

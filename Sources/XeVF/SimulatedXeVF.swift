@@ -74,19 +74,25 @@ public final class SimulatedXeVF: VFIODeviceBackend {
     }
   }
 
+  /// Counts and flags as vfio-pci reports them for a VF: INTx is maskable and
+  /// automasked but has no vector (pin 0), MSI has none (no capability), MSI-X
+  /// resizes dynamically (no NORESIZE), ERR and REQ have one vector each.
   public func irq(_ index: UInt32) -> IRQDescription? {
     let eventfd = VFIOIRQInfoFlags.eventfd
     switch index {
-    // SR-IOV VFs have no INTx and this one no MSI capability.
-    case VFIOPCIIRQ.intx, VFIOPCIIRQ.msi:
-      return IRQDescription(index: index, count: 0, flags: eventfd)
+    case VFIOPCIIRQ.intx:
+      return IRQDescription(
+        index: index, count: 0, flags: eventfd | VFIOIRQInfoFlags.maskable | VFIOIRQInfoFlags.automasked)
+    case VFIOPCIIRQ.msi:
+      return IRQDescription(index: index, count: 0, flags: eventfd | VFIOIRQInfoFlags.noresize)
     case VFIOPCIIRQ.msix:
       return IRQDescription(index: index, count: UInt32(MSIXState.vectors), flags: eventfd)
     case VFIOPCIIRQ.err, VFIOPCIIRQ.req:
-      return IRQDescription(index: index, count: 1, flags: eventfd)
+      return IRQDescription(index: index, count: 1, flags: eventfd | VFIOIRQInfoFlags.noresize)
     default: return nil
     }
   }
+
 
   // MARK: Access
 

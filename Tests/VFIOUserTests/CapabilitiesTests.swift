@@ -244,3 +244,14 @@ func notJSONThrows(_ text: String) {
     #expect(error.caseName == "malformedJSON", "\(text.debugDescription): \(error)")
   }
 }
+
+/// json-c runs in strict mode: forms its default mode tolerates are refused.
+@Test(arguments: [
+  #"{"capabilities":{"max_msg_fds":8,}}"#,
+  #"{"capabilities":{/* c */"max_msg_fds":8}}"#,
+  #"{"capabilities":{"max_msg_fds":016}}"#,
+  #"{"capabilities":{"write_multiple":True}}"#,
+])
+func lenientJSONIsRefused(_ json: String) {
+  #expect(throws: Capabilities.ParseError.self) { try Capabilities.parse(json: json) }
+}
