@@ -176,6 +176,7 @@ extension VFIOUserClient {
 
   /// Receives the reply to a REGION_READ sent with `sendRegionRead`, copying its data to `into`.
   public func receiveRegionRead(id: UInt16, into: UnsafeMutableRawBufferPointer) throws(VFIOUserClientError) {
+    if into.count >= 64 * 1024 { return try receiveLargeRegionRead(id: id, into: into) }
     let result: ReceiveResult
     do throws(Errno) { result = try channel.receive() } catch { throw .system(error) }
     guard case .message(var message) = result else { throw .disconnected }
@@ -189,6 +190,22 @@ extension VFIOUserClient {
       throw .protocolViolation("REGION_READ reply size")
     }
     into.copyMemory(from: UnsafeRawBufferPointer(rebasing: message.payload[RegionAccessHeader.size...]))
+  }
+
+  /// Large replies land straight in `into` instead of passing through the receive buffer.
+  private func receiveLargeRegionRead(id: UInt16, into: UnsafeMutableRawBufferPointer) throws(VFIOUserClientError) {
+    let head = UnsafeMutableRawBufferPointer(rebasing: requestScratch[32..<48])
+    let received: MessageHeader?
+    do throws(Errno) {
+      received = try channel.receiveDirect(head: head, data: into)
+    } catch {
+      throw error == .protocolError ? .protocolViolation("REGION_READ reply size") : .system(error)
+    }
+    guard let header = received else { throw .disconnected }
+    guard header.messageID == id, header.command == Command.regionRead.rawValue, header.isReply else {
+      throw .protocolViolation("reply id \(header.messageID) for \(id)")
+    }
+    if header.isError { throw .server(Errno(rawValue: Int32(bitPattern: header.error)), command: header.command) }
   }
 
   /// Sends a REGION_WRITE of `data` without waiting; returns its message id.

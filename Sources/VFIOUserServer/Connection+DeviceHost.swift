@@ -105,6 +105,7 @@ extension Connection: DeviceHost {
       }
     }
     outstanding[job.requestID] = job
+    flush()  // replies already queued go first
     do throws(Errno) {
       try channel.send(bytes: head)
     } catch {

@@ -9,7 +9,7 @@ import VFIOUserSocket
 extension Connection {
   /// Handles one command. Returns non-nil when the connection must close.
   /// Each handler decodes and validates (the codec), acts on the device,
-  /// and writes its reply payload at tx[16...]; errors become error replies.
+  /// and writes its reply payload in `replyArea`; errors become error replies.
   func dispatch(_ message: inout ReceivedMessage) -> ConnectionEnd? {
     let header = message.header
     guard header.hasValidType else {
@@ -38,7 +38,9 @@ extension Connection {
       if !message.fds.isEmpty, command != .dmaMap, command != .deviceSetIRQs { throw .invalidArgument }
       let size: Int
       switch command {
-      case .regionRead: size = try regionRead(payload)
+      case .regionRead:
+        guard let n = try regionRead(payload, header: header) else { return nil }  // already sent
+        size = n
       case .regionWrite: size = try regionWrite(payload)
       case .regionWriteMulti: size = try regionWriteMulti(payload)
       case .dmaMap: size = try dmaMap(payload, fds: &message.fds)
@@ -104,7 +106,7 @@ extension Connection {
     dmaLayout = limits.dmaLayout ?? (caps.migration != nil ? .qemu : .spec)
     let reply = VersionPayload(major: 0, minor: 0, json: limits.offer(to: caps).json())
     let size = reply.encodedSize
-    reply.encode(into: UnsafeMutableRawBufferPointer(rebasing: tx[MessageHeader.size...]))
+    reply.encode(into: replyArea)
     negotiated = true
     channel.maxMessageSize = limits.maxMessageSize
     logger.info(
@@ -133,16 +135,25 @@ extension Connection {
     guard !overflow, end <= description.size else { throw .invalidArgument }
   }
 
-  func regionRead(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
+  func regionRead(_ payload: UnsafeRawBufferPointer, header: MessageHeader) throws(Errno) -> Int? {
     guard payload.count == RegionAccessHeader.size else { throw .invalidArgument }
     let access = try RegionAccessHeader(decoding: payload)
     try checkAccess(region: access.region, offset: access.offset, count: access.count, write: false)
-    let out = UnsafeMutableRawBufferPointer(rebasing: tx[MessageHeader.size...])
+    let out = replyArea
+    access.encode(into: out)
+    let count = Int(access.count)
+    if count >= Self.directReadThreshold, header.wantsReply, let memory = backend.directMemory(region: access.region) {
+      // Large reads of plain memory leave straight from it: no copy into the reply buffer.
+      let start = Int(access.offset)
+      sendReply(
+        to: header, payloadSize: RegionAccessHeader.size,
+        extra: UnsafeRawBufferPointer(rebasing: memory[start..<(start + count)]))
+      return nil
+    }
     try backend.read(
       region: access.region, offset: access.offset,
-      into: UnsafeMutableRawBufferPointer(rebasing: out[RegionAccessHeader.size..<(RegionAccessHeader.size + Int(access.count))]))
-    access.encode(into: out)
-    return RegionAccessHeader.size + Int(access.count)
+      into: UnsafeMutableRawBufferPointer(rebasing: out[RegionAccessHeader.size..<(RegionAccessHeader.size + count)]))
+    return RegionAccessHeader.size + count
   }
 
   func regionWrite(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
@@ -152,7 +163,7 @@ extension Connection {
     try backend.write(
       region: access.region, offset: access.offset,
       from: UnsafeRawBufferPointer(rebasing: payload[RegionAccessHeader.size...]))
-    access.encode(into: UnsafeMutableRawBufferPointer(rebasing: tx[MessageHeader.size...]))
+    access.encode(into: replyArea)
     return RegionAccessHeader.size
   }
 
@@ -170,7 +181,7 @@ extension Connection {
         region: region, offset: offset,
         from: UnsafeRawBufferPointer(rebasing: payload[(base + 16)..<(base + 16 + Int(n))]))
     }
-    tx.storeBytes(of: UInt64(count), toByteOffset: MessageHeader.size, as: UInt64.self)
+    replyArea.storeBytes(of: UInt64(count), as: UInt64.self)
     return 8
   }
 
@@ -200,7 +211,7 @@ extension Connection {
       // QEMU checks cap_offset lies within argsz even in a short reply, then asks again.
       info.capOffset = UInt32(RegionInfoPayload.fixedSize)
     }
-    let out = UnsafeMutableRawBufferPointer(rebasing: tx[MessageHeader.size...])
+    let out = replyArea
     if Int(request.argsz) < full {
       var short = info
       short.capabilities = []
@@ -222,7 +233,7 @@ extension Connection {
     else { throw .invalidArgument }
     // No sub-region of this device is served by an ioeventfd: the empty set.
     RegionIOFDsPayload(argsz: 16, index: request.index).encode(
-      into: UnsafeMutableRawBufferPointer(rebasing: tx[MessageHeader.size...]))
+      into: replyArea)
     return RegionIOFDsPayload.fixedSize
   }
 
@@ -234,7 +245,7 @@ extension Connection {
     DeviceInfoPayload(
       argsz: UInt32(DeviceInfoPayload.size), flags: backend.deviceFlags, numRegions: backend.regionCount,
       numIRQs: backend.irqCount
-    ).encode(into: UnsafeMutableRawBufferPointer(rebasing: tx[MessageHeader.size...]))
+    ).encode(into: replyArea)
     return DeviceInfoPayload.size
   }
 
@@ -246,7 +257,7 @@ extension Connection {
     let description = irqs.indexes[Int(request.index)].description
     IRQInfoPayload(
       argsz: UInt32(IRQInfoPayload.size), flags: description.flags, index: request.index, count: description.count
-    ).encode(into: UnsafeMutableRawBufferPointer(rebasing: tx[MessageHeader.size...]))
+    ).encode(into: replyArea)
     return IRQInfoPayload.size
   }
 
@@ -329,7 +340,7 @@ extension Connection {
       backend.dmaUnmapped(region)
     }
     stats.update { $0.dmaRegions = dma.count }
-    request.encode(into: UnsafeMutableRawBufferPointer(rebasing: tx[MessageHeader.size...]))
+    request.encode(into: replyArea)
     return DMAUnmapPayload.size
   }
 }

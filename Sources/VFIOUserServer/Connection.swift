@@ -33,8 +33,14 @@ final class Connection {
   var irqs: IRQTable
   var regions: [RegionDescription?]
 
-  /// Reply buffer: header, fixed reply fields, then up to maxDataXferSize of data.
+  /// Reply buffer. Replies to pipelined requests queue up at its front
+  /// (`txUsed` bytes) and leave in one sendmsg once no request is buffered.
   let tx: UnsafeMutableRawBufferPointer
+  var txUsed = 0
+  /// Queued reply bytes beyond which the queue is flushed before the next request.
+  static let coalesceLimit = 64 * 1024
+  /// Reads at least this large go out straight from device memory when the backend allows.
+  static let directReadThreshold = 16 * 1024
   var deferred: [() -> Void] = []
   var shuttingDown: Bool { stats.snapshot.stopping }
 
@@ -53,7 +59,7 @@ final class Connection {
     channel = MessageChannel(
       fd: fd, capacity: limits.maxMessageSize + 64 * 1024, maxMessageSize: ServerLimits.maxVersionMessage)
     channel.maxFDs = Int(limits.maxMsgFDs)
-    tx = .allocate(byteCount: limits.maxMessageSize + 64, alignment: 16)
+    tx = .allocate(byteCount: limits.maxMessageSize + Self.coalesceLimit + 64, alignment: 16)
     dma = DMATable(pageSize: limits.pgsizes, limit: Int(limits.maxDMAMaps))
     irqs = IRQTable((0..<backend.irqCount).map { backend.irq($0) ?? IRQDescription(index: $0, count: 0, flags: 0) })
     regions = (0..<backend.regionCount).map { backend.region($0) }
@@ -88,10 +94,12 @@ final class Connection {
           handleReply(message)
         } else if let end = dispatch(&message) {
           message.fds.closeAll()
+          flush()
           return end
         }
         message.fds.closeAll()
         runDeferredWork()
+        if txUsed > Self.coalesceLimit || !channel.hasBufferedMessage { flush() }
       }
     }
   }
@@ -121,23 +129,47 @@ final class Connection {
 
   // MARK: Sending
 
-  /// Sends the reply whose payload (`payloadSize` bytes) the handler wrote at tx[16...].
+  /// Where the handler of the current request writes its reply payload.
+  var replyArea: UnsafeMutableRawBufferPointer {
+    UnsafeMutableRawBufferPointer(rebasing: tx[(txUsed + MessageHeader.size)...])
+  }
+
+  /// Queues the reply whose payload (`payloadSize` bytes) the handler wrote in
+  /// `replyArea`. A reply with a descriptor or with `extra` bytes goes out at
+  /// once, after the queue.
   func sendReply(to request: MessageHeader, payloadSize: Int, fd: Int32 = -1, extra: UnsafeRawBufferPointer? = nil) {
-    let total = MessageHeader.size + payloadSize + (extra?.count ?? 0)
+    let length = MessageHeader.size + payloadSize
     MessageHeader(
-      messageID: request.messageID, command: request.command, size: UInt32(total),
+      messageID: request.messageID, command: request.command, size: UInt32(length + (extra?.count ?? 0)),
       flags: MessageHeader.typeReply
-    ).encode(into: tx)
-    let head = UnsafeRawBufferPointer(rebasing: tx[0..<(MessageHeader.size + payloadSize)])
+    ).encode(into: UnsafeMutableRawBufferPointer(rebasing: tx[txUsed...]))
+    guard fd >= 0 || extra != nil else {
+      txUsed += length
+      return
+    }
+    let reply = UnsafeRawBufferPointer(rebasing: tx[txUsed..<(txUsed + length)])
+    flush()
     do {
-      let tail = extra ?? UnsafeRawBufferPointer(start: nil, count: 0)
-      if fd >= 0 { try channel.send(head, tail, fd: fd) } else { try channel.send(head, tail) }
+      try channel.send(reply, extra ?? UnsafeRawBufferPointer(start: nil, count: 0), fd: fd)
     } catch {
       logger.debug("reply to \(request.messageID) not sent: \(error)")
     }
   }
 
+  /// Sends the queued replies.
+  func flush() {
+    guard txUsed > 0 else { return }
+    let queued = UnsafeRawBufferPointer(rebasing: tx[0..<txUsed])
+    txUsed = 0
+    do {
+      try channel.send(queued)
+    } catch {
+      logger.debug("replies not sent: \(error)")
+    }
+  }
+
   func sendError(to request: MessageHeader, _ errno: Errno) {
+    flush()
     var header = [UInt8](repeating: 0, count: MessageHeader.size)
     header.withUnsafeMutableBytes { request.errorReply(errno).encode(into: $0) }
     do {

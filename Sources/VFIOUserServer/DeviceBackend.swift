@@ -124,6 +124,11 @@ public protocol VFIODeviceBackend: AnyObject {
   func read(region: UInt32, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(Errno)
   func write(region: UInt32, offset: UInt64, from buffer: UnsafeRawBufferPointer) throws(Errno)
 
+  /// The bytes of `region` when it is plain memory without side effects on
+  /// read (VRAM): large REGION_READ replies are then sent straight from it
+  /// with no copy. nil (the default) routes every read through `read`.
+  func directMemory(region: UInt32) -> UnsafeRawBufferPointer?
+
   /// VFIO_USER_DEVICE_RESET (a function-level reset).
   func reset() throws(Errno)
 
@@ -137,6 +142,7 @@ public protocol VFIODeviceBackend: AnyObject {
 }
 
 extension VFIODeviceBackend {
+  public func directMemory(region: UInt32) -> UnsafeRawBufferPointer? { nil }
   public func irqsChanged(_ configuration: IRQConfiguration) throws(Errno) {}
   public func dmaMapped(_ region: DMARegion) throws(Errno) {}
   public func dmaUnmapped(_ region: DMARegion) {}

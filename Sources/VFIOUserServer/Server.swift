@@ -153,6 +153,9 @@ public final class VFIOUserServer: Sendable {
       $0.connectionsServed += 1
     }
     activeSocket.withLock { $0 = client }
+    // Room for two of the largest messages each way, so a 1 MiB reply is one
+    // sendmsg rather than a dozen wake-ups (the kernel caps it at wmem_max).
+    _ = cvfu_socket_buffers(client, Int32(clamping: 2 * limits.maxMessageSize))
     let done = DispatchSemaphore(value: 0)
     let thread = Thread { [self, connectionLogger] in
       connectionThreadSetup?()

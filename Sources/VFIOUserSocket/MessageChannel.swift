@@ -165,6 +165,59 @@ public final class MessageChannel {
     }
   }
 
+  /// Receives the next message when its layout is known: `head` bytes of
+  /// fixed payload, then data copied straight into `data` (the large
+  /// REGION_READ reply path: the bulk skips the receive buffer). Returns the
+  /// header; an error reply (header only) leaves `head` and `data` untouched.
+  /// A message of any other size is discarded and reported as EPROTO.
+  public func receiveDirect(head: UnsafeMutableRawBufferPointer, data: UnsafeMutableRawBufferPointer)
+    throws(Errno) -> MessageHeader?
+  {
+    while end - start < MessageHeader.size + head.count {
+      if end - start >= MessageHeader.size,
+        UnsafeRawBufferPointer(buffer).loadUnaligned(fromByteOffset: start + 4, as: UInt32.self) == UInt32(MessageHeader.size)
+      {
+        break  // an error reply: header only
+      }
+      if start + MessageHeader.size + head.count > buffer.count { compact() }
+      guard try fill() else { return nil }
+    }
+    let header = try MessageHeader(framing: UnsafeRawBufferPointer(rebasing: buffer[start..<end]))
+    var fds = takeFDs(
+      messageStart: streamBase + UInt64(start), messageEnd: streamBase + UInt64(start) + UInt64(header.size))
+    fds.closeAll()
+    if header.size == UInt32(MessageHeader.size) {
+      start += MessageHeader.size
+      return header
+    }
+    guard Int(header.size) == MessageHeader.size + head.count + data.count else {
+      if Int(header.size) <= end - start {
+        start += Int(header.size)
+      } else {
+        discardRemaining = UInt64(Int(header.size) - (end - start))
+        start = end
+      }
+      throw .protocolError
+    }
+    start += MessageHeader.size
+    head.copyMemory(from: UnsafeRawBufferPointer(rebasing: buffer[start..<(start + head.count)]))
+    start += head.count
+    let buffered = min(end - start, data.count)
+    data.copyMemory(from: UnsafeRawBufferPointer(rebasing: buffer[start..<(start + buffered)]))
+    start += buffered
+    var got = buffered
+    while got < data.count {
+      let n = recv(fd, data.baseAddress! + got, data.count - got, 0)
+      if n == 0 { return nil }
+      if n < 0 {
+        if errno == EINTR { continue }
+        throw Errno(rawValue: errno)
+      }
+      got += n
+    }
+    return header
+  }
+
   /// Descriptors of the message at [messageStart, messageEnd) if it is the
   /// last message beginning inside the recvmsg chunk that carried them.
   private func takeFDs(messageStart: UInt64, messageEnd: UInt64) -> FDList {

@@ -114,6 +114,12 @@ public final class SimulatedXeVF: VFIODeviceBackend {
     }
   }
 
+  /// VRAM reads have no side effects, so large ones may leave straight from it.
+  public func directMemory(region: UInt32) -> UnsafeRawBufferPointer? {
+    guard region == VFIOPCIRegion.bar2, vramSize > 0 else { return nil }
+    return UnsafeRawBufferPointer(start: memory.base, count: Int(vramSize))
+  }
+
   public func write(region: UInt32, offset: UInt64, from buffer: UnsafeRawBufferPointer)
     throws(Errno)
   {

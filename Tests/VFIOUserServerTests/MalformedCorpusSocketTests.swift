@@ -1,0 +1,464 @@
+import CVFIOUser
+import Foundation
+import SystemPackage
+import Testing
+import VFIOUser
+import VFIOUserClient
+import VFIOUserServer
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+// Drives every entry of protocol/malformed.json through a running server over a
+// real Unix socket and checks the server's reaction against the entry's `expect`.
+// The codec tests (Tests/VFIOUserTests) check the layers below; these check what
+// a client actually sees on the wire: the error reply, the hang-up, or silence,
+// and that the server keeps serving afterwards without leaking state.
+
+struct SocketCorpusError: Error, CustomStringConvertible {
+  var description: String
+  init(_ description: String) { self.description = description }
+}
+
+/// Parses lowercase or uppercase hex without separators.
+func socketCorpusBytes(hex: String) throws -> [UInt8] {
+  func nibble(_ digit: UInt8) -> UInt8? {
+    switch digit {
+    case UInt8(ascii: "0")...UInt8(ascii: "9"): digit - UInt8(ascii: "0")
+    case UInt8(ascii: "a")...UInt8(ascii: "f"): digit - UInt8(ascii: "a") + 10
+    case UInt8(ascii: "A")...UInt8(ascii: "F"): digit - UInt8(ascii: "A") + 10
+    default: nil
+    }
+  }
+  let digits = Array(hex.utf8)
+  guard digits.count.isMultiple(of: 2) else { throw SocketCorpusError("odd number of hex digits") }
+  var bytes: [UInt8] = []
+  bytes.reserveCapacity(digits.count / 2)
+  var index = 0
+  while index < digits.count {
+    guard let high = nibble(digits[index]), let low = nibble(digits[index + 1]) else {
+      throw SocketCorpusError("not hex: \(hex.prefix(32))")
+    }
+    bytes.append(high << 4 | low)
+    index += 2
+  }
+  return bytes
+}
+
+/// The header fields of raw message bytes, as far as the bytes reach.
+struct RawHeader: Sendable {
+  var messageID: UInt16
+  var command: UInt16
+  /// The size the header declares, or nil when fewer than 8 bytes are present.
+  var declaredSize: UInt32?
+
+  init(_ bytes: [UInt8]) {
+    func byte(_ i: Int) -> UInt32 { i < bytes.count ? UInt32(bytes[i]) : 0 }
+    messageID = UInt16(byte(0) | byte(1) << 8)
+    command = UInt16(byte(2) | byte(3) << 8)
+    declaredSize = bytes.count >= 8 ? byte(4) | byte(5) << 8 | byte(6) << 16 | byte(7) << 24 : nil
+  }
+}
+
+/// One entry of protocol/malformed.json (see protocol/README.md for the format).
+struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
+  var name: String
+  var hex: String
+  var expect: String
+  var layer: String
+  var afterVersion: Bool
+  var note: String
+  var parseError: String?
+  /// Valid messages to send first; each must succeed.
+  var setup: [String]?
+  /// Descriptors to send with the message (SCM_RIGHTS).
+  var fds: Int?
+  /// `hex` is only the head: pad with zeros up to the header's size.
+  var fillToSize: Bool?
+  /// The reaction of a device without migration support, where it differs.
+  var expectNoMigration: String?
+
+  enum CodingKeys: String, CodingKey {
+    case name, hex, expect, layer, note, setup, fds
+    case afterVersion = "after_version"
+    case parseError = "parse_error"
+    case fillToSize = "fill_to_size"
+    case expectNoMigration = "expect_no_migration"
+  }
+
+  var testDescription: String { name }
+
+  /// What this server must do: its test device has no migration support.
+  var expectation: String { expectNoMigration ?? expect }
+
+  /// The errno of the expected error reply, or nil for "disconnect" and "no-reply".
+  var expectedErrno: Errno? {
+    let name =
+      expectation.hasSuffix("+disconnect")
+      ? String(expectation.dropLast("+disconnect".count)) : expectation
+    return Errno(name: name)
+  }
+
+  /// "EINVAL+disconnect": an error reply, then the server hangs up.
+  var disconnectsAfterError: Bool { expectation.hasSuffix("+disconnect") }
+
+  /// The message as sent: `hex`, zero-padded to the header's size for `fill_to_size`.
+  func message() throws -> [UInt8] {
+    var bytes = try socketCorpusBytes(hex: hex)
+    if fillToSize == true, let size = RawHeader(bytes).declaredSize, Int(size) > bytes.count {
+      bytes += [UInt8](repeating: 0, count: Int(size) - bytes.count)
+    }
+    return bytes
+  }
+
+  /// True when the bytes stop before the header says the message ends, so the
+  /// client must close for the server to notice (the "client closed
+  /// mid-message" kind of "disconnect"). A size below 16 is the server's to refuse.
+  func endsMidMessage() throws -> Bool {
+    let bytes = try message()
+    guard bytes.count >= MessageHeader.size, let size = RawHeader(bytes).declaredSize else { return true }
+    return size >= UInt32(MessageHeader.size) && bytes.count < Int(size)
+  }
+
+  /// `fds` fresh descriptors: memfds for DMA_MAP (the kind it maps), eventfds otherwise.
+  func makeDescriptors() throws -> [Int32] {
+    let count = fds ?? 0
+    guard count > 0 else { return [] }
+    let dmaMap = RawHeader(try message()).command == Command.dmaMap.rawValue
+    var made: [Int32] = []
+    for _ in 0..<count {
+      let fd: Int32
+      if dmaMap {
+        fd = cvfu_memfd_create("corpus-dma", 0)
+        if fd >= 0 { _ = ftruncate(fd, 64 * 1024) }
+      } else {
+        fd = cvfu_eventfd(0, O_NONBLOCK | O_CLOEXEC)
+      }
+      guard fd >= 0 else {
+        for old in made { _ = close(old) }
+        throw SocketCorpusError("cannot create descriptor: \(Errno(rawValue: -fd))")
+      }
+      made.append(fd)
+    }
+    return made
+  }
+}
+
+enum SocketCorpus {
+  /// `<repo>/protocol`, found from this file's path (`<repo>/Tests/VFIOUserServerTests/`).
+  static let directory: URL = URL(fileURLWithPath: #filePath)
+    .deletingLastPathComponent()
+    .deletingLastPathComponent()
+    .deletingLastPathComponent()
+    .appendingPathComponent("protocol", isDirectory: true)
+
+  static func load<T: Decodable>(_ file: String, as type: T.Type) throws -> T {
+    let data = try Data(contentsOf: directory.appendingPathComponent(file))
+    return try JSONDecoder().decode(T.self, from: data)
+  }
+
+  /// Empty when the file is missing or unreadable; `corpusLoads` reports why.
+  static let cases: [SocketCorpusCase] = (try? load("malformed.json", as: [SocketCorpusCase].self)) ?? []
+
+  private struct NamedVector: Decodable {
+    var name: String
+    var hex: String
+  }
+
+  /// QEMU's VERSION request, the `version-request-qemu` golden vector (message ID 0).
+  static func qemuVersionRequest() throws -> [UInt8] {
+    let vectors = try load("messages.json", as: [NamedVector].self)
+    guard let vector = vectors.first(where: { $0.name == "version-request-qemu" }) else {
+      throw SocketCorpusError("messages.json has no version-request-qemu")
+    }
+    return try socketCorpusBytes(hex: vector.hex)
+  }
+
+  /// Entries where the corpus is right and the server is not, by name. Their
+  /// checks run inside `withKnownIssue`, so the suite stays green until the
+  /// server is fixed (and then fails, asking for the entry to be removed here).
+  static let knownIssues: [String: Comment] = [:]
+
+  static let replyTimeout: Int32 = 10_000
+  static let silenceTimeout: Int32 = 200
+}
+
+@Suite("Malformed corpus over a real socket")
+struct MalformedCorpusSocketTests {
+  @Test func corpusLoads() throws {
+    let cases = try SocketCorpus.load("malformed.json", as: [SocketCorpusCase].self)
+    #expect(!cases.isEmpty)
+    #expect(cases.count == SocketCorpus.cases.count)
+    #expect(Set(cases.map(\.name)).count == cases.count, "corpus names are unique")
+    _ = try SocketCorpus.qemuVersionRequest()
+    for entry in cases {
+      let known = ["disconnect", "no-reply"].contains(entry.expectation) || entry.expectedErrno != nil
+      #expect(known, "\(entry.name): unknown expectation \(entry.expectation)")
+      _ = try entry.message()
+      for hex in entry.setup ?? [] { _ = try socketCorpusBytes(hex: hex) }
+    }
+    for name in SocketCorpus.knownIssues.keys {
+      #expect(cases.contains { $0.name == name }, "known issue \(name) names no corpus entry")
+    }
+  }
+
+  @Test(arguments: SocketCorpus.cases)
+  func corpusEntry(_ entry: SocketCorpusCase) throws {
+    if let issue = SocketCorpus.knownIssues[entry.name] {
+      withKnownIssue(issue) { try Self.drive(entry) }
+    } else {
+      try Self.drive(entry)
+    }
+  }
+
+  /// Every errno-expecting post-VERSION entry back to back on one connection:
+  /// everything is sent first, then every reply is read and checked in order.
+  @Test func pipelinedBurstOnOneConnection() throws {
+    let burst = SocketCorpus.cases.filter {
+      $0.afterVersion && $0.expectedErrno != nil && !$0.disconnectsAfterError
+    }
+    #expect(burst.count > 50)
+    try withServer(TestDevice()) { server, device in
+      let client = try VFIOUserClient.open(path: server.path)
+      try Self.handshake(client)
+
+      struct Pending {
+        var name: String
+        var header: RawHeader
+        var errno: Errno?
+        var knownIssue: Comment?
+      }
+      var pending: [Pending] = []
+      var mappedBySetup = 0
+      // Setup messages first (each succeeds); none undoes another's state.
+      for entry in burst {
+        for (i, hex) in (entry.setup ?? []).enumerated() {
+          let bytes = try socketCorpusBytes(hex: hex)
+          try client.sendRaw(bytes)
+          let header = RawHeader(bytes)
+          if header.command == Command.dmaMap.rawValue { mappedBySetup += 1 }
+          pending.append(Pending(name: "\(entry.name) setup \(i)", header: header, errno: nil))
+        }
+      }
+      for entry in burst {
+        let bytes = try entry.message()
+        let fds = try entry.makeDescriptors()
+        defer { for fd in fds { _ = close(fd) } }
+        try client.sendRaw(bytes, fds: fds)
+        pending.append(
+          Pending(
+            name: entry.name, header: RawHeader(bytes), errno: entry.expectedErrno,
+            knownIssue: SocketCorpus.knownIssues[entry.name]))
+      }
+
+      for expected in pending {
+        guard let reply = try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout) else {
+          Issue.record("\(expected.name): no reply (the burst stalled)")
+          return
+        }
+        let check = {
+          if let errno = expected.errno {
+            Self.expectErrorReply(reply, to: expected.header, errno: errno, name: expected.name)
+          } else {
+            Self.expectSuccessReply(reply, to: expected.header, name: expected.name)
+          }
+        }
+        if let issue = expected.knownIssue { withKnownIssue(issue) { check() } } else { check() }
+        for fd in reply.fds { _ = close(fd) }
+      }
+      try Self.expectSilence(client, "after the burst")
+      try Self.expectWorks(client, "after the burst")
+      Self.expectNoLeaks(server, device, dmaRegions: mappedBySetup, "after the burst")
+    }
+  }
+
+  // MARK: One entry
+
+  static func drive(_ entry: SocketCorpusCase) throws {
+    try withServer(TestDevice()) { server, device in
+      let name = entry.name
+      let client = try VFIOUserClient.open(path: server.path)
+      if entry.afterVersion { try handshake(client) }
+
+      var mappedBySetup = 0
+      for (i, hex) in (entry.setup ?? []).enumerated() {
+        let bytes = try socketCorpusBytes(hex: hex)
+        try client.sendRaw(bytes)
+        let reply = try #require(
+          try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout), "\(name): no reply to setup \(i)")
+        let header = RawHeader(bytes)
+        expectSuccessReply(reply, to: header, name: "\(name) setup \(i)")
+        if header.command == Command.dmaMap.rawValue { mappedBySetup += 1 }
+      }
+      expectNoLeaks(server, device, dmaRegions: mappedBySetup, "\(name): after setup")
+
+      let bytes = try entry.message()
+      let header = RawHeader(bytes)
+      do {
+        let fds = try entry.makeDescriptors()
+        defer { for fd in fds { _ = close(fd) } }
+        try client.sendRaw(bytes, fds: fds)
+      }
+
+      switch entry.expectation {
+      case "disconnect":
+        let clientCloses = try entry.endsMidMessage()
+        if clientCloses {
+          // The client stops mid-message and closes its side; the server must
+          // notice, send nothing, and close too.
+          _ = shutdown(client.channel.fd, Int32(SHUT_WR))
+        }
+        expectHangUp(client, "\(name): expected a hang-up without a reply")
+        #expect(server.waitFor { !$0.clientConnected }, "\(name): the server still holds the connection")
+        let end = server.server.statistics.snapshot.lastEnd
+        if clientCloses {
+          #expect(end == .clientClosed, "\(name): connection ended \(String(describing: end))")
+        } else if case .protocolError = end {
+        } else {
+          Issue.record("\(name): the server should have closed on a protocol error, ended \(String(describing: end))")
+        }
+        try expectServesNewClient(server, device, name)
+
+      case "no-reply":
+        try expectSilence(client, name)
+        if !entry.afterVersion { try handshake(client) }
+        try expectWorks(client, name)
+        expectNoLeaks(server, device, dmaRegions: mappedBySetup, name)
+
+      default:
+        let errno = try #require(entry.expectedErrno, "\(name): unknown expectation \(entry.expectation)")
+        let reply = try #require(
+          try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout),
+          "\(name): no reply within \(SocketCorpus.replyTimeout) ms")
+        expectErrorReply(reply, to: header, errno: errno, name: name)
+        for fd in reply.fds { _ = close(fd) }
+        if entry.disconnectsAfterError {
+          expectHangUp(client, "\(name): expected the server to close after the error reply")
+          #expect(server.waitFor { !$0.clientConnected }, "\(name): the server still holds the connection")
+          try expectServesNewClient(server, device, name)
+        } else {
+          // Exactly one reply: the round trip below fails on any stray message.
+          if !entry.afterVersion { try handshake(client) }
+          try expectWorks(client, name)
+          expectNoLeaks(server, device, dmaRegions: mappedBySetup, name)
+        }
+      }
+    }
+  }
+
+  // MARK: Checks
+
+  /// Sends QEMU's VERSION and checks the server's 0.0 reply.
+  static func handshake(_ client: VFIOUserClient) throws {
+    let request = try SocketCorpus.qemuVersionRequest()
+    try client.sendRaw(request)
+    let reply = try #require(
+      try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout), "no reply to VERSION")
+    expectSuccessReply(reply, to: RawHeader(request), name: "VERSION")
+    let version = try VersionPayload(decoding: reply.payload)
+    #expect(version.major == 0 && version.minor == 0)
+  }
+
+  static func expectSuccessReply(
+    _ reply: ClientMessage, to request: RawHeader, name: String, sourceLocation: SourceLocation = #_sourceLocation
+  ) {
+    let h = reply.header
+    #expect(
+      h.messageID == request.messageID && h.command == request.command,
+      "\(name): reply is id \(h.messageID) command \(h.command), expected id \(request.messageID) command \(request.command)",
+      sourceLocation: sourceLocation)
+    #expect(h.isReply && !h.isError, "\(name): expected success, got flags \(h.flags) error \(h.error)", sourceLocation: sourceLocation)
+  }
+
+  static func expectErrorReply(
+    _ reply: ClientMessage, to request: RawHeader, errno: Errno, name: String,
+    sourceLocation: SourceLocation = #_sourceLocation
+  ) {
+    let h = reply.header
+    let got = h.isError ? Errno(rawValue: Int32(bitPattern: h.error)).name : "success"
+    #expect(
+      h.messageID == request.messageID && h.command == request.command,
+      "\(name): reply is id \(h.messageID) command \(h.command), expected id \(request.messageID) command \(request.command)",
+      sourceLocation: sourceLocation)
+    #expect(h.isReply, "\(name): not a reply (flags \(h.flags))", sourceLocation: sourceLocation)
+    #expect(
+      h.isError && h.error == UInt32(bitPattern: errno.rawValue), "\(name): expected \(errno.name), got \(got)",
+      sourceLocation: sourceLocation)
+    #expect(
+      h.size == UInt32(MessageHeader.size) && reply.payload.isEmpty && reply.fds.isEmpty,
+      "\(name): an error reply is the header alone (size \(h.size), \(reply.fds.count) fds)",
+      sourceLocation: sourceLocation)
+  }
+
+  /// The server closes the connection, and sends nothing before it does.
+  static func expectHangUp(
+    _ client: VFIOUserClient, _ what: String, sourceLocation: SourceLocation = #_sourceLocation
+  ) {
+    while true {
+      do throws(VFIOUserClientError) {
+        guard let message = try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout) else {
+          Issue.record("\(what): the connection is still open", sourceLocation: sourceLocation)
+          return
+        }
+        for fd in message.fds { _ = close(fd) }
+        Issue.record(
+          "\(what): got message id \(message.header.messageID) flags \(message.header.flags) error \(message.header.error)",
+          sourceLocation: sourceLocation)
+      } catch .disconnected {
+        return
+      } catch {
+        Issue.record("\(what): \(error)", sourceLocation: sourceLocation)
+        return
+      }
+    }
+  }
+
+  /// Nothing arrives for `SocketCorpus.silenceTimeout` milliseconds.
+  static func expectSilence(
+    _ client: VFIOUserClient, _ name: String, sourceLocation: SourceLocation = #_sourceLocation
+  ) throws {
+    if let message = try client.receiveMessage(timeoutMilliseconds: SocketCorpus.silenceTimeout) {
+      for fd in message.fds { _ = close(fd) }
+      Issue.record(
+        "\(name): expected no reply, got id \(message.header.messageID) command \(message.header.command) flags \(message.header.flags) error \(message.header.error)",
+        sourceLocation: sourceLocation)
+    }
+  }
+
+  /// A DEVICE_GET_INFO round trip succeeds on `client`.
+  static func expectWorks(
+    _ client: VFIOUserClient, _ name: String, sourceLocation: SourceLocation = #_sourceLocation
+  ) throws {
+    let info = try client.deviceInfo()
+    #expect(info.numRegions == 9 && info.numIRQs == 5, "\(name): DEVICE_GET_INFO answered \(info)", sourceLocation: sourceLocation)
+  }
+
+  /// After a hang-up, a new client connects, negotiates and is served.
+  static func expectServesNewClient(
+    _ server: RunningServer, _ device: TestDevice, _ name: String, sourceLocation: SourceLocation = #_sourceLocation
+  ) throws {
+    let served = server.server.statistics.snapshot.connectionsServed
+    let next = try server.connect()
+    try expectWorks(next, "\(name): new client", sourceLocation: sourceLocation)
+    #expect(
+      server.server.statistics.snapshot.connectionsServed == served + 1, "\(name): the new client was not served",
+      sourceLocation: sourceLocation)
+    expectNoLeaks(server, device, dmaRegions: 0, "\(name): new client", sourceLocation: sourceLocation)
+  }
+
+  /// The server holds exactly the DMA windows the setup created, and no eventfds.
+  static func expectNoLeaks(
+    _ server: RunningServer, _ device: TestDevice, dmaRegions: Int, _ name: String,
+    sourceLocation: SourceLocation = #_sourceLocation
+  ) {
+    let snapshot = server.server.statistics.snapshot
+    #expect(
+      snapshot.dmaRegions == dmaRegions, "\(name): \(snapshot.dmaRegions) DMA windows, expected \(dmaRegions)",
+      sourceLocation: sourceLocation)
+    #expect(snapshot.irqFDs == 0, "\(name): \(snapshot.irqFDs) eventfds held", sourceLocation: sourceLocation)
+    #expect(
+      device.mappedWindows == dmaRegions, "\(name): the device saw \(device.mappedWindows) windows",
+      sourceLocation: sourceLocation)
+  }
+}
