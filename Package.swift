@@ -77,5 +77,9 @@ let package = Package(
     .testTarget(
       name: "XeVFTests", dependencies: ["XeVF", "VFIOUser", "VFIOUserServer"],
       swiftSettings: strict),
+    // Runs the built `xe-vfio-user` as a process, as a user would.
+    .testTarget(
+      name: "CLITests", dependencies: ["VFIOUser", "VFIOUserClient", "CVFIOUser"],
+      swiftSettings: strict),
   ]
 )

@@ -126,8 +126,14 @@ public final class VFIOUserServer: Sendable {
         break
       }
       if statistics.snapshot.clientConnected {
-        refuse(client)
-        continue
+        // The previous client may be on its way out (a VMM restarting): give its
+        // teardown a moment before turning the newcomer away.
+        if let previous = connectionDone, previous.wait(timeout: .now() + .milliseconds(300)) == .success {
+          previous.signal()
+        } else {
+          refuse(client)
+          continue
+        }
       }
       connectionDone?.wait()
       connectionDone = serve(client)

@@ -117,31 +117,79 @@ struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
   /// mid-message" kind of "disconnect"). A size below 16 is the server's to refuse.
   func endsMidMessage() throws -> Bool {
     let bytes = try message()
-    guard bytes.count >= MessageHeader.size, let size = RawHeader(bytes).declaredSize else { return true }
+    guard bytes.count >= MessageHeader.size, let size = RawHeader(bytes).declaredSize else {
+      return true
+    }
     return size >= UInt32(MessageHeader.size) && bytes.count < Int(size)
   }
 
   /// `fds` fresh descriptors: memfds for DMA_MAP (the kind it maps), eventfds otherwise.
-  func makeDescriptors() throws -> [Int32] {
-    let count = fds ?? 0
-    guard count > 0 else { return [] }
+  func makeDescriptors() throws -> SentDescriptors {
+    var made = SentDescriptors()
     let dmaMap = RawHeader(try message()).command == Command.dmaMap.rawValue
-    var made: [Int32] = []
-    for _ in 0..<count {
+    for _ in 0..<(fds ?? 0) {
       let fd: Int32
       if dmaMap {
-        fd = cvfu_memfd_create("corpus-dma", 0)
+        fd = cvfu_memfd_create("xvu-corpus-\(UUID().uuidString)", 1)  // MFD_CLOEXEC
         if fd >= 0 { _ = ftruncate(fd, 64 * 1024) }
       } else {
         fd = cvfu_eventfd(0, O_NONBLOCK | O_CLOEXEC)
       }
       guard fd >= 0 else {
-        for old in made { _ = close(old) }
-        throw SocketCorpusError("cannot create descriptor: \(Errno(rawValue: -fd))")
+        made.close()
+        throw SocketCorpusError("cannot create a descriptor: \(Errno(rawValue: -fd))")
       }
       made.append(fd)
     }
     return made
+  }
+}
+
+/// Descriptors a test sends, and what identifies their open files in
+/// /proc/self, so a copy the (in-process) server forgot to close is found
+/// after ours are closed.
+struct SentDescriptors {
+  private(set) var fds: [Int32] = []
+  private(set) var fingerprints: [String] = []
+
+  mutating func append(_ fd: Int32) {
+    fds.append(fd)
+    if let fingerprint = Self.fingerprint(of: fd) { fingerprints.append(fingerprint) }
+  }
+
+  /// Closes our copies; the fingerprints stay for `leaked()`.
+  mutating func close() {
+    for fd in fds { _ = Glibc.close(fd) }
+    fds = []
+  }
+
+  /// Descriptors of this process still open on the files we sent.
+  func leaked() -> [String] {
+    guard !fingerprints.isEmpty,
+      let entries = try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")
+    else { return [] }
+    return entries.compactMap { entry in
+      guard let fd = Int32(entry), let fingerprint = Self.fingerprint(of: fd),
+        fingerprints.contains(fingerprint)
+      else { return nil }
+      return "fd \(fd) (\(fingerprint))"
+    }
+  }
+
+  /// An eventfd's `eventfd-id` (unique per eventfd, Linux 6.3 and later), or a
+  /// memfd's link target (its unique name). Nil when the descriptor has gone,
+  /// or has nothing unique (an eventfd on an older kernel is not tracked).
+  static func fingerprint(of fd: Int32) -> String? {
+    if let info = try? String(contentsOfFile: "/proc/self/fdinfo/\(fd)", encoding: .utf8),
+      let id = info.split(separator: "\n").first(where: { $0.hasPrefix("eventfd-id:") })
+    {
+      return String(id.filter { !$0.isWhitespace })
+    }
+    guard
+      let link = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)"),
+      link.hasPrefix("/memfd:xvu-corpus-")
+    else { return nil }
+    return link
   }
 }
 
@@ -159,7 +207,8 @@ enum SocketCorpus {
   }
 
   /// Empty when the file is missing or unreadable; `corpusLoads` reports why.
-  static let cases: [SocketCorpusCase] = (try? load("malformed.json", as: [SocketCorpusCase].self)) ?? []
+  static let cases: [SocketCorpusCase] =
+    (try? load("malformed.json", as: [SocketCorpusCase].self)) ?? []
 
   private struct NamedVector: Decodable {
     var name: String
@@ -193,7 +242,8 @@ struct MalformedCorpusSocketTests {
     #expect(Set(cases.map(\.name)).count == cases.count, "corpus names are unique")
     _ = try SocketCorpus.qemuVersionRequest()
     for entry in cases {
-      let known = ["disconnect", "no-reply"].contains(entry.expectation) || entry.expectedErrno != nil
+      let known =
+        ["disconnect", "no-reply"].contains(entry.expectation) || entry.expectedErrno != nil
       #expect(known, "\(entry.name): unknown expectation \(entry.expectation)")
       _ = try entry.message()
       for hex in entry.setup ?? [] { _ = try socketCorpusBytes(hex: hex) }
@@ -241,11 +291,15 @@ struct MalformedCorpusSocketTests {
           pending.append(Pending(name: "\(entry.name) setup \(i)", header: header, errno: nil))
         }
       }
+      var sent: [(name: String, descriptors: SentDescriptors)] = []
       for entry in burst {
         let bytes = try entry.message()
-        let fds = try entry.makeDescriptors()
-        defer { for fd in fds { _ = close(fd) } }
-        try client.sendRaw(bytes, fds: fds)
+        var descriptors = try entry.makeDescriptors()
+        defer {
+          descriptors.close()
+          sent.append((entry.name, descriptors))
+        }
+        try client.sendRaw(bytes, fds: descriptors.fds)
         pending.append(
           Pending(
             name: entry.name, header: RawHeader(bytes), errno: entry.expectedErrno,
@@ -253,7 +307,8 @@ struct MalformedCorpusSocketTests {
       }
 
       for expected in pending {
-        guard let reply = try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout) else {
+        guard let reply = try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout)
+        else {
           Issue.record("\(expected.name): no reply (the burst stalled)")
           return
         }
@@ -270,6 +325,10 @@ struct MalformedCorpusSocketTests {
       try Self.expectSilence(client, "after the burst")
       try Self.expectWorks(client, "after the burst")
       Self.expectNoLeaks(server, device, dmaRegions: mappedBySetup, "after the burst")
+      for (name, descriptors) in sent {
+        let leaked = descriptors.leaked()
+        #expect(leaked.isEmpty, "\(name): the server kept the descriptors sent with it: \(leaked)")
+      }
     }
   }
 
@@ -286,7 +345,8 @@ struct MalformedCorpusSocketTests {
         let bytes = try socketCorpusBytes(hex: hex)
         try client.sendRaw(bytes)
         let reply = try #require(
-          try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout), "\(name): no reply to setup \(i)")
+          try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout),
+          "\(name): no reply to setup \(i)")
         let header = RawHeader(bytes)
         expectSuccessReply(reply, to: header, name: "\(name) setup \(i)")
         if header.command == Command.dmaMap.rawValue { mappedBySetup += 1 }
@@ -295,10 +355,16 @@ struct MalformedCorpusSocketTests {
 
       let bytes = try entry.message()
       let header = RawHeader(bytes)
+      var descriptors = try entry.makeDescriptors()
       do {
-        let fds = try entry.makeDescriptors()
-        defer { for fd in fds { _ = close(fd) } }
-        try client.sendRaw(bytes, fds: fds)
+        defer { descriptors.close() }
+        try client.sendRaw(bytes, fds: descriptors.fds)
+      }
+      // Run last, after a round trip (or the hang-up) that follows the
+      // server's handling of the message: every descriptor sent is closed.
+      defer {
+        let leaked = descriptors.leaked()
+        #expect(leaked.isEmpty, "\(name): the server kept the descriptors sent with it: \(leaked)")
       }
 
       switch entry.expectation {
@@ -310,14 +376,14 @@ struct MalformedCorpusSocketTests {
           _ = shutdown(client.channel.fd, Int32(SHUT_WR))
         }
         expectHangUp(client, "\(name): expected a hang-up without a reply")
-        #expect(server.waitFor { !$0.clientConnected }, "\(name): the server still holds the connection")
+        #expect(
+          server.waitFor { !$0.clientConnected }, "\(name): the server still holds the connection")
         let end = server.server.statistics.snapshot.lastEnd
-        if clientCloses {
-          #expect(end == .clientClosed, "\(name): connection ended \(String(describing: end))")
-        } else if case .protocolError = end {
-        } else {
-          Issue.record("\(name): the server should have closed on a protocol error, ended \(String(describing: end))")
-        }
+        let refused: Bool = if case .protocolError = end { true } else { false }
+        #expect(
+          clientCloses ? end == .clientClosed : refused,
+          "\(name): the connection ended \(String(describing: end)), expected \(clientCloses ? "the client's close" : "a protocol error")"
+        )
         try expectServesNewClient(server, device, name)
 
       case "no-reply":
@@ -327,7 +393,8 @@ struct MalformedCorpusSocketTests {
         expectNoLeaks(server, device, dmaRegions: mappedBySetup, name)
 
       default:
-        let errno = try #require(entry.expectedErrno, "\(name): unknown expectation \(entry.expectation)")
+        let errno = try #require(
+          entry.expectedErrno, "\(name): unknown expectation \(entry.expectation)")
         let reply = try #require(
           try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout),
           "\(name): no reply within \(SocketCorpus.replyTimeout) ms")
@@ -335,7 +402,9 @@ struct MalformedCorpusSocketTests {
         for fd in reply.fds { _ = close(fd) }
         if entry.disconnectsAfterError {
           expectHangUp(client, "\(name): expected the server to close after the error reply")
-          #expect(server.waitFor { !$0.clientConnected }, "\(name): the server still holds the connection")
+          #expect(
+            server.waitFor { !$0.clientConnected }, "\(name): the server still holds the connection"
+          )
           try expectServesNewClient(server, device, name)
         } else {
           // Exactly one reply: the round trip below fails on any stray message.
@@ -354,21 +423,25 @@ struct MalformedCorpusSocketTests {
     let request = try SocketCorpus.qemuVersionRequest()
     try client.sendRaw(request)
     let reply = try #require(
-      try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout), "no reply to VERSION")
+      try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout),
+      "no reply to VERSION")
     expectSuccessReply(reply, to: RawHeader(request), name: "VERSION")
     let version = try VersionPayload(decoding: reply.payload)
     #expect(version.major == 0 && version.minor == 0)
   }
 
   static func expectSuccessReply(
-    _ reply: ClientMessage, to request: RawHeader, name: String, sourceLocation: SourceLocation = #_sourceLocation
+    _ reply: ClientMessage, to request: RawHeader, name: String,
+    sourceLocation: SourceLocation = #_sourceLocation
   ) {
     let h = reply.header
     #expect(
       h.messageID == request.messageID && h.command == request.command,
       "\(name): reply is id \(h.messageID) command \(h.command), expected id \(request.messageID) command \(request.command)",
       sourceLocation: sourceLocation)
-    #expect(h.isReply && !h.isError, "\(name): expected success, got flags \(h.flags) error \(h.error)", sourceLocation: sourceLocation)
+    #expect(
+      h.isReply && !h.isError, "\(name): expected success, got flags \(h.flags) error \(h.error)",
+      sourceLocation: sourceLocation)
   }
 
   static func expectErrorReply(
@@ -383,7 +456,8 @@ struct MalformedCorpusSocketTests {
       sourceLocation: sourceLocation)
     #expect(h.isReply, "\(name): not a reply (flags \(h.flags))", sourceLocation: sourceLocation)
     #expect(
-      h.isError && h.error == UInt32(bitPattern: errno.rawValue), "\(name): expected \(errno.name), got \(got)",
+      h.isError && h.error == UInt32(bitPattern: errno.rawValue),
+      "\(name): expected \(errno.name), got \(got)",
       sourceLocation: sourceLocation)
     #expect(
       h.size == UInt32(MessageHeader.size) && reply.payload.isEmpty && reply.fds.isEmpty,
@@ -397,7 +471,9 @@ struct MalformedCorpusSocketTests {
   ) {
     while true {
       do throws(VFIOUserClientError) {
-        guard let message = try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout) else {
+        guard
+          let message = try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout)
+        else {
           Issue.record("\(what): the connection is still open", sourceLocation: sourceLocation)
           return
         }
@@ -431,20 +507,25 @@ struct MalformedCorpusSocketTests {
     _ client: VFIOUserClient, _ name: String, sourceLocation: SourceLocation = #_sourceLocation
   ) throws {
     let info = try client.deviceInfo()
-    #expect(info.numRegions == 9 && info.numIRQs == 5, "\(name): DEVICE_GET_INFO answered \(info)", sourceLocation: sourceLocation)
+    #expect(
+      info.numRegions == 9 && info.numIRQs == 5, "\(name): DEVICE_GET_INFO answered \(info)",
+      sourceLocation: sourceLocation)
   }
 
   /// After a hang-up, a new client connects, negotiates and is served.
   static func expectServesNewClient(
-    _ server: RunningServer, _ device: TestDevice, _ name: String, sourceLocation: SourceLocation = #_sourceLocation
+    _ server: RunningServer, _ device: TestDevice, _ name: String,
+    sourceLocation: SourceLocation = #_sourceLocation
   ) throws {
     let served = server.server.statistics.snapshot.connectionsServed
     let next = try server.connect()
     try expectWorks(next, "\(name): new client", sourceLocation: sourceLocation)
     #expect(
-      server.server.statistics.snapshot.connectionsServed == served + 1, "\(name): the new client was not served",
+      server.server.statistics.snapshot.connectionsServed == served + 1,
+      "\(name): the new client was not served",
       sourceLocation: sourceLocation)
-    expectNoLeaks(server, device, dmaRegions: 0, "\(name): new client", sourceLocation: sourceLocation)
+    expectNoLeaks(
+      server, device, dmaRegions: 0, "\(name): new client", sourceLocation: sourceLocation)
   }
 
   /// The server holds exactly the DMA windows the setup created, and no eventfds.
@@ -454,9 +535,12 @@ struct MalformedCorpusSocketTests {
   ) {
     let snapshot = server.server.statistics.snapshot
     #expect(
-      snapshot.dmaRegions == dmaRegions, "\(name): \(snapshot.dmaRegions) DMA windows, expected \(dmaRegions)",
+      snapshot.dmaRegions == dmaRegions,
+      "\(name): \(snapshot.dmaRegions) DMA windows, expected \(dmaRegions)",
       sourceLocation: sourceLocation)
-    #expect(snapshot.irqFDs == 0, "\(name): \(snapshot.irqFDs) eventfds held", sourceLocation: sourceLocation)
+    #expect(
+      snapshot.irqFDs == 0, "\(name): \(snapshot.irqFDs) eventfds held",
+      sourceLocation: sourceLocation)
     #expect(
       device.mappedWindows == dmaRegions, "\(name): the device saw \(device.mappedWindows) windows",
       sourceLocation: sourceLocation)

@@ -1,0 +1,188 @@
+import CVFIOUser
+import Foundation
+import Testing
+import VFIOUser
+import VFIOUserClient
+
+/// The built executable (`swift build` puts it next to the test bundle).
+let executable: URL = {
+  var dir = URL(fileURLWithPath: #filePath)
+  while dir.lastPathComponent != "Tests" { dir.deleteLastPathComponent() }
+  let root = dir.deletingLastPathComponent()
+  for config in ["debug", "release"] {
+    let url = root.appendingPathComponent(".build/\(config)/xe-vfio-user")
+    if FileManager.default.isExecutableFile(atPath: url.path) { return url }
+  }
+  return root.appendingPathComponent(".build/debug/xe-vfio-user")
+}()
+
+/// `xe-vfio-user serve` as a child process, with its output captured.
+final class ServeProcess: @unchecked Sendable {
+  let process = Process()
+  let output = Pipe()
+  let errors = Pipe()
+  let socketPath: String
+  let directory: String
+
+  init(_ arguments: [String] = []) throws {
+    directory = NSTemporaryDirectory() + "xvu-cli-\(UUID().uuidString.prefix(8))"
+    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    socketPath = directory + "/vf0.sock"
+    process.executableURL = executable
+    process.arguments = ["serve", "--socket-path", socketPath] + arguments
+    process.standardOutput = output
+    process.standardError = errors
+    try process.run()
+  }
+
+  /// Connects once the socket is up.
+  func connect() throws -> VFIOUserClient {
+    for _ in 0..<500 {
+      if let client = try? VFIOUserClient.connect(path: socketPath) { return client }
+      usleep(10_000)
+    }
+    return try VFIOUserClient.connect(path: socketPath)
+  }
+
+  var openFDs: Int {
+    (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(process.processIdentifier)/fd").count) ?? -1
+  }
+
+  func stop(signal: Int32 = SIGTERM) -> (status: Int32, stdout: String, stderr: String) {
+    kill(process.processIdentifier, signal)
+    process.waitUntilExit()
+    let out = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    let err = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    try? FileManager.default.removeItem(atPath: directory)
+    return (process.terminationStatus, out, err)
+  }
+}
+
+func run(_ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+  let process = Process()
+  let out = Pipe()
+  let err = Pipe()
+  process.executableURL = executable
+  process.arguments = arguments
+  process.standardOutput = out
+  process.standardError = err
+  try process.run()
+  let stdout = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+  let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+  process.waitUntilExit()
+  return (process.terminationStatus, stdout, stderr)
+}
+
+@Suite("xe-vfio-user as a process", .serialized)
+struct ServeProcessTests {
+  @Test func servePrintsTheQEMUCommandLineAndStopsCleanlyOnSIGTERM() throws {
+    let serve = try ServeProcess()
+    let client = try serve.connect()
+    #expect(try client.deviceInfo().numRegions == 9)
+    let socket = serve.socketPath
+    let result = serve.stop()
+    #expect(result.status == 0)
+    #expect(result.stdout.contains(#"-device '{"driver":"vfio-user-pci","id":"xevf0","socket":{"path":"\#(socket)","type":"unix"}}'"#))
+    #expect(result.stdout.contains("memory-backend-memfd,id=mem,size=4G,share=on"))
+    #expect(result.stderr.contains("serving simulated Xe VF bmg [8086:e211], 256 MiB VRAM"))
+    #expect(result.stderr.contains("server stopped"))
+    #expect(!FileManager.default.fileExists(atPath: socket))
+  }
+
+  @Test func sigintAlsoStopsAndTheSocketModeIsApplied() throws {
+    let serve = try ServeProcess(["--socket-mode", "0640"])
+    _ = try serve.connect()
+    let attributes = try FileManager.default.attributesOfItem(atPath: serve.socketPath)
+    #expect((attributes[.posixPermissions] as? Int) == 0o640)
+    #expect(serve.stop(signal: SIGINT).status == 0)
+  }
+
+  /// Everything a client hands over is released when it hangs up: no fd is left behind.
+  @Test func hangUpLeaksNoDescriptor() throws {
+    let serve = try ServeProcess()
+    defer { _ = serve.stop() }
+    do { _ = try serve.connect() }  // warm up: first connection creates lazily allocated state
+    usleep(100_000)
+    let idle = serve.openFDs
+    for round in 0..<3 {
+      let client = try serve.connect()
+      let memfd = cvfu_memfd_create("guest", 0)
+      ftruncate(memfd, 1 << 20)
+      try client.dmaMap(address: 1 << 30, size: 1 << 20, flags: 3, fd: memfd)
+      try client.dmaMap(address: 2 << 30, size: 1 << 20, flags: 3)
+      let eventfds = (0..<16).map { _ in cvfu_eventfd(0, 0) }
+      try client.setIRQEventfds(index: VFIOPCIIRQ.msix, start: 0, fds: eventfds, chunk: 8)
+      try client.setIRQs(
+        IRQSetPayload(flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger, index: 3, start: 0, count: 1),
+        fds: [eventfds[0]])
+      let (_, regionFD) = try client.regionInfo(2)
+      #expect(regionFD != nil)
+      if let regionFD { close(regionFD) }
+      #expect(serve.openFDs > idle, "round \(round): the server holds the client's eventfds")
+      close(memfd)
+      eventfds.forEach { close($0) }
+    }
+    var settled = false
+    for _ in 0..<200 where !settled {
+      settled = serve.openFDs == idle
+      if !settled { usleep(10_000) }
+    }
+    #expect(serve.openFDs == idle)
+  }
+
+  @Test func infoShowsTheDeviceAsTextAndJSON() throws {
+    let serve = try ServeProcess(["--profile", "bmg", "--vram-size", "512M"])
+    defer { _ = serve.stop() }
+    _ = try serve.connect()
+    usleep(50_000)
+    let text = try run(["info", "--socket-path", serve.socketPath])
+    #expect(text.status == 0)
+    #expect(text.stdout.contains("[8086:e211] class 038000"))
+    #expect(text.stdout.contains("Express: Endpoint, FLReset+"))
+    #expect(text.stdout.contains("MSI-X: Enable- Count=16"))
+    #expect(text.stdout.contains("BAR2    512 MiB, read/write/mmap"))
+    #expect(!text.stdout.contains("Power Management"))
+    let json = try run(["info", "--socket-path", serve.socketPath, "--json"])
+    let object = try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any]
+    #expect(object?["vendorID"] as? String == "8086")
+    #expect(object?["deviceID"] as? String == "e211")
+  }
+
+  @Test func integratedProfilesHaveNoVRAM() throws {
+    let serve = try ServeProcess(["--profile", "ptl"])
+    defer { _ = serve.stop() }
+    let client = try serve.connect()
+    #expect(try client.regionInfo(2).info.size == 0)
+    #expect(try client.read32(region: VFIOPCIRegion.config, offset: 0) == 0xB080_8086)
+  }
+
+  @Test func badArgumentsGiveAClearError() throws {
+    let profile = try run(["serve", "--profile", "xyz"])
+    #expect(profile.status != 0)
+    #expect(profile.stderr.contains("unknown profile 'xyz'"))
+    let vram = try run(["serve", "--socket-path", "/tmp/xvu-bad.sock", "--vram-size", "300M"])
+    #expect(vram.status != 0)
+    #expect(vram.stderr.contains("power of two"))
+    let nobody = try run(["info", "--socket-path", "/tmp/xvu-nobody-\(getpid()).sock"])
+    #expect(nobody.status != 0)
+    #expect(nobody.stderr.contains("xvu-nobody"))
+  }
+
+  @Test func secondServerOnALiveSocketIsRefused() throws {
+    let serve = try ServeProcess()
+    defer { _ = serve.stop() }
+    _ = try serve.connect()
+    let second = try run(["serve", "--socket-path", serve.socketPath])
+    #expect(second.status != 0)
+    #expect(second.stderr.contains("another server is listening there"))
+  }
+
+  @Test func helpListsEveryCommand() throws {
+    let help = try run(["--help"])
+    for command in ["serve", "info", "bench"] { #expect(help.stdout.contains(command)) }
+    let serve = try run(["serve", "--help"])
+    for option in ["--socket-path", "--fd", "--profile", "--vram-size", "--max-data-xfer-size", "--log-level"] {
+      #expect(serve.stdout.contains(option))
+    }
+  }
+}
