@@ -111,7 +111,7 @@ struct Bench: ParsableCommand {
       if let perRead = try? instructionsPerRead() {
         table.plain("user-space instructions per 4-byte REGION_READ (callgrind)", "\(perRead)", target: "≤ 1,500")
       } else {
-        table.plain("user-space instructions per 4-byte REGION_READ", "valgrind not installed", target: "")
+        table.plain("user-space instructions per 4-byte REGION_READ", "not measured (valgrind missing or failed)", target: "")
       }
     }
     print(table.render())
