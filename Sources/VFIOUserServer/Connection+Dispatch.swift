@@ -280,33 +280,112 @@ extension Connection {
     guard payload.isEmpty else { throw .invalidArgument }
     abortDMAJobs()
     deferred = []
+    let before = migration?.state
     try backend.reset()
-    logger.info("device reset")
+    migration?.reset()
+    if let before, before != .running {
+      logger.info("device reset (migration state \(before) → RUNNING, stream invalidated)")
+    } else {
+      logger.info("device reset")
+    }
     return 0
   }
 
   // MARK: Features and migration data
 
+  /// VFIO_USER_DEVICE_FEATURE with the kernel's `vfio_ioctl_device_feature` rules.
   func deviceFeature(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
     let request = try DeviceFeaturePayload(decoding: payload)
-    // This device implements no feature: the kernel answers ENOTTY for every
-    // feature of a device without migration or DMA-logging ops.
-    logger.debug("DEVICE_FEATURE \(request.feature) flags=\(request.flags): ENOTTY")
-    throw .inappropriateIOCTLForDevice
+    let get = request.flags & VFIODeviceFeatureFlags.get != 0
+    let set = request.flags & VFIODeviceFeatureFlags.set != 0
+    let probe = request.flags & VFIODeviceFeatureFlags.probe != 0
+    // Features this device has, and the methods each takes.
+    let methods: (get: Bool, set: Bool)
+    switch request.feature {
+    case VFIODeviceFeature.migration where migratable != nil: methods = (true, false)
+    case VFIODeviceFeature.migDeviceState where migratable != nil: methods = (true, true)
+    case VFIODeviceFeature.migDataSize where migratable != nil: methods = (true, false)
+    default:
+      // No migration ops (or DMA logging, which Xe never has): ENOTTY, as the kernel answers.
+      throw .inappropriateIOCTLForDevice
+    }
+    // vfio_check_feature
+    if get && !methods.get { throw .invalidArgument }
+    if set && !methods.set { throw .invalidArgument }
+    let out = replyArea
+    if probe {
+      request.encode(into: out)
+      return request.encodedSize
+    }
+    guard get || set else { throw .invalidArgument }
+    let minimum = 8  // every one of these features carries 8 bytes
+    guard Int(request.argsz) - DeviceFeaturePayload.fixedSize >= minimum else { throw .invalidArgument }
+    if set { guard request.data.count >= minimum else { throw .invalidArgument } }
+
+    var data = [UInt8](repeating: 0, count: minimum)
+    switch request.feature {
+    case VFIODeviceFeature.migration:
+      data.withUnsafeMutableBytes { $0.storeBytes(of: migratable!.migrationFlags.rawValue, as: UInt64.self) }
+    case VFIODeviceFeature.migDataSize:
+      let size = try migratable!.stopCopySize()
+      data.withUnsafeMutableBytes { $0.storeBytes(of: size, as: UInt64.self) }
+    default:  // MIG_DEVICE_STATE
+      if set {
+        let raw = request.data.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }
+        guard let target = MigrationState(rawValue: raw) else { throw .invalidArgument }
+        let from = migration!.state
+        do throws(Errno) {
+          try migration!.set(target, on: migratable!)
+          logger.info("migration state \(from) → \(target)")
+        } catch {
+          logger.warning("migration \(from) → \(target) failed at \(migration!.state): \(error.name)")
+          throw error
+        }
+        // The reply echoes the request; vfio-user's data_fd is unused (-1).
+        request.encode(into: out)
+        return request.encodedSize
+      }
+      data.withUnsafeMutableBytes { raw in
+        raw.storeBytes(of: migration!.state.rawValue, as: UInt32.self)
+        raw.storeBytes(of: Int32(-1), toByteOffset: 4, as: Int32.self)
+      }
+    }
+    let reply = DeviceFeaturePayload(argsz: UInt32(DeviceFeaturePayload.fixedSize + data.count), flags: request.flags, data: data)
+    reply.encode(into: out)
+    return reply.encodedSize
   }
 
+  /// MIG_DATA_READ: valid in STOP_COPY (and PRE_COPY); a short reply ends the stream.
   func migDataRead(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
     guard payload.count == MigDataHeader.size else { throw .invalidArgument }
     let request = try MigDataHeader(decoding: payload)
-    guard request.size <= limits.maxDataXferSize else { throw .invalidArgument }
-    throw .invalidArgument  // the device is not in a saving state
+    guard request.size <= limits.maxDataXferSize,
+      UInt64(request.argsz) >= UInt64(MigDataHeader.size) + UInt64(request.size)
+    else { throw .invalidArgument }
+    guard let migration else { throw .invalidArgument }
+    let stream = try migration.stream(for: [.stopCopy, .preCopy])
+    let out = replyArea
+    let n = try stream.read(
+      into: UnsafeMutableRawBufferPointer(rebasing: out[MigDataHeader.size..<(MigDataHeader.size + Int(request.size))]))
+    MigDataHeader(argsz: UInt32(MigDataHeader.size + n), size: UInt32(n)).encode(into: out)
+    return MigDataHeader.size + n
   }
 
+  /// MIG_DATA_WRITE: valid in RESUMING; every byte is handed over (partial writes retried).
   func migDataWrite(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
     let request = try MigDataHeader(decoding: payload)
-    guard payload.count - MigDataHeader.size == Int(request.size) else { throw .invalidArgument }
-    guard request.size <= limits.maxDataXferSize else { throw .invalidArgument }
-    throw .invalidArgument  // the device is not resuming
+    guard payload.count - MigDataHeader.size == Int(request.size), request.size <= limits.maxDataXferSize else {
+      throw .invalidArgument
+    }
+    guard let migration else { throw .invalidArgument }
+    let stream = try migration.stream(for: [.resuming])
+    var rest = UnsafeRawBufferPointer(rebasing: payload[MigDataHeader.size...])
+    while !rest.isEmpty {
+      let accepted = try stream.write(rest)
+      guard accepted > 0 else { throw .ioError }
+      rest = UnsafeRawBufferPointer(rebasing: rest[accepted...])
+    }
+    return 0
   }
 
   // MARK: DMA windows

@@ -32,6 +32,9 @@ final class Connection {
   var dma: DMATable
   var irqs: IRQTable
   var regions: [RegionDescription?]
+  /// Present when the device migrates.
+  let migratable: MigrationCapable?
+  var migration: MigrationController?
 
   /// Reply buffer. Replies to pipelined requests queue up at its front
   /// (`txUsed` bytes) and leave in one sendmsg once no request is buffered.
@@ -63,6 +66,8 @@ final class Connection {
     dma = DMATable(pageSize: limits.pgsizes, limit: Int(limits.maxDMAMaps))
     irqs = IRQTable((0..<backend.irqCount).map { backend.irq($0) ?? IRQDescription(index: $0, count: 0, flags: 0) })
     regions = (0..<backend.regionCount).map { backend.region($0) }
+    migratable = backend as? MigrationCapable
+    migration = migratable.map { MigrationController(flags: $0.migrationFlags) }
   }
 
   deinit { tx.deallocate() }
@@ -119,7 +124,11 @@ final class Connection {
     for region in dma.removeAll() { backend.dmaUnmapped(region) }
     for configuration in irqs.removeAll() { try? backend.irqsChanged(configuration) }
     deferred = []
+    if let state = migration?.state, state != .running {
+      logger.warning("client left in migration state \(state): stream invalidated, device reset to RUNNING")
+    }
     do { try backend.reset() } catch { logger.warning("device reset after hang-up failed: \(error)") }
+    migration?.reset()
     backend.attach(host: nil)
     stats.update { $0.dmaRegions = 0; $0.irqFDs = 0 }
     channel.close()

@@ -10,7 +10,7 @@ import VFIOUserServer
 ///   0x08 DMA address lo, 0x0C hi, 0x10 length, 0x14 go (1 = from client, 2 = to client),
 ///   0x18 DMA status (0 idle, 1 busy, 2 done, 3 error), 0x1C DMA errno.
 /// BAR2 is a 64 KiB memfd with two sparse areas; DMA moves bytes between BAR2 and client memory.
-final class TestDevice: VFIODeviceBackend {
+class TestDevice: VFIODeviceBackend {
   var host: DeviceHost?
   var scratch: UInt32 = 0
   var resets = 0
@@ -21,6 +21,8 @@ final class TestDevice: VFIODeviceBackend {
   var generation = 0
   var lastIRQConfiguration: [UInt32: IRQConfiguration] = [:]
   var mappedWindows = 0
+  /// Subclasses hook in here (the migrating test device drops its streams).
+  func resetHook() {}
   let memfd: Int32
   let memory: UnsafeMutableRawBufferPointer
   static let bar2Size = 64 * 1024
@@ -140,6 +142,7 @@ final class TestDevice: VFIODeviceBackend {
   }
 
   func reset() throws(Errno) {
+    resetHook()
     resets += 1
     generation += 1
     scratch = 0

@@ -1,0 +1,124 @@
+import SystemPackage
+import VFIOUser
+
+/// The kernel's migration state machine (`vfio_mig_get_next_state` and the
+/// driver's set_device_state loop) and the open data stream, owned by one
+/// connection.
+///
+/// Why the kernel's lock cycle (state mutex → migration file lock → mmap_lock
+/// → memory_lock → state mutex, reference §1.5) has no equivalent here: the
+/// migration state, the stream, the DMA table and reset are all touched only
+/// on the connection's thread, one request at a time, so no lock orders exist
+/// between them. A MIG_DATA_READ runs to completion (bounded by the device's
+/// timeouts) before the next request — a DEVICE_RESET — is even read, and the
+/// reset then drops the stream in `reset()` below. No server lock is held
+/// while the device blocks, and the device never calls back into the server
+/// from its own threads.
+public struct MigrationController {
+  private(set) var state: MigrationState = .running
+  private(set) var stream: MigrationStream?
+  /// A reset or hang-up killed the stream: data commands answer ENODEV until a new one opens.
+  private(set) var streamInvalidated = false
+  let flags: MigrationFlags
+
+  init(flags: MigrationFlags) { self.flags = flags }
+
+  // MARK: vfio_mig_get_next_state
+
+  private static let order: [MigrationState] = [
+    .stop, .running, .stopCopy, .resuming, .runningP2P, .preCopy, .preCopyP2P, .error,
+  ]
+
+  /// `vfio_from_fsm_table`, rows and columns in `order`.
+  private static let table: [[MigrationState]] = [
+    /* STOP */ [.stop, .runningP2P, .stopCopy, .resuming, .runningP2P, .runningP2P, .runningP2P, .error],
+    /* RUNNING */ [.runningP2P, .running, .runningP2P, .runningP2P, .runningP2P, .preCopy, .runningP2P, .error],
+    /* STOP_COPY */ [.stop, .stop, .stopCopy, .stop, .stop, .error, .error, .error],
+    /* RESUMING */ [.stop, .stop, .stop, .resuming, .stop, .stop, .stop, .error],
+    /* RUNNING_P2P */ [.stop, .running, .stop, .stop, .runningP2P, .running, .preCopyP2P, .error],
+    /* PRE_COPY */ [.running, .running, .preCopyP2P, .running, .running, .preCopy, .preCopyP2P, .error],
+    /* PRE_COPY_P2P */ [.runningP2P, .runningP2P, .stopCopy, .runningP2P, .runningP2P, .preCopy, .preCopyP2P, .error],
+    /* ERROR */ Array(repeating: .error, count: 8),
+  ]
+
+  /// `state_flags_table`: the flags a state needs (ERROR needs all, so no device has it).
+  public static func required(_ state: MigrationState) -> MigrationFlags {
+    switch state {
+    case .running, .stop, .stopCopy, .resuming: [.stopCopy]
+    case .runningP2P: [.stopCopy, .p2p]
+    case .preCopy: [.stopCopy, .preCopy]
+    case .preCopyP2P: [.stopCopy, .p2p, .preCopy]
+    case .error: MigrationFlags(rawValue: ~0)
+    }
+  }
+
+  public static func supported(_ state: MigrationState, _ flags: MigrationFlags) -> Bool {
+    flags.isSuperset(of: required(state))
+  }
+
+  /// The next direct arc from `current` towards `target`, or nil where the
+  /// kernel answers -EINVAL (unsupported state, ERROR, STOP_COPY → PRE_COPY…).
+  public static func nextState(from current: MigrationState, to target: MigrationState, flags: MigrationFlags)
+    -> MigrationState?
+  {
+    guard supported(current, flags), supported(target, flags) else { return nil }
+    let column = order.firstIndex(of: target)!
+    var next = table[order.firstIndex(of: current)!][column]
+    while next != .error, !supported(next, flags) { next = table[order.firstIndex(of: next)!][column] }
+    return next == .error ? nil : next
+  }
+
+  // MARK: Transitions
+
+  /// Walks from the current state to `target` one arc at a time. On a failed
+  /// arc the state stays at the last good step, except that a failed
+  /// RESUMING → STOP (the restored data did not validate) moves to ERROR: the
+  /// device must not look healthy with half a state. An unreachable target is
+  /// EINVAL with no move at all.
+  mutating func set(_ target: MigrationState, on device: MigrationCapable) throws(Errno) {
+    guard Self.nextState(from: state, to: target, flags: flags) != nil || state == target else {
+      throw .invalidArgument
+    }
+    while state != target {
+      guard let next = Self.nextState(from: state, to: target, flags: flags) else {
+        device.migrationFailed()
+        throw .invalidArgument
+      }
+      let opened: MigrationStream?
+      do throws(Errno) {
+        opened = try device.migrationStep(from: state, to: next)
+      } catch {
+        if state == .resuming {
+          stream = nil
+          state = .error
+          device.migrationFailed()
+        }
+        throw error
+      }
+      if state == .stopCopy || state == .resuming { stream = nil }  // leaving a data state ends its stream
+      state = next
+      if let opened {
+        // Only the final arc may open a stream (the kernel fputs one opened mid-path).
+        guard next == target else { throw .invalidArgument }
+        stream = opened
+        streamInvalidated = false
+      }
+    }
+  }
+
+  /// Reset, hang-up or shutdown: the device went back to RUNNING (its own reset);
+  /// an open stream is dead from now on.
+  mutating func reset() {
+    if stream != nil { streamInvalidated = true }
+    stream = nil
+    state = .running
+  }
+
+  /// The stream for a data command in one of `states`: ENODEV once a reset
+  /// killed it, EINVAL in any other state.
+  func stream(for states: Set<MigrationState>) throws(Errno) -> MigrationStream {
+    if streamInvalidated, stream == nil { throw Errno(rawValue: 19) }  // ENODEV
+    guard states.contains(state), let stream else { throw .invalidArgument }
+    return stream
+  }
+}
