@@ -194,18 +194,54 @@ extension VFIOUserClient {
 
   /// Large replies land straight in `into` instead of passing through the receive buffer.
   private func receiveLargeRegionRead(id: UInt16, into: UnsafeMutableRawBufferPointer) throws(VFIOUserClientError) {
-    let head = UnsafeMutableRawBufferPointer(rebasing: requestScratch[32..<48])
-    let received: MessageHeader?
+    let (header, count) = try receiveDirect(id: id, command: .regionRead, head: 16, data: into)
+    guard header.isError || count == into.count else { throw .protocolViolation("REGION_READ reply size") }
+  }
+
+  /// Receives the reply to `id` with `head` fixed bytes (into scratch) and data into `data`.
+  private func receiveDirect(id: UInt16, command: Command, head: Int, data: UnsafeMutableRawBufferPointer)
+    throws(VFIOUserClientError) -> (MessageHeader, Int)
+  {
+    let headArea = UnsafeMutableRawBufferPointer(rebasing: requestScratch[32..<(32 + head)])
+    let received: (header: MessageHeader, count: Int)?
     do throws(Errno) {
-      received = try channel.receiveDirect(head: head, data: into)
+      received = try channel.receiveDirect(head: headArea, data: data)
     } catch {
-      throw error == .protocolError ? .protocolViolation("REGION_READ reply size") : .system(error)
+      throw error == .protocolError ? .protocolViolation("\(command) reply size") : .system(error)
     }
-    guard let header = received else { throw .disconnected }
-    guard header.messageID == id, header.command == Command.regionRead.rawValue, header.isReply else {
-      throw .protocolViolation("reply id \(header.messageID) for \(id)")
+    guard let (header, count) = received else { throw .disconnected }
+    guard header.messageID == id, header.command == command.rawValue, header.isReply else {
+      throw .protocolViolation("reply id \(header.messageID) command \(header.command) for \(id)")
     }
     if header.isError { throw .server(Errno(rawValue: Int32(bitPattern: header.error)), command: header.command) }
+    return (header, count)
+  }
+
+  /// MIG_DATA_READ into `buffer` without allocating; returns the bytes read
+  /// (fewer than `buffer.count` means the stream ended).
+  public func migDataRead(into buffer: UnsafeMutableRawBufferPointer) throws(VFIOUserClientError) -> Int {
+    let id = allocateID()
+    let request = UnsafeMutableRawBufferPointer(rebasing: requestScratch[0..<24])
+    MessageHeader(messageID: id, command: .migDataRead, size: 24).encode(into: request)
+    MigDataHeader(argsz: UInt32(8 + buffer.count), size: UInt32(buffer.count)).encode(
+      into: UnsafeMutableRawBufferPointer(rebasing: request[16...]))
+    do throws(Errno) { try channel.send(UnsafeRawBufferPointer(request)) } catch { throw .system(error) }
+    let (_, count) = try receiveDirect(id: id, command: .migDataRead, head: MigDataHeader.size, data: buffer)
+    let head = UnsafeRawBufferPointer(rebasing: requestScratch[32..<40])
+    guard head.loadUnaligned(fromByteOffset: 4, as: UInt32.self) == UInt32(count) else {
+      throw .protocolViolation("MIG_DATA_READ size field disagrees with its data")
+    }
+    return count
+  }
+
+  /// MIG_DATA_WRITE of `data` without copying it.
+  public func migDataWrite(from data: UnsafeRawBufferPointer) throws(VFIOUserClientError) {
+    let id = allocateID()
+    let request = UnsafeMutableRawBufferPointer(rebasing: requestScratch[0..<24])
+    MessageHeader(messageID: id, command: .migDataWrite, size: UInt32(24 + data.count)).encode(into: request)
+    MigDataHeader(argsz: 8, size: UInt32(data.count)).encode(into: UnsafeMutableRawBufferPointer(rebasing: request[16...]))
+    do throws(Errno) { try channel.send(UnsafeRawBufferPointer(request), data) } catch { throw .system(error) }
+    try receiveAck(id: id)
   }
 
   /// Sends a REGION_WRITE of `data` without waiting; returns its message id.

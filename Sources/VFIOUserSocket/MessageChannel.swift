@@ -166,12 +166,13 @@ public final class MessageChannel {
   }
 
   /// Receives the next message when its layout is known: `head` bytes of
-  /// fixed payload, then data copied straight into `data` (the large
-  /// REGION_READ reply path: the bulk skips the receive buffer). Returns the
-  /// header; an error reply (header only) leaves `head` and `data` untouched.
-  /// A message of any other size is discarded and reported as EPROTO.
+  /// fixed payload, then up to `data.count` bytes of data copied straight into
+  /// `data` (large REGION_READ and MIG_DATA_READ replies: the bulk skips the
+  /// receive buffer). Returns the header and the data length; an error reply
+  /// (header only) leaves `head` and `data` untouched. A message of any other
+  /// size is discarded and reported as EPROTO. nil when the peer closed.
   public func receiveDirect(head: UnsafeMutableRawBufferPointer, data: UnsafeMutableRawBufferPointer)
-    throws(Errno) -> MessageHeader?
+    throws(Errno) -> (header: MessageHeader, count: Int)?
   {
     while end - start < MessageHeader.size + head.count {
       if end - start >= MessageHeader.size,
@@ -188,26 +189,28 @@ public final class MessageChannel {
     fds.closeAll()
     if header.size == UInt32(MessageHeader.size) {
       start += MessageHeader.size
-      return header
+      return (header, 0)
     }
-    guard Int(header.size) == MessageHeader.size + head.count + data.count else {
-      if Int(header.size) <= end - start {
-        start += Int(header.size)
+    let size = Int(header.size)
+    guard size >= MessageHeader.size + head.count, size <= MessageHeader.size + head.count + data.count else {
+      if size <= end - start {
+        start += size
       } else {
-        discardRemaining = UInt64(Int(header.size) - (end - start))
+        discardRemaining = UInt64(size - (end - start))
         start = end
       }
       throw .protocolError
     }
+    let count = size - MessageHeader.size - head.count
     start += MessageHeader.size
     head.copyMemory(from: UnsafeRawBufferPointer(rebasing: buffer[start..<(start + head.count)]))
     start += head.count
-    let buffered = min(end - start, data.count)
+    let buffered = min(end - start, count)
     data.copyMemory(from: UnsafeRawBufferPointer(rebasing: buffer[start..<(start + buffered)]))
     start += buffered
     var got = buffered
-    while got < data.count {
-      let n = recv(fd, data.baseAddress! + got, data.count - got, 0)
+    while got < count {
+      let n = recv(fd, data.baseAddress! + got, count - got, 0)
       if n == 0 { return nil }
       if n < 0 {
         if errno == EINTR { continue }
@@ -215,7 +218,7 @@ public final class MessageChannel {
       }
       got += n
     }
-    return header
+    return (header, count)
   }
 
   /// Descriptors of the message at [messageStart, messageEnd) if it is the
