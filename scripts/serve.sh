@@ -5,5 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
-swift build -c release --product xe-vfio-user >&2
+# A static Swift runtime: fewer instructions per request (no PLT or dynamic TLS) and a smaller RSS.
+swift build -c release --static-swift-stdlib --product xe-vfio-user >&2
 exec .build/release/xe-vfio-user serve "$@"

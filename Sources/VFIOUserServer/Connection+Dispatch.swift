@@ -22,7 +22,7 @@ extension Connection {
       if header.wantsReply { sendError(to: header, .noFunction) }
       return nil
     }
-    if logger.logLevel <= .trace {
+    if traceEnabled {
       logger.trace("<- \(command) id=\(header.messageID) size=\(header.size) fds=\(message.fds.count)")
     }
     if command == .version { return handleVersion(header, message.payload, fds: &message.fds) }

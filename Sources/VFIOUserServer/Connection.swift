@@ -26,6 +26,8 @@ final class Connection {
   let stats: ServerStatistics
 
   var negotiated = false
+  /// Read once: asking the log handler per message costs more than the request itself.
+  let traceEnabled: Bool
   var clientCapabilities = Capabilities()
   var dmaLayout: DMATransferLayout = .spec
   var writeMultipleNegotiated = false
@@ -59,6 +61,7 @@ final class Connection {
     self.limits = limits
     self.logger = logger
     self.stats = stats
+    traceEnabled = logger.logLevel <= .trace
     channel = MessageChannel(
       fd: fd, capacity: limits.maxMessageSize + 64 * 1024, maxMessageSize: ServerLimits.maxVersionMessage)
     channel.maxFDs = Int(limits.maxMsgFDs)

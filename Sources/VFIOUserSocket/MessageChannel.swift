@@ -64,6 +64,7 @@ public struct FDList {
   }
 
   public mutating func closeAll() {
+    guard count > 0 else { return }
     for i in 0..<count { _ = close(self[i]) }
     self = FDList()
   }
@@ -223,6 +224,7 @@ public final class MessageChannel {
 
   /// Descriptors of the message at [messageStart, messageEnd) if it is the
   /// last message beginning inside the recvmsg chunk that carried them.
+  @inline(__always)
   private func takeFDs(messageStart: UInt64, messageEnd: UInt64) -> FDList {
     guard !fdBatch.isEmpty else { return FDList() }
     if messageStart < fdChunkEnd, messageEnd >= fdChunkEnd {
