@@ -2,14 +2,14 @@
 // and this project builds for little-endian Linux only.
 
 extension UnsafeRawBufferPointer {
-  @inlinable func u8(_ offset: Int) -> UInt8 { self[offset] }
-  @inlinable func u16(_ offset: Int) -> UInt16 { loadUnaligned(fromByteOffset: offset, as: UInt16.self) }
-  @inlinable func u32(_ offset: Int) -> UInt32 { loadUnaligned(fromByteOffset: offset, as: UInt32.self) }
-  @inlinable func u64(_ offset: Int) -> UInt64 { loadUnaligned(fromByteOffset: offset, as: UInt64.self) }
+  @inlinable public func u8(_ offset: Int) -> UInt8 { self[offset] }
+  @inlinable public func u16(_ offset: Int) -> UInt16 { loadUnaligned(fromByteOffset: offset, as: UInt16.self) }
+  @inlinable public func u32(_ offset: Int) -> UInt32 { loadUnaligned(fromByteOffset: offset, as: UInt32.self) }
+  @inlinable public func u64(_ offset: Int) -> UInt64 { loadUnaligned(fromByteOffset: offset, as: UInt64.self) }
 }
 
 extension UnsafeMutableRawBufferPointer {
-  @inlinable func put<T: FixedWidthInteger>(_ value: T, at offset: Int) {
+  @inlinable public func put<T: FixedWidthInteger>(_ value: T, at offset: Int) {
     storeBytes(of: value, toByteOffset: offset, as: T.self)
   }
 }

@@ -108,17 +108,32 @@ extension VFIOUserClient {
     return reply.payload.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
   }
 
+  /// DMA_MAP, optionally with the fd that backs the window (sent with SCM_RIGHTS). No allocation.
   public func dmaMap(address: UInt64, size: UInt64, flags: UInt32, fd: Int32? = nil, offset: UInt64 = 0)
     throws(VFIOUserClientError)
   {
-    try request(
-      .dmaMap, payload: DMAMapRequest(flags: flags, offset: offset, address: address, size: size).encoded(),
-      fds: fd.map { [$0] } ?? [])
+    let id = allocateID()
+    let request = UnsafeMutableRawBufferPointer(rebasing: requestScratch[0..<48])
+    MessageHeader(messageID: id, command: .dmaMap, size: 48).encode(into: request)
+    DMAMapRequest(flags: flags, offset: offset, address: address, size: size).encode(
+      into: UnsafeMutableRawBufferPointer(rebasing: request[16...]))
+    do throws(Errno) {
+      try channel.send(UnsafeRawBufferPointer(request), UnsafeRawBufferPointer(start: nil, count: 0), fd: fd ?? -1)
+    } catch { throw .system(error) }
+    try receiveAck(id: id)
   }
 
+  /// DMA_UNMAP of an exact window; returns the echoed entry.
   @discardableResult
   public func dmaUnmap(address: UInt64, size: UInt64) throws(VFIOUserClientError) -> DMAUnmapPayload {
-    try decode(DMAUnmapPayload.self, request(.dmaUnmap, payload: DMAUnmapPayload(address: address, size: size).encoded()))
+    let id = allocateID()
+    let request = UnsafeMutableRawBufferPointer(rebasing: requestScratch[0..<40])
+    MessageHeader(messageID: id, command: .dmaUnmap, size: 40).encode(into: request)
+    let entry = DMAUnmapPayload(address: address, size: size)
+    entry.encode(into: UnsafeMutableRawBufferPointer(rebasing: request[16...]))
+    do throws(Errno) { try channel.send(UnsafeRawBufferPointer(request)) } catch { throw .system(error) }
+    let echoed = try receiveAck(id: id, payload: DMAUnmapPayload.size)
+    return DMAUnmapPayload(flags: echoed.u32(4), address: echoed.u64(8), size: echoed.u64(16), argsz: echoed.u32(0))
   }
 
   @discardableResult
@@ -259,15 +274,24 @@ extension VFIOUserClient {
     return id
   }
 
-  /// Receives a plain (header-and-fixed-part) reply to message `id`.
-  public func receiveAck(id: UInt16) throws(VFIOUserClientError) {
+  /// Receives the reply to message `id`; its payload (`payload` bytes expected) is copied to scratch.
+  @discardableResult
+  public func receiveAck(id: UInt16, payload: Int = -1) throws(VFIOUserClientError) -> UnsafeRawBufferPointer {
     let result: ReceiveResult
     do throws(Errno) { result = try channel.receive() } catch { throw .system(error) }
     guard case .message(var message) = result else { throw .disconnected }
     message.fds.closeAll()
-    guard message.header.messageID == id else { throw .protocolViolation("reply id \(message.header.messageID) for \(id)") }
+    guard message.header.messageID == id, message.header.isReply else {
+      throw .protocolViolation("reply id \(message.header.messageID) for \(id)")
+    }
     if message.header.isError {
       throw .server(Errno(rawValue: Int32(bitPattern: message.header.error)), command: message.header.command)
     }
+    guard payload < 0 || message.payload.count == payload, message.payload.count <= 32 || payload < 0 else {
+      throw .protocolViolation("reply payload of \(message.payload.count) bytes")
+    }
+    let area = UnsafeMutableRawBufferPointer(rebasing: requestScratch[32..<(32 + min(32, message.payload.count))])
+    area.copyMemory(from: UnsafeRawBufferPointer(rebasing: message.payload[0..<area.count]))
+    return UnsafeRawBufferPointer(area)
   }
 }
