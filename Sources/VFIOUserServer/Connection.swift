@@ -121,16 +121,20 @@ final class Connection {
   }
 
   /// Releases everything the client gave: DMA mappings, eventfds, in-flight
-  /// transfers; then resets the device so the next client finds it clean.
+  /// transfers; then resets the device so the next client finds it clean
+  /// (unless configured to keep a RUNNING device's state).
   private func teardown() {
     abortDMAJobs()
     for region in dma.removeAll() { backend.dmaUnmapped(region) }
     for configuration in irqs.removeAll() { try? backend.irqsChanged(configuration) }
     deferred = []
-    if let state = migration?.state, state != .running {
-      logger.warning("client left in migration state \(state): stream invalidated, device reset to RUNNING")
+    let midMigration = migration.map { $0.state != .running } ?? false
+    if midMigration {
+      logger.warning("client left in migration state \(migration!.state): stream invalidated, device reset to RUNNING")
     }
-    do { try backend.reset() } catch { logger.warning("device reset after hang-up failed: \(error)") }
+    if limits.resetOnDisconnect || midMigration {
+      do { try backend.reset() } catch { logger.warning("device reset after hang-up failed: \(error)") }
+    }
     migration?.reset()
     backend.attach(host: nil)
     stats.update { $0.dmaRegions = 0; $0.irqFDs = 0 }

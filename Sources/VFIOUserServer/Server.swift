@@ -173,7 +173,8 @@ public final class VFIOUserServer: Sendable {
         $0.clientConnected = false
         $0.lastEnd = end
       }
-      connectionLogger.info("client disconnected (\(end)); device reset, DMA and eventfds released")
+      connectionLogger.info(
+        "client disconnected (\(end)); DMA and eventfds released\(limits.resetOnDisconnect ? ", device reset" : "")")
       done.signal()
     }
     thread.name = "vfio-user-client"

@@ -13,6 +13,11 @@ public struct ServerLimits: Sendable, Equatable {
   public var pgsizes: UInt64 = 4096
   /// How DMA_READ / DMA_WRITE are laid out; `nil` picks per client (see `Connection`).
   public var dmaLayout: DMATransferLayout? = nil
+  /// Reset the device when a client hangs up (the default). When false the
+  /// device keeps its state for the next client, as the spec suggests, which a
+  /// `restore` followed by a VMM needs; a client that leaves mid-migration
+  /// (any state but RUNNING) still gets the device reset to RUNNING.
+  public var resetOnDisconnect = true
   /// Milliseconds a refused second client gets to send its VERSION before it is dropped.
   public var refusalTimeoutMilliseconds: Int32 = 1000
 

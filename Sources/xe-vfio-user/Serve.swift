@@ -42,6 +42,12 @@ struct Serve: ParsableCommand {
   @Option(help: "DMA_READ/DMA_WRITE layout: spec or qemu (default: qemu for QEMU clients, spec otherwise).")
   var dmaLayout: DMATransferLayout?
 
+  @Option(
+    help: ArgumentHelp(
+      "What a client's hang-up does to the device: reset (a clean device for the next client) or keep (its state stays, e.g. after `restore`; a client leaving mid-migration still resets it).",
+      valueName: "reset|keep"))
+  var onDisconnect: String = "reset"
+
   @Option(help: "Permissions of the socket file, in octal.")
   var socketMode: String = "0600"
 
@@ -59,6 +65,7 @@ struct Serve: ParsableCommand {
     guard maxDataXferSize.bytes >= 4096, maxDataXferSize.bytes <= UInt64(ServerLimits.largestDataXferSize) else {
       throw ValidationError("--max-data-xfer-size must be between 4K and 64M")
     }
+    guard ["reset", "keep"].contains(onDisconnect) else { throw ValidationError("--on-disconnect is reset or keep") }
     guard UInt32(socketMode, radix: 8) != nil else { throw ValidationError("--socket-mode must be octal, e.g. 0660") }
   }
 
@@ -76,6 +83,7 @@ struct Serve: ParsableCommand {
     limits.maxDMAMaps = maxDMAMaps
     limits.maxMsgFDs = maxMsgFDs
     limits.dmaLayout = dmaLayout
+    limits.resetOnDisconnect = onDisconnect == "reset"
     let server = VFIOUserServer(backend: device, limits: limits, logger: logger)
     let path = socketPath ?? defaultSocketPath
     if let fd {

@@ -264,3 +264,30 @@ struct MigrationTests {
     }
   }
 }
+
+@Suite("Keeping device state across clients")
+struct KeepOnDisconnectTests {
+  @Test func runningDeviceKeepsItsStateButMidMigrationStillResets() throws {
+    var limits = ServerLimits()
+    limits.resetOnDisconnect = false
+    try withServer(MigratingTestDevice(), limits: limits) { server, device in
+      let guest = GuestMemory(size: 1 << 16)
+      do {
+        let client = try server.connect()
+        try client.write32(region: 0, offset: 0, 0xabcd)
+        try client.dmaMap(address: 0x10000, size: 0x10000, flags: 3, fd: guest.fd)
+      }
+      #expect(server.waitFor { !$0.clientConnected })
+      #expect(device.resets == 0 && server.server.statistics.snapshot.dmaRegions == 0)
+      do {
+        let client = try server.connect()
+        #expect(try client.read32(region: 0, offset: 0) == 0xabcd)
+        try client.setMigrationState(.stopCopy)
+      }
+      #expect(server.waitFor { !$0.clientConnected })
+      #expect(device.resets == 1)
+      let client = try server.connect()
+      #expect(try client.migrationState() == .running)
+    }
+  }
+}
