@@ -27,6 +27,10 @@ struct DMAEngine {
   private(set) var completed: UInt32 = 0
   /// Bumped by every reset so completions of older transfers are recognised.
   private(set) var generation: UInt64 = 0
+  /// The transfer a doorbell started and that has not finished.
+  private(set) var accepted: Transfer?
+  /// A started transfer the paused VF has not run yet; it runs on resume.
+  var held: Transfer?
 
   var busy: Bool { status & R.statusBusy != 0 }
 
@@ -87,11 +91,12 @@ struct DMAEngine {
     }
     status = R.statusBusy
     let toDevice = ctrl & R.ctrlToDevice != 0
-    return Transfer(
+    accepted = Transfer(
       toDevice: toDevice, deviceOffset: toDevice ? dst : src, clientAddress: toDevice ? src : dst,
       length: UInt64(len),
       vector: ctrl & R.ctrlInterrupt != 0 ? (ctrl & R.ctrlVectorMask) >> R.ctrlVectorShift : nil,
       generation: generation)
+    return accepted
   }
 
   /// Sets error with `error` in the errno field, keeping busy and done.
@@ -105,6 +110,7 @@ struct DMAEngine {
   mutating func finish(_ transfer: Transfer, error: Errno?) -> Bool {
     guard transfer.generation == generation, busy else { return false }
     status &= ~R.statusBusy
+    accepted = nil
     if let error {
       fail(error)
     } else {
@@ -119,6 +125,11 @@ extension SimulatedXeVF {
   /// DOORBELL was written: mark the engine busy and run the transfer once
   /// the reply to this write has gone out.
   func ringDoorbell(_ transfer: DMAEngine.Transfer) {
+    if workHeld {  // a paused VF keeps the doorbell and runs it on resume
+      dma.held = transfer
+      logger.debug("DMA doorbell held: the VF is paused")
+      return
+    }
     guard let host else {
       complete(transfer, .failure(.operationNotSupportedByDevice))
       return
@@ -134,6 +145,10 @@ extension SimulatedXeVF {
   /// Checks the transfer against the device state and hands it to the host.
   private func begin(_ transfer: DMAEngine.Transfer) {
     guard transfer.generation == dma.generation else { return }  // reset since the doorbell
+    if workHeld {  // paused between the doorbell and its start
+      dma.held = transfer
+      return
+    }
     guard config.busMasterEnabled else { return complete(transfer, .failure(.notPermitted)) }
     guard transfer.length > 0,
       memory.contains(offset: transfer.deviceOffset, length: transfer.length)
@@ -165,5 +180,36 @@ extension SimulatedXeVF {
     }
     if let error { logger.debug("DMA failed: \(error)") }
     if let vector = transfer.vector { raiseMSIX(vector) }
+  }
+}
+
+extension DMAEngine {
+  /// The engine as the GuC blob carries it. A transfer started but not
+  /// finished is carried as held, so the destination runs it on resume.
+  var gucRecord: GuCVFState.Engine {
+    let pending = held ?? (busy ? accepted : nil)
+    return GuCVFState.Engine(
+      src: src, dst: dst, len: len, ctrl: ctrl, status: status, completed: completed,
+      held: pending.map {
+        GuCVFState.HeldTransfer(
+          toDevice: $0.toDevice, deviceOffset: $0.deviceOffset, clientAddress: $0.clientAddress,
+          length: $0.length, vector: $0.vector)
+      })
+  }
+
+  /// Loads a restored engine, keeping this engine's generation.
+  mutating func load(_ saved: GuCVFState.Engine) {
+    src = saved.src
+    dst = saved.dst
+    len = saved.len
+    ctrl = saved.ctrl
+    status = saved.status
+    completed = saved.completed
+    held = saved.held.map {
+      Transfer(
+        toDevice: $0.toDevice, deviceOffset: $0.deviceOffset, clientAddress: $0.clientAddress,
+        length: $0.length, vector: $0.vector, generation: generation)
+    }
+    accepted = held
   }
 }

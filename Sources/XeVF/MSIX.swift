@@ -22,6 +22,8 @@ struct MSIXState {
   private(set) var pending: UInt64 = 0
   /// Whether the client drives this table (it wrote it since the last reset).
   private(set) var clientDrivesTable = false
+  /// Bit n: vector n was raised while the VF was paused; it is raised on resume.
+  var held: UInt64 = 0
 
   init() { table = Self.resetTable }
 
@@ -33,6 +35,7 @@ struct MSIXState {
     table = Self.resetTable
     pending = 0
     clientDrivesTable = false
+    held = 0
   }
 
   func isMasked(_ vector: Int) -> Bool {
@@ -84,6 +87,10 @@ extension SimulatedXeVF {
         "DMA completion asks for MSI-X vector \(vector), the device has \(MSIXState.vectors)")
       return
     }
+    if workHeld {  // no interrupts while paused
+      msix.held |= 1 << UInt64(vector)
+      return
+    }
     if msix.raise(Int(vector), functionOpen: config.msixOpen) {
       deliver(vector)
     } else {
@@ -93,6 +100,7 @@ extension SimulatedXeVF {
 
   /// Sends the pending vectors that masking no longer holds back.
   func deliverPendingMSIX() {
+    guard !workHeld else { return }
     for vector in msix.takeDeliverable(functionOpen: config.msixOpen) { deliver(vector) }
   }
 
@@ -102,5 +110,27 @@ extension SimulatedXeVF {
       return
     }
     host.triggerInterrupt(index: VFIOPCIIRQ.msix, vector: vector)
+  }
+}
+
+extension MSIXState {
+  /// The table, PBA and held vectors as the GuC blob carries them.
+  var gucRecord: GuCVFState.MSIX {
+    GuCVFState.MSIX(
+      table: table, pending: pending, clientDrivesTable: clientDrivesTable, held: held)
+  }
+
+  mutating func load(_ saved: GuCVFState.MSIX) {
+    guard saved.table.count == table.count else { return }
+    table = saved.table
+    pending = saved.pending
+    clientDrivesTable = saved.clientDrivesTable
+    held = saved.held
+  }
+
+  /// Clears and returns the vectors held while paused.
+  mutating func takeHeld() -> [UInt32] {
+    defer { held = 0 }
+    return (0..<UInt32(Self.vectors)).filter { held & 1 << UInt64($0) != 0 }
   }
 }

@@ -26,6 +26,18 @@ struct RegisterFile {
     ggtt = Array(repeating: 0, count: ggtt.count)
   }
 
+  /// Restores GT `gt`'s scratch registers (a migration's MMIO packet).
+  mutating func load(scratch values: [UInt32], gt: Int) {
+    guard scratch.indices.contains(gt), values.count == scratch[gt].count else { return }
+    scratch[gt] = values
+  }
+
+  /// Restores the VF's GGTT PTEs (a migration's GGTT packet).
+  mutating func load(ggtt ptes: [UInt64]) {
+    guard ptes.count == ggtt.count else { return }
+    ggtt = ptes
+  }
+
   private func scratchSlot(_ offset: UInt64) -> (gt: Int, index: Int)? {
     for gt in scratch.indices {
       let base = XeSimRegisters.scratch(gt: gt, index: 0)

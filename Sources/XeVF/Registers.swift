@@ -65,6 +65,8 @@ public enum XeSimRegisters {
   /// transfer clears done, error and errno; every started transfer, failed or
   /// not, bumps COMPLETED and, when CTRL asks for it, raises its MSI-X vector.
   /// A reset makes the engine idle and drops the completions still to come.
+  /// While the VF is paused for migration a doorbell is accepted (busy) but
+  /// its transfer starts only on resume, and interrupts wait for resume too.
   public enum DMA {
     public static let base: UInt64 = 0x3F_0000
     /// u64: device memory offset (to client) or client address (to device).

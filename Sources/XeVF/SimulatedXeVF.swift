@@ -5,7 +5,8 @@ import VFIOUserServer
 
 /// A software Intel Xe SR-IOV VF: config space, BAR0 registers and GGTT
 /// window, VRAM as BAR2 (bmg), MSI-X, FLR, and a DMA engine that exercises
-/// the server's DMA and interrupt paths.
+/// the server's DMA and interrupt paths. Behind it sits the PF's side of
+/// live migration (`SimulatedPF`, Migration/): pause, save, restore, FLR.
 ///
 /// Not Sendable: one connection thread owns it, and every call, the host's
 /// deferred work and DMA completions included, arrives on that thread.
@@ -13,6 +14,9 @@ public final class SimulatedXeVF: VFIODeviceBackend {
   public let profile: XeProfile
   /// Size of BAR2 (0 on profiles without VRAM).
   public let vramSize: UInt64
+  /// The PF's 1-based number for this VF (`pci_iov_vf_id + 1`); its GGTT
+  /// PTEs carry it in the VFID field.
+  public let vfid: UInt16
   var logger: Logger
   /// VRAM, or the SRAM block on profiles without VRAM.
   let memory: DeviceMemory
@@ -20,6 +24,9 @@ public final class SimulatedXeVF: VFIODeviceBackend {
   var registers: RegisterFile
   var msix = MSIXState()
   var dma = DMAEngine()
+  /// The PF's control state machine and migration data for this VF.
+  let pf: SimulatedPF
+  var migration = VFMigration()
   /// Held strongly until the server detaches it (`attach(host: nil)` on hang-up).
   var host: DeviceHost?
   public private(set) var resetCount = 0
@@ -32,12 +39,15 @@ public final class SimulatedXeVF: VFIODeviceBackend {
   ///   - vramSize: BAR2 size for profiles with VRAM: a power of two of at
   ///     least 1 MiB (default `profile.defaultVRAMSize`). Must be nil or 0 for
   ///     profiles without VRAM.
+  ///   - vfid: the PF's number for the VF, 1 or more.
   /// - Throws: EINVAL for a bad size, or the errno of memfd_create, ftruncate or mmap.
   public init(
-    profile: XeProfile = .bmg, vramSize: UInt64? = nil,
+    profile: XeProfile = .bmg, vramSize: UInt64? = nil, vfid: UInt16 = 1,
     logger: Logger = Logger(label: "xe-vfio-user.xe-vf")
   ) throws(Errno) {
+    guard vfid > 0, vfid < 1 << 10 else { throw .invalidArgument }  // the PTE's VFID field is 10 bits
     self.profile = profile
+    self.vfid = vfid
     self.logger = logger
     self.logger[metadataKey: "xe-vf"] = "\(profile.name)"
     if profile.hasVRAM {
@@ -52,7 +62,10 @@ public final class SimulatedXeVF: VFIODeviceBackend {
     }
     config = ConfigSpace(profile: profile, bar2Size: self.vramSize)
     registers = RegisterFile(profile: profile)
+    pf = SimulatedPF(profile: profile, vramSize: self.vramSize, logger: self.logger)
   }
+
+  deinit { pf.shutdown() }
 
   // MARK: Description
 
@@ -82,7 +95,8 @@ public final class SimulatedXeVF: VFIODeviceBackend {
     switch index {
     case VFIOPCIIRQ.intx:
       return IRQDescription(
-        index: index, count: 0, flags: eventfd | VFIOIRQInfoFlags.maskable | VFIOIRQInfoFlags.automasked)
+        index: index, count: 0,
+        flags: eventfd | VFIOIRQInfoFlags.maskable | VFIOIRQInfoFlags.automasked)
     case VFIOPCIIRQ.msi:
       return IRQDescription(index: index, count: 0, flags: eventfd | VFIOIRQInfoFlags.noresize)
     case VFIOPCIIRQ.msix:
@@ -92,7 +106,6 @@ public final class SimulatedXeVF: VFIODeviceBackend {
     default: return nil
     }
   }
-
 
   // MARK: Access
 
@@ -158,12 +171,15 @@ public final class SimulatedXeVF: VFIODeviceBackend {
   /// What both DEVICE_RESET and a config-space FLR do: config space, BAR0
   /// registers, GGTT, MSI-X table and PBA back to their reset values, and the
   /// DMA engine idle in a new generation so late completions are ignored.
-  /// Device memory keeps its contents (see `DeviceMemory`).
+  /// Device memory keeps its contents (see `DeviceMemory`). Around the
+  /// hardware reset runs the PF's FLR flow (`resetWithPF`).
   func functionLevelReset(reason: String) {
-    config.reset()
-    registers.reset()
-    msix.reset()
-    dma.reset()
+    resetWithPF {
+      config.reset()
+      registers.reset()
+      msix.reset()
+      dma.reset()
+    }
     resetCount += 1
     logger.debug("\(reason): function reset")
   }
