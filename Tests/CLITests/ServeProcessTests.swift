@@ -58,12 +58,18 @@ final class ServeProcess: @unchecked Sendable {
   }
 }
 
+/// Runs the executable with `arguments` (or a shell line given as `["__shell__", line]`).
 func run(_ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
   let process = Process()
   let out = Pipe()
   let err = Pipe()
-  process.executableURL = executable
-  process.arguments = arguments
+  if arguments.first == "__shell__" {
+    process.executableURL = URL(fileURLWithPath: "/bin/bash")
+    process.arguments = ["-c", "set -o pipefail; " + arguments[1]]
+  } else {
+    process.executableURL = executable
+    process.arguments = arguments
+  }
   process.standardOutput = out
   process.standardError = err
   try process.run()

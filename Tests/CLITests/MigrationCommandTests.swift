@@ -1,0 +1,147 @@
+import CVFIOUser
+import Foundation
+import Testing
+import VFIOUser
+import VFIOUserClient
+
+/// A pattern that differs per offset and per seed.
+func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
+  (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed) &+ $0 >> 9) }
+}
+
+let scratch0: UInt64 = 0x19_0240
+
+/// Fills VRAM (through BAR2 writes) and a scratch register, then hangs up.
+func loadDevice(_ serve: ServeProcess, vram: Int, seed: UInt8) throws -> [UInt8] {
+  let client = try serve.connect()
+  let data = pattern(vram, seed: seed)
+  var offset = 0
+  while offset < vram {
+    let n = min(1 << 20, vram - offset)
+    try client.write(region: VFIOPCIRegion.bar2, offset: UInt64(offset), data: Array(data[offset..<(offset + n)]))
+    offset += n
+  }
+  try client.write32(region: 0, offset: scratch0, 0x5eed_0000 | UInt32(seed))
+  return data
+}
+
+func readVRAM(_ client: VFIOUserClient, _ count: Int) throws -> [UInt8] {
+  var out: [UInt8] = []
+  while out.count < count {
+    out += try client.read(region: VFIOPCIRegion.bar2, offset: UInt64(out.count), count: min(1 << 20, count - out.count))
+  }
+  return out
+}
+
+func waitIdle(_ serve: ServeProcess) {
+  // The server serves the next client once the previous one is torn down.
+  usleep(100_000)
+}
+
+@Suite("migrate, save and restore as a user runs them", .serialized)
+struct MigrationCommandTests {
+  let vram = 16 << 20
+  var serveArguments: [String] { ["--vram-size", "16M", "--on-disconnect", "keep"] }
+
+  @Test func migrateMovesVRAMAndRegisters() throws {
+    let source = try ServeProcess(serveArguments)
+    let destination = try ServeProcess(serveArguments)
+    defer {
+      _ = source.stop()
+      _ = destination.stop()
+    }
+    let data = try loadDevice(source, vram: vram, seed: 7)
+    _ = try destination.connect()  // make sure it is up
+    waitIdle(source)
+    let result = try run(["migrate", "--from", source.socketPath, "--to", destination.socketPath])
+    #expect(result.status == 0, "\(result.stderr)")
+    #expect(result.stdout.contains("migrated") && result.stdout.contains("downtime") && result.stdout.contains("RUNNING"))
+    #expect(result.stderr.contains("migrating"))  // progress lines (not a terminal)
+    waitIdle(destination)
+    let client = try destination.connect()
+    #expect(try client.read32(region: 0, offset: scratch0) == 0x5eed_0007)
+    #expect(try readVRAM(client, vram) == data)
+  }
+
+  @Test func saveThenRestoreThroughAFileAndThroughAPipe() throws {
+    let source = try ServeProcess(serveArguments)
+    let first = try ServeProcess(serveArguments)
+    let second = try ServeProcess(serveArguments)
+    defer { [source, first, second].forEach { _ = $0.stop() } }
+    let data = try loadDevice(source, vram: vram, seed: 9)
+    _ = try first.connect()
+    _ = try second.connect()
+    waitIdle(source)
+    let file = source.directory + "/vf.xesave"
+    let save = try run(["save", "--socket-path", source.socketPath, "--output", file])
+    #expect(save.status == 0, "\(save.stderr)")
+    #expect(save.stderr.contains("saved"))
+    // The source keeps running after a checkpoint.
+    waitIdle(source)
+    let sourceClient = try source.connect()
+    #expect(try sourceClient.read32(region: 0, offset: scratch0) == 0x5eed_0009)
+    let restore = try run(["restore", "--socket-path", first.socketPath, "--input", file])
+    #expect(restore.status == 0, "\(restore.stderr)")
+    waitIdle(first)
+    let restored = try first.connect()
+    #expect(try restored.read32(region: 0, offset: scratch0) == 0x5eed_0009)
+    #expect(try readVRAM(restored, vram) == data)
+    // The same through a pipe, as `save -o - | ssh host restore -i -` would.
+    let binary = executable.path
+    let piped = try run(["__shell__", "\(binary) save -s \(first.socketPath) -o - --quiet | \(binary) restore -s \(second.socketPath) -i - --quiet"])
+    #expect(piped.status == 0, "\(piped.stderr)")
+    waitIdle(second)
+    let viaPipe = try second.connect()
+    #expect(try readVRAM(viaPipe, vram) == data)
+  }
+
+  @Test func restoreRefusesAnIncompatibleDeviceBeforeTouchingIt() throws {
+    let source = try ServeProcess(serveArguments)
+    let smaller = try ServeProcess(["--vram-size", "8M", "--on-disconnect", "keep"])
+    let integrated = try ServeProcess(["--profile", "ptl", "--on-disconnect", "keep"])
+    defer { [source, smaller, integrated].forEach { _ = $0.stop() } }
+    _ = try loadDevice(source, vram: vram, seed: 3)
+    let marker = try smaller.connect()
+    try marker.write32(region: 0, offset: scratch0, 0x1234)
+    _ = try integrated.connect()
+    waitIdle(source)
+    let file = source.directory + "/vf.xesave"
+    #expect(try run(["save", "-s", source.socketPath, "-o", file, "--quiet"]).status == 0)
+    waitIdle(smaller)
+    let vramMismatch = try run(["restore", "-s", smaller.socketPath, "-i", file])
+    #expect(vramMismatch.status != 0)
+    #expect(vramMismatch.stderr.contains("refusing to restore") && vramMismatch.stderr.contains("VRAM 16 MiB ≠ 8 MiB"))
+    let idMismatch = try run(["restore", "-s", integrated.socketPath, "-i", file])
+    #expect(idMismatch.stderr.contains("device id 8086:e211 ≠ 8086:b080"))
+    // Untouched: the register written before is still there, the device RUNNING.
+    waitIdle(smaller)
+    let check = try smaller.connect()
+    #expect(try check.read32(region: 0, offset: scratch0) == 0x1234)
+    // Not a save file at all.
+    let garbage = source.directory + "/garbage"
+    _ = FileManager.default.createFile(atPath: garbage, contents: Data("hello".utf8 + [UInt8](repeating: 0, count: 64)))
+    let bad = try run(["restore", "-s", smaller.socketPath, "-i", garbage])
+    #expect(bad.status != 0 && bad.stderr.contains("not an xe-vfio-user save file"))
+  }
+
+  @Test func failedMigrationLeavesTheSourceRunning() throws {
+    let source = try ServeProcess(serveArguments)
+    let destination = try ServeProcess(["--vram-size", "32M"])
+    defer {
+      _ = source.stop()
+      _ = destination.stop()
+    }
+    _ = try loadDevice(source, vram: vram, seed: 5)
+    _ = try destination.connect()
+    waitIdle(source)
+    let result = try run(["migrate", "--from", source.socketPath, "--to", destination.socketPath])
+    #expect(result.status != 0)
+    #expect(result.stderr.contains("compare devices failed"))
+    #expect(result.stderr.contains("source is RUNNING again"))
+    waitIdle(source)
+    let client = try source.connect()
+    #expect(try client.read32(region: 0, offset: scratch0) == 0x5eed_0005)
+    let state = try client.feature(flags: VFIODeviceFeatureFlags.get | VFIODeviceFeature.migDeviceState, argsz: 16)
+    #expect(state.data.prefix(4) == [2, 0, 0, 0])  // RUNNING
+  }
+}
