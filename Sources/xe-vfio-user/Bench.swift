@@ -32,8 +32,11 @@ struct Bench: ParsableCommand {
   @Flag(help: "Also count user-space instructions per 4-byte REGION_READ with valgrind (slow).")
   var instructions = false
 
-  @Option(help: "Comma-separated subset: read,write,inflight,large,dma,rss (default all).")
+  @Option(help: "Comma-separated subset: read,write,inflight,large,dma,rss,migration (default all).")
   var only: String?
+
+  @Option(help: "VRAM sizes for the migration figures.")
+  var migrationVRAM: [ByteSize] = [ByteSize(256 << 20), ByteSize(1 << 30), ByteSize(4 << 30)]
 
   func validate() throws {
     guard ["same", "split", "none"].contains(cpus) else { throw ValidationError("--cpus is same, split or none") }
@@ -43,7 +46,7 @@ struct Bench: ParsableCommand {
     let clientCPU: Int32? = cpus == "none" ? nil : 0
     let serverCPU: Int32? = cpus == "none" ? nil : (cpus == "split" ? 1 : 0)
     if let clientCPU { _ = cvfu_pin_to_cpu(clientCPU) }
-    let selected = Set((only ?? "read,write,inflight,large,dma,rss").split(separator: ",").map(String.init))
+    let selected = Set((only ?? "read,write,inflight,large,dma,rss,migration").split(separator: ",").map(String.init))
     var logger = Logger(label: "bench")
     logger.logLevel = .error
     let device = try SimulatedXeVF(profile: .bmg, vramSize: vramSize.bytes, logger: logger)
@@ -112,6 +115,23 @@ struct Bench: ParsableCommand {
       }
     }
     print(table.render())
+    if selected.contains("migration") {
+      var rows: [[String]] = [
+        ["VRAM", "stream", "MIG_DATA_READ", "MIG_DATA_WRITE", "migration", "downtime", "raw: memcpy", "raw: socket", "downtime ÷ socket", "peak extra memory"]
+      ]
+      for size in migrationVRAM {
+        let f = try MigrationBench.run(vram: size.bytes, logger: logger, serverCPU: serverCPU)
+        rows.append([
+          formatBytes(f.vram), formatRate(f.streamBytes), String(format: "%.2f GB/s", f.readRate / 1e9),
+          String(format: "%.2f GB/s", f.writeRate / 1e9), String(format: "%.3f s", f.migrationSeconds),
+          String(format: "%.3f s", f.downtime), String(format: "%.3f s", f.memcpySeconds),
+          String(format: "%.3f s", f.socketSeconds), String(format: "%.2f×", f.downtime / f.socketSeconds),
+          String(format: "%.1f MiB", Double(f.peakAnonGrowth) / 1_048_576),
+        ])
+      }
+      print("\nMigration of the simulated BMG VF (targets: MIG_DATA_READ ≥ 4.4 GB/s, MIG_DATA_WRITE ≥ 3.9 GB/s, 4 GiB downtime ≤ 1.5× the raw socket stream):")
+      print(ReportTable(rows: rows).render())
+    }
   }
 
   private func readOnce(_ client: VFIOUserClient, _ offset: UInt64, _ count: UInt32, region: UInt32 = 0) throws {
@@ -278,6 +298,8 @@ final class BenchBuffer: @unchecked Sendable {
 struct ReportTable {
   var rows: [[String]] = [["figure", "xe-vfio-user", "raw socket", "ratio", "target"]]
 
+  init(rows: [[String]]? = nil) { if let rows { self.rows = rows } }
+
   mutating func latency(_ name: String, _ ours: LatencySummary, _ floor: LatencySummary) {
     rows.append([
       "\(name) p50", String(format: "%.2f µs", ours.p50), String(format: "%.2f µs", floor.p50),
@@ -308,7 +330,7 @@ struct ReportTable {
   }
 
   func render() -> String {
-    let widths = (0..<5).map { c in rows.map { $0[c].count }.max() ?? 0 }
+    let widths = (0..<rows[0].count).map { c in rows.map { $0[c].count }.max() ?? 0 }
     return rows.map { row in
       row.enumerated().map { $1.padding(toLength: widths[$0] + 2, withPad: " ", startingAt: 0) }.joined()
     }.joined(separator: "\n")

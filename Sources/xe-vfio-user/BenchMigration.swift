@@ -1,0 +1,183 @@
+import CVFIOUser
+import Foundation
+import Logging
+import Synchronization
+import VFIOUser
+import VFIOUserClient
+import VFIOUserServer
+import XeVF
+
+/// Migration figures for one VRAM size, each with its in-run raw limits.
+struct MigrationFigures {
+  var vram: UInt64
+  var streamBytes: UInt64
+  var readRate: Double
+  var writeRate: Double
+  var migrationSeconds: Double
+  var downtime: Double
+  var memcpySeconds: Double
+  var socketSeconds: Double
+  var peakAnonGrowth: Int
+}
+
+enum MigrationBench {
+  /// Two in-process servers with simulated BMG VFs of `vram` bytes; the source's VRAM holds data.
+  static func run(vram: UInt64, logger: Logger, serverCPU: Int32?) throws -> MigrationFigures {
+    let pid = getpid()
+    let source = try SimulatedXeVF(profile: .bmg, vramSize: vram, logger: logger)
+    let destination = try SimulatedXeVF(profile: .bmg, vramSize: vram, logger: logger)
+    source.withDeviceMemory { memory in
+      // Distinct bytes everywhere, so nothing in the path can take a zero-page shortcut.
+      let words = memory.bindMemory(to: UInt64.self)
+      for i in words.indices { words[i] = UInt64(i) &* 0x9E37_79B9_7F4A_7C15 }
+    }
+    var limits = ServerLimits()
+    limits.resetOnDisconnect = false
+    let setup: @Sendable () -> Void = { if let serverCPU { _ = cvfu_pin_to_cpu(serverCPU) } }
+    let sourceServer = VFIOUserServer(backend: source, limits: limits, logger: logger, connectionThreadSetup: setup)
+    let destinationServer = VFIOUserServer(backend: destination, limits: limits, logger: logger, connectionThreadSetup: setup)
+    let a = "/tmp/xe-vfio-user-mig-\(pid)-a.sock"
+    let b = "/tmp/xe-vfio-user-mig-\(pid)-b.sock"
+    try sourceServer.listen(socketPath: a)
+    try destinationServer.listen(socketPath: b)
+    sourceServer.start()
+    destinationServer.start()
+    defer {
+      sourceServer.stop()
+      destinationServer.stop()
+    }
+    let src = try VFIOUserClient.connect(path: a)
+    let dst = try VFIOUserClient.connect(path: b)
+    _ = cvfu_socket_buffers(src.channel.fd, 4 << 20)
+    _ = cvfu_socket_buffers(dst.channel.fd, 4 << 20)
+    let chunk = migrationChunk(src, dst)
+    let quiet = ProgressReporter(label: "", total: 0, enabled: false)
+
+    // 1. MIG_DATA_READ: the whole stream, kept in memory for the write figure.
+    let capacity = Int(vram) + (64 << 20)
+    let saved = UnsafeMutableRawBufferPointer.allocate(byteCount: capacity, alignment: 4096)
+    defer { saved.deallocate() }
+    try src.setState(.stopCopy)
+    var length = 0
+    var t0 = now()
+    _ = try pumpStream(from: src, chunk: chunk, progress: quiet) { data in
+      UnsafeMutableRawBufferPointer(rebasing: saved[length..<(length + data.count)]).copyMemory(from: data)
+      length += data.count
+    }
+    let readRate = Double(length) / (Double(now() - t0) / 1e9)
+    try src.setState(.running)
+
+    // 2. MIG_DATA_WRITE of the saved stream, 1 MiB messages.
+    try dst.setState(.resuming)
+    t0 = now()
+    var offset = 0
+    while offset < length {
+      let n = min(chunk, length - offset)
+      try dst.migDataWrite(from: UnsafeRawBufferPointer(rebasing: saved[offset..<(offset + n)]))
+      offset += n
+    }
+    let writeRate = Double(length) / (Double(now() - t0) / 1e9)
+    try dst.setState(.running)
+
+    // 3. A full migration, as `migrate` does it, watching the process's private memory.
+    let baseline = anonKiB()
+    let peak = Atomic<Int>(baseline)
+    let sampling = Atomic<Bool>(true)
+    let sampler = Thread {
+      while sampling.load(ordering: .relaxed) {
+        let now = anonKiB()
+        if now > peak.load(ordering: .relaxed) { peak.store(now, ordering: .relaxed) }
+        usleep(5_000)
+      }
+    }
+    sampler.start()
+    let start = now()
+    try dst.setState(.resuming)
+    let downtimeStart = now()
+    try src.setState(.stopCopy)
+    let moved = try pumpStream(from: src, chunk: chunk, progress: quiet) { try dst.migDataWrite(from: $0) }
+    try src.setState(.stop)
+    try dst.setState(.running)
+    let end = now()
+    sampling.store(false, ordering: .relaxed)
+    usleep(10_000)
+    try src.setState(.running)
+
+    // Raw limits for the same bytes: a memory copy, and a plain Unix-socket stream.
+    let memcpySeconds = copySeconds(bytes: Int(moved))
+    let socketSeconds = SocketFloor.streamSeconds(bytes: Int(moved), chunk: chunk, serverCPU: serverCPU)
+    return MigrationFigures(
+      vram: vram, streamBytes: moved, readRate: readRate, writeRate: writeRate,
+      migrationSeconds: Double(end - start) / 1e9, downtime: Double(end - downtimeStart) / 1e9,
+      memcpySeconds: memcpySeconds, socketSeconds: socketSeconds,
+      peakAnonGrowth: (peak.load(ordering: .relaxed) - baseline) * 1024)
+  }
+
+  /// RssAnon of this process in KiB (VRAM is shared memory and not counted).
+  static func anonKiB() -> Int {
+    guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+      let line = status.split(separator: "\n").first(where: { $0.hasPrefix("RssAnon:") })
+    else { return 0 }
+    return Int(line.split(separator: " ", omittingEmptySubsequences: true)[1]) ?? 0
+  }
+
+  /// Seconds to memcpy `bytes` (1 MiB at a time out of a large buffer, like the stream).
+  static func copySeconds(bytes: Int) -> Double {
+    let size = min(bytes, 256 << 20)
+    let a = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 4096)
+    let b = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 4096)
+    a.initializeMemory(as: UInt8.self, repeating: 1)
+    b.initializeMemory(as: UInt8.self, repeating: 2)
+    defer {
+      a.deallocate()
+      b.deallocate()
+    }
+    let t0 = now()
+    var done = 0
+    while done < bytes {
+      let n = min(size, bytes - done)
+      b.baseAddress!.copyMemory(from: a.baseAddress!, byteCount: n)
+      done += n
+    }
+    return Double(now() - t0) / 1e9
+  }
+}
+
+extension SocketFloor {
+  /// Seconds to push `bytes` through a Unix stream socket between two threads, `chunk` at a time.
+  static func streamSeconds(bytes: Int, chunk: Int, serverCPU: Int32?) -> Double {
+    var pair: [Int32] = [-1, -1]
+    precondition(cvfu_socketpair(&pair) == 0)
+    _ = cvfu_socket_buffers(pair[0], 4 << 20)
+    _ = cvfu_socket_buffers(pair[1], 4 << 20)
+    let writerFD = pair[1]
+    let done = DispatchSemaphore(value: 0)
+    Thread {
+      if let serverCPU { _ = cvfu_pin_to_cpu(serverCPU) }
+      let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+      buffer.initializeMemory(as: UInt8.self, repeating: 3)
+      var sent = 0
+      while sent < bytes {
+        let n = min(chunk, bytes - sent)
+        guard writeFully(writerFD, buffer.baseAddress!, n) else { break }
+        sent += n
+      }
+      buffer.deallocate()
+      done.signal()
+    }.start()
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+    defer { buffer.deallocate() }
+    let t0 = now()
+    var got = 0
+    while got < bytes {
+      let n = read(pair[0], buffer.baseAddress!, min(chunk, bytes - got))
+      if n <= 0 { break }
+      got += n
+    }
+    let seconds = Double(now() - t0) / 1e9
+    done.wait()
+    close(pair[0])
+    close(pair[1])
+    return seconds
+  }
+}
