@@ -57,9 +57,9 @@ struct Info: ParsableCommand {
       report = try Self.gather(socketPath: socketPath)
     } catch let error as VFIOUserClientError {
       if case .server(.resourceBusy, _) = error {
-        throw ValidationError("\(socketPath): the server already has a client (a VMM is attached)")
+        throw CLIError("\(socketPath): the server already has a client (a VMM is attached)")
       }
-      throw ValidationError("\(socketPath): \(error)")
+      throw CLIError("\(socketPath): \(error)")
     }
     if json {
       let encoder = JSONEncoder()

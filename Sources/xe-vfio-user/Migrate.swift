@@ -23,6 +23,8 @@ struct Migrate: ParsableCommand {
   func run() throws {
     let source = try step(.connect) { try VFIOUserClient.connect(path: from) }
     let destination = try step(.connect) { try VFIOUserClient.connect(path: to) }
+    // RESUMING → STOP may wait for the PF up to 20 s per GT (the kernel's restore timeout).
+    for client in [source, destination] { client.timeoutMilliseconds = migrationTimeout }
     let result: (bytes: UInt64, seconds: Double, downtime: Double)
     do {
       result = try migrate(source, destination)
@@ -42,11 +44,11 @@ struct Migrate: ParsableCommand {
     for client in [source, destination] {
       let flags = try step(.probe) { try client.migrationFlags() }
       guard flags.contains(.stopCopy) else {
-        throw StepError(step: .probe, underlying: ValidationError("the device does not support STOP_COPY"))
+        throw StepError(step: .probe, underlying: CLIError("the device does not support STOP_COPY"))
       }
     }
     let (a, b) = try step(.identity) { (try DeviceIdentity.read(from: source), try DeviceIdentity.read(from: destination)) }
-    if let why = a.incompatibility(with: b) { throw StepError(step: .identity, underlying: ValidationError(why)) }
+    if let why = a.incompatibility(with: b) { throw StepError(step: .identity, underlying: CLIError(why)) }
     let estimate = source.stopCopyEstimate()
     try step(.resuming) { try destination.setState(.resuming) }
     let downtimeStart = now()
@@ -100,12 +102,13 @@ struct Save: ParsableCommand {
 
   func run() throws {
     let client = try step(.connect) { try VFIOUserClient.connect(path: socketPath) }
+    client.timeoutMilliseconds = migrationTimeout
     let handle: FileHandle
     if output == "-" {
       handle = .standardOutput
     } else {
       guard FileManager.default.createFile(atPath: output, contents: nil) else {
-        throw ValidationError("cannot create \(output)")
+        throw CLIError("cannot create \(output)")
       }
       handle = try FileHandle(forWritingTo: URL(fileURLWithPath: output))
     }
@@ -154,9 +157,10 @@ struct Restore: ParsableCommand {
     let handle = input == "-" ? FileHandle.standardInput : try FileHandle(forReadingFrom: URL(fileURLWithPath: input))
     let header = try SaveFileHeader.read(from: handle)
     let client = try step(.connect) { try VFIOUserClient.connect(path: socketPath) }
+    client.timeoutMilliseconds = migrationTimeout
     let identity = try step(.identity) { try DeviceIdentity.read(from: client) }
     if let why = header.identity.incompatibility(with: identity) {
-      throw ValidationError("refusing to restore: the stream is from \(header.identity), this device is \(identity): \(why)")
+      throw CLIError("refusing to restore: the stream is from \(header.identity), this device is \(identity): \(why)")
     }
     do {
       _ = try step(.probe) { try client.migrationFlags() }

@@ -60,11 +60,11 @@ struct SaveFileHeader: Codable {
   /// Reads the header from `input`; the stream bytes follow it.
   static func read(from input: FileHandle) throws -> SaveFileHeader {
     let fixed = try readExactly(input, 16)
-    guard Array(fixed[0..<8]) == magic else { throw ValidationError("not an xe-vfio-user save file (bad magic)") }
+    guard Array(fixed[0..<8]) == magic else { throw CLIError("not an xe-vfio-user save file (bad magic)") }
     let version = fixed[8..<12].withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }
-    guard version == Self.version else { throw ValidationError("save file format \(version) is not supported (this is \(Self.version))") }
+    guard version == Self.version else { throw CLIError("save file format \(version) is not supported (this is \(Self.version))") }
     let length = Int(fixed[12..<16].withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) })
-    guard length < 1 << 20 else { throw ValidationError("save file header is corrupt") }
+    guard length < 1 << 20 else { throw CLIError("save file header is corrupt") }
     return try JSONDecoder().decode(SaveFileHeader.self, from: Data(try readExactly(input, length)))
   }
 }
@@ -75,7 +75,7 @@ func readExactly(_ handle: FileHandle, _ count: Int) throws -> [UInt8] {
   var out: [UInt8] = []
   while out.count < count {
     guard let data = try handle.read(upToCount: count - out.count), !data.isEmpty else {
-      throw ValidationError("unexpected end of input")
+      throw CLIError("unexpected end of input")
     }
     out += data
   }
@@ -251,3 +251,13 @@ func pumpStream(
 func migrationChunk(_ clients: VFIOUserClient...) -> Int {
   Int(clients.map { $0.serverCapabilities.effectiveMaxDataXferSize }.min() ?? 1 << 20)
 }
+
+/// A failure at run time (not a usage mistake): printed as "Error: …" without the usage text.
+struct CLIError: Error, CustomStringConvertible {
+  var description: String
+  init(_ description: String) { self.description = description }
+}
+
+/// How long a migration command waits for one reply: longer than the PF's
+/// slowest bounded step (restore completion, 20 s for each of two GTs).
+let migrationTimeout: Int32 = 60_000

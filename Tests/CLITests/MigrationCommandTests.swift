@@ -78,14 +78,20 @@ struct MigrationCommandTests {
     #expect(save.stderr.contains("saved"))
     // The source keeps running after a checkpoint.
     waitIdle(source)
-    let sourceClient = try source.connect()
-    #expect(try sourceClient.read32(region: 0, offset: scratch0) == 0x5eed_0009)
+    do {
+      let sourceClient = try source.connect()
+      #expect(try sourceClient.read32(region: 0, offset: scratch0) == 0x5eed_0009)
+    }
+    waitIdle(source)
     let restore = try run(["restore", "--socket-path", first.socketPath, "--input", file])
     #expect(restore.status == 0, "\(restore.stderr)")
     waitIdle(first)
-    let restored = try first.connect()
-    #expect(try restored.read32(region: 0, offset: scratch0) == 0x5eed_0009)
-    #expect(try readVRAM(restored, vram) == data)
+    do {
+      let restored = try first.connect()
+      #expect(try restored.read32(region: 0, offset: scratch0) == 0x5eed_0009)
+      #expect(try readVRAM(restored, vram) == data)
+    }
+    waitIdle(first)
     // The same through a pipe, as `save -o - | ssh host restore -i -` would.
     let binary = executable.path
     let piped = try run(["__shell__", "\(binary) save -s \(first.socketPath) -o - --quiet | \(binary) restore -s \(second.socketPath) -i - --quiet"])
@@ -101,9 +107,11 @@ struct MigrationCommandTests {
     let integrated = try ServeProcess(["--profile", "ptl", "--on-disconnect", "keep"])
     defer { [source, smaller, integrated].forEach { _ = $0.stop() } }
     _ = try loadDevice(source, vram: vram, seed: 3)
-    let marker = try smaller.connect()
-    try marker.write32(region: 0, offset: scratch0, 0x1234)
-    _ = try integrated.connect()
+    do {
+      let marker = try smaller.connect()
+      try marker.write32(region: 0, offset: scratch0, 0x1234)
+      _ = try integrated.connect()
+    }
     waitIdle(source)
     let file = source.directory + "/vf.xesave"
     #expect(try run(["save", "-s", source.socketPath, "-o", file, "--quiet"]).status == 0)
@@ -115,8 +123,11 @@ struct MigrationCommandTests {
     #expect(idMismatch.stderr.contains("device id 8086:e211 ≠ 8086:b080"))
     // Untouched: the register written before is still there, the device RUNNING.
     waitIdle(smaller)
-    let check = try smaller.connect()
-    #expect(try check.read32(region: 0, offset: scratch0) == 0x1234)
+    do {
+      let check = try smaller.connect()
+      #expect(try check.read32(region: 0, offset: scratch0) == 0x1234)
+    }
+    waitIdle(smaller)
     // Not a save file at all.
     let garbage = source.directory + "/garbage"
     _ = FileManager.default.createFile(atPath: garbage, contents: Data("hello".utf8 + [UInt8](repeating: 0, count: 64)))
