@@ -120,6 +120,13 @@ int cvfu_pin_to_cpu(int cpu) {
   return sched_setaffinity(0, sizeof(set), &set) < 0 ? -errno : 0;
 }
 
+int cvfu_unpin(void) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  for (int cpu = 0; cpu < CPU_SETSIZE; cpu++) CPU_SET(cpu, &set);
+  return sched_setaffinity(0, sizeof(set), &set) < 0 ? -errno : 0;
+}
+
 int cvfu_socket_buffers(int sock, int bytes) {
   if (setsockopt(sock, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof(bytes)) < 0) return -errno;
   if (setsockopt(sock, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof(bytes)) < 0) return -errno;

@@ -249,6 +249,31 @@ extension VFIOUserClient {
     return count
   }
 
+  /// MIG_DATA_WRITE of `data` in `chunk`-byte messages, keeping up to `depth`
+  /// in flight so the server always has the next one queued.
+  public func migDataWrite(from data: UnsafeRawBufferPointer, chunk: Int, depth: Int) throws(VFIOUserClientError) {
+    var ids: [UInt16] = []
+    var head = 0
+    var offset = 0
+    while offset < data.count || head < ids.count {
+      if offset < data.count, ids.count - head < depth {
+        let n = min(chunk, data.count - offset)
+        let id = allocateID()
+        let request = UnsafeMutableRawBufferPointer(rebasing: requestScratch[0..<24])
+        MessageHeader(messageID: id, command: .migDataWrite, size: UInt32(24 + n)).encode(into: request)
+        MigDataHeader(argsz: 8, size: UInt32(n)).encode(into: UnsafeMutableRawBufferPointer(rebasing: request[16...]))
+        do throws(Errno) {
+          try channel.send(UnsafeRawBufferPointer(request), UnsafeRawBufferPointer(rebasing: data[offset..<(offset + n)]))
+        } catch { throw .system(error) }
+        ids.append(id)
+        offset += n
+      } else {
+        try receiveAck(id: ids[head])
+        head += 1
+      }
+    }
+  }
+
   /// MIG_DATA_WRITE of `data` without copying it.
   public func migDataWrite(from data: UnsafeRawBufferPointer) throws(VFIOUserClientError) {
     let id = allocateID()

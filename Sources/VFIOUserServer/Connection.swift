@@ -129,8 +129,14 @@ final class Connection {
     for configuration in irqs.removeAll() { try? backend.irqsChanged(configuration) }
     deferred = []
     let midMigration = migration.map { $0.state != .running } ?? false
-    if midMigration {
-      logger.warning("client left in migration state \(migration!.state): stream invalidated, device reset to RUNNING")
+    if let state = migration?.state, midMigration {
+      // Leaving a finished migration's source in STOP is normal; leaving a stream or ERROR is not.
+      let message: Logger.Message = "client left the device in \(state): device reset to RUNNING"
+      if state == .stopCopy || state == .resuming || state == .error {
+        logger.warning("\(message) (stream invalidated)")
+      } else {
+        logger.info(message)
+      }
     }
     if limits.resetOnDisconnect || midMigration {
       do { try backend.reset() } catch { logger.warning("device reset after hang-up failed: \(error)") }

@@ -119,8 +119,11 @@ struct Bench: ParsableCommand {
       var rows: [[String]] = [
         ["VRAM", "stream", "MIG_DATA_READ", "MIG_DATA_WRITE", "migration", "downtime", "raw: memcpy", "raw: socket", "downtime ÷ socket", "peak extra memory"]
       ]
+      // Migration runs several threads per side (reader, writer, servers, PF
+      // workers): pinning them all to one CPU would measure the scheduler.
+      _ = cvfu_unpin()
       for size in migrationVRAM {
-        let f = try MigrationBench.run(vram: size.bytes, logger: logger, serverCPU: serverCPU)
+        let f = try MigrationBench.run(vram: size.bytes, logger: logger, serverCPU: nil)
         rows.append([
           formatBytes(f.vram), formatRate(f.streamBytes), String(format: "%.2f GB/s", f.readRate / 1e9),
           String(format: "%.2f GB/s", f.writeRate / 1e9), String(format: "%.3f s", f.migrationSeconds),
@@ -129,7 +132,7 @@ struct Bench: ParsableCommand {
           String(format: "%.1f MiB", Double(f.peakAnonGrowth) / 1_048_576),
         ])
       }
-      print("\nMigration of the simulated BMG VF (targets: MIG_DATA_READ ≥ 4.4 GB/s, MIG_DATA_WRITE ≥ 3.9 GB/s, 4 GiB downtime ≤ 1.5× the raw socket stream):")
+      print("\nMigration of the simulated BMG VF, threads not pinned (targets: MIG_DATA_READ ≥ 4.4 GB/s, MIG_DATA_WRITE ≥ 3.9 GB/s, 4 GiB downtime ≤ 1.5× the raw socket stream):")
       print(ReportTable(rows: rows).render())
     }
   }

@@ -31,6 +31,9 @@ enum MigrationBench {
       let words = memory.bindMemory(to: UInt64.self)
       for i in words.indices { words[i] = UInt64(i) &* 0x9E37_79B9_7F4A_7C15 }
     }
+    // Real VRAM exists before a restore; the simulator's memfd pages would
+    // otherwise be allocated (and zeroed) inside the measured writes.
+    _ = destination.withDeviceMemory { $0.initializeMemory(as: UInt8.self, repeating: 0) }
     var limits = ServerLimits()
     limits.resetOnDisconnect = false
     let setup: @Sendable () -> Void = { if let serverCPU { _ = cvfu_pin_to_cpu(serverCPU) } }
@@ -53,29 +56,26 @@ enum MigrationBench {
     let chunk = migrationChunk(src, dst)
     let quiet = ProgressReporter(label: "", total: 0, enabled: false)
 
-    // 1. MIG_DATA_READ: the whole stream, kept in memory for the write figure.
+    // 1. MIG_DATA_READ: the whole stream, straight into memory kept for the write figure.
     let capacity = Int(vram) + (64 << 20)
     let saved = UnsafeMutableRawBufferPointer.allocate(byteCount: capacity, alignment: 4096)
+    saved.initializeMemory(as: UInt8.self, repeating: 0)  // fault it in before the clock starts
     defer { saved.deallocate() }
     try src.setState(.stopCopy)
     var length = 0
     var t0 = now()
-    _ = try pumpStream(from: src, chunk: chunk, progress: quiet) { data in
-      UnsafeMutableRawBufferPointer(rebasing: saved[length..<(length + data.count)]).copyMemory(from: data)
-      length += data.count
+    while true {
+      let n = try src.migDataRead(into: UnsafeMutableRawBufferPointer(rebasing: saved[length..<(length + chunk)]))
+      length += n
+      if n < chunk { break }
     }
     let readRate = Double(length) / (Double(now() - t0) / 1e9)
     try src.setState(.running)
 
-    // 2. MIG_DATA_WRITE of the saved stream, 1 MiB messages.
+    // 2. MIG_DATA_WRITE of the saved stream, 1 MiB messages, four in flight.
     try dst.setState(.resuming)
     t0 = now()
-    var offset = 0
-    while offset < length {
-      let n = min(chunk, length - offset)
-      try dst.migDataWrite(from: UnsafeRawBufferPointer(rebasing: saved[offset..<(offset + n)]))
-      offset += n
-    }
+    try dst.migDataWrite(from: UnsafeRawBufferPointer(rebasing: saved[0..<length]), chunk: chunk, depth: 4)
     let writeRate = Double(length) / (Double(now() - t0) / 1e9)
     try dst.setState(.running)
 

@@ -32,6 +32,8 @@ int cvfu_eventfd_signal(int fd);
 /// Reads and clears an eventfd counter without blocking; -errno (EAGAIN) if 0.
 int64_t cvfu_eventfd_drain(int fd);
 int cvfu_pin_to_cpu(int cpu);
+/// Lets the calling thread run on every CPU again.
+int cvfu_unpin(void);
 int cvfu_socket_buffers(int sock, int bytes);
 int cvfu_socketpair(int fds[2]);
 int cvfu_set_recv_timeout_ms(int sock, int ms);
