@@ -1,11 +1,19 @@
 // Little-endian field access on raw message bytes. The protocol is host-endian
 // and this project builds for little-endian Linux only.
 
+import SystemPackage
+
 extension UnsafeRawBufferPointer {
   @inlinable public func u8(_ offset: Int) -> UInt8 { self[offset] }
-  @inlinable public func u16(_ offset: Int) -> UInt16 { loadUnaligned(fromByteOffset: offset, as: UInt16.self) }
-  @inlinable public func u32(_ offset: Int) -> UInt32 { loadUnaligned(fromByteOffset: offset, as: UInt32.self) }
-  @inlinable public func u64(_ offset: Int) -> UInt64 { loadUnaligned(fromByteOffset: offset, as: UInt64.self) }
+  @inlinable public func u16(_ offset: Int) -> UInt16 {
+    loadUnaligned(fromByteOffset: offset, as: UInt16.self)
+  }
+  @inlinable public func u32(_ offset: Int) -> UInt32 {
+    loadUnaligned(fromByteOffset: offset, as: UInt32.self)
+  }
+  @inlinable public func u64(_ offset: Int) -> UInt64 {
+    loadUnaligned(fromByteOffset: offset, as: UInt64.self)
+  }
 }
 
 extension UnsafeMutableRawBufferPointer {
@@ -22,8 +30,6 @@ public protocol WirePayload: Equatable, Sendable {
   var encodedSize: Int { get }
   func encode(into bytes: UnsafeMutableRawBufferPointer)
 }
-
-import SystemPackage
 
 extension WirePayload {
   public func encoded() -> [UInt8] {
@@ -56,7 +62,9 @@ public func encodeMessage(
 }
 
 /// `withUnsafeBytes` for a body with typed throws (the standard one rethrows untyped).
-public func decodeBytes<T>(_ bytes: [UInt8], _ body: (UnsafeRawBufferPointer) throws(Errno) -> T) throws(Errno) -> T {
+public func decodeBytes<T>(_ bytes: [UInt8], _ body: (UnsafeRawBufferPointer) throws(Errno) -> T)
+  throws(Errno) -> T
+{
   let result: Result<T, Errno> = bytes.withUnsafeBytes { raw in
     do throws(Errno) { return .success(try body(raw)) } catch { return .failure(error) }
   }

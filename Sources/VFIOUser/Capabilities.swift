@@ -100,15 +100,20 @@ public struct Capabilities: Equatable, Sendable {
     guard json_object_get_type(root) == json_type_object else { throw .notAnObject("version data") }
     var caps = Capabilities()
     var object: OpaquePointer?
-    guard json_object_object_get_ex(root, "capabilities", &object) != 0, let object else { return caps }
-    guard json_object_get_type(object) == json_type_object else { throw .notAnObject("capabilities") }
+    guard json_object_object_get_ex(root, "capabilities", &object) != 0, let object else {
+      return caps
+    }
+    guard json_object_get_type(object) == json_type_object else {
+      throw .notAnObject("capabilities")
+    }
 
     for (key, value) in entries(of: object) {
       switch key {
       case "max_msg_fds": caps.maxMsgFDs = UInt32(try integer(value, key, max: UInt64(UInt32.max)))
       case "max_data_xfer_size":
         caps.maxDataXferSize = UInt32(try integer(value, key, min: 1, max: UInt64(UInt32.max)))
-      case "max_dma_maps": caps.maxDMAMaps = UInt32(try integer(value, key, max: UInt64(UInt32.max)))
+      case "max_dma_maps":
+        caps.maxDMAMaps = UInt32(try integer(value, key, max: UInt64(UInt32.max)))
       case "pgsizes": caps.pgsizes = try integer(value, key, min: 1, max: UInt64(Int64.max))
       case "write_multiple": caps.writeMultiple = try boolean(value, key)
       case "twin_socket":
@@ -129,7 +134,8 @@ public struct Capabilities: Equatable, Sendable {
           switch k {
           case "pgsize": legacy.pgsize = try integer(v, "migration.pgsize", max: UInt64(Int64.max))
           case "max_bitmap_size":
-            legacy.maxBitmapSize = try integer(v, "migration.max_bitmap_size", max: UInt64(Int64.max))
+            legacy.maxBitmapSize = try integer(
+              v, "migration.max_bitmap_size", max: UInt64(Int64.max))
           default: caps.unknownKeys.append("migration.\(k)")
           }
         }
@@ -146,7 +152,9 @@ public struct Capabilities: Equatable, Sendable {
     guard let tokener = json_tokener_new() else { return false }
     defer { json_tokener_free(tokener) }
     let value: OpaquePointer? = bytes.withUnsafeBufferPointer { buffer in
-      buffer.withMemoryRebound(to: CChar.self) { json_tokener_parse_ex(tokener, $0.baseAddress, Int32($0.count)) }
+      buffer.withMemoryRebound(to: CChar.self) {
+        json_tokener_parse_ex(tokener, $0.baseAddress, Int32($0.count))
+      }
     }
     guard let value else { return false }
     json_object_put(value)
@@ -172,7 +180,9 @@ public struct Capabilities: Equatable, Sendable {
       throw .wrongType(key: key, expected: "an integer")
     }
     let signed = json_object_get_int64(value)
-    guard signed >= 0, UInt64(signed) >= min, UInt64(signed) <= max else { throw .outOfRange(key: key) }
+    guard signed >= 0, UInt64(signed) >= min, UInt64(signed) <= max else {
+      throw .outOfRange(key: key)
+    }
     return UInt64(signed)
   }
 
@@ -188,13 +198,16 @@ public struct Capabilities: Equatable, Sendable {
     let caps = json_object_new_object()
     func add(_ key: String, _ value: OpaquePointer?) { json_object_object_add(caps, key, value) }
     if let maxMsgFDs { add("max_msg_fds", json_object_new_int64(Int64(maxMsgFDs))) }
-    if let maxDataXferSize { add("max_data_xfer_size", json_object_new_int64(Int64(maxDataXferSize))) }
+    if let maxDataXferSize {
+      add("max_data_xfer_size", json_object_new_int64(Int64(maxDataXferSize)))
+    }
     if let maxDMAMaps { add("max_dma_maps", json_object_new_int64(Int64(maxDMAMaps))) }
     if let pgsizes { add("pgsizes", json_object_new_int64(Int64(pgsizes))) }
     if let writeMultiple { add("write_multiple", json_object_new_boolean(writeMultiple ? 1 : 0)) }
     if let twinSocket {
       let twin = json_object_new_object()
-      json_object_object_add(twin, "supported", json_object_new_boolean(twinSocket.supported ? 1 : 0))
+      json_object_object_add(
+        twin, "supported", json_object_new_boolean(twinSocket.supported ? 1 : 0))
       if let fdIndex = twinSocket.fdIndex {
         json_object_object_add(twin, "fd_index", json_object_new_int64(Int64(fdIndex)))
       }
@@ -202,7 +215,9 @@ public struct Capabilities: Equatable, Sendable {
     }
     if let migration {
       let mig = json_object_new_object()
-      if let pgsize = migration.pgsize { json_object_object_add(mig, "pgsize", json_object_new_int64(Int64(pgsize))) }
+      if let pgsize = migration.pgsize {
+        json_object_object_add(mig, "pgsize", json_object_new_int64(Int64(pgsize)))
+      }
       if let max = migration.maxBitmapSize {
         json_object_object_add(mig, "max_bitmap_size", json_object_new_int64(Int64(max)))
       }

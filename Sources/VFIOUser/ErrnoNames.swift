@@ -18,10 +18,14 @@ extension Errno {
 
   private static let names: [(name: String, value: Int32)] = [
     ("EPERM", Glibc.EPERM), ("ENOENT", Glibc.ENOENT), ("EIO", Glibc.EIO), ("E2BIG", Glibc.E2BIG),
-    ("EBADF", Glibc.EBADF), ("EAGAIN", Glibc.EAGAIN), ("ENOMEM", Glibc.ENOMEM), ("EACCES", Glibc.EACCES),
-    ("EFAULT", Glibc.EFAULT), ("EBUSY", Glibc.EBUSY), ("EEXIST", Glibc.EEXIST), ("ENODEV", Glibc.ENODEV),
-    ("EINVAL", Glibc.EINVAL), ("ENOTTY", Glibc.ENOTTY), ("ENOSPC", Glibc.ENOSPC), ("ESPIPE", Glibc.ESPIPE),
-    ("EPIPE", Glibc.EPIPE), ("ENOSYS", Glibc.ENOSYS), ("EPROTO", Glibc.EPROTO), ("EMSGSIZE", Glibc.EMSGSIZE),
+    ("EBADF", Glibc.EBADF), ("EAGAIN", Glibc.EAGAIN), ("ENOMEM", Glibc.ENOMEM),
+    ("EACCES", Glibc.EACCES),
+    ("EFAULT", Glibc.EFAULT), ("EBUSY", Glibc.EBUSY), ("EEXIST", Glibc.EEXIST),
+    ("ENODEV", Glibc.ENODEV),
+    ("EINVAL", Glibc.EINVAL), ("ENOTTY", Glibc.ENOTTY), ("ENOSPC", Glibc.ENOSPC),
+    ("ESPIPE", Glibc.ESPIPE),
+    ("EPIPE", Glibc.EPIPE), ("ENOSYS", Glibc.ENOSYS), ("EPROTO", Glibc.EPROTO),
+    ("EMSGSIZE", Glibc.EMSGSIZE),
     ("ENOTSUP", Glibc.ENOTSUP), ("ETIMEDOUT", Glibc.ETIMEDOUT), ("EALREADY", Glibc.EALREADY),
     ("ESTALE", Glibc.ESTALE), ("ECANCELED", Glibc.ECANCELED), ("EUCLEAN", Glibc.EUCLEAN),
     ("ECONNRESET", Glibc.ECONNRESET), ("ETIME", Glibc.ETIME),

@@ -61,7 +61,9 @@ public struct MessageHeader: Equatable, Sendable {
   public var flags: UInt32
   public var error: UInt32
 
-  public init(messageID: UInt16, command: UInt16, size: UInt32, flags: UInt32 = 0, error: UInt32 = 0) {
+  public init(
+    messageID: UInt16, command: UInt16, size: UInt32, flags: UInt32 = 0, error: UInt32 = 0
+  ) {
     self.messageID = messageID
     self.command = command
     self.size = size
@@ -69,8 +71,11 @@ public struct MessageHeader: Equatable, Sendable {
     self.error = error
   }
 
-  public init(messageID: UInt16, command: Command, size: UInt32, flags: UInt32 = 0, error: UInt32 = 0) {
-    self.init(messageID: messageID, command: command.rawValue, size: size, flags: flags, error: error)
+  public init(
+    messageID: UInt16, command: Command, size: UInt32, flags: UInt32 = 0, error: UInt32 = 0
+  ) {
+    self.init(
+      messageID: messageID, command: command.rawValue, size: size, flags: flags, error: error)
   }
 
   public var knownCommand: Command? { Command(rawValue: command) }

@@ -74,7 +74,9 @@ public struct DMAMapRequest: WirePayload {
     address = bytes.u64(16)
     size = bytes.u64(24)
     guard argsz == UInt32(Self.size) else { throw .invalidArgument }
-    guard flags & ~(VFIODMAMapFlags.read | VFIODMAMapFlags.write) == 0 else { throw .invalidArgument }
+    guard flags & ~(VFIODMAMapFlags.read | VFIODMAMapFlags.write) == 0 else {
+      throw .invalidArgument
+    }
     guard size > 0, address.addingReportingOverflow(size).overflow == false,
       offset.addingReportingOverflow(size).overflow == false
     else { throw .invalidArgument }
@@ -230,7 +232,9 @@ public struct RegionInfoPayload: WirePayload {
     var seen = 0
     while next != 0 {
       // Each capability header must lie inside the bytes, after the fixed part, without loops.
-      guard next >= Self.fixedSize, next + 8 <= bytes.count, seen < 64 else { throw .invalidArgument }
+      guard next >= Self.fixedSize, next + 8 <= bytes.count, seen < 64 else {
+        throw .invalidArgument
+      }
       seen += 1
       let id = bytes.u16(next)
       let following = Int(bytes.u32(next + 4))
@@ -308,7 +312,9 @@ public struct IOFDSubRegion: Equatable, Sendable {
   /// datamatch (ioeventfd) or user_data (ioregionfd).
   public var value: UInt64
 
-  public init(offset: UInt64, size: UInt64, fdIndex: UInt32, type: UInt32, flags: UInt32, value: UInt64) {
+  public init(
+    offset: UInt64, size: UInt64, fdIndex: UInt32, type: UInt32, flags: UInt32, value: UInt64
+  ) {
     self.offset = offset
     self.size = size
     self.fdIndex = fdIndex
@@ -327,7 +333,10 @@ public struct RegionIOFDsPayload: WirePayload {
   public var count: UInt32
   public var subRegions: [IOFDSubRegion]
 
-  public init(argsz: UInt32 = 16, flags: UInt32 = 0, index: UInt32, count: UInt32 = 0, subRegions: [IOFDSubRegion] = []) {
+  public init(
+    argsz: UInt32 = 16, flags: UInt32 = 0, index: UInt32, count: UInt32 = 0,
+    subRegions: [IOFDSubRegion] = []
+  ) {
     self.argsz = argsz
     self.flags = flags
     self.index = index
@@ -415,7 +424,10 @@ public struct IRQSetPayload: WirePayload {
   /// The DATA_BOOL array, one byte per vector; empty for the other data types.
   public var bools: [UInt8]
 
-  public init(argsz: UInt32? = nil, flags: UInt32, index: UInt32, start: UInt32, count: UInt32, bools: [UInt8] = []) {
+  public init(
+    argsz: UInt32? = nil, flags: UInt32, index: UInt32, start: UInt32, count: UInt32,
+    bools: [UInt8] = []
+  ) {
     self.argsz = argsz ?? UInt32(Self.fixedSize + bools.count)
     self.flags = flags
     self.index = index
@@ -621,12 +633,15 @@ public struct DeviceFeaturePayload: WirePayload {
     flags = bytes.u32(4)
     data = Array(UnsafeRawBufferPointer(rebasing: bytes[Self.fixedSize...]))
     guard argsz >= UInt32(Self.fixedSize) else { throw .invalidArgument }
-    let known = VFIODeviceFeatureFlags.mask | VFIODeviceFeatureFlags.get | VFIODeviceFeatureFlags.set
+    let known =
+      VFIODeviceFeatureFlags.mask | VFIODeviceFeatureFlags.get | VFIODeviceFeatureFlags.set
       | VFIODeviceFeatureFlags.probe
     guard flags & ~known == 0 else { throw .invalidArgument }
     // GET and SET are exclusive except when probing (as in the kernel).
     let getSet = VFIODeviceFeatureFlags.get | VFIODeviceFeatureFlags.set
-    if flags & getSet == getSet, flags & VFIODeviceFeatureFlags.probe == 0 { throw .invalidArgument }
+    if flags & getSet == getSet, flags & VFIODeviceFeatureFlags.probe == 0 {
+      throw .invalidArgument
+    }
   }
 
   public var encodedSize: Int { Self.fixedSize + data.count }

@@ -10,7 +10,9 @@ public struct ClientMemory {
   public private(set) var windows: [Window] = []
   public init() {}
 
-  public mutating func add(address: UInt64, buffer: UnsafeMutableRawBufferPointer, writable: Bool = true) {
+  public mutating func add(
+    address: UInt64, buffer: UnsafeMutableRawBufferPointer, writable: Bool = true
+  ) {
     windows.append(Window(address: address, buffer: buffer, writable: writable))
   }
 
@@ -20,9 +22,12 @@ public struct ClientMemory {
 
   /// The bytes at [address, address+count) if one window holds them all.
   func span(_ address: UInt64, _ count: Int) -> (UnsafeMutableRawBufferPointer, writable: Bool)? {
-    for w in windows where address >= w.address && address - w.address + UInt64(count) <= UInt64(w.buffer.count) {
+    for w in windows
+    where address >= w.address && address - w.address + UInt64(count) <= UInt64(w.buffer.count) {
       let start = Int(address - w.address)
-      return (UnsafeMutableRawBufferPointer(rebasing: w.buffer[start..<(start + count)]), w.writable)
+      return (
+        UnsafeMutableRawBufferPointer(rebasing: w.buffer[start..<(start + count)]), w.writable
+      )
     }
     return nil
   }

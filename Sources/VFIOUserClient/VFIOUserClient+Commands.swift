@@ -8,7 +8,9 @@ import VFIOUserSocket
 #endif
 
 extension VFIOUserClient {
-  private func decode<P: WirePayload>(_ type: P.Type, _ message: ClientMessage) throws(VFIOUserClientError) -> P {
+  private func decode<P: WirePayload>(_ type: P.Type, _ message: ClientMessage)
+    throws(VFIOUserClientError) -> P
+  {
     do throws(Errno) {
       return try P(decoding: message.payload)
     } catch {
@@ -17,7 +19,9 @@ extension VFIOUserClient {
   }
 
   public func deviceInfo(argsz: UInt32 = 16) throws(VFIOUserClientError) -> DeviceInfoPayload {
-    try decode(DeviceInfoPayload.self, request(.deviceGetInfo, payload: DeviceInfoPayload(argsz: argsz).encoded()))
+    try decode(
+      DeviceInfoPayload.self,
+      request(.deviceGetInfo, payload: DeviceInfoPayload(argsz: argsz).encoded()))
   }
 
   /// Region info with its capability chain, and the mmap descriptor when the
@@ -28,7 +32,8 @@ extension VFIOUserClient {
   ) {
     var size = argsz
     while true {
-      let reply = try request(.deviceGetRegionInfo, payload: RegionInfoPayload(argsz: size, index: index).encoded())
+      let reply = try request(
+        .deviceGetRegionInfo, payload: RegionInfoPayload(argsz: size, index: index).encoded())
       let info = try decode(RegionInfoPayload.self, reply)
       if info.argsz > size {
         for fd in reply.fds { _ = close(fd) }
@@ -40,13 +45,18 @@ extension VFIOUserClient {
     }
   }
 
-  public func regionIOFDs(_ index: UInt32) throws(VFIOUserClientError) -> (RegionIOFDsPayload, [Int32]) {
-    let reply = try request(.deviceGetRegionIOFDs, payload: RegionIOFDsPayload(argsz: 4096, index: index).encoded())
+  public func regionIOFDs(_ index: UInt32) throws(VFIOUserClientError) -> (
+    RegionIOFDsPayload, [Int32]
+  ) {
+    let reply = try request(
+      .deviceGetRegionIOFDs, payload: RegionIOFDsPayload(argsz: 4096, index: index).encoded())
     return (try decode(RegionIOFDsPayload.self, reply), reply.fds)
   }
 
   public func irqInfo(_ index: UInt32) throws(VFIOUserClientError) -> IRQInfoPayload {
-    try decode(IRQInfoPayload.self, request(.deviceGetIRQInfo, payload: IRQInfoPayload(index: index).encoded()))
+    try decode(
+      IRQInfoPayload.self,
+      request(.deviceGetIRQInfo, payload: IRQInfoPayload(index: index).encoded()))
   }
 
   public func setIRQs(_ payload: IRQSetPayload, fds: [Int32] = []) throws(VFIOUserClientError) {
@@ -55,7 +65,9 @@ extension VFIOUserClient {
 
   /// Eventfds for `fds.count` vectors from `start`, in messages of at most
   /// `chunk` descriptors (QEMU sends max_msg_fds at a time).
-  public func setIRQEventfds(index: UInt32, start: UInt32, fds: [Int32], chunk: Int) throws(VFIOUserClientError) {
+  public func setIRQEventfds(index: UInt32, start: UInt32, fds: [Int32], chunk: Int)
+    throws(VFIOUserClientError)
+  {
     var offset = 0
     while offset < fds.count {
       let part = Array(fds[offset..<min(offset + chunk, fds.count)])
@@ -67,18 +79,25 @@ extension VFIOUserClient {
     }
   }
 
-  public func read(region: UInt32, offset: UInt64, count: Int) throws(VFIOUserClientError) -> [UInt8] {
+  public func read(region: UInt32, offset: UInt64, count: Int) throws(VFIOUserClientError)
+    -> [UInt8]
+  {
     let reply = try request(
-      .regionRead, payload: RegionAccessHeader(offset: offset, region: region, count: UInt32(count)).encoded())
+      .regionRead,
+      payload: RegionAccessHeader(offset: offset, region: region, count: UInt32(count)).encoded())
     guard reply.payload.count == RegionAccessHeader.size + count else {
       throw .protocolViolation("REGION_READ reply of \(reply.payload.count) bytes for \(count)")
     }
     return Array(reply.payload[RegionAccessHeader.size...])
   }
 
-  public func write(region: UInt32, offset: UInt64, data: [UInt8], posted: Bool = false) throws(VFIOUserClientError) {
+  public func write(region: UInt32, offset: UInt64, data: [UInt8], posted: Bool = false)
+    throws(VFIOUserClientError)
+  {
     try request(
-      .regionWrite, payload: RegionAccessHeader(offset: offset, region: region, count: UInt32(data.count)).encoded(data: data),
+      .regionWrite,
+      payload: RegionAccessHeader(offset: offset, region: region, count: UInt32(data.count))
+        .encoded(data: data),
       noReply: posted)
   }
 
@@ -87,8 +106,12 @@ extension VFIOUserClient {
     return bytes.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }
   }
 
-  public func write32(region: UInt32, offset: UInt64, _ value: UInt32, posted: Bool = false) throws(VFIOUserClientError) {
-    try write(region: region, offset: offset, data: withUnsafeBytes(of: value.littleEndian) { Array($0) }, posted: posted)
+  public func write32(region: UInt32, offset: UInt64, _ value: UInt32, posted: Bool = false)
+    throws(VFIOUserClientError)
+  {
+    try write(
+      region: region, offset: offset, data: withUnsafeBytes(of: value.littleEndian) { Array($0) },
+      posted: posted)
   }
 
   public func read64(region: UInt32, offset: UInt64) throws(VFIOUserClientError) -> UInt64 {
@@ -96,20 +119,31 @@ extension VFIOUserClient {
     return bytes.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
   }
 
-  public func write64(region: UInt32, offset: UInt64, _ value: UInt64, posted: Bool = false) throws(VFIOUserClientError) {
-    try write(region: region, offset: offset, data: withUnsafeBytes(of: value.littleEndian) { Array($0) }, posted: posted)
+  public func write64(region: UInt32, offset: UInt64, _ value: UInt64, posted: Bool = false)
+    throws(VFIOUserClientError)
+  {
+    try write(
+      region: region, offset: offset, data: withUnsafeBytes(of: value.littleEndian) { Array($0) },
+      posted: posted)
   }
 
   @discardableResult
-  public func writeMulti(_ entries: [WriteMultiEntry], posted: Bool = false) throws(VFIOUserClientError) -> UInt64 {
-    let reply = try request(.regionWriteMulti, payload: WriteMultiPayload(entries: entries).encoded(), noReply: posted)
+  public func writeMulti(_ entries: [WriteMultiEntry], posted: Bool = false)
+    throws(VFIOUserClientError) -> UInt64
+  {
+    let reply = try request(
+      .regionWriteMulti, payload: WriteMultiPayload(entries: entries).encoded(), noReply: posted)
     guard !posted else { return UInt64(entries.count) }
-    guard reply.payload.count == 8 else { throw .protocolViolation("REGION_WRITE_MULTI reply size") }
+    guard reply.payload.count == 8 else {
+      throw .protocolViolation("REGION_WRITE_MULTI reply size")
+    }
     return reply.payload.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
   }
 
   /// DMA_MAP, optionally with the fd that backs the window (sent with SCM_RIGHTS). No allocation.
-  public func dmaMap(address: UInt64, size: UInt64, flags: UInt32, fd: Int32? = nil, offset: UInt64 = 0)
+  public func dmaMap(
+    address: UInt64, size: UInt64, flags: UInt32, fd: Int32? = nil, offset: UInt64 = 0
+  )
     throws(VFIOUserClientError)
   {
     let id = allocateID()
@@ -118,49 +152,62 @@ extension VFIOUserClient {
     DMAMapRequest(flags: flags, offset: offset, address: address, size: size).encode(
       into: UnsafeMutableRawBufferPointer(rebasing: request[16...]))
     do throws(Errno) {
-      try channel.send(UnsafeRawBufferPointer(request), UnsafeRawBufferPointer(start: nil, count: 0), fd: fd ?? -1)
+      try channel.send(
+        UnsafeRawBufferPointer(request), UnsafeRawBufferPointer(start: nil, count: 0), fd: fd ?? -1)
     } catch { throw .system(error) }
     try receiveAck(id: id)
   }
 
   /// DMA_UNMAP of an exact window; returns the echoed entry.
   @discardableResult
-  public func dmaUnmap(address: UInt64, size: UInt64) throws(VFIOUserClientError) -> DMAUnmapPayload {
+  public func dmaUnmap(address: UInt64, size: UInt64) throws(VFIOUserClientError) -> DMAUnmapPayload
+  {
     let id = allocateID()
     let request = UnsafeMutableRawBufferPointer(rebasing: requestScratch[0..<40])
     MessageHeader(messageID: id, command: .dmaUnmap, size: 40).encode(into: request)
     let entry = DMAUnmapPayload(address: address, size: size)
     entry.encode(into: UnsafeMutableRawBufferPointer(rebasing: request[16...]))
-    do throws(Errno) { try channel.send(UnsafeRawBufferPointer(request)) } catch { throw .system(error) }
+    do throws(Errno) { try channel.send(UnsafeRawBufferPointer(request)) } catch {
+      throw .system(error)
+    }
     let echoed = try receiveAck(id: id, payload: DMAUnmapPayload.size)
-    return DMAUnmapPayload(flags: echoed.u32(4), address: echoed.u64(8), size: echoed.u64(16), argsz: echoed.u32(0))
+    return DMAUnmapPayload(
+      flags: echoed.u32(4), address: echoed.u64(8), size: echoed.u64(16), argsz: echoed.u32(0))
   }
 
   @discardableResult
   public func dmaUnmapAll() throws(VFIOUserClientError) -> DMAUnmapPayload {
     try decode(
       DMAUnmapPayload.self,
-      request(.dmaUnmap, payload: DMAUnmapPayload(flags: VFIODMAUnmapFlags.all, address: 0, size: 0).encoded()))
+      request(
+        .dmaUnmap,
+        payload: DMAUnmapPayload(flags: VFIODMAUnmapFlags.all, address: 0, size: 0).encoded()))
   }
 
   public func reset() throws(VFIOUserClientError) { try request(.deviceReset) }
 
-  public func feature(flags: UInt32, data: [UInt8] = [], argsz: UInt32? = nil) throws(VFIOUserClientError)
+  public func feature(flags: UInt32, data: [UInt8] = [], argsz: UInt32? = nil)
+    throws(VFIOUserClientError)
     -> DeviceFeaturePayload
   {
     try decode(
       DeviceFeaturePayload.self,
-      request(.deviceFeature, payload: DeviceFeaturePayload(argsz: argsz, flags: flags, data: data).encoded()))
+      request(
+        .deviceFeature,
+        payload: DeviceFeaturePayload(argsz: argsz, flags: flags, data: data).encoded()))
   }
 
   /// MIG_DATA_READ: fewer bytes than asked means the stream ended.
   public func migDataRead(size: UInt32) throws(VFIOUserClientError) -> [UInt8] {
     var payload = [UInt8](repeating: 0, count: MigDataHeader.size)
-    payload.withUnsafeMutableBytes { MigDataHeader(argsz: UInt32(MigDataHeader.size) + size, size: size).encode(into: $0) }
+    payload.withUnsafeMutableBytes {
+      MigDataHeader(argsz: UInt32(MigDataHeader.size) + size, size: size).encode(into: $0)
+    }
     let reply = try request(.migDataRead, payload: payload)
     let head: MigDataHeader
     do throws(Errno) {
-      head = try decodeBytes(reply.payload) { raw throws(Errno) in try MigDataHeader(decoding: raw) }
+      head = try decodeBytes(reply.payload) { raw throws(Errno) in try MigDataHeader(decoding: raw)
+      }
     } catch { throw .protocolViolation("malformed MIG_DATA_READ reply") }
     guard head.size <= size, reply.payload.count == MigDataHeader.size + Int(head.size) else {
       throw .protocolViolation("MIG_DATA_READ reply size \(head.size) for \(size)")
@@ -170,7 +217,9 @@ extension VFIOUserClient {
 
   public func migDataWrite(_ data: [UInt8]) throws(VFIOUserClientError) {
     var payload = [UInt8](repeating: 0, count: MigDataHeader.size)
-    payload.withUnsafeMutableBytes { MigDataHeader(argsz: UInt32(MigDataHeader.size), size: UInt32(data.count)).encode(into: $0) }
+    payload.withUnsafeMutableBytes {
+      MigDataHeader(argsz: UInt32(MigDataHeader.size), size: UInt32(data.count)).encode(into: $0)
+    }
     try request(.migDataWrite, payload: payload + data)
   }
 }
@@ -179,18 +228,24 @@ extension VFIOUserClient {
 
 extension VFIOUserClient {
   /// Sends a REGION_READ without waiting; returns its message id.
-  public func sendRegionRead(region: UInt32, offset: UInt64, count: UInt32) throws(VFIOUserClientError) -> UInt16 {
+  public func sendRegionRead(region: UInt32, offset: UInt64, count: UInt32)
+    throws(VFIOUserClientError) -> UInt16
+  {
     let id = allocateID()
     let buffer = UnsafeMutableRawBufferPointer(rebasing: requestScratch[0..<32])
     MessageHeader(messageID: id, command: .regionRead, size: 32).encode(into: buffer)
     RegionAccessHeader(offset: offset, region: region, count: count).encode(
       into: UnsafeMutableRawBufferPointer(rebasing: buffer[16...]))
-    do throws(Errno) { try channel.send(UnsafeRawBufferPointer(buffer)) } catch { throw .system(error) }
+    do throws(Errno) { try channel.send(UnsafeRawBufferPointer(buffer)) } catch {
+      throw .system(error)
+    }
     return id
   }
 
   /// Receives the reply to a REGION_READ sent with `sendRegionRead`, copying its data to `into`.
-  public func receiveRegionRead(id: UInt16, into: UnsafeMutableRawBufferPointer) throws(VFIOUserClientError) {
+  public func receiveRegionRead(id: UInt16, into: UnsafeMutableRawBufferPointer)
+    throws(VFIOUserClientError)
+  {
     if into.count >= 64 * 1024 { return try receiveLargeRegionRead(id: id, into: into) }
     let result: ReceiveResult
     do throws(Errno) { result = try channel.receive() } catch { throw .system(error) }
@@ -204,17 +259,24 @@ extension VFIOUserClient {
     guard message.payload.count == RegionAccessHeader.size + into.count else {
       throw .protocolViolation("REGION_READ reply size")
     }
-    into.copyMemory(from: UnsafeRawBufferPointer(rebasing: message.payload[RegionAccessHeader.size...]))
+    into.copyMemory(
+      from: UnsafeRawBufferPointer(rebasing: message.payload[RegionAccessHeader.size...]))
   }
 
   /// Large replies land straight in `into` instead of passing through the receive buffer.
-  private func receiveLargeRegionRead(id: UInt16, into: UnsafeMutableRawBufferPointer) throws(VFIOUserClientError) {
+  private func receiveLargeRegionRead(id: UInt16, into: UnsafeMutableRawBufferPointer)
+    throws(VFIOUserClientError)
+  {
     let (header, count) = try receiveDirect(id: id, command: .regionRead, head: 16, data: into)
-    guard header.isError || count == into.count else { throw .protocolViolation("REGION_READ reply size") }
+    guard header.isError || count == into.count else {
+      throw .protocolViolation("REGION_READ reply size")
+    }
   }
 
   /// Receives the reply to `id` with `head` fixed bytes (into scratch) and data into `data`.
-  private func receiveDirect(id: UInt16, command: Command, head: Int, data: UnsafeMutableRawBufferPointer)
+  private func receiveDirect(
+    id: UInt16, command: Command, head: Int, data: UnsafeMutableRawBufferPointer
+  )
     throws(VFIOUserClientError) -> (MessageHeader, Int)
   {
     let headArea = UnsafeMutableRawBufferPointer(rebasing: requestScratch[32..<(32 + head)])
@@ -228,20 +290,27 @@ extension VFIOUserClient {
     guard header.messageID == id, header.command == command.rawValue, header.isReply else {
       throw .protocolViolation("reply id \(header.messageID) command \(header.command) for \(id)")
     }
-    if header.isError { throw .server(Errno(rawValue: Int32(bitPattern: header.error)), command: header.command) }
+    if header.isError {
+      throw .server(Errno(rawValue: Int32(bitPattern: header.error)), command: header.command)
+    }
     return (header, count)
   }
 
   /// MIG_DATA_READ into `buffer` without allocating; returns the bytes read
   /// (fewer than `buffer.count` means the stream ended).
-  public func migDataRead(into buffer: UnsafeMutableRawBufferPointer) throws(VFIOUserClientError) -> Int {
+  public func migDataRead(into buffer: UnsafeMutableRawBufferPointer) throws(VFIOUserClientError)
+    -> Int
+  {
     let id = allocateID()
     let request = UnsafeMutableRawBufferPointer(rebasing: requestScratch[0..<24])
     MessageHeader(messageID: id, command: .migDataRead, size: 24).encode(into: request)
     MigDataHeader(argsz: UInt32(8 + buffer.count), size: UInt32(buffer.count)).encode(
       into: UnsafeMutableRawBufferPointer(rebasing: request[16...]))
-    do throws(Errno) { try channel.send(UnsafeRawBufferPointer(request)) } catch { throw .system(error) }
-    let (_, count) = try receiveDirect(id: id, command: .migDataRead, head: MigDataHeader.size, data: buffer)
+    do throws(Errno) { try channel.send(UnsafeRawBufferPointer(request)) } catch {
+      throw .system(error)
+    }
+    let (_, count) = try receiveDirect(
+      id: id, command: .migDataRead, head: MigDataHeader.size, data: buffer)
     let head = UnsafeRawBufferPointer(rebasing: requestScratch[32..<40])
     guard head.loadUnaligned(fromByteOffset: 4, as: UInt32.self) == UInt32(count) else {
       throw .protocolViolation("MIG_DATA_READ size field disagrees with its data")
@@ -251,7 +320,9 @@ extension VFIOUserClient {
 
   /// MIG_DATA_WRITE of `data` in `chunk`-byte messages, keeping up to `depth`
   /// in flight so the server always has the next one queued.
-  public func migDataWrite(from data: UnsafeRawBufferPointer, chunk: Int, depth: Int) throws(VFIOUserClientError) {
+  public func migDataWrite(from data: UnsafeRawBufferPointer, chunk: Int, depth: Int)
+    throws(VFIOUserClientError)
+  {
     var ids: [UInt16] = []
     var head = 0
     var offset = 0
@@ -260,10 +331,14 @@ extension VFIOUserClient {
         let n = min(chunk, data.count - offset)
         let id = allocateID()
         let request = UnsafeMutableRawBufferPointer(rebasing: requestScratch[0..<24])
-        MessageHeader(messageID: id, command: .migDataWrite, size: UInt32(24 + n)).encode(into: request)
-        MigDataHeader(argsz: 8, size: UInt32(n)).encode(into: UnsafeMutableRawBufferPointer(rebasing: request[16...]))
+        MessageHeader(messageID: id, command: .migDataWrite, size: UInt32(24 + n)).encode(
+          into: request)
+        MigDataHeader(argsz: 8, size: UInt32(n)).encode(
+          into: UnsafeMutableRawBufferPointer(rebasing: request[16...]))
         do throws(Errno) {
-          try channel.send(UnsafeRawBufferPointer(request), UnsafeRawBufferPointer(rebasing: data[offset..<(offset + n)]))
+          try channel.send(
+            UnsafeRawBufferPointer(request),
+            UnsafeRawBufferPointer(rebasing: data[offset..<(offset + n)]))
         } catch { throw .system(error) }
         ids.append(id)
         offset += n
@@ -278,30 +353,41 @@ extension VFIOUserClient {
   public func migDataWrite(from data: UnsafeRawBufferPointer) throws(VFIOUserClientError) {
     let id = allocateID()
     let request = UnsafeMutableRawBufferPointer(rebasing: requestScratch[0..<24])
-    MessageHeader(messageID: id, command: .migDataWrite, size: UInt32(24 + data.count)).encode(into: request)
-    MigDataHeader(argsz: 8, size: UInt32(data.count)).encode(into: UnsafeMutableRawBufferPointer(rebasing: request[16...]))
-    do throws(Errno) { try channel.send(UnsafeRawBufferPointer(request), data) } catch { throw .system(error) }
+    MessageHeader(messageID: id, command: .migDataWrite, size: UInt32(24 + data.count)).encode(
+      into: request)
+    MigDataHeader(argsz: 8, size: UInt32(data.count)).encode(
+      into: UnsafeMutableRawBufferPointer(rebasing: request[16...]))
+    do throws(Errno) { try channel.send(UnsafeRawBufferPointer(request), data) } catch {
+      throw .system(error)
+    }
     try receiveAck(id: id)
   }
 
   /// Sends a REGION_WRITE of `data` without waiting; returns its message id.
-  public func sendRegionWrite(region: UInt32, offset: UInt64, data: UnsafeRawBufferPointer, posted: Bool = false)
+  public func sendRegionWrite(
+    region: UInt32, offset: UInt64, data: UnsafeRawBufferPointer, posted: Bool = false
+  )
     throws(VFIOUserClientError) -> UInt16
   {
     let id = allocateID()
     let buffer = UnsafeMutableRawBufferPointer(rebasing: requestScratch[0..<32])
     MessageHeader(
-      messageID: id, command: .regionWrite, size: UInt32(32 + data.count), flags: posted ? MessageHeader.noReplyFlag : 0
+      messageID: id, command: .regionWrite, size: UInt32(32 + data.count),
+      flags: posted ? MessageHeader.noReplyFlag : 0
     ).encode(into: buffer)
     RegionAccessHeader(offset: offset, region: region, count: UInt32(data.count)).encode(
       into: UnsafeMutableRawBufferPointer(rebasing: buffer[16...]))
-    do throws(Errno) { try channel.send(UnsafeRawBufferPointer(buffer), data) } catch { throw .system(error) }
+    do throws(Errno) { try channel.send(UnsafeRawBufferPointer(buffer), data) } catch {
+      throw .system(error)
+    }
     return id
   }
 
   /// Receives the reply to message `id`; its payload (`payload` bytes expected) is copied to scratch.
   @discardableResult
-  public func receiveAck(id: UInt16, payload: Int = -1) throws(VFIOUserClientError) -> UnsafeRawBufferPointer {
+  public func receiveAck(id: UInt16, payload: Int = -1) throws(VFIOUserClientError)
+    -> UnsafeRawBufferPointer
+  {
     let result: ReceiveResult
     do throws(Errno) { result = try channel.receive() } catch { throw .system(error) }
     guard case .message(var message) = result else { throw .disconnected }
@@ -310,12 +396,16 @@ extension VFIOUserClient {
       throw .protocolViolation("reply id \(message.header.messageID) for \(id)")
     }
     if message.header.isError {
-      throw .server(Errno(rawValue: Int32(bitPattern: message.header.error)), command: message.header.command)
+      throw .server(
+        Errno(rawValue: Int32(bitPattern: message.header.error)), command: message.header.command)
     }
-    guard payload < 0 || message.payload.count == payload, message.payload.count <= 32 || payload < 0 else {
+    guard payload < 0 || message.payload.count == payload,
+      message.payload.count <= 32 || payload < 0
+    else {
       throw .protocolViolation("reply payload of \(message.payload.count) bytes")
     }
-    let area = UnsafeMutableRawBufferPointer(rebasing: requestScratch[32..<(32 + min(32, message.payload.count))])
+    let area = UnsafeMutableRawBufferPointer(
+      rebasing: requestScratch[32..<(32 + min(32, message.payload.count))])
     area.copyMemory(from: UnsafeRawBufferPointer(rebasing: message.payload[0..<area.count]))
     return UnsafeRawBufferPointer(area)
   }

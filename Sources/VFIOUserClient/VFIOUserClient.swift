@@ -43,7 +43,9 @@ public final class VFIOUserClient {
   }
 
   /// Connects to `path` (no VERSION yet).
-  public static func open(path: String, dmaLayout: DMATransferLayout = .spec, capacity: Int = (1 << 20) + 4096)
+  public static func open(
+    path: String, dmaLayout: DMATransferLayout = .spec, capacity: Int = (1 << 20) + 4096
+  )
     throws(VFIOUserClientError) -> VFIOUserClient
   {
     let fd = cvfu_connect_unix(path)
@@ -57,7 +59,8 @@ public final class VFIOUserClient {
 
   /// Connects and negotiates.
   public static func connect(
-    path: String, capabilities: Capabilities = defaultCapabilities, dmaLayout: DMATransferLayout = .spec
+    path: String, capabilities: Capabilities = defaultCapabilities,
+    dmaLayout: DMATransferLayout = .spec
   ) throws(VFIOUserClientError) -> VFIOUserClient {
     let capacity = Int(capabilities.effectiveMaxDataXferSize) + 64 * 1024
     let client = try open(path: path, dmaLayout: dmaLayout, capacity: capacity)
@@ -65,8 +68,12 @@ public final class VFIOUserClient {
     return client
   }
 
-  public func negotiate(capabilities: Capabilities, major: UInt16 = 0, minor: UInt16 = 0) throws(VFIOUserClientError) {
-    let reply = try request(.version, payload: VersionPayload(major: major, minor: minor, json: capabilities.json()).encoded())
+  public func negotiate(capabilities: Capabilities, major: UInt16 = 0, minor: UInt16 = 0)
+    throws(VFIOUserClientError)
+  {
+    let reply = try request(
+      .version,
+      payload: VersionPayload(major: major, minor: minor, json: capabilities.json()).encoded())
     let version: VersionPayload
     do throws(Errno) {
       version = try VersionPayload(decoding: reply.payload)
@@ -93,14 +100,18 @@ public final class VFIOUserClient {
   }
 
   /// The next message from the server, or nil if none came within `timeoutMilliseconds`.
-  public func receiveMessage(timeoutMilliseconds: Int32? = nil) throws(VFIOUserClientError) -> ClientMessage? {
+  public func receiveMessage(timeoutMilliseconds: Int32? = nil) throws(VFIOUserClientError)
+    -> ClientMessage?
+  {
     if !channel.hasBufferedMessage {
       let ready = cvfu_wait_readable(channel.fd, timeoutMilliseconds ?? self.timeoutMilliseconds)
       if ready == 0 { return nil }
       if ready < 0 { throw .system(Errno(rawValue: -ready)) }
     }
     let result: ReceiveResult
-    do throws(Errno) { result = try channel.receive() } catch { throw .protocolViolation("unframeable message: \(error)") }
+    do throws(Errno) { result = try channel.receive() } catch {
+      throw .protocolViolation("unframeable message: \(error)")
+    }
     switch result {
     case .closed: throw .disconnected
     case .oversized(let h): throw .protocolViolation("oversized message \(h.size)")
@@ -117,14 +128,20 @@ public final class VFIOUserClient {
 
   /// Sends a command and waits for its reply, answering server requests meanwhile.
   @discardableResult
-  public func request(_ command: Command, payload: [UInt8] = [], fds: [Int32] = [], noReply: Bool = false)
+  public func request(
+    _ command: Command, payload: [UInt8] = [], fds: [Int32] = [], noReply: Bool = false
+  )
     throws(VFIOUserClientError) -> ClientMessage
   {
     let id = allocateID()
     let bytes = encodeMessage(
-      id: id, command: command.rawValue, flags: noReply ? MessageHeader.noReplyFlag : 0, payload: payload)
+      id: id, command: command.rawValue, flags: noReply ? MessageHeader.noReplyFlag : 0,
+      payload: payload)
     try sendRaw(bytes, fds: fds)
-    if noReply { return ClientMessage(header: MessageHeader(messageID: id, command: command, size: 16), payload: [], fds: []) }
+    if noReply {
+      return ClientMessage(
+        header: MessageHeader(messageID: id, command: command, size: 16), payload: [], fds: [])
+    }
     return try awaitReply(id: id, command: command.rawValue)
   }
 
@@ -139,7 +156,8 @@ public final class VFIOUserClient {
       guard message.header.messageID == id, message.header.command == command else {
         for fd in message.fds { _ = close(fd) }
         throw .protocolViolation(
-          "reply id \(message.header.messageID) command \(message.header.command), expected id \(id) command \(command)")
+          "reply id \(message.header.messageID) command \(message.header.command), expected id \(id) command \(command)"
+        )
       }
       if message.header.isError {
         for fd in message.fds { _ = close(fd) }
@@ -154,8 +172,12 @@ public final class VFIOUserClient {
   @discardableResult
   public func serveRequests(timeoutMilliseconds: Int32) throws(VFIOUserClientError) -> Int {
     var handled = 0
-    while let message = try receiveMessage(timeoutMilliseconds: handled == 0 ? timeoutMilliseconds : 0) {
-      guard message.header.isCommand else { throw .protocolViolation("unexpected reply \(message.header.messageID)") }
+    while let message = try receiveMessage(
+      timeoutMilliseconds: handled == 0 ? timeoutMilliseconds : 0)
+    {
+      guard message.header.isCommand else {
+        throw .protocolViolation("unexpected reply \(message.header.messageID)")
+      }
       try serve(message)
       handled += 1
     }
@@ -168,13 +190,19 @@ public final class VFIOUserClient {
     for fd in message.fds { _ = close(fd) }
     func fail(_ e: Errno) throws(VFIOUserClientError) {
       if h.wantsReply {
-        try sendRaw(encodeMessage(id: h.messageID, command: h.command, flags: MessageHeader.typeReply | MessageHeader.errorFlag, error: UInt32(e.rawValue), payload: []))
+        try sendRaw(
+          encodeMessage(
+            id: h.messageID, command: h.command,
+            flags: MessageHeader.typeReply | MessageHeader.errorFlag, error: UInt32(e.rawValue),
+            payload: []))
       }
     }
     serverRequestsHandled += 1
     let access: DMAAccessHeader
     do throws(Errno) {
-      access = try decodeBytes(message.payload) { raw throws(Errno) in try DMAAccessHeader(decoding: raw, layout: dmaLayout) }
+      access = try decodeBytes(message.payload) { raw throws(Errno) in
+        try DMAAccessHeader(decoding: raw, layout: dmaLayout)
+      }
     } catch {
       return try fail(.invalidArgument)
     }
@@ -186,21 +214,30 @@ public final class VFIOUserClient {
       var reply = [UInt8](repeating: 0, count: 16 + count)
       reply.withUnsafeMutableBytes { raw in
         access.encode(into: raw, layout: dmaLayout)
-        UnsafeMutableRawBufferPointer(rebasing: raw[dmaLayout.dataOffset...]).copyMemory(from: UnsafeRawBufferPointer(span))
+        UnsafeMutableRawBufferPointer(rebasing: raw[dmaLayout.dataOffset...]).copyMemory(
+          from: UnsafeRawBufferPointer(span))
       }
       if h.wantsReply {
-        try sendRaw(encodeMessage(id: h.messageID, command: h.command, flags: MessageHeader.typeReply, payload: reply))
+        try sendRaw(
+          encodeMessage(
+            id: h.messageID, command: h.command, flags: MessageHeader.typeReply, payload: reply))
       }
     case .dmaWrite:
       guard message.payload.count == 16 + count else { return try fail(.invalidArgument) }
-      guard let (span, writable) = memory.span(access.address, count) else { return try fail(.badAddress) }
+      guard let (span, writable) = memory.span(access.address, count) else {
+        return try fail(.badAddress)
+      }
       guard writable else { return try fail(.notPermitted) }
       message.payload.withUnsafeBytes { raw in
-        span.copyMemory(from: UnsafeRawBufferPointer(rebasing: raw[dmaLayout.dataOffset..<(dmaLayout.dataOffset + count)]))
+        span.copyMemory(
+          from: UnsafeRawBufferPointer(
+            rebasing: raw[dmaLayout.dataOffset..<(dmaLayout.dataOffset + count)]))
       }
       if h.wantsReply {
         let payload: [UInt8] = dmaLayout == .qemu ? [] : Array(message.payload[0..<16])
-        try sendRaw(encodeMessage(id: h.messageID, command: h.command, flags: MessageHeader.typeReply, payload: payload))
+        try sendRaw(
+          encodeMessage(
+            id: h.messageID, command: h.command, flags: MessageHeader.typeReply, payload: payload))
       }
     default:
       try fail(.noFunction)

@@ -37,7 +37,8 @@ extension Connection: DeviceHost {
     address: UInt64, into buffer: UnsafeMutableRawBufferPointer,
     completion: @escaping (Result<Void, Errno>) -> Void
   ) {
-    advance(DMAJob(direction: .fromClient, address: address, buffer: buffer, completion: completion))
+    advance(
+      DMAJob(direction: .fromClient, address: address, buffer: buffer, completion: completion))
   }
 
   func dmaWrite(
@@ -46,7 +47,8 @@ extension Connection: DeviceHost {
   ) {
     advance(
       DMAJob(
-        direction: .toClient, address: address, buffer: UnsafeMutableRawBufferPointer(mutating: buffer),
+        direction: .toClient, address: address,
+        buffer: UnsafeMutableRawBufferPointer(mutating: buffer),
         completion: completion))
   }
 
@@ -96,12 +98,15 @@ extension Connection: DeviceHost {
     // Both layouts use a 16-byte head; QEMU's puts data at 12 and pads the end by 4.
     var head = [UInt8](repeating: 0, count: MessageHeader.size + 16 + data)
     head.withUnsafeMutableBytes { raw in
-      MessageHeader(messageID: job.requestID, command: command, size: UInt32(raw.count)).encode(into: raw)
+      MessageHeader(messageID: job.requestID, command: command, size: UInt32(raw.count)).encode(
+        into: raw)
       let payload = UnsafeMutableRawBufferPointer(rebasing: raw[MessageHeader.size...])
-      DMAAccessHeader(address: address, count: UInt64(job.chunk)).encode(into: payload, layout: dmaLayout)
+      DMAAccessHeader(address: address, count: UInt64(job.chunk)).encode(
+        into: payload, layout: dmaLayout)
       if data > 0 {
         let src = UnsafeRawBufferPointer(rebasing: job.buffer[job.done..<(job.done + data)])
-        UnsafeMutableRawBufferPointer(rebasing: payload[dmaLayout.dataOffset...]).copyMemory(from: src)
+        UnsafeMutableRawBufferPointer(rebasing: payload[dmaLayout.dataOffset...]).copyMemory(
+          from: src)
       }
     }
     outstanding[job.requestID] = job
@@ -119,17 +124,21 @@ extension Connection: DeviceHost {
     let header = message.header
     guard let job = outstanding.removeValue(forKey: header.messageID) else {
       if abandoned.remove(header.messageID) == nil {
-        logger.warning("reply \(header.messageID) (\(commandName(header.command))) to no request of ours; ignored")
+        logger.warning(
+          "reply \(header.messageID) (\(commandName(header.command))) to no request of ours; ignored"
+        )
       }
       return
     }
     let expected: Command = job.direction == .fromClient ? .dmaRead : .dmaWrite
     guard header.command == expected.rawValue else {
-      logger.warning("reply \(header.messageID) is \(commandName(header.command)), expected \(expected): EPROTO")
+      logger.warning(
+        "reply \(header.messageID) is \(commandName(header.command)), expected \(expected): EPROTO")
       return finish(job, .protocolError)
     }
     if header.isError {
-      return finish(job, header.error == 0 ? .ioError : Errno(rawValue: Int32(bitPattern: header.error)))
+      return finish(
+        job, header.error == 0 ? .ioError : Errno(rawValue: Int32(bitPattern: header.error)))
     }
     let payload = message.payload
     switch job.direction {
@@ -141,8 +150,10 @@ extension Connection: DeviceHost {
         logger.warning("malformed DMA_READ reply \(header.messageID): EPROTO")
         return finish(job, .protocolError)
       }
-      let data = UnsafeRawBufferPointer(rebasing: payload[dmaLayout.dataOffset..<(dmaLayout.dataOffset + job.chunk)])
-      UnsafeMutableRawBufferPointer(rebasing: job.buffer[job.done..<(job.done + job.chunk)]).copyMemory(from: data)
+      let data = UnsafeRawBufferPointer(
+        rebasing: payload[dmaLayout.dataOffset..<(dmaLayout.dataOffset + job.chunk)])
+      UnsafeMutableRawBufferPointer(rebasing: job.buffer[job.done..<(job.done + job.chunk)])
+        .copyMemory(from: data)
     case .toClient:
       // The spec echoes address and count; QEMU answers with the bare header.
       guard payload.count == 0 || payload.count == 16 else { return finish(job, .protocolError) }

@@ -13,7 +13,9 @@ extension Connection {
   func dispatch(_ message: inout ReceivedMessage) -> ConnectionEnd? {
     let header = message.header
     guard header.hasValidType else {
-      logger.warning("message \(header.messageID) has invalid type bits \(header.flags & MessageHeader.typeMask): EINVAL")
+      logger.warning(
+        "message \(header.messageID) has invalid type bits \(header.flags & MessageHeader.typeMask): EINVAL"
+      )
       if header.wantsReply { sendError(to: header, .invalidArgument) }
       return nil
     }
@@ -23,7 +25,8 @@ extension Connection {
       return nil
     }
     if traceEnabled {
-      logger.trace("<- \(command) id=\(header.messageID) size=\(header.size) fds=\(message.fds.count)")
+      logger.trace(
+        "<- \(command) id=\(header.messageID) size=\(header.size) fds=\(message.fds.count)")
     }
     if command == .version { return handleVersion(header, message.payload, fds: &message.fds) }
     guard negotiated else {
@@ -35,7 +38,9 @@ extension Connection {
     do throws(Errno) {
       let payload = message.payload
       // Only these commands take descriptors; any sent with another are closed unread.
-      if !message.fds.isEmpty, command != .dmaMap, command != .deviceSetIRQs { throw .invalidArgument }
+      if !message.fds.isEmpty, command != .dmaMap, command != .deviceSetIRQs {
+        throw .invalidArgument
+      }
       let size: Int
       switch command {
       case .regionRead:
@@ -71,7 +76,9 @@ extension Connection {
 
   // MARK: VERSION
 
-  private func handleVersion(_ header: MessageHeader, _ payload: UnsafeRawBufferPointer, fds: inout FDList)
+  private func handleVersion(
+    _ header: MessageHeader, _ payload: UnsafeRawBufferPointer, fds: inout FDList
+  )
     -> ConnectionEnd?
   {
     fds.closeAll()
@@ -126,10 +133,13 @@ extension Connection {
 
   /// Checks an access against the region description: index, bounds, width, permission.
   @inline(__always)
-  private func checkAccess(region: UInt32, offset: UInt64, count: UInt32, write: Bool) throws(Errno) {
+  private func checkAccess(region: UInt32, offset: UInt64, count: UInt32, write: Bool) throws(Errno)
+  {
     guard count > 0 else { throw .invalidArgument }
     guard count <= limits.maxDataXferSize else { throw .argListTooLong }
-    guard Int(region) < regions.count, let description = regions[Int(region)] else { throw .invalidArgument }
+    guard Int(region) < regions.count, let description = regions[Int(region)] else {
+      throw .invalidArgument
+    }
     guard write ? description.writable : description.readable else { throw .invalidArgument }
     let (end, overflow) = offset.addingReportingOverflow(UInt64(count))
     guard !overflow, end <= description.size else { throw .invalidArgument }
@@ -142,7 +152,9 @@ extension Connection {
     let out = replyArea
     access.encode(into: out)
     let count = Int(access.count)
-    if count >= Self.directReadThreshold, header.wantsReply, let memory = backend.directMemory(region: access.region) {
+    if count >= Self.directReadThreshold, header.wantsReply,
+      let memory = backend.directMemory(region: access.region)
+    {
       // Large reads of plain memory leave straight from it: no copy into the reply buffer.
       let start = Int(access.offset)
       sendReply(
@@ -152,13 +164,16 @@ extension Connection {
     }
     try backend.read(
       region: access.region, offset: access.offset,
-      into: UnsafeMutableRawBufferPointer(rebasing: out[RegionAccessHeader.size..<(RegionAccessHeader.size + count)]))
+      into: UnsafeMutableRawBufferPointer(
+        rebasing: out[RegionAccessHeader.size..<(RegionAccessHeader.size + count)]))
     return RegionAccessHeader.size + count
   }
 
   func regionWrite(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
     let access = try RegionAccessHeader(decoding: payload)
-    guard payload.count - RegionAccessHeader.size == Int(access.count) else { throw .invalidArgument }
+    guard payload.count - RegionAccessHeader.size == Int(access.count) else {
+      throw .invalidArgument
+    }
     try checkAccess(region: access.region, offset: access.offset, count: access.count, write: true)
     try backend.write(
       region: access.region, offset: access.offset,
@@ -202,7 +217,9 @@ extension Connection {
         info.offset = mmap.offset
         if !region.sparseAreas.isEmpty { info.capabilities.append(.sparseMmap(region.sparseAreas)) }
       }
-      if let type = region.type { info.capabilities.append(.type(type: type.type, subtype: type.subtype)) }
+      if let type = region.type {
+        info.capabilities.append(.type(type: type.type, subtype: type.subtype))
+      }
     }
     let full = info.fullSize
     info.argsz = UInt32(full)
@@ -228,7 +245,8 @@ extension Connection {
   func regionIOFDs(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
     guard payload.count == RegionIOFDsPayload.fixedSize else { throw .invalidArgument }
     let request = try RegionIOFDsPayload(decoding: payload)
-    guard request.argsz >= UInt32(RegionIOFDsPayload.fixedSize), request.flags == 0, request.count == 0,
+    guard request.argsz >= UInt32(RegionIOFDsPayload.fixedSize), request.flags == 0,
+      request.count == 0,
       Int(request.index) < regions.count
     else { throw .invalidArgument }
     // No sub-region of this device is served by an ioeventfd: the empty set.
@@ -243,7 +261,8 @@ extension Connection {
     let request = try DeviceInfoPayload(decoding: payload)
     guard request.argsz >= UInt32(DeviceInfoPayload.size) else { throw .invalidArgument }
     DeviceInfoPayload(
-      argsz: UInt32(DeviceInfoPayload.size), flags: backend.deviceFlags, numRegions: backend.regionCount,
+      argsz: UInt32(DeviceInfoPayload.size), flags: backend.deviceFlags,
+      numRegions: backend.regionCount,
       numIRQs: backend.irqCount
     ).encode(into: replyArea)
     return DeviceInfoPayload.size
@@ -256,7 +275,8 @@ extension Connection {
     }
     let description = irqs.indexes[Int(request.index)].description
     IRQInfoPayload(
-      argsz: UInt32(IRQInfoPayload.size), flags: description.flags, index: request.index, count: description.count
+      argsz: UInt32(IRQInfoPayload.size), flags: description.flags, index: request.index,
+      count: description.count
     ).encode(into: replyArea)
     return IRQInfoPayload.size
   }
@@ -319,13 +339,17 @@ extension Connection {
     }
     guard get || set else { throw .invalidArgument }
     let minimum = 8  // every one of these features carries 8 bytes
-    guard Int(request.argsz) - DeviceFeaturePayload.fixedSize >= minimum else { throw .invalidArgument }
+    guard Int(request.argsz) - DeviceFeaturePayload.fixedSize >= minimum else {
+      throw .invalidArgument
+    }
     if set { guard request.data.count >= minimum else { throw .invalidArgument } }
 
     var data = [UInt8](repeating: 0, count: minimum)
     switch request.feature {
     case VFIODeviceFeature.migration:
-      data.withUnsafeMutableBytes { $0.storeBytes(of: migratable!.migrationFlags.rawValue, as: UInt64.self) }
+      data.withUnsafeMutableBytes {
+        $0.storeBytes(of: migratable!.migrationFlags.rawValue, as: UInt64.self)
+      }
     case VFIODeviceFeature.migDataSize:
       let size = try migratable!.stopCopySize()
       data.withUnsafeMutableBytes { $0.storeBytes(of: size, as: UInt64.self) }
@@ -338,7 +362,8 @@ extension Connection {
           try migration!.set(target, on: migratable!)
           logger.info("migration state \(from) → \(target)")
         } catch {
-          logger.warning("migration \(from) → \(target) failed at \(migration!.state): \(error.name)")
+          logger.warning(
+            "migration \(from) → \(target) failed at \(migration!.state): \(error.name)")
           throw error
         }
         // The reply echoes the request; vfio-user's data_fd is unused (-1).
@@ -350,7 +375,8 @@ extension Connection {
         raw.storeBytes(of: Int32(-1), toByteOffset: 4, as: Int32.self)
       }
     }
-    let reply = DeviceFeaturePayload(argsz: UInt32(DeviceFeaturePayload.fixedSize + data.count), flags: request.flags, data: data)
+    let reply = DeviceFeaturePayload(
+      argsz: UInt32(DeviceFeaturePayload.fixedSize + data.count), flags: request.flags, data: data)
     reply.encode(into: out)
     return reply.encodedSize
   }
@@ -366,7 +392,8 @@ extension Connection {
     let stream = try migration.stream(for: [.stopCopy, .preCopy])
     let out = replyArea
     let n = try stream.read(
-      into: UnsafeMutableRawBufferPointer(rebasing: out[MigDataHeader.size..<(MigDataHeader.size + Int(request.size))]))
+      into: UnsafeMutableRawBufferPointer(
+        rebasing: out[MigDataHeader.size..<(MigDataHeader.size + Int(request.size))]))
     MigDataHeader(argsz: UInt32(MigDataHeader.size + n), size: UInt32(n)).encode(into: out)
     return MigDataHeader.size + n
   }
@@ -374,7 +401,9 @@ extension Connection {
   /// MIG_DATA_WRITE: valid in RESUMING; every byte is handed over (partial writes retried).
   func migDataWrite(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
     let request = try MigDataHeader(decoding: payload)
-    guard payload.count - MigDataHeader.size == Int(request.size), request.size <= limits.maxDataXferSize else {
+    guard payload.count - MigDataHeader.size == Int(request.size),
+      request.size <= limits.maxDataXferSize
+    else {
       throw .invalidArgument
     }
     guard let migration else { throw .invalidArgument }

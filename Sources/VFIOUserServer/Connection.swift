@@ -55,7 +55,8 @@ final class Connection {
   var abandoned: Set<UInt16> = []
 
   init(
-    fd: Int32, backend: any VFIODeviceBackend, limits: ServerLimits, logger: Logger, stats: ServerStatistics
+    fd: Int32, backend: any VFIODeviceBackend, limits: ServerLimits, logger: Logger,
+    stats: ServerStatistics
   ) {
     self.backend = backend
     self.limits = limits
@@ -63,11 +64,15 @@ final class Connection {
     self.stats = stats
     traceEnabled = logger.logLevel <= .trace
     channel = MessageChannel(
-      fd: fd, capacity: limits.maxMessageSize + 64 * 1024, maxMessageSize: ServerLimits.maxVersionMessage)
+      fd: fd, capacity: limits.maxMessageSize + 64 * 1024,
+      maxMessageSize: ServerLimits.maxVersionMessage)
     channel.maxFDs = Int(limits.maxMsgFDs)
     tx = .allocate(byteCount: limits.maxMessageSize + Self.coalesceLimit + 64, alignment: 16)
     dma = DMATable(pageSize: limits.pgsizes, limit: Int(limits.maxDMAMaps))
-    irqs = IRQTable((0..<backend.irqCount).map { backend.irq($0) ?? IRQDescription(index: $0, count: 0, flags: 0) })
+    irqs = IRQTable(
+      (0..<backend.irqCount).map {
+        backend.irq($0) ?? IRQDescription(index: $0, count: 0, flags: 0)
+      })
     regions = (0..<backend.regionCount).map { backend.region($0) }
     migratable = backend as? MigrationCapable
     migration = migratable.map { MigrationController(flags: $0.migrationFlags) }
@@ -139,15 +144,22 @@ final class Connection {
       }
     }
     if limits.resetOnDisconnect || midMigration {
-      do { try backend.reset() } catch { logger.warning("device reset after hang-up failed: \(error)") }
+      do { try backend.reset() } catch {
+        logger.warning("device reset after hang-up failed: \(error)")
+      }
     }
     migration?.reset()
     backend.attach(host: nil)
-    stats.update { $0.dmaRegions = 0; $0.irqFDs = 0 }
+    stats.update {
+      $0.dmaRegions = 0
+      $0.irqFDs = 0
+    }
     channel.close()
   }
 
-  func commandName(_ raw: UInt16) -> String { Command(rawValue: raw)?.description ?? "command \(raw)" }
+  func commandName(_ raw: UInt16) -> String {
+    Command(rawValue: raw)?.description ?? "command \(raw)"
+  }
 
   // MARK: Sending
 
@@ -159,10 +171,14 @@ final class Connection {
   /// Queues the reply whose payload (`payloadSize` bytes) the handler wrote in
   /// `replyArea`. A reply with a descriptor or with `extra` bytes goes out at
   /// once, after the queue.
-  func sendReply(to request: MessageHeader, payloadSize: Int, fd: Int32 = -1, extra: UnsafeRawBufferPointer? = nil) {
+  func sendReply(
+    to request: MessageHeader, payloadSize: Int, fd: Int32 = -1,
+    extra: UnsafeRawBufferPointer? = nil
+  ) {
     let length = MessageHeader.size + payloadSize
     MessageHeader(
-      messageID: request.messageID, command: request.command, size: UInt32(length + (extra?.count ?? 0)),
+      messageID: request.messageID, command: request.command,
+      size: UInt32(length + (extra?.count ?? 0)),
       flags: MessageHeader.typeReply
     ).encode(into: UnsafeMutableRawBufferPointer(rebasing: tx[txUsed...]))
     guard fd >= 0 || extra != nil else {
@@ -201,4 +217,3 @@ final class Connection {
     }
   }
 }
-

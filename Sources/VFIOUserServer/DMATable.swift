@@ -39,7 +39,8 @@ struct DMATable {
       if region.readable { prot |= PROT_READ }
       if region.writable { prot |= PROT_WRITE }
       if prot == 0 { prot = PROT_NONE }
-      let p = mmap(nil, Int(request.size), prot, MAP_SHARED, fd, off_t(Int64(bitPattern: request.offset)))
+      let p = mmap(
+        nil, Int(request.size), prot, MAP_SHARED, fd, off_t(Int64(bitPattern: request.offset)))
       guard let p, p != MAP_FAILED else { throw Errno(rawValue: errno) }
       region.mapping = p
     }
@@ -52,7 +53,9 @@ struct DMATable {
 
   /// Removes the window that matches exactly; EINVAL if there is none.
   mutating func remove(address: UInt64, size: UInt64) throws(Errno) -> DMARegion {
-    guard let entry = map.remove(start: address, end: address + size) else { throw .invalidArgument }
+    guard let entry = map.remove(start: address, end: address + size) else {
+      throw .invalidArgument
+    }
     Self.release(entry.value)
     return entry.value
   }

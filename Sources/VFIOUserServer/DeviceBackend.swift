@@ -27,7 +27,8 @@ public struct RegionDescription: Sendable, Equatable {
   public var type: (type: UInt32, subtype: UInt32)?
 
   public init(
-    index: UInt32, size: UInt64, readable: Bool = true, writable: Bool = true, mmap: MmapSource? = nil,
+    index: UInt32, size: UInt64, readable: Bool = true, writable: Bool = true,
+    mmap: MmapSource? = nil,
     sparseAreas: [SparseMmapArea] = [], type: (type: UInt32, subtype: UInt32)? = nil
   ) {
     self.index = index
@@ -121,7 +122,8 @@ public protocol VFIODeviceBackend: AnyObject {
 
   /// Reads `buffer.count` bytes at `offset` of region `region`. Throws EINVAL
   /// for a width or alignment the register file does not accept.
-  func read(region: UInt32, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(Errno)
+  func read(region: UInt32, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer)
+    throws(Errno)
   func write(region: UInt32, offset: UInt64, from buffer: UnsafeRawBufferPointer) throws(Errno)
 
   /// The bytes of `region` when it is plain memory without side effects on

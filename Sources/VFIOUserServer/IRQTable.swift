@@ -46,7 +46,9 @@ struct IRQTable {
 
   /// Applies one DEVICE_SET_IRQS. Consumes `fds` on every path (kept or closed).
   /// Returns the new configuration of the index when it changed.
-  mutating func apply(_ request: IRQSetPayload, fds: inout FDList) throws(Errno) -> IRQConfiguration? {
+  mutating func apply(_ request: IRQSetPayload, fds: inout FDList) throws(Errno)
+    -> IRQConfiguration?
+  {
     var received = fds.take()
     defer { for fd in received { _ = close(fd) } }
     let i = Int(request.index)
@@ -60,13 +62,17 @@ struct IRQTable {
 
     // count 0 with DATA_NONE tears the whole index down (for any action, as the kernel does for TRIGGER).
     if request.count == 0 {
-      guard data == VFIOIRQSetFlags.dataNone, action == VFIOIRQSetFlags.actionTrigger, request.start == 0 else {
+      guard data == VFIOIRQSetFlags.dataNone, action == VFIOIRQSetFlags.actionTrigger,
+        request.start == 0
+      else {
         throw .invalidArgument
       }
       disable(i)
       return indexes[i].configuration
     }
-    guard UInt64(request.start) + UInt64(request.count) <= UInt64(desc.count) else { throw .invalidArgument }
+    guard UInt64(request.start) + UInt64(request.count) <= UInt64(desc.count) else {
+      throw .invalidArgument
+    }
     let range = Int(request.start)..<Int(request.start + request.count)
     if request.index == VFIOPCIIRQ.err || request.index == VFIOPCIIRQ.req {
       guard action == VFIOIRQSetFlags.actionTrigger else { throw .invalidArgument }
@@ -104,7 +110,8 @@ struct IRQTable {
         received = []
         return indexes[i].configuration
       }
-      for (k, v) in range.enumerated() where data == VFIOIRQSetFlags.dataNone || request.bools[k] != 0 {
+      for (k, v) in range.enumerated()
+      where data == VFIOIRQSetFlags.dataNone || request.bools[k] != 0 {
         if mask { indexes[i].masked[v] = true } else { unmask(index: i, vector: v) }
       }
       return indexes[i].configuration

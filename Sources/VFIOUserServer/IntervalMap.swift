@@ -61,7 +61,8 @@ struct IntervalMap<Value> {
     let block = blocks[b]
     let i = Self.upperBound(block, start)
     let before: Entry? = i > 0 ? block[i - 1] : (b > 0 ? blocks[b - 1].last : nil)
-    let after: Entry? = i < block.count ? block[i] : (b + 1 < blocks.count ? blocks[b + 1].first : nil)
+    let after: Entry? =
+      i < block.count ? block[i] : (b + 1 < blocks.count ? blocks[b + 1].first : nil)
     return (before, after)
   }
 

@@ -31,13 +31,21 @@ public struct MigrationController {
 
   /// `vfio_from_fsm_table`, rows and columns in `order`.
   private static let table: [[MigrationState]] = [
-    /* STOP */ [.stop, .runningP2P, .stopCopy, .resuming, .runningP2P, .runningP2P, .runningP2P, .error],
-    /* RUNNING */ [.runningP2P, .running, .runningP2P, .runningP2P, .runningP2P, .preCopy, .runningP2P, .error],
+    /* STOP */ [
+      .stop, .runningP2P, .stopCopy, .resuming, .runningP2P, .runningP2P, .runningP2P, .error,
+    ],
+    /* RUNNING */ [
+      .runningP2P, .running, .runningP2P, .runningP2P, .runningP2P, .preCopy, .runningP2P, .error,
+    ],
     /* STOP_COPY */ [.stop, .stop, .stopCopy, .stop, .stop, .error, .error, .error],
     /* RESUMING */ [.stop, .stop, .stop, .resuming, .stop, .stop, .stop, .error],
     /* RUNNING_P2P */ [.stop, .running, .stop, .stop, .runningP2P, .running, .preCopyP2P, .error],
-    /* PRE_COPY */ [.running, .running, .preCopyP2P, .running, .running, .preCopy, .preCopyP2P, .error],
-    /* PRE_COPY_P2P */ [.runningP2P, .runningP2P, .stopCopy, .runningP2P, .runningP2P, .preCopy, .preCopyP2P, .error],
+    /* PRE_COPY */ [
+      .running, .running, .preCopyP2P, .running, .running, .preCopy, .preCopyP2P, .error,
+    ],
+    /* PRE_COPY_P2P */ [
+      .runningP2P, .runningP2P, .stopCopy, .runningP2P, .runningP2P, .preCopy, .preCopyP2P, .error,
+    ],
     /* ERROR */ Array(repeating: .error, count: 8),
   ]
 
@@ -58,13 +66,17 @@ public struct MigrationController {
 
   /// The next direct arc from `current` towards `target`, or nil where the
   /// kernel answers -EINVAL (unsupported state, ERROR, STOP_COPY → PRE_COPY…).
-  public static func nextState(from current: MigrationState, to target: MigrationState, flags: MigrationFlags)
+  public static func nextState(
+    from current: MigrationState, to target: MigrationState, flags: MigrationFlags
+  )
     -> MigrationState?
   {
     guard supported(current, flags), supported(target, flags) else { return nil }
     let column = order.firstIndex(of: target)!
     var next = table[order.firstIndex(of: current)!][column]
-    while next != .error, !supported(next, flags) { next = table[order.firstIndex(of: next)!][column] }
+    while next != .error, !supported(next, flags) {
+      next = table[order.firstIndex(of: next)!][column]
+    }
     return next == .error ? nil : next
   }
 

@@ -128,7 +128,9 @@ public final class VFIOUserServer: Sendable {
       if statistics.snapshot.clientConnected {
         // The previous client may be on its way out (a VMM restarting): give its
         // teardown a moment before turning the newcomer away.
-        if let previous = connectionDone, previous.wait(timeout: .now() + .milliseconds(300)) == .success {
+        if let previous = connectionDone,
+          previous.wait(timeout: .now() + .milliseconds(300)) == .success
+        {
           previous.signal()
         } else {
           refuse(client)
@@ -166,7 +168,8 @@ public final class VFIOUserServer: Sendable {
     let thread = Thread { [self, connectionLogger] in
       connectionThreadSetup?()
       let connection = Connection(
-        fd: client, backend: slot.backend, limits: limits, logger: connectionLogger, stats: statistics)
+        fd: client, backend: slot.backend, limits: limits, logger: connectionLogger,
+        stats: statistics)
       let end = connection.run()
       activeSocket.withLock { $0 = -1 }
       statistics.update {
@@ -174,7 +177,8 @@ public final class VFIOUserServer: Sendable {
         $0.lastEnd = end
       }
       connectionLogger.info(
-        "client disconnected (\(end)); DMA and eventfds released\(limits.resetOnDisconnect ? ", device reset" : "")")
+        "client disconnected (\(end)); DMA and eventfds released\(limits.resetOnDisconnect ? ", device reset" : "")"
+      )
       done.signal()
     }
     thread.name = "vfio-user-client"
@@ -192,7 +196,8 @@ public final class VFIOUserServer: Sendable {
     let thread = Thread {
       let channel = MessageChannel(fd: client, capacity: ServerLimits.maxVersionMessage)
       channel.maxFDs = 0
-      if cvfu_wait_readable(client, timeout) > 0, case .message(let message)? = try? channel.receive(),
+      if cvfu_wait_readable(client, timeout) > 0,
+        case .message(let message)? = try? channel.receive(),
         message.header.isCommand
       {
         var header = [UInt8](repeating: 0, count: MessageHeader.size)

@@ -31,13 +31,15 @@ public struct ServerLimits: Sendable, Equatable {
   /// Largest message accepted after negotiation: a REGION_WRITE or MIG_DATA_WRITE of
   /// `maxDataXferSize` bytes, or a full REGION_WRITE_MULTI.
   public var maxMessageSize: Int {
-    MessageHeader.size + max(16 + Int(maxDataXferSize), 8 + WriteMultiEntry.size * WriteMultiLimits.maxWrites)
+    MessageHeader.size
+      + max(16 + Int(maxDataXferSize), 8 + WriteMultiEntry.size * WriteMultiLimits.maxWrites)
   }
 
   /// The capabilities object of the VERSION reply for a client that proposed `client`.
   func offer(to client: Capabilities) -> Capabilities {
     var caps = Capabilities(
-      maxMsgFDs: maxMsgFDs, maxDataXferSize: maxDataXferSize, maxDMAMaps: maxDMAMaps, pgsizes: pgsizes)
+      maxMsgFDs: maxMsgFDs, maxDataXferSize: maxDataXferSize, maxDMAMaps: maxDMAMaps,
+      pgsizes: pgsizes)
     // Booleans are echoed only when proposed: the reply's list is a subset of the client's.
     if client.writeMultiple == true { caps.writeMultiple = true }
     if client.twinSocket?.supported == true { caps.twinSocket = .init(supported: false) }

@@ -29,10 +29,11 @@ public enum ReceiveResult {
 /// cases (up to 16). Whatever is not taken is closed by `closeAll()`.
 public struct FDList {
   public private(set) var count: Int = 0
-  private var storage: (
-    Int32, Int32, Int32, Int32, Int32, Int32, Int32, Int32,
-    Int32, Int32, Int32, Int32, Int32, Int32, Int32, Int32
-  ) = (-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1)
+  private var storage:
+    (
+      Int32, Int32, Int32, Int32, Int32, Int32, Int32, Int32,
+      Int32, Int32, Int32, Int32, Int32, Int32, Int32, Int32
+    ) = (-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1)
   private var overflow: [Int32] = []
 
   public init() {}
@@ -42,7 +43,9 @@ public struct FDList {
 
   public mutating func append(_ fd: Int32) {
     if count < 16 {
-      withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: fd, toByteOffset: count * 4, as: Int32.self) }
+      withUnsafeMutableBytes(of: &storage) {
+        $0.storeBytes(of: fd, toByteOffset: count * 4, as: Int32.self)
+      }
     } else {
       overflow.append(fd)
     }
@@ -50,7 +53,9 @@ public struct FDList {
   }
 
   public subscript(i: Int) -> Int32 {
-    if i < 16 { return withUnsafeBytes(of: storage) { $0.load(fromByteOffset: i * 4, as: Int32.self) } }
+    if i < 16 {
+      return withUnsafeBytes(of: storage) { $0.load(fromByteOffset: i * 4, as: Int32.self) }
+    }
     return overflow[i - 16]
   }
 
@@ -120,7 +125,8 @@ public final class MessageChannel {
   /// Whether a whole message is already buffered (no system call needed).
   public var hasBufferedMessage: Bool {
     guard end - start >= MessageHeader.size else { return false }
-    let size = Int(UnsafeRawBufferPointer(buffer).loadUnaligned(fromByteOffset: start + 4, as: UInt32.self))
+    let size = Int(
+      UnsafeRawBufferPointer(buffer).loadUnaligned(fromByteOffset: start + 4, as: UInt32.self))
     return size < MessageHeader.size || size > maxMessageSize || end - start >= size
   }
 
@@ -154,7 +160,8 @@ public final class MessageChannel {
         }
         if end - start >= size {
           let fds = takeFDs(messageStart: messageStart, messageEnd: messageStart + UInt64(size))
-          let payload = UnsafeRawBufferPointer(rebasing: buffer[(start + MessageHeader.size)..<(start + size)])
+          let payload = UnsafeRawBufferPointer(
+            rebasing: buffer[(start + MessageHeader.size)..<(start + size)])
           start += size
           return .message(ReceivedMessage(header: header, payload: payload, fds: fds))
         }
@@ -172,12 +179,15 @@ public final class MessageChannel {
   /// receive buffer). Returns the header and the data length; an error reply
   /// (header only) leaves `head` and `data` untouched. A message of any other
   /// size is discarded and reported as EPROTO. nil when the peer closed.
-  public func receiveDirect(head: UnsafeMutableRawBufferPointer, data: UnsafeMutableRawBufferPointer)
+  public func receiveDirect(
+    head: UnsafeMutableRawBufferPointer, data: UnsafeMutableRawBufferPointer
+  )
     throws(Errno) -> (header: MessageHeader, count: Int)?
   {
     while end - start < MessageHeader.size + head.count {
       if end - start >= MessageHeader.size,
-        UnsafeRawBufferPointer(buffer).loadUnaligned(fromByteOffset: start + 4, as: UInt32.self) == UInt32(MessageHeader.size)
+        UnsafeRawBufferPointer(buffer).loadUnaligned(fromByteOffset: start + 4, as: UInt32.self)
+          == UInt32(MessageHeader.size)
       {
         break  // an error reply: header only
       }
@@ -186,14 +196,17 @@ public final class MessageChannel {
     }
     let header = try MessageHeader(framing: UnsafeRawBufferPointer(rebasing: buffer[start..<end]))
     var fds = takeFDs(
-      messageStart: streamBase + UInt64(start), messageEnd: streamBase + UInt64(start) + UInt64(header.size))
+      messageStart: streamBase + UInt64(start),
+      messageEnd: streamBase + UInt64(start) + UInt64(header.size))
     fds.closeAll()
     if header.size == UInt32(MessageHeader.size) {
       start += MessageHeader.size
       return (header, 0)
     }
     let size = Int(header.size)
-    guard size >= MessageHeader.size + head.count, size <= MessageHeader.size + head.count + data.count else {
+    guard size >= MessageHeader.size + head.count,
+      size <= MessageHeader.size + head.count + data.count
+    else {
       if size <= end - start {
         start += size
       } else {
@@ -259,7 +272,9 @@ public final class MessageChannel {
     }
     var count: Int32 = 0
     let n = scratchFDs.withUnsafeMutableBufferPointer { fds in
-      cvfu_recvmsg(fd, buffer.baseAddress! + end, buffer.count - end, fds.baseAddress, Int32(fds.count), &count, 0)
+      cvfu_recvmsg(
+        fd, buffer.baseAddress! + end, buffer.count - end, fds.baseAddress, Int32(fds.count),
+        &count, 0)
     }
     if n < 0 {
       if -n == ECONNRESET || -n == EPIPE { return false }
@@ -280,7 +295,8 @@ public final class MessageChannel {
   /// Sends `first` then `second` as one message, with `fds` attached to its
   /// first byte. Partial sends are continued until everything is out.
   public func send(
-    _ first: UnsafeRawBufferPointer, _ second: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0),
+    _ first: UnsafeRawBufferPointer,
+    _ second: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0),
     fds: UnsafeBufferPointer<Int32> = UnsafeBufferPointer(start: nil, count: 0)
   ) throws(Errno) {
     var a = first
@@ -295,7 +311,8 @@ public final class MessageChannel {
         let vecs = raw.bindMemory(to: iovec.self)
         let start = a.count == 0 ? 1 : 0
         return cvfu_sendmsg(
-          fd, vecs.baseAddress! + start, Int32(2 - start), fdsToSend.baseAddress, Int32(fdsToSend.count))
+          fd, vecs.baseAddress! + start, Int32(2 - start), fdsToSend.baseAddress,
+          Int32(fdsToSend.count))
       }
       if n < 0 { throw Errno(rawValue: Int32(-n)) }
       fdsToSend = UnsafeBufferPointer(start: nil, count: 0)
@@ -308,7 +325,9 @@ public final class MessageChannel {
   }
 
   /// Sends a message with at most one descriptor (region info replies).
-  public func send(_ first: UnsafeRawBufferPointer, _ second: UnsafeRawBufferPointer, fd: Int32) throws(Errno) {
+  public func send(_ first: UnsafeRawBufferPointer, _ second: UnsafeRawBufferPointer, fd: Int32)
+    throws(Errno)
+  {
     var one = fd
     let result: Result<Void, Errno> = withUnsafePointer(to: &one) { p in
       do throws(Errno) {

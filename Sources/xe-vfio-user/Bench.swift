@@ -20,7 +20,9 @@ struct Bench: ParsableCommand {
   @Option(help: "Round trips per latency figure.")
   var iterations = 100_000
 
-  @Option(help: "CPU placement: same (server and client on CPU 0), split (server CPU 1, client CPU 0), none.")
+  @Option(
+    help:
+      "CPU placement: same (server and client on CPU 0), split (server CPU 1, client CPU 0), none.")
   var cpus: String = "same"
 
   @Option(help: "VRAM of the simulated VF.")
@@ -32,21 +34,26 @@ struct Bench: ParsableCommand {
   @Flag(help: "Also count user-space instructions per 4-byte REGION_READ with valgrind (slow).")
   var instructions = false
 
-  @Option(help: "Comma-separated subset: read,write,inflight,large,dma,rss,migration (default all).")
+  @Option(
+    help: "Comma-separated subset: read,write,inflight,large,dma,rss,migration (default all).")
   var only: String?
 
   @Option(help: "VRAM sizes for the migration figures.")
   var migrationVRAM: [ByteSize] = [ByteSize(256 << 20), ByteSize(1 << 30), ByteSize(4 << 30)]
 
   func validate() throws {
-    guard ["same", "split", "none"].contains(cpus) else { throw ValidationError("--cpus is same, split or none") }
+    guard ["same", "split", "none"].contains(cpus) else {
+      throw ValidationError("--cpus is same, split or none")
+    }
   }
 
   func run() throws {
     let clientCPU: Int32? = cpus == "none" ? nil : 0
     let serverCPU: Int32? = cpus == "none" ? nil : (cpus == "split" ? 1 : 0)
     if let clientCPU { _ = cvfu_pin_to_cpu(clientCPU) }
-    let selected = Set((only ?? "read,write,inflight,large,dma,rss,migration").split(separator: ",").map(String.init))
+    let selected = Set(
+      (only ?? "read,write,inflight,large,dma,rss,migration").split(separator: ",").map(String.init)
+    )
     var logger = Logger(label: "bench")
     logger.logLevel = .error
     let device = try SimulatedXeVF(profile: .bmg, vramSize: vramSize.bytes, logger: logger)
@@ -61,63 +68,89 @@ struct Bench: ParsableCommand {
     _ = cvfu_socket_buffers(client.channel.fd, 8 << 20)
 
     let placement =
-      cpus == "same" ? "server and client both pinned to CPU 0" : cpus == "split" ? "server on CPU 1, client on CPU 0" : "not pinned"
-    print("xe-vfio-user bench: simulated bmg VF, \(formatBytes(vramSize.bytes)) VRAM, \(placement), \(iterations) round trips per figure\n")
+      cpus == "same"
+      ? "server and client both pinned to CPU 0"
+      : cpus == "split" ? "server on CPU 1, client on CPU 0" : "not pinned"
+    print(
+      "xe-vfio-user bench: simulated bmg VF, \(formatBytes(vramSize.bytes)) VRAM, \(placement), \(iterations) round trips per figure\n"
+    )
     var table = ReportTable()
     let scratch = XeSimRegisters.vfSwFlag(0)
     let n = iterations
 
     if selected.contains("read") {
-      let (ours, floor) = try interleaved(n, request: 32, reply: 36, serverCPU: serverCPU) { try readOnce(client, scratch, 4) }
+      let (ours, floor) = try interleaved(n, request: 32, reply: 36, serverCPU: serverCPU) {
+        try readOnce(client, scratch, 4)
+      }
       table.latency("4-byte REGION_READ", ours, floor)
     }
     if selected.contains("write") {
       var value: UInt32 = 0
       let (ours, floor) = try interleaved(n, request: 36, reply: 32, serverCPU: serverCPU) {
         value &+= 1
-        let id = try withUnsafeBytes(of: &value) { try client.sendRegionWrite(region: 0, offset: scratch, data: $0) }
+        let id = try withUnsafeBytes(of: &value) {
+          try client.sendRegionWrite(region: 0, offset: scratch, data: $0)
+        }
         try client.receiveAck(id: id)
       }
       table.latency("4-byte REGION_WRITE", ours, floor)
     }
     if selected.contains("inflight") {
       let floor = LatencySummary(
-        SocketFloor.roundTrips(requestSize: 32, replySize: 36, count: n, inFlight: 16, serverCPU: serverCPU))
+        SocketFloor.roundTrips(
+          requestSize: 32, replySize: 36, count: n, inFlight: 16, serverCPU: serverCPU))
       let ours = LatencySummary(try pipelined(client, scratch, depth: 16, count: n))
-      table.rate("4-byte REGION_READ, 16 in flight", ours.opsPerSecond, floor.opsPerSecond, unit: "ops/s", target: "≥ 200 k ops/s")
+      table.rate(
+        "4-byte REGION_READ, 16 in flight", ours.opsPerSecond, floor.opsPerSecond, unit: "ops/s",
+        target: "≥ 200 k ops/s")
     }
     if selected.contains("large") {
       let size = 1 << 20
       let count = max(200, n / 50)
-      let floor = LatencySummary(SocketFloor.roundTrips(requestSize: 32, replySize: 32 + size, count: count, serverCPU: serverCPU))
-      let ours = LatencySummary(try measure(count) { try readOnce(client, 0, UInt32(size), region: 2) })
+      let floor = LatencySummary(
+        SocketFloor.roundTrips(
+          requestSize: 32, replySize: 32 + size, count: count, serverCPU: serverCPU))
+      let ours = LatencySummary(
+        try measure(count) { try readOnce(client, 0, UInt32(size), region: 2) })
       let copy = SocketFloor.memcpyRate(size: size, repeats: count)
       table.rate(
-        "1 MiB REGION_READ (BAR2)", ours.opsPerSecond * Double(size), floor.opsPerSecond * Double(size), unit: "B/s",
+        "1 MiB REGION_READ (BAR2)", ours.opsPerSecond * Double(size),
+        floor.opsPerSecond * Double(size), unit: "B/s",
         target: "≥ 5.8 GB/s", extra: "memcpy \(String(format: "%.1f", copy / 1e9)) GB/s")
     }
     if selected.contains("dma") {
       for live in [10, liveMappings] {
         let pairs = try dmaPairs(client, live: live, pairs: min(20_000, max(2_000, n / 5)))
-        table.rate("DMA_MAP+DMA_UNMAP with fd, \(live) live", pairs, nil, unit: "pairs/s", target: "≥ 28 k pairs/s")
+        table.rate(
+          "DMA_MAP+DMA_UNMAP with fd, \(live) live", pairs, nil, unit: "pairs/s",
+          target: "≥ 28 k pairs/s")
       }
     }
     if selected.contains("rss") {
       if let rss = try idleRSS() {
-        table.plain("idle RSS of `serve` (VRAM untouched)", String(format: "%.1f MiB", Double(rss) / 1024), target: "≤ 8 MiB")
+        table.plain(
+          "idle RSS of `serve` (VRAM untouched)", String(format: "%.1f MiB", Double(rss) / 1024),
+          target: "≤ 8 MiB")
       }
     }
     if instructions {
       if let perRead = try? instructionsPerRead() {
-        table.plain("user-space instructions per 4-byte REGION_READ (callgrind)", "\(perRead)", target: "≤ 1,500")
+        table.plain(
+          "user-space instructions per 4-byte REGION_READ (callgrind)", "\(perRead)",
+          target: "≤ 1,500")
       } else {
-        table.plain("user-space instructions per 4-byte REGION_READ", "not measured (valgrind missing or failed)", target: "")
+        table.plain(
+          "user-space instructions per 4-byte REGION_READ",
+          "not measured (valgrind missing or failed)", target: "")
       }
     }
     print(table.render())
     if selected.contains("migration") {
       var rows: [[String]] = [
-        ["VRAM", "stream", "MIG_DATA_READ", "MIG_DATA_WRITE", "migration", "downtime", "raw: memcpy", "raw: socket", "downtime ÷ socket", "peak extra memory"]
+        [
+          "VRAM", "stream", "MIG_DATA_READ", "MIG_DATA_WRITE", "migration", "downtime",
+          "raw: memcpy", "raw: socket", "downtime ÷ socket", "peak extra memory",
+        ]
       ]
       // Migration runs several threads per side (reader, writer, servers, PF
       // workers): pinning them all to one CPU would measure the scheduler.
@@ -125,19 +158,26 @@ struct Bench: ParsableCommand {
       for size in migrationVRAM {
         let f = try MigrationBench.run(vram: size.bytes, logger: logger, serverCPU: nil)
         rows.append([
-          formatBytes(f.vram), formatRate(f.streamBytes), String(format: "%.2f GB/s", f.readRate / 1e9),
-          String(format: "%.2f GB/s", f.writeRate / 1e9), String(format: "%.3f s", f.migrationSeconds),
+          formatBytes(f.vram), formatRate(f.streamBytes),
+          String(format: "%.2f GB/s", f.readRate / 1e9),
+          String(format: "%.2f GB/s", f.writeRate / 1e9),
+          String(format: "%.3f s", f.migrationSeconds),
           String(format: "%.3f s", f.downtime), String(format: "%.3f s", f.memcpySeconds),
-          String(format: "%.3f s", f.socketSeconds), String(format: "%.2f×", f.downtime / f.socketSeconds),
+          String(format: "%.3f s", f.socketSeconds),
+          String(format: "%.2f×", f.downtime / f.socketSeconds),
           String(format: "%.1f MiB", Double(f.peakAnonGrowth) / 1_048_576),
         ])
       }
-      print("\nMigration of the simulated BMG VF, threads not pinned (targets: MIG_DATA_READ ≥ 4.4 GB/s, MIG_DATA_WRITE ≥ 3.9 GB/s, 4 GiB downtime ≤ 1.5× the raw socket stream):")
+      print(
+        "\nMigration of the simulated BMG VF, threads not pinned (targets: MIG_DATA_READ ≥ 4.4 GB/s, MIG_DATA_WRITE ≥ 3.9 GB/s, 4 GiB downtime ≤ 1.5× the raw socket stream):"
+      )
       print(ReportTable(rows: rows).render())
     }
   }
 
-  private func readOnce(_ client: VFIOUserClient, _ offset: UInt64, _ count: UInt32, region: UInt32 = 0) throws {
+  private func readOnce(
+    _ client: VFIOUserClient, _ offset: UInt64, _ count: UInt32, region: UInt32 = 0
+  ) throws {
     let id = try client.sendRegionRead(region: region, offset: offset, count: count)
     try client.receiveRegionRead(id: id, into: BenchBuffer.shared.prefix(Int(count)))
   }
@@ -145,12 +185,14 @@ struct Bench: ParsableCommand {
   /// The server's and the floor's round trips in alternating rounds, so drift
   /// in the machine (a VM's neighbours, frequency) hits both alike.
   private func interleaved(
-    _ count: Int, request: Int, reply: Int, serverCPU: Int32?, rounds: Int = 5, _ body: () throws -> Void
+    _ count: Int, request: Int, reply: Int, serverCPU: Int32?, rounds: Int = 5,
+    _ body: () throws -> Void
   ) throws -> (LatencySummary, LatencySummary) {
     var ours: [UInt64] = []
     var floor: [UInt64] = []
     for _ in 0..<rounds {
-      floor += SocketFloor.roundTrips(requestSize: request, replySize: reply, count: count / rounds, serverCPU: serverCPU)
+      floor += SocketFloor.roundTrips(
+        requestSize: request, replySize: reply, count: count / rounds, serverCPU: serverCPU)
       ours += try measure(count / rounds, body)
     }
     return (LatencySummary(ours), LatencySummary(floor))
@@ -167,9 +209,13 @@ struct Bench: ParsableCommand {
     return samples
   }
 
-  private func pipelined(_ client: VFIOUserClient, _ offset: UInt64, depth: Int, count: Int) throws -> [UInt64] {
+  private func pipelined(_ client: VFIOUserClient, _ offset: UInt64, depth: Int, count: Int) throws
+    -> [UInt64]
+  {
     var ids: [UInt16] = []
-    for _ in 0..<depth { ids.append(try client.sendRegionRead(region: 0, offset: offset, count: 4)) }
+    for _ in 0..<depth {
+      ids.append(try client.sendRegionRead(region: 0, offset: offset, count: 4))
+    }
     var samples = [UInt64](repeating: 0, count: count)
     var head = 0
     for i in 0..<count {
@@ -194,7 +240,8 @@ struct Bench: ParsableCommand {
     if live > 30_000 { raiseMapCountIfNeeded(live + 10_000) }
     let base: UInt64 = 1 << 32
     for i in 0..<live {
-      try client.dmaMap(address: base + UInt64(i) * 8192, size: 4096, flags: 3, fd: fd, offset: UInt64(i) * 4096)
+      try client.dmaMap(
+        address: base + UInt64(i) * 8192, size: 4096, flags: 3, fd: fd, offset: UInt64(i) * 4096)
     }
     let probe = base + UInt64(live) * 8192
     for _ in 0..<200 {
@@ -213,11 +260,14 @@ struct Bench: ParsableCommand {
 
   private func raiseMapCountIfNeeded(_ wanted: Int) {
     let path = "/proc/sys/vm/max_map_count"
-    guard let text = try? String(contentsOfFile: path, encoding: .utf8), let current = Int(text.trimmingCharacters(in: .whitespacesAndNewlines)),
+    guard let text = try? String(contentsOfFile: path, encoding: .utf8),
+      let current = Int(text.trimmingCharacters(in: .whitespacesAndNewlines)),
       current < wanted
     else { return }
     if (try? "\(wanted)\n".write(toFile: path, atomically: false, encoding: .utf8)) != nil {
-      print("(raised vm.max_map_count from \(current) to \(wanted): each fd-backed DMA window is one mapping)")
+      print(
+        "(raised vm.max_map_count from \(current) to \(wanted): each fd-backed DMA window is one mapping)"
+      )
     }
   }
 
@@ -226,7 +276,10 @@ struct Bench: ParsableCommand {
     let path = "/tmp/xe-vfio-user-rss-\(getpid()).sock"
     let child = Process()
     child.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).standardizedFileURL
-    child.arguments = ["serve", "--socket-path", path, "--quiet", "--log-level", "error", "--vram-size", "\(vramSize.bytes)"]
+    child.arguments = [
+      "serve", "--socket-path", path, "--quiet", "--log-level", "error", "--vram-size",
+      "\(vramSize.bytes)",
+    ]
     try child.run()
     defer {
       child.interrupt()
@@ -239,7 +292,8 @@ struct Bench: ParsableCommand {
     }
     guard let client else { return nil }
     _ = try client.deviceInfo()
-    let status = try String(contentsOfFile: "/proc/\(child.processIdentifier)/status", encoding: .utf8)
+    let status = try String(
+      contentsOfFile: "/proc/\(child.processIdentifier)/status", encoding: .utf8)
     let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") }
     return line.flatMap { Int($0.split(separator: " ", omittingEmptySubsequences: true)[1]) }
   }
@@ -279,7 +333,10 @@ struct Bench: ParsableCommand {
       child.waitUntilExit()
       let text = try String(contentsOfFile: out, encoding: .utf8)
       try? FileManager.default.removeItem(atPath: out)
-      guard let line = text.split(separator: "\n").first(where: { $0.hasPrefix("totals:") || $0.hasPrefix("summary:") }),
+      guard
+        let line = text.split(separator: "\n").first(where: {
+          $0.hasPrefix("totals:") || $0.hasPrefix("summary:")
+        }),
         let total = Int(line.split(separator: " ")[1])
       else { throw ValidationError("no callgrind totals") }
       return total
@@ -295,7 +352,9 @@ struct Bench: ParsableCommand {
 final class BenchBuffer: @unchecked Sendable {
   static let shared = BenchBuffer()
   let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: 2 << 20, alignment: 64)
-  func prefix(_ n: Int) -> UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(rebasing: bytes[0..<n]) }
+  func prefix(_ n: Int) -> UnsafeMutableRawBufferPointer {
+    UnsafeMutableRawBufferPointer(rebasing: bytes[0..<n])
+  }
 }
 
 struct ReportTable {
@@ -313,17 +372,22 @@ struct ReportTable {
       String(format: "%.3f×", ours.p99 / floor.p99), "",
     ])
     rows.append([
-      "\(name) ops/s", String(format: "%.0f", ours.opsPerSecond), String(format: "%.0f", floor.opsPerSecond),
+      "\(name) ops/s", String(format: "%.0f", ours.opsPerSecond),
+      String(format: "%.0f", floor.opsPerSecond),
       String(format: "%.3f×", ours.opsPerSecond / floor.opsPerSecond), "",
     ])
   }
 
-  mutating func rate(_ name: String, _ ours: Double, _ floor: Double?, unit: String, target: String, extra: String? = nil) {
+  mutating func rate(
+    _ name: String, _ ours: Double, _ floor: Double?, unit: String, target: String,
+    extra: String? = nil
+  ) {
     func fmt(_ v: Double) -> String {
       unit == "B/s" ? String(format: "%.2f GB/s", v / 1e9) : String(format: "%.0f %@", v, unit)
     }
     rows.append([
-      name, fmt(ours), floor.map(fmt) ?? (extra ?? "-"), floor.map { String(format: "%.3f×", ours / $0) } ?? "-", target,
+      name, fmt(ours), floor.map(fmt) ?? (extra ?? "-"),
+      floor.map { String(format: "%.3f×", ours / $0) } ?? "-", target,
     ])
     if let extra, floor != nil { rows.append(["", "", extra, "", ""]) }
   }
@@ -335,7 +399,8 @@ struct ReportTable {
   func render() -> String {
     let widths = (0..<rows[0].count).map { c in rows.map { $0[c].count }.max() ?? 0 }
     return rows.map { row in
-      row.enumerated().map { $1.padding(toLength: widths[$0] + 2, withPad: " ", startingAt: 0) }.joined()
+      row.enumerated().map { $1.padding(toLength: widths[$0] + 2, withPad: " ", startingAt: 0) }
+        .joined()
     }.joined(separator: "\n")
   }
 }

@@ -19,7 +19,8 @@ enum SocketFloor {
     let done = DispatchSemaphore(value: 0)
     let thread = Thread {
       if let serverCPU { _ = cvfu_pin_to_cpu(serverCPU) }
-      let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(requestSize, replySize), alignment: 16)
+      let buffer = UnsafeMutableRawBufferPointer.allocate(
+        byteCount: max(requestSize, replySize), alignment: 16)
       buffer.initializeMemory(as: UInt8.self, repeating: 0x5A)
       defer { buffer.deallocate() }
       for _ in 0..<total {

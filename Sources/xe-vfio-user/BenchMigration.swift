@@ -37,8 +37,10 @@ enum MigrationBench {
     var limits = ServerLimits()
     limits.resetOnDisconnect = false
     let setup: @Sendable () -> Void = { if let serverCPU { _ = cvfu_pin_to_cpu(serverCPU) } }
-    let sourceServer = VFIOUserServer(backend: source, limits: limits, logger: logger, connectionThreadSetup: setup)
-    let destinationServer = VFIOUserServer(backend: destination, limits: limits, logger: logger, connectionThreadSetup: setup)
+    let sourceServer = VFIOUserServer(
+      backend: source, limits: limits, logger: logger, connectionThreadSetup: setup)
+    let destinationServer = VFIOUserServer(
+      backend: destination, limits: limits, logger: logger, connectionThreadSetup: setup)
     let a = "/tmp/xe-vfio-user-mig-\(pid)-a.sock"
     let b = "/tmp/xe-vfio-user-mig-\(pid)-b.sock"
     try sourceServer.listen(socketPath: a)
@@ -65,7 +67,8 @@ enum MigrationBench {
     var length = 0
     var t0 = now()
     while true {
-      let n = try src.migDataRead(into: UnsafeMutableRawBufferPointer(rebasing: saved[length..<(length + chunk)]))
+      let n = try src.migDataRead(
+        into: UnsafeMutableRawBufferPointer(rebasing: saved[length..<(length + chunk)]))
       length += n
       if n < chunk { break }
     }
@@ -75,7 +78,8 @@ enum MigrationBench {
     // 2. MIG_DATA_WRITE of the saved stream, 1 MiB messages, four in flight.
     try dst.setState(.resuming)
     t0 = now()
-    try dst.migDataWrite(from: UnsafeRawBufferPointer(rebasing: saved[0..<length]), chunk: chunk, depth: 4)
+    try dst.migDataWrite(
+      from: UnsafeRawBufferPointer(rebasing: saved[0..<length]), chunk: chunk, depth: 4)
     let writeRate = Double(length) / (Double(now() - t0) / 1e9)
     try dst.setState(.running)
 
@@ -95,7 +99,9 @@ enum MigrationBench {
     try dst.setState(.resuming)
     let downtimeStart = now()
     try src.setState(.stopCopy)
-    let moved = try pumpStream(from: src, chunk: chunk, progress: quiet) { try dst.migDataWrite(from: $0) }
+    let moved = try pumpStream(from: src, chunk: chunk, progress: quiet) {
+      try dst.migDataWrite(from: $0)
+    }
     try src.setState(.stop)
     try dst.setState(.running)
     let end = now()
@@ -105,7 +111,8 @@ enum MigrationBench {
 
     // Raw limits for the same bytes: a memory copy, and a plain Unix-socket stream.
     let memcpySeconds = copySeconds(bytes: Int(moved))
-    let socketSeconds = SocketFloor.streamSeconds(bytes: Int(moved), chunk: chunk, serverCPU: serverCPU)
+    let socketSeconds = SocketFloor.streamSeconds(
+      bytes: Int(moved), chunk: chunk, serverCPU: serverCPU)
     return MigrationFigures(
       vram: vram, streamBytes: moved, readRate: readRate, writeRate: writeRate,
       migrationSeconds: Double(end - start) / 1e9, downtime: Double(end - downtimeStart) / 1e9,

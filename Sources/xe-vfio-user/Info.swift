@@ -42,10 +42,13 @@ struct DeviceReport: Codable {
 
 struct Info: ParsableCommand {
   static let configuration = CommandConfiguration(
-    abstract: "Show a vfio-user device the way a client sees it (IDs, regions, IRQs, capabilities).",
+    abstract:
+      "Show a vfio-user device the way a client sees it (IDs, regions, IRQs, capabilities).",
     discussion: "The server serves one client at a time: run this while no VMM is attached.")
 
-  @Option(name: [.customLong("socket-path"), .customShort("s"), .customLong("socket")], help: "The server's socket.")
+  @Option(
+    name: [.customLong("socket-path"), .customShort("s"), .customLong("socket")],
+    help: "The server's socket.")
   var socketPath: String = defaultSocketPath
 
   @Flag(help: "Print JSON instead of text.")
@@ -91,7 +94,9 @@ struct Info: ParsableCommand {
         }
       }
       regions.append(
-        .init(index: index, name: VFIOPCIRegion.name(index), size: info.size, flags: flags, mmapAreas: areas, regionType: type))
+        .init(
+          index: index, name: VFIOPCIRegion.name(index), size: info.size, flags: flags,
+          mmapAreas: areas, regionType: type))
     }
     var irqs: [DeviceReport.IRQ] = []
     for index in 0..<device.numIRQs {
@@ -101,10 +106,14 @@ struct Info: ParsableCommand {
       if info.flags & VFIOIRQInfoFlags.maskable != 0 { flags.append("maskable") }
       if info.flags & VFIOIRQInfoFlags.automasked != 0 { flags.append("automasked") }
       if info.flags & VFIOIRQInfoFlags.noresize != 0 { flags.append("noresize") }
-      irqs.append(.init(index: index, name: VFIOPCIIRQ.name(index), count: info.count, flags: flags))
+      irqs.append(
+        .init(index: index, name: VFIOPCIIRQ.name(index), count: info.count, flags: flags))
     }
     let configSize = regions.first { $0.index == VFIOPCIRegion.config }?.size ?? 0
-    let config = configSize >= 64 ? try client.read(region: VFIOPCIRegion.config, offset: 0, count: 256) : [UInt8](repeating: 0, count: 256)
+    let config =
+      configSize >= 64
+      ? try client.read(region: VFIOPCIRegion.config, offset: 0, count: 256)
+      : [UInt8](repeating: 0, count: 256)
     func u16(_ o: Int) -> UInt16 { UInt16(config[o]) | UInt16(config[o + 1]) << 8 }
     func u32(_ o: Int) -> UInt32 { UInt32(u16(o)) | UInt32(u16(o + 2)) << 16 }
     var capabilities: [DeviceReport.Capability] = []
@@ -122,13 +131,16 @@ struct Info: ParsableCommand {
     if device.flags & VFIODeviceFlags.reset != 0 { deviceFlags.append("reset") }
     let caps = client.serverCapabilities
     var serverCaps: [String: String] = [
-      "max_msg_fds": "\(caps.effectiveMaxMsgFDs)", "max_data_xfer_size": "\(caps.effectiveMaxDataXferSize)",
+      "max_msg_fds": "\(caps.effectiveMaxMsgFDs)",
+      "max_data_xfer_size": "\(caps.effectiveMaxDataXferSize)",
       "max_dma_maps": "\(caps.effectiveMaxDMAMaps)", "pgsizes": "\(caps.effectivePgsizes)",
     ]
     if let wm = caps.writeMultiple { serverCaps["write_multiple"] = "\(wm)" }
     return DeviceReport(
-      socket: socketPath, protocolVersion: "\(client.serverVersion.major).\(client.serverVersion.minor)",
-      vendorID: hex(u16(0), 4), deviceID: hex(u16(2), 4), subsystem: "\(hex(u16(0x2C), 4)):\(hex(u16(0x2E), 4))",
+      socket: socketPath,
+      protocolVersion: "\(client.serverVersion.major).\(client.serverVersion.minor)",
+      vendorID: hex(u16(0), 4), deviceID: hex(u16(2), 4),
+      subsystem: "\(hex(u16(0x2C), 4)):\(hex(u16(0x2E), 4))",
       revision: Int(config[8]), classCode: hex(u32(8) >> 8, 6), deviceFlags: deviceFlags,
       pciCapabilities: capabilities, regions: regions, irqs: irqs, serverCapabilities: serverCaps)
   }
@@ -140,12 +152,17 @@ struct Info: ParsableCommand {
     case 0x01:
       return .init(offset: offset, id: id, name: "Power Management", detail: "")
     case 0x05:
-      return .init(offset: offset, id: id, name: "MSI", detail: "Enable\(u16(offset + 2) & 1 != 0 ? "+" : "-")")
+      return .init(
+        offset: offset, id: id, name: "MSI", detail: "Enable\(u16(offset + 2) & 1 != 0 ? "+" : "-")"
+      )
     case 0x10:
       let devcap = u32(offset + 4)
       let type = (u16(offset + 2) >> 4) & 0xF
-      let kind = type == 0 ? "Endpoint" : type == 9 ? "Root Complex Integrated Endpoint" : "type \(type)"
-      return .init(offset: offset, id: id, name: "Express", detail: "\(kind), FLReset\(devcap & (1 << 28) != 0 ? "+" : "-")")
+      let kind =
+        type == 0 ? "Endpoint" : type == 9 ? "Root Complex Integrated Endpoint" : "type \(type)"
+      return .init(
+        offset: offset, id: id, name: "Express",
+        detail: "\(kind), FLReset\(devcap & (1 << 28) != 0 ? "+" : "-")")
     case 0x11:
       let control = u16(offset + 2)
       let table = u32(offset + 4)
@@ -162,25 +179,38 @@ struct Info: ParsableCommand {
 
   static func render(_ r: DeviceReport) -> String {
     var out = "vfio-user device at \(r.socket) (protocol \(r.protocolVersion))\n"
-    out += "  [\(r.vendorID):\(r.deviceID)] class \(r.classCode) (rev \(hex(UInt32(r.revision), 2)))"
+    out +=
+      "  [\(r.vendorID):\(r.deviceID)] class \(r.classCode) (rev \(hex(UInt32(r.revision), 2)))"
     out += r.vendorID == "8086" ? " Intel Corporation\n" : "\n"
     out += "  Subsystem: \(r.subsystem)\n"
     out += "  Flags: \(r.deviceFlags.joined(separator: ", "))\n"
     out += "  Capabilities:\n"
-    for cap in r.pciCapabilities { out += "    [\(hex(UInt32(cap.offset), 2))] \(cap.name)\(cap.detail.isEmpty ? "" : ": \(cap.detail)")\n" }
+    for cap in r.pciCapabilities {
+      out +=
+        "    [\(hex(UInt32(cap.offset), 2))] \(cap.name)\(cap.detail.isEmpty ? "" : ": \(cap.detail)")\n"
+    }
     out += "  Regions:\n"
     for region in r.regions where region.size > 0 {
-      var line = "    \(region.name.padding(toLength: 7, withPad: " ", startingAt: 0)) \(formatBytes(region.size)), \(region.flags.joined(separator: "/"))"
+      var line =
+        "    \(region.name.padding(toLength: 7, withPad: " ", startingAt: 0)) \(formatBytes(region.size)), \(region.flags.joined(separator: "/"))"
       if !region.mmapAreas.isEmpty {
-        line += ", mmap areas " + region.mmapAreas.map { "[\(hex(UInt32(truncatingIfNeeded: $0[0]), 1))+\(formatBytes($0[1]))]" }.joined(separator: " ")
+        line +=
+          ", mmap areas "
+          + region.mmapAreas.map {
+            "[\(hex(UInt32(truncatingIfNeeded: $0[0]), 1))+\(formatBytes($0[1]))]"
+          }.joined(separator: " ")
       }
       out += line + "\n"
     }
     out += "  IRQs:\n"
     for irq in r.irqs {
-      out += "    \(irq.name.padding(toLength: 7, withPad: " ", startingAt: 0)) \(irq.count) vector\(irq.count == 1 ? "" : "s")\(irq.flags.isEmpty ? "" : " (\(irq.flags.joined(separator: ", ")))")\n"
+      out +=
+        "    \(irq.name.padding(toLength: 7, withPad: " ", startingAt: 0)) \(irq.count) vector\(irq.count == 1 ? "" : "s")\(irq.flags.isEmpty ? "" : " (\(irq.flags.joined(separator: ", ")))")\n"
     }
-    out += "  Server: " + r.serverCapabilities.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+    out +=
+      "  Server: "
+      + r.serverCapabilities.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(
+        separator: " ")
     return out
   }
 }

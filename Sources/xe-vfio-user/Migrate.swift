@@ -35,11 +35,15 @@ struct Migrate: ParsableCommand {
     }
     print(
       String(
-        format: "migrated %@ in %.3f s (%.2f GB/s); downtime %.3f s; destination %@", formatRate(result.bytes),
-        result.seconds, Double(result.bytes) / result.seconds / 1e9, result.downtime, noStart ? "STOP" : "RUNNING"))
+        format: "migrated %@ in %.3f s (%.2f GB/s); downtime %.3f s; destination %@",
+        formatRate(result.bytes),
+        result.seconds, Double(result.bytes) / result.seconds / 1e9, result.downtime,
+        noStart ? "STOP" : "RUNNING"))
   }
 
-  private func migrate(_ source: VFIOUserClient, _ destination: VFIOUserClient) throws -> (UInt64, Double, Double) {
+  private func migrate(_ source: VFIOUserClient, _ destination: VFIOUserClient) throws -> (
+    UInt64, Double, Double
+  ) {
     let start = now()
     for client in [source, destination] {
       let flags = try step(.probe) { try client.migrationFlags() }
@@ -47,15 +51,20 @@ struct Migrate: ParsableCommand {
         throw StepError(step: .probe, underlying: CLIError("the device does not support STOP_COPY"))
       }
     }
-    let (a, b) = try step(.identity) { (try DeviceIdentity.read(from: source), try DeviceIdentity.read(from: destination)) }
-    if let why = a.incompatibility(with: b) { throw StepError(step: .identity, underlying: CLIError(why)) }
+    let (a, b) = try step(.identity) {
+      (try DeviceIdentity.read(from: source), try DeviceIdentity.read(from: destination))
+    }
+    if let why = a.incompatibility(with: b) {
+      throw StepError(step: .identity, underlying: CLIError(why))
+    }
     let estimate = source.stopCopyEstimate()
     try step(.resuming) { try destination.setState(.resuming) }
     let downtimeStart = now()
     try step(.stopCopy) { try source.setState(.stopCopy) }
     let progress = ProgressReporter(label: "migrating", total: estimate, enabled: !quiet)
     let bytes = try step(.stream) {
-      try pumpStream(from: source, chunk: migrationChunk(source, destination), progress: progress) { data in
+      try pumpStream(from: source, chunk: migrationChunk(source, destination), progress: progress) {
+        data in
         try destination.migDataWrite(from: data)
       }
     }
@@ -78,7 +87,8 @@ struct Migrate: ParsableCommand {
       if (try? source.reset()) != nil {
         FileHandle.standardError.write(Data("source reset to RUNNING (\(error))\n".utf8))
       } else {
-        FileHandle.standardError.write(Data("warning: could not return the source to RUNNING: \(error)\n".utf8))
+        FileHandle.standardError.write(
+          Data("warning: could not return the source to RUNNING: \(error)\n".utf8))
       }
     }
   }
@@ -94,7 +104,9 @@ struct Save: ParsableCommand {
       restore --input -` moves a VF between hosts.
       """)
 
-  @Option(name: [.customLong("socket-path"), .customShort("s"), .customLong("socket")], help: "The server's socket.")
+  @Option(
+    name: [.customLong("socket-path"), .customShort("s"), .customLong("socket")],
+    help: "The server's socket.")
   var socketPath: String
   @Option(name: [.short, .long], help: "File to write, or - for stdout.") var output: String
   @Flag(help: "Leave the device stopped after saving.") var keepStopped = false
@@ -117,18 +129,25 @@ struct Save: ParsableCommand {
       let identity = try step(.identity) { try DeviceIdentity.read(from: client) }
       let estimate = client.stopCopyEstimate()
       let header = SaveFileHeader(
-        identity: identity, estimatedBytes: estimate, created: ISO8601DateFormatter().string(from: Date()), source: socketPath)
+        identity: identity, estimatedBytes: estimate,
+        created: ISO8601DateFormatter().string(from: Date()), source: socketPath)
       try handle.write(contentsOf: try header.encoded())
       try step(.stopCopy) { try client.setState(.stopCopy) }
       let progress = ProgressReporter(label: "saving", total: estimate, enabled: !quiet)
       let bytes = try step(.stream) {
         try pumpStream(from: client, chunk: migrationChunk(client), progress: progress) { data in
-          try handle.write(contentsOf: Data(bytesNoCopy: UnsafeMutableRawPointer(mutating: data.baseAddress!), count: data.count, deallocator: .none))
+          try handle.write(
+            contentsOf: Data(
+              bytesNoCopy: UnsafeMutableRawPointer(mutating: data.baseAddress!), count: data.count,
+              deallocator: .none))
         }
       }
       try step(.finishSave) { try client.setState(keepStopped ? .stop : .running) }
       try handle.synchronize()
-      FileHandle.standardError.write(Data("saved \(formatRate(bytes)) of \(identity) state\(keepStopped ? "; device left in STOP" : "")\n".utf8))
+      FileHandle.standardError.write(
+        Data(
+          "saved \(formatRate(bytes)) of \(identity) state\(keepStopped ? "; device left in STOP" : "")\n"
+            .utf8))
     } catch {
       FileHandle.standardError.write(Data("save failed: \(error)\n".utf8))
       if (try? client.setState(.running)) == nil { try? client.reset() }
@@ -147,25 +166,32 @@ struct Restore: ParsableCommand {
       never runs with half a state.
       """)
 
-  @Option(name: [.customLong("socket-path"), .customShort("s"), .customLong("socket")], help: "The server's socket.")
+  @Option(
+    name: [.customLong("socket-path"), .customShort("s"), .customLong("socket")],
+    help: "The server's socket.")
   var socketPath: String
   @Option(name: [.short, .long], help: "File to read, or - for stdin.") var input: String
   @Flag(help: "Leave the device stopped (STOP) instead of RUNNING.") var noStart = false
   @Flag(help: "No progress output.") var quiet = false
 
   func run() throws {
-    let handle = input == "-" ? FileHandle.standardInput : try FileHandle(forReadingFrom: URL(fileURLWithPath: input))
+    let handle =
+      input == "-"
+      ? FileHandle.standardInput : try FileHandle(forReadingFrom: URL(fileURLWithPath: input))
     let header = try SaveFileHeader.read(from: handle)
     let client = try step(.connect) { try VFIOUserClient.connect(path: socketPath) }
     client.timeoutMilliseconds = migrationTimeout
     let identity = try step(.identity) { try DeviceIdentity.read(from: client) }
     if let why = header.identity.incompatibility(with: identity) {
-      throw CLIError("refusing to restore: the stream is from \(header.identity), this device is \(identity): \(why)")
+      throw CLIError(
+        "refusing to restore: the stream is from \(header.identity), this device is \(identity): \(why)"
+      )
     }
     do {
       _ = try step(.probe) { try client.migrationFlags() }
       try step(.resuming) { try client.setState(.resuming) }
-      let progress = ProgressReporter(label: "restoring", total: header.estimatedBytes, enabled: !quiet)
+      let progress = ProgressReporter(
+        label: "restoring", total: header.estimatedBytes, enabled: !quiet)
       let chunk = migrationChunk(client)
       var total: UInt64 = 0
       try step(.stream) {
@@ -177,10 +203,13 @@ struct Restore: ParsableCommand {
       }
       progress.update(total, final: true)
       try step(.finishRestore) { try client.setState(noStart ? .stop : .running) }
-      FileHandle.standardError.write(Data("restored \(formatRate(total)); device \(noStart ? "STOP" : "RUNNING")\n".utf8))
+      FileHandle.standardError.write(
+        Data("restored \(formatRate(total)); device \(noStart ? "STOP" : "RUNNING")\n".utf8))
     } catch {
       FileHandle.standardError.write(Data("restore failed: \(error)\n".utf8))
-      if (try? client.reset()) != nil { FileHandle.standardError.write(Data("device reset to a clean RUNNING state\n".utf8)) }
+      if (try? client.reset()) != nil {
+        FileHandle.standardError.write(Data("device reset to a clean RUNNING state\n".utf8))
+      }
       throw ExitCode.failure
     }
   }

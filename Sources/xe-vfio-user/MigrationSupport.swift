@@ -22,7 +22,8 @@ struct DeviceIdentity: Codable, Equatable, CustomStringConvertible {
     if let fd = bar2.fd { close(fd) }
     return DeviceIdentity(
       vendorID: UInt16(truncatingIfNeeded: ids), deviceID: UInt16(truncatingIfNeeded: ids >> 16),
-      revision: UInt8(truncatingIfNeeded: classRev), subsystemVendorID: UInt16(truncatingIfNeeded: subsystem),
+      revision: UInt8(truncatingIfNeeded: classRev),
+      subsystemVendorID: UInt16(truncatingIfNeeded: subsystem),
       subsystemID: UInt16(truncatingIfNeeded: subsystem >> 16), vramSize: bar2.info.size)
   }
 
@@ -33,11 +34,16 @@ struct DeviceIdentity: Codable, Equatable, CustomStringConvertible {
   /// Why a stream from `self` cannot go into `other`, or nil when it can.
   func incompatibility(with other: DeviceIdentity) -> String? {
     if vendorID != other.vendorID || deviceID != other.deviceID {
-      return "device id \(hex(vendorID, 4)):\(hex(deviceID, 4)) ≠ \(hex(other.vendorID, 4)):\(hex(other.deviceID, 4)) (the PF would refuse it with ENODEV)"
+      return
+        "device id \(hex(vendorID, 4)):\(hex(deviceID, 4)) ≠ \(hex(other.vendorID, 4)):\(hex(other.deviceID, 4)) (the PF would refuse it with ENODEV)"
     }
-    if revision != other.revision { return "revision \(hex(revision, 2)) ≠ \(hex(other.revision, 2)) (the PF would refuse it with ENODEV)" }
+    if revision != other.revision {
+      return
+        "revision \(hex(revision, 2)) ≠ \(hex(other.revision, 2)) (the PF would refuse it with ENODEV)"
+    }
     if vramSize != other.vramSize {
-      return "VRAM \(formatBytes(vramSize)) ≠ \(formatBytes(other.vramSize)) (provision the destination with the same quota)"
+      return
+        "VRAM \(formatBytes(vramSize)) ≠ \(formatBytes(other.vramSize)) (provision the destination with the same quota)"
     }
     return nil
   }
@@ -60,9 +66,13 @@ struct SaveFileHeader: Codable {
   /// Reads the header from `input`; the stream bytes follow it.
   static func read(from input: FileHandle) throws -> SaveFileHeader {
     let fixed = try readExactly(input, 16)
-    guard Array(fixed[0..<8]) == magic else { throw CLIError("not an xe-vfio-user save file (bad magic)") }
+    guard Array(fixed[0..<8]) == magic else {
+      throw CLIError("not an xe-vfio-user save file (bad magic)")
+    }
     let version = fixed[8..<12].withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }
-    guard version == Self.version else { throw CLIError("save file format \(version) is not supported (this is \(Self.version))") }
+    guard version == Self.version else {
+      throw CLIError("save file format \(version) is not supported (this is \(Self.version))")
+    }
     let length = Int(fixed[12..<16].withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) })
     guard length < 1 << 20 else { throw CLIError("save file header is corrupt") }
     return try JSONDecoder().decode(SaveFileHeader.self, from: Data(try readExactly(input, length)))
@@ -113,7 +123,9 @@ struct StepError: Error, CustomStringConvertible {
 }
 
 func step<T>(_ step: MigrationStep, _ body: () throws -> T) throws -> T {
-  do { return try body() } catch let e as StepError { throw e } catch { throw StepError(step: step, underlying: error) }
+  do { return try body() } catch let e as StepError { throw e } catch {
+    throw StepError(step: step, underlying: error)
+  }
 }
 
 extension VFIOUserClient {
@@ -124,19 +136,26 @@ extension VFIOUserClient {
   }
 
   func migrationState() throws -> MigrationState {
-    let reply = try feature(flags: VFIODeviceFeatureFlags.get | VFIODeviceFeature.migDeviceState, argsz: 16)
-    return MigrationState(rawValue: reply.data.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }) ?? .error
+    let reply = try feature(
+      flags: VFIODeviceFeatureFlags.get | VFIODeviceFeature.migDeviceState, argsz: 16)
+    return MigrationState(
+      rawValue: reply.data.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }) ?? .error
   }
 
   /// The device's migration flags; throws when it does not migrate.
   func migrationFlags() throws -> MigrationFlags {
-    let reply = try feature(flags: VFIODeviceFeatureFlags.get | VFIODeviceFeature.migration, argsz: 16)
-    return MigrationFlags(rawValue: reply.data.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) })
+    let reply = try feature(
+      flags: VFIODeviceFeatureFlags.get | VFIODeviceFeature.migration, argsz: 16)
+    return MigrationFlags(
+      rawValue: reply.data.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) })
   }
 
   /// The device's estimate of the stop-copy size (0 if it gives none).
   func stopCopyEstimate() -> UInt64 {
-    guard let reply = try? feature(flags: VFIODeviceFeatureFlags.get | VFIODeviceFeature.migDataSize, argsz: 16) else {
+    guard
+      let reply = try? feature(
+        flags: VFIODeviceFeatureFlags.get | VFIODeviceFeature.migDataSize, argsz: 16)
+    else {
       return 0
     }
     return reply.data.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
@@ -169,15 +188,20 @@ final class ProgressReporter {
       lastDraw = now()
       let width = 30
       let filled = Int(fraction * Double(width))
-      let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
+      let bar =
+        String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
       FileHandle.standardError.write(
-        Data("\r\(label) [\(bar)] \(Int(fraction * 100))% \(formatRate(done)) \(String(format: "%.2f GB/s", rate / 1e9))\(final ? "\n" : "")".utf8))
+        Data(
+          "\r\(label) [\(bar)] \(Int(fraction * 100))% \(formatRate(done)) \(String(format: "%.2f GB/s", rate / 1e9))\(final ? "\n" : "")"
+            .utf8))
     } else {
       let decile = Int(fraction * 10)
       guard final || decile > lastDecile else { return }
       lastDecile = decile
       FileHandle.standardError.write(
-        Data("\(label): \(formatRate(done))\(total > 0 ? " of ~\(formatRate(total))" : "") (\(String(format: "%.2f GB/s", rate / 1e9)))\n".utf8))
+        Data(
+          "\(label): \(formatRate(done))\(total > 0 ? " of ~\(formatRate(total))" : "") (\(String(format: "%.2f GB/s", rate / 1e9)))\n"
+            .utf8))
     }
   }
 }
@@ -196,7 +220,9 @@ func pumpStream(
   sink: (UnsafeRawBufferPointer) throws -> Void
 ) throws -> UInt64 {
   let slots = 4
-  let pool = (0..<slots).map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096) }
+  let pool = (0..<slots).map { _ in
+    UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+  }
   defer { pool.forEach { $0.deallocate() } }
   let filled = DispatchSemaphore(value: 0)
   let free = DispatchSemaphore(value: slots)

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import Logging
 import VFIOUser
 
@@ -11,7 +12,8 @@ struct ByteSize: ExpressibleByArgument, CustomStringConvertible {
   init?(argument: String) {
     let text = argument.trimmingCharacters(in: .whitespaces).uppercased()
     let units: [(String, UInt64)] = [
-      ("GIB", 1 << 30), ("MIB", 1 << 20), ("KIB", 1 << 10), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10), ("B", 1),
+      ("GIB", 1 << 30), ("MIB", 1 << 20), ("KIB", 1 << 10), ("G", 1 << 30), ("M", 1 << 20),
+      ("K", 1 << 10), ("B", 1),
     ]
     var number = Substring(text)
     var scale: UInt64 = 1
@@ -20,7 +22,8 @@ struct ByteSize: ExpressibleByArgument, CustomStringConvertible {
       scale = value
       break
     }
-    guard let value = UInt64(number), value.multipliedReportingOverflow(by: scale).overflow == false else { return nil }
+    guard let value = UInt64(number), value.multipliedReportingOverflow(by: scale).overflow == false
+    else { return nil }
     bytes = value * scale
   }
 
@@ -36,8 +39,6 @@ func formatBytes(_ bytes: UInt64) -> String {
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
 extension DMATransferLayout: ExpressibleByArgument {}
-
-import Foundation
 
 /// Logs go to standard error, one line each, at the chosen level.
 func bootstrapLogging(level: Logger.Level) -> Logger {

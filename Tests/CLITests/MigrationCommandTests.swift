@@ -18,7 +18,8 @@ func loadDevice(_ serve: ServeProcess, vram: Int, seed: UInt8) throws -> [UInt8]
   var offset = 0
   while offset < vram {
     let n = min(1 << 20, vram - offset)
-    try client.write(region: VFIOPCIRegion.bar2, offset: UInt64(offset), data: Array(data[offset..<(offset + n)]))
+    try client.write(
+      region: VFIOPCIRegion.bar2, offset: UInt64(offset), data: Array(data[offset..<(offset + n)]))
     offset += n
   }
   try client.write32(region: 0, offset: scratch0, 0x5eed_0000 | UInt32(seed))
@@ -28,7 +29,8 @@ func loadDevice(_ serve: ServeProcess, vram: Int, seed: UInt8) throws -> [UInt8]
 func readVRAM(_ client: VFIOUserClient, _ count: Int) throws -> [UInt8] {
   var out: [UInt8] = []
   while out.count < count {
-    out += try client.read(region: VFIOPCIRegion.bar2, offset: UInt64(out.count), count: min(1 << 20, count - out.count))
+    out += try client.read(
+      region: VFIOPCIRegion.bar2, offset: UInt64(out.count), count: min(1 << 20, count - out.count))
   }
   return out
 }
@@ -55,7 +57,9 @@ struct MigrationCommandTests {
     waitIdle(source)
     let result = try run(["migrate", "--from", source.socketPath, "--to", destination.socketPath])
     #expect(result.status == 0, "\(result.stderr)")
-    #expect(result.stdout.contains("migrated") && result.stdout.contains("downtime") && result.stdout.contains("RUNNING"))
+    #expect(
+      result.stdout.contains("migrated") && result.stdout.contains("downtime")
+        && result.stdout.contains("RUNNING"))
     #expect(result.stderr.contains("migrating"))  // progress lines (not a terminal)
     waitIdle(destination)
     let client = try destination.connect()
@@ -94,7 +98,10 @@ struct MigrationCommandTests {
     waitIdle(first)
     // The same through a pipe, as `save -o - | ssh host restore -i -` would.
     let binary = executable.path
-    let piped = try run(["__shell__", "\(binary) save -s \(first.socketPath) -o - --quiet | \(binary) restore -s \(second.socketPath) -i - --quiet"])
+    let piped = try run([
+      "__shell__",
+      "\(binary) save -s \(first.socketPath) -o - --quiet | \(binary) restore -s \(second.socketPath) -i - --quiet",
+    ])
     #expect(piped.status == 0, "\(piped.stderr)")
     waitIdle(second)
     let viaPipe = try second.connect()
@@ -118,7 +125,9 @@ struct MigrationCommandTests {
     waitIdle(smaller)
     let vramMismatch = try run(["restore", "-s", smaller.socketPath, "-i", file])
     #expect(vramMismatch.status != 0)
-    #expect(vramMismatch.stderr.contains("refusing to restore") && vramMismatch.stderr.contains("VRAM 16 MiB ≠ 8 MiB"))
+    #expect(
+      vramMismatch.stderr.contains("refusing to restore")
+        && vramMismatch.stderr.contains("VRAM 16 MiB ≠ 8 MiB"))
     let idMismatch = try run(["restore", "-s", integrated.socketPath, "-i", file])
     #expect(idMismatch.stderr.contains("device id 8086:e211 ≠ 8086:b080"))
     // Untouched: the register written before is still there, the device RUNNING.
@@ -130,7 +139,8 @@ struct MigrationCommandTests {
     waitIdle(smaller)
     // Not a save file at all.
     let garbage = source.directory + "/garbage"
-    _ = FileManager.default.createFile(atPath: garbage, contents: Data("hello".utf8 + [UInt8](repeating: 0, count: 64)))
+    _ = FileManager.default.createFile(
+      atPath: garbage, contents: Data("hello".utf8 + [UInt8](repeating: 0, count: 64)))
     let bad = try run(["restore", "-s", smaller.socketPath, "-i", garbage])
     #expect(bad.status != 0 && bad.stderr.contains("not an xe-vfio-user save file"))
   }
@@ -152,7 +162,8 @@ struct MigrationCommandTests {
     waitIdle(source)
     let client = try source.connect()
     #expect(try client.read32(region: 0, offset: scratch0) == 0x5eed_0005)
-    let state = try client.feature(flags: VFIODeviceFeatureFlags.get | VFIODeviceFeature.migDeviceState, argsz: 16)
+    let state = try client.feature(
+      flags: VFIODeviceFeatureFlags.get | VFIODeviceFeature.migDeviceState, argsz: 16)
     #expect(state.data.prefix(4) == [2, 0, 0, 0])  // RUNNING
   }
 }

@@ -45,7 +45,8 @@ final class ServeProcess: @unchecked Sendable {
   }
 
   var openFDs: Int {
-    (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(process.processIdentifier)/fd").count) ?? -1
+    (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(process.processIdentifier)/fd")
+      .count) ?? -1
   }
 
   func stop(signal: Int32 = SIGTERM) -> (status: Int32, stdout: String, stderr: String) {
@@ -88,7 +89,10 @@ struct ServeProcessTests {
     let socket = serve.socketPath
     let result = serve.stop()
     #expect(result.status == 0)
-    #expect(result.stdout.contains(#"-device '{"driver":"vfio-user-pci","id":"xevf0","socket":{"path":"\#(socket)","type":"unix"}}'"#))
+    #expect(
+      result.stdout.contains(
+        #"-device '{"driver":"vfio-user-pci","id":"xevf0","socket":{"path":"\#(socket)","type":"unix"}}'"#
+      ))
     #expect(result.stdout.contains("memory-backend-memfd,id=mem,size=4G,share=on"))
     #expect(result.stderr.contains("serving simulated Xe VF bmg [8086:e211], 256 MiB VRAM"))
     #expect(result.stderr.contains("server stopped"))
@@ -119,7 +123,9 @@ struct ServeProcessTests {
       let eventfds = (0..<16).map { _ in cvfu_eventfd(0, 0) }
       try client.setIRQEventfds(index: VFIOPCIIRQ.msix, start: 0, fds: eventfds, chunk: 8)
       try client.setIRQs(
-        IRQSetPayload(flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger, index: 3, start: 0, count: 1),
+        IRQSetPayload(
+          flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger, index: 3, start: 0,
+          count: 1),
         fds: [eventfds[0]])
       let (_, regionFD) = try client.regionInfo(2)
       #expect(regionFD != nil)
@@ -187,7 +193,9 @@ struct ServeProcessTests {
     let help = try run(["--help"])
     for command in ["serve", "info", "bench"] { #expect(help.stdout.contains(command)) }
     let serve = try run(["serve", "--help"])
-    for option in ["--socket-path", "--fd", "--profile", "--vram-size", "--max-data-xfer-size", "--log-level"] {
+    for option in [
+      "--socket-path", "--fd", "--profile", "--vram-size", "--max-data-xfer-size", "--log-level",
+    ] {
       #expect(serve.stdout.contains(option))
     }
   }

@@ -13,7 +13,8 @@ final class GuestMemory {
   init(size: Int) {
     fd = cvfu_memfd_create("guest", 0)
     ftruncate(fd, off_t(size))
-    bytes = UnsafeMutableRawBufferPointer(start: mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), count: size)
+    bytes = UnsafeMutableRawBufferPointer(
+      start: mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), count: size)
   }
   deinit {
     munmap(bytes.baseAddress, bytes.count)
@@ -34,15 +35,25 @@ struct DMATests {
       #expect(server.server.statistics.snapshot.dmaRegions == 1)
       #expect(device.mappedWindows == 1)
       // Overlaps, exact and partial, at either end.
-      expectServerError(.fileExists) { try client.dmaMap(address: 0x10_0000, size: 0x1000, flags: rw) }
-      expectServerError(.fileExists) { try client.dmaMap(address: 0xF_F000, size: 0x2000, flags: rw) }
-      expectServerError(.fileExists) { try client.dmaMap(address: 0x10_F000, size: 0x2000, flags: rw) }
+      expectServerError(.fileExists) {
+        try client.dmaMap(address: 0x10_0000, size: 0x1000, flags: rw)
+      }
+      expectServerError(.fileExists) {
+        try client.dmaMap(address: 0xF_F000, size: 0x2000, flags: rw)
+      }
+      expectServerError(.fileExists) {
+        try client.dmaMap(address: 0x10_F000, size: 0x2000, flags: rw)
+      }
       // Adjacent is fine; no fd is fine (message-based access).
       try client.dmaMap(address: 0x11_0000, size: 0x1000, flags: rw)
       try client.dmaMap(address: 0xF_F000, size: 0x1000, flags: VFIODMAMapFlags.read)
       // Unaligned and zero sizes.
-      expectServerError(.invalidArgument) { try client.dmaMap(address: 0x20_0800, size: 0x1000, flags: rw) }
-      expectServerError(.invalidArgument) { try client.dmaMap(address: 0x20_0000, size: 0, flags: rw) }
+      expectServerError(.invalidArgument) {
+        try client.dmaMap(address: 0x20_0800, size: 0x1000, flags: rw)
+      }
+      expectServerError(.invalidArgument) {
+        try client.dmaMap(address: 0x20_0000, size: 0, flags: rw)
+      }
       try client.dmaMap(address: 0x30_0000, size: 0x1000, flags: rw)
       // max_dma_maps = 4
       expectServerError(.noSpace) { try client.dmaMap(address: 0x40_0000, size: 0x1000, flags: rw) }
@@ -65,7 +76,8 @@ struct DMATests {
       let b = GuestMemory(size: 4096)
       expectServerError(.invalidArgument) {
         try client.request(
-          .dmaMap, payload: DMAMapRequest(flags: 3, offset: 0, address: 0, size: 4096).encoded(), fds: [a.fd, b.fd])
+          .dmaMap, payload: DMAMapRequest(flags: 3, offset: 0, address: 0, size: 4096).encoded(),
+          fds: [a.fd, b.fd])
       }
       // An fd on a command that takes none is closed and the command refused.
       expectServerError(.invalidArgument) {
@@ -142,7 +154,8 @@ struct DMATests {
   }
 
   private func runDMA(
-    _ client: VFIOUserClient, address: UInt64, length: UInt32, toClient: Bool, expect: UInt32 = 2, errno: Int32 = 0
+    _ client: VFIOUserClient, address: UInt64, length: UInt32, toClient: Bool, expect: UInt32 = 2,
+    errno: Int32 = 0
   ) throws {
     try client.write32(region: 0, offset: 0x08, UInt32(truncatingIfNeeded: address))
     try client.write32(region: 0, offset: 0x0C, UInt32(truncatingIfNeeded: address >> 32))

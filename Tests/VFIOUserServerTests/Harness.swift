@@ -18,14 +18,16 @@ final class RunningServer: @unchecked Sendable {
     try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
     path = directory + "/vfu.sock"
     var logger = Logger(label: "test-server")
-    logger.logLevel = ProcessInfo.processInfo.environment["XVU_TEST_LOG"] != nil ? .trace : .critical
+    logger.logLevel =
+      ProcessInfo.processInfo.environment["XVU_TEST_LOG"] != nil ? .trace : .critical
     server = VFIOUserServer(backend: backend, limits: limits, logger: logger)
     try server.listen(socketPath: path)
     server.start()
   }
 
   func connect(
-    capabilities: Capabilities = VFIOUserClient.defaultCapabilities, dmaLayout: DMATransferLayout = .spec
+    capabilities: Capabilities = VFIOUserClient.defaultCapabilities,
+    dmaLayout: DMATransferLayout = .spec
   ) throws -> VFIOUserClient {
     try VFIOUserClient.connect(path: path, capabilities: capabilities, dmaLayout: dmaLayout)
   }
@@ -55,12 +57,16 @@ func withServer<D: VFIODeviceBackend>(
   try body(running, backend)
 }
 
-func expectServerError(_ errno: Errno, sourceLocation: SourceLocation = #_sourceLocation, _ body: () throws -> Void) {
+func expectServerError(
+  _ errno: Errno, sourceLocation: SourceLocation = #_sourceLocation, _ body: () throws -> Void
+) {
   do {
     try body()
     Issue.record("expected \(errno.name), got success", sourceLocation: sourceLocation)
   } catch let error as VFIOUserClientError {
-    #expect(error == .server(errno, command: commandOf(error)), "expected \(errno.name), got \(error)", sourceLocation: sourceLocation)
+    #expect(
+      error == .server(errno, command: commandOf(error)), "expected \(errno.name), got \(error)",
+      sourceLocation: sourceLocation)
   } catch {
     Issue.record("expected \(errno.name), got \(error)", sourceLocation: sourceLocation)
   }

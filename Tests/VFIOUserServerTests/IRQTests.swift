@@ -1,3 +1,4 @@
+import CVFIOUser
 import Foundation
 import SystemPackage
 import Testing
@@ -21,7 +22,8 @@ struct IRQTests {
       defer { fds.forEach { close($0) } }
       try client.setIRQEventfds(index: VFIOPCIIRQ.msix, start: 0, fds: fds, chunk: 3)
       #expect(server.server.statistics.snapshot.irqFDs == 8)
-      #expect(device.lastIRQConfiguration[VFIOPCIIRQ.msix]?.triggerFDs.allSatisfy { $0 >= 0 } == true)
+      #expect(
+        device.lastIRQConfiguration[VFIOPCIIRQ.msix]?.triggerFDs.allSatisfy { $0 >= 0 } == true)
       for v in [0, 3, 7] { try fire(client, index: VFIOPCIIRQ.msix, vector: UInt32(v)) }
       #expect(fds.map(eventCount) == [1, 0, 0, 1, 0, 0, 0, 1])
       // De-assign vector 3 (DATA_EVENTFD with no descriptors).
@@ -31,14 +33,19 @@ struct IRQTests {
       #expect(server.server.statistics.snapshot.irqFDs == 7)
       // Loopback trigger from the client: DATA_NONE and DATA_BOOL.
       try client.setIRQs(
-        IRQSetPayload(flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionTrigger, index: 2, start: 0, count: 2))
+        IRQSetPayload(
+          flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionTrigger, index: 2, start: 0,
+          count: 2))
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataBool | VFIOIRQSetFlags.actionTrigger, index: 2, start: 4, count: 3, bools: [1, 0, 1]))
+          flags: VFIOIRQSetFlags.dataBool | VFIOIRQSetFlags.actionTrigger, index: 2, start: 4,
+          count: 3, bools: [1, 0, 1]))
       #expect(fds.map(eventCount) == [1, 1, 0, 0, 1, 0, 1, 0])
       // count 0 + DATA_NONE tears the index down.
       try client.setIRQs(
-        IRQSetPayload(flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionTrigger, index: 2, start: 0, count: 0))
+        IRQSetPayload(
+          flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionTrigger, index: 2, start: 0,
+          count: 0))
       #expect(server.server.statistics.snapshot.irqFDs == 0)
       try fire(client, index: VFIOPCIIRQ.msix, vector: 0)
       #expect(eventCount(fds[0]) == 0)
@@ -52,11 +59,15 @@ struct IRQTests {
       defer { close(fd) }
       try client.setIRQs(IRQSetPayload(flags: trigger, index: 2, start: 5, count: 1), fds: [fd])
       try client.setIRQs(
-        IRQSetPayload(flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionMask, index: 2, start: 5, count: 1))
+        IRQSetPayload(
+          flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionMask, index: 2, start: 5, count: 1
+        ))
       try fire(client, index: 2, vector: 5)
       #expect(eventCount(fd) == 0)
       try client.setIRQs(
-        IRQSetPayload(flags: VFIOIRQSetFlags.dataBool | VFIOIRQSetFlags.actionUnmask, index: 2, start: 5, count: 1, bools: [1]))
+        IRQSetPayload(
+          flags: VFIOIRQSetFlags.dataBool | VFIOIRQSetFlags.actionUnmask, index: 2, start: 5,
+          count: 1, bools: [1]))
       #expect(eventCount(fd) == 1)  // the pending interrupt is delivered on unmask
     }
   }
@@ -71,13 +82,17 @@ struct IRQTests {
       try fire(client, index: 0, vector: 0)
       #expect(eventCount(fd) == 1)  // masked by the first
       try client.setIRQs(
-        IRQSetPayload(flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionUnmask, index: 0, start: 0, count: 1))
+        IRQSetPayload(
+          flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionUnmask, index: 0, start: 0,
+          count: 1))
       #expect(eventCount(fd) == 1)  // the latched one
       // The resample (unmask) eventfd: signalled by the "guest", it unmasks before the next interrupt.
       let resample = makeEventFD()
       defer { close(resample) }
       try client.setIRQs(
-        IRQSetPayload(flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionUnmask, index: 0, start: 0, count: 1),
+        IRQSetPayload(
+          flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionUnmask, index: 0, start: 0,
+          count: 1),
         fds: [resample])
       #expect(server.server.statistics.snapshot.irqFDs == 2)
       _ = cvfuSignal(resample)
@@ -93,41 +108,60 @@ struct IRQTests {
       defer { close(fd) }
       let none = VFIOIRQSetFlags.dataNone
       // Index out of range, vectors out of range.
-      expectServerError(.invalidArgument) { try client.setIRQs(IRQSetPayload(flags: none | 32, index: 5, start: 0, count: 1)) }
-      expectServerError(.invalidArgument) { try client.setIRQs(IRQSetPayload(flags: trigger, index: 2, start: 7, count: 2), fds: [fd, fd]) }
-      // Fds count must match count.
-      expectServerError(.invalidArgument) { try client.setIRQs(IRQSetPayload(flags: trigger, index: 2, start: 0, count: 2), fds: [fd]) }
-      // MSI (not maskable) refuses MASK; ERR refuses MASK.
       expectServerError(.invalidArgument) {
-        try client.setIRQs(IRQSetPayload(flags: none | VFIOIRQSetFlags.actionMask, index: 1, start: 0, count: 1))
+        try client.setIRQs(IRQSetPayload(flags: none | 32, index: 5, start: 0, count: 1))
       }
       expectServerError(.invalidArgument) {
-        try client.setIRQs(IRQSetPayload(flags: none | VFIOIRQSetFlags.actionMask, index: 3, start: 0, count: 1))
+        try client.setIRQs(
+          IRQSetPayload(flags: trigger, index: 2, start: 7, count: 2), fds: [fd, fd])
+      }
+      // Fds count must match count.
+      expectServerError(.invalidArgument) {
+        try client.setIRQs(IRQSetPayload(flags: trigger, index: 2, start: 0, count: 2), fds: [fd])
+      }
+      // MSI (not maskable) refuses MASK; ERR refuses MASK.
+      expectServerError(.invalidArgument) {
+        try client.setIRQs(
+          IRQSetPayload(flags: none | VFIOIRQSetFlags.actionMask, index: 1, start: 0, count: 1))
+      }
+      expectServerError(.invalidArgument) {
+        try client.setIRQs(
+          IRQSetPayload(flags: none | VFIOIRQSetFlags.actionMask, index: 3, start: 0, count: 1))
       }
       // MASK with an eventfd; two data types; no action (codec); count 0 with eventfd.
       expectServerError(.invalidArgument) {
-        try client.setIRQs(IRQSetPayload(flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionMask, index: 0, start: 0, count: 1), fds: [fd])
+        try client.setIRQs(
+          IRQSetPayload(
+            flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionMask, index: 0, start: 0,
+            count: 1), fds: [fd])
       }
       expectServerError(.invalidArgument) {
-        try client.setIRQs(IRQSetPayload(flags: none | VFIOIRQSetFlags.dataBool | 32, index: 2, start: 0, count: 1))
+        try client.setIRQs(
+          IRQSetPayload(flags: none | VFIOIRQSetFlags.dataBool | 32, index: 2, start: 0, count: 1))
       }
-      expectServerError(.invalidArgument) { try client.setIRQs(IRQSetPayload(flags: none, index: 2, start: 0, count: 1)) }
-      expectServerError(.invalidArgument) { try client.setIRQs(IRQSetPayload(flags: trigger, index: 2, start: 0, count: 0)) }
+      expectServerError(.invalidArgument) {
+        try client.setIRQs(IRQSetPayload(flags: none, index: 2, start: 0, count: 1))
+      }
+      expectServerError(.invalidArgument) {
+        try client.setIRQs(IRQSetPayload(flags: trigger, index: 2, start: 0, count: 0))
+      }
       // DATA_BOOL whose array is short.
       expectServerError(.invalidArgument) {
         try client.request(
           .deviceSetIRQs,
-          payload: IRQSetPayload(flags: VFIOIRQSetFlags.dataBool | 32, index: 2, start: 0, count: 3, bools: [1, 1, 1]).encoded().dropLast(1).map { $0 })
+          payload: IRQSetPayload(
+            flags: VFIOIRQSetFlags.dataBool | 32, index: 2, start: 0, count: 3, bools: [1, 1, 1]
+          ).encoded().dropLast(1).map { $0 })
       }
       #expect(server.server.statistics.snapshot.irqFDs == 0)
       // ERR and REQ take one eventfd each.
-      try client.setIRQs(IRQSetPayload(flags: trigger, index: VFIOPCIIRQ.err, start: 0, count: 1), fds: [fd])
-      try client.setIRQs(IRQSetPayload(flags: trigger, index: VFIOPCIIRQ.req, start: 0, count: 1), fds: [fd])
+      try client.setIRQs(
+        IRQSetPayload(flags: trigger, index: VFIOPCIIRQ.err, start: 0, count: 1), fds: [fd])
+      try client.setIRQs(
+        IRQSetPayload(flags: trigger, index: VFIOPCIIRQ.req, start: 0, count: 1), fds: [fd])
       #expect(server.server.statistics.snapshot.irqFDs == 2)
     }
   }
 }
-
-import CVFIOUser
 
 func cvfuSignal(_ fd: Int32) -> Int32 { cvfu_eventfd_signal(fd) }

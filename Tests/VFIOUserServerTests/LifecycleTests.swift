@@ -17,7 +17,9 @@ struct LifecycleTests {
         try client.dmaMap(address: 0x10000, size: 0x10000, flags: 3, fd: guest.fd)
         try client.dmaMap(address: 0x20000, size: 0x1000, flags: 3)
         try client.setIRQs(
-          IRQSetPayload(flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger, index: 2, start: 0, count: 1),
+          IRQSetPayload(
+            flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger, index: 2, start: 0,
+            count: 1),
           fds: [fd])
         try client.write32(region: 0, offset: 0, 42)
         #expect(server.server.statistics.snapshot.dmaRegions == 2)
@@ -73,7 +75,11 @@ struct LifecycleTests {
     withUnsafeMutableBytes(of: &addr.sun_path) { raw in
       for (i, b) in stalePath.utf8.enumerated() { raw[i] = b }
     }
-    _ = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+    _ = withUnsafePointer(to: &addr) {
+      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+        bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+      }
+    }
     close(fd)
     #expect(FileManager.default.fileExists(atPath: stalePath))
     let third = VFIOUserServer(backend: TestDevice(), logger: .init(label: "x"))

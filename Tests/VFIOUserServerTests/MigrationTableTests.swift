@@ -4,7 +4,9 @@ import VFIOUserServer
 /// `vfio_mig_get_next_state` against the table of reference §4.4, transcribed here as text.
 @Suite("Migration state machine table")
 struct MigrationTableTests {
-  static let columns: [MigrationState] = [.stop, .running, .stopCopy, .resuming, .runningP2P, .preCopy, .preCopyP2P, .error]
+  static let columns: [MigrationState] = [
+    .stop, .running, .stopCopy, .resuming, .runningP2P, .preCopy, .preCopyP2P, .error,
+  ]
   static let reference = """
     STOP         | STOP | RUNNING_P2P | STOP_COPY | RESUMING | RUNNING_P2P | RUNNING_P2P | RUNNING_P2P | ERROR
     RUNNING      | RUNNING_P2P | RUNNING | RUNNING_P2P | RUNNING_P2P | RUNNING_P2P | PRE_COPY | RUNNING_P2P | ERROR
@@ -24,17 +26,23 @@ struct MigrationTableTests {
     var result: [MigrationState: [MigrationState: MigrationState]] = [:]
     for line in reference.split(separator: "\n") {
       let cells = line.split(separator: "|").map(state)
-      for (column, next) in zip(columns, cells.dropFirst()) { result[cells[0], default: [:]][column] = next }
+      for (column, next) in zip(columns, cells.dropFirst()) {
+        result[cells[0], default: [:]][column] = next
+      }
     }
     return result
   }
 
   /// The path the server walks from `a` to `b`, arc by arc (nil if refused).
-  static func path(_ a: MigrationState, _ b: MigrationState, _ flags: MigrationFlags) -> [MigrationState]? {
+  static func path(_ a: MigrationState, _ b: MigrationState, _ flags: MigrationFlags)
+    -> [MigrationState]?
+  {
     var path: [MigrationState] = []
     var current = a
     while current != b {
-      guard let next = MigrationController.nextState(from: current, to: b, flags: flags) else { return nil }
+      guard let next = MigrationController.nextState(from: current, to: b, flags: flags) else {
+        return nil
+      }
       path.append(next)
       current = next
       if path.count > 8 { return nil }
@@ -82,17 +90,24 @@ struct MigrationTableTests {
   /// unsupported state or ERROR, never opens a stream midway (STOP_COPY or
   /// RESUMING inside it), and enters the pre-copy states only from one of them.
   @Test func pathsRespectTheFlagsEverywhere() {
-    let combos: [MigrationFlags] = [[.stopCopy], [.stopCopy, .p2p], [.stopCopy, .preCopy], [.stopCopy, .p2p, .preCopy]]
+    let combos: [MigrationFlags] = [
+      [.stopCopy], [.stopCopy, .p2p], [.stopCopy, .preCopy], [.stopCopy, .p2p, .preCopy],
+    ]
     for flags in combos {
       for from in Self.columns where MigrationController.supported(from, flags) {
         for to in Self.columns {
           guard let path = Self.path(from, to, flags) else {
-            #expect(!MigrationController.supported(to, flags) || (from == .stopCopy && (to == .preCopy || to == .preCopyP2P)), "\(flags) \(from) → \(to)")
+            #expect(
+              !MigrationController.supported(to, flags)
+                || (from == .stopCopy && (to == .preCopy || to == .preCopyP2P)),
+              "\(flags) \(from) → \(to)")
             continue
           }
           #expect(path.allSatisfy { MigrationController.supported($0, flags) })
           let inside = path.dropLast()
-          #expect(inside.allSatisfy { $0 != .stopCopy && $0 != .resuming && $0 != .error }, "\(from) → \(to)")
+          #expect(
+            inside.allSatisfy { $0 != .stopCopy && $0 != .resuming && $0 != .error },
+            "\(from) → \(to)")
           if from != .preCopy && from != .preCopyP2P {
             #expect(inside.allSatisfy { $0 != .preCopy && $0 != .preCopyP2P }, "\(from) → \(to)")
           }

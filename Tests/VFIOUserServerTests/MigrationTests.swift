@@ -19,7 +19,9 @@ final class ArrayStream: MigrationStream {
   func read(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int {
     if dead { throw Errno(rawValue: ENODEV) }
     let n = min(buffer.count, data.count - position)
-    data.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[position..<(position + n)])) }
+    data.withUnsafeBytes {
+      buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[position..<(position + n)]))
+    }
     position += n
     return n
   }
@@ -55,9 +57,12 @@ final class MigratingTestDevice: TestDevice, MigrationCapable {
       open = stream
       return stream
     case (.resuming, .stop):
-      guard let image = open?.data, image.count == Self.magic.count + memory.count, Array(image.prefix(4)) == Self.magic
+      guard let image = open?.data, image.count == Self.magic.count + memory.count,
+        Array(image.prefix(4)) == Self.magic
       else { throw .ioError }
-      memory.copyMemory(from: UnsafeRawBufferPointer(start: image.withUnsafeBytes { $0.baseAddress! + 4 }, count: memory.count))
+      memory.copyMemory(
+        from: UnsafeRawBufferPointer(
+          start: image.withUnsafeBytes { $0.baseAddress! + 4 }, count: memory.count))
       open = nil
       return nil
     case (.stopCopy, .stop):
@@ -85,7 +90,8 @@ extension VFIOUserClient {
   func migrationState() throws -> MigrationState {
     let reply = try feature(flags: featureGet | VFIODeviceFeature.migDeviceState, argsz: 16)
     #expect(reply.argsz == 16 && reply.data.count == 8)
-    return MigrationState(rawValue: reply.data.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) })!
+    return MigrationState(
+      rawValue: reply.data.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) })!
   }
 
   func setMigrationState(_ state: MigrationState) throws {
@@ -113,21 +119,44 @@ struct MigrationTests {
       let migration = try client.feature(flags: featureGet | VFIODeviceFeature.migration, argsz: 16)
       #expect(migration.argsz == 16 && migration.data == [3, 0, 0, 0, 0, 0, 0, 0])  // STOP_COPY | P2P
       // PROBE succeeds only for methods the feature has, and echoes the request.
-      let probe = try client.feature(flags: featureProbe | featureGet | VFIODeviceFeature.migDeviceState)
-      #expect(probe.flags == featureProbe | featureGet | VFIODeviceFeature.migDeviceState && probe.data.isEmpty)
-      _ = try client.feature(flags: featureProbe | featureGet | featureSet | VFIODeviceFeature.migDeviceState)
-      expectServerError(.invalidArgument) { _ = try client.feature(flags: featureProbe | featureSet | VFIODeviceFeature.migration) }
-      expectServerError(.invalidArgument) { _ = try client.feature(flags: featureSet | VFIODeviceFeature.migration, data: [UInt8](repeating: 0, count: 8)) }
+      let probe = try client.feature(
+        flags: featureProbe | featureGet | VFIODeviceFeature.migDeviceState)
+      #expect(
+        probe.flags == featureProbe | featureGet | VFIODeviceFeature.migDeviceState
+          && probe.data.isEmpty)
+      _ = try client.feature(
+        flags: featureProbe | featureGet | featureSet | VFIODeviceFeature.migDeviceState)
+      expectServerError(.invalidArgument) {
+        _ = try client.feature(flags: featureProbe | featureSet | VFIODeviceFeature.migration)
+      }
+      expectServerError(.invalidArgument) {
+        _ = try client.feature(
+          flags: featureSet | VFIODeviceFeature.migration, data: [UInt8](repeating: 0, count: 8))
+      }
       // Neither GET nor SET; a reply area too small; a SET without its data.
-      expectServerError(.invalidArgument) { _ = try client.feature(flags: VFIODeviceFeature.migDeviceState, argsz: 16) }
-      expectServerError(.invalidArgument) { _ = try client.feature(flags: featureGet | VFIODeviceFeature.migration, argsz: 12) }
-      expectServerError(.invalidArgument) { _ = try client.feature(flags: featureSet | VFIODeviceFeature.migDeviceState, data: [2, 0, 0, 0]) }
+      expectServerError(.invalidArgument) {
+        _ = try client.feature(flags: VFIODeviceFeature.migDeviceState, argsz: 16)
+      }
+      expectServerError(.invalidArgument) {
+        _ = try client.feature(flags: featureGet | VFIODeviceFeature.migration, argsz: 12)
+      }
+      expectServerError(.invalidArgument) {
+        _ = try client.feature(
+          flags: featureSet | VFIODeviceFeature.migDeviceState, data: [2, 0, 0, 0])
+      }
       // No DMA logging on Xe; unknown features.
-      for feature in [VFIODeviceFeature.dmaLoggingStart, VFIODeviceFeature.dmaLoggingStop, VFIODeviceFeature.dmaLoggingReport, 3, 42] {
-        expectServerError(.inappropriateIOCTLForDevice) { _ = try client.feature(flags: featureGet | feature, argsz: 64) }
+      for feature in [
+        VFIODeviceFeature.dmaLoggingStart, VFIODeviceFeature.dmaLoggingStop,
+        VFIODeviceFeature.dmaLoggingReport, 3, 42,
+      ] {
+        expectServerError(.inappropriateIOCTLForDevice) {
+          _ = try client.feature(flags: featureGet | feature, argsz: 64)
+        }
       }
       let size = try client.feature(flags: featureGet | VFIODeviceFeature.migDataSize, argsz: 16)
-      #expect(size.data.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) } == UInt64(4 + TestDevice.bar2Size))
+      #expect(
+        size.data.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+          == UInt64(4 + TestDevice.bar2Size))
       #expect(try client.migrationState() == .running)
     }
   }
@@ -135,8 +164,12 @@ struct MigrationTests {
   @Test func deviceWithoutMigrationAnswersENOTTY() throws {
     try withServer(TestDevice()) { server, _ in
       let client = try server.connect()
-      expectServerError(.inappropriateIOCTLForDevice) { _ = try client.feature(flags: featureGet | VFIODeviceFeature.migration, argsz: 16) }
-      expectServerError(.inappropriateIOCTLForDevice) { _ = try client.feature(flags: featureProbe | VFIODeviceFeature.migDeviceState) }
+      expectServerError(.inappropriateIOCTLForDevice) {
+        _ = try client.feature(flags: featureGet | VFIODeviceFeature.migration, argsz: 16)
+      }
+      expectServerError(.inappropriateIOCTLForDevice) {
+        _ = try client.feature(flags: featureProbe | VFIODeviceFeature.migDeviceState)
+      }
     }
   }
 
@@ -164,7 +197,10 @@ struct MigrationTests {
           offset += n
         }
         try b.setMigrationState(.running)
-        #expect(destination.arcs.suffix(3) == ["RESUMING>STOP", "STOP>RUNNING_P2P", "RUNNING_P2P>RUNNING"])
+        #expect(
+          destination.arcs.suffix(3) == [
+            "RESUMING>STOP", "STOP>RUNNING_P2P", "RUNNING_P2P>RUNNING",
+          ])
         #expect(Array(destination.memory) == Array(source.memory))
         try a.setMigrationState(.running)
         #expect(try a.migrationState() == .running)
@@ -254,7 +290,8 @@ struct MigrationTests {
         expectServerError(.invalidArgument) { try client.setMigrationState(target) }
       }
       expectServerError(.invalidArgument) {
-        _ = try client.feature(flags: featureSet | VFIODeviceFeature.migDeviceState, data: le32(9) + le32(0))
+        _ = try client.feature(
+          flags: featureSet | VFIODeviceFeature.migDeviceState, data: le32(9) + le32(0))
       }
       #expect(device.arcs.isEmpty)
       #expect(try client.migrationState() == .running)

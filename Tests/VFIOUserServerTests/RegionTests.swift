@@ -22,7 +22,8 @@ struct RegionTests {
     try withServer(TestDevice()) { server, device in
       let client = try server.connect()
       // argsz 32 is too small for the capability chain: the short reply says how much is needed.
-      let short = try client.request(.deviceGetRegionInfo, payload: RegionInfoPayload(argsz: 32, index: 2).encoded())
+      let short = try client.request(
+        .deviceGetRegionInfo, payload: RegionInfoPayload(argsz: 32, index: 2).encoded())
       let shortInfo = try RegionInfoPayload(decoding: short.payload)
       #expect(short.payload.count == 32 && short.fds.isEmpty)
       #expect(shortInfo.argsz == 32 + 16 + 32)
@@ -30,15 +31,20 @@ struct RegionTests {
 
       let (info, fd) = try client.regionInfo(2)
       #expect(info.size == UInt64(TestDevice.bar2Size))
-      #expect(info.flags == VFIORegionFlags.read | VFIORegionFlags.write | VFIORegionFlags.mmap | VFIORegionFlags.caps)
+      #expect(
+        info.flags == VFIORegionFlags.read | VFIORegionFlags.write | VFIORegionFlags.mmap
+          | VFIORegionFlags.caps)
       #expect(
         info.capabilities == [
-          .sparseMmap([SparseMmapArea(offset: 0, size: 0x4000), SparseMmapArea(offset: 0x8000, size: 0x8000)])
+          .sparseMmap([
+            SparseMmapArea(offset: 0, size: 0x4000), SparseMmapArea(offset: 0x8000, size: 0x8000),
+          ])
         ])
       let mapFD = try #require(fd)
       defer { close(mapFD) }
       // The descriptor maps the device's memory: a store through it is what the device sees.
-      let p = try #require(mmap(nil, 0x4000, PROT_READ | PROT_WRITE, MAP_SHARED, mapFD, off_t(info.offset)))
+      let p = try #require(
+        mmap(nil, 0x4000, PROT_READ | PROT_WRITE, MAP_SHARED, mapFD, off_t(info.offset)))
       defer { munmap(p, 0x4000) }
       p.storeBytes(of: 0xfeed_f00d as UInt32, toByteOffset: 0x10, as: UInt32.self)
       #expect(device.memory.loadUnaligned(fromByteOffset: 0x10, as: UInt32.self) == 0xfeed_f00d)
@@ -50,7 +56,9 @@ struct RegionTests {
     try withServer(TestDevice()) { server, _ in
       let client = try server.connect()
       let (bar0, fd0) = try client.regionInfo(0)
-      #expect(fd0 == nil && bar0.size == 4096 && bar0.flags == VFIORegionFlags.read | VFIORegionFlags.write)
+      #expect(
+        fd0 == nil && bar0.size == 4096
+          && bar0.flags == VFIORegionFlags.read | VFIORegionFlags.write)
       #expect(bar0.capabilities.isEmpty && bar0.argsz == 32)
       let (rom, _) = try client.regionInfo(6)
       #expect(rom.flags == VFIORegionFlags.read)
@@ -58,7 +66,8 @@ struct RegionTests {
       #expect(vga.size == 0 && vga.flags == 0)
       expectServerError(.invalidArgument) { _ = try client.regionInfo(9) }
       expectServerError(.invalidArgument) {
-        try client.request(.deviceGetRegionInfo, payload: RegionInfoPayload(argsz: 16, index: 0).encoded())
+        try client.request(
+          .deviceGetRegionInfo, payload: RegionInfoPayload(argsz: 16, index: 0).encoded())
       }
     }
   }
@@ -67,10 +76,14 @@ struct RegionTests {
     try withServer(TestDevice()) { server, _ in
       let client = try server.connect()
       let (reply, fds) = try client.regionIOFDs(0)
-      #expect(reply.count == 0 && reply.argsz == 16 && reply.index == 0 && reply.subRegions.isEmpty && fds.isEmpty)
+      #expect(
+        reply.count == 0 && reply.argsz == 16 && reply.index == 0 && reply.subRegions.isEmpty
+          && fds.isEmpty)
       expectServerError(.invalidArgument) { _ = try client.regionIOFDs(42) }
       expectServerError(.invalidArgument) {
-        try client.request(.deviceGetRegionIOFDs, payload: RegionIOFDsPayload(argsz: 16, flags: 1, index: 0).encoded())
+        try client.request(
+          .deviceGetRegionIOFDs,
+          payload: RegionIOFDsPayload(argsz: 16, flags: 1, index: 0).encoded())
       }
     }
   }
@@ -99,13 +112,18 @@ struct RegionTests {
       expectServerError(.invalidArgument) { try client.write(region: 6, offset: 0, data: [1]) }
       expectServerError(.invalidArgument) { _ = try client.read(region: 8, offset: 0, count: 1) }
       expectServerError(.invalidArgument) { _ = try client.read(region: 77, offset: 0, count: 1) }
-      expectServerError(.invalidArgument) { _ = try client.read(region: 0, offset: UInt64.max - 1, count: 4) }
+      expectServerError(.invalidArgument) {
+        _ = try client.read(region: 0, offset: UInt64.max - 1, count: 4)
+      }
       // count beyond max_data_xfer_size
-      expectServerError(.argListTooLong) { _ = try client.read(region: 2, offset: 0, count: (1 << 20) + 1) }
+      expectServerError(.argListTooLong) {
+        _ = try client.read(region: 2, offset: 0, count: (1 << 20) + 1)
+      }
       // A REGION_WRITE whose count disagrees with its data.
       var payload = RegionAccessHeader(offset: 0, region: 0, count: 8).encoded(data: [1, 2, 3, 4])
       expectServerError(.invalidArgument) { try client.request(.regionWrite, payload: payload) }
-      payload = RegionAccessHeader(offset: 0, region: 0, count: 4).encoded(data: [1, 2, 3, 4]) + [0]
+      payload =
+        RegionAccessHeader(offset: 0, region: 0, count: 4).encoded(data: [1, 2, 3, 4]) + [0]
       expectServerError(.invalidArgument) { try client.request(.regionRead, payload: payload) }
     }
   }
@@ -114,14 +132,17 @@ struct RegionTests {
     var limits = ServerLimits()
     limits.maxDataXferSize = 65536
     try withServer(TestDevice(), limits: limits) { server, device in
-      let client = try server.connect(capabilities: Capabilities(maxMsgFDs: 16, maxDataXferSize: 65536))
+      let client = try server.connect(
+        capabilities: Capabilities(maxMsgFDs: 16, maxDataXferSize: 65536))
       for size in [1, 2, 3, 7, 8, 63, 4095, 4096, 4097, 32768, 65535, 65536] {
         let data = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ size) }
         try client.write(region: 2, offset: 0, data: data)
         #expect(Array(device.memory[0..<size]) == data, "write of \(size) bytes")
         #expect(try client.read(region: 2, offset: 0, count: size) == data, "read of \(size) bytes")
       }
-      expectServerError(.argListTooLong) { try client.write(region: 2, offset: 0, data: [UInt8](repeating: 0, count: 65537)) }
+      expectServerError(.argListTooLong) {
+        try client.write(region: 2, offset: 0, data: [UInt8](repeating: 0, count: 65537))
+      }
     }
   }
 
@@ -135,9 +156,11 @@ struct RegionTests {
       ])
       #expect(done == 3)
       #expect(device.scratch == 0x1111)
-      #expect(try client.read(region: 2, offset: 0x100, count: 9) == [8, 7, 6, 5, 4, 3, 2, 1, 0xAB])
+      #expect(
+        try client.read(region: 2, offset: 0x100, count: 9) == [8, 7, 6, 5, 4, 3, 2, 1, 0xAB])
       // Posted, like QEMU sends them, then an ordered read sees the effect.
-      try client.writeMulti([WriteMultiEntry(offset: 0, region: 0, count: 4, data: 0x2222)], posted: true)
+      try client.writeMulti(
+        [WriteMultiEntry(offset: 0, region: 0, count: 4, data: 0x2222)], posted: true)
       #expect(try client.read32(region: 0, offset: 0) == 0x2222)
       // A bad entry stops the batch with an error; earlier entries took effect.
       expectServerError(.invalidArgument) {

@@ -50,7 +50,9 @@ class TestDevice: VFIODeviceBackend {
     case 2:
       RegionDescription(
         index: 2, size: UInt64(Self.bar2Size), mmap: MmapSource(fd: memfd, offset: 0),
-        sparseAreas: [SparseMmapArea(offset: 0, size: 0x4000), SparseMmapArea(offset: 0x8000, size: 0x8000)])
+        sparseAreas: [
+          SparseMmapArea(offset: 0, size: 0x4000), SparseMmapArea(offset: 0x8000, size: 0x8000),
+        ])
     case 6: RegionDescription(index: 6, size: 4096, readable: true, writable: false)
     case 7: RegionDescription(index: 7, size: 256)
     default: RegionDescription(index: index, size: 0, readable: false, writable: false)
@@ -61,15 +63,22 @@ class TestDevice: VFIODeviceBackend {
     switch index {
     case 0:
       IRQDescription(
-        index: 0, count: 1, flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.maskable | VFIOIRQInfoFlags.automasked)
-    case 1: IRQDescription(index: 1, count: 4, flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.noresize)
-    case 2: IRQDescription(index: 2, count: 8, flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.maskable)
+        index: 0, count: 1,
+        flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.maskable | VFIOIRQInfoFlags.automasked)
+    case 1:
+      IRQDescription(
+        index: 1, count: 4, flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.noresize)
+    case 2:
+      IRQDescription(
+        index: 2, count: 8, flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.maskable)
     case 3, 4: IRQDescription(index: index, count: 1, flags: VFIOIRQInfoFlags.eventfd)
     default: nil
     }
   }
 
-  func read(region: UInt32, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(Errno) {
+  func read(region: UInt32, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer)
+    throws(Errno)
+  {
     switch region {
     case 0:
       guard buffer.count == 4, offset % 4 == 0 else { throw .invalidArgument }
@@ -85,7 +94,8 @@ class TestDevice: VFIODeviceBackend {
         }
       buffer.storeBytes(of: value, as: UInt32.self)
     case 2:
-      buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: memory[Int(offset)..<(Int(offset) + buffer.count)]))
+      buffer.copyMemory(
+        from: UnsafeRawBufferPointer(rebasing: memory[Int(offset)..<(Int(offset) + buffer.count)]))
     case 6, 7:
       for i in 0..<buffer.count { buffer[i] = UInt8(truncatingIfNeeded: Int(offset) + i) }
     default:
@@ -108,7 +118,8 @@ class TestDevice: VFIODeviceBackend {
       default: break
       }
     case 2:
-      UnsafeMutableRawBufferPointer(rebasing: memory[Int(offset)..<(Int(offset) + buffer.count)]).copyMemory(from: buffer)
+      UnsafeMutableRawBufferPointer(rebasing: memory[Int(offset)..<(Int(offset) + buffer.count)])
+        .copyMemory(from: buffer)
     case 7:
       break
     default:

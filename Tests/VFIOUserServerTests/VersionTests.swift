@@ -29,7 +29,8 @@ struct VersionTests {
       let client = try VFIOUserClient.open(path: server.path)
       let qemu =
         #"{"capabilities":{"pgsizes":4096,"max_msg_fds":16,"max_dma_maps":65535,"max_data_xfer_size":1048576,"migration":{"max_bitmap_size":268435456,"pgsize":4096},"write_multiple":true,"twin_socket":{"supported":true},"future_key":[1,2]}}"#
-      let reply = try client.request(.version, payload: VersionPayload(major: 0, minor: 3, json: qemu).encoded())
+      let reply = try client.request(
+        .version, payload: VersionPayload(major: 0, minor: 3, json: qemu).encoded())
       let version = try VersionPayload(decoding: reply.payload)
       #expect(version.major == 0 && version.minor == 0)
       let caps = try Capabilities.parse(json: try #require(version.json))
@@ -53,9 +54,19 @@ struct VersionTests {
     ("no NUL", [0, 0, 0, 0] + Array(#"{"capabilities":{}}"#.utf8)),
     ("not JSON", VersionPayload(major: 0, minor: 0, json: "{capabilities").encoded()),
     ("not an object", VersionPayload(major: 0, minor: 0, json: "[1]").encoded()),
-    ("wrong type", VersionPayload(major: 0, minor: 0, json: #"{"capabilities":{"max_msg_fds":"8"}}"#).encoded()),
-    ("negative", VersionPayload(major: 0, minor: 0, json: #"{"capabilities":{"max_data_xfer_size":-1}}"#).encoded()),
-    ("trailing bytes", VersionPayload(major: 0, minor: 0, json: #"{"capabilities":{}} x"#).encoded()),
+    (
+      "wrong type",
+      VersionPayload(major: 0, minor: 0, json: #"{"capabilities":{"max_msg_fds":"8"}}"#).encoded()
+    ),
+    (
+      "negative",
+      VersionPayload(major: 0, minor: 0, json: #"{"capabilities":{"max_data_xfer_size":-1}}"#)
+        .encoded()
+    ),
+    (
+      "trailing bytes",
+      VersionPayload(major: 0, minor: 0, json: #"{"capabilities":{}} x"#).encoded()
+    ),
     ("short", [0, 0]),
   ])
   func badVersionGetsErrorThenDisconnect(_ name: String, _ payload: [UInt8]) throws {
@@ -78,7 +89,9 @@ struct VersionTests {
       expectServerError(.invalidArgument) { _ = try client.deviceInfo() }
       try client.negotiate(capabilities: VFIOUserClient.defaultCapabilities)
       #expect(try client.deviceInfo().numRegions == 9)
-      expectServerError(.invalidArgument) { try client.negotiate(capabilities: VFIOUserClient.defaultCapabilities) }
+      expectServerError(.invalidArgument) {
+        try client.negotiate(capabilities: VFIOUserClient.defaultCapabilities)
+      }
     }
   }
 
@@ -133,7 +146,8 @@ struct FramingTests {
     limits.maxDataXferSize = 4096
     try withServer(TestDevice(), limits: limits) { server, _ in
       let client = try server.connect()
-      let big = RegionAccessHeader(offset: 0, region: 2, count: 100_000).encoded(data: [UInt8](repeating: 7, count: 100_000))
+      let big = RegionAccessHeader(offset: 0, region: 2, count: 100_000).encoded(
+        data: [UInt8](repeating: 7, count: 100_000))
       try client.sendRaw(encodeMessage(id: 9, command: Command.regionWrite.rawValue, payload: big))
       let reply = try #require(try client.receiveMessage())
       #expect(reply.header.messageID == 9 && reply.header.error == UInt32(E2BIG))
@@ -145,7 +159,8 @@ struct FramingTests {
   @Test func replyTypeOnUnsolicitedMessageIsIgnored() throws {
     try withServer(TestDevice()) { server, _ in
       let client = try server.connect()
-      try client.sendRaw(encodeMessage(id: 0x4444, command: 11, flags: MessageHeader.typeReply, payload: []))
+      try client.sendRaw(
+        encodeMessage(id: 0x4444, command: 11, flags: MessageHeader.typeReply, payload: []))
       #expect(try client.deviceInfo().numRegions == 9)
     }
   }
@@ -153,10 +168,12 @@ struct FramingTests {
   @Test func badTypeBitsGetEINVAL() throws {
     try withServer(TestDevice()) { server, _ in
       let client = try server.connect()
-      try client.sendRaw(encodeMessage(id: 5, command: 4, flags: 0x3, payload: DeviceInfoPayload().encoded()))
+      try client.sendRaw(
+        encodeMessage(id: 5, command: 4, flags: 0x3, payload: DeviceInfoPayload().encoded()))
       // Type 3 is neither command nor reply; the size still frames it, so the stream survives.
       let reply = try #require(try client.receiveMessage())
-      #expect(reply.header.messageID == 5 && reply.header.isError && reply.header.error == UInt32(EINVAL))
+      #expect(
+        reply.header.messageID == 5 && reply.header.isError && reply.header.error == UInt32(EINVAL))
       #expect(try client.deviceInfo().numRegions == 9)
     }
   }

@@ -16,13 +16,24 @@ struct XeMigrationTests {
   func state(_ client: VFIOUserClient) throws -> [UInt64] {
     var values: [UInt64] = []
     for gt in 0..<2 {
-      for i in 0..<R.scratchCount { values.append(UInt64(try client.read32(region: 0, offset: R.scratch(gt: gt, index: i)))) }
+      for i in 0..<R.scratchCount {
+        values.append(UInt64(try client.read32(region: 0, offset: R.scratch(gt: gt, index: i))))
+      }
     }
     // The PF re-encodes each PTE's VFID field (bits 11:2) for the destination VF.
-    for pte in 0..<4 { values.append(try client.read64(region: 0, offset: R.ggttWindow + UInt64(pte) * 8) & ~0xFFC) }
-    for register in [R.DMA.src, R.DMA.dst] { values.append(try client.read64(region: 0, offset: register)) }
-    for register in [R.DMA.len, R.DMA.ctrl] { values.append(UInt64(try client.read32(region: 0, offset: register))) }
-    for dword in 0..<4 { values.append(UInt64(try client.read32(region: 0, offset: R.msixTable + 16 + UInt64(dword) * 4))) }
+    for pte in 0..<4 {
+      values.append(try client.read64(region: 0, offset: R.ggttWindow + UInt64(pte) * 8) & ~0xFFC)
+    }
+    for register in [R.DMA.src, R.DMA.dst] {
+      values.append(try client.read64(region: 0, offset: register))
+    }
+    for register in [R.DMA.len, R.DMA.ctrl] {
+      values.append(UInt64(try client.read32(region: 0, offset: register)))
+    }
+    for dword in 0..<4 {
+      values.append(
+        UInt64(try client.read32(region: 0, offset: R.msixTable + 16 + UInt64(dword) * 4)))
+    }
     return values
   }
 
@@ -43,25 +54,36 @@ struct XeMigrationTests {
           data = (0..<Int(vram)).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ $0 >> 11) }
           var offset = 0
           while offset < data.count {
-            try a.write(region: 2, offset: UInt64(offset), data: Array(data[offset..<min(offset + (1 << 20), data.count)]))
+            try a.write(
+              region: 2, offset: UInt64(offset),
+              data: Array(data[offset..<min(offset + (1 << 20), data.count)]))
             offset += 1 << 20
           }
         }
         for gt in 0..<2 {
-          for i in 0..<R.scratchCount { try a.write32(region: 0, offset: R.scratch(gt: gt, index: i), UInt32(0xA000 + gt * 16 + i)) }
+          for i in 0..<R.scratchCount {
+            try a.write32(
+              region: 0, offset: R.scratch(gt: gt, index: i), UInt32(0xA000 + gt * 16 + i))
+          }
         }
-        for pte in 0..<4 { try a.write64(region: 0, offset: R.ggttWindow + UInt64(pte) * 8, 0x1_2345_6000 + UInt64(pte) << 12 | 1) }
+        for pte in 0..<4 {
+          try a.write64(
+            region: 0, offset: R.ggttWindow + UInt64(pte) * 8, 0x1_2345_6000 + UInt64(pte) << 12 | 1
+          )
+        }
         try a.write64(region: 0, offset: R.DMA.src, 0x1000)
         try a.write64(region: 0, offset: R.DMA.dst, 0xdead_0000)
         try a.write32(region: 0, offset: R.DMA.len, 4096)
-        try a.write32(region: 0, offset: R.DMA.ctrl, R.DMA.control(toDevice: true, vector: 3, interrupt: true))
+        try a.write32(
+          region: 0, offset: R.DMA.ctrl, R.DMA.control(toDevice: true, vector: 3, interrupt: true))
         try a.write64(region: 0, offset: R.msixTable + 16, 0xFEE0_1000)
         try a.write32(region: 0, offset: R.msixTable + 24, 0x4041)
         let before = try state(a)
         #expect(try state(b) != before)
         let unchanged = try state(b)
 
-        let flags = try a.feature(flags: VFIODeviceFeatureFlags.get | VFIODeviceFeature.migration, argsz: 16)
+        let flags = try a.feature(
+          flags: VFIODeviceFeatureFlags.get | VFIODeviceFeature.migration, argsz: 16)
         #expect(flags.data.first == 3)  // STOP_COPY | P2P, as xe-vfio-pci
         try b.setMigrationState(.resuming)
         try a.setMigrationState(.stopCopy)
@@ -74,15 +96,20 @@ struct XeMigrationTests {
         }
         // The Xe packet stream: a DESCRIPTOR first, a TRAILER last.
         #expect(stream.count > 24 && stream[0] == 1 && stream[1] == 1)
-        #expect(Array(stream.suffix(24)[stream.count - 24 + 1 ..< stream.count - 24 + 2]) == [2])
+        #expect(Array(stream.suffix(24)[stream.count - 24 + 1..<stream.count - 24 + 2]) == [2])
         try a.setMigrationState(.stop)
         try b.setMigrationState(.running)
         #expect(try b.migrationState() == .running)
         let after = try state(b)
-        #expect(after == before, "differs at \(zip(after, before).enumerated().filter { $0.element.0 != $0.element.1 }.map(\.offset)) (was \(unchanged))")
+        #expect(
+          after == before,
+          "differs at \(zip(after, before).enumerated().filter { $0.element.0 != $0.element.1 }.map(\.offset)) (was \(unchanged))"
+        )
         if let vram {
           var restored: [UInt8] = []
-          while restored.count < Int(vram) { restored += try b.read(region: 2, offset: UInt64(restored.count), count: 1 << 20) }
+          while restored.count < Int(vram) {
+            restored += try b.read(region: 2, offset: UInt64(restored.count), count: 1 << 20)
+          }
           #expect(restored == data)
         }
         // The source resumes and keeps its own state.

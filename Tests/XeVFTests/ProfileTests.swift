@@ -55,10 +55,12 @@ import VFIOUserServer
         == IRQDescription(index: 2, count: 16, flags: VFIOIRQInfoFlags.eventfd))
     #expect(
       vf.irq(VFIOPCIIRQ.err)
-        == IRQDescription(index: 3, count: 1, flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.noresize))
+        == IRQDescription(
+          index: 3, count: 1, flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.noresize))
     #expect(
       vf.irq(VFIOPCIIRQ.req)
-        == IRQDescription(index: 4, count: 1, flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.noresize))
+        == IRQDescription(
+          index: 4, count: 1, flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.noresize))
     #expect(
       vf.irq(VFIOPCIIRQ.intx)?.flags
         == VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.maskable | VFIOIRQInfoFlags.automasked)
