@@ -31,22 +31,30 @@ public struct MigrationController {
 
   /// `vfio_from_fsm_table`, rows and columns in `order`.
   private static let table: [[MigrationState]] = [
-    /* STOP */ [
+    // from STOP
+    [
       .stop, .runningP2P, .stopCopy, .resuming, .runningP2P, .runningP2P, .runningP2P, .error,
     ],
-    /* RUNNING */ [
+    // from RUNNING
+    [
       .runningP2P, .running, .runningP2P, .runningP2P, .runningP2P, .preCopy, .runningP2P, .error,
     ],
-    /* STOP_COPY */ [.stop, .stop, .stopCopy, .stop, .stop, .error, .error, .error],
-    /* RESUMING */ [.stop, .stop, .stop, .resuming, .stop, .stop, .stop, .error],
-    /* RUNNING_P2P */ [.stop, .running, .stop, .stop, .runningP2P, .running, .preCopyP2P, .error],
-    /* PRE_COPY */ [
+    // from STOP_COPY
+    [.stop, .stop, .stopCopy, .stop, .stop, .error, .error, .error],
+    // from RESUMING
+    [.stop, .stop, .stop, .resuming, .stop, .stop, .stop, .error],
+    // from RUNNING_P2P
+    [.stop, .running, .stop, .stop, .runningP2P, .running, .preCopyP2P, .error],
+    // from PRE_COPY
+    [
       .running, .running, .preCopyP2P, .running, .running, .preCopy, .preCopyP2P, .error,
     ],
-    /* PRE_COPY_P2P */ [
+    // from PRE_COPY_P2P
+    [
       .runningP2P, .runningP2P, .stopCopy, .runningP2P, .runningP2P, .preCopy, .preCopyP2P, .error,
     ],
-    /* ERROR */ Array(repeating: .error, count: 8),
+    // from ERROR
+    Array(repeating: .error, count: 8),
   ]
 
   /// `state_flags_table`: the flags a state needs (ERROR needs all, so no device has it).
