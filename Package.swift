@@ -86,5 +86,9 @@ let package = Package(
     .testTarget(
       name: "CLITests", dependencies: ["VFIOUser", "VFIOUserClient", "CVFIOUser"],
       swiftSettings: strict),
+    // Real QEMU (qtest, and a Linux guest under TCG) attached to the built `xe-vfio-user`.
+    .testTarget(
+      name: "QEMUInteropTests", dependencies: ["VFIOUser", "VFIOUserClient", "XeVF", "CVFIOUser"],
+      swiftSettings: strict),
   ]
 )

@@ -1,28 +1,41 @@
 #!/usr/bin/env bash
 # Starts xe-vfio-user with the simulated Xe VF and a QEMU that attaches it,
-# exactly as the README shows. Stops the server when QEMU exits.
+# with exactly the command line the README shows (and `serve` prints). Stops the
+# server when QEMU exits.
 #
 #   examples/qemu-attach.sh [QEMU options...]   e.g. -kernel bzImage -append console=ttyS0 -nographic
 #
 # Environment: XE_VFU_SOCKET (default /tmp/xe-vfio-user.sock), XE_VFU_BIN
-# (default .build/release/xe-vfio-user), QEMU (default qemu-system-x86_64),
-# GUEST_MEMORY (default 4G), XE_VFU_PROFILE (default bmg).
+# (default .build/release/xe-vfio-user), QEMU (default: the QEMU that
+# scripts/install-qemu.sh installed, else qemu-system-x86_64 from PATH; it must be
+# 10.1 or later), GUEST_MEMORY (default 4G), XE_VFU_PROFILE (default bmg).
+# The command line uses KVM (-accel kvm -cpu host), as the README's does.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 socket=${XE_VFU_SOCKET:-/tmp/xe-vfio-user.sock}
 server=${XE_VFU_BIN:-$here/.build/release/xe-vfio-user}
-qemu=${QEMU:-qemu-system-x86_64}
+if [ -z "${QEMU:-}" ]; then
+  QEMU=$(sed -n 's/^XE_VFU_QEMU=//p' "${XE_VFU_CACHE:-/opt/xe-vfio-user}/env" 2>/dev/null || true)
+  QEMU=${QEMU:-qemu-system-x86_64}
+fi
 memory=${GUEST_MEMORY:-4G}
+[ -x "$server" ] || { echo "no server at $server: run 'swift build -c release' first (or set XE_VFU_BIN)" >&2; exit 1; }
 
+# A socket file left by an earlier run is replaced by the server: wait for the new one.
+stale=$(stat -c %i "$socket" 2>/dev/null || true)
 "$server" serve --socket-path "$socket" --profile "${XE_VFU_PROFILE:-bmg}" --quiet &
 server_pid=$!
 trap 'kill -TERM $server_pid 2>/dev/null; wait $server_pid 2>/dev/null' EXIT
 # QEMU connects while it realizes the device: the socket must be listening first.
-for _ in $(seq 100); do [ -S "$socket" ] && break; sleep 0.05; done
-[ -S "$socket" ] || { echo "xe-vfio-user did not start" >&2; exit 1; }
+for _ in $(seq 200); do
+  [ -S "$socket" ] && [ "$(stat -c %i "$socket")" != "$stale" ] && break
+  kill -0 "$server_pid" 2>/dev/null || break
+  sleep 0.05
+done
+[ -S "$socket" ] && [ "$(stat -c %i "$socket")" != "$stale" ] || { echo "xe-vfio-user did not start" >&2; exit 1; }
 
-"$qemu" \
-  -machine q35 -m "$memory" \
+"$QEMU" \
+  -machine q35 -accel kvm -cpu host -m "$memory" \
   -object memory-backend-memfd,id=mem,size="$memory",share=on -machine memory-backend=mem \
   -device '{"driver":"vfio-user-pci","id":"xevf0","socket":{"path":"'"$socket"'","type":"unix"}}' \
   "$@"

@@ -1,16 +1,48 @@
 #!/usr/bin/env bash
 # The whole test suite: unit (codecs vs protocol/ vectors, device model),
-# integration (real server on real Unix sockets, every command and bad input)
-# and the CLI driven as a process.
+# integration (real server on real Unix sockets, every command and bad input),
+# the CLI driven as a process, and interop with real QEMU (qtest, a Linux guest
+# under TCG, the examples). scripts/install-qemu.sh provides QEMU (cached after
+# the first run); without it the interop tests are skipped, loudly, except on
+# CI (CI=true), where that is a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 start=$(date +%s)
-# The CLI tests run the built executable, so build everything first.
+
+banner() { printf '\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n!!! %s\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\n' "$*" >&2; }
+
+qemu_skip=""
+if ./scripts/install-qemu.sh; then
+  set -a
+  # shellcheck disable=SC1090
+  . "${XE_VFU_CACHE:-/opt/xe-vfio-user}/env"
+  set +a
+else
+  qemu_skip="scripts/install-qemu.sh failed (see above)"
+  if [ "${CI:-}" = true ]; then
+    banner "CI: QEMU for the interop tests could not be installed: $qemu_skip"
+    exit 1
+  fi
+  banner "QEMU interop tests will be SKIPPED: $qemu_skip"
+fi
+
+# The CLI and QEMU tests run the built executable, so build everything first.
 swift build --build-tests
 log=$(mktemp /tmp/xe-vfio-user-test.XXXXXX)
 set +o pipefail
 swift test --skip-build 2>&1 | tee "$log" | grep --line-buffered -v '^◇'
 status=${PIPESTATUS[0]}
+set -o pipefail
+
+# How long the QEMU part took, and whether any of it was skipped.
+interop=$(grep -E 'Suite "(QEMU interop|Examples \(QEMU)[^"]*" (passed|failed) after' "$log" |
+  sed -E 's/^.* Suite "(.*)" (passed|failed) after ([0-9.]+) seconds(.*)/  \1: \2 after \3 s\4/' || true)
+[ -n "$interop" ] && printf 'QEMU interop suites:\n%s\n' "$interop" >&2
+skipped=$(grep -E 'skipped: "?(QEMU interop|guest boot) skipped' "$log" | head -n 3 || true)
+if [ -n "$skipped" ] || [ -n "$qemu_skip" ]; then
+  banner "QEMU interop tests were SKIPPED: ${qemu_skip:-$(printf '%s' "$skipped" | head -n1)}"
+  [ "${CI:-}" = true ] && status=1
+fi
 echo "tests finished in $(( $(date +%s) - start )) s (full log: $log)" >&2
 exit "$status"

@@ -36,7 +36,7 @@ struct Serve: ParsableCommand {
   @Option(help: "DMA windows a client may have at once.")
   var maxDMAMaps: UInt32 = 65535
 
-  @Option(help: "Descriptors accepted per message.")
+  @Option(name: .customLong("max-msg-fds"), help: "Descriptors accepted per message.")
   var maxMsgFDs: UInt32 = 16
 
   @Option(help: "DMA_READ/DMA_WRITE layout: spec or qemu (default: qemu for QEMU clients, spec otherwise).")
@@ -85,6 +85,24 @@ struct Serve: ParsableCommand {
     limits.dmaLayout = dmaLayout
     limits.resetOnDisconnect = onDisconnect == "reset"
     let server = VFIOUserServer(backend: device, limits: limits, logger: logger)
+    // SIGINT and SIGTERM stay blocked in every thread and a thread of their own
+    // takes them with sigwait: one sent as soon as the socket (or the printed
+    // command line) appears waits pending instead of being lost, as it could be
+    // while a dispatch signal source is still registering.
+    var stopSignals = sigset_t()
+    sigemptyset(&stopSignals)
+    sigaddset(&stopSignals, SIGINT)
+    sigaddset(&stopSignals, SIGTERM)
+    pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
+    let signalWaiter = Thread { [stopSignals] in
+      var set = stopSignals
+      var number: Int32 = 0
+      while sigwait(&set, &number) != 0 {}
+      logger.info("signal \(number): shutting down")
+      server.stop()
+    }
+    signalWaiter.name = "signals"
+    signalWaiter.start()
     let path = socketPath ?? defaultSocketPath
     if let fd {
       server.listen(fd: fd)
@@ -105,18 +123,7 @@ struct Serve: ParsableCommand {
       print("Attach it to QEMU (10.1 or later) with:\n\n\(qemuCommandLine(socketPath: path))\n")
       fflush(nil)
     }
-    let signals = [SIGINT, SIGTERM].map { number -> DispatchSourceSignal in
-      signal(number, SIG_IGN)
-      let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
-      source.setEventHandler {
-        logger.info("signal \(number): shutting down")
-        server.stop()
-      }
-      source.resume()
-      return source
-    }
     server.start()
     server.wait()
-    signals.forEach { $0.cancel() }
   }
 }

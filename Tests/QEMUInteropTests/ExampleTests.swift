@@ -1,0 +1,274 @@
+import Foundation
+import Testing
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// Runs a tool to completion; output goes through files (no pipe to fill up).
+func runTool(
+  _ executable: String, _ arguments: [String], environment: [String: String]? = nil,
+  timeout: Double = 60
+)
+  throws -> (status: Int32, stdout: String, stderr: String)
+{
+  let directory = try makeScratchDirectory("tool")
+  defer { try? FileManager.default.removeItem(atPath: directory) }
+  let child = try ChildProcess(
+    executable: executable, arguments: arguments, logPath: directory + "/stderr",
+    environment: environment)
+  guard child.waitForExit(timeout: timeout) else {
+    child.stop()
+    throw InteropError("\(executable) \(arguments) did not finish within \(timeout) s")
+  }
+  return (child.stop(), child.output, child.log)
+}
+
+/// Finds a command on PATH.
+func which(_ name: String) -> String? {
+  let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
+  return path.split(separator: ":").map { "\($0)/\(name)" }.first {
+    FileManager.default.isExecutableFile(atPath: $0)
+  }
+}
+
+/// Splits a shell command line the way sh would for the README's simple lines:
+/// whitespace-separated words, single quotes kept together, `\` line continuations.
+func shellWords(_ text: String) -> [String] {
+  var words: [String] = []
+  var current = ""
+  var inWord = false
+  var quoted = false
+  for character in text.replacingOccurrences(of: "\\\n", with: " ") {
+    if quoted {
+      if character == "'" { quoted = false } else { current.append(character) }
+    } else if character == "'" {
+      quoted = true
+      inWord = true
+    } else if character.isWhitespace {
+      if inWord { words.append(current) }
+      current = ""
+      inWord = false
+    } else {
+      current.append(character)
+      inWord = true
+    }
+  }
+  if inWord { words.append(current) }
+  return words
+}
+
+/// The examples in examples/ and the README's QEMU command line, run for real.
+@Suite("Examples (QEMU, libvirt, systemd)", .serialized, qemuAvailable, .timeLimit(.minutes(3)))
+struct ExampleTests {
+  let root = InteropEnvironment.current.root
+  static let readmeSocket = "/tmp/xe-vfio-user.sock"
+
+  /// The QEMU command block the README shows (what `serve` prints), as text.
+  func readmeCommandBlock() throws -> String {
+    let readme = try String(contentsOfFile: root + "/README.md", encoding: .utf8)
+    let start = try #require(readme.range(of: "```\nqemu-system-x86_64 \\\n"))
+    let end = try #require(readme.range(of: "\n```", range: start.upperBound..<readme.endIndex))
+    return "qemu-system-x86_64 \\\n" + readme[start.upperBound..<end.lowerBound]
+  }
+
+  /// The README's QEMU arguments (the program name and the "..." placeholder dropped).
+  func readmeArguments(socket: String) throws -> [String] {
+    let block = try readmeCommandBlock()
+    let lines = block.split(separator: "\n").filter {
+      !$0.trimmingCharacters(in: .whitespaces).hasPrefix("...")
+    }
+    // The last line's continuation backslash has no line after it.
+    let words = shellWords(lines.joined(separator: "\n")).filter { $0 != "\\" }
+    #expect(words.first == "qemu-system-x86_64")
+    return words.dropFirst().map { $0.replacingOccurrences(of: Self.readmeSocket, with: socket) }
+  }
+
+  @Test func serverPrintsTheREADMECommandLine() throws {
+    let directory = try makeScratchDirectory("readme")
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    let socket = directory + "/vfu.sock"
+    let serve = try ChildProcess(
+      executable: InteropEnvironment.current.server, arguments: ["serve", "--socket-path", socket],
+      logPath: directory + "/server.log")
+    #expect(waitUntil(timeout: 10) { serve.output.contains("# your disk") })
+    #expect(serve.stop() == 0)
+    let block = try readmeCommandBlock().replacingOccurrences(of: Self.readmeSocket, with: socket)
+    #expect(
+      serve.output.contains(block), "README block:\n\(block)\nserve printed:\n\(serve.output)")
+  }
+
+  /// examples/qemu-attach.sh starts the server and QEMU with the README's line
+  /// verbatim. QEMU here is a shim that records its argv and swaps KVM for
+  /// qtest (tests never use KVM), then runs the real QEMU.
+  @Test func qemuAttachScriptRunsTheREADMECommandLine() throws {
+    let env = InteropEnvironment.current
+    let directory = try makeScratchDirectory("attach")
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    let socket = directory + "/vfu.sock"
+    let shim = directory + "/qemu-shim"
+    try """
+    #!/usr/bin/env bash
+    printf '%s\\n' "$@" > \(directory)/argv
+    args=()
+    while [ $# -gt 0 ]; do
+      if [ "$1" = -accel ] && [ "${2:-}" = kvm ]; then args+=(-accel qtest); shift 2; continue; fi
+      if [ "$1" = -cpu ] && [ "${2:-}" = host ]; then shift 2; continue; fi
+      args+=("$1"); shift
+    done
+    exec \(try #require(env.qemu)) "${args[@]}"
+    """.write(toFile: shim, atomically: true, encoding: .utf8)
+    chmod(shim, 0o755)
+    let extra = [
+      "-qtest", "unix:\(directory)/qtest.sock,server=on,wait=off", "-qtest-log", "none",
+      "-qmp", "unix:\(directory)/qmp.sock,server=on,wait=off", "-display", "none", "-nodefaults",
+    ]
+    let script = try ChildProcess(
+      executable: root + "/examples/qemu-attach.sh", arguments: extra,
+      logPath: directory + "/script.log",
+      environment: ["QEMU": shim, "XE_VFU_BIN": env.server, "XE_VFU_SOCKET": socket])
+    defer { script.stop() }
+    let alive = { script.isRunning }
+    let qtest = try QTest(path: directory + "/qtest.sock", alive: alive)
+    let qmp = try QMP(path: directory + "/qmp.sock", alive: alive)
+
+    let argv = try String(contentsOfFile: directory + "/argv", encoding: .utf8).split(
+      separator: "\n"
+    ).map(String.init)
+    #expect(argv == (try readmeArguments(socket: socket)) + extra, "\(argv)")
+
+    // The device is there, wherever QEMU put it.
+    let buses = try qmp.execute("query-pci") as? [[String: Any]] ?? []
+    let ours = buses.flatMap { $0["devices"] as? [[String: Any]] ?? [] }.first {
+      $0["qdev_id"] as? String == "xevf0"
+    }
+    let slot = try #require(ours?["slot"] as? Int)
+    try qtest.outl(0xCF8, 0x8000_0000 | UInt32(slot) << 11)
+    #expect(try qtest.inl(0xCFC) == 0xE211_8086)
+
+    // QEMU quits: the script stops the server (which removes its socket) and exits.
+    _ = try? qmp.execute("quit")
+    #expect(script.waitForExit(timeout: 20), "\(script.log)")
+    #expect(script.stop() == 0, "\(script.log)")
+    #expect(
+      !FileManager.default.fileExists(atPath: socket), "the server stopped and removed its socket")
+  }
+
+  /// The libvirt domain validates against libvirt's schema, and the QEMU
+  /// arguments it passes (with the memory backend libvirt derives from
+  /// <memoryBacking>) attach the device.
+  @Test func libvirtDomainValidatesAndItsDeviceArgumentsAttach() throws {
+    let validate = try #require(
+      which("virt-xml-validate"), "virt-xml-validate missing: run scripts/install-qemu.sh")
+    let path = root + "/examples/libvirt-domain.xml"
+    let result = try runTool(validate, [path, "domain"])
+    #expect(
+      result.status == 0 && (result.stdout + result.stderr).contains("validates"), "\(result)")
+
+    // The check can fail: the same file with an element libvirt does not know.
+    let xml = try String(contentsOfFile: path, encoding: .utf8)
+    let directory = try makeScratchDirectory("libvirt")
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    try xml.replacingOccurrences(of: "<vcpu>", with: "<vcpus>").replacingOccurrences(
+      of: "</vcpu>", with: "</vcpus>"
+    )
+    .write(toFile: directory + "/broken.xml", atomically: true, encoding: .utf8)
+    #expect(try runTool(validate, [directory + "/broken.xml", "domain"]).status != 0)
+
+    #expect(xml.contains("<source type='memfd'/>") && xml.contains("<access mode='shared'/>"))
+    #expect(xml.contains("xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'"))
+    let regex = try NSRegularExpression(pattern: "<qemu:arg value='([^']*)'/>")
+    let arguments = regex.matches(in: xml, range: NSRange(xml.startIndex..., in: xml)).map {
+      String(xml[Range($0.range(at: 1), in: xml)!])
+    }
+    #expect(arguments.count == 2 && arguments.first == "-device", "\(arguments)")
+    let unitSocket = "/run/xe-vfio-user/vf0.sock"
+    #expect(arguments.last?.contains(unitSocket) == true, "the socket of xe-vfio-user@vf0.service")
+
+    let rig = try Rig("libvirt-args", qemu: nil)
+    defer { rig.close() }
+    let device = arguments.map {
+      $0.replacingOccurrences(of: unitSocket, with: rig.server.socketPath)
+    }
+    // What libvirt generates for <memoryBacking> memfd + shared, then the verbatim arguments.
+    let qemu = try rig.attach(
+      QEMUOptions(
+        sharedMemory: false, attachDevice: false,
+        extra: [
+          "-object", "memory-backend-memfd,id=pc.ram,size=256M,share=on", "-machine",
+          "memory-backend=pc.ram",
+        ]
+          + device))
+    let buses = try qemu.qmp.execute("query-pci") as? [[String: Any]] ?? []
+    let ours = buses.flatMap { $0["devices"] as? [[String: Any]] ?? [] }.first {
+      $0["qdev_id"] as? String == "xevf0"
+    }
+    let id = ours?["id"] as? [String: Any]
+    #expect(id?["vendor"] as? Int == 0x8086 && id?["device"] as? Int == 0xE211, "\(rig.logs)")
+    #expect(
+      rig.server.received("DMA_MAP").contains { ServerProcess.fds($0) == 1 },
+      "guest RAM shared as an fd")
+  }
+
+  /// The systemd template passes `systemd-analyze verify` with no warning, and
+  /// its ExecStart (instance vf0, the runtime directory moved under /tmp) serves
+  /// a socket with the unit's permissions that QEMU attaches to.
+  @Test func systemdUnitVerifiesAndItsCommandServes() throws {
+    let analyze = try #require(
+      which("systemd-analyze"), "systemd-analyze missing: run scripts/install-qemu.sh")
+    let env = InteropEnvironment.current
+    let unit = try String(contentsOfFile: root + "/examples/xe-vfio-user@.service", encoding: .utf8)
+    let installed = "/usr/local/bin/xe-vfio-user"
+    let directory = try makeScratchDirectory("systemd")
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    // verify insists the binary exists: point the copy at the one just built.
+    try unit.replacingOccurrences(of: installed, with: env.server)
+      .write(toFile: directory + "/xe-vfio-user@.service", atomically: true, encoding: .utf8)
+    let verified = try runTool(
+      analyze, ["verify", "--man=no", directory + "/xe-vfio-user@vf0.service"])
+    #expect(verified.status == 0 && verified.stderr.isEmpty, "\(verified)")
+    // ...and it notices mistakes: systemd ignores a bad value with a warning.
+    try unit.replacingOccurrences(of: installed, with: env.server)
+      .replacingOccurrences(of: "Restart=on-failure", with: "Restart=sometimes")
+      .write(toFile: directory + "/broken@.service", atomically: true, encoding: .utf8)
+    #expect(
+      !(try runTool(analyze, ["verify", "--man=no", directory + "/broken@vf0.service"]).stderr
+        .isEmpty))
+
+    var settings: [String: String] = [:]
+    for line in unit.split(separator: "\n") where !line.hasPrefix("#") {
+      let parts = line.split(separator: "=", maxSplits: 1).map(String.init)
+      if parts.count == 2 { settings[parts[0]] = parts[1] }
+    }
+    #expect(settings["Restart"] == "on-failure")
+    #expect(settings["RuntimeDirectory"] == "xe-vfio-user")
+    #expect(settings["KillSignal"] == "SIGTERM")
+    let defaults = try #require(settings["Environment"]).trimmingCharacters(
+      in: CharacterSet(charactersIn: "\""))
+    let profile = String(try #require(defaults.split(separator: "=", maxSplits: 1).last))
+    let runtime = directory + "/run"
+    try FileManager.default.createDirectory(atPath: runtime, withIntermediateDirectories: true)
+    let command = try #require(settings["ExecStart"])
+      .replacingOccurrences(of: "$XE_VFU_ARGS", with: profile)
+      .replacingOccurrences(of: "%i", with: "vf0")
+      .replacingOccurrences(of: "/run/xe-vfio-user", with: runtime)
+    let words = shellWords(command)
+    #expect(words.first == installed)
+    let socket = runtime + "/vf0.sock"
+    #expect(words.contains(socket))
+    let server = try ChildProcess(
+      executable: env.server, arguments: Array(words.dropFirst()),
+      logPath: directory + "/server.log")
+    defer { server.stop() }
+    #expect(
+      waitUntil(timeout: 10) { FileManager.default.fileExists(atPath: socket) }, "\(server.log)")
+    let mode = try FileManager.default.attributesOfItem(atPath: socket)[.posixPermissions] as? Int
+    #expect(mode == 0o660, "socket mode \(String(mode ?? 0, radix: 8))")
+
+    let qemu = try QEMUSession(directory: directory, socketPath: socket)
+    #expect(try qemu.config32(0) == 0xE211_8086)
+    try qemu.quit()
+    #expect(server.stop() == 0, "SIGTERM stops the service cleanly")
+    #expect(!FileManager.default.fileExists(atPath: socket))
+  }
+}

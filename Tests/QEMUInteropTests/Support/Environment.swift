@@ -1,0 +1,134 @@
+import Foundation
+import Testing
+
+/// Where the interop tests find QEMU, the guest kernel and busybox, and the
+/// server binary. `scripts/install-qemu.sh` writes the QEMU settings to
+/// `/opt/xe-vfio-user/env` (or `$XE_VFU_CACHE/env`); `scripts/test.sh` also
+/// exports them. Variables in the environment win over the file.
+struct InteropEnvironment: Sendable {
+  var qemu: String?
+  var qemuVersion: String?
+  var kernel: String?
+  var busybox: String?
+  /// The built `xe-vfio-user`.
+  var server: String
+  /// The repository root.
+  var root: String
+  /// Why the QEMU tests cannot run here, or nil when they can.
+  var qemuMissing: String?
+  var guestMissing: String?
+
+  static let current = InteropEnvironment.load()
+
+  static var isCI: Bool { ProcessInfo.processInfo.environment["CI"] == "true" }
+
+  private static func load() -> InteropEnvironment {
+    var dir = URL(fileURLWithPath: #filePath)
+    while dir.lastPathComponent != "Tests" { dir.deleteLastPathComponent() }
+    let root = dir.deletingLastPathComponent().path
+    var settings: [String: String] = [:]
+    let cache = ProcessInfo.processInfo.environment["XE_VFU_CACHE"] ?? "/opt/xe-vfio-user"
+    if let text = try? String(contentsOfFile: cache + "/env", encoding: .utf8) {
+      for line in text.split(separator: "\n") {
+        let parts = line.split(separator: "=", maxSplits: 1).map(String.init)
+        if parts.count == 2 { settings[parts[0]] = parts[1] }
+      }
+    }
+    for (key, value) in ProcessInfo.processInfo.environment where key.hasPrefix("XE_VFU_") {
+      settings[key] = value
+    }
+    let files = FileManager.default
+    var env = InteropEnvironment(
+      qemu: settings["XE_VFU_QEMU"], qemuVersion: settings["XE_VFU_QEMU_VERSION"],
+      kernel: settings["XE_VFU_GUEST_KERNEL"], busybox: settings["XE_VFU_GUEST_BUSYBOX"],
+      server: locateServer(root: root), root: root)
+    if let qemu = env.qemu {
+      if !files.isExecutableFile(atPath: qemu) {
+        env.qemuMissing = "\(qemu) (from XE_VFU_QEMU) is not executable"
+      }
+    } else {
+      env.qemuMissing =
+        "no QEMU with vfio-user-pci installed: run scripts/install-qemu.sh (scripts/test.sh does)"
+    }
+    if !files.isExecutableFile(atPath: env.server) {
+      env.qemuMissing = env.qemuMissing ?? "the server binary \(env.server) is missing: build first"
+    }
+    if env.qemuMissing != nil {
+      env.guestMissing = env.qemuMissing
+    } else if env.kernel.map({ !files.fileExists(atPath: $0) }) ?? true
+      || env.busybox.map({ !files.isExecutableFile(atPath: $0) }) ?? true
+    {
+      env.guestMissing = "no guest kernel or busybox: run scripts/install-qemu.sh"
+    }
+    return env
+  }
+
+  /// `xe-vfio-user` next to the running test bundle (any scratch path), else in
+  /// the usual build directories; `XE_VFU_BIN` overrides.
+  private static func locateServer(root: String) -> String {
+    if let path = ProcessInfo.processInfo.environment["XE_VFU_BIN"] { return path }
+    let files = FileManager.default
+    if let exe = try? files.destinationOfSymbolicLink(atPath: "/proc/self/exe") {
+      let candidate = URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent(
+        "xe-vfio-user"
+      ).path
+      if files.isExecutableFile(atPath: candidate) { return candidate }
+    }
+    for dir in [".build/debug", ".build-qemu/debug", ".build/release"] {
+      let candidate = root + "/" + dir + "/xe-vfio-user"
+      if files.isExecutableFile(atPath: candidate) { return candidate }
+    }
+    return root + "/.build/debug/xe-vfio-user"
+  }
+}
+
+/// Enables a suite only when QEMU is there. On CI a missing QEMU is a failure
+/// (see `QEMUAvailabilityTests`), never a silent skip.
+let qemuAvailable = ConditionTrait.enabled(
+  if: InteropEnvironment.current.qemuMissing == nil,
+  Comment(rawValue: "QEMU interop skipped: \(InteropEnvironment.current.qemuMissing ?? "")"))
+
+let guestAvailable = ConditionTrait.enabled(
+  if: InteropEnvironment.current.guestMissing == nil,
+  Comment(rawValue: "guest boot skipped: \(InteropEnvironment.current.guestMissing ?? "")"))
+
+@Suite("QEMU availability")
+struct QEMUAvailabilityTests {
+  /// Locally a missing QEMU skips the interop suites (loudly, see scripts/test.sh);
+  /// with CI=true it fails here.
+  @Test func qemuIsThereOnCI() {
+    let env = InteropEnvironment.current
+    if InteropEnvironment.isCI {
+      #expect(
+        env.qemuMissing == nil, "CI must run the QEMU interop tests: \(env.qemuMissing ?? "")")
+      #expect(env.guestMissing == nil, "CI must run the guest boot test: \(env.guestMissing ?? "")")
+    } else if let reason = env.qemuMissing ?? env.guestMissing {
+      print("⚠️  QEMU interop tests are SKIPPED: \(reason)")
+    }
+  }
+}
+
+/// Polls `condition` every `interval` seconds until it holds or `timeout` passes.
+@discardableResult
+func waitUntil(timeout: Double, interval: Double = 0.01, _ condition: () throws -> Bool) rethrows
+  -> Bool
+{
+  let deadline = Date().addingTimeInterval(timeout)
+  repeat {
+    if try condition() { return true }
+    usleep(UInt32(interval * 1_000_000))
+  } while Date() < deadline
+  return try condition()
+}
+
+/// A fresh directory under /tmp (the QEMU wrapper shares /tmp, and socket paths stay short).
+func makeScratchDirectory(_ tag: String) throws -> String {
+  let path = "/tmp/xvq-\(tag)-\(UUID().uuidString.prefix(6))"
+  try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+  return path
+}
+
+struct InteropError: Error, CustomStringConvertible {
+  var description: String
+  init(_ description: String) { self.description = description }
+}

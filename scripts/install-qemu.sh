@@ -1,0 +1,318 @@
+#!/usr/bin/env bash
+# Gets everything the QEMU interop tests need, and nothing else:
+#
+#   * a QEMU with the vfio-user client (`-device vfio-user-pci`, QEMU 10.1 or later).
+#     A host QEMU that is new enough is used as it is. Otherwise (Debian 12 ships
+#     7.2) a minimal Debian 13 root is bootstrapped under the cache directory and
+#     qemu-system-x86 is installed in it from trixie-backports; a wrapper runs it
+#     in a private mount namespace + chroot. The host's glibc, packages and apt
+#     sources are left alone.
+#   * a guest kernel and a static busybox, from Debian's packages, for the test
+#     that boots a Linux guest with the VF attached (the test builds the initramfs);
+#   * virt-xml-validate (libvirt-clients) and systemd-analyze, which check the
+#     libvirt and systemd examples.
+#
+# Idempotent and cached: a second run only checks what is there (well under a
+# second). Everything lives in one directory, /opt/xe-vfio-user by default:
+#
+#   qemu/root/                  the Debian 13 root (only when the host QEMU is too old)
+#   qemu/bin/qemu-system-x86_64 the wrapper (only then)
+#   guest/vmlinuz, guest/busybox
+#   env                         XE_VFU_QEMU=... and friends, for scripts/test.sh and the tests
+#
+# Usage: scripts/install-qemu.sh [--force] [--env]
+#   --force  wipe the cache and install again
+#   --env    print the env file of a finished install and exit (nothing is installed)
+#
+# Environment: XE_VFU_CACHE (cache directory), XE_VFU_MIRROR (Debian mirror; default
+# the one in the host's apt sources), XE_VFU_QEMU (use this QEMU, skip the lookup),
+# XE_VFU_QEMU_SUITE (trixie-backports, or sid), XE_VFU_NO_HOST_QEMU=1 (ignore a host QEMU).
+#
+# The wrapper shares these host directories with QEMU at the same paths: /tmp, the
+# directory it is started from, and any listed in XE_VFU_QEMU_SHARE (colon-separated).
+# Sockets, kernels and files passed to QEMU must live under one of them.
+set -euo pipefail
+
+CACHE=${XE_VFU_CACHE:-/opt/xe-vfio-user}
+SUITE=${XE_VFU_QEMU_SUITE:-trixie-backports}
+MIN_QEMU=10.1
+QROOT=$CACHE/qemu/root
+WRAPPER=$CACHE/qemu/bin/qemu-system-x86_64
+GUEST=$CACHE/guest
+ENVFILE=$CACHE/env
+
+say() { printf '[install-qemu] %s\n' "$*" >&2; }
+die() { say "ERROR: $*"; exit 1; }
+
+force=0
+case "${1:-}" in
+  --force) force=1 ;;
+  --env) [ -f "$ENVFILE" ] || die "nothing installed yet in $CACHE; run $0"; cat "$ENVFILE"; exit 0 ;;
+  "") ;;
+  *) echo "usage: $0 [--force|--env]" >&2; exit 2 ;;
+esac
+
+started=$(date +%s.%N)
+# Bytes received by the machine, to report what a step really downloaded.
+rx_bytes() { awk 'NR > 2 && $1 != "lo:" { sum += $2 } END { printf "%d\n", sum }' /proc/net/dev; }
+mb() { awk -v b="$1" 'BEGIN { printf "%.1f MB", b / 1e6 }'; }
+rx_start=$(rx_bytes)
+
+is_root() { [ "$(id -u)" -eq 0 ]; }
+as_root() {
+  if is_root; then "$@"
+  elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+  else die "need root (or sudo) for: $*"; fi
+}
+
+# "X.Y.Z" of `$1 --version`, or nothing.
+qemu_version() { { "$1" --version 2>/dev/null || true; } | sed -n 's/^QEMU emulator version \([0-9][0-9.]*\).*/\1/p' | head -n1; }
+version_at_least() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]; }
+has_vfio_user() { "$1" -device help 2>/dev/null | grep -q '"vfio-user-pci"'; }
+
+# Reads the q35 host bridge id over qtest (CF8/CFC) with no guest code: proves the
+# binary runs, and through the wrapper that the namespace and chroot work.
+smoke_test() {
+  local qemu=$1 out pid reply
+  out=$(mktemp /tmp/xe-vfu-smoke.XXXXXX)
+  # QEMU keeps running after the qtest stream ends, so it is stopped by PID.
+  printf 'outl 0xcf8 0x80000000\ninl 0xcfc\n' |
+    "$qemu" -machine q35 -accel qtest -qtest stdio -qtest-log none -display none -nodefaults -m 64M \
+      >"$out" 2>/dev/null &
+  pid=$!
+  for _ in $(seq 300); do [ "$(wc -l <"$out")" -ge 2 ] && break; sleep 0.05; done
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  reply=$(head -n2 "$out" | tr '\n' ' ')
+  rm -f "$out"
+  [ "$reply" = "OK OK 0x29c08086 " ] || { say "qtest smoke test of $qemu failed (got '$reply')"; return 1; }
+}
+
+host_mirror() {
+  [ -n "${XE_VFU_MIRROR:-}" ] && { echo "$XE_VFU_MIRROR"; return; }
+  local file
+  for file in /etc/apt/sources.list.d/*.sources /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    [ -r "$file" ] || continue
+    # deb822 "URIs: http://.../debian" or one-line "deb [opts] http://.../debian suite ..."
+    awk '/^URIs:/ { for (i = 2; i <= NF; i++) print $i }
+         /^deb[ \t]/ { for (i = 2; i <= NF; i++) if ($i ~ /:\/\//) { print $i; break } }' "$file"
+  done | sed 's:/*$::' | grep -E '/debian$' | head -n1
+}
+
+# ---------------------------------------------------------------- QEMU
+
+write_wrapper() {
+  mkdir -p "$(dirname "$WRAPPER")"
+  cat >"$WRAPPER.new" <<'WRAPPER_EOF'
+#!/usr/bin/env bash
+# QEMU from the Debian 13 root that scripts/install-qemu.sh installed. Runs it in a
+# private mount namespace, chrooted, with /proc, /dev, /sys and the shared
+# directories (/tmp, the current directory, $XE_VFU_QEMU_SHARE) at their host paths.
+# Each stage exec()s the next, so this script's PID is QEMU's PID.
+set -euo pipefail
+root=@QROOT@
+if [ "${XE_VFU_WRAPPER_STAGE:-}" != inside ]; then
+  ns=(--mount --propagation private)
+  [ "$(id -u)" -eq 0 ] || ns=(--user --map-root-user "${ns[@]}")
+  XE_VFU_WRAPPER_STAGE=inside exec unshare "${ns[@]}" -- "$(readlink -f "$0")" "$@"
+fi
+unset XE_VFU_WRAPPER_STAGE
+for dir in /proc /dev /sys; do mount --rbind "$dir" "$root$dir"; done
+IFS=: read -r -a extra <<<"${XE_VFU_QEMU_SHARE:-}"
+cwd=$PWD
+for dir in /tmp "$cwd" "${extra[@]}"; do
+  case "$dir" in
+    "" | / | /proc | /proc/* | /dev | /dev/* | /sys | /sys/*) continue ;;
+    /*) ;;
+    *) echo "qemu wrapper: shared directories must be absolute: $dir" >&2; exit 2 ;;
+  esac
+  [ -d "$dir" ] || continue
+  [ "$(stat -c %d:%i "$dir")" = "$(stat -c %d:%i "$root$dir" 2>/dev/null)" ] && continue  # already there
+  mkdir -p "$root$dir"
+  mount --bind "$dir" "$root$dir"
+done
+[ -d "$root$cwd" ] || cwd=/
+exec chroot "$root" /usr/bin/env --chdir="$cwd" /usr/bin/qemu-system-x86_64 "$@"
+WRAPPER_EOF
+  sed -i "s#@QROOT@#$QROOT#" "$WRAPPER.new"
+  chmod 0755 "$WRAPPER.new"
+  mv -f "$WRAPPER.new" "$WRAPPER"
+}
+
+install_qemu_root() {
+  is_root || die "installing QEMU into $QROOT needs root (debootstrap, chroot)"
+  [ "$(uname -m)" = x86_64 ] || die "only x86_64 hosts are supported"
+  local mirror base
+  mirror=$(host_mirror)
+  [ -n "$mirror" ] || die "no Debian mirror in /etc/apt; set XE_VFU_MIRROR"
+  case "$SUITE" in
+    trixie-backports) base=trixie ;;
+    sid) base=sid ;;
+    *) die "XE_VFU_QEMU_SUITE must be trixie-backports or sid" ;;
+  esac
+  if ! command -v debootstrap >/dev/null 2>&1; then
+    say "installing debootstrap on the host from Debian 12 (about 0.1 MB)"
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends debootstrap >/dev/null ||
+      { apt-get -o DPkg::Lock::Timeout=300 update -qq &&
+        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends debootstrap >/dev/null; }
+  fi
+  local staging=$CACHE/qemu/root.partial rx
+  rm -rf "$staging"
+  mkdir -p "$staging"
+  say "step 1/2: bootstrapping a minimal Debian 13 ($base) root into $QROOT from $mirror (downloads about 40 MB)"
+  rx=$(rx_bytes)
+  debootstrap --variant=minbase "$base" "$staging" "$mirror" >"$CACHE/qemu/debootstrap.log" 2>&1 ||
+    { tail -n 20 "$CACHE/qemu/debootstrap.log" >&2; die "debootstrap failed (log: $CACHE/qemu/debootstrap.log)"; }
+  say "        done, $(mb $(($(rx_bytes) - rx))) received"
+  # Only the chroot's apt is configured; the host's /etc/apt is not touched.
+  [ "$SUITE" = trixie-backports ] && echo "deb $mirror trixie-backports main" >"$staging/etc/apt/sources.list.d/backports.list"
+  cat >"$staging/etc/dpkg/dpkg.cfg.d/xe-vfio-user-nodoc" <<'EOF'
+path-exclude /usr/share/doc/*
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+path-include /usr/share/doc/*/copyright
+EOF
+  local target=()
+  [ "$SUITE" = trixie-backports ] && target=(-t trixie-backports)
+  in_root() { chroot "$staging" env DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 "$@"; }
+  in_root apt-get update -qq >>"$CACHE/qemu/apt.log" 2>&1 || { tail -n 20 "$CACHE/qemu/apt.log" >&2; die "apt-get update in the root failed"; }
+  local bytes
+  bytes=$(in_root apt-get install --print-uris -qq --no-install-recommends "${target[@]}" qemu-system-x86 | awk '{ s += $3 } END { print s + 0 }')
+  say "step 2/2: installing qemu-system-x86 from $SUITE inside the root ($(mb "$bytes") of packages)"
+  rx=$(rx_bytes)
+  in_root apt-get install -y -qq --no-install-recommends "${target[@]}" qemu-system-x86 >>"$CACHE/qemu/apt.log" 2>&1 ||
+    { tail -n 20 "$CACHE/qemu/apt.log" >&2; die "installing qemu-system-x86 failed (log: $CACHE/qemu/apt.log)"; }
+  in_root apt-get clean
+  rm -rf "$staging"/var/lib/apt/lists/* "$staging"/var/cache/apt/*.bin "$staging"/usr/share/doc/* "$staging"/usr/share/man/* "$staging"/usr/share/locale/*
+  say "        done, $(mb $(($(rx_bytes) - rx))) received"
+  local version
+  version=$(qemu_version "$staging/usr/bin/qemu-system-x86_64" 2>/dev/null || true)
+  [ -n "$version" ] || version=$(chroot "$staging" /usr/bin/qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \([0-9.]*\).*/\1/p')
+  version_at_least "$version" "$MIN_QEMU" || die "$SUITE has QEMU $version, older than $MIN_QEMU"
+  rm -rf "$QROOT"
+  mv "$staging" "$QROOT"
+  write_wrapper
+  chroot "$QROOT" dpkg-query -W -f='${Version}\n' qemu-system-x86 >"$CACHE/qemu/package-version"
+  touch "$CACHE/qemu/.complete"
+}
+
+# Decides which QEMU the tests use; sets QEMU and QEMU_KIND.
+find_qemu() {
+  local candidate version
+  if [ -n "${XE_VFU_QEMU:-}" ]; then
+    version=$(qemu_version "$XE_VFU_QEMU")
+    [ -n "$version" ] && version_at_least "$version" "$MIN_QEMU" && has_vfio_user "$XE_VFU_QEMU" ||
+      die "XE_VFU_QEMU=$XE_VFU_QEMU is not a QEMU >= $MIN_QEMU with vfio-user-pci"
+    QEMU=$XE_VFU_QEMU QEMU_KIND="given by XE_VFU_QEMU"
+    return
+  fi
+  if [ -z "${XE_VFU_NO_HOST_QEMU:-}" ] && candidate=$(command -v qemu-system-x86_64); then
+    version=$(qemu_version "$candidate")
+    if [ -n "$version" ] && version_at_least "$version" "$MIN_QEMU" && has_vfio_user "$candidate"; then
+      QEMU=$candidate QEMU_KIND="the host's own"
+      return
+    fi
+    say "the host's $candidate is QEMU ${version:-?}: too old for vfio-user-pci (needs $MIN_QEMU), not using it"
+  fi
+  if [ -f "$CACHE/qemu/.complete" ] && [ -x "$QROOT/usr/bin/qemu-system-x86_64" ]; then
+    write_wrapper  # cheap, and keeps the wrapper in step with this script
+    QEMU=$WRAPPER QEMU_KIND="cached, Debian $(cat "$CACHE/qemu/package-version")"
+    return
+  fi
+  install_qemu_root
+  QEMU=$WRAPPER QEMU_KIND="just installed, Debian $(cat "$CACHE/qemu/package-version")"
+}
+
+# ---------------------------------------------------------------- guest kernel and busybox
+
+# Downloads Debian packages into $2 with apt-get download, from the QEMU root's apt
+# when there is one (Debian 13), else the host's (never installing anything).
+apt_download() {
+  local into=$1; shift
+  if [ -f "$CACHE/qemu/.complete" ] && [ "$QEMU" = "$WRAPPER" ]; then
+    local spool=/var/cache/xe-vfio-user-download
+    rm -rf "${QROOT:?}$spool" && mkdir -p "$QROOT$spool"
+    chroot "$QROOT" sh -c "cd $spool && apt-get download -qq $*" >>"$CACHE/guest/apt.log" 2>&1 ||
+      { tail -n 20 "$CACHE/guest/apt.log" >&2; return 1; }
+    mv "$QROOT$spool"/*.deb "$into"/ && rm -rf "${QROOT:?}$spool"
+  else
+    (cd "$into" && { apt-get download -qq "$@" 2>/dev/null || { as_root apt-get update -qq && apt-get download -qq "$@"; }; }) >>"$CACHE/guest/apt.log" 2>&1 ||
+      { tail -n 20 "$CACHE/guest/apt.log" >&2; return 1; }
+  fi
+}
+
+install_guest() {
+  if [ -f "$GUEST/.complete" ] && [ -s "$GUEST/vmlinuz" ] && [ -x "$GUEST/busybox" ]; then return; fi
+  mkdir -p "$GUEST"
+  local work=$GUEST/download rx kernel
+  rm -rf "$work" && mkdir -p "$work"
+  # Resolve the cloud kernel meta-package to its image package (no modules needed:
+  # PCI, serial console, devtmpfs and /dev/mem are built in).
+  if [ -f "$CACHE/qemu/.complete" ] && [ "$QEMU" = "$WRAPPER" ]; then
+    chroot "$QROOT" apt-get update -qq >>"$GUEST/apt.log" 2>&1
+    kernel=$(chroot "$QROOT" apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
+  else
+    kernel=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
+  fi
+  [ -n "$kernel" ] || die "cannot resolve linux-image-cloud-amd64 (apt lists missing? run apt-get update)"
+  say "guest for the boot test: downloading $kernel and busybox-static from Debian (about 30-40 MB; only vmlinuz and busybox are kept)"
+  rx=$(rx_bytes)
+  apt_download "$work" "$kernel" busybox-static || die "downloading the guest packages failed (log: $GUEST/apt.log)"
+  local deb
+  for deb in "$work"/*.deb; do dpkg-deb -x "$deb" "$work/x"; done
+  cp "$(ls "$work"/x/boot/vmlinuz-* | head -n1)" "$GUEST/vmlinuz.new"
+  cp "$(ls "$work"/x/boot/config-* | head -n1)" "$GUEST/kernel-config"
+  cp "$(ls "$work"/x/usr/bin/busybox "$work"/x/bin/busybox 2>/dev/null | head -n1)" "$GUEST/busybox.new"
+  chmod 0644 "$GUEST/vmlinuz.new" && chmod 0755 "$GUEST/busybox.new"
+  mv -f "$GUEST/vmlinuz.new" "$GUEST/vmlinuz" && mv -f "$GUEST/busybox.new" "$GUEST/busybox"
+  echo "$kernel" >"$GUEST/kernel-package"
+  rm -rf "$work"
+  # The root's apt lists and caches are only needed while downloading.
+  [ -d "$QROOT/var/lib/apt/lists" ] && rm -rf "$QROOT"/var/lib/apt/lists/* "$QROOT"/var/cache/apt/*.bin
+  touch "$GUEST/.complete"
+  say "        done, $(mb $(($(rx_bytes) - rx))) received"
+}
+
+# ---------------------------------------------------------------- example checkers
+
+install_checkers() {
+  local need=()
+  command -v virt-xml-validate >/dev/null 2>&1 || need+=(libvirt-clients)
+  command -v xmllint >/dev/null 2>&1 || need+=(libxml2-utils)  # virt-xml-validate runs it
+  command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+  [ ${#need[@]} -eq 0 ] && return
+  local bytes
+  bytes=$(apt-get install --print-uris -qq --no-install-recommends "${need[@]}" 2>/dev/null | awk '{ s += $3 } END { print s + 0 }')
+  say "installing ${need[*]} from Debian 12 for the example checks (virt-xml-validate, xmllint, systemd-analyze; $(mb "$bytes"))"
+  export DEBIAN_FRONTEND=noninteractive
+  as_root apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need[@]}" >/dev/null 2>&1 ||
+    { as_root apt-get -o DPkg::Lock::Timeout=300 update -qq &&
+      as_root apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need[@]}" >/dev/null; } ||
+    die "installing ${need[*]} failed"
+}
+
+# ---------------------------------------------------------------- main
+
+if [ "$force" = 1 ]; then
+  say "--force: removing $CACHE"
+  rm -rf "${CACHE:?}/qemu" "${CACHE:?}/guest" "$ENVFILE"
+fi
+mkdir -p "$CACHE" 2>/dev/null || die "cannot create $CACHE (set XE_VFU_CACHE, or run as root)"
+
+find_qemu
+smoke_test "$QEMU" || die "the QEMU at $QEMU does not run"
+version=$(qemu_version "$QEMU")
+say "QEMU $version with vfio-user-pci: $QEMU ($QEMU_KIND)"
+install_guest
+install_checkers
+
+cat >"$ENVFILE.new" <<EOF
+XE_VFU_QEMU=$QEMU
+XE_VFU_QEMU_VERSION=$version
+XE_VFU_GUEST_KERNEL=$GUEST/vmlinuz
+XE_VFU_GUEST_BUSYBOX=$GUEST/busybox
+EOF
+mv -f "$ENVFILE.new" "$ENVFILE"
+elapsed=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
+say "ready in $elapsed s ($(mb $(($(rx_bytes) - rx_start))) received; cache $CACHE uses $(du -sh "$CACHE" 2>/dev/null | cut -f1)); settings in $ENVFILE"
