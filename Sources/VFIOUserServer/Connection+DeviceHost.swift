@@ -52,9 +52,12 @@ extension Connection: DeviceHost {
         completion: completion))
   }
 
-  /// Largest DMA_READ / DMA_WRITE chunk: what both sides accept.
+  /// Largest DMA_READ / DMA_WRITE chunk: what both sides accept, and what QEMU can answer.
   private var chunkLimit: Int {
-    Int(min(clientCapabilities.effectiveMaxDataXferSize, limits.maxDataXferSize))
+    Int(
+      min(
+        clientCapabilities.effectiveMaxDataXferSize, limits.maxDataXferSize,
+        limits.maxDMAMessageData))
   }
 
   private func advance(_ job: DMAJob) {

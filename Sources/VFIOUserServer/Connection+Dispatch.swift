@@ -109,8 +109,9 @@ extension Connection {
     }
     clientCapabilities = caps
     writeMultipleNegotiated = caps.writeMultiple == true
-    // QEMU (which still sends the v1 "migration" object) lays DMA_READ/WRITE out its own way.
-    dmaLayout = limits.dmaLayout ?? (caps.migration != nil ? .qemu : .spec)
+    // The spec's layout, which QEMU 11.1 uses too; `--dma-layout qemu` serves QEMU builds
+    // whose hw/vfio-user/protocol.h still has the `count u32, data@12` struct.
+    dmaLayout = limits.dmaLayout ?? .spec
     let reply = VersionPayload(major: 0, minor: 0, json: limits.offer(to: caps).json())
     let size = reply.encodedSize
     reply.encode(into: replyArea)

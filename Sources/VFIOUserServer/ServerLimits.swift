@@ -11,8 +11,13 @@ public struct ServerLimits: Sendable, Equatable {
   public var maxDMAMaps: UInt32 = 65535
   /// DMA page sizes (4 KiB).
   public var pgsizes: UInt64 = 4096
-  /// How DMA_READ / DMA_WRITE are laid out; `nil` picks per client (see `Connection`).
+  /// How DMA_READ / DMA_WRITE are laid out; `nil` means the spec's layout.
   public var dmaLayout: DMATransferLayout? = nil
+  /// Largest data of one DMA_READ / DMA_WRITE the server sends (also bounded by
+  /// both sides' max_data_xfer_size). QEMU 11.1 never finishes sending a
+  /// DMA_READ reply larger than its socket buffer (about 208 KiB), so the
+  /// default stays well under that.
+  public var maxDMAMessageData: UInt32 = 128 * 1024
   /// Reset the device when a client hangs up (the default). When false the
   /// device keeps its state for the next client, as the spec suggests, which a
   /// `restore` followed by a VMM needs; a client that leaves mid-migration

@@ -108,8 +108,10 @@ struct DMATests {
   @Test(arguments: DMATransferLayout.allCases)
   func deviceDMAThroughMessages(layout: DMATransferLayout) throws {
     var caps = Capabilities(maxMsgFDs: 8, maxDataXferSize: 4096)
-    if layout == .qemu { caps.migration = .init(pgsize: 4096, maxBitmapSize: 1 << 28) }  // as QEMU proposes
-    try withServer(TestDevice()) { server, device in
+    caps.migration = .init(pgsize: 4096, maxBitmapSize: 1 << 28)  // as QEMU proposes: no effect on the layout
+    var limits = ServerLimits()
+    if layout == .qemu { limits.dmaLayout = .qemu }
+    try withServer(TestDevice(), limits: limits) { server, device in
       let client = try server.connect(capabilities: caps, dmaLayout: layout)
       let guest = UnsafeMutableRawBufferPointer.allocate(byteCount: 0x10000, alignment: 16)
       defer { guest.deallocate() }

@@ -146,8 +146,9 @@ struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
 }
 
 /// Descriptors a test sends, and what identifies their open files in
-/// /proc/self, so a copy the (in-process) server forgot to close is found
-/// after ours are closed.
+/// /proc/self, so a copy the (in-process) server forgot to close is found.
+/// Our copies stay open until after the check: an eventfd-id is unique only
+/// while its eventfd lives, and the kernel hands a freed id to the next one.
 struct SentDescriptors {
   private(set) var fds: [Int32] = []
   private(set) var fingerprints: [String] = []
@@ -157,19 +158,19 @@ struct SentDescriptors {
     if let fingerprint = Self.fingerprint(of: fd) { fingerprints.append(fingerprint) }
   }
 
-  /// Closes our copies; the fingerprints stay for `leaked()`.
+  /// Closes our copies (after `leaked()`).
   mutating func close() {
     for fd in fds { _ = Glibc.close(fd) }
     fds = []
   }
 
-  /// Descriptors of this process still open on the files we sent.
+  /// Descriptors of this process, other than our own copies, still open on the files we sent.
   func leaked() -> [String] {
     guard !fingerprints.isEmpty,
       let entries = try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")
     else { return [] }
     return entries.compactMap { entry in
-      guard let fd = Int32(entry), let fingerprint = Self.fingerprint(of: fd),
+      guard let fd = Int32(entry), !fds.contains(fd), let fingerprint = Self.fingerprint(of: fd),
         fingerprints.contains(fingerprint)
       else { return nil }
       return "fd \(fd) (\(fingerprint))"
@@ -294,11 +295,8 @@ struct MalformedCorpusSocketTests {
       var sent: [(name: String, descriptors: SentDescriptors)] = []
       for entry in burst {
         let bytes = try entry.message()
-        var descriptors = try entry.makeDescriptors()
-        defer {
-          descriptors.close()
-          sent.append((entry.name, descriptors))
-        }
+        let descriptors = try entry.makeDescriptors()
+        defer { sent.append((entry.name, descriptors)) }
         try client.sendRaw(bytes, fds: descriptors.fds)
         pending.append(
           Pending(
@@ -325,8 +323,9 @@ struct MalformedCorpusSocketTests {
       try Self.expectSilence(client, "after the burst")
       try Self.expectWorks(client, "after the burst")
       Self.expectNoLeaks(server, device, dmaRegions: mappedBySetup, "after the burst")
-      for (name, descriptors) in sent {
+      for (name, var descriptors) in sent {
         let leaked = descriptors.leaked()
+        descriptors.close()
         #expect(leaked.isEmpty, "\(name): the server kept the descriptors sent with it: \(leaked)")
       }
     }
@@ -356,14 +355,12 @@ struct MalformedCorpusSocketTests {
       let bytes = try entry.message()
       let header = RawHeader(bytes)
       var descriptors = try entry.makeDescriptors()
-      do {
-        defer { descriptors.close() }
-        try client.sendRaw(bytes, fds: descriptors.fds)
-      }
+      try client.sendRaw(bytes, fds: descriptors.fds)
       // Run last, after a round trip (or the hang-up) that follows the
       // server's handling of the message: every descriptor sent is closed.
       defer {
         let leaked = descriptors.leaked()
+        descriptors.close()
         #expect(leaked.isEmpty, "\(name): the server kept the descriptors sent with it: \(leaked)")
       }
 
