@@ -421,12 +421,17 @@ extension Connection {
   // MARK: DMA windows
 
   func dmaMap(_ payload: UnsafeRawBufferPointer, fds: inout FDList) throws(Errno) -> Int {
-    var received = fds.take()
-    defer { for fd in received { _ = close(fd) } }
-    let request = try DMAMapRequest(decoding: payload)
-    guard received.count <= 1 else { throw .invalidArgument }
-    let fd = received.first
-    received = []
+    // At most one descriptor; every other path closes what came (the table closes a taken one).
+    let request: DMAMapRequest
+    do throws(Errno) {
+      request = try DMAMapRequest(decoding: payload)
+      guard fds.count <= 1 else { throw .invalidArgument }
+    } catch {
+      fds.closeAll()
+      throw error
+    }
+    let fd: Int32? = fds.isEmpty ? nil : fds[0]
+    fds = FDList()
     let region = try dma.add(request, fd: fd)
     do throws(Errno) {
       try backend.dmaMapped(region)
