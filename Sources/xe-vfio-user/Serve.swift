@@ -110,7 +110,7 @@ struct Serve: ParsableCommand {
       do {
         try server.listen(socketPath: path)
       } catch {
-        throw ValidationError(
+        throw CLIError(
           error == .addressInUse ? "\(path): another server is listening there" : "cannot listen on \(path): \(error)")
       }
       chmod(path, mode_t(UInt32(socketMode, radix: 8)!))
