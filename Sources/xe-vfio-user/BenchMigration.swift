@@ -63,7 +63,7 @@ enum MigrationBench {
     let saved = UnsafeMutableRawBufferPointer.allocate(byteCount: capacity, alignment: 4096)
     saved.initializeMemory(as: UInt8.self, repeating: 0)  // fault it in before the clock starts
     defer { saved.deallocate() }
-    try src.setState(.stopCopy)
+    try src.setMigrationState(.stopCopy)
     var length = 0
     var t0 = now()
     while true {
@@ -73,15 +73,15 @@ enum MigrationBench {
       if n < chunk { break }
     }
     let readRate = Double(length) / (Double(now() - t0) / 1e9)
-    try src.setState(.running)
+    try src.setMigrationState(.running)
 
     // 2. MIG_DATA_WRITE of the saved stream, 1 MiB messages, four in flight.
-    try dst.setState(.resuming)
+    try dst.setMigrationState(.resuming)
     t0 = now()
     try dst.migDataWrite(
       from: UnsafeRawBufferPointer(rebasing: saved[0..<length]), chunk: chunk, depth: 4)
     let writeRate = Double(length) / (Double(now() - t0) / 1e9)
-    try dst.setState(.running)
+    try dst.setMigrationState(.running)
 
     // 3. A full migration, as `migrate` does it, watching the process's private memory.
     let baseline = anonKiB()
@@ -96,18 +96,18 @@ enum MigrationBench {
     }
     sampler.start()
     let start = now()
-    try dst.setState(.resuming)
+    try dst.setMigrationState(.resuming)
     let downtimeStart = now()
-    try src.setState(.stopCopy)
+    try src.setMigrationState(.stopCopy)
     let moved = try pumpStream(from: src, chunk: chunk, progress: quiet) {
       try dst.migDataWrite(from: $0)
     }
-    try src.setState(.stop)
-    try dst.setState(.running)
+    try src.setMigrationState(.stop)
+    try dst.setMigrationState(.running)
     let end = now()
     sampling.store(false, ordering: .relaxed)
     usleep(10_000)
-    try src.setState(.running)
+    try src.setMigrationState(.running)
 
     // Raw limits for the same bytes: a memory copy, and a plain Unix-socket stream.
     let memcpySeconds = copySeconds(bytes: Int(moved))

@@ -57,10 +57,10 @@ struct Migrate: ParsableCommand {
     if let why = a.incompatibility(with: b) {
       throw StepError(step: .identity, underlying: CLIError(why))
     }
-    let estimate = source.stopCopyEstimate()
-    try step(.resuming) { try destination.setState(.resuming) }
+    let estimate = (try? source.stopCopySize()) ?? 0
+    try step(.resuming) { try destination.setMigrationState(.resuming) }
     let downtimeStart = now()
-    try step(.stopCopy) { try source.setState(.stopCopy) }
+    try step(.stopCopy) { try source.setMigrationState(.stopCopy) }
     let progress = ProgressReporter(label: "migrating", total: estimate, enabled: !quiet)
     let bytes = try step(.stream) {
       try pumpStream(from: source, chunk: migrationChunk(source, destination), progress: progress) {
@@ -68,8 +68,8 @@ struct Migrate: ParsableCommand {
         try destination.migDataWrite(from: data)
       }
     }
-    try step(.finishSave) { try source.setState(.stop) }
-    try step(.finishRestore) { try destination.setState(noStart ? .stop : .running) }
+    try step(.finishSave) { try source.setMigrationState(.stop) }
+    try step(.finishRestore) { try destination.setMigrationState(noStart ? .stop : .running) }
     let end = now()
     return (bytes, Double(end - start) / 1e9, Double(end - downtimeStart) / 1e9)
   }
@@ -80,7 +80,7 @@ struct Migrate: ParsableCommand {
       FileHandle.standardError.write(Data("warning: could not reset the destination\n".utf8))
     }
     do {
-      try source.setState(.running)
+      try source.setMigrationState(.running)
       FileHandle.standardError.write(Data("source is RUNNING again\n".utf8))
     } catch {
       // A source stuck in ERROR is revived by reset (which returns it to RUNNING).
@@ -127,12 +127,12 @@ struct Save: ParsableCommand {
     do {
       _ = try step(.probe) { try client.migrationFlags() }
       let identity = try step(.identity) { try DeviceIdentity.read(from: client) }
-      let estimate = client.stopCopyEstimate()
+      let estimate = (try? client.stopCopySize()) ?? 0
       let header = SaveFileHeader(
         identity: identity, estimatedBytes: estimate,
         created: ISO8601DateFormatter().string(from: Date()), source: socketPath)
       try handle.write(contentsOf: try header.encoded())
-      try step(.stopCopy) { try client.setState(.stopCopy) }
+      try step(.stopCopy) { try client.setMigrationState(.stopCopy) }
       let progress = ProgressReporter(label: "saving", total: estimate, enabled: !quiet)
       let bytes = try step(.stream) {
         try pumpStream(from: client, chunk: migrationChunk(client), progress: progress) { data in
@@ -142,7 +142,7 @@ struct Save: ParsableCommand {
               deallocator: .none))
         }
       }
-      try step(.finishSave) { try client.setState(keepStopped ? .stop : .running) }
+      try step(.finishSave) { try client.setMigrationState(keepStopped ? .stop : .running) }
       try handle.synchronize()
       FileHandle.standardError.write(
         Data(
@@ -150,7 +150,7 @@ struct Save: ParsableCommand {
             .utf8))
     } catch {
       FileHandle.standardError.write(Data("save failed: \(error)\n".utf8))
-      if (try? client.setState(.running)) == nil { try? client.reset() }
+      if (try? client.setMigrationState(.running)) == nil { try? client.reset() }
       if output != "-" { try? FileManager.default.removeItem(atPath: output) }
       throw ExitCode.failure
     }
@@ -189,7 +189,7 @@ struct Restore: ParsableCommand {
     }
     do {
       _ = try step(.probe) { try client.migrationFlags() }
-      try step(.resuming) { try client.setState(.resuming) }
+      try step(.resuming) { try client.setMigrationState(.resuming) }
       let progress = ProgressReporter(
         label: "restoring", total: header.estimatedBytes, enabled: !quiet)
       let chunk = migrationChunk(client)
@@ -202,7 +202,7 @@ struct Restore: ParsableCommand {
         }
       }
       progress.update(total, final: true)
-      try step(.finishRestore) { try client.setState(noStart ? .stop : .running) }
+      try step(.finishRestore) { try client.setMigrationState(noStart ? .stop : .running) }
       FileHandle.standardError.write(
         Data("restored \(formatRate(total)); device \(noStart ? "STOP" : "RUNNING")\n".utf8))
     } catch {

@@ -128,40 +128,6 @@ func step<T>(_ step: MigrationStep, _ body: () throws -> T) throws -> T {
   }
 }
 
-extension VFIOUserClient {
-  func setState(_ state: MigrationState) throws {
-    _ = try feature(
-      flags: VFIODeviceFeatureFlags.set | VFIODeviceFeature.migDeviceState,
-      data: le32(state.rawValue) + le32(UInt32(bitPattern: -1)))
-  }
-
-  func migrationState() throws -> MigrationState {
-    let reply = try feature(
-      flags: VFIODeviceFeatureFlags.get | VFIODeviceFeature.migDeviceState, argsz: 16)
-    return MigrationState(
-      rawValue: reply.data.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }) ?? .error
-  }
-
-  /// The device's migration flags; throws when it does not migrate.
-  func migrationFlags() throws -> MigrationFlags {
-    let reply = try feature(
-      flags: VFIODeviceFeatureFlags.get | VFIODeviceFeature.migration, argsz: 16)
-    return MigrationFlags(
-      rawValue: reply.data.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) })
-  }
-
-  /// The device's estimate of the stop-copy size (0 if it gives none).
-  func stopCopyEstimate() -> UInt64 {
-    guard
-      let reply = try? feature(
-        flags: VFIODeviceFeatureFlags.get | VFIODeviceFeature.migDataSize, argsz: 16)
-    else {
-      return 0
-    }
-    return reply.data.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
-  }
-}
-
 /// Progress on stderr: a bar on a terminal, a line every 10% otherwise.
 final class ProgressReporter {
   let total: UInt64

@@ -39,7 +39,9 @@ struct Serve: ParsableCommand {
   @Option(name: .customLong("max-msg-fds"), help: "Descriptors accepted per message.")
   var maxMsgFDs: UInt32 = 16
 
-  @Option(help: "DMA_READ/DMA_WRITE layout: spec or qemu (default: qemu for QEMU clients, spec otherwise).")
+  @Option(
+    help:
+      "DMA_READ/DMA_WRITE layout: spec or qemu (default: qemu for QEMU clients, spec otherwise).")
   var dmaLayout: DMATransferLayout?
 
   @Option(
@@ -58,15 +60,25 @@ struct Serve: ParsableCommand {
   var quiet = false
 
   func validate() throws {
-    if socketPath != nil, fd != nil { throw ValidationError("--socket-path and --fd are exclusive") }
-    guard XeProfile.named(profile) != nil else {
-      throw ValidationError("unknown profile '\(profile)'; choose \(XeProfile.allProfiles.map(\.name).joined(separator: ", "))")
+    if socketPath != nil, fd != nil {
+      throw ValidationError("--socket-path and --fd are exclusive")
     }
-    guard maxDataXferSize.bytes >= 4096, maxDataXferSize.bytes <= UInt64(ServerLimits.largestDataXferSize) else {
+    guard XeProfile.named(profile) != nil else {
+      throw ValidationError(
+        "unknown profile '\(profile)'; choose \(XeProfile.allProfiles.map(\.name).joined(separator: ", "))"
+      )
+    }
+    guard maxDataXferSize.bytes >= 4096,
+      maxDataXferSize.bytes <= UInt64(ServerLimits.largestDataXferSize)
+    else {
       throw ValidationError("--max-data-xfer-size must be between 4K and 64M")
     }
-    guard ["reset", "keep"].contains(onDisconnect) else { throw ValidationError("--on-disconnect is reset or keep") }
-    guard UInt32(socketMode, radix: 8) != nil else { throw ValidationError("--socket-mode must be octal, e.g. 0660") }
+    guard ["reset", "keep"].contains(onDisconnect) else {
+      throw ValidationError("--on-disconnect is reset or keep")
+    }
+    guard UInt32(socketMode, radix: 8) != nil else {
+      throw ValidationError("--socket-mode must be octal, e.g. 0660")
+    }
   }
 
   func run() throws {
@@ -76,7 +88,9 @@ struct Serve: ParsableCommand {
     do {
       device = try SimulatedXeVF(profile: profile, vramSize: vramSize?.bytes, logger: logger)
     } catch {
-      throw ValidationError("cannot create the simulated \(profile.name) VF: \(error.name) (VRAM must be a power of two ≥ 1M, bmg only)")
+      throw ValidationError(
+        "cannot create the simulated \(profile.name) VF: \(error.name) (VRAM must be a power of two ≥ 1M, bmg only)"
+      )
     }
     var limits = ServerLimits()
     limits.maxDataXferSize = UInt32(maxDataXferSize.bytes)
@@ -111,7 +125,8 @@ struct Serve: ParsableCommand {
         try server.listen(socketPath: path)
       } catch {
         throw CLIError(
-          error == .addressInUse ? "\(path): another server is listening there" : "cannot listen on \(path): \(error)")
+          error == .addressInUse
+            ? "\(path): another server is listening there" : "cannot listen on \(path): \(error)")
       }
       chmod(path, mode_t(UInt32(socketMode, radix: 8)!))
     }

@@ -1,4 +1,5 @@
 import Testing
+import VFIOUser
 import VFIOUserServer
 
 /// `vfio_mig_get_next_state` against the table of reference §4.4, transcribed here as text.

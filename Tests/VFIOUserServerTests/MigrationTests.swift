@@ -87,19 +87,6 @@ let featureSet = VFIODeviceFeatureFlags.set
 let featureProbe = VFIODeviceFeatureFlags.probe
 
 extension VFIOUserClient {
-  func migrationState() throws -> MigrationState {
-    let reply = try feature(flags: featureGet | VFIODeviceFeature.migDeviceState, argsz: 16)
-    #expect(reply.argsz == 16 && reply.data.count == 8)
-    return MigrationState(
-      rawValue: reply.data.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) })!
-  }
-
-  func setMigrationState(_ state: MigrationState) throws {
-    let data = le32(state.rawValue) + le32(UInt32(bitPattern: -1))
-    let reply = try feature(flags: featureSet | VFIODeviceFeature.migDeviceState, data: data)
-    #expect(reply.data == data)
-  }
-
   /// Reads the whole stream in `chunk`-byte messages.
   func readStream(chunk: UInt32) throws -> [UInt8] {
     var all: [UInt8] = []

@@ -1,5 +1,6 @@
 import Foundation
 import SystemPackage
+import VFIOUser
 import VFIOUserServer
 
 /// The device's side of migration: where its VFIO migration state is, and
