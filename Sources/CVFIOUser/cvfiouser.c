@@ -2,12 +2,15 @@
 #include "cvfiouser.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
 #include <sched.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <poll.h>
 #include <sys/un.h>
@@ -86,6 +89,11 @@ int cvfu_ioctl(int fd, unsigned long request, void *arg) {
 int cvfu_memfd_create(const char *name, unsigned int flags) {
   int r = memfd_create(name, flags);
   return r < 0 ? -errno : r;
+}
+
+int cvfu_punch_hole(int fd, long long offset, long long length) {
+  int r = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+  return r < 0 ? -errno : 0;
 }
 
 int cvfu_eventfd(unsigned int initval, int flags) {
@@ -191,7 +199,13 @@ int cvfu_listen_unix(const char *path, int backlog) {
       return fd;
     }
     if (errno != EADDRINUSE || attempt > 0) break;
-    // Someone listening there is a live server; a refused connect is a stale file.
+    // Only a socket may be replaced: a file, directory or link the user named is never removed.
+    struct stat st;
+    if (lstat(path, &st) == 0 && !S_ISSOCK(st.st_mode)) {
+      close(fd);
+      return S_ISDIR(st.st_mode) ? -EISDIR : -ENOTSOCK;
+    }
+    // Someone listening there is a live server; a refused connect is a stale socket.
     int probe = cvfu_connect_unix(path);
     if (probe >= 0) {
       close(probe);
@@ -221,4 +235,105 @@ int cvfu_wait_readable(int fd, int ms) {
     if (r >= 0) return r;
     if (errno != EINTR) return -errno;
   }
+}
+
+// MARK: CRC-32C
+
+// Reflected CRC-32C polynomial; in this representation bit 31 is x^0.
+#define CRC32C_POLY 0x82F63B78u
+
+static uint32_t crc32c_table[256];
+
+static void crc32c_table_init(void) {
+  for (uint32_t n = 0; n < 256; n++) {
+    uint32_t c = n;
+    for (int k = 0; k < 8; k++) c = c & 1 ? (c >> 1) ^ CRC32C_POLY : c >> 1;
+    crc32c_table[n] = c;
+  }
+}
+
+// Raw (no pre/post inversion) CRC update, one byte at a time.
+static uint32_t crc32c_raw_table(uint32_t c, const uint8_t *p, size_t n) {
+  while (n--) c = crc32c_table[(c ^ *p++) & 0xFF] ^ (c >> 8);
+  return c;
+}
+
+// a * b modulo the polynomial, both reflected.
+static uint32_t crc32c_mulmod(uint32_t a, uint32_t b) {
+  uint32_t product = 0;
+  for (uint32_t bit = 1u << 31; bit != 0; bit >>= 1) {
+    if (a & bit) product ^= b;
+    b = b & 1 ? (b >> 1) ^ CRC32C_POLY : b >> 1;  // b *= x
+  }
+  return product;
+}
+
+// x^(8 * bytes) modulo the polynomial: what appending `bytes` zero bytes multiplies a raw CRC by.
+static uint32_t crc32c_shift_factor(size_t bytes) {
+  uint32_t result = 1u << 31, square = 1u << 30;  // x^0, x^1
+  for (size_t e = bytes * 8; e != 0; e >>= 1) {
+    if (e & 1) result = crc32c_mulmod(result, square);
+    square = crc32c_mulmod(square, square);
+  }
+  return result;
+}
+
+#if defined(__x86_64__)
+#include <nmmintrin.h>
+
+// Three lanes hide the crc32 instruction's 3-cycle latency.
+#define CRC32C_LANE 8192
+
+static uint32_t crc32c_lane_shift;
+
+__attribute__((target("sse4.2"))) static uint32_t crc32c_raw_sse42(uint32_t c, const uint8_t *p,
+                                                                    size_t n) {
+  while (n >= 3 * CRC32C_LANE) {
+    uint64_t a = c, b = 0, d = 0;
+    const uint8_t *pb = p + CRC32C_LANE, *pd = p + 2 * CRC32C_LANE;
+    for (size_t i = 0; i < CRC32C_LANE; i += 8) {
+      uint64_t wa, wb, wd;
+      memcpy(&wa, p + i, 8);
+      memcpy(&wb, pb + i, 8);
+      memcpy(&wd, pd + i, 8);
+      a = _mm_crc32_u64(a, wa);
+      b = _mm_crc32_u64(b, wb);
+      d = _mm_crc32_u64(d, wd);
+    }
+    // crc(A ++ B ++ D) = (crc(A) * x^8L + crc(B)) * x^8L + crc(D), raw CRCs being linear.
+    c = crc32c_mulmod(crc32c_mulmod((uint32_t)a, crc32c_lane_shift) ^ (uint32_t)b,
+                      crc32c_lane_shift) ^
+        (uint32_t)d;
+    p += 3 * CRC32C_LANE;
+    n -= 3 * CRC32C_LANE;
+  }
+  uint64_t w64 = c;
+  for (; n >= 8; n -= 8, p += 8) {
+    uint64_t w;
+    memcpy(&w, p, 8);
+    w64 = _mm_crc32_u64(w64, w);
+  }
+  c = (uint32_t)w64;
+  for (; n > 0; n--) c = _mm_crc32_u8(c, *p++);
+  return c;
+}
+#endif
+
+static int crc32c_use_sse42;
+
+__attribute__((constructor)) static void crc32c_init(void) {
+  crc32c_table_init();
+#if defined(__x86_64__)
+  crc32c_lane_shift = crc32c_shift_factor(CRC32C_LANE);
+  __builtin_cpu_init();
+  crc32c_use_sse42 = __builtin_cpu_supports("sse4.2");
+#endif
+}
+
+uint32_t cvfu_crc32c(uint32_t crc, const void *data, size_t len) {
+  uint32_t c = ~crc;
+#if defined(__x86_64__)
+  if (crc32c_use_sse42) return ~crc32c_raw_sse42(c, data, len);
+#endif
+  return ~crc32c_raw_table(c, data, len);
 }

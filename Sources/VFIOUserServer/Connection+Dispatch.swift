@@ -360,8 +360,10 @@ extension Connection {
         guard let target = MigrationState(rawValue: raw) else { throw .invalidArgument }
         let from = migration!.state
         do throws(Errno) {
-          try migration!.set(target, on: migratable!)
-          logger.info("migration state \(from) → \(target)")
+          let dropped = try migration!.set(target, on: migratable!)
+          logger.info(
+            "migration state \(from) → \(target)\(dropped > 0 ? " (\(dropped) unread bytes of the save dropped)" : "")"
+          )
         } catch {
           logger.warning(
             "migration \(from) → \(target) failed at \(migration!.state): \(error.name)")

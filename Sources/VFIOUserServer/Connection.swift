@@ -56,7 +56,7 @@ final class Connection {
 
   init(
     fd: Int32, backend: any VFIODeviceBackend, limits: ServerLimits, logger: Logger,
-    stats: ServerStatistics
+    stats: ServerStatistics, migration carried: MigrationController? = nil
   ) {
     self.backend = backend
     self.limits = limits
@@ -75,7 +75,8 @@ final class Connection {
       })
     regions = (0..<backend.regionCount).map { backend.region($0) }
     migratable = backend as? MigrationCapable
-    migration = migratable.map { MigrationController(flags: $0.migrationFlags) }
+    migration =
+      carried?.handedOver ?? migratable.map { MigrationController(flags: $0.migrationFlags) }
   }
 
   deinit { tx.deallocate() }
@@ -126,35 +127,65 @@ final class Connection {
   }
 
   /// Releases everything the client gave: DMA mappings, eventfds, in-flight
-  /// transfers; then resets the device so the next client finds it clean
-  /// (unless configured to keep a RUNNING device's state).
+  /// transfers; then resets the device so the next client finds it clean,
+  /// unless configured to keep its state and that state is whole.
   private func teardown() {
     abortDMAJobs()
     for region in dma.removeAll() { backend.dmaUnmapped(region) }
     for configuration in irqs.removeAll() { try? backend.irqsChanged(configuration) }
     deferred = []
-    let midMigration = migration.map { $0.state != .running } ?? false
-    if let state = migration?.state, midMigration {
-      // Leaving a finished migration's source in STOP is normal; leaving a stream or ERROR is not.
-      let message: Logger.Message = "client left the device in \(state): device reset to RUNNING"
-      if state == .stopCopy || state == .resuming || state == .error {
-        logger.warning("\(message) (stream invalidated)")
-      } else {
-        logger.info(message)
-      }
-    }
-    if limits.resetOnDisconnect || midMigration {
+    // A server shutting down keeps no state for a next client: no drain, no settling.
+    let keep =
+      !limits.resetOnDisconnect
+      && (shuttingDown
+        ? migration.map { $0.state == .running } ?? true : settleMigrationAfterHangUp())
+    if !keep {
       do { try backend.reset() } catch {
         logger.warning("device reset after hang-up failed: \(error)")
       }
+      migration?.reset()
     }
-    migration?.reset()
     backend.attach(host: nil)
     stats.update {
       $0.dmaRegions = 0
       $0.irqFDs = 0
     }
     channel.close()
+  }
+
+  /// Under `--on-disconnect keep`: whether the device's state survives the
+  /// client that left. A source (STOP_COPY) goes back to RUNNING through its
+  /// own arcs, as a cancelled migration does: the rest of the save is drained
+  /// and dropped, the save finished, the VF resumed, every byte of its state
+  /// kept. A device left in STOP or RUNNING_P2P stays there until a client
+  /// moves it: resuming it could run a VF whose state already runs elsewhere.
+  /// A destination in RESUMING holds part of a state and ERROR none that can
+  /// be trusted: those are reset.
+  private func settleMigrationAfterHangUp() -> Bool {
+    guard let state = migration?.state, let migratable else { return true }
+    switch state {
+    case .running:
+      return true
+    case .stop, .runningP2P:
+      logger.notice("client left the device in \(state): it stays stopped, its state kept")
+      return true
+    case .stopCopy, .preCopy, .preCopyP2P:
+      do throws(Errno) {
+        let dropped = try migration!.set(.running, on: migratable)
+        logger.warning(
+          "client left the device in \(state): migration cancelled (\(dropped) unread bytes of the save dropped), device RUNNING with its state"
+        )
+        return true
+      } catch {
+        logger.error(
+          "client left the device in \(state) and it could not return to RUNNING (\(error.name) at \(migration!.state)): device reset, its state lost"
+        )
+        return false
+      }
+    case .resuming, .error:
+      logger.warning("client left the device in \(state): device reset (its state is incomplete)")
+      return false
+    }
   }
 
   func commandName(_ raw: UInt16) -> String {

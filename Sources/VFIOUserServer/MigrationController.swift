@@ -23,6 +23,14 @@ public struct MigrationController {
 
   init(flags: MigrationFlags) { self.flags = flags }
 
+  /// The state as a new client finds it: a stream killed under the last
+  /// client is no concern of the next (its data commands get EINVAL).
+  var handedOver: MigrationController {
+    var next = self
+    next.streamInvalidated = false
+    return next
+  }
+
   // MARK: vfio_mig_get_next_state
 
   private static let order: [MigrationState] = [
@@ -95,7 +103,14 @@ public struct MigrationController {
   /// RESUMING → STOP (the restored data did not validate) moves to ERROR: the
   /// device must not look healthy with half a state. An unreachable target is
   /// EINVAL with no move at all.
-  mutating func set(_ target: MigrationState, on device: MigrationCapable) throws(Errno) {
+  ///
+  /// Leaving STOP_COPY reads and drops what the client left unread, so a
+  /// cancelled save ends cleanly: the PF refuses to finish a save still in
+  /// progress (EIO), which would strand the source in STOP_COPY. Returns the
+  /// bytes dropped.
+  @discardableResult
+  mutating func set(_ target: MigrationState, on device: MigrationCapable) throws(Errno) -> UInt64 {
+    var drained: UInt64 = 0
     guard Self.nextState(from: state, to: target, flags: flags) != nil || state == target else {
       throw .invalidArgument
     }
@@ -106,6 +121,7 @@ public struct MigrationController {
       }
       let opened: MigrationStream?
       do throws(Errno) {
+        if state == .stopCopy, let stream { drained += try Self.drain(stream) }
         opened = try device.migrationStep(from: state, to: next)
       } catch {
         if state == .resuming {
@@ -123,6 +139,19 @@ public struct MigrationController {
         stream = opened
         streamInvalidated = false
       }
+    }
+    return drained
+  }
+
+  /// Reads `stream` to its end (each read bounded by the device's timeouts).
+  private static func drain(_ stream: MigrationStream) throws(Errno) -> UInt64 {
+    let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+    defer { scratch.deallocate() }
+    var total: UInt64 = 0
+    while true {
+      let n = try stream.read(into: scratch)
+      total += UInt64(n)
+      if n < scratch.count { return total }
     }
   }
 

@@ -31,6 +31,8 @@ public final class ServerStatistics: Sendable {
 /// hand-over, so the device is never touched by two threads at once.
 private final class DeviceSlot: @unchecked Sendable {
   let backend: any VFIODeviceBackend
+  /// The device's migration state outlives a client that leaves it stopped.
+  var migration: MigrationController?
   init(_ backend: any VFIODeviceBackend) { self.backend = backend }
 }
 
@@ -169,8 +171,9 @@ public final class VFIOUserServer: Sendable {
       connectionThreadSetup?()
       let connection = Connection(
         fd: client, backend: slot.backend, limits: limits, logger: connectionLogger,
-        stats: statistics)
+        stats: statistics, migration: slot.migration)
       let end = connection.run()
+      slot.migration = connection.migration
       activeSocket.withLock { $0 = -1 }
       statistics.update {
         $0.clientConnected = false

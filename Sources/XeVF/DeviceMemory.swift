@@ -8,11 +8,9 @@ import SystemPackage
 /// VRAM is a memfd mapped MAP_SHARED, so the client can map the same pages
 /// through the fd the region description carries. Nothing touches the pages
 /// at creation: they are allocated on first access and idle RSS stays small.
-/// Device memory survives resets and FLRs, a deliberate choice: the state a
-/// reset must restore is the register and config state, and keeping the
-/// contents lets tests see that a reset did not disturb memory the client
-/// maps. (The real PF's RESET_CONFIG step sanitizes the VF's resources and
-/// may scrub LMEM; punching a hole in the memfd would model that cheaply.)
+/// An FLR scrubs it, as the real PF's RESET_CONFIG step sanitizes the VF's
+/// LMEM (IGT's `xe_sriov_flr` checks LMEM, GGTT and scratch registers are
+/// clear after a VF FLR): one client never sees the VRAM another wrote.
 final class DeviceMemory {
   let base: UnsafeMutableRawPointer
   let size: UInt64
@@ -57,6 +55,13 @@ final class DeviceMemory {
     } else {
       base.deallocate()
     }
+  }
+
+  /// Zeroes the memory. VRAM's pages go back to the kernel (a hole punched in
+  /// the memfd costs nothing and the client's mapping then reads zeros).
+  func scrub() {
+    if fd >= 0, cvfu_punch_hole(fd, 0, Int64(size)) == 0 { return }
+    base.initializeMemory(as: UInt8.self, repeating: 0, count: Int(size))
   }
 
   func contains(offset: UInt64, length: UInt64) -> Bool {

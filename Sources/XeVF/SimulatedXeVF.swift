@@ -170,8 +170,8 @@ public final class SimulatedXeVF: VFIODeviceBackend {
 
   /// What both DEVICE_RESET and a config-space FLR do: config space, BAR0
   /// registers, GGTT, MSI-X table and PBA back to their reset values, and the
-  /// DMA engine idle in a new generation so late completions are ignored.
-  /// Device memory keeps its contents (see `DeviceMemory`). Around the
+  /// DMA engine idle in a new generation so late completions are ignored;
+  /// device memory scrubbed, as the PF does on a VF FLR. Around the
   /// hardware reset runs the PF's FLR flow (`resetWithPF`).
   func functionLevelReset(reason: String) {
     resetWithPF {
@@ -179,6 +179,7 @@ public final class SimulatedXeVF: VFIODeviceBackend {
       registers.reset()
       msix.reset()
       dma.reset()
+      memory.scrub()
     }
     resetCount += 1
     logger.debug("\(reason): function reset")

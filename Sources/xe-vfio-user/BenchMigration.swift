@@ -56,7 +56,6 @@ enum MigrationBench {
     _ = cvfu_socket_buffers(src.channel.fd, 4 << 20)
     _ = cvfu_socket_buffers(dst.channel.fd, 4 << 20)
     let chunk = migrationChunk(src, dst)
-    let quiet = ProgressReporter(label: "", total: 0, enabled: false)
 
     // 1. MIG_DATA_READ: the whole stream, straight into memory kept for the write figure.
     let capacity = Int(vram) + (64 << 20)
@@ -99,7 +98,10 @@ enum MigrationBench {
     try dst.setMigrationState(.resuming)
     let downtimeStart = now()
     try src.setMigrationState(.stopCopy)
-    let moved = try pumpStream(from: src, chunk: chunk, progress: quiet) {
+    let moved = try pipeline(bufferSize: chunk) { buffer in
+      let n = try src.migDataRead(into: buffer)
+      return (n, n < buffer.count)
+    } consume: {
       try dst.migDataWrite(from: $0)
     }
     try src.setMigrationState(.stop)

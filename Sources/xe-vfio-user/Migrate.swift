@@ -1,5 +1,6 @@
 import ArgumentParser
-import Foundation
+import FoundationEssentials
+import SystemPackage
 import VFIOUser
 import VFIOUserClient
 import VFIOUserServer
@@ -9,10 +10,13 @@ struct Migrate: ParsableCommand {
     abstract: "Move a VF's state from one server to another (vfio-user migration v2).",
     discussion: """
       Acts as the client of both servers: puts the destination in RESUMING,
-      stops the source (STOP_COPY), streams its state across, completes both
-      arcs and starts the destination. On any failure the step and errno are
-      reported, the destination is reset, and the source goes back to RUNNING
-      so the workload keeps going. Neither server may have another client.
+      stops the source (STOP_COPY), streams its state across, has the
+      destination validate it (RESUMING → STOP) before the source finishes its
+      save, and only then starts the destination. On any failure the step, the
+      server and the errno are reported, the destination is reset, and the
+      source goes back to RUNNING with its state, so the workload keeps going.
+      Neither server may have another client; run both with
+      `--on-disconnect keep`, or the state is reset when this command leaves.
       """)
 
   @Option(help: "Source server socket.") var from: String
@@ -20,77 +24,102 @@ struct Migrate: ParsableCommand {
   @Flag(help: "Leave the destination stopped (STOP) instead of RUNNING.") var noStart = false
   @Flag(help: "No progress output.") var quiet = false
 
+  var sourceEnd: String { "--from \(from)" }
+  var destinationEnd: String { "--to \(to)" }
+
   func run() throws {
-    let source = try step(.connect) { try VFIOUserClient.connect(path: from) }
-    let destination = try step(.connect) { try VFIOUserClient.connect(path: to) }
-    // RESUMING → STOP may wait for the PF up to 20 s per GT (the kernel's restore timeout).
-    for client in [source, destination] { client.timeoutMilliseconds = migrationTimeout }
+    ignoreSIGPIPE()
+    let source = try connectServer(from, option: "--from")
+    let destination = try connectServer(to, option: "--to")
     let result: (bytes: UInt64, seconds: Double, downtime: Double)
     do {
       result = try migrate(source, destination)
     } catch {
-      FileHandle.standardError.write(Data("migration failed: \(error)\n".utf8))
+      printError("migration failed: \(error)")
       rollback(source, destination)
       throw ExitCode.failure
     }
     print(
-      String(
-        format: "migrated %@ in %.3f s (%.2f GB/s); downtime %.3f s; destination %@",
-        formatRate(result.bytes),
-        result.seconds, Double(result.bytes) / result.seconds / 1e9, result.downtime,
-        noStart ? "STOP" : "RUNNING"))
+      "migrated \(formatRate(result.bytes)) in \(fixed(result.seconds, 3)) s (\(gigabytesPerSecond(result.bytes, result.seconds))); downtime \(fixed(result.downtime, 3)) s; destination \(noStart ? "STOP" : "RUNNING")"
+    )
   }
 
   private func migrate(_ source: VFIOUserClient, _ destination: VFIOUserClient) throws -> (
     UInt64, Double, Double
   ) {
     let start = now()
-    for client in [source, destination] {
-      let flags = try step(.probe) { try client.migrationFlags() }
+    for (client, end) in [(source, sourceEnd), (destination, destinationEnd)] {
+      let flags = try step(.probe) { try on(end) { try client.migrationFlags() } }
       guard flags.contains(.stopCopy) else {
-        throw StepError(step: .probe, underlying: CLIError("the device does not support STOP_COPY"))
+        throw StepError(
+          step: .probe, underlying: CLIError("\(end): the device does not support STOP_COPY"))
       }
     }
     let (a, b) = try step(.identity) {
-      (try DeviceIdentity.read(from: source), try DeviceIdentity.read(from: destination))
+      (
+        try on(sourceEnd) { try DeviceIdentity.read(from: source) },
+        try on(destinationEnd) { try DeviceIdentity.read(from: destination) }
+      )
     }
     if let why = a.incompatibility(with: b) {
       throw StepError(step: .identity, underlying: CLIError(why))
     }
     let estimate = (try? source.stopCopySize()) ?? 0
-    try step(.resuming) { try destination.setMigrationState(.resuming) }
+    try step(.resuming) { try on(destinationEnd) { try destination.setMigrationState(.resuming) } }
     let downtimeStart = now()
-    try step(.stopCopy) { try source.setMigrationState(.stopCopy) }
+    try step(.stopCopy) { try on(sourceEnd) { try source.setMigrationState(.stopCopy) } }
     let progress = ProgressReporter(label: "migrating", total: estimate, enabled: !quiet)
+    let chunk = migrationChunk(source, destination)
+    var moved: UInt64 = 0
     let bytes = try step(.stream) {
-      try pumpStream(from: source, chunk: migrationChunk(source, destination), progress: progress) {
-        data in
-        try destination.migDataWrite(from: data)
+      try pipeline(bufferSize: chunk) { buffer in
+        let n = try on(sourceEnd) { try source.migDataRead(into: buffer) }
+        return (n, n < buffer.count)
+      } consume: { data in
+        try on(destinationEnd) { try destination.migDataWrite(from: data) }
+        moved += UInt64(data.count)
+        progress.update(moved)
       }
     }
-    try step(.finishSave) { try source.setMigrationState(.stop) }
-    try step(.finishRestore) { try destination.setMigrationState(noStart ? .stop : .running) }
+    progress.update(bytes, final: true)
+    // The destination proves it took the whole state before the source lets go
+    // of it: a hang-up until here resumes the source (its server drains the save).
+    try step(.finishRestore) { try on(destinationEnd) { try destination.setMigrationState(.stop) } }
+    try step(.finishSave) { try on(sourceEnd) { try source.setMigrationState(.stop) } }
+    if !noStart {
+      try step(.start) { try on(destinationEnd) { try destination.setMigrationState(.running) } }
+    }
     let end = now()
     return (bytes, Double(end - start) / 1e9, Double(end - downtimeStart) / 1e9)
   }
 
   /// The source keeps its workload; the destination must not look healthy with half a state.
   private func rollback(_ source: VFIOUserClient, _ destination: VFIOUserClient) {
-    if (try? destination.reset()) == nil {
-      FileHandle.standardError.write(Data("warning: could not reset the destination\n".utf8))
-    }
     do {
-      try source.setMigrationState(.running)
-      FileHandle.standardError.write(Data("source is RUNNING again\n".utf8))
+      try destination.reset()
+      printError("destination \(destinationEnd) reset: it holds none of the source's state")
+    } catch  where isHangUp(error) {
+      printError("destination \(destinationEnd) is gone; its server resets it on the hang-up")
     } catch {
-      // A source stuck in ERROR is revived by reset (which returns it to RUNNING).
-      if (try? source.reset()) != nil {
-        FileHandle.standardError.write(Data("source reset to RUNNING (\(error))\n".utf8))
-      } else {
-        FileHandle.standardError.write(
-          Data("warning: could not return the source to RUNNING: \(error)\n".utf8))
-      }
+      printError("warning: \(destinationEnd): could not reset the destination: \(describe(error))")
     }
+    resumeSource(source, end: sourceEnd)
+  }
+}
+
+/// Returns a source to RUNNING after a failed or abandoned save. Its server
+/// drains what was left of the stream, so the VF resumes with all its state.
+/// A source that cannot resume is left as it is, with its state, rather than
+/// reset: the message says how to retry.
+func resumeSource(_ source: VFIOUserClient, end: String) {
+  do {
+    try source.setMigrationState(.running)
+    printError("source \(end) is RUNNING again, with its state")
+  } catch {
+    let state = (try? source.migrationState()).map { "\($0)" } ?? "an unknown state"
+    printError(
+      "warning: \(end): the source could not return to RUNNING (\(describe(error))); it is left in \(state) with its state: retry with `xe-vfio-user resume -s \(end.split(separator: " ").last ?? "")`"
+    )
   }
 }
 
@@ -99,8 +128,12 @@ struct Save: ParsableCommand {
     abstract: "Save a VF's migration stream to a file or stdout (a checkpoint).",
     discussion: """
       Stops the device (STOP_COPY), writes a header that identifies the device
-      followed by the raw stream, then returns the device to RUNNING (or leaves
-      it stopped with --keep-stopped). `save --output - | ssh host xe-vfio-user
+      and the stream in CRC-checked records sealed by an end record
+      (protocol/save-format.md), then returns the device to RUNNING (or leaves
+      it stopped with --keep-stopped). A regular file is written beside the
+      path and renamed into place only when complete; a device, FIFO or
+      symlink is written as what it names. On failure the device goes back to
+      RUNNING with its state. `save --output - | ssh host xe-vfio-user
       restore --input -` moves a VF between hosts.
       """)
 
@@ -113,45 +146,56 @@ struct Save: ParsableCommand {
   @Flag(help: "No progress output.") var quiet = false
 
   func run() throws {
-    let client = try step(.connect) { try VFIOUserClient.connect(path: socketPath) }
-    client.timeoutMilliseconds = migrationTimeout
-    let handle: FileHandle
-    if output == "-" {
-      handle = .standardOutput
-    } else {
-      guard FileManager.default.createFile(atPath: output, contents: nil) else {
-        throw CLIError("cannot create \(output)")
-      }
-      handle = try FileHandle(forWritingTo: URL(fileURLWithPath: output))
-    }
+    ignoreSIGPIPE()
+    let end = "-s \(socketPath)"
+    let client = try connectServer(socketPath, option: "-s")
+    let out = try SaveOutput(path: output)
+    var stopped = false
     do {
-      _ = try step(.probe) { try client.migrationFlags() }
-      let identity = try step(.identity) { try DeviceIdentity.read(from: client) }
+      _ = try step(.probe) { try on(end) { try client.migrationFlags() } }
+      let identity = try step(.identity) { try on(end) { try DeviceIdentity.read(from: client) } }
       let estimate = (try? client.stopCopySize()) ?? 0
-      let header = SaveFileHeader(
-        identity: identity, estimatedBytes: estimate,
-        created: ISO8601DateFormatter().string(from: Date()), source: socketPath)
-      try handle.write(contentsOf: try header.encoded())
-      try step(.stopCopy) { try client.setMigrationState(.stopCopy) }
+      var writer = SaveFileWriter()
+      try out.write(
+        try writer.header(
+          SaveFileHeader(
+            identity: identity, estimatedBytes: estimate,
+            created: Date.now.formatted(.iso8601), source: socketPath)))
+      try step(.stopCopy) { try on(end) { try client.setMigrationState(.stopCopy) } }
+      stopped = true
       let progress = ProgressReporter(label: "saving", total: estimate, enabled: !quiet)
+      let chunk = min(migrationChunk(client), SaveFormat.maxRecord)
+      var written: UInt64 = 0
       let bytes = try step(.stream) {
-        try pumpStream(from: client, chunk: migrationChunk(client), progress: progress) { data in
-          try handle.write(
-            contentsOf: Data(
-              bytesNoCopy: UnsafeMutableRawPointer(mutating: data.baseAddress!), count: data.count,
-              deallocator: .none))
+        try pipeline(bufferSize: chunk) { buffer in
+          let n = try on(end) { try client.migDataRead(into: buffer) }
+          return (n, n < buffer.count)
+        } consume: { data in
+          try out.write(writer.recordHeader(for: data))
+          try out.write(data)
+          written += UInt64(data.count)
+          progress.update(written)
         }
       }
-      try step(.finishSave) { try client.setMigrationState(keepStopped ? .stop : .running) }
-      try handle.synchronize()
-      FileHandle.standardError.write(
-        Data(
-          "saved \(formatRate(bytes)) of \(identity) state\(keepStopped ? "; device left in STOP" : "")\n"
-            .utf8))
+      progress.update(bytes, final: true)
+      try out.write(writer.end())
+      // A regular file records its length, so a restore can tell a cut-short copy at once.
+      if out.seekable { try out.patch(le(out.bytesWritten), at: SaveFormat.fileLengthOffset) }
+      try out.commit()
+      try step(.finishSave) {
+        try on(end) { try client.setMigrationState(keepStopped ? .stop : .running) }
+      }
+      printError(
+        "saved \(formatRate(bytes)) of \(identity) state to \(out.name)\(keepStopped ? "; device left in STOP" : "")"
+      )
     } catch {
-      FileHandle.standardError.write(Data("save failed: \(error)\n".utf8))
-      if (try? client.setMigrationState(.running)) == nil { try? client.reset() }
-      if output != "-" { try? FileManager.default.removeItem(atPath: output) }
+      out.abandon()
+      printError("save failed: \(error)")
+      if stopped {
+        resumeSource(client, end: end)
+      } else {
+        printError("the device was not stopped: it is RUNNING with its state")
+      }
       throw ExitCode.failure
     }
   }
@@ -161,9 +205,12 @@ struct Restore: ParsableCommand {
   static let configuration = CommandConfiguration(
     abstract: "Restore a saved migration stream into a VF.",
     discussion: """
-      Refuses a stream saved from an incompatible device (IDs, revision, VRAM
-      size) before touching the device. On failure the device is reset so it
-      never runs with half a state.
+      Refuses a file saved from an incompatible device (IDs, revision, VRAM
+      size), or one that is damaged or cut short, before touching the device
+      where it can tell (a regular file's length is checked first). Every
+      record's checksum is verified before it reaches the device and the end
+      record before the device may leave RESUMING; on any failure the device
+      is reset, so it never runs with half a state or a damaged one.
       """)
 
   @Option(
@@ -175,42 +222,92 @@ struct Restore: ParsableCommand {
   @Flag(help: "No progress output.") var quiet = false
 
   func run() throws {
-    let handle =
-      input == "-"
-      ? FileHandle.standardInput : try FileHandle(forReadingFrom: URL(fileURLWithPath: input))
-    let header = try SaveFileHeader.read(from: handle)
-    let client = try step(.connect) { try VFIOUserClient.connect(path: socketPath) }
-    client.timeoutMilliseconds = migrationTimeout
-    let identity = try step(.identity) { try DeviceIdentity.read(from: client) }
+    let end = "-s \(socketPath)"
+    let name = input == "-" ? "standard input" : input
+    let fd: FileDescriptor
+    if input == "-" {
+      fd = .standardInput
+    } else {
+      do { fd = try FileDescriptor.open(input, .readOnly, options: [.closeOnExec]) } catch {
+        throw CLIError("opening \(input): \(describe(error))")
+      }
+    }
+    let reader = SaveFileReader(input: fd, name: name)
+    let header: SaveFileHeader
+    do { header = try reader.readHeader() } catch { throw CLIError("\(error)") }
+    let client = try connectServer(socketPath, option: "-s")
+    let identity = try step(.identity) { try on(end) { try DeviceIdentity.read(from: client) } }
     if let why = header.identity.incompatibility(with: identity) {
       throw CLIError(
         "refusing to restore: the stream is from \(header.identity), this device is \(identity): \(why)"
       )
     }
     do {
-      _ = try step(.probe) { try client.migrationFlags() }
-      try step(.resuming) { try client.setMigrationState(.resuming) }
+      _ = try step(.probe) { try on(end) { try client.migrationFlags() } }
+      try step(.resuming) { try on(end) { try client.setMigrationState(.resuming) } }
       let progress = ProgressReporter(
         label: "restoring", total: header.estimatedBytes, enabled: !quiet)
       let chunk = migrationChunk(client)
+      let job = Handoff(reader)
       var total: UInt64 = 0
-      try step(.stream) {
-        while let data = try handle.read(upToCount: chunk), !data.isEmpty {
-          try data.withUnsafeBytes { try client.migDataWrite(from: $0) }
+      try step(.restoreStream) {
+        _ = try pipeline(bufferSize: SaveFormat.maxRecord) { buffer in
+          guard let n = try job.value.nextRecord(into: buffer) else { return (0, true) }
+          return (n, false)
+        } consume: { data in
+          try on(end) { try client.migDataWrite(from: data, chunk: chunk, depth: 2) }
           total += UInt64(data.count)
           progress.update(total)
         }
       }
       progress.update(total, final: true)
-      try step(.finishRestore) { try client.setMigrationState(noStart ? .stop : .running) }
-      FileHandle.standardError.write(
-        Data("restored \(formatRate(total)); device \(noStart ? "STOP" : "RUNNING")\n".utf8))
+      try step(.finishRestore) {
+        try on(end) { try client.setMigrationState(noStart ? .stop : .running) }
+      }
+      printError(
+        "restored \(formatRate(total)) from \(name); device \(noStart ? "STOP" : "RUNNING")")
     } catch {
-      FileHandle.standardError.write(Data("restore failed: \(error)\n".utf8))
-      if (try? client.reset()) != nil {
-        FileHandle.standardError.write(Data("device reset to a clean RUNNING state\n".utf8))
+      printError("restore failed: \(error)")
+      do {
+        try client.reset()
+        printError("device reset: it holds none of the restored state")
+      } catch {
+        printError("warning: \(end): could not reset the device: \(describe(error))")
       }
       throw ExitCode.failure
+    }
+  }
+}
+
+struct Resume: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    abstract: "Return a stopped VF to RUNNING with its state.",
+    discussion: """
+      A device left in STOP (save --keep-stopped, migrate --no-start, or a
+      command that could not finish) keeps its state on a server run with
+      `--on-disconnect keep`; this command starts it again. A device that
+      holds an incomplete restore (RESUMING, ERROR) is refused: reset it.
+      """)
+
+  @Option(
+    name: [.customLong("socket-path"), .customShort("s"), .customLong("socket")],
+    help: "The server's socket.")
+  var socketPath: String
+
+  func run() throws {
+    let end = "-s \(socketPath)"
+    let client = try connectServer(socketPath, option: "-s")
+    let state = try on(end) { try client.migrationState() }
+    switch state {
+    case .running:
+      printError("\(end): the device is already RUNNING")
+    case .resuming, .error:
+      throw CLIError(
+        "\(end): the device is in \(state) and holds an incomplete state; it cannot run until it is reset"
+      )
+    default:
+      try on(end) { try client.setMigrationState(.running) }
+      printError("\(end): device \(state) → RUNNING, with its state")
     }
   }
 }

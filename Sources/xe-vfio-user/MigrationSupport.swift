@@ -1,9 +1,14 @@
 import ArgumentParser
-import Foundation
+import Dispatch
 import Synchronization
+import SystemPackage
 import VFIOUser
 import VFIOUserClient
 import VFIOUserServer
+
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 /// What must match between a saved stream and the device it is restored into.
 struct DeviceIdentity: Codable, Equatable, CustomStringConvertible {
@@ -49,53 +54,62 @@ struct DeviceIdentity: Codable, Equatable, CustomStringConvertible {
   }
 }
 
-/// The header in front of a saved stream: magic, version, and JSON metadata.
-struct SaveFileHeader: Codable {
-  static let magic = Array("XEVFUSAV".utf8)
-  static let version: UInt32 = 1
-  var identity: DeviceIdentity
-  var estimatedBytes: UInt64
-  var created: String
-  var source: String
-
-  func encoded() throws -> [UInt8] {
-    let json = Array(try JSONEncoder().encode(self))
-    return Self.magic + le32(Self.version) + le32(UInt32(json.count)) + json
-  }
-
-  /// Reads the header from `input`; the stream bytes follow it.
-  static func read(from input: FileHandle) throws -> SaveFileHeader {
-    let fixed = try readExactly(input, 16)
-    guard Array(fixed[0..<8]) == magic else {
-      throw CLIError("not an xe-vfio-user save file (bad magic)")
-    }
-    let version = fixed[8..<12].withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }
-    guard version == Self.version else {
-      throw CLIError("save file format \(version) is not supported (this is \(Self.version))")
-    }
-    let length = Int(fixed[12..<16].withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) })
-    guard length < 1 << 20 else { throw CLIError("save file header is corrupt") }
-    return try JSONDecoder().decode(SaveFileHeader.self, from: Data(try readExactly(input, length)))
-  }
-}
-
-func le32(_ v: UInt32) -> [UInt8] { withUnsafeBytes(of: v.littleEndian) { Array($0) } }
-
-func readExactly(_ handle: FileHandle, _ count: Int) throws -> [UInt8] {
-  var out: [UInt8] = []
-  while out.count < count {
-    guard let data = try handle.read(upToCount: count - out.count), !data.isEmpty else {
-      throw CLIError("unexpected end of input")
-    }
-    out += data
-  }
-  return out
-}
-
 /// Lets a value be handed to one other thread that becomes its only user.
 final class Handoff<T>: @unchecked Sendable {
   let value: T
   init(_ value: T) { self.value = value }
+}
+
+// MARK: Errors a person can act on
+
+/// A failure at run time (not a usage mistake): printed as "Error: …" without the usage text.
+struct CLIError: Error, CustomStringConvertible {
+  var description: String
+  init(_ description: String) { self.description = description }
+}
+
+/// "ENOSPC (No space left on device)": the name to search for and the text to read.
+func describe(_ errno: Errno) -> String { "\(errno.name) (\(errno))" }
+
+/// One line for any error the migration commands meet.
+func describe(_ error: Error) -> String {
+  switch error {
+  case let e as VFIOUserClientError:
+    switch e {
+    case .server(let errno, let command):
+      "\(Command(rawValue: command)?.description ?? "command \(command)") failed: \(describe(errno))"
+    case .system(let errno): "connection lost: \(describe(errno))"
+    case .disconnected: "the server closed the connection"
+    case .timedOut: "no reply within \(migrationTimeout / 1000) s"
+    case .protocolViolation(let why): "protocol violation: \(why)"
+    }
+  case let e as Errno: describe(e)
+  default: "\(error)"
+  }
+}
+
+/// An error on one named end: a server socket (`--from /tmp/a.sock`) or a file.
+struct EndError: Error, CustomStringConvertible {
+  var end: String
+  var underlying: Error
+  var description: String { "\(end): \(describe(underlying))" }
+}
+
+/// Whether `error` says the peer is gone (nothing more can be asked of it).
+func isHangUp(_ error: Error) -> Bool {
+  guard let e = error as? VFIOUserClientError else { return false }
+  switch e {
+  case .disconnected: return true
+  case .system(let errno): return errno == .brokenPipe || errno == .connectionReset
+  default: return false
+  }
+}
+
+/// Runs `body`, naming `end` in whatever it throws.
+func on<T>(_ end: String, _ body: () throws -> T) throws -> T {
+  do { return try body() } catch let e as EndError { throw e } catch {
+    throw EndError(end: end, underlying: error)
+  }
 }
 
 /// Migration steps a command takes, for error reports that say where it failed.
@@ -106,26 +120,78 @@ enum MigrationStep: String {
   case resuming = "destination RUNNING → RESUMING"
   case stopCopy = "source RUNNING → STOP_COPY"
   case stream = "stream STOP_COPY data"
+  case restoreStream = "stream the saved state into the device"
   case finishSave = "source STOP_COPY → STOP"
-  case finishRestore = "destination RESUMING → RUNNING"
-  case rollback = "return the source to RUNNING"
+  case finishRestore = "destination RESUMING → STOP"
+  case start = "destination STOP → RUNNING"
 }
 
 struct StepError: Error, CustomStringConvertible {
   var step: MigrationStep
   var underlying: Error
-  var description: String {
-    if let e = underlying as? VFIOUserClientError, let errno = e.errno {
-      return "\(step.rawValue) failed: \(errno.name) (\(errno))"
-    }
-    return "\(step.rawValue) failed: \(underlying)"
-  }
+  var description: String { "\(step.rawValue) failed: \(describe(underlying))" }
 }
 
 func step<T>(_ step: MigrationStep, _ body: () throws -> T) throws -> T {
   do { return try body() } catch let e as StepError { throw e } catch {
     throw StepError(step: step, underlying: error)
   }
+}
+
+/// Connects to the server that `option` (e.g. `--from`) names, with a message
+/// that says what to do when it is absent or busy, the same for every command.
+func connectServer(_ path: String, option: String) throws -> VFIOUserClient {
+  do {
+    let client = try VFIOUserClient.connect(path: path)
+    client.timeoutMilliseconds = migrationTimeout
+    return client
+  } catch {
+    let end = "\(option) \(path)"
+    switch error {
+    case .server(.resourceBusy, _):
+      throw CLIError(
+        "\(end): the server is busy with another client (EBUSY); it serves one client at a time, so stop the VMM or command using it first"
+      )
+    case .system(.noSuchFileOrDirectory):
+      throw CLIError("\(end): no such socket (ENOENT); is the server running?")
+    case .system(.connectionRefused):
+      throw CLIError("\(end): no server is listening there (ECONNREFUSED)")
+    default:
+      throw EndError(end: end, underlying: error)
+    }
+  }
+}
+
+// MARK: Output on stderr
+
+func printError(_ line: String) {
+  let bytes = Array((line + "\n").utf8)
+  _ = try? bytes.withUnsafeBytes { try FileDescriptor.standardError.writeAll($0) }
+}
+
+/// `value` with `digits` decimals, without Foundation's formatters.
+func fixed(_ value: Double, _ digits: Int) -> String {
+  guard value.isFinite else { return "\(value)" }
+  var scale = 1.0
+  for _ in 0..<digits { scale *= 10 }
+  let scaled = (abs(value) * scale).rounded()
+  let whole = UInt64(scaled / scale)
+  var text = "\(value < 0 && scaled > 0 ? "-" : "")\(whole)"
+  if digits > 0 {
+    let fraction = String(UInt64(scaled - Double(whole) * scale))
+    text += "." + String(repeating: "0", count: digits - fraction.count) + fraction
+  }
+  return text
+}
+
+func formatRate(_ bytes: UInt64) -> String {
+  if bytes >= 1 << 30 { return fixed(Double(bytes) / Double(1 << 30), 2) + " GiB" }
+  if bytes >= 1 << 20 { return fixed(Double(bytes) / Double(1 << 20), 1) + " MiB" }
+  return "\(bytes) B"
+}
+
+func gigabytesPerSecond(_ bytes: UInt64, _ seconds: Double) -> String {
+  fixed(seconds > 0 ? Double(bytes) / seconds / 1e9 : 0, 2) + " GB/s"
 }
 
 /// Progress on stderr: a bar on a terminal, a line every 10% otherwise.
@@ -146,8 +212,7 @@ final class ProgressReporter {
 
   func update(_ done: UInt64, final: Bool = false) {
     guard enabled else { return }
-    let elapsed = Double(now() - start) / 1e9
-    let rate = elapsed > 0 ? Double(done) / elapsed : 0
+    let rate = gigabytesPerSecond(done, Double(now() - start) / 1e9)
     let fraction = total > 0 ? min(1, Double(done) / Double(total)) : 0
     if tty {
       guard final || now() - lastDraw > 100_000_000 else { return }
@@ -156,87 +221,89 @@ final class ProgressReporter {
       let filled = Int(fraction * Double(width))
       let bar =
         String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
-      FileHandle.standardError.write(
-        Data(
-          "\r\(label) [\(bar)] \(Int(fraction * 100))% \(formatRate(done)) \(String(format: "%.2f GB/s", rate / 1e9))\(final ? "\n" : "")"
-            .utf8))
+      let line = "\r\(label) [\(bar)] \(Int(fraction * 100))% \(formatRate(done)) \(rate)"
+      _ = try? Array((line + (final ? "\n" : "")).utf8).withUnsafeBytes {
+        try FileDescriptor.standardError.writeAll($0)
+      }
     } else {
       let decile = Int(fraction * 10)
       guard final || decile > lastDecile else { return }
       lastDecile = decile
-      FileHandle.standardError.write(
-        Data(
-          "\(label): \(formatRate(done))\(total > 0 ? " of ~\(formatRate(total))" : "") (\(String(format: "%.2f GB/s", rate / 1e9)))\n"
-            .utf8))
+      printError(
+        "\(label): \(formatRate(done))\(total > 0 ? " of ~\(formatRate(total))" : "") (\(rate))")
     }
   }
 }
 
-func formatRate(_ bytes: UInt64) -> String {
-  if bytes >= 1 << 30 { return String(format: "%.2f GiB", Double(bytes) / Double(1 << 30)) }
-  if bytes >= 1 << 20 { return String(format: "%.1f MiB", Double(bytes) / Double(1 << 20)) }
-  return "\(bytes) B"
-}
+// MARK: The copy pipeline
 
-/// Moves the STOP_COPY stream from `source` to `sink` with the read of the next
-/// chunk overlapping the write of the previous one (a reader thread and a
-/// small pool of buffers), so the copy runs at the slower side's speed.
-func pumpStream(
-  from source: VFIOUserClient, chunk: Int, progress: ProgressReporter,
-  sink: (UnsafeRawBufferPointer) throws -> Void
+/// Moves a stream in buffers of `bufferSize` bytes from `produce`, run on a
+/// thread of its own, to `consume`, run on the caller's, through a pool of
+/// `slots` buffers: the next read overlaps the previous write, so the copy
+/// runs at the slower side's pace. `produce` fills a buffer and says how many
+/// bytes it holds and whether the stream ended. The first error on either side
+/// stops both and is rethrown once the producer's thread has finished, so no
+/// buffer is freed under it.
+func pipeline(
+  bufferSize: Int, slots: Int = 4,
+  produce: @escaping (UnsafeMutableRawBufferPointer) throws -> (count: Int, last: Bool),
+  consume: (UnsafeRawBufferPointer) throws -> Void
 ) throws -> UInt64 {
-  let slots = 4
   let pool = (0..<slots).map { _ in
-    UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+    UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096)
   }
   defer { pool.forEach { $0.deallocate() } }
+  // Semaphores start at zero and are signalled up: libdispatch traps when one
+  // is destroyed below its initial value, which an early exit would cause.
+  let free = DispatchSemaphore(value: 0)
+  for _ in 0..<slots { free.signal() }
   let filled = DispatchSemaphore(value: 0)
-  let free = DispatchSemaphore(value: slots)
-  let lengths = Mutex([Int](repeating: 0, count: slots))
-  let failure = Mutex<Error?>(nil)
+  let producerDone = DispatchSemaphore(value: 0)
+  let results = Mutex([(count: Int, last: Bool)](repeating: (0, false), count: slots))
+  let producerError = Mutex<Error?>(nil)
   let cancelled = Atomic<Bool>(false)
-  let reader = Handoff((source, pool))
-  let readerDone = DispatchSemaphore(value: 0)
-  Thread {
-    let (client, buffers) = reader.value
+  let job = Handoff((produce, pool))
+  DispatchQueue.global().async {
+    let (produce, buffers) = job.value
     var slot = 0
     while true {
       free.wait()
-      if cancelled.load(ordering: .relaxed) { break }
-      let n: Int
-      do { n = try client.migDataRead(into: buffers[slot]) } catch {
-        failure.withLock { $0 = error }
-        lengths.withLock { $0[slot] = -1 }
+      if cancelled.load(ordering: .acquiring) { break }
+      do {
+        let result = try produce(buffers[slot])
+        results.withLock { $0[slot] = result }
+        filled.signal()
+        if result.last { break }
+      } catch {
+        producerError.withLock { $0 = error }
+        results.withLock { $0[slot] = (-1, true) }
         filled.signal()
         break
       }
-      lengths.withLock { $0[slot] = n }
-      filled.signal()
-      if n < chunk { break }
       slot = (slot + 1) % slots
     }
-    readerDone.signal()
-  }.start()
+    producerDone.signal()
+  }
+  defer {
+    // Wake a producer waiting for a buffer, then wait for it to finish.
+    cancelled.store(true, ordering: .releasing)
+    for _ in 0..<slots { free.signal() }
+    producerDone.wait()
+  }
   var total: UInt64 = 0
   var slot = 0
-  defer {
-    cancelled.store(true, ordering: .relaxed)
-    free.signal()
-    readerDone.wait()
-  }
   while true {
     filled.wait()
-    let n = lengths.withLock { $0[slot] }
-    if n < 0 { throw failure.withLock { $0 }! }
-    if n > 0 { try sink(UnsafeRawBufferPointer(rebasing: pool[slot][0..<n])) }
-    total += UInt64(n)
-    progress.update(total)
+    let result = results.withLock { $0[slot] }
+    if result.count < 0 { throw producerError.withLock { $0 }! }
+    if result.count > 0 {
+      try consume(UnsafeRawBufferPointer(rebasing: pool[slot][0..<result.count]))
+    }
+    total += UInt64(result.count)
     free.signal()
-    if n < chunk { break }
+    if result.last { return total }
     slot = (slot + 1) % slots
   }
-  progress.update(total, final: true)
-  return total
 }
 
 /// A chunk both ends accept.
@@ -244,12 +311,10 @@ func migrationChunk(_ clients: VFIOUserClient...) -> Int {
   Int(clients.map { $0.serverCapabilities.effectiveMaxDataXferSize }.min() ?? 1 << 20)
 }
 
-/// A failure at run time (not a usage mistake): printed as "Error: …" without the usage text.
-struct CLIError: Error, CustomStringConvertible {
-  var description: String
-  init(_ description: String) { self.description = description }
-}
-
 /// How long a migration command waits for one reply: longer than the PF's
 /// slowest bounded step (restore completion, 20 s for each of two GTs).
 let migrationTimeout: Int32 = 60_000
+
+/// Writes to a closed pipe fail with EPIPE (reported, then rolled back)
+/// instead of killing the command with SIGPIPE halfway through.
+func ignoreSIGPIPE() { signal(SIGPIPE, SIG_IGN) }

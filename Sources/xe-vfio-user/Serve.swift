@@ -41,12 +41,13 @@ struct Serve: ParsableCommand {
 
   @Option(
     help:
-      "DMA_READ/DMA_WRITE layout: spec or qemu (default: qemu for QEMU clients, spec otherwise).")
+      "DMA_READ/DMA_WRITE layout: spec (the default, what QEMU 11.1 speaks) or qemu (the `count u32, data@12` layout of some QEMU trees)."
+  )
   var dmaLayout: DMATransferLayout?
 
   @Option(
     help: ArgumentHelp(
-      "What a client's hang-up does to the device: reset (a clean device for the next client) or keep (its state stays, e.g. after `restore`; a client leaving mid-migration still resets it).",
+      "What a client's hang-up does to the device: reset (an FLR: a clean device, VRAM cleared, for the next client) or keep (its state stays, e.g. after `restore`: a source left in STOP_COPY is resumed, a device left in STOP stays stopped, only an incomplete restore is reset).",
       valueName: "reset|keep"))
   var onDisconnect: String = "reset"
 
@@ -72,6 +73,15 @@ struct Serve: ParsableCommand {
       maxDataXferSize.bytes <= UInt64(ServerLimits.largestDataXferSize)
     else {
       throw ValidationError("--max-data-xfer-size must be between 4K and 64M")
+    }
+    if let vramSize {
+      guard profile == "bmg" else {
+        throw ValidationError("--vram-size is for bmg only (\(profile) has no VRAM)")
+      }
+      guard vramSize.bytes >= 1 << 20, vramSize.bytes & (vramSize.bytes - 1) == 0 else {
+        throw ValidationError(
+          "--vram-size must be a power of two of at least 1M, such as 256M or 4G")
+      }
     }
     guard ["reset", "keep"].contains(onDisconnect) else {
       throw ValidationError("--on-disconnect is reset or keep")
@@ -124,9 +134,17 @@ struct Serve: ParsableCommand {
       do {
         try server.listen(socketPath: path)
       } catch {
-        throw CLIError(
-          error == .addressInUse
-            ? "\(path): another server is listening there" : "cannot listen on \(path): \(error)")
+        switch error {
+        case .addressInUse:
+          throw CLIError("\(path): another server is listening there (EADDRINUSE)")
+        case .isDirectory:
+          throw CLIError("\(path) is a directory; name a socket path such as \(path)/vf0.sock")
+        case .notSocket:
+          throw CLIError(
+            "\(path) exists and is not a socket (a file or link); refusing to replace it: remove it or choose another path"
+          )
+        default: throw CLIError("cannot listen on \(path): \(describe(error))")
+        }
       }
       chmod(path, mode_t(UInt32(socketMode, radix: 8)!))
     }

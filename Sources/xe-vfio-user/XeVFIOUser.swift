@@ -15,6 +15,8 @@ struct XeVFIOUser: ParsableCommand {
         xe-vfio-user info --socket-path /tmp/xe-vf0.sock
       """,
     version: "0.1.0",
-    subcommands: [Serve.self, Info.self, Migrate.self, Save.self, Restore.self, Bench.self],
+    subcommands: [
+      Serve.self, Info.self, Migrate.self, Save.self, Restore.self, Resume.self, Bench.self,
+    ],
     defaultSubcommand: Serve.self)
 }

@@ -158,7 +158,7 @@ struct MigrationCommandTests {
     let result = try run(["migrate", "--from", source.socketPath, "--to", destination.socketPath])
     #expect(result.status != 0)
     #expect(result.stderr.contains("compare devices failed"))
-    #expect(result.stderr.contains("source is RUNNING again"))
+    #expect(result.stderr.contains("is RUNNING again, with its state"))
     waitIdle(source)
     let client = try source.connect()
     #expect(try client.read32(region: 0, offset: scratch0) == 0x5eed_0005)

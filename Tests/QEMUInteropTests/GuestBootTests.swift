@@ -59,7 +59,8 @@ struct GuestBootTests {
   @Test func linuxGuestSeesAndUsesTheVF() throws {
     let env = InteropEnvironment.current
     let kernel = try #require(env.kernel)
-    let rig = try Rig("guest", qemu: nil)
+    // keep: the guest's VRAM writes are read back by a client after QEMU has gone.
+    let rig = try Rig("guest", server: ["--on-disconnect", "keep"], qemu: nil)
     defer { rig.close() }
     let initrd = rig.directory + "/initrd.cpio"
     try Data(try Self.initramfs(busybox: try #require(env.busybox))).write(

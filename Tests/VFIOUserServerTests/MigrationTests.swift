@@ -66,6 +66,8 @@ final class MigratingTestDevice: TestDevice, MigrationCapable {
       open = nil
       return nil
     case (.stopCopy, .stop):
+      // The PF refuses to finish a save still in progress (EIO).
+      if let open, open.position < open.data.count { throw .ioError }
       open = nil
       return nil
     default:
@@ -291,10 +293,14 @@ struct MigrationTests {
 
 @Suite("Keeping device state across clients")
 struct KeepOnDisconnectTests {
-  @Test func runningDeviceKeepsItsStateButMidMigrationStillResets() throws {
+  static var keep: ServerLimits {
     var limits = ServerLimits()
     limits.resetOnDisconnect = false
-    try withServer(MigratingTestDevice(), limits: limits) { server, device in
+    return limits
+  }
+
+  @Test func runningDeviceKeepsItsStateAndItsWindowsAreReleased() throws {
+    try withServer(MigratingTestDevice(), limits: Self.keep) { server, device in
       let guest = GuestMemory(size: 1 << 16)
       do {
         let client = try server.connect()
@@ -303,15 +309,103 @@ struct KeepOnDisconnectTests {
       }
       #expect(server.waitFor { !$0.clientConnected })
       #expect(device.resets == 0 && server.server.statistics.snapshot.dmaRegions == 0)
+      let client = try server.connect()
+      #expect(try client.read32(region: 0, offset: 0) == 0xabcd)
+    }
+  }
+
+  /// A source whose migration client vanished mid-stream is a cancelled
+  /// migration: the server drains the save, finishes it and resumes the VF.
+  @Test(arguments: [0, 1, 2])
+  func sourceLeftInStopCopyResumesWithItsState(chunksRead: Int) throws {
+    try withServer(MigratingTestDevice(), limits: Self.keep) { server, device in
       do {
         let client = try server.connect()
-        #expect(try client.read32(region: 0, offset: 0) == 0xabcd)
+        try client.write32(region: 0, offset: 0, 0x5eed)
+        try client.write(region: 2, offset: 0, data: [1, 2, 3, 4])
+        try client.setMigrationState(.stopCopy)
+        for _ in 0..<chunksRead { _ = try client.migDataRead(size: 1000) }
+      }
+      #expect(server.waitFor { !$0.clientConnected })
+      #expect(device.resets == 0)
+      #expect(
+        device.arcs.suffix(3) == ["STOP_COPY>STOP", "STOP>RUNNING_P2P", "RUNNING_P2P>RUNNING"])
+      let client = try server.connect()
+      #expect(try client.migrationState() == .running)
+      #expect(try client.read32(region: 0, offset: 0) == 0x5eed)
+      #expect(try client.read(region: 2, offset: 0, count: 4) == [1, 2, 3, 4])
+    }
+  }
+
+  /// A device a client deliberately left stopped stays stopped, state and all:
+  /// resuming it could run a VF whose state already runs elsewhere.
+  @Test(arguments: [MigrationState.stop, .runningP2P])
+  func deviceLeftStoppedStaysStopped(state: MigrationState) throws {
+    try withServer(MigratingTestDevice(), limits: Self.keep) { server, device in
+      do {
+        let client = try server.connect()
+        try client.write32(region: 0, offset: 0, 0x1234)
+        try client.setMigrationState(state)
+      }
+      #expect(server.waitFor { !$0.clientConnected })
+      #expect(device.resets == 0)
+      let client = try server.connect()
+      #expect(try client.migrationState() == state)
+      #expect(try client.read32(region: 0, offset: 0) == 0x1234)
+      try client.setMigrationState(.running)
+      #expect(try client.read32(region: 0, offset: 0) == 0x1234)
+    }
+  }
+
+  /// A destination in RESUMING holds part of a state: it is reset, never left to run.
+  @Test func destinationLeftInResumingIsReset() throws {
+    try withServer(MigratingTestDevice(), limits: Self.keep) { server, device in
+      do {
+        let client = try server.connect()
+        try client.setMigrationState(.resuming)
+        try client.migDataWrite(MigratingTestDevice.magic + [9, 9])
+      }
+      #expect(server.waitFor { !$0.clientConnected })
+      #expect(device.resets == 1)
+      let client = try server.connect()
+      #expect(try client.migrationState() == .running)
+    }
+  }
+
+  /// Under the default policy every client change resets, mid-migration or not.
+  @Test func resetPolicyResetsEvenASourceMidSave() throws {
+    try withServer(MigratingTestDevice()) { server, device in
+      do {
+        let client = try server.connect()
         try client.setMigrationState(.stopCopy)
       }
       #expect(server.waitFor { !$0.clientConnected })
       #expect(device.resets == 1)
       let client = try server.connect()
       #expect(try client.migrationState() == .running)
+    }
+  }
+}
+
+@Suite("Leaving STOP_COPY")
+struct CancelledSaveTests {
+  /// STOP_COPY → STOP with the save half read: the server drains the rest
+  /// rather than strand the source (the PF refuses to finish an unread save).
+  @Test func stopCopyToStopDrainsAnUnreadSave() throws {
+    try withServer(MigratingTestDevice()) { server, device in
+      let client = try server.connect()
+      try client.write(region: 2, offset: 0, data: [7, 7])
+      try client.setMigrationState(.stopCopy)
+      _ = try client.migDataRead(size: 100)
+      try client.setMigrationState(.running)
+      #expect(
+        device.arcs.suffix(3) == ["STOP_COPY>STOP", "STOP>RUNNING_P2P", "RUNNING_P2P>RUNNING"])
+      #expect(device.open == nil)
+      #expect(try client.read(region: 2, offset: 0, count: 2) == [7, 7])
+      // The next save starts from the beginning.
+      try client.setMigrationState(.stopCopy)
+      let stream = try client.readStream(chunk: 4096)
+      #expect(Array(stream.prefix(6)) == MigratingTestDevice.magic + [7, 7])
     }
   }
 }

@@ -56,11 +56,32 @@ import VFIOUser
     #expect(residentPages() == 1)
   }
 
-  @Test func vramSurvivesReset() throws {
+  /// The PF scrubs a VF's LMEM on FLR: the next client never reads what the
+  /// last one wrote, and the memfd's pages go back to the kernel.
+  @Test func resetScrubsVRAMAndFreesItsPages() throws {
     let vf = try SimulatedXeVF(profile: .bmg, vramSize: 1 << 20)
+    let mapped = try mapVRAM(vf)
+    defer { unmap(mapped) }
     try vf.writeBytes(2, 64, [9, 8, 7])
+    try vf.writeBytes(2, 512 << 10, [6])
+    #expect(mapped[64] == 9)
+    var st = stat()
+    fstat(try #require(vf.vramFD), &st)
+    #expect(st.st_blocks > 0)
     try vf.reset()
-    #expect(try vf.readBytes(2, 64, count: 3) == [9, 8, 7])
+    fstat(try #require(vf.vramFD), &st)
+    #expect(st.st_blocks == 0)
+    #expect(try vf.readBytes(2, 64, count: 3) == [0, 0, 0])
+    #expect(try vf.readBytes(2, 512 << 10, count: 1) == [0])
+    #expect(mapped[64] == 0)  // the client's mapping sees the scrub too
+  }
+
+  @Test(arguments: [XeProfile.ptl, .wcl])
+  func resetScrubsSRAM(profile: XeProfile) throws {
+    let vf = try SimulatedXeVF(profile: profile)
+    vf.withDeviceMemory { $0[100] = 0x5A }
+    try vf.reset()
+    #expect(vf.withDeviceMemory { $0.allSatisfy { $0 == 0 } })
   }
 
   @Test(arguments: [XeProfile.ptl, .wcl])

@@ -27,7 +27,15 @@ ssize_t cvfu_recvmsg(int sock, void *buf, size_t len, int *fds, int maxfds,
 
 int cvfu_ioctl(int fd, unsigned long request, void *arg);
 int cvfu_memfd_create(const char *name, unsigned int flags);
+/* Frees the pages of [offset, offset+length) of a file, keeping its size: reads give zeros. */
+int cvfu_punch_hole(int fd, long long offset, long long length);
 int cvfu_eventfd(unsigned int initval, int flags);
+
+/// CRC-32C (Castagnoli) of `len` bytes continuing from `crc` (0 to start):
+/// crc32c(b, crc32c(a, 0)) == crc32c(a ++ b, 0). Uses SSE4.2's crc32
+/// instruction on three interleaved lanes where the CPU has it (the save
+/// file's checksum must not slow a multi-GiB save), a table otherwise.
+uint32_t cvfu_crc32c(uint32_t crc, const void *data, size_t len);
 int cvfu_eventfd_signal(int fd);
 /// Reads and clears an eventfd counter without blocking; -errno (EAGAIN) if 0.
 int64_t cvfu_eventfd_drain(int fd);
@@ -41,7 +49,8 @@ int cvfu_set_recv_timeout_ms(int sock, int ms);
 int cvfu_peer_cred(int sock, int32_t *pid, uint32_t *uid);
 
 /// A listening AF_UNIX stream socket bound at `path` (close-on-exec). A stale
-/// socket file nobody listens on is replaced; a live one gives -EADDRINUSE.
+/// socket file nobody listens on is replaced; a live one gives -EADDRINUSE,
+/// a directory -EISDIR and anything else that is not a socket -ENOTSOCK.
 int cvfu_listen_unix(const char *path, int backlog);
 /// A connected AF_UNIX stream socket to `path` (close-on-exec), or -errno.
 int cvfu_connect_unix(const char *path);

@@ -1,0 +1,132 @@
+import SystemPackage
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// Where `save` writes: what the path names, never a replacement for it.
+///
+/// A regular file (or a path that does not exist yet) is written as a new file
+/// beside it and renamed over it only once the checkpoint is complete, so a
+/// failed save leaves the old file, or nothing, never a truncated file that
+/// looks whole. A symlink is followed, so the file it points to is the one
+/// replaced and the link stays. Anything else (a device such as /dev/null, a
+/// FIFO, a socket, stdout) is opened and written in place: it is never
+/// created, truncated, renamed over or removed.
+final class SaveOutput {
+  let name: String
+  let fd: FileDescriptor
+  /// The file being written and the path it becomes, for a regular file.
+  private let staging: (temporary: String, final: String)?
+  private var finished = false
+  private(set) var bytesWritten: UInt64 = 0
+
+  /// "-" is standard output.
+  init(path: String) throws {
+    if path == "-" {
+      name = "standard output"
+      fd = .standardOutput
+      staging = nil
+      return
+    }
+    name = path
+    var st = stat()
+    if stat(path, &st) == 0, st.st_mode & S_IFMT != S_IFREG {
+      guard st.st_mode & S_IFMT != S_IFDIR else {
+        throw CLIError("\(path) is a directory; name a file to write the checkpoint to")
+      }
+      do {
+        fd = try FileDescriptor.open(path, .writeOnly, options: [.closeOnExec])
+      } catch {
+        throw EndError(end: "opening \(path)", underlying: error)
+      }
+      staging = nil
+      return
+    }
+    // A regular file or a new one: stage it in the same directory (rename is atomic there).
+    let target = Self.resolveLinks(path)
+    let directory = target.lastIndex(of: "/").map { String(target[..<$0]) } ?? "."
+    let base =
+      target.lastIndex(of: "/").map { String(target[target.index(after: $0)...]) } ?? target
+    let temporary = "\(directory.isEmpty ? "/" : directory)/.\(base).\(getpid()).partial"
+    do {
+      // The checkpoint holds the VF's memory: private to its owner, like an existing file's mode.
+      let mode =
+        stat(target, &st) == 0 ? FilePermissions(rawValue: st.st_mode & 0o7777) : [.ownerReadWrite]
+      fd = try FileDescriptor.open(
+        temporary, .writeOnly, options: [.create, .exclusiveCreate, .closeOnExec], permissions: mode
+      )
+    } catch {
+      throw EndError(end: "creating \(temporary)", underlying: error)
+    }
+    staging = (temporary, target)
+  }
+
+  /// Follows symlinks (so the link itself is kept) without requiring the final file to exist.
+  private static func resolveLinks(_ path: String) -> String {
+    var current = path
+    for _ in 0..<40 {
+      var st = stat()
+      guard lstat(current, &st) == 0, st.st_mode & S_IFMT == S_IFLNK else { return current }
+      var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+      let n = readlink(current, &buffer, buffer.count - 1)
+      guard n > 0 else { return current }
+      let link = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+      if link.hasPrefix("/") {
+        current = link
+      } else if let slash = current.lastIndex(of: "/") {
+        current = String(current[...slash]) + link
+      } else {
+        current = link
+      }
+    }
+    return current
+  }
+
+  func write(_ bytes: UnsafeRawBufferPointer) throws {
+    do { _ = try fd.writeAll(bytes) } catch {
+      throw EndError(end: "writing \(name)", underlying: error)
+    }
+    bytesWritten += UInt64(bytes.count)
+  }
+
+  func write(_ bytes: [UInt8]) throws { try bytes.withUnsafeBytes { try write($0) } }
+
+  /// Whether the header can be revisited to record the file's length.
+  var seekable: Bool { staging != nil }
+
+  /// Patches `bytes` in at `offset` (only for a staged regular file).
+  func patch(_ bytes: [UInt8], at offset: Int64) throws {
+    do {
+      _ = try bytes.withUnsafeBytes { try fd.writeAll(toAbsoluteOffset: offset, $0) }
+    } catch {
+      throw EndError(end: "writing \(name)", underlying: error)
+    }
+  }
+
+  /// Makes the checkpoint durable and puts it in place.
+  func commit() throws {
+    guard let staging else { return }
+    do {
+      guard fsync(fd.rawValue) == 0 else { throw Errno(rawValue: errno) }
+      try fd.close()
+    } catch {
+      throw EndError(end: "writing \(name)", underlying: error)
+    }
+    finished = true
+    guard rename(staging.temporary, staging.final) == 0 else {
+      let error = Errno(rawValue: errno)
+      unlink(staging.temporary)
+      throw EndError(end: "renaming \(staging.temporary) to \(staging.final)", underlying: error)
+    }
+  }
+
+  /// Drops a checkpoint that did not complete: the staged file is removed; a
+  /// device, FIFO or stdout is left as it is.
+  func abandon() {
+    guard let staging, !finished else { return }
+    finished = true
+    try? fd.close()
+    unlink(staging.temporary)
+  }
+}
