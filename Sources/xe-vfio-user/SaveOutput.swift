@@ -57,7 +57,7 @@ final class SaveOutput {
         temporary, .writeOnly, options: [.create, .exclusiveCreate, .closeOnExec], permissions: mode
       )
     } catch {
-      throw EndError(end: "creating \(temporary)", underlying: error)
+      throw EndError(end: "creating \(path) (as \(temporary) until complete)", underlying: error)
     }
     staging = (temporary, target)
   }

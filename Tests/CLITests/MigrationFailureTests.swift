@@ -25,12 +25,13 @@ final class Background: @unchecked Sendable {
 
   var stderr: String { collected.withLock { $0 } }
 
-  /// Waits until stderr contains `text` (or the process ends).
-  func waitFor(_ text: String, seconds: Double = 60) -> Bool {
+  /// Waits until stderr contains `text` `times` times (or the process ends).
+  func waitFor(_ text: String, times: Int = 1, seconds: Double = 60) -> Bool {
     let deadline = Date().addingTimeInterval(seconds)
+    func seen() -> Bool { stderr.components(separatedBy: text).count > times }
     while Date() < deadline {
-      if stderr.contains(text) { return true }
-      if !process.isRunning { return stderr.contains(text) }
+      if seen() { return true }
+      if !process.isRunning { return seen() }
       usleep(2_000)
     }
     return false
@@ -81,7 +82,9 @@ struct MigrationFailureTests {
   let vram = 256 << 20
   var keep: [String] { ["--vram-size", "256M", "--on-disconnect", "keep"] }
 
-  @Test func destinationKilledMidStreamLeavesTheSourceRunningWithItsState() throws {
+  /// Killed as the stream starts, and halfway through it (progress lines come every 10%).
+  @Test(arguments: [false, true])
+  func destinationKilledMidStreamLeavesTheSourceRunningWithItsState(halfway: Bool) throws {
     let source = try ServeProcess(keep)
     let destination = try ServeProcess(keep)
     defer { [source, destination].forEach { _ = $0.stop() } }
@@ -92,6 +95,7 @@ struct MigrationFailureTests {
       "migrate", "--from", source.socketPath, "--to", destination.socketPath,
     ])
     #expect(migrate.waitFor("migrating: "))
+    if halfway { #expect(migrate.waitFor("migrating: ", times: 5)) }
     kill(destination.process.processIdentifier, SIGKILL)
     let status = migrate.wait()
     #expect(status == 1, "\(migrate.stderr)")  // a reported failure, not a signal
@@ -124,6 +128,50 @@ struct MigrationFailureTests {
     let client = try destination.connect()
     #expect(try client.migrationState() == .running)
     #expect(try client.read32(region: 0, offset: scratch0) == 0)
+  }
+
+  /// The source dies: its state died with it, but the destination must not run with half of it.
+  @Test func sourceKilledMidStreamLeavesNoHalfStateOnTheDestination() throws {
+    let source = try ServeProcess(keep)
+    let destination = try ServeProcess(keep)
+    defer { [source, destination].forEach { _ = $0.stop() } }
+    _ = try markDevice(try source.connect(), vram: vram, seed: 3)
+    _ = try destination.connect()
+    waitIdle(source)
+    let migrate = try Background([
+      "migrate", "--from", source.socketPath, "--to", destination.socketPath,
+    ])
+    #expect(migrate.waitFor("migrating: "))
+    kill(source.process.processIdentifier, SIGKILL)
+    #expect(migrate.wait() == 1)
+    #expect(migrate.stderr.contains("--from \(source.socketPath)"), "\(migrate.stderr)")
+    #expect(
+      migrate.stderr.contains("destination --to \(destination.socketPath) reset"),
+      "\(migrate.stderr)")
+    waitIdle(destination)
+    let client = try destination.connect()
+    #expect(try client.migrationState() == .running)
+    #expect(try client.read32(region: 0, offset: scratch0) == 0)
+  }
+
+  @Test func missingFilesAndDirectoriesAreNamedWithTheirErrno() throws {
+    let source = try ServeProcess(["--vram-size", "16M", "--on-disconnect", "keep"])
+    defer { _ = source.stop() }
+    _ = try source.connect()
+    waitIdle(source)
+    let missing = source.directory + "/nowhere/vf.xesave"
+    let save = try run(["save", "-s", source.socketPath, "-o", missing])
+    #expect(save.status == 1)
+    #expect(
+      save.stderr.contains("creating \(missing)") && save.stderr.contains("ENOENT"),
+      "\(save.stderr)")
+    let restore = try run(["restore", "-s", source.socketPath, "-i", missing])
+    #expect(restore.status == 1)
+    #expect(restore.stderr.contains("opening \(missing): ENOENT"), "\(restore.stderr)")
+    #expect(
+      !restore.stderr.contains("NSCocoaErrorDomain") && !save.stderr.contains("NSCocoaErrorDomain"))
+    waitIdle(source)
+    #expect(try source.connect().migrationState() == .running)
   }
 
   @Test func saveToAFullDeviceOrAClosedPipeLeavesTheSourceRunning() throws {
