@@ -35,7 +35,7 @@ struct Bench: ParsableCommand {
   var instructions = false
 
   @Option(
-    help: "Comma-separated subset: read,write,inflight,large,dma,rss,migration (default all).")
+    help: "Comma-separated subset: read,write,inflight,large,dma,rss,migration,save (default all).")
   var only: String?
 
   @Option(help: "VRAM sizes for the migration figures.")
@@ -52,7 +52,8 @@ struct Bench: ParsableCommand {
     let serverCPU: Int32? = cpus == "none" ? nil : (cpus == "split" ? 1 : 0)
     if let clientCPU { _ = cvfu_pin_to_cpu(clientCPU) }
     let selected = Set(
-      (only ?? "read,write,inflight,large,dma,rss,migration").split(separator: ",").map(String.init)
+      (only ?? "read,write,inflight,large,dma,rss,migration,save").split(separator: ",").map(
+        String.init)
     )
     var logger = Logger(label: "bench")
     logger.logLevel = .error
@@ -172,6 +173,15 @@ struct Bench: ParsableCommand {
         "\nMigration of the simulated BMG VF, threads not pinned (targets: MIG_DATA_READ ≥ 4.4 GB/s, MIG_DATA_WRITE ≥ 3.9 GB/s, 4 GiB downtime ≤ 1.5× the raw socket stream):"
       )
       print(ReportTable(rows: rows).render())
+    }
+    if selected.contains("save") {
+      _ = cvfu_unpin()
+      let size = migrationVRAM.map(\.bytes).max() ?? 4 << 30
+      let f = try SaveBench.run(vram: size, logger: logger)
+      let slower = (f.checksummedSeconds / f.plainSeconds - 1) * 100
+      print(
+        "\nsave of \(formatBytes(f.vram)) VRAM (\(formatRate(f.streamBytes)) stream) to /dev/null, best of 2 each: \(fixed(f.checksummedSeconds, 3)) s with CRC-32C records, \(fixed(f.plainSeconds, 3)) s without (\(fixed(slower, 1))% slower; target ≤ 10%); raw: CRC-32C \(fixed(f.crcRate / 1e9, 1)) GB/s, memcpy \(fixed(f.memcpyRate / 1e9, 1)) GB/s"
+      )
     }
   }
 

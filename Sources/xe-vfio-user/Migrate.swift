@@ -164,18 +164,8 @@ struct Save: ParsableCommand {
       try step(.stopCopy) { try on(end) { try client.setMigrationState(.stopCopy) } }
       stopped = true
       let progress = ProgressReporter(label: "saving", total: estimate, enabled: !quiet)
-      let chunk = min(migrationChunk(client), SaveFormat.maxRecord)
-      var written: UInt64 = 0
       let bytes = try step(.stream) {
-        try pipeline(bufferSize: chunk) { buffer in
-          let n = try on(end) { try client.migDataRead(into: buffer) }
-          return (n, n < buffer.count)
-        } consume: { data in
-          try out.write(writer.recordHeader(for: data))
-          try out.write(data)
-          written += UInt64(data.count)
-          progress.update(written)
-        }
+        try writeRecords(from: client, end: end, into: out, writer: &writer, progress: progress)
       }
       progress.update(bytes, final: true)
       try out.write(writer.end())
@@ -198,6 +188,24 @@ struct Save: ParsableCommand {
       }
       throw ExitCode.failure
     }
+  }
+}
+
+/// Streams the device's STOP_COPY data into `out` as checksummed records.
+func writeRecords(
+  from client: VFIOUserClient, end: String, into out: SaveOutput, writer: inout SaveFileWriter,
+  progress: ProgressReporter
+) throws -> UInt64 {
+  let chunk = min(migrationChunk(client), SaveFormat.maxRecord)
+  var written: UInt64 = 0
+  return try pipeline(bufferSize: chunk) { buffer in
+    let n = try on(end) { try client.migDataRead(into: buffer) }
+    return (n, n < buffer.count)
+  } consume: { data in
+    try out.write(writer.recordHeader(for: data))
+    try out.write(data)
+    written += UInt64(data.count)
+    progress.update(written)
   }
 }
 
