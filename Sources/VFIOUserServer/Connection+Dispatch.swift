@@ -477,7 +477,8 @@ extension Connection {
     return DMAUnmapPayload.size
   }
 
+  /// The range with its last byte: it may end at 2^64.
   private func range(_ request: DMAUnmapPayload) -> String {
-    "[0x\(String(request.address, radix: 16)), 0x\(String(request.address + request.size, radix: 16)))"
+    "[0x\(String(request.address, radix: 16)), 0x\(String(request.address + (request.size - 1), radix: 16))]"
   }
 }

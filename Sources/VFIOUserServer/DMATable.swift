@@ -59,7 +59,7 @@ struct DMATable {
   mutating func remove(address: UInt64, size: UInt64) throws(Errno) -> [DMARegion] {
     let mask = pageSize - 1
     guard address & mask == 0, size & mask == 0 else { throw .invalidArgument }
-    guard let removed = map.remove(inside: address, address + size) else {
+    guard let removed = map.remove(inside: address, through: address + (size - 1)) else {
       throw .invalidArgument
     }
     for region in removed { Self.release(region) }

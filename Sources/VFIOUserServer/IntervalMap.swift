@@ -100,20 +100,21 @@ struct IntervalMap<Value> {
     return lo
   }
 
-  /// Removes every entry lying inside [start, end) and returns their values in
-  /// address order; none inside is an empty result. Returns nil, changing
-  /// nothing, when an entry straddles `start` or `end`. Two lookups decide
-  /// that, so the cost stays O(log n + blockCapacity) plus the entries removed.
-  mutating func remove(inside start: UInt64, _ end: UInt64) -> [Value]? {
-    guard !blocks.isEmpty, start < end else { return [] }
+  /// Removes every entry lying inside [start, last] (inclusive, so that a range
+  /// may end at 2^64) and returns their values in address order; none inside
+  /// is an empty result. Returns nil, changing nothing, when an entry
+  /// straddles either edge. Two lookups decide that, so the cost stays
+  /// O(log n + blockCapacity) plus the entries removed.
+  mutating func remove(inside start: UInt64, through last: UInt64) -> [Value]? {
+    guard !blocks.isEmpty, start <= last else { return [] }
     if let first = lookup(start), first.start != start { return nil }
-    if let last = lookup(end - 1), last.end != end { return nil }
-    // No entry crosses either edge: the run of starts in [start, end) is the answer.
+    if let final = lookup(last), final.end - 1 != last { return nil }
+    // No entry crosses either edge: the run of starts in [start, last] is the answer.
     var removed: [Value] = []
     var b = blockIndex(for: start)
     var i = Self.lowerBound(blocks[b], start)
     while b < blocks.count {
-      let j = Self.lowerBound(blocks[b], end)
+      let j = Self.upperBound(blocks[b], last)
       let runsOn = j == blocks[b].count
       if i < j {
         removed.append(contentsOf: blocks[b][i..<j].lazy.map(\.value))

@@ -170,6 +170,37 @@ struct DMAUnmapRangeTests {
     }
   }
 
+  /// QEMU drops the vIOMMU section above the MSI window with one unmap of
+  /// [0xfef00000, 2^64): the last byte is 2^64 - 1, which the kernel accepts too.
+  @Test func aRangeEndingAtTheTopOfTheAddressSpace() throws {
+    try withServer(TestDevice()) { server, device in
+      let client = try server.connect()
+      let file = GuestFile(size: 1 << 20)
+      let top: UInt64 = 0xFFFF_FFFF_FFFF_E000
+      try client.dmaMap(address: 0xFEE0_0000, size: 0x1000, flags: Self.rw, fd: file.fd)
+      try client.dmaMap(
+        address: Self.base, size: 0x1000, flags: Self.rw, fd: file.fd, offset: 0x2000)
+      try client.dmaMap(address: top, size: 0x1000, flags: Self.rw, fd: file.fd, offset: 0x4000)
+      #expect(file.serverMappings.count == 3)
+      let size = 0 &- UInt64(0xFEF0_0000)
+      let echoed = try client.dmaUnmap(address: 0xFEF0_0000, size: size)
+      #expect(echoed == DMAUnmapPayload(address: 0xFEF0_0000, size: size))
+      #expect(server.server.statistics.snapshot.dmaRegions == 1)
+      #expect(device.mappedWindows == 1)
+      #expect(file.serverMappings.count == 1, "the window below the range stays")
+      // Past 2^64 - 1 is still malformed.
+      expectServerError(.invalidArgument) {
+        try client.dmaUnmap(address: 0xFEF0_0000, size: size + 0x1000)
+      }
+      // A cut at the top end: a window to 2^64 - 4 KiB, a range from its middle.
+      try client.dmaMap(address: top - 0x2000, size: 0x3000, flags: Self.rw)
+      expectServerError(.invalidArgument) { try client.dmaUnmap(address: top, size: 0x2000) }
+      #expect(server.server.statistics.snapshot.dmaRegions == 2)
+      try client.dmaUnmap(address: top - 0x2000, size: 0x4000)
+      #expect(server.server.statistics.snapshot.dmaRegions == 1)
+    }
+  }
+
   /// Many windows spread over the table's internal blocks: a range removes
   /// exactly the ones inside it, whatever block they sit in.
   @Test func rangesOverManyWindows() throws {
