@@ -452,7 +452,9 @@ extension Connection {
     let request = try DMAUnmapPayload(decoding: payload)
     if request.flags & VFIODMAUnmapFlags.all != 0 {
       abortDMAJobs()
-      for region in dma.removeAll() { backend.dmaUnmapped(region) }
+      let removed = dma.removeAll()
+      for region in removed { backend.dmaUnmapped(region) }
+      if traceEnabled { logger.trace("DMA_UNMAP all: \(removed.count) windows removed") }
     } else {
       let removed: [DMARegion]
       do throws(Errno) {
