@@ -7,8 +7,10 @@
 #     qemu-system-x86 is installed in it from trixie-backports; a wrapper runs it
 #     in a private mount namespace + chroot. The host's glibc, packages and apt
 #     sources are left alone.
-#   * a guest kernel and a static busybox, from Debian's packages, for the test
-#     that boots a Linux guest with the VF attached (the test builds the initramfs);
+#   * a guest kernel, its VFIO modules and a static busybox, from Debian's
+#     packages, for the tests that boot a Linux guest with the VF attached (the
+#     tests build the initramfs); gcc and libc6-dev if missing, for the static
+#     program the vIOMMU guest runs;
 #   * virt-xml-validate (libvirt-clients) and systemd-analyze, which check the
 #     libvirt and systemd examples.
 #
@@ -18,6 +20,7 @@
 #   qemu/root/                  the Debian 13 root (only when the host QEMU is too old)
 #   qemu/bin/qemu-system-x86_64 the wrapper (only then)
 #   guest/vmlinuz, guest/busybox
+#   guest/modules/*.ko          the VFIO modules of that kernel, decompressed
 #   env                         XE_VFU_QEMU=... and friends, for scripts/test.sh and the tests
 #
 # Usage: scripts/install-qemu.sh [--force] [--env]
@@ -242,13 +245,18 @@ apt_download() {
   fi
 }
 
+# The vIOMMU guest binds the VF to vfio-pci: these modules, inserted in this order.
+GUEST_MODULES=(irqbypass vfio vfio_iommu_type1 vfio-pci-core vfio-pci)
+
 install_guest() {
-  if [ -f "$GUEST/.complete" ] && [ -s "$GUEST/vmlinuz" ] && [ -x "$GUEST/busybox" ]; then return; fi
+  if [ -f "$GUEST/.complete" ] && [ -s "$GUEST/vmlinuz" ] && [ -x "$GUEST/busybox" ] &&
+    [ -f "$GUEST/modules/.complete" ]; then return; fi
   mkdir -p "$GUEST"
   local work=$GUEST/download rx kernel
   rm -rf "$work" && mkdir -p "$work"
-  # Resolve the cloud kernel meta-package to its image package (no modules needed:
-  # PCI, serial console, devtmpfs and /dev/mem are built in).
+  # Resolve the cloud kernel meta-package to its image package. PCI, the serial
+  # console, devtmpfs, /dev/mem and intel-iommu are built in; VFIO is modules,
+  # taken from the same package so they match vmlinuz exactly.
   if [ -f "$CACHE/qemu/.complete" ] && [ "$QEMU" = "$WRAPPER" ]; then
     chroot "$QROOT" apt-get update -qq >>"$GUEST/apt.log" 2>&1
     kernel=$(chroot "$QROOT" apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
@@ -256,7 +264,7 @@ install_guest() {
     kernel=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
   fi
   [ -n "$kernel" ] || die "cannot resolve linux-image-cloud-amd64 (apt lists missing? run apt-get update)"
-  say "guest for the boot test: downloading $kernel and busybox-static from Debian (about 30-40 MB; only vmlinuz and busybox are kept)"
+  say "guest for the boot tests: downloading $kernel and busybox-static from Debian (about 36 MB; only vmlinuz, busybox and ${#GUEST_MODULES[@]} VFIO modules are kept)"
   rx=$(rx_bytes)
   apt_download "$work" "$kernel" busybox-static || die "downloading the guest packages failed (log: $GUEST/apt.log)"
   local deb
@@ -265,7 +273,21 @@ install_guest() {
   cp "$(ls "$work"/x/boot/config-* | head -n1)" "$GUEST/kernel-config"
   cp "$(ls "$work"/x/usr/bin/busybox "$work"/x/bin/busybox 2>/dev/null | head -n1)" "$GUEST/busybox.new"
   chmod 0644 "$GUEST/vmlinuz.new" && chmod 0755 "$GUEST/busybox.new"
+  # Busybox insmod takes plain .ko files: decompress the kernel's .ko.xz here.
+  command -v xz >/dev/null 2>&1 || die "xz (xz-utils) is needed to decompress the guest's modules"
+  rm -rf "$GUEST/modules.new" && mkdir -p "$GUEST/modules.new"
+  local module file
+  for module in "${GUEST_MODULES[@]}"; do
+    file=$(find "$work/x" -path '*/modules/*' \( -name "$module.ko" -o -name "$module.ko.xz" \) | head -n1)
+    [ -n "$file" ] || die "$kernel has no $module module"
+    case "$file" in
+      *.xz) xz -dc "$file" >"$GUEST/modules.new/$module.ko" ;;
+      *) cp "$file" "$GUEST/modules.new/$module.ko" ;;
+    esac
+  done
+  touch "$GUEST/modules.new/.complete"
   mv -f "$GUEST/vmlinuz.new" "$GUEST/vmlinuz" && mv -f "$GUEST/busybox.new" "$GUEST/busybox"
+  rm -rf "$GUEST/modules" && mv "$GUEST/modules.new" "$GUEST/modules"
   echo "$kernel" >"$GUEST/kernel-package"
   rm -rf "$work"
   # The root's apt lists and caches are only needed while downloading.
@@ -281,10 +303,13 @@ install_checkers() {
   command -v virt-xml-validate >/dev/null 2>&1 || need+=(libvirt-clients)
   command -v xmllint >/dev/null 2>&1 || need+=(libxml2-utils)  # virt-xml-validate runs it
   command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+  # The vIOMMU guest's test program is built on the host with gcc -static.
+  command -v gcc >/dev/null 2>&1 || need+=(gcc)
+  [ -f "/usr/lib/$(uname -m)-linux-gnu/libc.a" ] || need+=(libc6-dev)
   [ ${#need[@]} -eq 0 ] && return
   local bytes
   bytes=$(apt-get install --print-uris -qq --no-install-recommends "${need[@]}" 2>/dev/null | awk '{ s += $3 } END { print s + 0 }')
-  say "installing ${need[*]} from Debian 12 for the example checks (virt-xml-validate, xmllint, systemd-analyze; $(mb "$bytes"))"
+  say "installing ${need[*]} from Debian 12 for the example checks and the guest program (virt-xml-validate, xmllint, systemd-analyze, gcc -static; $(mb "$bytes"))"
   export DEBIAN_FRONTEND=noninteractive
   as_root apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need[@]}" >/dev/null 2>&1 ||
     { as_root apt-get -o DPkg::Lock::Timeout=300 update -qq &&
@@ -312,6 +337,7 @@ XE_VFU_QEMU=$QEMU
 XE_VFU_QEMU_VERSION=$version
 XE_VFU_GUEST_KERNEL=$GUEST/vmlinuz
 XE_VFU_GUEST_BUSYBOX=$GUEST/busybox
+XE_VFU_GUEST_MODULES=$GUEST/modules
 EOF
 mv -f "$ENVFILE.new" "$ENVFILE"
 elapsed=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')

@@ -158,7 +158,7 @@ extension VFIOUserClient {
     try receiveAck(id: id)
   }
 
-  /// DMA_UNMAP of an exact window; returns the echoed entry.
+  /// DMA_UNMAP of a range (every window inside it goes); returns the echoed entry.
   @discardableResult
   public func dmaUnmap(address: UInt64, size: UInt64) throws(VFIOUserClientError) -> DMAUnmapPayload
   {
@@ -388,9 +388,20 @@ extension VFIOUserClient {
   public func receiveAck(id: UInt16, payload: Int = -1) throws(VFIOUserClientError)
     -> UnsafeRawBufferPointer
   {
-    let result: ReceiveResult
-    do throws(Errno) { result = try channel.receive() } catch { throw .system(error) }
-    guard case .message(var message) = result else { throw .disconnected }
+    var received: ReceivedMessage
+    while true {
+      let result: ReceiveResult
+      do throws(Errno) { result = try channel.receive() } catch { throw .system(error) }
+      guard case .message(let message) = result else { throw .disconnected }
+      received = message
+      guard received.header.isCommand else { break }
+      // A DMA request the server sent before this reply (a transfer racing a
+      // DMA_MAP or DMA_UNMAP): answered first, as `awaitReply` does.
+      try serve(
+        ClientMessage(
+          header: received.header, payload: Array(received.payload), fds: received.fds.take()))
+    }
+    var message = received
     message.fds.closeAll()
     guard message.header.messageID == id, message.header.isReply else {
       throw .protocolViolation("reply id \(message.header.messageID) for \(id)")

@@ -185,7 +185,7 @@ public final class VFIOUserClient {
   }
 
   /// Answers one DMA_READ / DMA_WRITE from `memory` (ENOSYS to anything else, like QEMU).
-  private func serve(_ message: ClientMessage) throws(VFIOUserClientError) {
+  func serve(_ message: ClientMessage) throws(VFIOUserClientError) {
     let h = message.header
     for fd in message.fds { _ = close(fd) }
     func fail(_ e: Errno) throws(VFIOUserClientError) {

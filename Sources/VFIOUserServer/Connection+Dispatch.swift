@@ -445,18 +445,42 @@ extension Connection {
     return 0
   }
 
+  /// Removes the windows inside the range (the kernel's type1v2 rules, see
+  /// `DMATable.remove`), or every window with UNMAP_ALL. Each is unmapped and
+  /// its transfers in flight are cancelled before the reply, which echoes the request.
   func dmaUnmap(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
     let request = try DMAUnmapPayload(decoding: payload)
     if request.flags & VFIODMAUnmapFlags.all != 0 {
       abortDMAJobs()
-      for region in dma.removeAll() { backend.dmaUnmapped(region) }
+      let removed = dma.removeAll()
+      for region in removed { backend.dmaUnmapped(region) }
+      if traceEnabled { logger.trace("DMA_UNMAP all: \(removed.count) windows removed") }
     } else {
-      let region = try dma.remove(address: request.address, size: request.size)
-      abortDMAJobs(touching: region)
-      backend.dmaUnmapped(region)
+      let removed: [DMARegion]
+      do throws(Errno) {
+        removed = try dma.remove(address: request.address, size: request.size)
+      } catch {
+        // The client believes this memory is no longer the device's; it still is.
+        logger.warning(
+          "DMA_UNMAP \(range(request)) refused (\(error.name)): it cuts through a window or is not page-aligned; nothing removed"
+        )
+        throw error
+      }
+      for region in removed {
+        abortDMAJobs(touching: region)
+        backend.dmaUnmapped(region)
+      }
+      if traceEnabled {
+        logger.trace("DMA_UNMAP \(range(request)): \(removed.count) windows removed")
+      }
     }
     stats.update { $0.dmaRegions = dma.count }
     request.encode(into: replyArea)
     return DMAUnmapPayload.size
+  }
+
+  /// The range with its last byte: it may end at 2^64.
+  private func range(_ request: DMAUnmapPayload) -> String {
+    "[0x\(String(request.address, radix: 16)), 0x\(String(request.address + (request.size - 1), radix: 16))]"
   }
 }

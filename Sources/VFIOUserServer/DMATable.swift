@@ -51,13 +51,19 @@ struct DMATable {
     return region
   }
 
-  /// Removes the window that matches exactly; EINVAL if there is none.
-  mutating func remove(address: UInt64, size: UInt64) throws(Errno) -> DMARegion {
-    guard let entry = map.remove(start: address, end: address + size) else {
+  /// Removes every window lying inside [address, address + size), with the
+  /// kernel's type1v2 rules: a range holding no window succeeds, and a range
+  /// that cuts through a window (or is not page-aligned) is refused with EINVAL
+  /// and removes nothing. A vIOMMU client unmaps whatever its guest
+  /// invalidates, so one range may cover many windows or none.
+  mutating func remove(address: UInt64, size: UInt64) throws(Errno) -> [DMARegion] {
+    let mask = pageSize - 1
+    guard address & mask == 0, size & mask == 0 else { throw .invalidArgument }
+    guard let removed = map.remove(inside: address, through: address + (size - 1)) else {
       throw .invalidArgument
     }
-    Self.release(entry.value)
-    return entry.value
+    for region in removed { Self.release(region) }
+    return removed
   }
 
   mutating func removeAll() -> [DMARegion] {

@@ -89,16 +89,43 @@ struct IntervalMap<Value> {
     return true
   }
 
-  /// Removes the entry exactly equal to [start, end).
-  mutating func remove(start: UInt64, end: UInt64) -> Entry? {
-    guard !blocks.isEmpty else { return nil }
-    let b = blockIndex(for: start)
-    let i = Self.upperBound(blocks[b], start) - 1
-    guard i >= 0, blocks[b][i].start == start, blocks[b][i].end == end else { return nil }
-    let entry = blocks[b].remove(at: i)
-    if blocks[b].isEmpty { blocks.remove(at: b) }
-    count -= 1
-    return entry
+  /// Position in `block` of the first entry with start ≥ address.
+  private static func lowerBound(_ block: [Entry], _ address: UInt64) -> Int {
+    var lo = 0
+    var hi = block.count
+    while lo < hi {
+      let mid = (lo + hi) / 2
+      if block[mid].start < address { lo = mid + 1 } else { hi = mid }
+    }
+    return lo
+  }
+
+  /// Removes every entry lying inside [start, last] (inclusive, so that a range
+  /// may end at 2^64) and returns their values in address order; none inside
+  /// is an empty result. Returns nil, changing nothing, when an entry
+  /// straddles either edge. Two lookups decide that, so the cost stays
+  /// O(log n + blockCapacity) plus the entries removed.
+  mutating func remove(inside start: UInt64, through last: UInt64) -> [Value]? {
+    guard !blocks.isEmpty, start <= last else { return [] }
+    if let first = lookup(start), first.start != start { return nil }
+    if let final = lookup(last), final.end - 1 != last { return nil }
+    // No entry crosses either edge: the run of starts in [start, last] is the answer.
+    var removed: [Value] = []
+    var b = blockIndex(for: start)
+    var i = Self.lowerBound(blocks[b], start)
+    while b < blocks.count {
+      let j = Self.upperBound(blocks[b], last)
+      let runsOn = j == blocks[b].count
+      if i < j {
+        removed.append(contentsOf: blocks[b][i..<j].lazy.map(\.value))
+        blocks[b].removeSubrange(i..<j)
+      }
+      guard runsOn else { break }
+      if blocks[b].isEmpty { blocks.remove(at: b) } else { b += 1 }
+      i = 0
+    }
+    count -= removed.count
+    return removed
   }
 
   mutating func removeAll() -> [Entry] {

@@ -57,9 +57,10 @@ struct DMATests {
       try client.dmaMap(address: 0x30_0000, size: 0x1000, flags: rw)
       // max_dma_maps = 4
       expectServerError(.noSpace) { try client.dmaMap(address: 0x40_0000, size: 0x1000, flags: rw) }
-      // Unmap must match exactly.
+      // An unmap may not cut through a window; one that holds none succeeds (DMAUnmapRangeTests).
       expectServerError(.invalidArgument) { try client.dmaUnmap(address: 0x10_0000, size: 0x1000) }
-      expectServerError(.invalidArgument) { try client.dmaUnmap(address: 0x50_0000, size: 0x1000) }
+      try client.dmaUnmap(address: 0x50_0000, size: 0x1000)
+      #expect(server.server.statistics.snapshot.dmaRegions == 4)
       let echoed = try client.dmaUnmap(address: 0x10_0000, size: 0x1_0000)
       #expect(echoed == DMAUnmapPayload(address: 0x10_0000, size: 0x1_0000))
       #expect(server.server.statistics.snapshot.dmaRegions == 3)

@@ -10,6 +10,10 @@ struct InteropEnvironment: Sendable {
   var qemuVersion: String?
   var kernel: String?
   var busybox: String?
+  /// The guest kernel's VFIO modules, decompressed (`GuestVFIOModules.names`).
+  var guestModules: String?
+  /// A C compiler that links statically, for the vIOMMU guest's program.
+  var compiler: String?
   /// The built `xe-vfio-user`.
   var server: String
   /// The repository root.
@@ -17,6 +21,7 @@ struct InteropEnvironment: Sendable {
   /// Why the QEMU tests cannot run here, or nil when they can.
   var qemuMissing: String?
   var guestMissing: String?
+  var viommuMissing: String?
 
   static let current = InteropEnvironment.load()
 
@@ -41,6 +46,12 @@ struct InteropEnvironment: Sendable {
     var env = InteropEnvironment(
       qemu: settings["XE_VFU_QEMU"], qemuVersion: settings["XE_VFU_QEMU_VERSION"],
       kernel: settings["XE_VFU_GUEST_KERNEL"], busybox: settings["XE_VFU_GUEST_BUSYBOX"],
+      // install-qemu.sh puts them next to the kernel; an older env file does not name them.
+      guestModules: settings["XE_VFU_GUEST_MODULES"]
+        ?? settings["XE_VFU_GUEST_KERNEL"].map {
+          URL(fileURLWithPath: $0).deletingLastPathComponent().path + "/modules"
+        },
+      compiler: settings["XE_VFU_CC"] ?? findInPath("gcc"),
       server: locateServer(root: root), root: root)
     if let qemu = env.qemu {
       if !files.isExecutableFile(atPath: qemu) {
@@ -60,7 +71,23 @@ struct InteropEnvironment: Sendable {
     {
       env.guestMissing = "no guest kernel or busybox: run scripts/install-qemu.sh"
     }
+    if env.guestMissing != nil {
+      env.viommuMissing = env.guestMissing
+    } else if !GuestVFIOModules.names.allSatisfy({ name in
+      env.guestModules.map { files.fileExists(atPath: "\($0)/\(name).ko") } ?? false
+    }) {
+      env.viommuMissing = "no VFIO modules for the guest kernel: run scripts/install-qemu.sh"
+    } else if env.compiler == nil {
+      env.viommuMissing = "no gcc to build the guest's VFIO program (set XE_VFU_CC to another)"
+    }
     return env
+  }
+
+  private static func findInPath(_ name: String) -> String? {
+    let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
+    return path.split(separator: ":").map { "\($0)/\(name)" }.first {
+      FileManager.default.isExecutableFile(atPath: $0)
+    }
   }
 
   /// `xe-vfio-user` next to the running test bundle (any scratch path), else in
@@ -92,6 +119,16 @@ let guestAvailable = ConditionTrait.enabled(
   if: InteropEnvironment.current.guestMissing == nil,
   Comment(rawValue: "guest boot skipped: \(InteropEnvironment.current.guestMissing ?? "")"))
 
+let viommuGuestAvailable = ConditionTrait.enabled(
+  if: InteropEnvironment.current.viommuMissing == nil,
+  Comment(rawValue: "guest boot skipped: \(InteropEnvironment.current.viommuMissing ?? "")"))
+
+/// The modules the vIOMMU guest inserts, in dependency order (scripts/install-qemu.sh
+/// takes them from the guest kernel's own package).
+enum GuestVFIOModules {
+  static let names = ["irqbypass", "vfio", "vfio_iommu_type1", "vfio-pci-core", "vfio-pci"]
+}
+
 @Suite("QEMU availability")
 struct QEMUAvailabilityTests {
   /// Locally a missing QEMU skips the interop suites (loudly, see scripts/test.sh);
@@ -102,7 +139,9 @@ struct QEMUAvailabilityTests {
       #expect(
         env.qemuMissing == nil, "CI must run the QEMU interop tests: \(env.qemuMissing ?? "")")
       #expect(env.guestMissing == nil, "CI must run the guest boot test: \(env.guestMissing ?? "")")
-    } else if let reason = env.qemuMissing ?? env.guestMissing {
+      #expect(
+        env.viommuMissing == nil, "CI must run the vIOMMU guest test: \(env.viommuMissing ?? "")")
+    } else if let reason = env.qemuMissing ?? env.guestMissing ?? env.viommuMissing {
       print("⚠️  QEMU interop tests are SKIPPED: \(reason)")
     }
   }
