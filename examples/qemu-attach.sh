@@ -6,7 +6,7 @@
 #   examples/qemu-attach.sh [QEMU options...]   e.g. -kernel bzImage -append console=ttyS0 -nographic
 #
 # Environment: XE_VFU_SOCKET (default /tmp/xe-vfio-user.sock), XE_VFU_BIN
-# (default .build/release/xe-vfio-user), QEMU (default: the QEMU that
+# (default .build/release/xe-vfio-user, built by scripts/build.sh), QEMU (default: the QEMU that
 # scripts/install-qemu.sh installed, else qemu-system-x86_64 from PATH; it must be
 # 10.1 or later), GUEST_MEMORY (default 4G), XE_VFU_PROFILE (default bmg).
 # The command line uses KVM (-accel kvm -cpu host), as the README's does.
@@ -19,7 +19,7 @@ if [ -z "${QEMU:-}" ]; then
   QEMU=${QEMU:-qemu-system-x86_64}
 fi
 memory=${GUEST_MEMORY:-4G}
-[ -x "$server" ] || { echo "no server at $server: run 'swift build -c release' first (or set XE_VFU_BIN)" >&2; exit 1; }
+[ -x "$server" ] || { echo "no server at $server: run scripts/build.sh first (or set XE_VFU_BIN)" >&2; exit 1; }
 
 # A socket file left by an earlier run is replaced by the server: wait for the new one.
 stale=$(stat -c %i "$socket" 2>/dev/null || true)
