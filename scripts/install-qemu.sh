@@ -32,7 +32,8 @@
 # XE_VFU_QEMU_SUITE (trixie-backports, or sid), XE_VFU_NO_HOST_QEMU=1 (ignore a host QEMU).
 #
 # The wrapper shares these host directories with QEMU at the same paths: /tmp, the
-# directory it is started from, and any listed in XE_VFU_QEMU_SHARE (colon-separated).
+# directory it is started from, the guest cache ($XE_VFU_CACHE/guest), and any
+# listed in XE_VFU_QEMU_SHARE (colon-separated).
 # Sockets, kernels and files passed to QEMU must live under one of them.
 set -euo pipefail
 
@@ -110,7 +111,8 @@ write_wrapper() {
 #!/usr/bin/env bash
 # QEMU from the Debian 13 root that scripts/install-qemu.sh installed. Runs it in a
 # private mount namespace, chrooted, with /proc, /dev, /sys and the shared
-# directories (/tmp, the current directory, $XE_VFU_QEMU_SHARE) at their host paths.
+# directories (/tmp, the current directory, the guest cache with the kernel that
+# scripts/guest.sh boots, $XE_VFU_QEMU_SHARE) at their host paths.
 # Each stage exec()s the next, so this script's PID is QEMU's PID.
 set -euo pipefail
 root=@QROOT@
@@ -123,7 +125,7 @@ unset XE_VFU_WRAPPER_STAGE
 for dir in /proc /dev /sys; do mount --rbind "$dir" "$root$dir"; done
 IFS=: read -r -a extra <<<"${XE_VFU_QEMU_SHARE:-}"
 cwd=$PWD
-for dir in /tmp "$cwd" "${extra[@]}"; do
+for dir in /tmp "$cwd" @GUEST@ "${extra[@]}"; do
   case "$dir" in
     "" | / | /proc | /proc/* | /dev | /dev/* | /sys | /sys/*) continue ;;
     /*) ;;
@@ -137,7 +139,7 @@ done
 [ -d "$root$cwd" ] || cwd=/
 exec chroot "$root" /usr/bin/env --chdir="$cwd" /usr/bin/qemu-system-x86_64 "$@"
 WRAPPER_EOF
-  sed -i "s#@QROOT@#$QROOT#" "$WRAPPER.new"
+  sed -i -e "s#@QROOT@#$QROOT#" -e "s#@GUEST@#$GUEST#" "$WRAPPER.new"
   chmod 0755 "$WRAPPER.new"
   mv -f "$WRAPPER.new" "$WRAPPER"
 }

@@ -72,11 +72,13 @@ struct ExampleTests {
     return "qemu-system-x86_64 \\\n" + readme[start.upperBound..<end.lowerBound]
   }
 
-  /// The README's QEMU arguments (the program name and the "..." placeholder dropped).
+  /// The README's QEMU arguments (the program name, the "..." placeholder and the
+  /// comment about running without KVM dropped).
   func readmeArguments(socket: String) throws -> [String] {
     let block = try readmeCommandBlock()
     let lines = block.split(separator: "\n").filter {
-      !$0.trimmingCharacters(in: .whitespaces).hasPrefix("...")
+      let line = $0.trimmingCharacters(in: .whitespaces)
+      return !line.hasPrefix("...") && !line.hasPrefix("#")
     }
     // The last line's continuation backslash has no line after it.
     let words = shellWords(lines.joined(separator: "\n")).filter { $0 != "\\" }
@@ -126,7 +128,9 @@ struct ExampleTests {
     let script = try ChildProcess(
       executable: root + "/examples/qemu-attach.sh", arguments: extra,
       logPath: directory + "/script.log",
-      environment: ["QEMU": shim, "XE_VFU_BIN": env.server, "XE_VFU_SOCKET": socket])
+      environment: [
+        "QEMU": shim, "XE_VFU_BIN": env.server, "XE_VFU_SOCKET": socket, "XE_VFU_ACCEL": "kvm",
+      ])
     defer { script.stop() }
     let alive = { script.isRunning }
     let qtest = try QTest(path: directory + "/qtest.sock", alive: alive)
@@ -152,6 +156,122 @@ struct ExampleTests {
     #expect(script.stop() == 0, "\(script.log)")
     #expect(
       !FileManager.default.fileExists(atPath: socket), "the server stopped and removed its socket")
+  }
+
+  /// Where KVM cannot be used, qemu-attach.sh says so and runs the README's line
+  /// with TCG instead: a real TCG QEMU (SeaBIOS runs and enumerates the VF).
+  @Test func qemuAttachScriptFallsBackToTCGWithoutKVM() throws {
+    let env = InteropEnvironment.current
+    let directory = try makeScratchDirectory("attach-tcg")
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    let socket = directory + "/vfu.sock"
+    let shim = directory + "/qemu-shim"
+    try """
+    #!/usr/bin/env bash
+    printf '%s\\n' "$@" > \(directory)/argv
+    exec \(try #require(env.qemu)) "$@"
+    """.write(toFile: shim, atomically: true, encoding: .utf8)
+    chmod(shim, 0o755)
+    let extra = [
+      "-qmp", "unix:\(directory)/qmp.sock,server=on,wait=off", "-display", "none", "-nodefaults",
+    ]
+    let script = try ChildProcess(
+      executable: root + "/examples/qemu-attach.sh", arguments: extra,
+      logPath: directory + "/script.log",
+      environment: [
+        "QEMU": shim, "XE_VFU_BIN": env.server, "XE_VFU_SOCKET": socket,
+        "XE_VFU_KVM_DEVICE": directory + "/no-kvm", "XE_VFU_ACCEL": "auto",
+      ])
+    defer { script.stop() }
+    let qmp = try QMP(path: directory + "/qmp.sock", alive: { script.isRunning })
+    #expect(
+      script.log.contains(
+        "qemu-attach: no KVM: there is no \(directory)/no-kvm; running the guest under TCG (-accel tcg -cpu max)"
+      ), "\(script.log)")
+
+    let argv = try String(contentsOfFile: directory + "/argv", encoding: .utf8).split(
+      separator: "\n"
+    ).map(String.init)
+    var expected = try readmeArguments(socket: socket)
+    let kvm = try #require(expected.firstIndex(of: "kvm"))
+    #expect(Array(expected[(kvm - 1)...(kvm + 2)]) == ["-accel", "kvm", "-cpu", "host"])
+    expected.replaceSubrange((kvm - 1)...(kvm + 2), with: ["-accel", "tcg", "-cpu", "max"])
+    #expect(argv == expected + extra, "\(argv)")
+
+    let accelerator = try qmp.execute("query-kvm") as? [String: Any]
+    #expect(accelerator?["enabled"] as? Bool == false, "TCG, not KVM: \(accelerator ?? [:])")
+    let buses = try qmp.execute("query-pci") as? [[String: Any]] ?? []
+    let ours = buses.flatMap { $0["devices"] as? [[String: Any]] ?? [] }.first {
+      $0["qdev_id"] as? String == "xevf0"
+    }
+    let id = ours?["id"] as? [String: Any]
+    #expect(id?["vendor"] as? Int == 0x8086 && id?["device"] as? Int == 0xE211, "\(buses)")
+    _ = try? qmp.execute("quit")
+    #expect(script.waitForExit(timeout: 20), "\(script.log)")
+    #expect(script.stop() == 0, "\(script.log)")
+  }
+
+  /// scripts/guest.sh, the command a person runs to try the device: a Linux
+  /// guest boots (TCG forced, as on a host where KVM guests fail), finds the VF,
+  /// prints it lspci-style and checks BAR0 and BAR2, then powers off.
+  @Test(.enabled(if: InteropEnvironment.current.guestMissing == nil, "no guest kernel"))
+  func guestScriptBootsAGuestThatUsesTheVF() throws {
+    let env = InteropEnvironment.current
+    let directory = try makeScratchDirectory("guest-script")
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    let socket = directory + "/vfu.sock"
+    let started = Date()
+    let guest = try ChildProcess(
+      executable: root + "/scripts/guest.sh", arguments: ["--poweroff"],
+      logPath: directory + "/guest.log",
+      environment: [
+        "XE_VFU_BIN": env.server, "XE_VFU_SOCKET": socket, "XE_VFU_ACCEL": "tcg",
+        "QEMU": try #require(env.qemu),
+      ])
+    defer { guest.stop() }
+    #expect(guest.waitForExit(timeout: 150), "the guest did not power off:\n\(guest.output)")
+    #expect(guest.stop() == 0, "\(guest.log)")
+    print(
+      "guest.sh: \(String(format: "%.1f", Date().timeIntervalSince(started))) s from start to power-off"
+    )
+    let lines = guest.output.split(whereSeparator: \.isNewline).map {
+      $0.trimmingCharacters(in: .whitespaces)
+    }.filter { $0.hasPrefix("xevf: ") }
+    let report = lines.joined(separator: "\n")
+    #expect(
+      lines.contains {
+        $0.hasPrefix("xevf: found 0000:00:") && $0.hasSuffix("[8086:e211] class 038000 (rev 00)")
+      },
+      "\(guest.output)")
+    #expect(lines.contains("xevf:   Subsystem: [8086:e211]"), "\(report)")
+    #expect(
+      lines.contains {
+        $0.hasPrefix("xevf:   Region 0: Memory at")
+          && $0.hasSuffix("(64-bit, non-prefetchable) [size=16M]")
+      },
+      "\(report)")
+    #expect(
+      lines.contains {
+        $0.hasPrefix("xevf:   Region 2: Memory at")
+          && $0.hasSuffix("(64-bit, prefetchable) [size=256M]")
+      },
+      "\(report)")
+    #expect(lines.contains("xevf:   Capabilities: [40] Express (v2)"), "\(report)")
+    #expect(lines.contains("xevf:   Capabilities: [80] MSI-X: Count=16"), "\(report)")
+    #expect(lines.contains { $0.hasPrefix("xevf: BAR0 GMD_ID (+0xd8c) = 0x05004000") }, "\(report)")
+    #expect(
+      lines.contains {
+        $0.hasPrefix("xevf: BAR0 scratch (+0x190240) wrote 0x600DCAFE, read 0x600DCAFE")
+      },
+      "\(report)")
+    #expect(
+      lines.contains {
+        $0.hasPrefix("xevf: BAR2 VRAM (+0x1000) wrote 0xA5A55A5A, read 0xA5A55A5A")
+      },
+      "\(report)")
+    #expect(lines.last == "xevf: powering off", "\(report)")
+    #expect(guest.log.contains("qemu-attach: XE_VFU_ACCEL=tcg: running the guest under TCG"))
+    #expect(!FileManager.default.fileExists(atPath: socket), "the server stopped with QEMU")
   }
 
   /// The libvirt domain validates against libvirt's schema, and the QEMU
