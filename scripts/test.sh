@@ -27,8 +27,10 @@ else
   banner "QEMU interop tests will be SKIPPED: $qemu_skip"
 fi
 
-# The CLI and QEMU tests run the built executable, so build everything first.
+# The CLI and QEMU tests run the built executable, so build everything first,
+# and swift-argument-parser's man page generator for the install test.
 swift build --build-tests
+swift build --product generate-manual
 log=$(mktemp /tmp/xe-vfio-user-test.XXXXXX)
 set +o pipefail
 swift test --skip-build 2>&1 | tee "$log" | grep --line-buffered -v '^◇'

@@ -356,20 +356,30 @@ struct ExampleTests {
         .isEmpty))
 
     var settings: [String: String] = [:]
+    var environment: [String: String] = [:]
     for line in unit.split(separator: "\n") where !line.hasPrefix("#") {
       let parts = line.split(separator: "=", maxSplits: 1).map(String.init)
-      if parts.count == 2 { settings[parts[0]] = parts[1] }
+      guard parts.count == 2 else { continue }
+      settings[parts[0]] = parts[1]
+      if parts[0] == "Environment" {
+        let assignment = parts[1].trimmingCharacters(in: CharacterSet(charactersIn: "\""))
+          .split(separator: "=", maxSplits: 1).map(String.init)
+        if assignment.count == 2 { environment[assignment[0]] = assignment[1] }
+      }
     }
     #expect(settings["Restart"] == "on-failure")
     #expect(settings["RuntimeDirectory"] == "xe-vfio-user")
     #expect(settings["KillSignal"] == "SIGTERM")
-    let defaults = try #require(settings["Environment"]).trimmingCharacters(
-      in: CharacterSet(charactersIn: "\""))
-    let profile = String(try #require(defaults.split(separator: "=", maxSplits: 1).last))
+    // No group the host may lack (Debian has kvm, others do not): one of the unit's own.
+    #expect(settings["Group"] == "xe-vfio-user" && settings["DynamicUser"] == "yes")
+    let profile = try #require(environment["XE_VFU_ARGS"])
+    let socketMode = try #require(environment["XE_VFU_SOCKET_MODE"])
+    #expect(socketMode == "0660")
     let runtime = directory + "/run"
     try FileManager.default.createDirectory(atPath: runtime, withIntermediateDirectories: true)
     let command = try #require(settings["ExecStart"])
       .replacingOccurrences(of: "$XE_VFU_ARGS", with: profile)
+      .replacingOccurrences(of: "${XE_VFU_SOCKET_MODE}", with: socketMode)
       .replacingOccurrences(of: "%i", with: "vf0")
       .replacingOccurrences(of: "/run/xe-vfio-user", with: runtime)
     let words = shellWords(command)

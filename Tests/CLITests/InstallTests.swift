@@ -1,0 +1,188 @@
+import Foundation
+import Testing
+
+/// The repository root.
+let repositoryRoot: String = {
+  var dir = URL(fileURLWithPath: #filePath)
+  while dir.lastPathComponent != "Tests" { dir.deleteLastPathComponent() }
+  return dir.deletingLastPathComponent().path
+}()
+
+/// swift-argument-parser's generate-manual, which install.sh needs for the man
+/// pages of a given binary; scripts/test.sh builds it next to the binary.
+let generateManual: String? = ["debug", "release"].map {
+  repositoryRoot + "/.build/\($0)/generate-manual"
+}.first { FileManager.default.isExecutableFile(atPath: $0) }
+
+/// Locally a missing generate-manual skips the test (as a missing QEMU does);
+/// with CI=true it is a failure, in the test itself.
+let installTestRunnable = ConditionTrait.enabled(
+  if: generateManual != nil || ProcessInfo.processInfo.environment["CI"] == "true",
+  "install test skipped: no .build/*/generate-manual (swift build --product generate-manual)")
+
+/// A command in `PATH` (the test's own, without the installed prefix).
+func findTool(_ name: String) -> String? {
+  (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin").split(separator: ":").map {
+    "\($0)/\(name)"
+  }.first { FileManager.default.isExecutableFile(atPath: $0) }
+}
+
+/// Every path under `directory`, relative to it, sorted.
+func tree(_ directory: String) -> [String] {
+  ((try? FileManager.default.subpathsOfDirectory(atPath: directory)) ?? []).sorted()
+}
+
+@Suite("scripts/install.sh", .serialized, installTestRunnable)
+struct InstallTests {
+  let script = repositoryRoot + "/scripts/install.sh"
+
+  func shell(_ line: String, environment: [String: String] = [:]) throws -> (
+    status: Int32, stdout: String, stderr: String
+  ) {
+    let assignments = environment.map { "\($0.key)='\($0.value)' " }.joined()
+    return try run(["__shell__", assignments + line])
+  }
+
+  /// Installs into a prefix under a fresh temporary directory, checks every file
+  /// and that the installed pieces work, then uninstalls: nothing is left.
+  @Test func installsUnderAPrefixAndUninstallsEverything() throws {
+    let tool = try #require(generateManual, "swift build --product generate-manual")
+    let analyze = try #require(
+      findTool("systemd-analyze"), "systemd-analyze missing: apt-get install systemd")
+    let base = NSTemporaryDirectory() + "xvu-install-\(UUID().uuidString.prefix(8))"
+    try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(atPath: base) }
+    let prefix = base + "/prefix"
+    // Something of the user's already there, which the uninstall must leave alone.
+    try FileManager.default.createDirectory(
+      atPath: prefix + "/share/man/man1", withIntermediateDirectories: true)
+    try "not ours".write(
+      toFile: prefix + "/share/man/man1/other.1", atomically: true, encoding: .utf8)
+    let before = tree(base)
+
+    let install = try shell(
+      "'\(script)' --prefix '\(prefix)' --binary '\(executable.path)' --no-group",
+      environment: ["XE_VFU_GENERATE_MANUAL": tool])
+    #expect(install.status == 0, "\(install.stderr)")
+    // A page for the command and each subcommand, as the binary describes itself.
+    let dump = try run(["--experimental-dump-help"])
+    let described = try JSONSerialization.jsonObject(with: Data(dump.stdout.utf8)) as? [String: Any]
+    let subcommands =
+      ((described?["command"] as? [String: Any])?["subcommands"] as? [[String: Any]] ?? [])
+      .compactMap { $0["commandName"] as? String }.filter { $0 != "help" }
+    #expect(subcommands.contains("serve") && subcommands.contains("info"), "\(subcommands)")
+    let pages = ([""] + subcommands.map { "." + $0 }).map { "share/man/man1/xe-vfio-user\($0).1" }
+    #expect(
+      install.stderr.contains(
+        "installed xe-vfio-user 0.1.0 under \(prefix) (\(pages.count + 5) files)"),
+      "\(install.stderr)")
+    let expected = Set(
+      [
+        "bin/xe-vfio-user", "share/bash-completion/completions/xe-vfio-user",
+        "share/zsh/site-functions/_xe-vfio-user",
+        "share/fish/vendor_completions.d/xe-vfio-user.fish",
+        "lib/systemd/system/xe-vfio-user@.service", "share/xe-vfio-user/installed",
+      ] + pages)
+    let files = Set(
+      tree(prefix).filter {
+        var isDirectory: ObjCBool = false
+        return FileManager.default.fileExists(atPath: prefix + "/" + $0, isDirectory: &isDirectory)
+          && !isDirectory.boolValue
+      })
+    #expect(
+      files == expected.union(["share/man/man1/other.1"]), "\(files.symmetricDifference(expected))")
+
+    // The installed binary runs, and is the stripped build.
+    let binary = prefix + "/bin/xe-vfio-user"
+    let help = try shell("PATH='\(prefix)/bin':\"$PATH\" xe-vfio-user --help")
+    #expect(help.status == 0 && help.stdout.contains("USAGE: xe-vfio-user <subcommand>"), "\(help)")
+    #expect(try shell("'\(binary)' info --help").stdout.contains("--json"))
+    let symbols = try shell("readelf -S '\(binary)' | grep -c '\\.symtab' || true")
+    #expect(symbols.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "0", "stripped")
+
+    // Man pages: real mdoc for every command, found through MANPATH.
+    let serve = try String(
+      contentsOfFile: prefix + "/share/man/man1/xe-vfio-user.serve.1", encoding: .utf8)
+    #expect(serve.contains(".Dt XE-VFIO-USER.SERVE 1") && serve.contains("socket-path"))
+    let man = try shell("MANPATH='\(prefix)/share/man' man -w xe-vfio-user.info")
+    #expect(man.stdout.contains(prefix + "/share/man/man1/xe-vfio-user.info.1"), "\(man)")
+
+    // Completions: what the binary generates, for each shell.
+    let bash = try String(
+      contentsOfFile: prefix + "/share/bash-completion/completions/xe-vfio-user", encoding: .utf8)
+    #expect(bash.contains("complete -o filenames -F _xe-vfio-user xe-vfio-user"))
+    #expect(bash.contains("serve") && bash.contains("--socket-path"))
+    let syntax = try shell("bash -n '\(prefix)/share/bash-completion/completions/xe-vfio-user'")
+    #expect(syntax.status == 0, "\(syntax.stderr)")
+    #expect(
+      try String(
+        contentsOfFile: prefix + "/share/zsh/site-functions/_xe-vfio-user", encoding: .utf8
+      )
+      .hasPrefix("#compdef xe-vfio-user"))
+    #expect(
+      try String(
+        contentsOfFile: prefix + "/share/fish/vendor_completions.d/xe-vfio-user.fish",
+        encoding: .utf8
+      ).contains("complete -c 'xe-vfio-user'"))
+
+    // The unit runs the installed binary, and systemd accepts it, man page included.
+    let unitDirectory = prefix + "/lib/systemd/system"
+    let unit = try String(contentsOfFile: unitDirectory + "/xe-vfio-user@.service", encoding: .utf8)
+    #expect(unit.contains("ExecStart=\(binary) serve --socket-path /run/xe-vfio-user/%i.sock"))
+    #expect(!unit.contains("/usr/local/bin/xe-vfio-user"))
+    #expect(unit.contains("Group=xe-vfio-user") && !unit.contains("Group=kvm"))
+    let verify = try shell(
+      "MANPATH='\(prefix)/share/man' '\(analyze)' verify '\(unitDirectory)/xe-vfio-user@vf0.service'"
+    )
+    #expect(verify.status == 0 && verify.stderr.isEmpty, "\(verify)")
+    // ...and the check can fail: without the man pages, the unit's Documentation= is unresolved.
+    let unresolved = try shell(
+      "MANPATH='\(base)' '\(analyze)' verify '\(unitDirectory)/xe-vfio-user@vf0.service'")
+    #expect(unresolved.stderr.contains("xe-vfio-user.serve"), "\(unresolved)")
+
+    // Installing again replaces the same files.
+    let again = try shell(
+      "'\(script)' --prefix '\(prefix)' --binary '\(executable.path)' --no-group",
+      environment: ["XE_VFU_GENERATE_MANUAL": tool])
+    #expect(again.status == 0, "\(again.stderr)")
+    #expect(Set(tree(prefix)).isSuperset(of: expected))
+
+    let uninstall = try shell("'\(script)' --uninstall --prefix '\(prefix)'")
+    #expect(uninstall.status == 0, "\(uninstall.stderr)")
+    #expect(tree(base) == before, "left behind: \(Set(tree(base)).subtracting(before))")
+    let twice = try shell("'\(script)' --uninstall --prefix '\(prefix)'")
+    #expect(twice.status != 0 && twice.stderr.contains("nothing installed under \(prefix)"))
+  }
+
+  /// --destdir stages the files for packaging: under DESTDIR, with the prefix's
+  /// paths inside them; the uninstall with the same arguments empties it.
+  @Test func stagesUnderADestdir() throws {
+    let tool = try #require(generateManual, "swift build --product generate-manual")
+    let base = NSTemporaryDirectory() + "xvu-destdir-\(UUID().uuidString.prefix(8))"
+    defer { try? FileManager.default.removeItem(atPath: base) }
+    let install = try shell(
+      "'\(script)' --destdir '\(base)' --prefix /usr --binary '\(executable.path)'",
+      environment: ["XE_VFU_GENERATE_MANUAL": tool])
+    #expect(install.status == 0, "\(install.stderr)")
+    #expect(!install.stderr.contains("group"), "no group is made when staging")
+    #expect(FileManager.default.isExecutableFile(atPath: base + "/usr/bin/xe-vfio-user"))
+    let unit = try String(
+      contentsOfFile: base + "/usr/lib/systemd/system/xe-vfio-user@.service", encoding: .utf8)
+    #expect(unit.contains("ExecStart=/usr/bin/xe-vfio-user serve"))
+    let manifest = try String(
+      contentsOfFile: base + "/usr/share/xe-vfio-user/installed", encoding: .utf8)
+    #expect(manifest.contains("file /usr/bin/xe-vfio-user\n") && !manifest.contains(base))
+    let uninstall = try shell("'\(script)' --uninstall --destdir '\(base)' --prefix /usr")
+    #expect(uninstall.status == 0, "\(uninstall.stderr)")
+    #expect(tree(base).isEmpty, "left behind: \(tree(base))")
+  }
+
+  @Test func refusesNonsense() throws {
+    let relative = try shell("'\(script)' --prefix usr/local --binary /bin/true")
+    #expect(relative.status != 0 && relative.stderr.contains("--prefix must be absolute"))
+    let missing = try shell("'\(script)' --binary /nonexistent/xe-vfio-user --prefix /tmp/x")
+    #expect(missing.status != 0 && missing.stderr.contains("is not an executable file"))
+    let unknown = try shell("'\(script)' --frobnicate")
+    #expect(unknown.status == 2 && unknown.stderr.contains("unknown argument: --frobnicate"))
+  }
+}

@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# Installs xe-vfio-user under a prefix, and uninstalls exactly what it installed.
+#
+#   sudo scripts/install.sh [--prefix /usr/local] [--destdir DIR] [--unitdir DIR]
+#                           [--binary FILE] [--no-group] [--uninstall]
+#
+# What goes where (PREFIX defaults to /usr/local):
+#   PREFIX/bin/xe-vfio-user                                  the binary (scripts/build.sh, stripped)
+#   PREFIX/share/man/man1/xe-vfio-user*.1                    man pages (swift-argument-parser's generate-manual)
+#   PREFIX/share/bash-completion/completions/xe-vfio-user    shell completions
+#   PREFIX/share/zsh/site-functions/_xe-vfio-user              (xe-vfio-user --generate-completion-script)
+#   PREFIX/share/fish/vendor_completions.d/xe-vfio-user.fish
+#   UNITDIR/xe-vfio-user@.service                            the systemd unit, ExecStart pointing at the binary
+#                                                            (UNITDIR defaults to PREFIX/lib/systemd/system)
+#   PREFIX/share/xe-vfio-user/installed                      what this install made, for --uninstall
+#
+# On the live system (no --destdir) as root it also creates the system group
+# xe-vfio-user, which owns the unit's sockets (see the unit), unless it exists or
+# --no-group is given, and runs `systemctl daemon-reload` when systemd runs.
+# --uninstall removes the files and the directories the install created (when
+# empty), and the group only if the install created it.
+#
+# --binary FILE installs that build instead of running scripts/build.sh; its man
+# pages then come from a generate-manual tool in .build/{release,debug} (build it
+# with `swift build --product generate-manual`) or $XE_VFU_GENERATE_MANUAL.
+# --destdir DIR stages everything under DIR (for packaging): paths inside the
+# files are those of PREFIX, and no group or systemd change is made.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+
+say() { printf '[install] %s\n' "$*" >&2; }
+die() { say "ERROR: $*"; exit 1; }
+usage() { sed -n '4,5p' "$0" | sed 's/^# \{0,3\}//' >&2; exit 2; }
+
+prefix=/usr/local destdir="" unitdir="" binary="" group=xe-vfio-user make_group=1 uninstall=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --prefix) prefix=${2:?--prefix needs a directory}; shift 2 ;;
+    --destdir) destdir=${2:?--destdir needs a directory}; shift 2 ;;
+    --unitdir) unitdir=${2:?--unitdir needs a directory}; shift 2 ;;
+    --binary) binary=${2:?--binary needs a file}; shift 2 ;;
+    --no-group) make_group=0; shift ;;
+    --uninstall) uninstall=1; shift ;;
+    -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) say "unknown argument: $1"; usage ;;
+  esac
+done
+case "$prefix" in /*) ;; *) die "--prefix must be absolute: $prefix" ;; esac
+prefix=${prefix%/}
+unitdir=${unitdir:-$prefix/lib/systemd/system}
+case "$unitdir" in /*) ;; *) die "--unitdir must be absolute: $unitdir" ;; esac
+[ -z "$destdir" ] || destdir=$(mkdir -p "$destdir" && cd "$destdir" && pwd)
+manifest=$prefix/share/xe-vfio-user/installed
+live() { [ -z "$destdir" ]; }
+systemd_runs() { live && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; }
+# Only the directories systemd reads units from get a daemon-reload.
+systemd_dir() {
+  case "$unitdir" in
+    /etc/systemd/system | /usr/lib/systemd/system | /lib/systemd/system | /usr/local/lib/systemd/system) return 0 ;;
+  esac
+  return 1
+}
+
+# Removes what the manifest lists: files first, then the directories (deepest
+# first) that are empty. The group goes too, unless $1 is "keep-group".
+remove_installed() {
+  local keep=${1:-} line kind path dirs=()
+  while IFS=' ' read -r kind path; do
+    case "$kind" in
+      file) rm -f "$destdir$path" ;;
+      dir) dirs=("$path" "${dirs[@]}") ;;
+      group)
+        if [ "$keep" != keep-group ] && live && getent group "$path" >/dev/null; then
+          groupdel "$path" && say "removed the group $path"
+        fi
+        ;;
+    esac
+  done <"$destdir$manifest"
+  rm -f "$destdir$manifest"
+  for path in "${dirs[@]}"; do rmdir "$destdir$path" 2>/dev/null || true; done
+}
+
+if [ "$uninstall" = 1 ]; then
+  [ -f "$destdir$manifest" ] || die "nothing installed under ${destdir}$prefix (no $destdir$manifest)"
+  if systemd_runs; then
+    # Instances enabled or running from the unit about to go.
+    for link in /etc/systemd/system/*.wants/xe-vfio-user@*.service; do
+      [ -e "$link" ] || [ -L "$link" ] || continue
+      say "disabling and stopping $(basename "$link")"
+      systemctl disable --now "$(basename "$link")" || true
+    done
+  fi
+  remove_installed
+  systemd_runs && systemd_dir && systemctl daemon-reload
+  say "uninstalled xe-vfio-user from ${destdir}$prefix"
+  exit 0
+fi
+
+if [ -n "$binary" ]; then
+  [ -x "$binary" ] || die "--binary $binary is not an executable file"
+  generator=${XE_VFU_GENERATE_MANUAL:-}
+  if [ -z "$generator" ]; then
+    for candidate in "$here/.build/release/generate-manual" "$here/.build/debug/generate-manual"; do
+      if [ -x "$candidate" ]; then generator=$candidate; break; fi
+    done
+  fi
+  [ -n "$generator" ] || die "no generate-manual tool for the man pages: run 'swift build --product generate-manual' (or install without --binary)"
+else
+  binary=$("$here/scripts/build.sh" --man)
+fi
+work=$(mktemp -d /tmp/xe-vfio-user-install.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+if [ -n "${generator:-}" ]; then
+  mkdir "$work/man"
+  "$generator" "$binary" --multi-page --date "$(git -C "$here" log -1 --format=%cs 2>/dev/null || date +%F)" \
+    --output-directory "$work/man" >&2
+  rm -f "$work/man/xe-vfio-user.help.1"
+  mandir=$work/man
+else
+  mandir=$(dirname "$binary")/man
+fi
+ls "$mandir"/xe-vfio-user*.1 >/dev/null 2>&1 || die "no man pages in $mandir"
+for shell in bash zsh fish; do
+  "$binary" --generate-completion-script "$shell" >"$work/completion.$shell" ||
+    die "$binary --generate-completion-script $shell failed"
+done
+sed "s#/usr/local/bin/xe-vfio-user#$prefix/bin/xe-vfio-user#g" "$here/examples/xe-vfio-user@.service" >"$work/unit"
+
+# A reinstall replaces the previous install's files; a group it made stays.
+had_group=""
+if [ -f "$destdir$manifest" ]; then
+  grep -q "^group $group\$" "$destdir$manifest" && had_group=1
+  remove_installed keep-group
+fi
+
+entries=()
+# mkdir -p that notes each directory it creates.
+make_dir() {
+  local dir=$1 missing=()
+  while [ ! -d "$destdir$dir" ]; do
+    missing=("$dir" "${missing[@]}")
+    dir=$(dirname "$dir")
+  done
+  for dir in "${missing[@]}"; do
+    mkdir "$destdir$dir" || die "cannot create $destdir$dir"
+    entries+=("dir $dir")
+  done
+}
+put() { # mode source target
+  make_dir "$(dirname "$3")"
+  install -m "$1" "$2" "$destdir$3" || die "cannot install $destdir$3"
+  entries+=("file $3")
+}
+
+make_dir "$prefix/bin"
+install -m 0755 -s "$binary" "$destdir$prefix/bin/xe-vfio-user" || die "cannot install $destdir$prefix/bin/xe-vfio-user"
+entries+=("file $prefix/bin/xe-vfio-user")
+for page in "$mandir"/xe-vfio-user*.1; do
+  put 0644 "$page" "$prefix/share/man/man1/$(basename "$page")"
+done
+put 0644 "$work/completion.bash" "$prefix/share/bash-completion/completions/xe-vfio-user"
+put 0644 "$work/completion.zsh" "$prefix/share/zsh/site-functions/_xe-vfio-user"
+put 0644 "$work/completion.fish" "$prefix/share/fish/vendor_completions.d/xe-vfio-user.fish"
+put 0644 "$work/unit" "$unitdir/xe-vfio-user@.service"
+
+if [ -n "$had_group" ]; then
+  entries+=("group $group")
+elif live && [ "$make_group" = 1 ] && ! getent group "$group" >/dev/null; then
+  if [ "$(id -u)" -eq 0 ]; then
+    groupadd --system "$group" || die "groupadd --system $group failed"
+    entries+=("group $group")
+    say "created the system group $group (the unit's sockets belong to it)"
+  else
+    say "not root: the group $group was not created (see the unit's comments)"
+  fi
+fi
+
+make_dir "$(dirname "$manifest")"
+printf '%s\n' "${entries[@]}" >"$destdir$manifest"
+
+systemd_runs && systemd_dir && systemctl daemon-reload
+say "installed xe-vfio-user $("$destdir$prefix/bin/xe-vfio-user" --version) under ${destdir}$prefix ($(grep -c '^file' "$destdir$manifest") files)"
+if live; then
+  systemd_dir || say "note: systemd does not read units from $unitdir; use --unitdir /etc/systemd/system, or 'systemctl link' the unit"
+  cat >&2 <<EOF
+[install] next:
+  xe-vfio-user --help; man xe-vfio-user
+  systemctl enable --now xe-vfio-user@vf0      # serves /run/xe-vfio-user/vf0.sock
+  usermod -aG $group USER                      # USER: whoever runs QEMU (libvirt-qemu for libvirt)
+  $0 --uninstall --prefix $prefix   # removes all of it
+EOF
+fi
