@@ -4,47 +4,20 @@ import SystemPackage
 import VFIOUser
 import VFIOUserClient
 
-/// What a client sees of a vfio-user device, gathered over the socket.
-struct DeviceReport: Codable {
-  struct Region: Codable {
-    var index: UInt32
-    var name: String
-    var size: UInt64
-    var flags: [String]
-    var mmapAreas: [[UInt64]]
-    var regionType: [UInt32]?
-  }
-  struct IRQ: Codable {
-    var index: UInt32
-    var name: String
-    var count: UInt32
-    var flags: [String]
-  }
-  struct Capability: Codable {
-    var offset: Int
-    var id: Int
-    var name: String
-    var detail: String
-  }
-  var socket: String
-  var protocolVersion: String
-  var vendorID: String
-  var deviceID: String
-  var subsystem: String
-  var revision: Int
-  var classCode: String
-  var deviceFlags: [String]
-  var pciCapabilities: [Capability]
-  var regions: [Region]
-  var irqs: [IRQ]
-  var serverCapabilities: [String: String]
-}
-
 struct Info: ParsableCommand {
   static let configuration = CommandConfiguration(
     abstract:
-      "Show a vfio-user device the way a client sees it (IDs, regions, IRQs, capabilities).",
-    discussion: "The server serves one client at a time: run this while no VMM is attached.")
+      "Show a vfio-user device the way a client sees it, like `lspci -vv`.",
+    discussion: """
+      Connects to the server and prints the device's class, BARs (type, address, \
+      size), PCI and PCIe capabilities (DevCap, DevCtl, link, MSI-X table and \
+      PBA), all decoded from the config space read through the socket; then the \
+      vfio-user view: device flags, regions, IRQs, migration support and state \
+      (DEVICE_FEATURE), and the limits the server advertised. With --json, the \
+      same as JSON: numbers are numbers and flags booleans.
+
+      The server serves one client at a time: run this while no VMM is attached.
+      """)
 
   @Option(
     name: [.customLong("socket-path"), .customShort("s"), .customLong("socket")],
@@ -56,9 +29,9 @@ struct Info: ParsableCommand {
 
   func run() throws {
     let report: DeviceReport
-    do {
+    do throws(VFIOUserClientError) {
       report = try Self.gather(socketPath: socketPath)
-    } catch let error as VFIOUserClientError {
+    } catch {
       if case .server(.resourceBusy, _) = error {
         throw CLIError("\(socketPath): the server already has a client (a VMM is attached)")
       }
@@ -66,152 +39,235 @@ struct Info: ParsableCommand {
     }
     if json {
       let encoder = JSONEncoder()
-      encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+      encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
       print(String(decoding: try encoder.encode(report), as: UTF8.self))
     } else {
-      print(Self.render(report))
+      print(Self.render(report), terminator: "")
     }
   }
 
-  static func gather(socketPath: String) throws -> DeviceReport {
+  static func gather(socketPath: String) throws(VFIOUserClientError) -> DeviceReport {
     let client = try VFIOUserClient.connect(path: socketPath)
     let device = try client.deviceInfo()
     var regions: [DeviceReport.Region] = []
     for index in 0..<device.numRegions {
       let (info, fd) = try client.regionInfo(index)
       if let fd { close(fd) }
-      var flags: [String] = []
-      if info.flags & VFIORegionFlags.read != 0 { flags.append("read") }
-      if info.flags & VFIORegionFlags.write != 0 { flags.append("write") }
-      if info.flags & VFIORegionFlags.mmap != 0 { flags.append("mmap") }
-      var areas: [[UInt64]] = []
-      var type: [UInt32]?
+      var areas: [DeviceReport.Region.Area] = []
+      var type: DeviceReport.Region.RegionType?
+      var msixMappable = false
       for cap in info.capabilities {
         switch cap {
-        case .sparseMmap(let list): areas = list.map { [$0.offset, $0.size] }
-        case .type(let t, let s): type = [t, s]
-        case .msixMappable: flags.append("msix-mappable")
+        case .sparseMmap(let list): areas = list.map { .init(offset: $0.offset, size: $0.size) }
+        case .type(let t, let s): type = .init(type: Int(t), subtype: Int(s))
+        case .msixMappable: msixMappable = true
         }
       }
+      let flags = Int(info.flags)
       regions.append(
         .init(
-          index: index, name: VFIOPCIRegion.name(index), size: info.size, flags: flags,
-          mmapAreas: areas, regionType: type))
+          index: Int(index), name: VFIOPCIRegion.name(index), size: info.size,
+          flags: .init(
+            raw: flags, read: flags & Int(VFIORegionFlags.read) != 0,
+            write: flags & Int(VFIORegionFlags.write) != 0,
+            mmap: flags & Int(VFIORegionFlags.mmap) != 0, msixMappable: msixMappable),
+          mmapAreas: areas, type: type))
     }
     var irqs: [DeviceReport.IRQ] = []
     for index in 0..<device.numIRQs {
       let info = try client.irqInfo(index)
-      var flags: [String] = []
-      if info.flags & VFIOIRQInfoFlags.eventfd != 0 { flags.append("eventfd") }
-      if info.flags & VFIOIRQInfoFlags.maskable != 0 { flags.append("maskable") }
-      if info.flags & VFIOIRQInfoFlags.automasked != 0 { flags.append("automasked") }
-      if info.flags & VFIOIRQInfoFlags.noresize != 0 { flags.append("noresize") }
+      let flags = Int(info.flags)
       irqs.append(
-        .init(index: index, name: VFIOPCIIRQ.name(index), count: info.count, flags: flags))
+        .init(
+          index: Int(index), name: VFIOPCIIRQ.name(index), count: Int(info.count),
+          flags: .init(
+            raw: flags, eventfd: flags & Int(VFIOIRQInfoFlags.eventfd) != 0,
+            maskable: flags & Int(VFIOIRQInfoFlags.maskable) != 0,
+            automasked: flags & Int(VFIOIRQInfoFlags.automasked) != 0,
+            noresize: flags & Int(VFIOIRQInfoFlags.noresize) != 0)))
     }
-    let configSize = regions.first { $0.index == VFIOPCIRegion.config }?.size ?? 0
-    let config =
-      configSize >= 64
-      ? try client.read(region: VFIOPCIRegion.config, offset: 0, count: 256)
-      : [UInt8](repeating: 0, count: 256)
-    func u16(_ o: Int) -> UInt16 { UInt16(config[o]) | UInt16(config[o + 1]) << 8 }
-    func u32(_ o: Int) -> UInt32 { UInt32(u16(o)) | UInt32(u16(o + 2)) << 16 }
-    var capabilities: [DeviceReport.Capability] = []
-    if u16(6) & 0x10 != 0 {
-      var offset = Int(config[0x34] & 0xFC)
-      var seen = Set<Int>()
-      while offset >= 0x40, offset < 256 - 4, seen.insert(offset).inserted {
-        let id = Int(config[offset])
-        capabilities.append(describeCapability(id: id, offset: offset, u16: u16, u32: u32))
-        offset = Int(config[offset + 1] & 0xFC)
-      }
+
+    // The whole config space (4 KiB for PCIe) in reads the server accepts.
+    let configSize = Int(
+      min(regions.first { $0.index == Int(VFIOPCIRegion.config) }?.size ?? 0, 4096))
+    var bytes: [UInt8] = []
+    let chunk = Int(min(client.serverCapabilities.effectiveMaxDataXferSize, 4096))
+    while bytes.count < configSize {
+      let count = min(chunk, configSize - bytes.count)
+      bytes += try client.read(
+        region: VFIOPCIRegion.config, offset: UInt64(bytes.count), count: count)
     }
-    var deviceFlags: [String] = []
-    if device.flags & VFIODeviceFlags.pci != 0 { deviceFlags.append("pci") }
-    if device.flags & VFIODeviceFlags.reset != 0 { deviceFlags.append("reset") }
+    guard bytes.count >= 64 else {
+      throw .protocolViolation("config space of \(bytes.count) bytes: not a PCI device")
+    }
+    let config = ConfigBytes(bytes: bytes)
+    let pci = DeviceReport.decodePCI(
+      config, regionSizes: regions.sorted { $0.index < $1.index }.map(\.size))
+
+    // Migration: VFIO_DEVICE_FEATURE_MIGRATION, then the current MIG_DEVICE_STATE.
+    var migration = DeviceReport.Migration(supported: false)
+    do {
+      let flags = try client.migrationFlags()
+      migration.supported = true
+      migration.flags = .init(
+        raw: flags.rawValue, stopCopy: flags.contains(.stopCopy), p2p: flags.contains(.p2p),
+        preCopy: flags.contains(.preCopy))
+      migration.state = try client.migrationState().description
+    } catch let error {
+      guard let errno = error.errno else { throw error }
+      migration.error = errno.name
+    }
+
     let caps = client.serverCapabilities
-    var serverCaps: [String: String] = [
-      "max_msg_fds": "\(caps.effectiveMaxMsgFDs)",
-      "max_data_xfer_size": "\(caps.effectiveMaxDataXferSize)",
-      "max_dma_maps": "\(caps.effectiveMaxDMAMaps)", "pgsizes": "\(caps.effectivePgsizes)",
-    ]
-    if let wm = caps.writeMultiple { serverCaps["write_multiple"] = "\(wm)" }
+    let classCode = config.u32(0x08) >> 8
     return DeviceReport(
       socket: socketPath,
-      protocolVersion: "\(client.serverVersion.major).\(client.serverVersion.minor)",
-      vendorID: hex(u16(0), 4), deviceID: hex(u16(2), 4),
-      subsystem: "\(hex(u16(0x2C), 4)):\(hex(u16(0x2E), 4))",
-      revision: Int(config[8]), classCode: hex(u32(8) >> 8, 6), deviceFlags: deviceFlags,
-      pciCapabilities: capabilities, regions: regions, irqs: irqs, serverCapabilities: serverCaps)
+      protocolVersion: .init(
+        major: Int(client.serverVersion.major), minor: Int(client.serverVersion.minor)),
+      vendorID: config.u16(0x00), deviceID: config.u16(0x02),
+      vendorName: PCINames.vendor(config.u16(0x00)), subsystemVendorID: config.u16(0x2C),
+      subsystemID: config.u16(0x2E), revision: config.u8(0x08), classCode: classCode,
+      className: PCINames.class(classCode), headerType: config.u8(0x0E),
+      command: pci.header.command, status: pci.header.status, interruptPin: config.u8(0x3D),
+      bars: pci.bars, capabilities: pci.capabilities, extendedCapabilities: pci.extended,
+      deviceFlags: .init(
+        raw: Int(device.flags), pci: device.flags & VFIODeviceFlags.pci != 0,
+        reset: device.flags & VFIODeviceFlags.reset != 0),
+      regions: regions, irqs: irqs, migration: migration,
+      server: .init(
+        maxDataXferSize: Int(caps.effectiveMaxDataXferSize),
+        maxDMAMaps: Int(caps.effectiveMaxDMAMaps),
+        maxMsgFDs: Int(caps.effectiveMaxMsgFDs), pgsizes: caps.effectivePgsizes,
+        writeMultiple: caps.writeMultiple ?? false))
   }
 
-  static func describeCapability(id: Int, offset: Int, u16: (Int) -> UInt16, u32: (Int) -> UInt32)
-    -> DeviceReport.Capability
-  {
-    switch id {
-    case 0x01:
-      return .init(offset: offset, id: id, name: "Power Management", detail: "")
-    case 0x05:
-      return .init(
-        offset: offset, id: id, name: "MSI", detail: "Enable\(u16(offset + 2) & 1 != 0 ? "+" : "-")"
-      )
-    case 0x10:
-      let devcap = u32(offset + 4)
-      let type = (u16(offset + 2) >> 4) & 0xF
-      let kind =
-        type == 0 ? "Endpoint" : type == 9 ? "Root Complex Integrated Endpoint" : "type \(type)"
-      return .init(
-        offset: offset, id: id, name: "Express",
-        detail: "\(kind), FLReset\(devcap & (1 << 28) != 0 ? "+" : "-")")
-    case 0x11:
-      let control = u16(offset + 2)
-      let table = u32(offset + 4)
-      let pba = u32(offset + 8)
-      return .init(
-        offset: offset, id: id, name: "MSI-X",
-        detail:
-          "Enable\(control & 0x8000 != 0 ? "+" : "-") Count=\(Int(control & 0x7FF) + 1) Masked\(control & 0x4000 != 0 ? "+" : "-") Vector table: BAR=\(table & 7) offset=\(hex(table & ~7, 8)) PBA: BAR=\(pba & 7) offset=\(hex(pba & ~7, 8))"
-      )
-    default:
-      return .init(offset: offset, id: id, name: "capability \(hex(UInt32(id), 2))", detail: "")
-    }
-  }
-
+  /// `lspci -vv`'s layout for the PCI part, then the vfio-user view.
   static func render(_ r: DeviceReport) -> String {
-    var out = "vfio-user device at \(r.socket) (protocol \(r.protocolVersion))\n"
+    func flag(_ name: String, _ on: Bool) -> String { name + (on ? "+" : "-") }
+    let vendor = r.vendorName.map { $0 + " " } ?? ""
+    var out =
+      "vfio-user device at \(r.socket) (protocol \(r.protocolVersion.major).\(r.protocolVersion.minor))\n"
     out +=
-      "  [\(r.vendorID):\(r.deviceID)] class \(r.classCode) (rev \(hex(UInt32(r.revision), 2)))"
-    out += r.vendorID == "8086" ? " Intel Corporation\n" : "\n"
-    out += "  Subsystem: \(r.subsystem)\n"
-    out += "  Flags: \(r.deviceFlags.joined(separator: ", "))\n"
-    out += "  Capabilities:\n"
-    for cap in r.pciCapabilities {
+      "\(r.className) [\(hex(r.classCode >> 8, 4))]: \(vendor)Device [\(hex(r.vendorID, 4)):\(hex(r.deviceID, 4))] (rev \(hex(r.revision, 2)))\n"
+    out +=
+      "\tSubsystem: \(PCINames.vendor(r.subsystemVendorID).map { $0 + " " } ?? "")Device [\(hex(r.subsystemVendorID, 4)):\(hex(r.subsystemID, 4))]\n"
+    let c = r.command
+    out +=
+      "\tControl: \(flag("I/O", c.io)) \(flag("Mem", c.memory)) \(flag("BusMaster", c.busMaster)) \(flag("DisINTx", c.intxDisable))\n"
+    out +=
+      "\tStatus: \(flag("Cap", r.status.capabilitiesList)) \(flag("INTx", r.status.interruptPending))\n"
+    out +=
+      "\tInterrupt: \(r.interruptPin == 0 ? "none (no INTx pin)" : "pin \(["A", "B", "C", "D"][(r.interruptPin - 1) & 3])")\n"
+    for bar in r.bars {
+      let address = bar.address == 0 ? "<unassigned>" : hex(bar.address, 1)
+      let kind = bar.kind == "io" ? "I/O ports at \(address)" : "Memory at \(address)"
+      let traits =
+        bar.kind == "io"
+        ? ""
+        : " (\(bar.is64Bit ? "64-bit" : "32-bit"), \(bar.prefetchable ? "prefetchable" : "non-prefetchable"))"
       out +=
-        "    [\(hex(UInt32(cap.offset), 2))] \(cap.name)\(cap.detail.isEmpty ? "" : ": \(cap.detail)")\n"
+        "\tRegion \(bar.index): \(kind)\(traits)\(bar.enabled ? "" : " [disabled]") [size=\(lspciSize(bar.size))]\n"
     }
-    out += "  Regions:\n"
+    for cap in r.capabilities {
+      out += "\tCapabilities: [\(hex(cap.offset, 2))] "
+      if let e = cap.express {
+        out +=
+          "Express (v\(e.version)) \(e.deviceTypeName), MSI \(hex(e.interruptMessageNumber, 2))\n"
+        let dc = e.deviceCapabilities
+        out +=
+          "\t\tDevCap:\tMaxPayload \(dc.maxPayloadBytes) bytes, PhantFunc \(dc.phantomFunctions)\n"
+        out +=
+          "\t\t\t\(flag("ExtTag", dc.extendedTag)) \(flag("RBE", dc.roleBasedErrorReporting)) \(flag("FLReset", dc.functionLevelReset))\n"
+        let dl = e.deviceControl
+        out +=
+          "\t\tDevCtl:\t\(flag("CorrErr", dl.correctableErrorReporting)) \(flag("NonFatalErr", dl.nonFatalErrorReporting)) \(flag("FatalErr", dl.fatalErrorReporting)) \(flag("UnsupReq", dl.unsupportedRequestReporting))\n"
+        out +=
+          "\t\t\t\(flag("RlxdOrd", dl.relaxedOrdering)) \(flag("ExtTag", dl.extendedTag)) \(flag("PhantFunc", dl.phantomFunctions)) \(flag("AuxPwr", dl.auxPower)) \(flag("NoSnoop", dl.noSnoop))\n"
+        out +=
+          "\t\t\tMaxPayload \(dl.maxPayloadBytes) bytes, MaxReadReq \(dl.maxReadRequestBytes) bytes\n"
+        let ds = e.deviceStatus
+        out +=
+          "\t\tDevSta:\t\(flag("CorrErr", ds.correctableError)) \(flag("NonFatalErr", ds.nonFatalError)) \(flag("FatalErr", ds.fatalError)) \(flag("UnsupReq", ds.unsupportedRequest)) \(flag("AuxPwr", ds.auxPower)) \(flag("TransPend", ds.transactionsPending))\n"
+        let lc = e.linkCapabilities
+        out +=
+          "\t\tLnkCap:\tPort #\(lc.port), Speed \(lc.maxSpeed), Width x\(lc.maxWidth), ASPM \(lc.aspm)\n"
+        let ll = e.linkControl
+        out +=
+          "\t\tLnkCtl:\tASPM \(ll.aspm); RCB \(ll.readCompletionBoundaryBytes) bytes, \(flag("Disabled", ll.disabled)) \(flag("CommClk", ll.commonClock))\n"
+        out += "\t\tLnkSta:\tSpeed \(e.linkStatus.speed), Width x\(e.linkStatus.width)\n"
+      } else if let m = cap.msix {
+        out +=
+          "MSI-X: \(flag("Enable", m.enabled)) Count=\(m.tableSize) \(flag("Masked", m.functionMasked))\n"
+        out += "\t\tVector table: BAR=\(m.table.bar) offset=\(hex(m.table.offset, 8))\n"
+        out += "\t\tPBA: BAR=\(m.pba.bar) offset=\(hex(m.pba.offset, 8))\n"
+      } else if let m = cap.msi {
+        out +=
+          "MSI: \(flag("Enable", m.enabled)) Count=\(m.vectorsEnabled)/\(m.vectorsCapable) \(flag("Maskable", m.perVectorMasking)) \(flag("64bit", m.is64Bit))\n"
+      } else if let p = cap.powerManagement {
+        out += "Power Management version \(p.version)\n"
+      } else {
+        out += "\(cap.name)\n"
+      }
+    }
+    for cap in r.extendedCapabilities {
+      out += "\tCapabilities: [\(hex(cap.offset, 3)) v\(cap.version)] \(cap.name)\n"
+    }
+
+    out += "vfio-user:\n"
+    let flags = [r.deviceFlags.pci ? "PCI" : nil, r.deviceFlags.reset ? "RESET" : nil].compactMap {
+      $0
+    }
+    out += "\tDevice flags: \(flags.isEmpty ? "none" : flags.joined(separator: " | "))\n"
     for region in r.regions where region.size > 0 {
+      let f = region.flags
+      let access = [f.read ? "read" : nil, f.write ? "write" : nil, f.mmap ? "mmap" : nil]
+        .compactMap { $0 }
       var line =
-        "    \(region.name.padding(toLength: 7, withPad: " ", startingAt: 0)) \(formatBytes(region.size)), \(region.flags.joined(separator: "/"))"
+        "\tRegion \(region.name.padding(toLength: 7, withPad: " ", startingAt: 0)) \(formatBytes(region.size)), \(access.joined(separator: "/"))"
+      if f.msixMappable { line += ", MSI-X mappable" }
       if !region.mmapAreas.isEmpty {
         line +=
           ", mmap areas "
-          + region.mmapAreas.map {
-            "[\(hex(UInt32(truncatingIfNeeded: $0[0]), 1))+\(formatBytes($0[1]))]"
-          }.joined(separator: " ")
+          + region.mmapAreas.map { "[\(hex($0.offset, 1))+\(formatBytes($0.size))]" }.joined(
+            separator: " ")
       }
       out += line + "\n"
     }
-    out += "  IRQs:\n"
     for irq in r.irqs {
+      let f = irq.flags
+      let traits = [
+        f.eventfd ? "eventfd" : nil, f.maskable ? "maskable" : nil,
+        f.automasked ? "automasked" : nil,
+        f.noresize ? "noresize" : nil,
+      ].compactMap { $0 }
       out +=
-        "    \(irq.name.padding(toLength: 7, withPad: " ", startingAt: 0)) \(irq.count) vector\(irq.count == 1 ? "" : "s")\(irq.flags.isEmpty ? "" : " (\(irq.flags.joined(separator: ", ")))")\n"
+        "\tIRQ \(irq.name.padding(toLength: 5, withPad: " ", startingAt: 0)) \(irq.count) vector\(irq.count == 1 ? "" : "s")\(traits.isEmpty ? "" : " (\(traits.joined(separator: ", ")))")\n"
     }
+    let m = r.migration
+    if let flags = m.flags, m.supported {
+      let names = [
+        flags.stopCopy ? "STOP_COPY" : nil, flags.p2p ? "P2P" : nil,
+        flags.preCopy ? "PRE_COPY" : nil,
+      ]
+      .compactMap { $0 }
+      out +=
+        "\tMigration: \(names.joined(separator: " | ")) (flags 0x\(hex(flags.raw, 1))), state \(m.state ?? "?")\n"
+    } else {
+      out += "\tMigration: not supported (\(m.error ?? "no MIGRATION feature"))\n"
+    }
+    let s = r.server
     out +=
-      "  Server: "
-      + r.serverCapabilities.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(
-        separator: " ")
+      "\tServer limits: max_data_xfer_size \(formatBytes(UInt64(s.maxDataXferSize))), max_dma_maps \(s.maxDMAMaps), max_msg_fds \(s.maxMsgFDs), pgsizes 0x\(hex(s.pgsizes, 1)), write_multiple \(s.writeMultiple ? "yes" : "no")\n"
     return out
+  }
+
+  /// Sizes the way lspci prints them: 16M, 256M, 4K, 8G.
+  static func lspciSize(_ bytes: UInt64) -> String {
+    for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")]
+    where bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+      return "\(bytes >> shift)\(unit)"
+    }
+    return "\(bytes)"
   }
 }
 

@@ -142,24 +142,6 @@ struct ServeProcessTests {
     #expect(serve.openFDs == idle)
   }
 
-  @Test func infoShowsTheDeviceAsTextAndJSON() throws {
-    let serve = try ServeProcess(["--profile", "bmg", "--vram-size", "512M"])
-    defer { _ = serve.stop() }
-    _ = try serve.connect()
-    usleep(50_000)
-    let text = try run(["info", "--socket-path", serve.socketPath])
-    #expect(text.status == 0)
-    #expect(text.stdout.contains("[8086:e211] class 038000"))
-    #expect(text.stdout.contains("Express: Endpoint, FLReset+"))
-    #expect(text.stdout.contains("MSI-X: Enable- Count=16"))
-    #expect(text.stdout.contains("BAR2    512 MiB, read/write/mmap"))
-    #expect(!text.stdout.contains("Power Management"))
-    let json = try run(["info", "--socket-path", serve.socketPath, "--json"])
-    let object = try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any]
-    #expect(object?["vendorID"] as? String == "8086")
-    #expect(object?["deviceID"] as? String == "e211")
-  }
-
   @Test func integratedProfilesHaveNoVRAM() throws {
     let serve = try ServeProcess(["--profile", "ptl"])
     defer { _ = serve.stop() }
