@@ -10,7 +10,7 @@
 # (default .build/release/xe-vfio-user, built by scripts/build.sh), QEMU (default:
 # the QEMU that scripts/install-qemu.sh installed, else qemu-system-x86_64 from
 # PATH; it must be 10.1 or later), GUEST_MEMORY (default 4G), XE_VFU_PROFILE
-# (default bmg), XE_VFU_ACCEL (below).
+# (default bmg), XE_VFU_LOG_LEVEL (the server's, default info), XE_VFU_ACCEL (below).
 #
 # Acceleration: KVM (-accel kvm -cpu host, as in the README's line) when /dev/kvm
 # can be opened for reading and writing, otherwise TCG (-accel tcg -cpu max: the
@@ -66,7 +66,7 @@ fi
 
 # A socket file left by an earlier run is replaced by the server: wait for the new one.
 stale=$(stat -c %i "$socket" 2>/dev/null || true)
-"$server" serve --socket-path "$socket" --profile "${XE_VFU_PROFILE:-bmg}" --quiet &
+"$server" serve --socket-path "$socket" --profile "${XE_VFU_PROFILE:-bmg}" --log-level "${XE_VFU_LOG_LEVEL:-info}" --quiet &
 server_pid=$!
 trap 'kill -TERM $server_pid 2>/dev/null; wait $server_pid 2>/dev/null' EXIT
 # QEMU connects while it realizes the device: the socket must be listening first.

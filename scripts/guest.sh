@@ -19,7 +19,8 @@
 #
 # Environment: as examples/qemu-attach.sh (XE_VFU_ACCEL=tcg where KVM guests fail,
 # XE_VFU_SOCKET, XE_VFU_PROFILE, XE_VFU_BIN to skip the build, QEMU), and
-# GUEST_MEMORY (default 512M here), XE_VFU_CACHE (default /opt/xe-vfio-user).
+# GUEST_MEMORY (default 512M here), XE_VFU_LOG_LEVEL (the server's, default warning
+# here), XE_VFU_CACHE (default /opt/xe-vfio-user).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cache=${XE_VFU_CACHE:-/opt/xe-vfio-user}
@@ -156,6 +157,8 @@ rm -f "$init"  # exec below skips the trap
 # The wrapper QEMU sees /tmp, the cache's guest directory and these.
 export XE_VFU_QEMU_SHARE=$(dirname "$kernel"):$work${XE_VFU_QEMU_SHARE:+:$XE_VFU_QEMU_SHARE}
 export GUEST_MEMORY=${GUEST_MEMORY:-512M}
+# The server's info lines would interleave with the guest's console.
+export XE_VFU_LOG_LEVEL=${XE_VFU_LOG_LEVEL:-warning}
 exec "$here/examples/qemu-attach.sh" \
   -kernel "$kernel" -initrd "$initrd" -append "console=ttyS0 quiet panic=-1 xevf=$mode" \
   -display none -nodefaults -no-reboot -serial mon:stdio "$@"
