@@ -252,6 +252,25 @@ struct InfoTests {
     #expect(msix.enabled && msix.functionMasked)
   }
 
+  /// The migration state is read from the device (GET MIG_DEVICE_STATE): a VF
+  /// a client left in STOP under `--on-disconnect keep` shows as STOP.
+  @Test func migrationStateIsReadFromTheDevice() throws {
+    let serve = try ServeProcess(["--on-disconnect", "keep"])
+    defer { _ = serve.stop() }
+    do {
+      let client = try serve.connect()
+      try client.setMigrationState(.stop)
+      #expect(try client.migrationState() == .stop)
+    }
+    usleep(50_000)
+    let (text, json, _) = try info(serve.socketPath)
+    #expect(text.contains("\tMigration: STOP_COPY | P2P (flags 0x3), state STOP\n"), "\(text)")
+    #expect(json.migration.state == "STOP")
+    let resume = try run(["resume", "--socket-path", serve.socketPath])
+    #expect(resume.status == 0, "\(resume.stderr)")
+    #expect(try info(serve.socketPath).json.migration.state == "RUNNING")
+  }
+
   /// An integrated profile: other IDs, no VRAM BAR.
   @Test func ptlProfileHasNoBAR2() throws {
     let serve = try ServeProcess(["--profile", "ptl"])
