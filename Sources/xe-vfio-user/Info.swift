@@ -28,14 +28,12 @@ struct Info: ParsableCommand {
   var json = false
 
   func run() throws {
+    let client = try connectServer(socketPath, option: "-s")
     let report: DeviceReport
     do throws(VFIOUserClientError) {
-      report = try Self.gather(socketPath: socketPath)
+      report = try Self.gather(client, socketPath: socketPath)
     } catch {
-      if case .server(.resourceBusy, _) = error {
-        throw CLIError("\(socketPath): the server already has a client (a VMM is attached)")
-      }
-      throw CLIError("\(socketPath): \(error)")
+      throw EndError(end: "-s \(socketPath)", underlying: error)
     }
     if json {
       let encoder = JSONEncoder()
@@ -46,8 +44,9 @@ struct Info: ParsableCommand {
     }
   }
 
-  static func gather(socketPath: String) throws(VFIOUserClientError) -> DeviceReport {
-    let client = try VFIOUserClient.connect(path: socketPath)
+  static func gather(_ client: VFIOUserClient, socketPath: String) throws(VFIOUserClientError)
+    -> DeviceReport
+  {
     let device = try client.deviceInfo()
     var regions: [DeviceReport.Region] = []
     for index in 0..<device.numRegions {

@@ -290,7 +290,7 @@ struct InfoTests {
     let holder = try serve.connect()
     let busy = try run(["info", "--socket-path", serve.socketPath])
     #expect(busy.status != 0)
-    #expect(busy.stderr.contains("the server already has a client (a VMM is attached)"), "\(busy)")
+    #expect(busy.stderr.contains("the server is busy with another client (EBUSY)"), "\(busy)")
     _ = holder
     let nobody = try run(["info", "--socket-path", "/tmp/xvu-nobody-\(getpid()).sock"])
     #expect(nobody.status != 0 && nobody.stderr.contains("xvu-nobody"))

@@ -350,7 +350,7 @@ struct MigrationFailureTests {
     for arguments in [
       ["save", "-s", path, "-o", serve.directory + "/x"],
       ["restore", "-s", path, "-i", "/dev/null"],
-      ["resume", "-s", path], ["migrate", "--from", path, "--to", other],
+      ["resume", "-s", path], ["migrate", "--from", path, "--to", other], ["info", "-s", path],
     ] {
       let result = try run(arguments)
       #expect(result.status != 0)
