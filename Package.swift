@@ -6,13 +6,15 @@ let strict: [SwiftSetting] = [.swiftLanguageMode(.v6)]
 /// cost about 700 of 2300 instructions per 4-byte REGION_READ (callgrind), and
 /// each connection's state is touched by one thread only (see Connection), so
 /// release builds check exclusivity statically only.
-let hotPath: [SwiftSetting] = strict + [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
+let hotPath: [SwiftSetting] =
+  strict + [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
 
 let package = Package(
   name: "xe-vfio-user",
   platforms: [.macOS(.v14)],
   products: [
     .executable(name: "xe-vfio-user", targets: ["xe-vfio-user"]),
+    .executable(name: "xe-vfio-user-idle-floor", targets: ["IdleFloor"]),
     .library(name: "VFIOUser", targets: ["VFIOUser"]),
     .library(name: "VFIOUserServer", targets: ["VFIOUserServer"]),
     .library(name: "VFIOUserClient", targets: ["VFIOUserClient"]),
@@ -38,7 +40,9 @@ let package = Package(
     // Unix stream socket framing with fd passing, shared by server and client.
     .target(
       name: "VFIOUserSocket",
-      dependencies: ["VFIOUser", "CVFIOUser", .product(name: "SystemPackage", package: "swift-system")],
+      dependencies: [
+        "VFIOUser", "CVFIOUser", .product(name: "SystemPackage", package: "swift-system"),
+      ],
       swiftSettings: hotPath),
     .target(
       name: "VFIOUserServer",
@@ -72,6 +76,8 @@ let package = Package(
         .product(name: "SystemPackage", package: "swift-system"),
       ],
       swiftSettings: strict),
+    // `bench`'s floor for idle memory: a program that only listens on a socket.
+    .executableTarget(name: "IdleFloor", dependencies: ["CVFIOUser"], swiftSettings: strict),
     .testTarget(
       name: "VFIOUserTests", dependencies: ["VFIOUser"],
       swiftSettings: strict),
