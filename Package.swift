@@ -9,6 +9,21 @@ let strict: [SwiftSetting] = [.swiftLanguageMode(.v6)]
 let hotPath: [SwiftSetting] =
   strict + [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
 
+/// How release executables are linked, so that an idle `serve` stays small
+/// (BENCHMARKS.md, "Idle memory"): lld with compact relative relocations
+/// (DT_RELR, glibc 2.36 or later) instead of a megabyte of RELA entries read
+/// at every start; no dynamic export of every symbol (the static standard
+/// library's link arguments ask for it, nothing here looks symbols up); and
+/// libstdc++ taken from its archive (link/static-libstdc++) rather than
+/// loaded as a shared library.
+let leanExecutable: [LinkerSetting] = [
+  .unsafeFlags(
+    [
+      "-use-ld=lld", "-Xlinker", "-z", "-Xlinker", "pack-relative-relocs", "-Xlinker",
+      "--no-export-dynamic", "-L", Context.packageDirectory + "/link/static-libstdc++",
+    ], .when(platforms: [.linux], configuration: .release))
+]
+
 let package = Package(
   name: "xe-vfio-user",
   platforms: [.macOS(.v14)],
@@ -75,9 +90,12 @@ let package = Package(
         .product(name: "Logging", package: "swift-log"),
         .product(name: "SystemPackage", package: "swift-system"),
       ],
-      swiftSettings: strict),
-    // `bench`'s floor for idle memory: a program that only listens on a socket.
-    .executableTarget(name: "IdleFloor", dependencies: ["CVFIOUser"], swiftSettings: strict),
+      swiftSettings: strict, linkerSettings: leanExecutable),
+    // `bench`'s floor for idle memory: a program that only listens on a socket,
+    // linked as xe-vfio-user is.
+    .executableTarget(
+      name: "IdleFloor", dependencies: ["CVFIOUser"], swiftSettings: strict,
+      linkerSettings: leanExecutable),
     .testTarget(
       name: "VFIOUserTests", dependencies: ["VFIOUser"],
       swiftSettings: strict),
