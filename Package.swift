@@ -15,12 +15,16 @@ let hotPath: [SwiftSetting] =
 /// at every start; no dynamic export of every symbol (the static standard
 /// library's link arguments ask for it, nothing here looks symbols up); and
 /// libstdc++ taken from its archive (link/static-libstdc++) rather than
-/// loaded as a shared library.
+/// loaded as a shared library; and the functions an idle `serve` runs laid
+/// out together (link/startup-order.txt, from scripts/startup-order.sh), as
+/// the kernel maps code around each page fault 64 KiB at a time.
 let leanExecutable: [LinkerSetting] = [
   .unsafeFlags(
     [
       "-use-ld=lld", "-Xlinker", "-z", "-Xlinker", "pack-relative-relocs", "-Xlinker",
       "--no-export-dynamic", "-L", Context.packageDirectory + "/link/static-libstdc++",
+      "-Xlinker", "--symbol-ordering-file=" + Context.packageDirectory + "/link/startup-order.txt",
+      "-Xlinker", "--no-warn-symbol-ordering",
     ], .when(platforms: [.linux], configuration: .release))
 ]
 
