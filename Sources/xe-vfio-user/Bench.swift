@@ -134,8 +134,13 @@ struct Bench: ParsableCommand {
       let rss = try residentMemory()
       table.memory(
         "idle RSS of `serve`, no client (VRAM untouched)", rss.idle, floor: rss.floor,
-        target: "≤ 8 MiB")
+        missingFloor: "floor not built", target: "≤ 8 MiB")
       table.memory("RSS of `serve`, one client connected", rss.connected, floor: nil, target: "")
+      if rss.floor == nil {
+        print(
+          "(the idle floor is xe-vfio-user-idle-floor next to this executable: swift build -c release --static-swift-stdlib --product xe-vfio-user-idle-floor)"
+        )
+      }
     }
     if instructions {
       if let perRead = try? instructionsPerRead() {
@@ -423,10 +428,12 @@ struct ReportTable {
   }
 
   /// A resident-memory figure (KiB) next to the idle floor program's.
-  mutating func memory(_ name: String, _ kib: Int, floor: Int?, target: String) {
+  mutating func memory(
+    _ name: String, _ kib: Int, floor: Int?, missingFloor: String = "-", target: String
+  ) {
     func mib(_ kib: Int) -> String { String(printf: "%.1f MiB", Double(kib) / 1024) }
     rows.append([
-      name, mib(kib), floor.map { "\(mib($0)) (idle floor)" } ?? "-",
+      name, mib(kib), floor.map { "\(mib($0)) (idle floor)" } ?? missingFloor,
       floor.map { String(printf: "%.2f×", Double(kib) / Double($0)) } ?? "-", target,
     ])
   }
