@@ -6,13 +6,34 @@ let strict: [SwiftSetting] = [.swiftLanguageMode(.v6)]
 /// cost about 700 of 2300 instructions per 4-byte REGION_READ (callgrind), and
 /// each connection's state is touched by one thread only (see Connection), so
 /// release builds check exclusivity statically only.
-let hotPath: [SwiftSetting] = strict + [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
+let hotPath: [SwiftSetting] =
+  strict + [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
+
+/// How release executables are linked, so that an idle `serve` stays small
+/// (BENCHMARKS.md, "Idle memory"): lld with compact relative relocations
+/// (DT_RELR, glibc 2.36 or later) instead of a megabyte of RELA entries read
+/// at every start; no dynamic export of every symbol (the static standard
+/// library's link arguments ask for it, nothing here looks symbols up); and
+/// libstdc++ taken from its archive (link/static-libstdc++) rather than
+/// loaded as a shared library; and the functions an idle `serve` runs laid
+/// out together (link/startup-order.txt, from scripts/startup-order.sh), as
+/// the kernel maps code around each page fault 64 KiB at a time.
+let leanExecutable: [LinkerSetting] = [
+  .unsafeFlags(
+    [
+      "-use-ld=lld", "-Xlinker", "-z", "-Xlinker", "pack-relative-relocs", "-Xlinker",
+      "--no-export-dynamic", "-L", Context.packageDirectory + "/link/static-libstdc++",
+      "-Xlinker", "--symbol-ordering-file=" + Context.packageDirectory + "/link/startup-order.txt",
+      "-Xlinker", "--no-warn-symbol-ordering",
+    ], .when(platforms: [.linux], configuration: .release))
+]
 
 let package = Package(
   name: "xe-vfio-user",
   platforms: [.macOS(.v14)],
   products: [
     .executable(name: "xe-vfio-user", targets: ["xe-vfio-user"]),
+    .executable(name: "xe-vfio-user-idle-floor", targets: ["IdleFloor"]),
     .library(name: "VFIOUser", targets: ["VFIOUser"]),
     .library(name: "VFIOUserServer", targets: ["VFIOUserServer"]),
     .library(name: "VFIOUserClient", targets: ["VFIOUserClient"]),
@@ -38,7 +59,9 @@ let package = Package(
     // Unix stream socket framing with fd passing, shared by server and client.
     .target(
       name: "VFIOUserSocket",
-      dependencies: ["VFIOUser", "CVFIOUser", .product(name: "SystemPackage", package: "swift-system")],
+      dependencies: [
+        "VFIOUser", "CVFIOUser", .product(name: "SystemPackage", package: "swift-system"),
+      ],
       swiftSettings: hotPath),
     .target(
       name: "VFIOUserServer",
@@ -71,7 +94,12 @@ let package = Package(
         .product(name: "Logging", package: "swift-log"),
         .product(name: "SystemPackage", package: "swift-system"),
       ],
-      swiftSettings: strict),
+      swiftSettings: strict, linkerSettings: leanExecutable),
+    // `bench`'s floor for idle memory: a program that only listens on a socket,
+    // linked as xe-vfio-user is.
+    .executableTarget(
+      name: "IdleFloor", dependencies: ["CVFIOUser"], swiftSettings: strict,
+      linkerSettings: leanExecutable),
     .testTarget(
       name: "VFIOUserTests", dependencies: ["VFIOUser"],
       swiftSettings: strict),

@@ -1,11 +1,13 @@
 import CVFIOUser
-import Dispatch
-import Foundation
 import Logging
 import Synchronization
 import SystemPackage
 import VFIOUser
 import VFIOUserSocket
+
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 /// What the server is doing, for logs, tests and `info`.
 public struct ServerSnapshot: Sendable, Equatable {
@@ -48,7 +50,7 @@ public final class VFIOUserServer: Sendable {
   private let listener = Mutex<Int32>(-1)
   private let activeSocket = Mutex<Int32>(-1)
   private let path = Mutex<String?>(nil)
-  private let finished = DispatchSemaphore(value: 0)
+  private let finished = Semaphore(value: 0)
   private let connectionThreadSetup: (@Sendable () -> Void)?
 
   /// - Parameter connectionThreadSetup: runs first on each client's thread
@@ -81,12 +83,14 @@ public final class VFIOUserServer: Sendable {
 
   /// Starts accepting clients on a thread of its own.
   public func start() {
-    let thread = Thread { [self] in
+    let failed = startThread(name: "vfio-user-accept") { [self] in
       acceptLoop()
       finished.signal()
     }
-    thread.name = "vfio-user-accept"
-    thread.start()
+    if let failed {
+      logger.error("cannot start the accept thread: \(failed)")
+      finished.signal()
+    }
   }
 
   /// Blocks until `stop()` has completed.
@@ -111,7 +115,7 @@ public final class VFIOUserServer: Sendable {
 
   private func acceptLoop() {
     let fd = listener.withLock { $0 }
-    var connectionDone: DispatchSemaphore?
+    var connectionDone: Semaphore?
     while true {
       let client = cvfu_accept(fd)
       if statistics.snapshot.stopping {
@@ -131,7 +135,7 @@ public final class VFIOUserServer: Sendable {
         // The previous client may be on its way out (a VMM restarting): give its
         // teardown a moment before turning the newcomer away.
         if let previous = connectionDone,
-          previous.wait(timeout: .now() + .milliseconds(300)) == .success
+          previous.wait(timeout: .milliseconds(300))
         {
           previous.signal()
         } else {
@@ -151,7 +155,7 @@ public final class VFIOUserServer: Sendable {
     logger.info("server stopped")
   }
 
-  private func serve(_ client: Int32) -> DispatchSemaphore {
+  private func serve(_ client: Int32) -> Semaphore {
     var pid: Int32 = 0
     var uid: UInt32 = 0
     _ = cvfu_peer_cred(client, &pid, &uid)
@@ -166,8 +170,9 @@ public final class VFIOUserServer: Sendable {
     // Room for two of the largest messages each way, so a 1 MiB reply is one
     // sendmsg rather than a dozen wake-ups (the kernel caps it at wmem_max).
     _ = cvfu_socket_buffers(client, Int32(clamping: 2 * limits.maxMessageSize))
-    let done = DispatchSemaphore(value: 0)
-    let thread = Thread { [self, connectionLogger] in
+    let done = Semaphore(value: 0)
+    let failed = startThread(name: "vfio-user-client", stackSize: 1 << 20) {
+      [self, connectionLogger] in
       connectionThreadSetup?()
       let connection = Connection(
         fd: client, backend: slot.backend, limits: limits, logger: connectionLogger,
@@ -184,9 +189,13 @@ public final class VFIOUserServer: Sendable {
       )
       done.signal()
     }
-    thread.name = "vfio-user-client"
-    thread.stackSize = 1 << 20
-    thread.start()
+    if let failed {
+      logger.error("cannot start a thread for the client: \(failed); disconnecting it")
+      activeSocket.withLock { $0 = -1 }
+      _ = close(client)
+      statistics.update { $0.clientConnected = false }
+      done.signal()
+    }
     return done
   }
 
@@ -196,7 +205,7 @@ public final class VFIOUserServer: Sendable {
     statistics.update { $0.clientsRefused += 1 }
     logger.warning("refusing a second client: one client is already connected")
     let timeout = limits.refusalTimeoutMilliseconds
-    let thread = Thread {
+    let failed = startThread(name: "vfio-user-busy") {
       let channel = MessageChannel(fd: client, capacity: ServerLimits.maxVersionMessage)
       channel.maxFDs = 0
       if cvfu_wait_readable(client, timeout) > 0,
@@ -209,6 +218,6 @@ public final class VFIOUserServer: Sendable {
       }
       channel.close()
     }
-    thread.start()
+    if failed != nil { _ = close(client) }
   }
 }

@@ -7,8 +7,16 @@ struct RegisterFile {
   let mediaGMDID: UInt32
   /// `scratch[gt][n]`: VF_SW_FLAG(n) on the primary GT, MED_VF_SW_FLAG(n) on the media GT.
   private(set) var scratch: [[UInt32]]
+  /// The VF's GGTT PTEs, from the start of the window; empty while all are
+  /// zero, so an idle device does not hold (and touch) 128 KiB of zeros.
+  private var ptes: [UInt64] = []
+  /// PTEs in the VF's quota.
+  let ggttCount: Int
+
   /// The VF's GGTT PTEs, from the start of the window.
-  private(set) var ggtt: [UInt64]
+  var ggtt: [UInt64] { ptes.isEmpty ? Array(repeating: 0, count: ggttCount) : ptes }
+  /// Whether the PTEs take memory (a non-zero one was written or restored).
+  var ptesAllocated: Bool { !ptes.isEmpty }
 
   init(profile: XeProfile) {
     gmdID = profile.gmdID
@@ -16,14 +24,14 @@ struct RegisterFile {
     scratch = Array(
       repeating: Array(repeating: 0, count: XeSimRegisters.scratchCount),
       count: min(profile.gtCount, 2))
-    ggtt = Array(repeating: 0, count: profile.ggttPTECount)
+    ggttCount = profile.ggttPTECount
   }
 
   mutating func reset() {
     for gt in scratch.indices {
       scratch[gt] = Array(repeating: 0, count: XeSimRegisters.scratchCount)
     }
-    ggtt = Array(repeating: 0, count: ggtt.count)
+    ptes = []
   }
 
   /// Restores GT `gt`'s scratch registers (a migration's MMIO packet).
@@ -34,8 +42,8 @@ struct RegisterFile {
 
   /// Restores the VF's GGTT PTEs (a migration's GGTT packet).
   mutating func load(ggtt ptes: [UInt64]) {
-    guard ptes.count == ggtt.count else { return }
-    ggtt = ptes
+    guard ptes.count == ggttCount else { return }
+    self.ptes = ptes
   }
 
   private func scratchSlot(_ offset: UInt64) -> (gt: Int, index: Int)? {
@@ -65,11 +73,11 @@ struct RegisterFile {
 
   /// `offset` is from the start of the GGTT window. Outside the quota reads 0.
   func readGGTT(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) {
-    guard offset + UInt64(buffer.count) <= UInt64(ggtt.count * 8) else {
+    guard offset + UInt64(buffer.count) <= UInt64(ggttCount * 8), !ptes.isEmpty else {
       buffer.initializeMemory(as: UInt8.self, repeating: 0)
       return
     }
-    ggtt.withUnsafeBytes {
+    ptes.withUnsafeBytes {
       buffer.copyMemory(
         from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)..<Int(offset) + buffer.count]))
     }
@@ -77,8 +85,12 @@ struct RegisterFile {
 
   /// `offset` is from the start of the GGTT window. Outside the quota writes are dropped.
   mutating func writeGGTT(offset: UInt64, from data: UnsafeRawBufferPointer) {
-    guard offset + UInt64(data.count) <= UInt64(ggtt.count * 8) else { return }
-    ggtt.withUnsafeMutableBytes {
+    guard offset + UInt64(data.count) <= UInt64(ggttCount * 8) else { return }
+    if ptes.isEmpty {
+      if !data.contains(where: { $0 != 0 }) { return }
+      ptes = Array(repeating: 0, count: ggttCount)
+    }
+    ptes.withUnsafeMutableBytes {
       UnsafeMutableRawBufferPointer(rebasing: $0[Int(offset)..<Int(offset) + data.count])
         .copyMemory(from: data)
     }

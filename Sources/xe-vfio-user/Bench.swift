@@ -1,11 +1,15 @@
 import ArgumentParser
 import CVFIOUser
-import Foundation
 import Logging
+import SystemPackage
 import VFIOUser
 import VFIOUserClient
 import VFIOUserServer
 import XeVF
+
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 struct Bench: ParsableCommand {
   static let configuration = CommandConfiguration(
@@ -117,7 +121,7 @@ struct Bench: ParsableCommand {
       table.rate(
         "1 MiB REGION_READ (BAR2)", ours.opsPerSecond * Double(size),
         floor.opsPerSecond * Double(size), unit: "B/s",
-        target: "≥ 5.8 GB/s", extra: "memcpy \(String(format: "%.1f", copy / 1e9)) GB/s")
+        target: "≥ 5.8 GB/s", extra: "memcpy \(String(printf: "%.1f", copy / 1e9)) GB/s")
     }
     if selected.contains("dma") {
       for live in [10, liveMappings] {
@@ -139,10 +143,15 @@ struct Bench: ParsableCommand {
       }
     }
     if selected.contains("rss") {
-      if let rss = try idleRSS() {
-        table.plain(
-          "idle RSS of `serve` (VRAM untouched)", String(format: "%.1f MiB", Double(rss) / 1024),
-          target: "≤ 8 MiB")
+      let rss = try residentMemory()
+      table.memory(
+        "idle RSS of `serve`, no client (VRAM untouched)", rss.idle, floor: rss.floor,
+        missingFloor: "floor not built", target: "≤ 8 MiB")
+      table.memory("RSS of `serve`, one client connected", rss.connected, floor: nil, target: "")
+      if rss.floor == nil {
+        print(
+          "(the idle floor is xe-vfio-user-idle-floor next to this executable: swift build -c release --static-swift-stdlib --product xe-vfio-user-idle-floor)"
+        )
       }
     }
     if instructions {
@@ -171,13 +180,13 @@ struct Bench: ParsableCommand {
         let f = try MigrationBench.run(vram: size.bytes, logger: logger, serverCPU: nil)
         rows.append([
           formatBytes(f.vram), formatRate(f.streamBytes),
-          String(format: "%.2f GB/s", f.readRate / 1e9),
-          String(format: "%.2f GB/s", f.writeRate / 1e9),
-          String(format: "%.3f s", f.migrationSeconds),
-          String(format: "%.3f s", f.downtime), String(format: "%.3f s", f.memcpySeconds),
-          String(format: "%.3f s", f.socketSeconds),
-          String(format: "%.2f×", f.downtime / f.socketSeconds),
-          String(format: "%.1f MiB", Double(f.peakAnonGrowth) / 1_048_576),
+          String(printf: "%.2f GB/s", f.readRate / 1e9),
+          String(printf: "%.2f GB/s", f.writeRate / 1e9),
+          String(printf: "%.3f s", f.migrationSeconds),
+          String(printf: "%.3f s", f.downtime), String(printf: "%.3f s", f.memcpySeconds),
+          String(printf: "%.3f s", f.socketSeconds),
+          String(printf: "%.2f×", f.downtime / f.socketSeconds),
+          String(printf: "%.1f MiB", Double(f.peakAnonGrowth) / 1_048_576),
         ])
       }
       print(
@@ -315,79 +324,105 @@ struct Bench: ParsableCommand {
 
   private func raiseMapCountIfNeeded(_ wanted: Int) {
     let path = "/proc/sys/vm/max_map_count"
-    guard let text = try? String(contentsOfFile: path, encoding: .utf8),
-      let current = Int(text.trimmingCharacters(in: .whitespacesAndNewlines)),
+    guard let text = try? readTextFile(path),
+      let current = Int(text.filter { !$0.isWhitespace }),
       current < wanted
     else { return }
-    if (try? "\(wanted)\n".write(toFile: path, atomically: false, encoding: .utf8)) != nil {
+    if (try? writeTextFile(path, "\(wanted)\n")) != nil {
       print(
         "(raised vm.max_map_count from \(current) to \(wanted): each fd-backed DMA window is one mapping)"
       )
     }
   }
 
-  /// VmRSS of a freshly started `serve` child after one client negotiated.
-  private func idleRSS() throws -> Int? {
+  /// Resident memory (VmRSS, KiB) of `serve` children of this very executable,
+  /// before any client and with one client connected, and of the idle floor
+  /// (`xe-vfio-user-idle-floor`, built next to it) in the same run.
+  private func residentMemory() throws -> (idle: Int, connected: Int, floor: Int?) {
+    let executable = currentExecutable()
     let path = "/tmp/xe-vfio-user-rss-\(getpid()).sock"
-    let child = Process()
-    child.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).standardizedFileURL
-    child.arguments = [
-      "serve", "--socket-path", path, "--quiet", "--log-level", "error", "--vram-size",
-      "\(vramSize.bytes)",
-    ]
-    try child.run()
+    let serve = try ChildProcess(
+      executable,
+      [
+        "serve", "--socket-path", path, "--quiet", "--log-level", "error", "--vram-size",
+        "\(vramSize.bytes)",
+      ])
     defer {
-      child.interrupt()
-      child.waitUntilExit()
+      serve.interrupt()
+      serve.wait()
     }
-    var client: VFIOUserClient?
-    for _ in 0..<500 where client == nil {
-      client = try? VFIOUserClient.connect(path: path)
-      if client == nil { usleep(10_000) }
+    guard let idle = settledRSS(of: serve, listeningOn: path) else {
+      throw ValidationError("`serve` did not start listening on \(path)")
     }
-    guard let client else { return nil }
+    let client = try VFIOUserClient.connect(path: path)
     _ = try client.deviceInfo()
-    let status = try String(
-      contentsOfFile: "/proc/\(child.processIdentifier)/status", encoding: .utf8)
-    let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") }
-    return line.flatMap { Int($0.split(separator: " ", omittingEmptySubsequences: true)[1]) }
+    let connected = withExtendedLifetime(client) { settledRSS(of: serve, listeningOn: path) ?? 0 }
+
+    var floor: Int?
+    let floorExecutable =
+      String(executable[..<(executable.lastIndex(of: "/") ?? executable.startIndex)])
+      + "/xe-vfio-user-idle-floor"
+    if access(floorExecutable, X_OK) == 0 {
+      let floorPath = "/tmp/xe-vfio-user-rss-floor-\(getpid()).sock"
+      let child = try ChildProcess(floorExecutable, [floorPath])
+      floor = settledRSS(of: child, listeningOn: floorPath)
+      child.interrupt()
+      child.wait()
+      unlink(floorPath)
+    }
+    return (idle, connected, floor)
+  }
+
+  /// VmRSS of `child` once `socket` exists and the figure has stopped moving.
+  private func settledRSS(of child: ChildProcess, listeningOn socket: String) -> Int? {
+    var status = stat()
+    for _ in 0..<500 {
+      if stat(socket, &status) == 0, status.st_mode & S_IFMT == S_IFSOCK { break }
+      usleep(10_000)
+    }
+    guard stat(socket, &status) == 0 else { return nil }
+    var last = -1
+    for _ in 0..<40 {
+      usleep(50_000)
+      guard let rss = procStatusKiB("VmRSS", pid: "\(child.pid)") else { return nil }
+      if rss == last { break }
+      last = rss
+    }
+    return last
   }
 
   /// Instructions per 4-byte read: callgrind totals of a `serve` child with 0 and with N reads.
   private func instructionsPerRead() throws -> Int? {
-    guard FileManager.default.isExecutableFile(atPath: "/usr/bin/valgrind") else { return nil }
+    guard access("/usr/bin/valgrind", X_OK) == 0 else { return nil }
     // valgrind 3.19 cannot read the DWARF 5 the Swift toolchain emits: count on a copy without it.
     let binary = "/tmp/xe-vfio-user-cg-\(getpid())"
-    try? FileManager.default.removeItem(atPath: binary)
-    try FileManager.default.copyItem(atPath: CommandLine.arguments[0], toPath: binary)
-    defer { try? FileManager.default.removeItem(atPath: binary) }
-    let strip = Process()
-    strip.executableURL = URL(fileURLWithPath: "/usr/bin/strip")
-    strip.arguments = ["--strip-debug", binary]
-    try strip.run()
-    strip.waitUntilExit()
+    try copyFile(currentExecutable(), to: binary, permissions: [.ownerReadWriteExecute])
+    defer { unlink(binary) }
+    try ChildProcess("/usr/bin/strip", ["--strip-debug", binary]).wait()
     func run(reads: Int) throws -> Int {
       let path = "/tmp/xe-vfio-user-cg-\(getpid()).sock"
       let out = "/tmp/xe-vfio-user-cg-\(getpid()).out"
-      let child = Process()
-      child.executableURL = URL(fileURLWithPath: "/usr/bin/valgrind")
-      child.arguments = [
-        "--tool=callgrind", "--callgrind-out-file=\(out)", binary, "serve", "--socket-path", path,
-        "--quiet", "--log-level", "error",
-      ]
-      child.standardError = FileHandle.nullDevice
-      try child.run()
+      let child = try ChildProcess(
+        "/usr/bin/valgrind",
+        [
+          "--tool=callgrind", "--callgrind-out-file=\(out)", binary, "serve", "--socket-path", path,
+          "--quiet", "--log-level", "error",
+        ], silenceStandardError: true)
       var client: VFIOUserClient?
       for _ in 0..<3000 where client == nil {
         client = try? VFIOUserClient.connect(path: path)
         if client == nil { usleep(20_000) }
       }
-      guard let client else { throw ValidationError("valgrind'ed server did not start") }
+      guard let client else {
+        child.interrupt()
+        child.wait()
+        throw ValidationError("valgrind'ed server did not start")
+      }
       for _ in 0..<reads { try readOnce(client, XeSimRegisters.vfSwFlag(0), 4) }
       child.interrupt()
-      child.waitUntilExit()
-      let text = try String(contentsOfFile: out, encoding: .utf8)
-      try? FileManager.default.removeItem(atPath: out)
+      child.wait()
+      let text = try readTextFile(out)
+      unlink(out)
       guard
         let line = text.split(separator: "\n").first(where: {
           $0.hasPrefix("totals:") || $0.hasPrefix("summary:")
@@ -419,17 +454,17 @@ struct ReportTable {
 
   mutating func latency(_ name: String, _ ours: LatencySummary, _ floor: LatencySummary) {
     rows.append([
-      "\(name) p50", String(format: "%.2f µs", ours.p50), String(format: "%.2f µs", floor.p50),
-      String(format: "%.3f×", ours.p50 / floor.p50), name.contains("READ") ? "≤ 1.06×" : "",
+      "\(name) p50", String(printf: "%.2f µs", ours.p50), String(printf: "%.2f µs", floor.p50),
+      String(printf: "%.3f×", ours.p50 / floor.p50), name.hasSuffix("READ") ? "≤ 1.06×" : "",
     ])
     rows.append([
-      "\(name) p99", String(format: "%.2f µs", ours.p99), String(format: "%.2f µs", floor.p99),
-      String(format: "%.3f×", ours.p99 / floor.p99), "",
+      "\(name) p99", String(printf: "%.2f µs", ours.p99), String(printf: "%.2f µs", floor.p99),
+      String(printf: "%.3f×", ours.p99 / floor.p99), "",
     ])
     rows.append([
-      "\(name) ops/s", String(format: "%.0f", ours.opsPerSecond),
-      String(format: "%.0f", floor.opsPerSecond),
-      String(format: "%.3f×", ours.opsPerSecond / floor.opsPerSecond), "",
+      "\(name) ops/s", String(printf: "%.0f", ours.opsPerSecond),
+      String(printf: "%.0f", floor.opsPerSecond),
+      String(printf: "%.3f×", ours.opsPerSecond / floor.opsPerSecond), "",
     ])
   }
 
@@ -438,13 +473,24 @@ struct ReportTable {
     extra: String? = nil
   ) {
     func fmt(_ v: Double) -> String {
-      unit == "B/s" ? String(format: "%.2f GB/s", v / 1e9) : String(format: "%.0f %@", v, unit)
+      unit == "B/s" ? String(printf: "%.2f GB/s", v / 1e9) : String(printf: "%.0f", v) + " " + unit
     }
     rows.append([
       name, fmt(ours), floor.map(fmt) ?? (extra ?? "-"),
-      floor.map { String(format: "%.3f×", ours / $0) } ?? "-", target,
+      floor.map { String(printf: "%.3f×", ours / $0) } ?? "-", target,
     ])
     if let extra, floor != nil { rows.append(["", "", extra, "", ""]) }
+  }
+
+  /// A resident-memory figure (KiB) next to the idle floor program's.
+  mutating func memory(
+    _ name: String, _ kib: Int, floor: Int?, missingFloor: String = "-", target: String
+  ) {
+    func mib(_ kib: Int) -> String { String(printf: "%.1f MiB", Double(kib) / 1024) }
+    rows.append([
+      name, mib(kib), floor.map { "\(mib($0)) (idle floor)" } ?? missingFloor,
+      floor.map { String(printf: "%.2f×", Double(kib) / Double($0)) } ?? "-", target,
+    ])
   }
 
   mutating func plain(_ name: String, _ value: String, target: String) {
@@ -454,7 +500,7 @@ struct ReportTable {
   func render() -> String {
     let widths = (0..<rows[0].count).map { c in rows.map { $0[c].count }.max() ?? 0 }
     return rows.map { row in
-      row.enumerated().map { $1.padding(toLength: widths[$0] + 2, withPad: " ", startingAt: 0) }
+      row.enumerated().map { $1 + String(repeating: " ", count: widths[$0] + 2 - $1.count) }
         .joined()
     }.joined(separator: "\n")
   }

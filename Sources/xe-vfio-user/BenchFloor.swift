@@ -1,5 +1,9 @@
 import CVFIOUser
-import Foundation
+import VFIOUserServer
+
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 /// The raw limit every figure is compared with: the same message sizes over
 /// a plain Unix stream socket between two threads, with the classic server
@@ -16,8 +20,8 @@ enum SocketFloor {
     _ = cvfu_socket_buffers(pair[1], 8 << 20)
     let serverFD = pair[1]
     let total = count + inFlight
-    let done = DispatchSemaphore(value: 0)
-    let thread = Thread {
+    let done = Semaphore(value: 0)
+    let failed = startThread(name: "socket-floor") {
       if let serverCPU { _ = cvfu_pin_to_cpu(serverCPU) }
       let buffer = UnsafeMutableRawBufferPointer.allocate(
         byteCount: max(requestSize, replySize), alignment: 16)
@@ -31,7 +35,7 @@ enum SocketFloor {
       }
       done.signal()
     }
-    thread.start()
+    precondition(failed == nil, "cannot start the floor's server thread: \(failed!)")
     let request = UnsafeMutableRawBufferPointer.allocate(byteCount: requestSize, alignment: 16)
     let reply = UnsafeMutableRawBufferPointer.allocate(byteCount: replySize, alignment: 16)
     request.initializeMemory(as: UInt8.self, repeating: 1)

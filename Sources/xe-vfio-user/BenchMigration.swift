@@ -1,11 +1,14 @@
 import CVFIOUser
-import Foundation
 import Logging
 import Synchronization
 import VFIOUser
 import VFIOUserClient
 import VFIOUserServer
 import XeVF
+
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 /// Migration figures for one VRAM size, each with its in-run raw limits.
 struct MigrationFigures {
@@ -86,14 +89,14 @@ enum MigrationBench {
     let baseline = anonKiB()
     let peak = Atomic<Int>(baseline)
     let sampling = Atomic<Bool>(true)
-    let sampler = Thread {
+    let sampler = startThread(name: "rss-sampler") {
       while sampling.load(ordering: .relaxed) {
         let now = anonKiB()
         if now > peak.load(ordering: .relaxed) { peak.store(now, ordering: .relaxed) }
         usleep(5_000)
       }
     }
-    sampler.start()
+    precondition(sampler == nil, "cannot start the memory sampler: \(sampler!)")
     let start = now()
     try dst.setMigrationState(.resuming)
     let downtimeStart = now()
@@ -124,10 +127,7 @@ enum MigrationBench {
 
   /// RssAnon of this process in KiB (VRAM is shared memory and not counted).
   static func anonKiB() -> Int {
-    guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
-      let line = status.split(separator: "\n").first(where: { $0.hasPrefix("RssAnon:") })
-    else { return 0 }
-    return Int(line.split(separator: " ", omittingEmptySubsequences: true)[1]) ?? 0
+    procStatusKiB("RssAnon") ?? 0
   }
 
   /// Seconds to memcpy `bytes`, from the rate of 256 MiB copies (warm buffers).
@@ -145,8 +145,8 @@ extension SocketFloor {
     _ = cvfu_socket_buffers(pair[0], 4 << 20)
     _ = cvfu_socket_buffers(pair[1], 4 << 20)
     let writerFD = pair[1]
-    let done = DispatchSemaphore(value: 0)
-    Thread {
+    let done = Semaphore(value: 0)
+    let failed = startThread(name: "stream-floor") {
       if let serverCPU { _ = cvfu_pin_to_cpu(serverCPU) }
       let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
       buffer.initializeMemory(as: UInt8.self, repeating: 3)
@@ -158,7 +158,8 @@ extension SocketFloor {
       }
       buffer.deallocate()
       done.signal()
-    }.start()
+    }
+    precondition(failed == nil, "cannot start the stream floor's writer: \(failed!)")
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
     defer { buffer.deallocate() }
     let t0 = now()

@@ -1,5 +1,4 @@
 import ArgumentParser
-import Foundation
 import Logging
 import VFIOUser
 
@@ -10,7 +9,12 @@ struct ByteSize: ExpressibleByArgument, CustomStringConvertible {
   init(_ bytes: UInt64) { self.bytes = bytes }
 
   init?(argument: String) {
-    let text = argument.trimmingCharacters(in: .whitespaces).uppercased()
+    // Blanks around it (spaces, tabs; not line breaks) are ignored.
+    let blank: (Character) -> Bool = { $0.isWhitespace && !$0.isNewline }
+    guard let first = argument.firstIndex(where: { !blank($0) }),
+      let last = argument.lastIndex(where: { !blank($0) })
+    else { return nil }
+    let text = argument[first...last].uppercased()
     let units: [(String, UInt64)] = [
       ("GIB", 1 << 30), ("MIB", 1 << 20), ("KIB", 1 << 10), ("G", 1 << 30), ("M", 1 << 20),
       ("K", 1 << 10), ("B", 1),

@@ -1,11 +1,13 @@
 import ArgumentParser
-import Dispatch
-import Foundation
 import Logging
 import SystemPackage
 import VFIOUser
 import VFIOUserServer
 import XeVF
+
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 struct Serve: ParsableCommand {
   static let configuration = CommandConfiguration(
@@ -118,15 +120,14 @@ struct Serve: ParsableCommand {
     sigaddset(&stopSignals, SIGINT)
     sigaddset(&stopSignals, SIGTERM)
     pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
-    let signalWaiter = Thread { [stopSignals] in
+    let failed = startThread(name: "signals") { [stopSignals] in
       var set = stopSignals
       var number: Int32 = 0
       while sigwait(&set, &number) != 0 {}
       logger.info("signal \(number): shutting down")
       server.stop()
     }
-    signalWaiter.name = "signals"
-    signalWaiter.start()
+    if let failed { throw CLIError("cannot start the signal thread: \(failed)") }
     let path = socketPath ?? defaultSocketPath
     if let fd {
       server.listen(fd: fd)

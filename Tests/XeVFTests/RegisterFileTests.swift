@@ -148,4 +148,27 @@ import VFIOUser
     #expect(try vf.reg64(window) == 0)
     #expect(try vf.reg64(quotaEnd - 8) == 0)
   }
+
+  /// The GGTT slice holds no memory until a PTE is written non-zero, and
+  /// gives it back at reset; reads see zeros meanwhile.
+  @Test func ggttIsAllocatedOnFirstNonZeroWrite() {
+    var file = RegisterFile(profile: .bmg)
+    var word: UInt64 = 0xFFFF
+    withUnsafeMutableBytes(of: &word) { file.readGGTT(offset: 8, into: $0) }
+    #expect(word == 0)
+    #expect(file.ggtt == Array(repeating: 0, count: XeProfile.bmg.ggttPTECount))
+    var zero: UInt64 = 0
+    withUnsafeBytes(of: &zero) { file.writeGGTT(offset: 16, from: $0) }
+    #expect(file.ptesAllocated == false)
+    var pte: UInt64 = 0x7000_0001
+    withUnsafeBytes(of: &pte) { file.writeGGTT(offset: 16, from: $0) }
+    #expect(file.ptesAllocated)
+    withUnsafeMutableBytes(of: &word) { file.readGGTT(offset: 16, into: $0) }
+    #expect(word == 0x7000_0001)
+    #expect(file.ggtt[2] == 0x7000_0001)
+    file.reset()
+    #expect(file.ptesAllocated == false)
+    withUnsafeMutableBytes(of: &word) { file.readGGTT(offset: 16, into: $0) }
+    #expect(word == 0)
+  }
 }

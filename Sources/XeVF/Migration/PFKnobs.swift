@@ -1,4 +1,3 @@
-import Foundation
 import Glibc
 import SystemPackage
 
@@ -105,11 +104,4 @@ public struct PFFaults: Sendable, Equatable {
 extension Errno {
   static let structureNeedsCleaning = Errno(rawValue: Glibc.EUCLEAN)
   static let timerExpired = Errno(rawValue: Glibc.ETIME)
-}
-
-extension Duration {
-  var timeInterval: TimeInterval {
-    let c = components
-    return TimeInterval(c.seconds) + TimeInterval(c.attoseconds) / 1e18
-  }
 }

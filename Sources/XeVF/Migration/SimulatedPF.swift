@@ -1,6 +1,6 @@
-import Foundation
 import Logging
 import SystemPackage
+import VFIOUserServer
 
 /// The PF side of one simulated VF: the per-GT control state machine of
 /// `xe_gt_sriov_pf_control.c`, the migration rings and the GuC it talks to
@@ -11,7 +11,7 @@ import SystemPackage
 /// simulated GuC and produces (save) or consumes (restore) ring packets.
 /// Callers — the device's connection thread, tests — enter through the
 /// public operations, which queue work and wait for the GT's completion.
-/// One `NSCondition` guards every mutable field; waits release it, and the
+/// One `ConditionLock` guards every mutable field; waits release it, and the
 /// simulated work times (GuC latency, a stuck VRAM fence) are waits too, so
 /// no thread sleeps holding it. Packet payloads are immutable values; VRAM
 /// bytes are never touched here: the save stream copies them out and the
@@ -42,7 +42,7 @@ public final class SimulatedPF: @unchecked Sendable {
     var done = true
     /// The GT's work item is queued.
     var queued = false
-    var events: [(deadline: Date, event: Event)] = []
+    var events: [(deadline: ContinuousClock.Instant, event: Event)] = []
     var ring: [PFPacket] = []
     /// The most packets the ring held since the last save or restore started.
     var ringHighWater = 0
@@ -57,7 +57,7 @@ public final class SimulatedPF: @unchecked Sendable {
     var failure: Errno?
   }
 
-  let cond = NSCondition()
+  let cond = ConditionLock()
   var gts: [GT]
   var timingValue = PFTiming.kernel
   var faultsValue = PFFaults()
@@ -129,7 +129,7 @@ public final class SimulatedPF: @unchecked Sendable {
   /// Waits (lock held) until `condition` holds or `timeout` passes; returns
   /// whether it holds. The lock is released while waiting.
   func wait(_ timeout: Duration, until condition: () -> Bool) -> Bool {
-    let deadline = Date(timeIntervalSinceNow: timeout.timeInterval)
+    let deadline = ContinuousClock.now + timeout
     while !condition() {
       if isShutDown || !cond.wait(until: deadline) { return condition() }
     }
@@ -139,7 +139,7 @@ public final class SimulatedPF: @unchecked Sendable {
   /// Lets `duration` pass (lock held, released meanwhile): simulated work.
   func spend(_ duration: Duration) {
     guard duration > .zero else { return }
-    let deadline = Date(timeIntervalSinceNow: duration.timeInterval)
+    let deadline = ContinuousClock.now + duration
     while !isShutDown, cond.wait(until: deadline) {}
   }
 
@@ -149,9 +149,9 @@ public final class SimulatedPF: @unchecked Sendable {
     guard !workersStarted, !isShutDown else { return }
     workersStarted = true
     for g in gts.indices {
-      let thread = Thread { [self] in workerLoop(g) }
-      thread.name = "xe-pf-gt\(g)"
-      thread.start()
+      if let error = startThread(name: "xe-pf-gt\(g)", { [self] in workerLoop(g) }) {
+        logger.error("cannot start the PF worker of GT\(g): \(error)")
+      }
     }
   }
 
@@ -168,7 +168,7 @@ public final class SimulatedPF: @unchecked Sendable {
     cond.lock()
     defer { cond.unlock() }
     while !isShutDown {
-      let now = Date()
+      let now = ContinuousClock.now
       if let due = gts[g].events.firstIndex(where: { $0.deadline <= now }) {
         handle(gts[g].events.remove(at: due).event, gt: g)
       } else if gts[g].queued {
@@ -177,7 +177,7 @@ public final class SimulatedPF: @unchecked Sendable {
       } else if let next = gts[g].events.map(\.deadline).min() {
         _ = cond.wait(until: next)
       } else {
-        cond.wait()  // NSCondition cannot wait until .distantFuture (it traps)
+        cond.wait()
       }
     }
   }
@@ -193,7 +193,7 @@ public final class SimulatedPF: @unchecked Sendable {
     if delay <= .zero {
       handle(event, gt: g)
     } else {
-      gts[g].events.append((Date(timeIntervalSinceNow: delay.timeInterval), event))
+      gts[g].events.append((ContinuousClock.now + delay, event))
       cond.broadcast()
     }
   }

@@ -1,4 +1,3 @@
-import Foundation
 import SystemPackage
 import VFIOUser
 import VFIOUserServer
@@ -148,7 +147,7 @@ extension SimulatedXeVF {
     }
     hardware()
     let settle = pf.timing.flrHardware
-    if settle > .zero { Thread.sleep(forTimeInterval: settle.timeInterval) }
+    sleep(for: settle)
     pf.notifyFLR()
     do throws(Errno) { try pf.waitFLRVF() } catch { logger.warning("PF FLR: \(error)") }
     pf.closeStream()

@@ -1,0 +1,15 @@
+// POSIX helpers Swift cannot reach through Glibc (they need _GNU_SOURCE),
+// for threads and child processes without Foundation.
+#ifndef CVFU_POSIX_H
+#define CVFU_POSIX_H
+
+#include <spawn.h>
+
+/// Names the calling thread for `top`, `ps -L` and debuggers. The kernel keeps
+/// 15 bytes: a longer name is cut there. Returns 0 or -errno.
+int cvfu_set_thread_name(const char *name);
+
+/// Adds "close every descriptor from `lowfd` up" to `actions`. Returns 0 or an errno.
+int cvfu_spawn_closefrom(posix_spawn_file_actions_t *actions, int lowfd);
+
+#endif
