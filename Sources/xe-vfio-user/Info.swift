@@ -1,8 +1,12 @@
 import ArgumentParser
-import Foundation
+import FoundationEssentials
 import SystemPackage
 import VFIOUser
 import VFIOUserClient
+
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 struct Info: ParsableCommand {
   static let configuration = CommandConfiguration(
@@ -222,7 +226,7 @@ struct Info: ParsableCommand {
       let access = [f.read ? "read" : nil, f.write ? "write" : nil, f.mmap ? "mmap" : nil]
         .compactMap { $0 }
       var line =
-        "\tRegion \(region.name.padding(toLength: 7, withPad: " ", startingAt: 0)) \(formatBytes(region.size)), \(access.joined(separator: "/"))"
+        "\tRegion \(padded(region.name, 7)) \(formatBytes(region.size)), \(access.joined(separator: "/"))"
       if f.msixMappable { line += ", MSI-X mappable" }
       if !region.mmapAreas.isEmpty {
         line +=
@@ -240,7 +244,7 @@ struct Info: ParsableCommand {
         f.noresize ? "noresize" : nil,
       ].compactMap { $0 }
       out +=
-        "\tIRQ \(irq.name.padding(toLength: 5, withPad: " ", startingAt: 0)) \(irq.count) vector\(irq.count == 1 ? "" : "s")\(traits.isEmpty ? "" : " (\(traits.joined(separator: ", ")))")\n"
+        "\tIRQ \(padded(irq.name, 5)) \(irq.count) vector\(irq.count == 1 ? "" : "s")\(traits.isEmpty ? "" : " (\(traits.joined(separator: ", ")))")\n"
     }
     let m = r.migration
     if let flags = m.flags, m.supported {
@@ -273,4 +277,9 @@ struct Info: ParsableCommand {
 func hex<T: BinaryInteger>(_ value: T, _ width: Int) -> String {
   let s = String(value, radix: 16)
   return String(repeating: "0", count: max(0, width - s.count)) + s
+}
+
+/// `text` padded with spaces to `width` characters (Foundation's `padding` would link it whole).
+func padded(_ text: String, _ width: Int) -> String {
+  text.count >= width ? text : text + String(repeating: " ", count: width - text.count)
 }

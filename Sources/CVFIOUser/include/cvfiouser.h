@@ -10,6 +10,8 @@
 #include <sys/uio.h>
 #include <linux/vfio.h>
 
+#include "cvfu_posix.h"
+
 // Most fds one recvmsg can carry on Linux (SCM_MAX_FD). The receive buffer is
 // sized for it so surplus fds are received and closed, never silently dropped.
 #define CVFU_SCM_MAX_FD 253
