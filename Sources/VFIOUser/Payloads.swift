@@ -569,6 +569,35 @@ public struct WriteMultiEntry: Equatable, Sendable {
     self.count = count
     self.data = data
   }
+
+  /// The entry at byte `offset` of `bytes` (the caller has checked the length).
+  @inlinable
+  public init(decoding bytes: UnsafeRawBufferPointer, at offset: Int) {
+    self.offset = bytes.u64(offset)
+    region = bytes.u32(offset + 8)
+    count = bytes.u32(offset + 12)
+    data = bytes.u64(offset + 16)
+  }
+
+  @inlinable
+  public func encode(into bytes: UnsafeMutableRawBufferPointer, at offset: Int) {
+    bytes.put(self.offset, at: offset)
+    bytes.put(region, at: offset + 8)
+    bytes.put(count, at: offset + 12)
+    bytes.put(data, at: offset + 16)
+  }
+
+  /// Runs `body` on the `count` data bytes (little-endian, as on the wire), with no allocation.
+  @inlinable
+  public func withData<R, E: Error>(_ body: (UnsafeRawBufferPointer) throws(E) -> R) throws(E)
+    -> R
+  {
+    var value = data.littleEndian
+    let n = Int(min(count, UInt32(MemoryLayout<UInt64>.size)))
+    return try withUnsafeBytes(of: &value) { raw throws(E) in
+      try body(UnsafeRawBufferPointer(rebasing: raw[..<n]))
+    }
+  }
 }
 
 /// REGION_WRITE_MULTI request.
@@ -591,27 +620,41 @@ public struct WriteMultiPayload: WirePayload {
     return Int(count)
   }
 
+  /// Entry `i` of a payload that `validate` accepted, without building the
+  /// array (the server's path).
+  @inlinable
+  public static func entry(_ i: Int, in bytes: UnsafeRawBufferPointer) -> WriteMultiEntry {
+    WriteMultiEntry(decoding: bytes, at: 8 + WriteMultiEntry.size * i)
+  }
+
   public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
     let count = try Self.validate(bytes)
-    entries = (0..<count).map { i in
-      let base = 8 + WriteMultiEntry.size * i
-      return WriteMultiEntry(
-        offset: bytes.u64(base), region: bytes.u32(base + 8), count: bytes.u32(base + 12),
-        data: bytes.u64(base + 16))
-    }
+    entries = (0..<count).map { Self.entry($0, in: bytes) }
   }
 
   public var encodedSize: Int { 8 + WriteMultiEntry.size * entries.count }
   public func encode(into bytes: UnsafeMutableRawBufferPointer) {
     bytes.put(UInt64(entries.count), at: 0)
     for (i, entry) in entries.enumerated() {
-      let base = 8 + WriteMultiEntry.size * i
-      bytes.put(entry.offset, at: base)
-      bytes.put(entry.region, at: base + 8)
-      bytes.put(entry.count, at: base + 12)
-      bytes.put(entry.data, at: base + 16)
+      entry.encode(into: bytes, at: 8 + WriteMultiEntry.size * i)
     }
   }
+}
+
+/// REGION_WRITE_MULTI reply: the number of writes done, a bare u64 `wr_cnt`.
+public struct WriteMultiReply: WirePayload {
+  public static let size = 8
+  public var wrCnt: UInt64
+
+  public init(wrCnt: UInt64) { self.wrCnt = wrCnt }
+
+  public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    guard bytes.count == Self.size else { throw .invalidArgument }
+    wrCnt = bytes.u64(0)
+  }
+
+  public var encodedSize: Int { Self.size }
+  public func encode(into bytes: UnsafeMutableRawBufferPointer) { bytes.put(wrCnt, at: 0) }
 }
 
 /// DEVICE_FEATURE request and reply: argsz, flags, feature data.
@@ -652,6 +695,77 @@ public struct DeviceFeaturePayload: WirePayload {
     bytes.put(flags, at: 4)
     for (i, b) in data.enumerated() { bytes[Self.fixedSize + i] = b }
   }
+}
+
+// The data of the DEVICE_FEATURE migration features (after argsz and flags),
+// laid out as the kernel's structs. Like the kernel, which copies the first
+// `sizeof(struct)` bytes, decoding needs at least that many and ignores the rest.
+
+/// VFIO_DEVICE_FEATURE_MIGRATION (GET): `struct vfio_device_feature_migration`, flags u64.
+public struct MigrationFeatureData: WirePayload {
+  public static let size = 8
+  public var flags: MigrationFlags
+
+  public init(flags: MigrationFlags) { self.flags = flags }
+
+  public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    guard bytes.count >= Self.size else { throw .invalidArgument }
+    flags = MigrationFlags(rawValue: bytes.u64(0))
+  }
+
+  public var encodedSize: Int { Self.size }
+  public func encode(into bytes: UnsafeMutableRawBufferPointer) { bytes.put(flags.rawValue, at: 0) }
+}
+
+/// VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE (GET and SET):
+/// `struct vfio_device_feature_mig_state`, device_state u32, data_fd s32.
+/// vfio-user leaves data_fd unused: the server answers -1 and echoes a SET.
+public struct MigDeviceStateData: WirePayload {
+  public static let size = 8
+  /// The raw state, so that a value outside `MigrationState` still decodes (and is refused).
+  public var deviceState: UInt32
+  public var dataFD: Int32
+
+  public init(deviceState: UInt32, dataFD: Int32 = -1) {
+    self.deviceState = deviceState
+    self.dataFD = dataFD
+  }
+
+  public init(state: MigrationState, dataFD: Int32 = -1) {
+    self.init(deviceState: state.rawValue, dataFD: dataFD)
+  }
+
+  /// The state, or nil for a number that names none.
+  public var state: MigrationState? { MigrationState(rawValue: deviceState) }
+
+  public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    guard bytes.count >= Self.size else { throw .invalidArgument }
+    deviceState = bytes.u32(0)
+    dataFD = Int32(bitPattern: bytes.u32(4))
+  }
+
+  public var encodedSize: Int { Self.size }
+  public func encode(into bytes: UnsafeMutableRawBufferPointer) {
+    bytes.put(deviceState, at: 0)
+    bytes.put(dataFD, at: 4)
+  }
+}
+
+/// VFIO_DEVICE_FEATURE_MIG_DATA_SIZE (GET): `struct vfio_device_feature_mig_data_size`,
+/// stop_copy_length u64.
+public struct MigDataSizeData: WirePayload {
+  public static let size = 8
+  public var stopCopyLength: UInt64
+
+  public init(stopCopyLength: UInt64) { self.stopCopyLength = stopCopyLength }
+
+  public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    guard bytes.count >= Self.size else { throw .invalidArgument }
+    stopCopyLength = bytes.u64(0)
+  }
+
+  public var encodedSize: Int { Self.size }
+  public func encode(into bytes: UnsafeMutableRawBufferPointer) { bytes.put(stopCopyLength, at: 0) }
 }
 
 /// MIG_DATA_READ / MIG_DATA_WRITE head: argsz, size; data follows.

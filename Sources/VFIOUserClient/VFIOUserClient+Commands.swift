@@ -134,10 +134,10 @@ extension VFIOUserClient {
     let reply = try request(
       .regionWriteMulti, payload: WriteMultiPayload(entries: entries).encoded(), noReply: posted)
     guard !posted else { return UInt64(entries.count) }
-    guard reply.payload.count == 8 else {
+    guard let decoded = try? WriteMultiReply(decoding: reply.payload) else {
       throw .protocolViolation("REGION_WRITE_MULTI reply size")
     }
-    return reply.payload.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+    return decoded.wrCnt
   }
 
   /// DMA_MAP, optionally with the fd that backs the window (sent with SCM_RIGHTS). No allocation.

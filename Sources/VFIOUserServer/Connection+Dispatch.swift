@@ -188,17 +188,14 @@ extension Connection {
     let count = try WriteMultiPayload.validate(payload)
     // Writes apply in order; the first failure stops the batch and is reported.
     for i in 0..<count {
-      let base = 8 + WriteMultiEntry.size * i
-      let offset = payload.loadUnaligned(fromByteOffset: base, as: UInt64.self)
-      let region = payload.loadUnaligned(fromByteOffset: base + 8, as: UInt32.self)
-      let n = payload.loadUnaligned(fromByteOffset: base + 12, as: UInt32.self)
-      try checkAccess(region: region, offset: offset, count: n, write: true)
-      try backend.write(
-        region: region, offset: offset,
-        from: UnsafeRawBufferPointer(rebasing: payload[(base + 16)..<(base + 16 + Int(n))]))
+      let entry = WriteMultiPayload.entry(i, in: payload)
+      try checkAccess(region: entry.region, offset: entry.offset, count: entry.count, write: true)
+      try entry.withData { data throws(Errno) in
+        try backend.write(region: entry.region, offset: entry.offset, from: data)
+      }
     }
-    replyArea.storeBytes(of: UInt64(count), as: UInt64.self)
-    return 8
+    WriteMultiReply(wrCnt: UInt64(count)).encode(into: replyArea)
+    return WriteMultiReply.size
   }
 
   func regionInfo(_ payload: UnsafeRawBufferPointer, fd: inout Int32) throws(Errno) -> Int {
@@ -345,19 +342,16 @@ extension Connection {
     }
     if set { guard request.data.count >= minimum else { throw .invalidArgument } }
 
-    var data = [UInt8](repeating: 0, count: minimum)
+    let data: [UInt8]
     switch request.feature {
     case VFIODeviceFeature.migration:
-      data.withUnsafeMutableBytes {
-        $0.storeBytes(of: migratable!.migrationFlags.rawValue, as: UInt64.self)
-      }
+      data = MigrationFeatureData(flags: migratable!.migrationFlags).encoded()
     case VFIODeviceFeature.migDataSize:
-      let size = try migratable!.stopCopySize()
-      data.withUnsafeMutableBytes { $0.storeBytes(of: size, as: UInt64.self) }
+      data = MigDataSizeData(stopCopyLength: try migratable!.stopCopySize()).encoded()
     default:  // MIG_DEVICE_STATE
       if set {
-        let raw = request.data.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }
-        guard let target = MigrationState(rawValue: raw) else { throw .invalidArgument }
+        let asked = try MigDeviceStateData(decoding: request.data)
+        guard let target = asked.state else { throw .invalidArgument }
         let from = migration!.state
         do throws(Errno) {
           let dropped = try migration!.set(target, on: migratable!)
@@ -373,10 +367,7 @@ extension Connection {
         request.encode(into: out)
         return request.encodedSize
       }
-      data.withUnsafeMutableBytes { raw in
-        raw.storeBytes(of: migration!.state.rawValue, as: UInt32.self)
-        raw.storeBytes(of: Int32(-1), toByteOffset: 4, as: Int32.self)
-      }
+      data = MigDeviceStateData(state: migration!.state).encoded()
     }
     let reply = DeviceFeaturePayload(
       argsz: UInt32(DeviceFeaturePayload.fixedSize + data.count), flags: request.flags, data: data)

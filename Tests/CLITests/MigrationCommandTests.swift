@@ -164,6 +164,6 @@ struct MigrationCommandTests {
     #expect(try client.read32(region: 0, offset: scratch0) == 0x5eed_0005)
     let state = try client.feature(
       flags: VFIODeviceFeatureFlags.get | VFIODeviceFeature.migDeviceState, argsz: 16)
-    #expect(state.data.prefix(4) == [2, 0, 0, 0])  // RUNNING
+    #expect(try MigDeviceStateData(decoding: state.data).state == .running)
   }
 }

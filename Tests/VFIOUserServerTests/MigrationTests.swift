@@ -144,8 +144,7 @@ struct MigrationTests {
       }
       let size = try client.feature(flags: featureGet | VFIODeviceFeature.migDataSize, argsz: 16)
       #expect(
-        size.data.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
-          == UInt64(4 + TestDevice.bar2Size))
+        try MigDataSizeData(decoding: size.data).stopCopyLength == UInt64(4 + TestDevice.bar2Size))
       #expect(try client.migrationState() == .running)
     }
   }
@@ -280,7 +279,8 @@ struct MigrationTests {
       }
       expectServerError(.invalidArgument) {
         _ = try client.feature(
-          flags: featureSet | VFIODeviceFeature.migDeviceState, data: le32(9) + le32(0))
+          flags: featureSet | VFIODeviceFeature.migDeviceState,
+          data: MigDeviceStateData(deviceState: 9, dataFD: 0).encoded())
       }
       #expect(device.arcs.isEmpty)
       #expect(try client.migrationState() == .running)

@@ -211,12 +211,12 @@ func decodeAndRebuildPayload(_ vector: Vector, _ payload: [UInt8]) throws -> [UI
     return expected.encoded()
 
   case "WriteMultiReply":
-    // No Swift type: the reply is a bare u64 wr_cnt.
+    // The reply is a bare u64 wr_cnt.
     let wrCnt = try p.u64("wrCnt")
-    #expect(payload.count == 8)
-    let decoded = payload.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
-    #expect(UInt64(littleEndian: decoded) == wrCnt)
-    return withUnsafeBytes(of: wrCnt.littleEndian) { Array($0) }
+    #expect(payload.count == WriteMultiReply.size)
+    let decoded = try WriteMultiReply(decoding: payload)
+    #expect(decoded.wrCnt == wrCnt)
+    return WriteMultiReply(wrCnt: wrCnt).encoded()
 
   case "DeviceFeaturePayload":
     let decoded = try DeviceFeaturePayload(decoding: payload)
@@ -224,6 +224,24 @@ func decodeAndRebuildPayload(_ vector: Vector, _ payload: [UInt8]) throws -> [UI
       argsz: try p.u32("argsz"), flags: try p.u32("flags"), data: try p.bytes("data"))
     #expect(decoded == expected)
     #expect(decoded.feature == (try p.u32("feature")))
+    if !decoded.data.isEmpty {
+      // The feature's own data, through its codec, byte for byte.
+      let again: [UInt8]
+      switch decoded.feature {
+      case VFIODeviceFeature.migration:
+        again = try MigrationFeatureData(decoding: decoded.data).encoded()
+      case VFIODeviceFeature.migDeviceState:
+        let state = try MigDeviceStateData(decoding: decoded.data)
+        #expect(state.state != nil && state.dataFD == -1)
+        again = state.encoded()
+      case VFIODeviceFeature.migDataSize:
+        again = try MigDataSizeData(decoding: decoded.data).encoded()
+      default:
+        again = decoded.data
+        Issue.record("feature \(decoded.feature) has no codec for its data")
+      }
+      #expect(again == decoded.data)
+    }
     return expected.encoded()
 
   case "MigDataHeader":
