@@ -35,6 +35,7 @@ let package = Package(
     .executable(name: "xe-vfio-user", targets: ["xe-vfio-user"]),
     .executable(name: "xe-vfio-user-idle-floor", targets: ["IdleFloor"]),
     .library(name: "VFIOUser", targets: ["VFIOUser"]),
+    .library(name: "VFIODevice", targets: ["VFIODevice"]),
     .library(name: "VFIOUserServer", targets: ["VFIOUserServer"]),
     .library(name: "VFIOUserClient", targets: ["VFIOUserClient"]),
     .library(name: "XeVF", targets: ["XeVF"]),
@@ -63,10 +64,20 @@ let package = Package(
         "VFIOUser", "CVFIOUser", .product(name: "SystemPackage", package: "swift-system"),
       ],
       swiftSettings: hotPath),
+    // The device interface the server engine and every backend share: regions,
+    // interrupts, DMA windows, reset, migration arcs and streams, and the helpers
+    // a software device uses (interrupt emulation, threads). No server, no socket.
+    .target(
+      name: "VFIODevice",
+      dependencies: [
+        "VFIOUser", "CVFIOUser", .product(name: "SystemPackage", package: "swift-system"),
+      ],
+      swiftSettings: hotPath),
+    // The engine: accept loop, connection dispatcher, DMA table, migration walk, limits.
     .target(
       name: "VFIOUserServer",
       dependencies: [
-        "VFIOUser", "VFIOUserSocket", "CVFIOUser",
+        "VFIOUser", "VFIODevice", "VFIOUserSocket", "CVFIOUser",
         .product(name: "Logging", package: "swift-log"),
         .product(name: "SystemPackage", package: "swift-system"),
       ],
@@ -78,10 +89,11 @@ let package = Package(
         .product(name: "SystemPackage", package: "swift-system"),
       ],
       swiftSettings: hotPath),
+    // Xe knowledge and the simulated VF and PF: a backend, beside the engine.
     .target(
       name: "XeVF",
       dependencies: [
-        "VFIOUser", "VFIOUserServer", "CVFIOUser",
+        "VFIOUser", "VFIODevice", "CVFIOUser",
         .product(name: "Logging", package: "swift-log"),
         .product(name: "SystemPackage", package: "swift-system"),
       ],
@@ -89,7 +101,7 @@ let package = Package(
     .executableTarget(
       name: "xe-vfio-user",
       dependencies: [
-        "VFIOUser", "VFIOUserServer", "VFIOUserClient", "XeVF", "CVFIOUser",
+        "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF", "CVFIOUser",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Logging", package: "swift-log"),
         .product(name: "SystemPackage", package: "swift-system"),
@@ -105,10 +117,12 @@ let package = Package(
       swiftSettings: strict),
     .testTarget(
       name: "VFIOUserServerTests",
-      dependencies: ["VFIOUser", "VFIOUserServer", "VFIOUserClient", "XeVF", "CVFIOUser"],
+      dependencies: [
+        "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF", "CVFIOUser",
+      ],
       swiftSettings: strict),
     .testTarget(
-      name: "XeVFTests", dependencies: ["XeVF", "VFIOUser", "VFIOUserServer"],
+      name: "XeVFTests", dependencies: ["XeVF", "VFIOUser", "VFIODevice", "CVFIOUser"],
       swiftSettings: strict),
     // Runs the built `xe-vfio-user` as a process, as a user would.
     .testTarget(

@@ -1,4 +1,5 @@
 import SystemPackage
+import VFIODevice
 import VFIOUser
 import VFIOUserSocket
 

@@ -1,5 +1,6 @@
 import Logging
 import SystemPackage
+import VFIODevice
 import VFIOUser
 import VFIOUserSocket
 

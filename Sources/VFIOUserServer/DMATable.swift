@@ -1,4 +1,5 @@
 import SystemPackage
+import VFIODevice
 import VFIOUser
 
 #if canImport(Glibc)

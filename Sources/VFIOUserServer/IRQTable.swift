@@ -1,5 +1,6 @@
 import CVFIOUser
 import SystemPackage
+import VFIODevice
 import VFIOUser
 import VFIOUserSocket
 

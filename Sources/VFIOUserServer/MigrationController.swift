@@ -1,4 +1,5 @@
 import SystemPackage
+import VFIODevice
 import VFIOUser
 
 /// The kernel's migration state machine (`vfio_mig_get_next_state` and the
@@ -31,71 +32,6 @@ public struct MigrationController {
     return next
   }
 
-  // MARK: vfio_mig_get_next_state
-
-  private static let order: [MigrationState] = [
-    .stop, .running, .stopCopy, .resuming, .runningP2P, .preCopy, .preCopyP2P, .error,
-  ]
-
-  /// `vfio_from_fsm_table`, rows and columns in `order`.
-  private static let table: [[MigrationState]] = [
-    // from STOP
-    [
-      .stop, .runningP2P, .stopCopy, .resuming, .runningP2P, .runningP2P, .runningP2P, .error,
-    ],
-    // from RUNNING
-    [
-      .runningP2P, .running, .runningP2P, .runningP2P, .runningP2P, .preCopy, .runningP2P, .error,
-    ],
-    // from STOP_COPY
-    [.stop, .stop, .stopCopy, .stop, .stop, .error, .error, .error],
-    // from RESUMING
-    [.stop, .stop, .stop, .resuming, .stop, .stop, .stop, .error],
-    // from RUNNING_P2P
-    [.stop, .running, .stop, .stop, .runningP2P, .running, .preCopyP2P, .error],
-    // from PRE_COPY
-    [
-      .running, .running, .preCopyP2P, .running, .running, .preCopy, .preCopyP2P, .error,
-    ],
-    // from PRE_COPY_P2P
-    [
-      .runningP2P, .runningP2P, .stopCopy, .runningP2P, .runningP2P, .preCopy, .preCopyP2P, .error,
-    ],
-    // from ERROR
-    Array(repeating: .error, count: 8),
-  ]
-
-  /// `state_flags_table`: the flags a state needs (ERROR needs all, so no device has it).
-  public static func required(_ state: MigrationState) -> MigrationFlags {
-    switch state {
-    case .running, .stop, .stopCopy, .resuming: [.stopCopy]
-    case .runningP2P: [.stopCopy, .p2p]
-    case .preCopy: [.stopCopy, .preCopy]
-    case .preCopyP2P: [.stopCopy, .p2p, .preCopy]
-    case .error: MigrationFlags(rawValue: ~0)
-    }
-  }
-
-  public static func supported(_ state: MigrationState, _ flags: MigrationFlags) -> Bool {
-    flags.isSuperset(of: required(state))
-  }
-
-  /// The next direct arc from `current` towards `target`, or nil where the
-  /// kernel answers -EINVAL (unsupported state, ERROR, STOP_COPY → PRE_COPY…).
-  public static func nextState(
-    from current: MigrationState, to target: MigrationState, flags: MigrationFlags
-  )
-    -> MigrationState?
-  {
-    guard supported(current, flags), supported(target, flags) else { return nil }
-    let column = order.firstIndex(of: target)!
-    var next = table[order.firstIndex(of: current)!][column]
-    while next != .error, !supported(next, flags) {
-      next = table[order.firstIndex(of: next)!][column]
-    }
-    return next == .error ? nil : next
-  }
-
   // MARK: Transitions
 
   /// Walks from the current state to `target` one arc at a time. On a failed
@@ -111,11 +47,14 @@ public struct MigrationController {
   @discardableResult
   mutating func set(_ target: MigrationState, on device: MigrationCapable) throws(Errno) -> UInt64 {
     var drained: UInt64 = 0
-    guard Self.nextState(from: state, to: target, flags: flags) != nil || state == target else {
+    guard
+      MigrationTransitions.nextState(from: state, to: target, flags: flags) != nil
+        || state == target
+    else {
       throw .invalidArgument
     }
     while state != target {
-      guard let next = Self.nextState(from: state, to: target, flags: flags) else {
+      guard let next = MigrationTransitions.nextState(from: state, to: target, flags: flags) else {
         device.migrationFailed()
         throw .invalidArgument
       }

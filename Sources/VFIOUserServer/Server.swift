@@ -2,6 +2,7 @@ import CVFIOUser
 import Logging
 import Synchronization
 import SystemPackage
+import VFIODevice
 import VFIOUser
 import VFIOUserSocket
 
@@ -50,7 +51,7 @@ public final class VFIOUserServer: Sendable {
   private let listener = Mutex<Int32>(-1)
   private let activeSocket = Mutex<Int32>(-1)
   private let path = Mutex<String?>(nil)
-  private let finished = Semaphore(value: 0)
+  private let finished = VFIODevice.Semaphore(value: 0)
   private let connectionThreadSetup: (@Sendable () -> Void)?
 
   /// - Parameter connectionThreadSetup: runs first on each client's thread
@@ -115,7 +116,7 @@ public final class VFIOUserServer: Sendable {
 
   private func acceptLoop() {
     let fd = listener.withLock { $0 }
-    var connectionDone: Semaphore?
+    var connectionDone: VFIODevice.Semaphore?
     while true {
       let client = cvfu_accept(fd)
       if statistics.snapshot.stopping {
@@ -155,7 +156,7 @@ public final class VFIOUserServer: Sendable {
     logger.info("server stopped")
   }
 
-  private func serve(_ client: Int32) -> Semaphore {
+  private func serve(_ client: Int32) -> VFIODevice.Semaphore {
     var pid: Int32 = 0
     var uid: UInt32 = 0
     _ = cvfu_peer_cred(client, &pid, &uid)
@@ -170,7 +171,7 @@ public final class VFIOUserServer: Sendable {
     // Room for two of the largest messages each way, so a 1 MiB reply is one
     // sendmsg rather than a dozen wake-ups (the kernel caps it at wmem_max).
     _ = cvfu_socket_buffers(client, Int32(clamping: 2 * limits.maxMessageSize))
-    let done = Semaphore(value: 0)
+    let done = VFIODevice.Semaphore(value: 0)
     let failed = startThread(name: "vfio-user-client", stackSize: 1 << 20) {
       [self, connectionLogger] in
       connectionThreadSetup?()

@@ -1,3 +1,4 @@
+import VFIODevice
 import VFIOUser
 
 /// The server's own limits, offered in the VERSION reply and enforced on

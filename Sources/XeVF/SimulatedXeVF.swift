@@ -1,7 +1,7 @@
 import Logging
 import SystemPackage
 import VFIOUser
-import VFIOUserServer
+import VFIODevice
 
 /// A software Intel Xe SR-IOV VF: config space, BAR0 registers and GGTT
 /// window, VRAM as BAR2 (bmg), MSI-X, FLR, and a DMA engine that exercises

@@ -4,6 +4,7 @@ import Logging
 import SystemPackage
 import VFIOUser
 import VFIOUserClient
+import VFIODevice
 import VFIOUserServer
 import XeVF
 

@@ -1,4 +1,5 @@
 import CVFIOUser
+import VFIODevice
 import VFIOUserServer
 
 #if canImport(Glibc)

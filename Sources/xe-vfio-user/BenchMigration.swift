@@ -3,6 +3,7 @@ import Logging
 import Synchronization
 import VFIOUser
 import VFIOUserClient
+import VFIODevice
 import VFIOUserServer
 import XeVF
 

@@ -2,6 +2,7 @@ import CVFIOUser
 import Logging
 import VFIOUser
 import VFIOUserClient
+import VFIODevice
 import VFIOUserServer
 import XeVF
 

@@ -3,6 +3,7 @@ import FoundationEssentials
 import SystemPackage
 import VFIOUser
 import VFIOUserClient
+import VFIODevice
 import VFIOUserServer
 
 struct Migrate: ParsableCommand {

@@ -4,6 +4,7 @@ import Synchronization
 import SystemPackage
 import VFIOUser
 import VFIOUserClient
+import VFIODevice
 import VFIOUserServer
 
 #if canImport(Glibc)

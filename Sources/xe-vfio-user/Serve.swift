@@ -2,6 +2,7 @@ import ArgumentParser
 import Logging
 import SystemPackage
 import VFIOUser
+import VFIODevice
 import VFIOUserServer
 import XeVF
 

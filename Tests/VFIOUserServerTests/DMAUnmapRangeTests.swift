@@ -4,6 +4,7 @@ import SystemPackage
 import Testing
 import VFIOUser
 import VFIOUserClient
+import VFIODevice
 import VFIOUserServer
 
 /// A memfd with a name of its own, never mapped by the test: every mapping of

@@ -5,6 +5,7 @@ import SystemPackage
 import Testing
 import VFIOUser
 import VFIOUserClient
+import VFIODevice
 import VFIOUserServer
 
 /// A server on a fresh socket in a private directory, stopped by `close()`.

@@ -4,6 +4,7 @@ import SystemPackage
 import Testing
 import VFIOUser
 import VFIOUserClient
+import VFIODevice
 import VFIOUserServer
 
 @Suite("SET_IRQS semantics")

@@ -1,5 +1,6 @@
 import Testing
 import VFIOUser
+import VFIODevice
 import VFIOUserServer
 
 /// `vfio_mig_get_next_state` against the table of reference §4.4, transcribed here as text.
@@ -41,7 +42,7 @@ struct MigrationTableTests {
     var path: [MigrationState] = []
     var current = a
     while current != b {
-      guard let next = MigrationController.nextState(from: current, to: b, flags: flags) else {
+      guard let next = MigrationTransitions.nextState(from: current, to: b, flags: flags) else {
         return nil
       }
       path.append(next)
@@ -57,7 +58,7 @@ struct MigrationTableTests {
     for from in Self.columns where from != .error {
       for to in Self.columns {
         let expected = table[from]![to]!
-        let next = MigrationController.nextState(from: from, to: to, flags: all)
+        let next = MigrationTransitions.nextState(from: from, to: to, flags: all)
         #expect(next == (expected == .error || to == .error ? nil : expected), "\(from) → \(to)")
       }
     }
@@ -84,7 +85,7 @@ struct MigrationTableTests {
     #expect(Self.path(.resuming, .running, flags) == [.stop, .running])
     #expect(Self.path(.running, .runningP2P, flags) == nil)
     // From a state the flags do not support, nothing is reachable.
-    #expect(MigrationController.nextState(from: .runningP2P, to: .running, flags: flags) == nil)
+    #expect(MigrationTransitions.nextState(from: .runningP2P, to: .running, flags: flags) == nil)
   }
 
   /// Every pair under every flag combination: a path never passes through an
@@ -95,16 +96,16 @@ struct MigrationTableTests {
       [.stopCopy], [.stopCopy, .p2p], [.stopCopy, .preCopy], [.stopCopy, .p2p, .preCopy],
     ]
     for flags in combos {
-      for from in Self.columns where MigrationController.supported(from, flags) {
+      for from in Self.columns where MigrationTransitions.supported(from, flags) {
         for to in Self.columns {
           guard let path = Self.path(from, to, flags) else {
             #expect(
-              !MigrationController.supported(to, flags)
+              !MigrationTransitions.supported(to, flags)
                 || (from == .stopCopy && (to == .preCopy || to == .preCopyP2P)),
               "\(flags) \(from) → \(to)")
             continue
           }
-          #expect(path.allSatisfy { MigrationController.supported($0, flags) })
+          #expect(path.allSatisfy { MigrationTransitions.supported($0, flags) })
           let inside = path.dropLast()
           #expect(
             inside.allSatisfy { $0 != .stopCopy && $0 != .resuming && $0 != .error },

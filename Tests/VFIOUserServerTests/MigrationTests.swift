@@ -3,6 +3,7 @@ import SystemPackage
 import Testing
 import VFIOUser
 import VFIOUserClient
+import VFIODevice
 import VFIOUserServer
 
 /// A byte stream over an array: the "save" side hands out `data`, the

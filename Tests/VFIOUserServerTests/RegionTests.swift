@@ -3,6 +3,7 @@ import SystemPackage
 import Testing
 import VFIOUser
 import VFIOUserClient
+import VFIODevice
 import VFIOUserServer
 
 @Suite("Device, region and IRQ info; region access")

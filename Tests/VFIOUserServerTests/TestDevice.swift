@@ -2,6 +2,7 @@ import CVFIOUser
 import Foundation
 import SystemPackage
 import VFIOUser
+import VFIODevice
 import VFIOUserServer
 
 /// A small generic device for the server's own semantics (INTx, MSI and

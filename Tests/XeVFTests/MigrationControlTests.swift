@@ -1,7 +1,7 @@
 import Foundation
 import SystemPackage
 import Testing
-import VFIOUserServer
+import VFIODevice
 
 @testable import XeVF
 

@@ -1,7 +1,7 @@
 import SystemPackage
 import Testing
 import VFIOUser
-import VFIOUserServer
+import VFIODevice
 
 @testable import XeVF
 

@@ -2,7 +2,7 @@ import Foundation
 import SystemPackage
 import Testing
 import VFIOUser
-import VFIOUserServer
+import VFIODevice
 
 @testable import XeVF
 

@@ -3,7 +3,7 @@ import Glibc
 import SystemPackage
 import Testing
 import VFIOUser
-import VFIOUserServer
+import VFIODevice
 
 @testable import XeVF
 

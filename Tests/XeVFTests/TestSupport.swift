@@ -1,6 +1,6 @@
 import SystemPackage
 import VFIOUser
-import VFIOUserServer
+import VFIODevice
 
 @testable import XeVF
 

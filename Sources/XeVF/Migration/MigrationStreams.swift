@@ -1,5 +1,5 @@
 import SystemPackage
-import VFIOUserServer
+import VFIODevice
 
 /// The save `data_fd` of STOP_COPY: reads the PF's packet stream
 /// (`xe_sriov_pf_migration_read`). Used on the device's thread only.

@@ -1,6 +1,6 @@
 import SystemPackage
 import VFIOUser
-import VFIOUserServer
+import VFIODevice
 
 /// The device's side of migration: where its VFIO migration state is, and
 /// the knobs a save reads.

@@ -75,6 +75,19 @@ public struct DMARegion: @unchecked Sendable, Equatable {  // the mapping is own
   public var fd: Int32
   public var fileOffset: UInt64
 
+  public init(
+    address: UInt64, size: UInt64, readable: Bool, writable: Bool,
+    mapping: UnsafeMutableRawPointer?, fd: Int32, fileOffset: UInt64
+  ) {
+    self.address = address
+    self.size = size
+    self.readable = readable
+    self.writable = writable
+    self.mapping = mapping
+    self.fd = fd
+    self.fileOffset = fileOffset
+  }
+
   public var end: UInt64 { address + size }
 }
 
@@ -87,6 +100,13 @@ public struct IRQConfiguration: Sendable, Equatable {
   /// INTx only: the eventfd that unmasks when signalled (irqfd resample), or -1.
   public var unmaskFD: Int32
   public var masked: [Bool]
+
+  public init(index: UInt32, triggerFDs: [Int32], unmaskFD: Int32, masked: [Bool]) {
+    self.index = index
+    self.triggerFDs = triggerFDs
+    self.unmaskFD = unmaskFD
+    self.masked = masked
+  }
 }
 
 /// The services the server gives the device: DMA into client memory,
