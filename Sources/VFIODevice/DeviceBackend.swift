@@ -2,12 +2,13 @@ import SystemPackage
 import VFIOUser
 
 /// Where a client can mmap (part of) a region: a descriptor the server passes
-/// with SCM_RIGHTS and the file offset of the region's first byte in it. The
-/// backend keeps ownership; the server sends it without closing it.
+/// with SCM_RIGHTS and the file offset of the region's first byte in it
+/// (a VFIO device fd and its region offset, or the simulated VF's VRAM memfd).
+/// Lent: the backend keeps ownership, and the server sends it without closing it.
 public struct MmapSource: Sendable, Equatable {
-  public var fd: Int32
+  public var fd: FileDescriptor
   public var offset: UInt64
-  public init(fd: Int32, offset: UInt64) {
+  public init(fd: FileDescriptor, offset: UInt64) {
     self.fd = fd
     self.offset = offset
   }
@@ -47,77 +48,17 @@ public struct RegionDescription: Sendable, Equatable {
   }
 }
 
-/// What the server needs to know about one interrupt index.
-public struct IRQDescription: Sendable, Equatable {
-  public var index: UInt32
-  public var count: UInt32
-  /// VFIO_IRQ_INFO_* flags.
-  public var flags: UInt32
-  public init(index: UInt32, count: UInt32, flags: UInt32) {
-    self.index = index
-    self.count = count
-    self.flags = flags
-  }
-  public var maskable: Bool { flags & VFIOIRQInfoFlags.maskable != 0 }
-  public var automasked: Bool { flags & VFIOIRQInfoFlags.automasked != 0 }
-}
-
-/// One guest-memory window the client registered with DMA_MAP.
-public struct DMARegion: @unchecked Sendable, Equatable {  // the mapping is owned by the DMA table
-  public var address: UInt64
-  public var size: UInt64
-  public var readable: Bool
-  public var writable: Bool
-  /// The server's mapping of the client's fd, or nil when the client sent none
-  /// (then the memory is reached with DMA_READ / DMA_WRITE messages).
-  public var mapping: UnsafeMutableRawPointer?
-  /// The client's descriptor (owned by the server's DMA table), or -1.
-  public var fd: Int32
-  public var fileOffset: UInt64
-
-  public init(
-    address: UInt64, size: UInt64, readable: Bool, writable: Bool,
-    mapping: UnsafeMutableRawPointer?, fd: Int32, fileOffset: UInt64
-  ) {
-    self.address = address
-    self.size = size
-    self.readable = readable
-    self.writable = writable
-    self.mapping = mapping
-    self.fd = fd
-    self.fileOffset = fileOffset
-  }
-
-  public var end: UInt64 { address + size }
-}
-
-/// The interrupt state a backend may read when the client changes it: the
-/// kernel backend hands these eventfds to VFIO_DEVICE_SET_IRQS.
-public struct IRQConfiguration: Sendable, Equatable {
-  public var index: UInt32
-  /// Trigger eventfd per vector, -1 where none is set.
-  public var triggerFDs: [Int32]
-  /// INTx only: the eventfd that unmasks when signalled (irqfd resample), or -1.
-  public var unmaskFD: Int32
-  public var masked: [Bool]
-
-  public init(index: UInt32, triggerFDs: [Int32], unmaskFD: Int32, masked: [Bool]) {
-    self.index = index
-    self.triggerFDs = triggerFDs
-    self.unmaskFD = unmaskFD
-    self.masked = masked
-  }
-}
-
-/// The services the server gives the device: DMA into client memory,
-/// interrupts through the client's eventfds, and work deferred until the
-/// current reply has gone out. All calls happen on the connection's thread.
+/// The services the server gives the device: DMA into client memory that the
+/// device cannot reach by itself, and work deferred until the current reply
+/// has gone out. All calls happen on the connection's thread.
+///
+/// Interrupts are not among them: a device signals the client's eventfds
+/// itself (the simulated VF through `IRQEmulation`, real hardware through the
+/// kernel, which holds the eventfds VFIO_DEVICE_SET_IRQS gave it).
 public protocol DeviceHost: AnyObject {
-  /// Raises vector `vector` of interrupt index `index` (honours masking).
-  func triggerInterrupt(index: UInt32, vector: UInt32)
   /// Copies client memory at `address` into `buffer`. Completes at once for
   /// fd-backed memory, later (after DMA_READ round trips) otherwise; on
-  /// reset or hang-up it completes with ECANCELED.
+  /// reset, unmap or hang-up it completes with ECANCELED.
   func dmaRead(
     address: UInt64, into buffer: UnsafeMutableRawBufferPointer,
     completion: @escaping (Result<Void, Errno>) -> Void)
@@ -129,19 +70,38 @@ public protocol DeviceHost: AnyObject {
   func deferWork(_ work: @escaping () -> Void)
 }
 
-/// A device behind the server: the simulated Xe VF or the kernel VFIO VF.
-/// The server validates every request against the descriptions before calling
-/// region accessors, so a backend sees only in-bounds, permitted accesses.
+/// A device behind the server: the simulated Xe VF, or a VF behind the
+/// kernel's VFIO. The server engine drives every device through this
+/// protocol alone and never knows which one it has.
+///
+/// Calls come from one thread at a time (the connection's), in the order the
+/// client's requests arrive; a backend needs no lock against the server.
+///
+/// What the server checks before calling, so a backend sees only requests
+/// that make sense for the device it described:
+/// - region accesses lie inside a readable or writable region of the right size;
+/// - a SET_IRQS names an index and vectors the device has, with a well-formed
+///   data part (`IRQSetRequest`);
+/// - a DMA window is page-aligned, lies inside `dmaLimits.iovaRanges`, does not
+///   overlap another, and fits in `dmaLimits.maxWindows`.
 public protocol VFIODeviceBackend: AnyObject {
+  // MARK: Description (read once per client)
+
   /// VFIO_DEVICE_FLAGS_* (PCI, RESET).
   var deviceFlags: UInt32 { get }
   var regionCount: UInt32 { get }
   var irqCount: UInt32 { get }
   func region(_ index: UInt32) -> RegionDescription?
   func irq(_ index: UInt32) -> IRQDescription?
+  /// The DMA the device can honour: page sizes, windows, IOVA ranges. The
+  /// VERSION reply offers what both this and the server's limits allow, and
+  /// DMA_MAP enforces it. Default: `DMALimits.unrestricted`.
+  var dmaLimits: DMALimits { get }
+
+  // MARK: Regions
 
   /// Reads `buffer.count` bytes at `offset` of region `region`. Throws EINVAL
-  /// for a width or alignment the register file does not accept.
+  /// for a width or alignment the device does not accept.
   func read(region: UInt32, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer)
     throws(Errno)
   func write(region: UInt32, offset: UInt64, from buffer: UnsafeRawBufferPointer) throws(Errno)
@@ -151,21 +111,60 @@ public protocol VFIODeviceBackend: AnyObject {
   /// with no copy. nil (the default) routes every read through `read`.
   func directMemory(region: UInt32) -> UnsafeRawBufferPointer?
 
-  /// VFIO_USER_DEVICE_RESET (a function-level reset).
+  // MARK: Lifecycle
+
+  /// VFIO_USER_DEVICE_RESET (a function-level reset). A device that migrates
+  /// returns to RUNNING and invalidates any stream it opened (later reads and
+  /// writes throw ENODEV).
   func reset() throws(Errno)
 
-  /// The client connected (`host` set) or left (`nil`).
+  /// The client connected (`host` set) or left (`nil`). By the time it is
+  /// told `nil`, the server has unmapped every window and disabled every
+  /// interrupt index the client set up.
   func attach(host: DeviceHost?)
-  /// The client changed an interrupt index; the server's IRQ table already holds the result.
-  func irqsChanged(_ configuration: IRQConfiguration) throws(Errno)
-  /// A DMA window was added or removed (the kernel backend maps it into its IOMMU).
-  func dmaMapped(_ region: DMARegion) throws(Errno)
-  func dmaUnmapped(_ region: DMARegion)
+
+  // MARK: Interrupts
+
+  /// DEVICE_SET_IRQS, decoded and checked against `irq(_:)`. The request owns
+  /// the client's eventfds; the backend takes what it keeps. A kernel backend
+  /// forwards it to VFIO_DEVICE_SET_IRQS; a software device applies it with
+  /// `IRQEmulation`. Throwing refuses the request with that errno, and the
+  /// device's interrupt state must then be as it was before the call.
+  ///
+  /// When the client leaves, the server disables every index that has
+  /// vectors: a TRIGGER request with DATA_NONE and count 0.
+  func setIRQs(_ request: consuming IRQSetRequest) throws(Errno)
+
+  /// Eventfds of the client's that the device holds open (statistics and leak
+  /// checks). A backend that hands them to the kernel and lets its own copies
+  /// go holds none.
+  var eventFDCount: Int { get }
+
+  // MARK: DMA windows
+
+  /// The client mapped `window`. `file` is the client's descriptor for it (nil
+  /// when it sent none) and is the backend's from now on: kept (`release()`)
+  /// for a backend that maps the file itself, such as an iommufd
+  /// IOMMU_IOAS_MAP_FILE, or let go and so closed. The server's own mapping
+  /// (`window.mapping`) exists before this call and outlives the window.
+  /// Throwing refuses the DMA_MAP: the server removes the window again.
+  /// Default: accepts and lets the descriptor go.
+  func dmaMap(_ window: DMAWindow, file: consuming OwnedFileDescriptor?) throws(Errno)
+
+  /// The client is unmapping `windows` (one DMA_UNMAP: a range, or all), in
+  /// address order. Called before the server releases their memory: the
+  /// device must not reach them once this returns. All or nothing: throwing
+  /// refuses the whole DMA_UNMAP with that errno, the server removes none of
+  /// the windows, and the device must still reach every one (a backend that
+  /// tore some down before failing maps them back, or checks before it acts).
+  /// When the client has gone (hang-up), a refusal is logged and the memory
+  /// released anyway. Default: accepts.
+  func dmaUnmap(_ windows: [DMAWindow]) throws(Errno)
 }
 
 extension VFIODeviceBackend {
+  public var dmaLimits: DMALimits { .unrestricted }
   public func directMemory(region: UInt32) -> UnsafeRawBufferPointer? { nil }
-  public func irqsChanged(_ configuration: IRQConfiguration) throws(Errno) {}
-  public func dmaMapped(_ region: DMARegion) throws(Errno) {}
-  public func dmaUnmapped(_ region: DMARegion) {}
+  public func dmaMap(_ window: DMAWindow, file: consuming OwnedFileDescriptor?) throws(Errno) {}
+  public func dmaUnmap(_ windows: [DMAWindow]) throws(Errno) {}
 }

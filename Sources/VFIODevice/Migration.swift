@@ -1,37 +1,99 @@
 import SystemPackage
 import VFIOUser
 
-/// The data stream a device opens on STOP→STOP_COPY (to read) or STOP→RESUMING
-/// (to write): the kernel's `data_fd`. Calls come from the connection thread.
-public protocol MigrationStream: AnyObject {
-  /// Fills `buffer` with the next bytes, blocking until the device produced them
-  /// (a bounded wait: the backend throws ETIMEDOUT rather than block forever).
-  /// Returns fewer bytes than asked only when the stream ended, and 0 after the end.
-  /// A stream invalidated by a reset throws ENODEV.
+/// The save side of a device's migration data: the kernel's `data_fd` that
+/// STOP → STOP_COPY opens (O_RDONLY). Used from the connection's thread.
+public protocol MigrationSource: AnyObject {
+  /// Reads the next bytes of the device's state into `buffer`; returns how
+  /// many. A read may return fewer than asked (the server fills its buffer
+  /// from several), and returns 0 only at the end of the stream, and after it.
+  ///
+  /// Bounded: a device that must wait for data (a kernel `data_fd` blocks in
+  /// read(2) until the PF has produced some, and cannot be polled) waits at
+  /// most its own timeout and then throws ETIMEDOUT; it never blocks without
+  /// end. That bound is what keeps the connection able to notice a hang-up or
+  /// a reset (see `MigrationDriver.fill`). A kernel backend gets it by reading
+  /// on a thread of its own and waiting for that thread with a timeout.
+  ///
+  /// Throws ENODEV once a reset invalidated the stream.
   func read(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int
+
+  /// Ends the stream (the kernel: close(data_fd)). Called once, by its owner,
+  /// when the device has left STOP_COPY, was reset, or its client left; the
+  /// stream is not used after it.
+  func close()
+}
+
+/// The restore side: the `data_fd` that STOP → RESUMING opens (O_WRONLY).
+public protocol MigrationSink: AnyObject {
   /// Hands the device a prefix of `bytes` and returns its length (at least 1
-  /// unless it throws); the caller repeats with the rest. May block (bounded)
-  /// while the device's ring is full. Errors found while restoring surface here
-  /// or at RESUMING→STOP.
+  /// unless it throws); the caller repeats with the rest. Bounded as
+  /// `MigrationSource.read` is: a device whose ring is full waits at most its
+  /// timeout. Errors found while restoring surface here or at RESUMING → STOP.
+  /// Throws ENODEV once a reset invalidated the stream.
   func write(_ bytes: UnsafeRawBufferPointer) throws(Errno) -> Int
+
+  /// Ends the stream, as `MigrationSource.close`.
+  func close()
+}
+
+/// The data stream a migration arc opened.
+public enum MigrationStream {
+  /// STOP → STOP_COPY (and PRE_COPY on devices that have it): the device's state to read.
+  case source(any MigrationSource)
+  /// STOP → RESUMING: a state to write into the device.
+  case sink(any MigrationSink)
+
+  /// Ends the stream.
+  public func close() {
+    switch self {
+    case .source(let source): source.close()
+    case .sink(let sink): sink.close()
+    }
+  }
+
+  /// Whether a device in `state` still serves this stream.
+  public func isServed(in state: MigrationState) -> Bool {
+    switch self {
+    case .source: [.stopCopy, .preCopy, .preCopyP2P].contains(state)
+    case .sink: state == .resuming
+    }
+  }
 }
 
 /// A device that migrates: the kernel's `vfio_migration_ops`, one arc at a time.
-/// The server walks composite transitions with `vfio_mig_get_next_state()`
-/// and calls `migrationStep` for each direct arc, in order, on the connection
-/// thread. `VFIODeviceBackend.reset()` returns such a device to RUNNING and
-/// invalidates any stream it opened (its later reads and writes throw ENODEV).
+///
+/// The device owns its migration state; there is no other copy. GET
+/// MIG_DEVICE_STATE reads `migrationState`, and `MigrationDriver` walks a SET
+/// one direct arc at a time with `vfio_mig_get_next_state()`, calling
+/// `migrationStep` for each. A kernel backend implements an arc as one
+/// VFIO_DEVICE_FEATURE SET MIG_DEVICE_STATE with the arc's end (the kernel
+/// takes a direct arc as it takes any other), and its data_fd as the stream.
+/// `VFIODeviceBackend.reset()` returns the device to RUNNING and invalidates
+/// any stream it opened.
 public protocol MigrationCapable: AnyObject {
   /// STOP_COPY, plus P2P and PRE_COPY where the device has them.
   var migrationFlags: MigrationFlags { get }
-  /// Performs the direct arc `from` → `to`. Returns the data stream for
-  /// STOP→STOP_COPY and STOP→RESUMING, nil otherwise. On failure the device is
-  /// still in `from` (the server leaves its state there).
+
+  /// Where the device is: RUNNING after creation and after every reset; moved
+  /// by `migrationStep`, and to ERROR by `migrationFailed`.
+  var migrationState: MigrationState { get throws(Errno) }
+
+  /// Performs the direct arc `from` → `to`, where `from` is `migrationState`.
+  /// Returns the data stream that STOP → STOP_COPY (a source) and
+  /// STOP → RESUMING (a sink) open, nil for every other arc. On failure the
+  /// device is still in `from`.
   func migrationStep(from: MigrationState, to: MigrationState) throws(Errno) -> MigrationStream?
+
   /// VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: the device's estimate of the stop-copy bytes.
   func stopCopySize() throws(Errno) -> UInt64
-  /// `vfio_mig_get_next_state` failed mid-walk: the device must stop (the PF's
-  /// `xe_sriov_vfio_error`), as the kernel driver does.
+
+  /// The server gave up on this migration: a restored state did not validate
+  /// (RESUMING → STOP failed), or `vfio_mig_get_next_state()` found no arc
+  /// mid-walk. The device must stop (the PF's `xe_sriov_vfio_error`) and
+  /// report ERROR from `migrationState` until a reset: it must never look
+  /// healthy with half a state. (The kernel's xe-vfio-pci stays in RESUMING
+  /// there; a kernel backend keeps that ERROR in its own state.)
   func migrationFailed()
 }
 

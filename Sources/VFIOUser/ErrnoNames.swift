@@ -26,7 +26,8 @@ extension Errno {
     ("ESPIPE", Glibc.ESPIPE),
     ("EPIPE", Glibc.EPIPE), ("ENOSYS", Glibc.ENOSYS), ("EPROTO", Glibc.EPROTO),
     ("EMSGSIZE", Glibc.EMSGSIZE),
-    ("ENOTSUP", Glibc.ENOTSUP), ("ETIMEDOUT", Glibc.ETIMEDOUT), ("EALREADY", Glibc.EALREADY),
+    ("ERANGE", Glibc.ERANGE), ("ENOTSUP", Glibc.ENOTSUP), ("ETIMEDOUT", Glibc.ETIMEDOUT),
+    ("EALREADY", Glibc.EALREADY),
     ("ESTALE", Glibc.ESTALE), ("ECANCELED", Glibc.ECANCELED), ("EUCLEAN", Glibc.EUCLEAN),
     ("ECONNRESET", Glibc.ECONNRESET), ("ETIME", Glibc.ETIME),
   ]

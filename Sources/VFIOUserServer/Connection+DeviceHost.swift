@@ -28,10 +28,6 @@ final class DMAJob {
 }
 
 extension Connection: DeviceHost {
-  func triggerInterrupt(index: UInt32, vector: UInt32) {
-    irqs.fire(index: Int(index), vector: Int(vector))
-  }
-
   func deferWork(_ work: @escaping () -> Void) { deferred.append(work) }
 
   func dmaRead(
@@ -178,11 +174,11 @@ extension Connection: DeviceHost {
     }
   }
 
-  /// Cancels transfers whose current chunk lies in `region`.
-  func abortDMAJobs(touching region: DMARegion) {
+  /// Cancels transfers whose current chunk lies in `window`.
+  func abortDMAJobs(touching window: DMAWindow) {
     for (id, job) in outstanding {
       let current = job.address &+ UInt64(job.done)
-      guard current >= region.address, current < region.end else { continue }
+      guard current >= window.address, current < window.end else { continue }
       outstanding[id] = nil
       abandoned.insert(id)
       finish(job, .canceled)

@@ -113,7 +113,8 @@ extension Connection {
     // The spec's layout, which QEMU 11.1 uses too; `--dma-layout qemu` serves QEMU builds
     // whose hw/vfio-user/protocol.h still has the `count u32, data@12` struct.
     dmaLayout = limits.dmaLayout ?? .spec
-    let reply = VersionPayload(major: 0, minor: 0, json: limits.offer(to: caps).json())
+    let reply = VersionPayload(
+      major: 0, minor: 0, json: limits.offer(to: caps, dma: dmaLimits).json())
     let size = reply.encodedSize
     reply.encode(into: replyArea)
     negotiated = true
@@ -236,7 +237,7 @@ extension Connection {
     }
     info.encode(into: out)
     if info.flags & VFIORegionFlags.mmap != 0, let mmap = regions[Int(request.index)]?.mmap {
-      fd = mmap.fd
+      fd = mmap.fd.rawValue  // lent: sent, not closed
     }
     return full
   }
@@ -272,7 +273,7 @@ extension Connection {
     guard request.argsz >= UInt32(IRQInfoPayload.size), request.index < backend.irqCount else {
       throw .invalidArgument
     }
-    let description = irqs.indexes[Int(request.index)].description
+    let description = irqDescriptions[Int(request.index)]
     IRQInfoPayload(
       argsz: UInt32(IRQInfoPayload.size), flags: description.flags, index: request.index,
       count: description.count
@@ -280,18 +281,16 @@ extension Connection {
     return IRQInfoPayload.size
   }
 
+  /// DEVICE_SET_IRQS: decoded, checked against the index it names, and handed
+  /// to the device with its eventfds (which the device keeps or lets go).
   func setIRQs(_ payload: UnsafeRawBufferPointer, fds: inout FDList) throws(Errno) -> Int {
-    let request: IRQSetPayload
-    do throws(Errno) {
-      request = try IRQSetPayload(decoding: payload)
-    } catch {
-      fds.closeAll()
-      throw error
-    }
-    if let configuration = try irqs.apply(request, fds: &fds) {
-      try backend.irqsChanged(configuration)
-    }
-    stats.update { $0.irqFDs = irqs.openFDCount }
+    let descriptors = OwnedFileDescriptors(
+      taking: fds.take().map { FileDescriptor(rawValue: $0) })
+    let payload = try IRQSetPayload(decoding: payload)  // the descriptors close on a throw
+    let irq =
+      payload.index < UInt32(irqDescriptions.count) ? irqDescriptions[Int(payload.index)] : nil
+    try backend.setIRQs(IRQSetRequest(payload, descriptors: descriptors, irq: irq))
+    stats.update { $0.irqFDs = backend.eventFDCount }
     return 0
   }
 
@@ -299,9 +298,9 @@ extension Connection {
     guard payload.isEmpty else { throw .invalidArgument }
     abortDMAJobs()
     deferred = []
-    let before = migration?.state
+    let before = migratable != nil ? deviceMigrationState() : nil
     try backend.reset()
-    migration?.reset()
+    migration.deviceWasReset()
     if let before, before != .running {
       logger.info("device reset (migration state \(before) → RUNNING, stream invalidated)")
     } else {
@@ -353,22 +352,23 @@ extension Connection {
       if set {
         let asked = try MigDeviceStateData(decoding: request.data)
         guard let target = asked.state else { throw .invalidArgument }
-        let from = migration!.state
+        let from = try migratable!.migrationState
         do throws(Errno) {
-          let dropped = try migration!.set(target, on: migratable!)
+          let dropped = try migration.set(target, on: migratable!)
           logger.info(
             "migration state \(from) → \(target)\(dropped > 0 ? " (\(dropped) unread bytes of the save dropped)" : "")"
           )
         } catch {
-          logger.warning(
-            "migration \(from) → \(target) failed at \(migration!.state): \(error.name)")
+          let at = deviceMigrationState().map { "\($0)" } ?? "an unknown state"
+          logger.warning("migration \(from) → \(target) failed at \(at): \(error.name)")
           throw error
         }
         // The reply echoes the request; vfio-user's data_fd is unused (-1).
         request.encode(into: out)
         return request.encodedSize
       }
-      data = MigDeviceStateData(state: migration!.state).encoded()
+      // GET asks the device: its state has no other copy.
+      data = MigDeviceStateData(state: try migratable!.migrationState).encoded()
     }
     let reply = DeviceFeaturePayload(
       argsz: UInt32(DeviceFeaturePayload.fixedSize + data.count), flags: request.flags, data: data)
@@ -383,12 +383,15 @@ extension Connection {
     guard request.size <= limits.maxDataXferSize,
       UInt64(request.argsz) >= UInt64(MigDataHeader.size) + UInt64(request.size)
     else { throw .invalidArgument }
-    guard let migration else { throw .invalidArgument }
-    let stream = try migration.stream(for: [.stopCopy, .preCopy])
+    guard migratable != nil else { throw .invalidArgument }
+    let source = try migration.source()
     let out = replyArea
-    let n = try stream.read(
-      into: UnsafeMutableRawBufferPointer(
-        rebasing: out[MigDataHeader.size..<(MigDataHeader.size + Int(request.size))]))
+    // Filled from as many (bounded) reads as it takes, so a short reply means the end;
+    // MigrationDriver.fill says how a hang-up is still noticed meanwhile.
+    let n = try MigrationDriver.fill(
+      UnsafeMutableRawBufferPointer(
+        rebasing: out[MigDataHeader.size..<(MigDataHeader.size + Int(request.size))]),
+      from: source, while: { !channel.peerHasHungUp })
     MigDataHeader(argsz: UInt32(MigDataHeader.size + n), size: UInt32(n)).encode(into: out)
     return MigDataHeader.size + n
   }
@@ -401,11 +404,11 @@ extension Connection {
     else {
       throw .invalidArgument
     }
-    guard let migration else { throw .invalidArgument }
-    let stream = try migration.stream(for: [.resuming])
+    guard migratable != nil else { throw .invalidArgument }
+    let sink = try migration.sink()
     var rest = UnsafeRawBufferPointer(rebasing: payload[MigDataHeader.size...])
     while !rest.isEmpty {
-      let accepted = try stream.write(rest)
+      let accepted = try sink.write(rest)
       guard accepted > 0 else { throw .ioError }
       rest = UnsafeRawBufferPointer(rebasing: rest[accepted...])
     }
@@ -414,8 +417,11 @@ extension Connection {
 
   // MARK: DMA windows
 
+  /// DMA_MAP: checked (alignment, room, overlap, the device's IOVA ranges),
+  /// mapped, added, then the device is told, with the client's descriptor,
+  /// which becomes the device's. A refusal removes the window again.
   func dmaMap(_ payload: UnsafeRawBufferPointer, fds: inout FDList) throws(Errno) -> Int {
-    // At most one descriptor; every other path closes what came (the table closes a taken one).
+    // At most one descriptor; every other path closes what came.
     let request: DMAMapRequest
     do throws(Errno) {
       request = try DMAMapRequest(decoding: payload)
@@ -424,13 +430,27 @@ extension Connection {
       fds.closeAll()
       throw error
     }
-    let fd: Int32? = fds.isEmpty ? nil : fds[0]
+    // Owned here until the device takes it; closed on any path that throws first.
+    let lent: FileDescriptor? = fds.isEmpty ? nil : FileDescriptor(rawValue: fds[0])
     fds = FDList()
-    let region = try dma.add(request, fd: fd)
+    var file: OwnedFileDescriptor? = nil
+    if let lent { file = OwnedFileDescriptor(taking: lent) }
+    let window: DMAWindow
     do throws(Errno) {
-      try backend.dmaMapped(region)
+      window = try dma.prepare(request, file: lent)
     } catch {
-      _ = try? dma.remove(address: region.address, size: region.size)
+      if error == .outOfRange {
+        logger.warning(
+          "DMA_MAP [0x\(String(request.address, radix: 16)), +0x\(String(request.size, radix: 16))) refused (ERANGE): outside the IOVA ranges the device can reach"
+        )
+      }
+      throw error
+    }
+    try dma.insert(window)
+    do throws(Errno) {
+      try backend.dmaMap(window, file: file)
+    } catch {
+      dma.remove(inside: window.address, size: window.size)
       throw error
     }
     stats.update { $0.dmaRegions = dma.count }
@@ -438,19 +458,20 @@ extension Connection {
   }
 
   /// Removes the windows inside the range (the kernel's type1v2 rules, see
-  /// `DMATable.remove`), or every window with UNMAP_ALL. Each is unmapped and
-  /// its transfers in flight are cancelled before the reply, which echoes the request.
+  /// `DMATable.windows(inside:size:)`), or every window with UNMAP_ALL. The
+  /// device is told first and may refuse, all or nothing: then the reply is
+  /// its errno and no window is removed (a range over many windows included).
+  /// Otherwise transfers in flight to the windows are cancelled and their
+  /// memory released before the reply, which echoes the request.
   func dmaUnmap(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
     let request = try DMAUnmapPayload(decoding: payload)
-    if request.flags & VFIODMAUnmapFlags.all != 0 {
-      abortDMAJobs()
-      let removed = dma.removeAll()
-      for region in removed { backend.dmaUnmapped(region) }
-      if traceEnabled { logger.trace("DMA_UNMAP all: \(removed.count) windows removed") }
+    let all = request.flags & VFIODMAUnmapFlags.all != 0
+    let windows: [DMAWindow]
+    if all {
+      windows = dma.windows
     } else {
-      let removed: [DMARegion]
       do throws(Errno) {
-        removed = try dma.remove(address: request.address, size: request.size)
+        windows = try dma.windows(inside: request.address, size: request.size)
       } catch {
         // The client believes this memory is no longer the device's; it still is.
         logger.warning(
@@ -458,13 +479,27 @@ extension Connection {
         )
         throw error
       }
-      for region in removed {
-        abortDMAJobs(touching: region)
-        backend.dmaUnmapped(region)
+    }
+    if !windows.isEmpty {
+      do throws(Errno) {
+        try backend.dmaUnmap(windows)
+      } catch {
+        logger.warning(
+          "DMA_UNMAP \(all ? "all" : range(request)) refused by the device (\(error.name)): none of its \(windows.count) windows removed"
+        )
+        throw error
       }
-      if traceEnabled {
-        logger.trace("DMA_UNMAP \(range(request)): \(removed.count) windows removed")
-      }
+    }
+    if all {
+      abortDMAJobs()
+      dma.removeAll()
+    } else {
+      for window in windows { abortDMAJobs(touching: window) }
+      dma.remove(inside: request.address, size: request.size)
+    }
+    if traceEnabled {
+      logger.trace(
+        "DMA_UNMAP \(all ? "all" : range(request)): \(windows.count) windows removed")
     }
     stats.update { $0.dmaRegions = dma.count }
     request.encode(into: replyArea)

@@ -17,8 +17,8 @@ public enum ConnectionEnd: Sendable, Equatable {
 
 /// One client driving one device. Every request, reply and device callback
 /// of the connection runs on its single thread, in arrival order: the device,
-/// the DMA table, the IRQ table and (later) the migration state have exactly
-/// one owner, so no lock is ever held across I/O to the client.
+/// the DMA table and the migration stream have exactly one owner, so no lock
+/// is ever held across I/O to the client.
 final class Connection {
   let channel: MessageChannel
   let backend: any VFIODeviceBackend
@@ -33,11 +33,14 @@ final class Connection {
   var dmaLayout: DMATransferLayout = .spec
   var writeMultipleNegotiated = false
   var dma: DMATable
-  var irqs: IRQTable
-  var regions: [RegionDescription?]
-  /// Present when the device migrates.
+  /// What the device and the server allow together, offered in VERSION.
+  let dmaLimits: DMALimits
+  let regions: [RegionDescription?]
+  let irqDescriptions: [IRQDescription]
+  /// Present when the device migrates. The device owns the migration state;
+  /// the driver holds this client's stream.
   let migratable: MigrationCapable?
-  var migration: MigrationController?
+  var migration = MigrationDriver()
 
   /// Reply buffer. Replies to pipelined requests queue up at its front
   /// (`txUsed` bytes) and leave in one sendmsg once no request is buffered.
@@ -57,7 +60,7 @@ final class Connection {
 
   init(
     fd: Int32, backend: any VFIODeviceBackend, limits: ServerLimits, logger: Logger,
-    stats: ServerStatistics, migration carried: MigrationController? = nil
+    stats: ServerStatistics
   ) {
     self.backend = backend
     self.limits = limits
@@ -69,15 +72,15 @@ final class Connection {
       maxMessageSize: ServerLimits.maxVersionMessage)
     channel.maxFDs = Int(limits.maxMsgFDs)
     tx = .allocate(byteCount: limits.maxMessageSize + Self.coalesceLimit + 64, alignment: 16)
-    dma = DMATable(pageSize: limits.pgsizes, limit: Int(limits.maxDMAMaps))
-    irqs = IRQTable(
-      (0..<backend.irqCount).map {
-        backend.irq($0) ?? IRQDescription(index: $0, count: 0, flags: 0)
-      })
+    dmaLimits = limits.dma(for: backend.dmaLimits)
+    dma = DMATable(
+      pageSize: dmaLimits.pageSizes & (~dmaLimits.pageSizes &+ 1),
+      limit: Int(dmaLimits.maxWindows), limits: dmaLimits)
+    irqDescriptions = (0..<backend.irqCount).map {
+      backend.irq($0) ?? IRQDescription(index: $0, count: 0, flags: 0)
+    }
     regions = (0..<backend.regionCount).map { backend.region($0) }
     migratable = backend as? MigrationCapable
-    migration =
-      carried?.handedOver ?? migratable.map { MigrationController(flags: $0.migrationFlags) }
   }
 
   deinit { tx.deallocate() }
@@ -127,31 +130,55 @@ final class Connection {
     }
   }
 
-  /// Releases everything the client gave: DMA mappings, eventfds, in-flight
-  /// transfers; then resets the device so the next client finds it clean,
-  /// unless configured to keep its state and that state is whole.
+  /// Releases everything the client gave: in-flight transfers, DMA windows
+  /// (the device is told first), interrupt eventfds (every index disabled);
+  /// then resets the device so the next client finds it clean, unless
+  /// configured to keep its state and that state is whole.
   private func teardown() {
     abortDMAJobs()
-    for region in dma.removeAll() { backend.dmaUnmapped(region) }
-    for configuration in irqs.removeAll() { try? backend.irqsChanged(configuration) }
+    let windows = dma.windows
+    if !windows.isEmpty {
+      do throws(Errno) { try backend.dmaUnmap(windows) } catch {
+        // The client is gone, and its memory with it: released regardless.
+        logger.error(
+          "the device refused to unmap the \(windows.count) DMA windows of a client that left (\(error.name)); released anyway"
+        )
+      }
+    }
+    dma.removeAll()
+    for irq in irqDescriptions where irq.count > 0 {
+      do throws(Errno) { try backend.setIRQs(.disable(irq.index)) } catch {
+        logger.warning("disabling interrupt index \(irq.index) after hang-up failed: \(error.name)")
+      }
+    }
     deferred = []
     // A server shutting down keeps no state for a next client: no drain, no settling.
     let keep =
       !limits.resetOnDisconnect
-      && (shuttingDown
-        ? migration.map { $0.state == .running } ?? true : settleMigrationAfterHangUp())
+      && (shuttingDown ? deviceMigrationState() == .running : settleMigrationAfterHangUp())
     if !keep {
       do { try backend.reset() } catch {
         logger.warning("device reset after hang-up failed: \(error)")
       }
-      migration?.reset()
+      migration.deviceWasReset()
     }
+    migration.closeStream()
     backend.attach(host: nil)
     stats.update {
       $0.dmaRegions = 0
-      $0.irqFDs = 0
+      $0.irqFDs = backend.eventFDCount
     }
     channel.close()
+  }
+
+  /// The device's migration state (RUNNING for a device without migration),
+  /// or nil when the device cannot tell.
+  func deviceMigrationState() -> MigrationState? {
+    guard let migratable else { return .running }
+    do throws(Errno) { return try migratable.migrationState } catch {
+      logger.warning("the device cannot tell its migration state: \(error.name)")
+      return nil
+    }
   }
 
   /// Under `--on-disconnect keep`: whether the device's state survives the
@@ -163,7 +190,8 @@ final class Connection {
   /// A destination in RESUMING holds part of a state and ERROR none that can
   /// be trusted: those are reset.
   private func settleMigrationAfterHangUp() -> Bool {
-    guard let state = migration?.state, let migratable else { return true }
+    guard let migratable else { return true }
+    guard let state = deviceMigrationState() else { return false }
     switch state {
     case .running:
       return true
@@ -172,14 +200,15 @@ final class Connection {
       return true
     case .stopCopy, .preCopy, .preCopyP2P:
       do throws(Errno) {
-        let dropped = try migration!.set(.running, on: migratable)
+        let dropped = try migration.set(.running, on: migratable)
         logger.warning(
           "client left the device in \(state): migration cancelled (\(dropped) unread bytes of the save dropped), device RUNNING with its state"
         )
         return true
       } catch {
+        let at = deviceMigrationState().map { "\($0)" } ?? "an unknown state"
         logger.error(
-          "client left the device in \(state) and it could not return to RUNNING (\(error.name) at \(migration!.state)): device reset, its state lost"
+          "client left the device in \(state) and it could not return to RUNNING (\(error.name) at \(at)): device reset, its state lost"
         )
         return false
       }

@@ -100,6 +100,32 @@ struct IntervalMap<Value> {
     return lo
   }
 
+  /// Whether no entry straddles either edge of [start, last].
+  private func edgesClear(_ start: UInt64, _ last: UInt64) -> Bool {
+    if let first = lookup(start), first.start != start { return false }
+    if let final = lookup(last), final.end - 1 != last { return false }
+    return true
+  }
+
+  /// The values of every entry lying inside [start, last] (inclusive, so that
+  /// a range may end at 2^64), in address order, or nil when an entry
+  /// straddles either edge: what `remove(inside:through:)` would remove.
+  func values(inside start: UInt64, through last: UInt64) -> [Value]? {
+    guard !blocks.isEmpty, start <= last else { return [] }
+    guard edgesClear(start, last) else { return nil }
+    var found: [Value] = []
+    var b = blockIndex(for: start)
+    var i = Self.lowerBound(blocks[b], start)
+    while b < blocks.count {
+      let j = Self.upperBound(blocks[b], last)
+      if i < j { found.append(contentsOf: blocks[b][i..<j].lazy.map(\.value)) }
+      guard j == blocks[b].count else { break }
+      b += 1
+      i = 0
+    }
+    return found
+  }
+
   /// Removes every entry lying inside [start, last] (inclusive, so that a range
   /// may end at 2^64) and returns their values in address order; none inside
   /// is an empty result. Returns nil, changing nothing, when an entry
@@ -107,8 +133,7 @@ struct IntervalMap<Value> {
   /// O(log n + blockCapacity) plus the entries removed.
   mutating func remove(inside start: UInt64, through last: UInt64) -> [Value]? {
     guard !blocks.isEmpty, start <= last else { return [] }
-    if let first = lookup(start), first.start != start { return nil }
-    if let final = lookup(last), final.end - 1 != last { return nil }
+    guard edgesClear(start, last) else { return nil }
     // No entry crosses either edge: the run of starts in [start, last] is the answer.
     var removed: [Value] = []
     var b = blockIndex(for: start)

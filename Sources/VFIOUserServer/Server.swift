@@ -31,11 +31,11 @@ public final class ServerStatistics: Sendable {
 
 /// Hands the (non-Sendable) device from one connection thread to the next.
 /// Only one connection runs at a time and thread start/join order the
-/// hand-over, so the device is never touched by two threads at once.
+/// hand-over, so the device is never touched by two threads at once. Nothing
+/// else passes between clients: what outlives one (a device left in STOP, its
+/// registers and memory) is the device's own state.
 private final class DeviceSlot: @unchecked Sendable {
   let backend: any VFIODeviceBackend
-  /// The device's migration state outlives a client that leaves it stopped.
-  var migration: MigrationController?
   init(_ backend: any VFIODeviceBackend) { self.backend = backend }
 }
 
@@ -177,9 +177,8 @@ public final class VFIOUserServer: Sendable {
       connectionThreadSetup?()
       let connection = Connection(
         fd: client, backend: slot.backend, limits: limits, logger: connectionLogger,
-        stats: statistics, migration: slot.migration)
+        stats: statistics)
       let end = connection.run()
-      slot.migration = connection.migration
       activeSocket.withLock { $0 = -1 }
       statistics.update {
         $0.clientConnected = false

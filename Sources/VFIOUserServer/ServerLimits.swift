@@ -8,9 +8,10 @@ public struct ServerLimits: Sendable, Equatable {
   public var maxMsgFDs: UInt32 = 16
   /// Largest `count` of one REGION_READ / REGION_WRITE / MIG_DATA message.
   public var maxDataXferSize: UInt32 = 1 << 20
-  /// DMA windows that may be live at once.
+  /// DMA windows that may be live at once (fewer if the device takes fewer).
   public var maxDMAMaps: UInt32 = 65535
-  /// DMA page sizes (4 KiB).
+  /// DMA page sizes the server maps windows with (4 KiB, the host page). The
+  /// offer is the device's page sizes no smaller than these (`dma(for:)`).
   public var pgsizes: UInt64 = 4096
   /// How DMA_READ / DMA_WRITE are laid out; `nil` means the spec's layout.
   public var dmaLayout: DMATransferLayout? = nil
@@ -41,11 +42,24 @@ public struct ServerLimits: Sendable, Equatable {
       + max(16 + Int(maxDataXferSize), 8 + WriteMultiEntry.size * WriteMultiLimits.maxWrites)
   }
 
-  /// The capabilities object of the VERSION reply for a client that proposed `client`.
-  func offer(to client: Capabilities) -> Capabilities {
+  /// The DMA limits of a connection to `device`: the page sizes both can use
+  /// (the device's, from the server's smallest page up; the server's own if
+  /// the device names none that large), the fewer windows of the two, and
+  /// the device's IOVA ranges.
+  public func dma(for device: DMALimits) -> DMALimits {
+    let smallest = pgsizes & (~pgsizes &+ 1)
+    let common = device.pageSizes & ~(smallest &- 1)
+    return DMALimits(
+      pageSizes: common != 0 ? common : pgsizes, maxWindows: min(maxDMAMaps, device.maxWindows),
+      iovaRanges: device.iovaRanges)
+  }
+
+  /// The capabilities object of the VERSION reply for a client that proposed
+  /// `client`, with the connection's DMA limits `dma`.
+  func offer(to client: Capabilities, dma: DMALimits) -> Capabilities {
     var caps = Capabilities(
-      maxMsgFDs: maxMsgFDs, maxDataXferSize: maxDataXferSize, maxDMAMaps: maxDMAMaps,
-      pgsizes: pgsizes)
+      maxMsgFDs: maxMsgFDs, maxDataXferSize: maxDataXferSize, maxDMAMaps: dma.maxWindows,
+      pgsizes: dma.pageSizes)
     // Booleans are echoed only when proposed: the reply's list is a subset of the client's.
     if client.writeMultiple == true { caps.writeMultiple = true }
     if client.twinSocket?.supported == true { caps.twinSocket = .init(supported: false) }

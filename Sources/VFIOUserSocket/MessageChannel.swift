@@ -122,6 +122,14 @@ public final class MessageChannel {
   /// Wakes a thread blocked in `receive()` (it then sees `.closed`).
   public func shutdown() { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
 
+  /// Whether the peer has closed its end of the socket (POLLHUP), asked
+  /// without reading or waiting. A long request checks it between the steps
+  /// it cannot interrupt, so it stops working for a client that has gone.
+  public var peerHasHungUp: Bool {
+    var entry = pollfd(fd: fd, events: 0, revents: 0)
+    return poll(&entry, 1, 0) > 0 && entry.revents & Int16(POLLHUP) != 0
+  }
+
   /// Whether a whole message is already buffered (no system call needed).
   public var hasBufferedMessage: Bool {
     guard end - start >= MessageHeader.size else { return false }

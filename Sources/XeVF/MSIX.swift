@@ -1,3 +1,4 @@
+import VFIODevice
 import VFIOUser
 
 /// The device side of MSI-X: the vector table and pending bits in BAR0.
@@ -104,12 +105,14 @@ extension SimulatedXeVF {
     for vector in msix.takeDeliverable(functionOpen: config.msixOpen) { deliver(vector) }
   }
 
+  /// Signals the client's eventfd for `vector`, honouring its SET_IRQS masking.
   private func deliver(_ vector: UInt32) {
-    guard let host else {
+    guard host != nil else {
       logger.debug("MSI-X vector \(vector) dropped: no client")
       return
     }
-    host.triggerInterrupt(index: VFIOPCIIRQ.msix, vector: vector)
+    interruptTap?(VFIOPCIIRQ.msix, vector)
+    irqs.trigger(index: VFIOPCIIRQ.msix, vector: vector)
   }
 }
 

@@ -1,7 +1,7 @@
 import Logging
 import SystemPackage
-import VFIOUser
 import VFIODevice
+import VFIOUser
 
 /// A software Intel Xe SR-IOV VF: config space, BAR0 registers and GGTT
 /// window, VRAM as BAR2 (bmg), MSI-X, FLR, and a DMA engine that exercises
@@ -24,6 +24,14 @@ public final class SimulatedXeVF: VFIODeviceBackend {
   var registers: RegisterFile
   var msix = MSIXState()
   var dma = DMAEngine()
+  /// The client's interrupt eventfds, with vfio-pci's SET_IRQS semantics in software.
+  var irqs = IRQEmulation(
+    (0..<VFIOPCIIRQ.count).map {
+      SimulatedXeVF.describeIRQ($0) ?? IRQDescription(index: $0, count: 0, flags: 0)
+    })
+  /// Sees every interrupt the device raises towards the client, before
+  /// SET_IRQS masking (tests: the order of interrupts, which eventfds cannot tell).
+  var interruptTap: ((_ index: UInt32, _ vector: UInt32) -> Void)?
   /// The PF's control state machine and migration data for this VF.
   let pf: SimulatedPF
   var migration = VFMigration()
@@ -75,7 +83,8 @@ public final class SimulatedXeVF: VFIODeviceBackend {
       return RegionDescription(index: index, size: XeSimRegisters.bar0Size)
     case VFIOPCIRegion.bar2 where vramSize > 0:
       return RegionDescription(
-        index: index, size: vramSize, mmap: MmapSource(fd: memory.fd, offset: 0),
+        index: index, size: vramSize,
+        mmap: MmapSource(fd: FileDescriptor(rawValue: memory.fd), offset: 0),
         sparseAreas: [SparseMmapArea(offset: 0, size: vramSize)])
     case VFIOPCIRegion.config:
       return RegionDescription(index: index, size: UInt64(XePCIConfig.size))
@@ -90,7 +99,9 @@ public final class SimulatedXeVF: VFIODeviceBackend {
   /// Counts and flags as vfio-pci reports them for a VF: INTx is maskable and
   /// automasked but has no vector (pin 0), MSI has none (no capability), MSI-X
   /// resizes dynamically (no NORESIZE), ERR and REQ have one vector each.
-  public func irq(_ index: UInt32) -> IRQDescription? {
+  public func irq(_ index: UInt32) -> IRQDescription? { Self.describeIRQ(index) }
+
+  static func describeIRQ(_ index: UInt32) -> IRQDescription? {
     let eventfd = VFIOIRQInfoFlags.eventfd
     switch index {
     case VFIOPCIIRQ.intx:
@@ -168,6 +179,15 @@ public final class SimulatedXeVF: VFIODeviceBackend {
     logger.debug("\(host == nil ? "client detached" : "client attached")")
   }
 
+  // MARK: Interrupts
+
+  /// SET_IRQS, applied in software (the VF's interrupts are simulated too).
+  public func setIRQs(_ request: consuming IRQSetRequest) throws(Errno) {
+    try irqs.apply(request)
+  }
+
+  public var eventFDCount: Int { irqs.descriptorCount }
+
   /// What both DEVICE_RESET and a config-space FLR do: config space, BAR0
   /// registers, GGTT, MSI-X table and PBA back to their reset values, and the
   /// DMA engine idle in a new generation so late completions are ignored;
@@ -187,8 +207,8 @@ public final class SimulatedXeVF: VFIODeviceBackend {
 
   // MARK: Inspection (tests, CLI)
 
-  /// The memfd behind BAR2, or nil without VRAM.
-  public var vramFD: Int32? { vramSize > 0 ? memory.fd : nil }
+  /// The memfd behind BAR2 (lent), or nil without VRAM.
+  public var vramFD: FileDescriptor? { vramSize > 0 ? FileDescriptor(rawValue: memory.fd) : nil }
   /// Bytes of device memory the DMA engine reaches (VRAM, or SRAM without VRAM).
   public var deviceMemorySize: UInt64 { memory.size }
   /// Scratch register `index` (0..<4) of GT `gt` (0 primary, 1 media).

@@ -2,9 +2,9 @@ import CVFIOUser
 import Foundation
 import SystemPackage
 import Testing
+import VFIODevice
 import VFIOUser
 import VFIOUserClient
-import VFIODevice
 import VFIOUserServer
 
 /// Guest memory backed by a memfd, mapped in the test too.

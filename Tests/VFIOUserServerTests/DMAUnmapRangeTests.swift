@@ -2,9 +2,9 @@ import CVFIOUser
 import Foundation
 import SystemPackage
 import Testing
+import VFIODevice
 import VFIOUser
 import VFIOUserClient
-import VFIODevice
 import VFIOUserServer
 
 /// A memfd with a name of its own, never mapped by the test: every mapping of

@@ -3,9 +3,9 @@ import Foundation
 import Logging
 import SystemPackage
 import Testing
+import VFIODevice
 import VFIOUser
 import VFIOUserClient
-import VFIODevice
 import VFIOUserServer
 
 /// A server on a fresh socket in a private directory, stopped by `close()`.

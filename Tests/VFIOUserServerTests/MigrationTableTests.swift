@@ -1,6 +1,6 @@
 import Testing
-import VFIOUser
 import VFIODevice
+import VFIOUser
 import VFIOUserServer
 
 /// `vfio_mig_get_next_state` against the table of reference §4.4, transcribed here as text.

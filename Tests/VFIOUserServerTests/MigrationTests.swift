@@ -1,25 +1,35 @@
 import Foundation
 import SystemPackage
 import Testing
+import VFIODevice
 import VFIOUser
 import VFIOUserClient
-import VFIODevice
 import VFIOUserServer
 
-/// A byte stream over an array: the "save" side hands out `data`, the
-/// "restore" side collects what it is given (at most `maxWrite` per call).
-final class ArrayStream: MigrationStream {
+/// A byte stream over an array: the "save" side hands out `data` (at most
+/// `maxRead` per call), the "restore" side collects what it is given (at most
+/// `maxWrite` per call).
+final class ArrayStream: MigrationSource, MigrationSink {
   var data: [UInt8]
   var position = 0
   var dead = false
+  var closed = false
+  var reads = 0
+  let maxRead: Int
   let maxWrite: Int
-  init(data: [UInt8] = [], maxWrite: Int = .max) {
+  /// Runs before each read (tests: a client that hangs up mid-request).
+  var beforeRead: ((Int) -> Void)?
+  init(data: [UInt8] = [], maxRead: Int = .max, maxWrite: Int = .max) {
     self.data = data
+    self.maxRead = maxRead
     self.maxWrite = maxWrite
   }
   func read(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int {
     if dead { throw Errno(rawValue: ENODEV) }
-    let n = min(buffer.count, data.count - position)
+    precondition(!closed, "read after close")
+    reads += 1
+    beforeRead?(reads)
+    let n = min(buffer.count, data.count - position, maxRead)
     data.withUnsafeBytes {
       buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[position..<(position + n)]))
     }
@@ -28,35 +38,49 @@ final class ArrayStream: MigrationStream {
   }
   func write(_ bytes: UnsafeRawBufferPointer) throws(Errno) -> Int {
     if dead { throw Errno(rawValue: ENODEV) }
+    precondition(!closed, "write after close")
     let n = min(bytes.count, maxWrite)
     data.append(contentsOf: bytes[0..<n])
     return n
   }
+  func close() {
+    precondition(!closed, "closed twice")
+    closed = true
+  }
 }
 
-/// TestDevice plus migration: saves BAR2 behind a 4-byte magic, restores only a valid image.
+/// TestDevice plus migration: saves BAR2 behind a 4-byte magic, restores only
+/// a valid image. It owns its migration state, as every backend does.
 final class MigratingTestDevice: TestDevice, MigrationCapable {
   var arcs: [String] = []
   var failure: (from: MigrationState, to: MigrationState, errno: Errno)?
   var flags: MigrationFlags = [.stopCopy, .p2p]
+  /// Where the last arc left the device.
+  var state = MigrationState.running
+  /// `migrationFailed` stopped the device: ERROR until a reset.
   var stopped = false
   var open: ArrayStream?
+  /// Save streams hand out at most this much per read.
+  var maxRead = Int.max
   static let magic: [UInt8] = [0x58, 0x45, 0x56, 0x46]
 
   var migrationFlags: MigrationFlags { flags }
+  var migrationState: MigrationState { stopped ? .error : state }
 
   func migrationStep(from: MigrationState, to: MigrationState) throws(Errno) -> MigrationStream? {
+    precondition(from == migrationState, "arc \(from)>\(to) asked in \(migrationState)")
     if let failure, failure.from == from, failure.to == to { throw failure.errno }
     arcs.append("\(from)>\(to)")
+    var opened: MigrationStream?
     switch (from, to) {
     case (.stop, .stopCopy):
-      let stream = ArrayStream(data: Self.magic + Array(memory))
+      let stream = ArrayStream(data: Self.magic + Array(memory), maxRead: maxRead)
       open = stream
-      return stream
+      opened = .source(stream)
     case (.stop, .resuming):
       let stream = ArrayStream(maxWrite: 1000)
       open = stream
-      return stream
+      opened = .sink(stream)
     case (.resuming, .stop):
       guard let image = open?.data, image.count == Self.magic.count + memory.count,
         Array(image.prefix(4)) == Self.magic
@@ -65,15 +89,15 @@ final class MigratingTestDevice: TestDevice, MigrationCapable {
         from: UnsafeRawBufferPointer(
           start: image.withUnsafeBytes { $0.baseAddress! + 4 }, count: memory.count))
       open = nil
-      return nil
     case (.stopCopy, .stop):
       // The PF refuses to finish a save still in progress (EIO).
       if let open, open.position < open.data.count { throw .ioError }
       open = nil
-      return nil
     default:
-      return nil
+      break
     }
+    state = to
+    return opened
   }
 
   func stopCopySize() throws(Errno) -> UInt64 { UInt64(Self.magic.count + memory.count) }
@@ -82,6 +106,7 @@ final class MigratingTestDevice: TestDevice, MigrationCapable {
     open?.dead = true
     open = nil
     stopped = false
+    state = .running
   }
 }
 

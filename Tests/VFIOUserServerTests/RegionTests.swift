@@ -1,9 +1,9 @@
 import Foundation
 import SystemPackage
 import Testing
+import VFIODevice
 import VFIOUser
 import VFIOUserClient
-import VFIODevice
 import VFIOUserServer
 
 @Suite("Device, region and IRQ info; region access")

@@ -1,8 +1,8 @@
 import CVFIOUser
 import Foundation
 import SystemPackage
-import VFIOUser
 import VFIODevice
+import VFIOUser
 import VFIOUserServer
 
 /// A small generic device for the server's own semantics (INTx, MSI and
@@ -11,6 +11,9 @@ import VFIOUserServer
 ///   0x08 DMA address lo, 0x0C hi, 0x10 length, 0x14 go (1 = from client, 2 = to client),
 ///   0x18 DMA status (0 idle, 1 busy, 2 done, 3 error), 0x1C DMA errno.
 /// BAR2 is a 64 KiB memfd with two sparse areas; DMA moves bytes between BAR2 and client memory.
+/// Interrupts are emulated with `IRQEmulation`, as the simulated VF does; DMA
+/// windows are counted, and knobs make the device refuse what a kernel
+/// backend might (an unmap, a SET_IRQS) or keep the client's window files.
 class TestDevice: VFIODeviceBackend {
   var host: DeviceHost?
   var scratch: UInt32 = 0
@@ -20,8 +23,20 @@ class TestDevice: VFIODeviceBackend {
   var dmaAddress: UInt64 = 0
   var dmaLength: UInt32 = 0
   var generation = 0
-  var lastIRQConfiguration: [UInt32: IRQConfiguration] = [:]
+  var irqs = IRQEmulation((0..<5).map { TestDevice.describeIRQ($0)! })
   var mappedWindows = 0
+  /// The limits the device reports (`dmaLimits`).
+  var limits = DMALimits.unrestricted
+  /// When set, DMA_UNMAP (a range or all) is refused with it.
+  var refuseUnmap: Errno?
+  /// When set, SET_IRQS is refused with it, before the emulation sees the request.
+  var refuseSetIRQs: Errno?
+  /// Every dmaUnmap call, in order, with the windows it named.
+  var unmapCalls: [[DMAWindow]] = []
+  /// Keep the descriptor of each window mapped with a file (an iommufd-like backend).
+  var keepFiles = false
+  /// The files kept, by window address; closed when their window is unmapped.
+  var keptFiles: [UInt64: FileDescriptor] = [:]
   /// Subclasses hook in here (the migrating test device drops its streams).
   func resetHook() {}
   let memfd: Int32
@@ -39,6 +54,14 @@ class TestDevice: VFIODeviceBackend {
   deinit {
     munmap(memory.baseAddress, memory.count)
     close(memfd)
+    for fd in keptFiles.values { try? fd.close() }
+  }
+
+  /// Each index's state as the emulation holds it.
+  var lastIRQConfiguration: [UInt32: IRQConfiguration] {
+    var all: [UInt32: IRQConfiguration] = [:]
+    for index in 0..<irqCount { all[index] = irqs.configuration(index) }
+    return all
   }
 
   var deviceFlags: UInt32 { VFIODeviceFlags.pci | VFIODeviceFlags.reset }
@@ -50,7 +73,8 @@ class TestDevice: VFIODeviceBackend {
     case 0: RegionDescription(index: 0, size: 4096)
     case 2:
       RegionDescription(
-        index: 2, size: UInt64(Self.bar2Size), mmap: MmapSource(fd: memfd, offset: 0),
+        index: 2, size: UInt64(Self.bar2Size),
+        mmap: MmapSource(fd: FileDescriptor(rawValue: memfd), offset: 0),
         sparseAreas: [
           SparseMmapArea(offset: 0, size: 0x4000), SparseMmapArea(offset: 0x8000, size: 0x8000),
         ])
@@ -60,7 +84,9 @@ class TestDevice: VFIODeviceBackend {
     }
   }
 
-  func irq(_ index: UInt32) -> IRQDescription? {
+  func irq(_ index: UInt32) -> IRQDescription? { Self.describeIRQ(index) }
+
+  static func describeIRQ(_ index: UInt32) -> IRQDescription? {
     switch index {
     case 0:
       IRQDescription(
@@ -111,7 +137,7 @@ class TestDevice: VFIODeviceBackend {
       let value = buffer.loadUnaligned(as: UInt32.self)
       switch offset {
       case 0x00: scratch = value
-      case 0x04: host?.triggerInterrupt(index: value >> 16, vector: value & 0xFFFF)
+      case 0x04: if host != nil { irqs.trigger(index: value >> 16, vector: value & 0xFFFF) }
       case 0x08: dmaAddress = (dmaAddress & ~0xFFFF_FFFF) | UInt64(value)
       case 0x0C: dmaAddress = (dmaAddress & 0xFFFF_FFFF) | (UInt64(value) << 32)
       case 0x10: dmaLength = value
@@ -163,9 +189,25 @@ class TestDevice: VFIODeviceBackend {
   }
 
   func attach(host: DeviceHost?) { self.host = host }
-  func irqsChanged(_ configuration: IRQConfiguration) throws(Errno) {
-    lastIRQConfiguration[configuration.index] = configuration
+
+  func setIRQs(_ request: consuming IRQSetRequest) throws(Errno) {
+    if let refuseSetIRQs { throw refuseSetIRQs }
+    try irqs.apply(request)
   }
-  func dmaMapped(_ region: DMARegion) throws(Errno) { mappedWindows += 1 }
-  func dmaUnmapped(_ region: DMARegion) { mappedWindows -= 1 }
+
+  var eventFDCount: Int { irqs.descriptorCount }
+
+  var dmaLimits: DMALimits { limits }
+
+  func dmaMap(_ window: DMAWindow, file: consuming OwnedFileDescriptor?) throws(Errno) {
+    mappedWindows += 1
+    if keepFiles, let kept = file.take() { keptFiles[window.address] = kept.release() }
+  }
+
+  func dmaUnmap(_ windows: [DMAWindow]) throws(Errno) {
+    unmapCalls.append(windows)
+    if let refuseUnmap { throw refuseUnmap }
+    mappedWindows -= windows.count
+    for window in windows { try? keptFiles.removeValue(forKey: window.address)?.close() }
+  }
 }

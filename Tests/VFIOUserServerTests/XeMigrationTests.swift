@@ -2,9 +2,9 @@ import Foundation
 import Logging
 import SystemPackage
 import Testing
+import VFIODevice
 import VFIOUser
 import VFIOUserClient
-import VFIODevice
 import VFIOUserServer
 import XeVF
 

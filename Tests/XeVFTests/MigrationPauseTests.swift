@@ -1,7 +1,7 @@
 import SystemPackage
 import Testing
-import VFIOUser
 import VFIODevice
+import VFIOUser
 
 @testable import XeVF
 

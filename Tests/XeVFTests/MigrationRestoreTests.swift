@@ -1,8 +1,8 @@
 import Foundation
 import SystemPackage
 import Testing
-import VFIOUser
 import VFIODevice
+import VFIOUser
 
 @testable import XeVF
 

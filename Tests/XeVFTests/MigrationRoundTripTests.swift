@@ -2,8 +2,8 @@ import Foundation
 import Glibc
 import SystemPackage
 import Testing
-import VFIOUser
 import VFIODevice
+import VFIOUser
 
 @testable import XeVF
 

@@ -2,8 +2,8 @@ import Foundation
 import Glibc
 import SystemPackage
 import Testing
-import VFIOUser
 import VFIODevice
+import VFIOUser
 
 @testable import XeVF
 
@@ -38,6 +38,29 @@ func migratableVF(
   vf.vramChunkSize = chunk
   vf.migrationSeed = seed
   return vf
+}
+
+/// The data stream as a test drives it: reads from a source, writes to a sink.
+/// The wrong direction reaches the concrete stream's own method, which
+/// refuses it as the kernel refuses an O_RDONLY or O_WRONLY data_fd (EBADF).
+extension MigrationStream {
+  func read(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int {
+    switch self {
+    case .source(let source): return try source.read(into: buffer)
+    case .sink(let sink):
+      guard let restore = sink as? XeRestoreStream else { throw .badFileDescriptor }
+      return try restore.read(into: buffer)
+    }
+  }
+
+  func write(_ bytes: UnsafeRawBufferPointer) throws(Errno) -> Int {
+    switch self {
+    case .sink(let sink): return try sink.write(bytes)
+    case .source(let source):
+      guard let save = source as? XeSaveStream else { throw .badFileDescriptor }
+      return try save.write(bytes)
+    }
+  }
 }
 
 extension SimulatedXeVF {

@@ -1,11 +1,13 @@
 import SystemPackage
-import VFIOUser
 import VFIODevice
+import VFIOUser
 
 @testable import XeVF
 
 /// A DeviceHost that serves DMA from a byte array at `base`, records
 /// interrupts and queues deferred work, optionally completing DMA later.
+/// The device signals interrupts itself (its `IRQEmulation`); attached with
+/// `attach(host:)` below, the host sees each one the device raises.
 final class FakeHost: DeviceHost {
   let base: UInt64
   var memory: [UInt8]
@@ -21,7 +23,6 @@ final class FakeHost: DeviceHost {
     memory = Array(repeating: 0, count: size)
   }
 
-  func triggerInterrupt(index: UInt32, vector: UInt32) { interrupts.append((index, vector)) }
   func deferWork(_ work: @escaping () -> Void) { deferred.append(work) }
 
   func runDeferred() {
@@ -79,6 +80,12 @@ final class FakeHost: DeviceHost {
 }
 
 extension SimulatedXeVF {
+  /// Attaches `host` and records in it every interrupt the device raises.
+  func attach(host: FakeHost) {
+    attach(host: host as DeviceHost)
+    interruptTap = { [weak host] index, vector in host?.interrupts.append((index, vector)) }
+  }
+
   func readValue<T: FixedWidthInteger>(_ region: UInt32, _ offset: UInt64, as: T.Type = T.self)
     throws -> T
   {

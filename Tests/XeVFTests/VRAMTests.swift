@@ -11,7 +11,8 @@ import VFIOUser
     let region = try #require(vf.region(2))
     let source = try #require(region.mmap)
     let pointer = mmap(
-      nil, Int(region.size), PROT_READ | PROT_WRITE, MAP_SHARED, source.fd, off_t(source.offset))
+      nil, Int(region.size), PROT_READ | PROT_WRITE, MAP_SHARED, source.fd.rawValue,
+      off_t(source.offset))
     let mapped = try #require(pointer)
     try #require(mapped != UnsafeMutableRawPointer(bitPattern: -1))
     return UnsafeMutableRawBufferPointer(start: mapped, count: Int(region.size))
@@ -66,10 +67,10 @@ import VFIOUser
     try vf.writeBytes(2, 512 << 10, [6])
     #expect(mapped[64] == 9)
     var st = stat()
-    fstat(try #require(vf.vramFD), &st)
+    fstat(try #require(vf.vramFD).rawValue, &st)
     #expect(st.st_blocks > 0)
     try vf.reset()
-    fstat(try #require(vf.vramFD), &st)
+    fstat(try #require(vf.vramFD).rawValue, &st)
     #expect(st.st_blocks == 0)
     #expect(try vf.readBytes(2, 64, count: 3) == [0, 0, 0])
     #expect(try vf.readBytes(2, 512 << 10, count: 1) == [0])

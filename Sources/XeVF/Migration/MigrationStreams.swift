@@ -3,11 +3,15 @@ import VFIODevice
 
 /// The save `data_fd` of STOP_COPY: reads the PF's packet stream
 /// (`xe_sriov_pf_migration_read`). Used on the device's thread only.
-final class XeSaveStream: MigrationStream {
+///
+/// Reads return fewer bytes than asked only at the end of the stream. Each
+/// waits at most `PFTiming.stream` for the PF's workers (ETIMEDOUT).
+final class XeSaveStream: MigrationSource {
   private let pf: SimulatedPF
   /// Keeps VRAM mapped while the stream lives; its bytes are copied out as read.
-  private let memory: DeviceMemory?
+  private var memory: DeviceMemory?
   let id: Int
+  private var closed = false
 
   init(pf: SimulatedPF, memory: DeviceMemory?, id: Int) {
     self.pf = pf
@@ -16,12 +20,22 @@ final class XeSaveStream: MigrationStream {
   }
 
   func read(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int {
+    guard !closed else { throw .badFileDescriptor }
     let vram = memory.map { UnsafeRawBufferPointer(start: $0.base, count: Int($0.size)) }
     return try pf.read(into: buffer, stream: id, vram: vram)
   }
 
-  /// The kernel opens the save file O_RDONLY.
+  /// The kernel opens the save file O_RDONLY: a write is EBADF. (Through
+  /// `MigrationSource` there is no write at all; this is for a caller that
+  /// holds the stream itself.)
   func write(_ bytes: UnsafeRawBufferPointer) throws(Errno) -> Int { throw .badFileDescriptor }
+
+  /// Releases the file. The PF's side ended at STOP_COPY → STOP or at the
+  /// reset (`SimulatedPF.closeStream`), as the kernel disables the file there.
+  func close() {
+    closed = true
+    memory = nil
+  }
 }
 
 /// The restore `data_fd` of RESUMING (`xe_sriov_pf_migration_write`): takes
@@ -31,7 +45,7 @@ final class XeSaveStream: MigrationStream {
 ///
 /// After an error the stream refuses everything with that error: the packet
 /// that failed is gone and the stream cannot be resynchronised.
-final class XeRestoreStream: MigrationStream {
+final class XeRestoreStream: MigrationSink {
   /// Largest non-VRAM payload accepted (the kernel's kvzalloc would fail):
   /// comfortably above the 8 MiB GuC limit and a GGTT of 32 GiB.
   static let maxBufferedPayload: UInt64 = 64 << 20
@@ -49,6 +63,7 @@ final class XeRestoreStream: MigrationStream {
   /// A complete packet the PF had no room for when the last write gave up waiting.
   private var unproduced: PFPacket?
   private var error: Errno?
+  private var closed = false
 
   init(pf: SimulatedPF, memory: DeviceMemory?, id: Int) {
     self.pf = pf
@@ -56,11 +71,22 @@ final class XeRestoreStream: MigrationStream {
     self.id = id
   }
 
+  /// The kernel opens the restore file O_WRONLY: a read is EBADF (see `XeSaveStream.write`).
   func read(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int {
     throw .badFileDescriptor
   }
 
+  /// Releases the file, as `XeSaveStream.close`; a packet still assembling is dropped.
+  func close() {
+    closed = true
+    headerBytes = []
+    payload = []
+    header = nil
+    unproduced = nil
+  }
+
   func write(_ bytes: UnsafeRawBufferPointer) throws(Errno) -> Int {
+    guard !closed else { throw .badFileDescriptor }
     try pf.locked { () throws(Errno) in try pf.check(stream: id) }
     if let error { throw error }
     if let packet = unproduced {

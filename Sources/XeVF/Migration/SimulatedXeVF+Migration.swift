@@ -1,11 +1,15 @@
 import SystemPackage
-import VFIOUser
 import VFIODevice
+import VFIOUser
 
 /// The device's side of migration: where its VFIO migration state is, and
 /// the knobs a save reads.
 struct VFMigration {
+  /// Where the last arc left the device (the kernel driver's `mig_state`).
   var state = MigrationState.running
+  /// The server gave up on a migration (`migrationFailed`): the VF is
+  /// stopped and reports ERROR until a reset, whatever `state` says.
+  var failed = false
   /// RESUMING was entered and no restore has completed since: the device
   /// holds part of another VF's state and must not run until a reset.
   var restorePending = false
@@ -49,7 +53,7 @@ extension SimulatedXeVF: MigrationCapable {
         pf.closeStream()
         throw error
       }
-      stream = XeSaveStream(pf: pf, memory: vramSize > 0 ? memory : nil, id: id)
+      stream = .source(XeSaveStream(pf: pf, memory: vramSize > 0 ? memory : nil, id: id))
     case (.stopCopy, .stop):
       pf.closeStream()
       try pf.finishSaveVF()
@@ -60,7 +64,7 @@ extension SimulatedXeVF: MigrationCapable {
         throw error
       }
       migration.restorePending = true
-      stream = XeRestoreStream(pf: pf, memory: vramSize > 0 ? memory : nil, id: id)
+      stream = .sink(XeRestoreStream(pf: pf, memory: vramSize > 0 ? memory : nil, id: id))
     case (.resuming, .stop):
       pf.closeStream()
       apply(try pf.finishRestoreVF())
@@ -75,7 +79,9 @@ extension SimulatedXeVF: MigrationCapable {
   public func stopCopySize() throws(Errno) -> UInt64 { try pf.stopCopySize() }
 
   /// `xe_sriov_vfio_error`: the PF stops the VF; only an FLR revives it.
+  /// Until then the device reports ERROR.
   public func migrationFailed() {
+    migration.failed = true
     do throws(Errno) { try pf.stopVF() } catch {
       logger.warning("stopping the VF failed: \(error)")
     }
@@ -87,8 +93,9 @@ extension SimulatedXeVF {
 
   /// The simulated PF, for tests and tools: state bits, GT-level controls.
   public var simulatedPF: SimulatedPF { pf }
-  /// The VFIO migration state the device is in.
-  public var migrationState: MigrationState { migration.state }
+  /// The VFIO migration state the device is in: the one copy, which GET
+  /// MIG_DEVICE_STATE reads. ERROR after `migrationFailed`, until a reset.
+  public var migrationState: MigrationState { migration.failed ? .error : migration.state }
   /// The PF's timeouts and simulated work times.
   public var pfTiming: PFTiming {
     get { pf.timing }
@@ -152,6 +159,7 @@ extension SimulatedXeVF {
     do throws(Errno) { try pf.waitFLRVF() } catch { logger.warning("PF FLR: \(error)") }
     pf.closeStream()
     migration.state = .running
+    migration.failed = false
     migration.restorePending = false
   }
 

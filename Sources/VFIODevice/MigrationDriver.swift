@@ -1,0 +1,156 @@
+import SystemPackage
+import VFIOUser
+
+/// One client's hold on a device's migration: walks a SET MIG_DEVICE_STATE
+/// one direct arc at a time, and keeps the data stream the last arc opened.
+/// The device owns the migration state (`MigrationCapable.migrationState`);
+/// the driver keeps none of it, only the stream, so a device left in STOP by
+/// one client is in STOP for the next with nothing carried between them.
+///
+/// Why the walk stays on this side of the interface, calling single arcs:
+/// the simulated VF and a PF-debugfs backend implement arcs, not paths (as
+/// the kernel's drivers do under their `set_device_state` loops). A kernel
+/// VFIO backend could hand a whole path to VFIO_DEVICE_FEATURE and let the
+/// kernel walk it, but taking it one arc at a time costs it nothing (each arc
+/// is a SET the kernel accepts), and it keeps one walk with the server's
+/// rules in one place: a save being left is drained first, only the final
+/// arc may open a stream, a restore that fails to validate ends in ERROR.
+///
+/// Used on the connection's thread only, like the device.
+public struct MigrationDriver {
+  /// The stream the last arc opened, while the device is in its state.
+  public private(set) var stream: MigrationStream?
+  /// A reset or hang-up killed the stream: data commands answer ENODEV until
+  /// a new one opens.
+  public private(set) var streamInvalidated = false
+
+  public init() {}
+
+  /// Walks from the device's state to `target`, one arc at a time, as the
+  /// kernel's drivers do. An unreachable target is EINVAL with no move at
+  /// all. On a failed arc the device stays at the last good step (where it
+  /// says it is), except that a failed RESUMING → STOP (the restored data did
+  /// not validate) makes the device stop and report ERROR (`migrationFailed`).
+  ///
+  /// Leaving STOP_COPY reads and drops what the client left unread, so a
+  /// cancelled save ends cleanly: the PF refuses to finish a save still in
+  /// progress (EIO), which would strand the source in STOP_COPY. Returns the
+  /// bytes dropped.
+  @discardableResult
+  public mutating func set(_ target: MigrationState, on device: MigrationCapable) throws(Errno)
+    -> UInt64
+  {
+    let flags = device.migrationFlags
+    var current = try device.migrationState
+    // A stream the device no longer serves (it reset itself: a config-space FLR) is dead.
+    if let stream, !stream.isServed(in: current) { invalidateStream() }
+    guard
+      current == target
+        || MigrationTransitions.nextState(from: current, to: target, flags: flags) != nil
+    else { throw .invalidArgument }
+    var drained: UInt64 = 0
+    while current != target {
+      guard let next = MigrationTransitions.nextState(from: current, to: target, flags: flags)
+      else {
+        device.migrationFailed()
+        throw .invalidArgument
+      }
+      let opened: MigrationStream?
+      do throws(Errno) {
+        if current == .stopCopy, case .source(let source)? = stream {
+          drained += try Self.drain(source)
+        }
+        opened = try device.migrationStep(from: current, to: next)
+      } catch {
+        if current == .resuming {
+          closeStream()
+          device.migrationFailed()
+        }
+        throw error
+      }
+      if current == .stopCopy || current == .resuming { closeStream() }  // leaving a data state ends its stream
+      current = next
+      if let opened {
+        // Only the final arc may open a stream (the kernel fputs one opened mid-path).
+        guard next == target else {
+          opened.close()
+          throw .invalidArgument
+        }
+        stream = opened
+        streamInvalidated = false
+      }
+    }
+    return drained
+  }
+
+  /// The device was reset (DEVICE_RESET, a hang-up under the reset policy, a
+  /// server shutdown): it is RUNNING, and an open stream is dead from now on.
+  public mutating func deviceWasReset() {
+    if stream != nil { invalidateStream() }
+  }
+
+  /// Closes the stream, if any, without marking it invalidated (the client left).
+  public mutating func closeStream() {
+    stream?.close()
+    stream = nil
+  }
+
+  private mutating func invalidateStream() {
+    closeStream()
+    streamInvalidated = true
+  }
+
+  /// The save stream for MIG_DATA_READ: ENODEV once a reset killed the
+  /// stream, EINVAL when the device is in no state that reads.
+  public func source() throws(Errno) -> any MigrationSource {
+    if case .source(let source)? = stream { return source }
+    if streamInvalidated, stream == nil { throw Errno(rawValue: 19) }  // ENODEV
+    throw .invalidArgument
+  }
+
+  /// The restore stream for MIG_DATA_WRITE, with the errnos of `source()`.
+  public func sink() throws(Errno) -> any MigrationSink {
+    if case .sink(let sink)? = stream { return sink }
+    if streamInvalidated, stream == nil { throw Errno(rawValue: 19) }  // ENODEV
+    throw .invalidArgument
+  }
+
+  /// Fills `buffer` from `source`: reads until it is full or the stream ends
+  /// (a read of 0), so a MIG_DATA_READ reply is short only at the end of the
+  /// stream, whatever lengths the device's reads return. Returns the bytes read.
+  ///
+  /// Where a hang-up or a reset is still noticed while a read blocks: every
+  /// read is bounded (`MigrationSource.read` waits at most the device's
+  /// timeout), there are at most `buffer.count` of them, and `stillWanted` is
+  /// asked before each read after the first (the connection answers false
+  /// once its client has hung up, and the fill stops there). So the
+  /// connection's thread is back to its socket within one read's bound of a
+  /// hang-up, and a DEVICE_RESET queued behind the request is handled, in
+  /// arrival order, as soon as the request ends.
+  public static func fill(
+    _ buffer: UnsafeMutableRawBufferPointer, from source: any MigrationSource,
+    while stillWanted: () -> Bool
+  ) throws(Errno) -> Int {
+    var filled = 0
+    while filled < buffer.count {
+      if filled > 0, !stillWanted() { break }
+      let n = try source.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[filled...]))
+      if n == 0 { break }
+      filled += n
+    }
+    return filled
+  }
+
+  /// Reads `source` to its end (each read bounded by the device's timeouts);
+  /// returns the bytes dropped.
+  public static func drain(_ source: any MigrationSource) throws(Errno) -> UInt64 {
+    let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+    defer { scratch.deallocate() }
+    var total: UInt64 = 0
+    while true {
+      let n = try source.read(into: scratch)
+      if n == 0 { return total }
+      total += UInt64(n)
+    }
+  }
+}
