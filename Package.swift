@@ -115,6 +115,11 @@ let package = Package(
     .testTarget(
       name: "VFIOUserTests", dependencies: ["VFIOUser"],
       swiftSettings: strict),
+    // The device interface's helpers on their own: interrupt emulation, SET_IRQS
+    // checks, the migration walk and its stream handling.
+    .testTarget(
+      name: "VFIODeviceTests", dependencies: ["VFIODevice", "VFIOUser", "CVFIOUser"],
+      swiftSettings: strict),
     .testTarget(
       name: "VFIOUserServerTests",
       dependencies: [

@@ -1,0 +1,259 @@
+import CVFIOUser
+import Glibc
+import SystemPackage
+import Testing
+import VFIODevice
+import VFIOUser
+
+/// The indexes of a PCI function with every feature the emulation has:
+/// INTx (1 vector, maskable, automasked), MSI (4, not maskable), MSI-X (8,
+/// maskable), ERR and REQ (1 each).
+let pciIRQs: [IRQDescription] = [
+  IRQDescription(
+    index: 0, count: 1,
+    flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.maskable | VFIOIRQInfoFlags.automasked),
+  IRQDescription(index: 1, count: 4, flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.noresize),
+  IRQDescription(index: 2, count: 8, flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.maskable),
+  IRQDescription(index: 3, count: 1, flags: VFIOIRQInfoFlags.eventfd),
+  IRQDescription(index: 4, count: 1, flags: VFIOIRQInfoFlags.eventfd),
+]
+
+/// An eventfd the test keeps; `lend()` gives the emulation a duplicate it owns.
+final class EventFD {
+  let fd: Int32
+  init() {
+    fd = cvfu_eventfd(0, O_NONBLOCK | O_CLOEXEC)
+    precondition(fd >= 0)
+  }
+  deinit { close(fd) }
+  func lend() -> FileDescriptor { FileDescriptor(rawValue: dup(fd)) }
+  /// Reads and clears the counter: how many times it was signalled.
+  func count() -> Int64 { max(cvfu_eventfd_drain(fd), 0) }
+  func signal() { _ = cvfu_eventfd_signal(fd) }
+}
+
+/// A pipe whose write end is handed over as the only copy: once its owner
+/// closes it, the read end sees end-of-file. Whether a descriptor was closed
+/// is then known without racing other tests for descriptor numbers.
+final class ClosureProbe {
+  let readEnd: Int32
+  let writeEnd: FileDescriptor
+  init() {
+    var fds: [Int32] = [-1, -1]
+    precondition(pipe(&fds) == 0)
+    _ = fcntl(fds[0], F_SETFL, O_NONBLOCK)
+    readEnd = fds[0]
+    writeEnd = FileDescriptor(rawValue: fds[1])
+  }
+  deinit { close(readEnd) }
+  /// True once every copy of the write end is closed.
+  var writeEndClosed: Bool {
+    var byte: UInt8 = 0
+    while true {
+      let n = read(readEnd, &byte, 1)
+      if n == 0 { return true }
+      if n < 0 { return false }  // EAGAIN: still open
+    }
+  }
+}
+
+func request(
+  _ flags: UInt32, index: UInt32, start: UInt32 = 0, count: UInt32, bools: [UInt8] = [],
+  fds: [FileDescriptor] = []
+) throws(Errno) -> IRQSetRequest {
+  try IRQSetRequest(
+    IRQSetPayload(flags: flags, index: index, start: start, count: count, bools: bools),
+    descriptors: OwnedFileDescriptors(taking: fds),
+    irq: index < UInt32(pciIRQs.count) ? pciIRQs[Int(index)] : nil)
+}
+
+let triggerFD = VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger
+let triggerNone = VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionTrigger
+let triggerBool = VFIOIRQSetFlags.dataBool | VFIOIRQSetFlags.actionTrigger
+let maskNone = VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionMask
+let unmaskNone = VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionUnmask
+let unmaskFD = VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionUnmask
+
+@Suite("IRQEmulation: SET_IRQS in software")
+struct IRQEmulationTests {
+  @Test func triggersReachTheirEventfdsAndDeassignedVectorsNothing() throws {
+    var irqs = IRQEmulation(pciIRQs)
+    let fds = (0..<8).map { _ in EventFD() }
+    try irqs.apply(request(triggerFD, index: 2, count: 8, fds: fds.map { $0.lend() }))
+    #expect(irqs.descriptorCount == 8)
+    for v: UInt32 in [0, 3, 7] { irqs.trigger(index: 2, vector: v) }
+    #expect(fds.map { $0.count() } == [1, 0, 0, 1, 0, 0, 0, 1])
+    // DATA_EVENTFD without descriptors de-assigns the range.
+    try irqs.apply(request(triggerFD, index: 2, start: 3, count: 2))
+    #expect(irqs.descriptorCount == 6)
+    let deassigned = irqs.configuration(2)
+    #expect(deassigned?.triggerFDs[3] == nil)
+    irqs.trigger(index: 2, vector: 3)
+    #expect(fds[3].count() == 0)
+    // Loopback from the client: DATA_NONE fires the range, DATA_BOOL the vectors it selects.
+    try irqs.apply(request(triggerNone, index: 2, start: 0, count: 2))
+    try irqs.apply(request(triggerBool, index: 2, start: 5, count: 3, bools: [1, 0, 1]))
+    #expect(fds.map { $0.count() } == [1, 1, 0, 0, 0, 1, 0, 1])
+    // Vectors the device does not have are ignored.
+    irqs.trigger(index: 2, vector: 8)
+    irqs.trigger(index: 9, vector: 0)
+  }
+
+  @Test func maskLatchesAndUnmaskDelivers() throws {
+    var irqs = IRQEmulation(pciIRQs)
+    let fd = EventFD()
+    try irqs.apply(request(triggerFD, index: 2, start: 5, count: 1, fds: [fd.lend()]))
+    try irqs.apply(request(maskNone, index: 2, start: 5, count: 1))
+    irqs.trigger(index: 2, vector: 5)
+    irqs.trigger(index: 2, vector: 5)
+    #expect(fd.count() == 0)
+    let latched = irqs.configuration(2)
+    #expect(latched?.pending[5] == true)
+    try irqs.apply(request(unmaskNone, index: 2, start: 5, count: 1))
+    #expect(fd.count() == 1)  // one latch, however many were raised
+    let delivered = irqs.configuration(2)
+    #expect(delivered?.pending[5] == false)
+  }
+
+  @Test func intxAutomasksUntilUnmaskedOrResampled() throws {
+    var irqs = IRQEmulation(pciIRQs)
+    let fd = EventFD()
+    let resample = EventFD()
+    try irqs.apply(request(triggerFD, index: 0, count: 1, fds: [fd.lend()]))
+    irqs.trigger(index: 0, vector: 0)
+    irqs.trigger(index: 0, vector: 0)
+    #expect(fd.count() == 1)
+    try irqs.apply(request(unmaskNone, index: 0, count: 1))
+    #expect(fd.count() == 1)  // the latched one
+    try irqs.apply(request(unmaskFD, index: 0, count: 1, fds: [resample.lend()]))
+    #expect(irqs.descriptorCount == 2)
+    resample.signal()  // the guest's EOI
+    irqs.trigger(index: 0, vector: 0)
+    #expect(fd.count() == 1)
+  }
+
+  @Test func disablingAnIndexClosesItsEventfdsAndClearsItsMasks() throws {
+    var irqs = IRQEmulation(pciIRQs)
+    let probe = ClosureProbe()
+    let other = EventFD()
+    try irqs.apply(request(triggerFD, index: 2, count: 1, fds: [probe.writeEnd]))
+    try irqs.apply(request(triggerFD, index: 3, count: 1, fds: [other.lend()]))
+    try irqs.apply(request(maskNone, index: 2, start: 1, count: 1))
+    irqs.trigger(index: 2, vector: 1)
+    #expect(!probe.writeEndClosed)
+    try irqs.apply(IRQSetRequest.disable(2))
+    #expect(probe.writeEndClosed)
+    let disabled = irqs.configuration(2)
+    let state = try #require(disabled)
+    #expect(state.triggerFDs.allSatisfy { $0 == nil })
+    #expect(!state.masked.contains(true) && !state.pending.contains(true))
+    #expect(irqs.descriptorCount == 1)  // index 3 is untouched
+    irqs.disableAll()
+    #expect(irqs.descriptorCount == 0)
+  }
+
+  @Test func theEmulationClosesWhatItHoldsWhenItGoes() throws {
+    let probe = ClosureProbe()
+    do {
+      var irqs = IRQEmulation(pciIRQs)
+      try irqs.apply(request(triggerFD, index: 1, count: 1, fds: [probe.writeEnd]))
+      #expect(!probe.writeEndClosed)
+    }
+    #expect(probe.writeEndClosed)
+  }
+
+  /// A refused request changes nothing: the eventfds, masks and pending bits
+  /// stay as they were, and the descriptors the request brought are closed.
+  @Test func aRefusedRequestLeavesTheStateAsItWas() throws {
+    var irqs = IRQEmulation(pciIRQs)
+    let fds = (0..<2).map { _ in EventFD() }
+    try irqs.apply(request(triggerFD, index: 2, count: 2, fds: fds.map { $0.lend() }))
+    try irqs.apply(request(maskNone, index: 2, start: 1, count: 1))
+    irqs.trigger(index: 2, vector: 1)
+    let before = irqs.configuration(2)
+    let refused: [(UInt32, UInt32, UInt32)] = [
+      (maskNone, 1, 1),  // MSI is not maskable
+      (maskNone, 3, 1),  // ERR takes TRIGGER only
+      (unmaskFD, 2, 1),  // only INTx's unmask takes an eventfd
+      (VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionMask, 0, 1),  // MASK with an eventfd
+    ]
+    for (flags, index, count) in refused {
+      let probe = ClosureProbe()
+      let fds = flags & VFIOIRQSetFlags.dataEventfd != 0 ? [probe.writeEnd] : []
+      #expect(throws: Errno.invalidArgument, "flags \(flags) index \(index)") {
+        try irqs.apply(request(flags, index: index, count: count, fds: fds))
+      }
+      if !fds.isEmpty {
+        #expect(probe.writeEndClosed, "the refused request's eventfd is closed")
+      } else {
+        try probe.writeEnd.close()
+      }
+      let after = irqs.configuration(2)
+      #expect(after == before)
+    }
+    #expect(irqs.descriptorCount == 2)
+    irqs.trigger(index: 2, vector: 0)
+    #expect(fds[0].count() == 1)  // still wired
+    try irqs.apply(request(unmaskNone, index: 2, start: 1, count: 1))
+    #expect(fds[1].count() == 1)  // still pending, delivered now
+  }
+}
+
+@Suite("IRQSetRequest: VFIO's checks")
+struct IRQSetRequestTests {
+  struct Refused {
+    var name: String
+    var flags: UInt32
+    var index: UInt32
+    var start: UInt32 = 0
+    var count: UInt32
+    var descriptors = 0
+    /// The index's description, when not `pciIRQs`'s.
+    var irq: IRQDescription? = nil
+  }
+
+  @Test func requestsTheDeviceCannotHaveAreRefusedAndTheirDescriptorsClosed() throws {
+    let cases = [
+      Refused(name: "no such index", flags: triggerNone, index: 7, count: 1),
+      Refused(
+        name: "index without vectors", flags: triggerNone, index: 1, count: 0,
+        irq: IRQDescription(index: 1, count: 0, flags: VFIOIRQInfoFlags.eventfd)),
+      Refused(name: "vectors past the end", flags: triggerFD, index: 2, start: 7, count: 2),
+      Refused(
+        name: "descriptors without DATA_EVENTFD", flags: triggerNone, index: 2, count: 1,
+        descriptors: 1),
+      Refused(
+        name: "fewer descriptors than vectors", flags: triggerFD, index: 2, count: 2,
+        descriptors: 1),
+      Refused(name: "count 0 with DATA_EVENTFD", flags: triggerFD, index: 2, count: 0),
+      Refused(name: "count 0 with MASK", flags: maskNone, index: 2, count: 0),
+      Refused(name: "count 0 from a later start", flags: triggerNone, index: 2, start: 1, count: 0),
+    ]
+    for c in cases {
+      let probes = (0..<c.descriptors).map { _ in ClosureProbe() }
+      let irq = c.irq ?? (c.index < UInt32(pciIRQs.count) ? pciIRQs[Int(c.index)] : nil)
+      #expect(throws: Errno.invalidArgument, "\(c.name)") {
+        _ = try IRQSetRequest(
+          IRQSetPayload(flags: c.flags, index: c.index, start: c.start, count: c.count),
+          descriptors: OwnedFileDescriptors(taking: probes.map(\.writeEnd)), irq: irq)
+      }
+      #expect(probes.allSatisfy { $0.writeEndClosed }, "\(c.name): descriptors closed")
+    }
+  }
+
+  @Test func aRequestCarriesWhatVFIODeviceSetIRQsNeeds() throws {
+    let fd = EventFD()
+    var made = try request(triggerFD, index: 2, start: 3, count: 1, fds: [fd.lend()])
+    #expect(made.flags == triggerFD)
+    #expect(made.vectors == 3..<4 && !made.disablesIndex)
+    #expect(made.eventFDs.count == 1 && made.eventFDs[0] != nil)
+    guard let taken = made.eventFDs.take(0) else {
+      Issue.record("no descriptor to take")
+      return
+    }
+    #expect(made.eventFDs[0] == nil)
+    try taken.release().close()
+    let disable = IRQSetRequest.disable(2)
+    #expect(disable.disablesIndex && disable.flags == triggerNone && disable.eventFDs.isEmpty)
+  }
+}
