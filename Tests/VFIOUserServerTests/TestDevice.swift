@@ -33,6 +33,8 @@ class TestDevice: VFIODeviceBackend {
   var refuseSetIRQs: Errno?
   /// Every dmaUnmap call, in order, with the windows it named.
   var unmapCalls: [[DMAWindow]] = []
+  /// Runs at the start of each dmaUnmap (tests: what is still mapped then).
+  var onUnmap: (([DMAWindow]) -> Void)?
   /// Keep the descriptor of each window mapped with a file (an iommufd-like backend).
   var keepFiles = false
   /// The files kept, by window address; closed when their window is unmapped.
@@ -206,6 +208,7 @@ class TestDevice: VFIODeviceBackend {
 
   func dmaUnmap(_ windows: [DMAWindow]) throws(Errno) {
     unmapCalls.append(windows)
+    onUnmap?(windows)
     if let refuseUnmap { throw refuseUnmap }
     mappedWindows -= windows.count
     for window in windows { try? keptFiles.removeValue(forKey: window.address)?.close() }
