@@ -16,7 +16,16 @@ import VFIOUser
 /// rules in one place: a save being left is drained first, only the final
 /// arc may open a stream, a restore that fails to validate ends in ERROR.
 ///
-/// Used on the connection's thread only, like the device.
+/// Used on the connection's thread only, like the device. That is also why
+/// the kernel's lock cycle (state mutex → migration file lock → mmap_lock →
+/// memory_lock → state mutex, reference §1.5) has no equivalent here: the
+/// migration state, the stream, the DMA table and reset are all touched on
+/// that one thread, one request at a time, so no lock orders exist between
+/// them. A MIG_DATA_READ runs to completion (bounded by the device's
+/// timeouts) before the next request, a DEVICE_RESET say, is even read, and
+/// the reset then kills the stream (`deviceWasReset`). No server lock is held
+/// while the device blocks, and the device never calls back into the server
+/// from its own threads.
 public struct MigrationDriver {
   /// The stream the last arc opened, while the device is in its state.
   public private(set) var stream: MigrationStream?
