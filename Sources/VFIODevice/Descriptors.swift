@@ -49,7 +49,7 @@ public struct OwnedFileDescriptors: ~Copyable {
   public init() { raw = [] }
 
   /// Takes ownership of every descriptor in `descriptors`.
-  public init(taking descriptors: [FileDescriptor]) { raw = descriptors.map(\.rawValue) }
+  public init(taking descriptors: [FileDescriptor]) { raw = descriptors.map { $0.rawValue } }
 
   /// How many came, taken ones included.
   public var count: Int { raw.count }

@@ -30,7 +30,7 @@ struct DMATable {
   }
 
   var count: Int { map.count }
-  var windows: [DMAWindow] { map.entries.map(\.value) }
+  var windows: [DMAWindow] { map.entries.map { $0.value } }
 
   /// Checks a new window, in the order the kernel's type1 does: alignment
   /// (EINVAL), a free slot (ENOSPC), overlap (EEXIST), then the device's IOVA

@@ -118,7 +118,7 @@ struct IntervalMap<Value> {
     var i = Self.lowerBound(blocks[b], start)
     while b < blocks.count {
       let j = Self.upperBound(blocks[b], last)
-      if i < j { found.append(contentsOf: blocks[b][i..<j].lazy.map(\.value)) }
+      if i < j { found.append(contentsOf: blocks[b][i..<j].lazy.map { $0.value }) }
       guard j == blocks[b].count else { break }
       b += 1
       i = 0
@@ -142,7 +142,7 @@ struct IntervalMap<Value> {
       let j = Self.upperBound(blocks[b], last)
       let runsOn = j == blocks[b].count
       if i < j {
-        removed.append(contentsOf: blocks[b][i..<j].lazy.map(\.value))
+        removed.append(contentsOf: blocks[b][i..<j].lazy.map { $0.value })
         blocks[b].removeSubrange(i..<j)
       }
       guard runsOn else { break }
