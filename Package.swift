@@ -127,7 +127,7 @@ let package = Package(
       ],
       swiftSettings: strict),
     .testTarget(
-      name: "XeVFTests", dependencies: ["XeVF", "VFIOUser", "VFIODevice", "CVFIOUser"],
+      name: "XeVFTests", dependencies: ["XeVF", "VFIOUser", "VFIODevice"],
       swiftSettings: strict),
     // Runs the built `xe-vfio-user` as a process, as a user would.
     .testTarget(
