@@ -73,7 +73,8 @@ let package = Package(
         "VFIOUser", "CVFIOUser", .product(name: "SystemPackage", package: "swift-system"),
       ],
       swiftSettings: hotPath),
-    // The engine: accept loop, connection dispatcher, DMA table, migration walk, limits.
+    // The engine: accept loop, connection dispatcher, DMA table, limits; it walks migrations
+    // with VFIODevice's MigrationDriver.
     .target(
       name: "VFIOUserServer",
       dependencies: [
