@@ -74,7 +74,7 @@ let package = Package(
       ],
       swiftSettings: hotPath),
     // The engine: accept loop, connection dispatcher, DMA table, limits; it walks migrations
-    // with VFIODevice's MigrationDriver.
+    // with VFIODevice's MigrationSession.
     .target(
       name: "VFIOUserServer",
       dependencies: [

@@ -6,13 +6,15 @@ import VFIOUser
 public protocol MigrationSource: AnyObject {
   /// Reads the next bytes of the device's state into `buffer`; returns how
   /// many. A read may return fewer than asked (the server fills its buffer
-  /// from several), and returns 0 only at the end of the stream, and after it.
+  /// from several), and returns 0 only at the end of the stream, and after it
+  /// (in PRE_COPY also when the device has nothing more for now, the kernel's
+  /// ENOMSG: the reply is then short, as vfio-user's PRE_COPY expects).
   ///
   /// Bounded: a device that must wait for data (a kernel `data_fd` blocks in
   /// read(2) until the PF has produced some, and cannot be polled) waits at
   /// most its own timeout and then throws ETIMEDOUT; it never blocks without
   /// end. That bound is what keeps the connection able to notice a hang-up or
-  /// a reset (see `MigrationDriver.fill`). A kernel backend gets it by reading
+  /// a reset (see `MigrationSession.fill`). A kernel backend gets it by reading
   /// on a thread of its own and waiting for that thread with a timeout.
   ///
   /// Throws ENODEV once a reset invalidated the stream.
@@ -64,7 +66,7 @@ public enum MigrationStream {
 /// A device that migrates: the kernel's `vfio_migration_ops`, one arc at a time.
 ///
 /// The device owns its migration state; there is no other copy. GET
-/// MIG_DEVICE_STATE reads `migrationState`, and `MigrationDriver` walks a SET
+/// MIG_DEVICE_STATE reads `migrationState`, and `MigrationSession` walks a SET
 /// one direct arc at a time with `vfio_mig_get_next_state()`, calling
 /// `migrationStep` for each. A kernel backend implements an arc as one
 /// VFIO_DEVICE_FEATURE SET MIG_DEVICE_STATE with the arc's end (the kernel

@@ -387,8 +387,8 @@ extension Connection {
     let source = try migration.source()
     let out = replyArea
     // Filled from as many (bounded) reads as it takes, so a short reply means the end;
-    // MigrationDriver.fill says how a hang-up is still noticed meanwhile.
-    let n = try MigrationDriver.fill(
+    // MigrationSession.fill says how a hang-up is still noticed meanwhile.
+    let n = try MigrationSession.fill(
       UnsafeMutableRawBufferPointer(
         rebasing: out[MigDataHeader.size..<(MigDataHeader.size + Int(request.size))]),
       from: source, while: { !channel.peerHasHungUp })

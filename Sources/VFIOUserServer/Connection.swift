@@ -38,9 +38,9 @@ final class Connection {
   let regions: [RegionDescription?]
   let irqDescriptions: [IRQDescription]
   /// Present when the device migrates. The device owns the migration state;
-  /// the driver holds this client's stream.
+  /// the session holds this client's stream.
   let migratable: MigrationCapable?
-  var migration = MigrationDriver()
+  var migration = MigrationSession()
 
   /// Reply buffer. Replies to pipelined requests queue up at its front
   /// (`txUsed` bytes) and leave in one sendmsg once no request is buffered.

@@ -4,7 +4,7 @@ import VFIOUser
 /// One client's hold on a device's migration: walks a SET MIG_DEVICE_STATE
 /// one direct arc at a time, and keeps the data stream the last arc opened.
 /// The device owns the migration state (`MigrationCapable.migrationState`);
-/// the driver keeps none of it, only the stream, so a device left in STOP by
+/// the session keeps none of it, only the stream, so a device left in STOP by
 /// one client is in STOP for the next with nothing carried between them.
 ///
 /// Why the walk stays on this side of the interface, calling single arcs:
@@ -26,7 +26,7 @@ import VFIOUser
 /// the reset then kills the stream (`deviceWasReset`). No server lock is held
 /// while the device blocks, and the device never calls back into the server
 /// from its own threads.
-public struct MigrationDriver {
+public struct MigrationSession {
   /// The stream the last arc opened, while the device is in its state.
   public private(set) var stream: MigrationStream?
   /// A reset or hang-up killed the stream: data commands answer ENODEV until

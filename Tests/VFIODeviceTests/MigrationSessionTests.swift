@@ -76,39 +76,39 @@ final class ArcDevice: MigrationCapable {
   }
 }
 
-@Suite("MigrationDriver: the walk and the stream")
-struct MigrationDriverTests {
+@Suite("MigrationSession: the walk and the stream")
+struct MigrationSessionTests {
   @Test func aBufferIsFilledFromShortReadsAndIsShortOnlyAtTheEnd() throws {
     let device = ArcDevice()
-    var driver = MigrationDriver()
-    try driver.set(.stopCopy, on: device)
+    var session = MigrationSession()
+    try session.set(.stopCopy, on: device)
     #expect(device.arcs == ["RUNNING>RUNNING_P2P", "RUNNING_P2P>STOP", "STOP>STOP_COPY"])
-    let source = try driver.source()
+    let source = try session.source()
     var buffer = [UInt8](repeating: 0, count: 64)
     let first = try buffer.withUnsafeMutableBytes { raw throws(Errno) in
-      try MigrationDriver.fill(raw, from: source, while: { true })
+      try MigrationSession.fill(raw, from: source, while: { true })
     }
     #expect(first == 64 && buffer == Array(0..<64))
     #expect(device.sources[0].reads == 10)  // 7 bytes a read
     let second = try buffer.withUnsafeMutableBytes { raw throws(Errno) in
-      try MigrationDriver.fill(raw, from: source, while: { true })
+      try MigrationSession.fill(raw, from: source, while: { true })
     }
     #expect(second == 36 && Array(buffer[..<36]) == Array(64..<100))
     let third = try buffer.withUnsafeMutableBytes { raw throws(Errno) in
-      try MigrationDriver.fill(raw, from: source, while: { true })
+      try MigrationSession.fill(raw, from: source, while: { true })
     }
     #expect(third == 0)
   }
 
   @Test func aFillStopsBetweenReadsOnceNobodyWantsIt() throws {
     let device = ArcDevice()
-    var driver = MigrationDriver()
-    try driver.set(.stopCopy, on: device)
+    var session = MigrationSession()
+    try session.set(.stopCopy, on: device)
     var asked = 0
     var buffer = [UInt8](repeating: 0, count: 64)
     let n = try buffer.withUnsafeMutableBytes { raw throws(Errno) in
-      try MigrationDriver.fill(
-        raw, from: try driver.source(),
+      try MigrationSession.fill(
+        raw, from: try session.source(),
         while: {
           asked += 1
           return asked < 3  // the client hangs up before the third read after the first
@@ -119,55 +119,55 @@ struct MigrationDriverTests {
 
   @Test func leavingStopCopyDrainsTheSaveAndClosesTheStreamOnce() throws {
     let device = ArcDevice()
-    var driver = MigrationDriver()
-    try driver.set(.stopCopy, on: device)
-    let dropped = try driver.set(.running, on: device)
+    var session = MigrationSession()
+    try session.set(.stopCopy, on: device)
+    let dropped = try session.set(.running, on: device)
     #expect(dropped == 100)
     #expect(device.sources[0].position == 100 && device.sources[0].closes == 1)
-    #expect(driver.stream == nil)
-    #expect(throws: Errno.invalidArgument) { _ = try driver.source() }
+    #expect(session.stream == nil)
+    #expect(throws: Errno.invalidArgument) { _ = try session.source() }
   }
 
-  /// The driver holds no copy of the state: each walk starts where the device
+  /// The session holds no copy of the state: each walk starts where the device
   /// says it is, and a stream the device stopped serving by itself (a reset
   /// it did on its own) is closed and reads as ENODEV from then on.
   @Test func theWalkStartsWhereTheDeviceIs() throws {
     let device = ArcDevice()
-    var driver = MigrationDriver()
-    try driver.set(.stopCopy, on: device)
-    device.reset()  // behind the driver's back: a function-level reset from config space
-    try driver.set(.running, on: device)
+    var session = MigrationSession()
+    try session.set(.stopCopy, on: device)
+    device.reset()  // behind the session's back: a function-level reset from config space
+    try session.set(.running, on: device)
     #expect(device.arcs.count == 3)  // nothing to walk: the device is RUNNING already
     #expect(device.sources[0].closes == 1)
-    #expect(throws: Errno(rawValue: ENODEV)) { _ = try driver.source() }
+    #expect(throws: Errno(rawValue: ENODEV)) { _ = try session.source() }
     device.state = .stop  // and moved again, by another owner
-    try driver.set(.running, on: device)
+    try session.set(.running, on: device)
     #expect(device.arcs.suffix(2) == ["STOP>RUNNING_P2P", "RUNNING_P2P>RUNNING"])
   }
 
   @Test func aFailedRestoreClosesTheSinkAndLeavesTheDeviceInError() throws {
     let device = ArcDevice()
-    var driver = MigrationDriver()
-    try driver.set(.resuming, on: device)
-    let sink = try driver.sink()
+    var session = MigrationSession()
+    try session.set(.resuming, on: device)
+    let sink = try session.sink()
     _ = try [1, 2, 3].withUnsafeBytes { raw throws(Errno) in try sink.write(raw) }
     device.failing = (.resuming, .stop)
-    #expect(throws: Errno.ioError) { try driver.set(.running, on: device) }
+    #expect(throws: Errno.ioError) { try session.set(.running, on: device) }
     #expect(device.migrationState == .error && device.sinks[0].closes == 1)
-    #expect(throws: Errno.invalidArgument) { try driver.set(.running, on: device) }
-    #expect(throws: Errno.invalidArgument) { _ = try driver.sink() }
+    #expect(throws: Errno.invalidArgument) { try session.set(.running, on: device) }
+    #expect(throws: Errno.invalidArgument) { _ = try session.sink() }
   }
 
   @Test func aFailedArcKeepsTheStreamOfTheStateTheDeviceStaysIn() throws {
     let device = ArcDevice()
-    var driver = MigrationDriver()
-    try driver.set(.stopCopy, on: device)
+    var session = MigrationSession()
+    try session.set(.stopCopy, on: device)
     device.failing = (.stopCopy, .stop)
-    #expect(throws: Errno.ioError) { try driver.set(.stop, on: device) }
+    #expect(throws: Errno.ioError) { try session.set(.stop, on: device) }
     #expect(device.migrationState == .stopCopy && device.sources[0].closes == 0)
-    _ = try driver.source()
-    driver.deviceWasReset()
+    _ = try session.source()
+    session.deviceWasReset()
     #expect(device.sources[0].closes == 1)
-    #expect(throws: Errno(rawValue: ENODEV)) { _ = try driver.source() }
+    #expect(throws: Errno(rawValue: ENODEV)) { _ = try session.source() }
   }
 }
