@@ -53,8 +53,21 @@ struct Serve: ParsableCommand {
       valueName: "reset|keep"))
   var onDisconnect: String = "reset"
 
-  @Option(help: "Permissions of the socket file, in octal.")
+  @Option(help: "Permissions of the socket file, in octal (created 0600, then widened to this).")
   var socketMode: String = "0600"
+
+  @Option(help: "Group of the socket file (a name or a number), e.g. the group QEMU runs as.")
+  var socketGroup: String?
+
+  @Option(
+    name: .customLong("allow-uid"),
+    help: "Serve only peers with this user (name or number); repeatable. Others get EACCES.")
+  var allowUID: [String] = []
+
+  @Option(
+    name: .customLong("allow-gid"),
+    help: "Serve only peers with this primary group (name or number); repeatable.")
+  var allowGID: [String] = []
 
   @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
   var logLevel: Logger.Level = .info
@@ -88,6 +101,12 @@ struct Serve: ParsableCommand {
     guard ["reset", "keep"].contains(onDisconnect) else {
       throw ValidationError("--on-disconnect is reset or keep")
     }
+    for user in allowUID where userID(user) == nil {
+      throw ValidationError("--allow-uid: no user '\(user)'")
+    }
+    for group in allowGID + (socketGroup.map { [$0] } ?? []) where groupID(group) == nil {
+      throw ValidationError("no group '\(group)'")
+    }
     guard UInt32(socketMode, radix: 8) != nil else {
       throw ValidationError("--socket-mode must be octal, e.g. 0660")
     }
@@ -110,6 +129,8 @@ struct Serve: ParsableCommand {
     limits.maxMsgFDs = maxMsgFDs
     limits.dmaLayout = dmaLayout
     limits.resetOnDisconnect = onDisconnect == "reset"
+    limits.allowedUIDs = Set(allowUID.compactMap(userID))
+    limits.allowedGIDs = Set(allowGID.compactMap(groupID))
     let server = VFIOUserServer(backend: device, limits: limits, logger: logger)
     // SIGINT and SIGTERM stay blocked in every thread and a thread of their own
     // takes them with sigwait: one sent as soon as the socket (or the printed
@@ -132,6 +153,9 @@ struct Serve: ParsableCommand {
     if let fd {
       server.listen(fd: fd)
     } else {
+      // Created owner-only, so no one else can connect before its mode and group are set.
+      let mask = umask(0o177)
+      defer { umask(mask) }
       do {
         try server.listen(socketPath: path)
       } catch {
@@ -147,7 +171,15 @@ struct Serve: ParsableCommand {
         default: throw CLIError("cannot listen on \(path): \(describe(error))")
         }
       }
+      if let group = socketGroup.flatMap(groupID), chown(path, UInt32.max, group) != 0 {
+        throw CLIError(
+          "cannot give \(path) to group \(socketGroup!): \(describe(Errno(rawValue: errno)))")
+      }
       chmod(path, mode_t(UInt32(socketMode, radix: 8)!))
+    }
+    if !limits.allowedUIDs.isEmpty || !limits.allowedGIDs.isEmpty {
+      logger.info(
+        "serving only uids \(limits.allowedUIDs.sorted()) and gids \(limits.allowedGIDs.sorted())")
     }
     let vram = device.vramSize > 0 ? ", \(formatBytes(device.vramSize)) VRAM" : ""
     logger.info(
@@ -160,4 +192,16 @@ struct Serve: ParsableCommand {
     server.start()
     server.wait()
   }
+}
+
+/// A user name or number as a uid.
+func userID(_ name: String) -> UInt32? {
+  if let number = UInt32(name) { return number }
+  return getpwnam(name).map { $0.pointee.pw_uid }
+}
+
+/// A group name or number as a gid.
+func groupID(_ name: String) -> UInt32? {
+  if let number = UInt32(name) { return number }
+  return getgrnam(name).map { $0.pointee.gr_gid }
 }
