@@ -86,10 +86,30 @@ let package = Package(
         .product(name: "SystemPackage", package: "swift-system"),
       ],
       swiftSettings: strict),
+    // The kernel's VFIO uAPI (group/container and iommufd cdev): opening a device
+    // with actionable errors, regions, interrupts, IOMMU mappings, migration data_fd.
+    // Knows nothing of the server.
+    .target(
+      name: "KernelVFIO",
+      dependencies: [
+        "VFIOUser", "CVFIOUser",
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
+      swiftSettings: strict),
+    // The thin adapter from KernelVFIO to the server's device protocol.
+    .target(
+      name: "KernelVFIOBackend",
+      dependencies: [
+        "KernelVFIO", "VFIOUser", "VFIOUserServer",
+        .product(name: "Logging", package: "swift-log"),
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
+      swiftSettings: strict),
     .executableTarget(
       name: "xe-vfio-user",
       dependencies: [
-        "VFIOUser", "VFIOUserServer", "VFIOUserClient", "XeVF", "CVFIOUser",
+        "VFIOUser", "VFIOUserServer", "VFIOUserClient", "XeVF", "CVFIOUser", "KernelVFIO",
+        "KernelVFIOBackend",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Logging", package: "swift-log"),
         .product(name: "SystemPackage", package: "swift-system"),
@@ -106,6 +126,10 @@ let package = Package(
     .testTarget(
       name: "VFIOUserServerTests",
       dependencies: ["VFIOUser", "VFIOUserServer", "VFIOUserClient", "XeVF", "CVFIOUser"],
+      swiftSettings: strict),
+    .testTarget(
+      name: "KernelVFIOTests",
+      dependencies: ["KernelVFIO", "KernelVFIOBackend", "VFIOUser", "VFIOUserServer"],
       swiftSettings: strict),
     .testTarget(
       name: "XeVFTests", dependencies: ["XeVF", "VFIOUser", "VFIOUserServer"],

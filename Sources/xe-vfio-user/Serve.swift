@@ -26,6 +26,13 @@ struct Serve: ParsableCommand {
   @Option(help: "Serve on this already-listening socket descriptor instead (vfio-user convention).")
   var fd: Int32?
 
+  @Option(
+    name: .customLong("device"),
+    help: ArgumentHelp(
+      "Serve a real device through the kernel's VFIO instead of the simulated VF: vfio:DDDD:BB:DD.F (bound to vfio-pci), its /sys/bus/pci/devices path, or a /dev/vfio/devices/vfioN cdev.",
+      valueName: "vfio:address|path"))
+  var kernelDevice: String?
+
   @Option(help: "Device profile: bmg (discrete, with VRAM), ptl or wcl (integrated).")
   var profile: String = "bmg"
 
@@ -89,6 +96,9 @@ struct Serve: ParsableCommand {
     else {
       throw ValidationError("--max-data-xfer-size must be between 4K and 64M")
     }
+    if kernelDevice != nil, vramSize != nil {
+      throw ValidationError("--vram-size is for the simulated VF; --device serves a real one")
+    }
     if let vramSize {
       guard profile == "bmg" else {
         throw ValidationError("--vram-size is for bmg only (\(profile) has no VRAM)")
@@ -114,15 +124,6 @@ struct Serve: ParsableCommand {
 
   func run() throws {
     let logger = bootstrapLogging(level: logLevel)
-    let profile = XeProfile.named(profile)!
-    let device: SimulatedXeVF
-    do {
-      device = try SimulatedXeVF(profile: profile, vramSize: vramSize?.bytes, logger: logger)
-    } catch {
-      throw ValidationError(
-        "cannot create the simulated \(profile.name) VF: \(error.name) (VRAM must be a power of two ≥ 1M, bmg only)"
-      )
-    }
     var limits = ServerLimits()
     limits.maxDataXferSize = UInt32(maxDataXferSize.bytes)
     limits.maxDMAMaps = maxDMAMaps
@@ -131,7 +132,27 @@ struct Serve: ParsableCommand {
     limits.resetOnDisconnect = onDisconnect == "reset"
     limits.allowedUIDs = Set(allowUID.compactMap(userID))
     limits.allowedGIDs = Set(allowGID.compactMap(groupID))
-    let server = VFIOUserServer(backend: device, limits: limits, logger: logger)
+    let backend: any VFIODeviceBackend
+    let served: String
+    if let kernelDevice {
+      (backend, served) = try openKernelDevice(kernelDevice, logger: logger, limits: &limits)
+    } else {
+      let profile = XeProfile.named(profile)!
+      let device: SimulatedXeVF
+      do {
+        device = try SimulatedXeVF(profile: profile, vramSize: vramSize?.bytes, logger: logger)
+      } catch {
+        throw ValidationError(
+          "cannot create the simulated \(profile.name) VF: \(error.name) (VRAM must be a power of two ≥ 1M, bmg only)"
+        )
+      }
+      let vram = device.vramSize > 0 ? ", \(formatBytes(device.vramSize)) VRAM" : ""
+      (backend, served) = (
+        device,
+        "simulated Xe VF \(profile.name) [8086:\(String(profile.deviceID, radix: 16))]\(vram)"
+      )
+    }
+    let server = VFIOUserServer(backend: backend, limits: limits, logger: logger)
     // SIGINT and SIGTERM stay blocked in every thread and a thread of their own
     // takes them with sigwait: one sent as soon as the socket (or the printed
     // command line) appears waits pending instead of being lost, as it could be
@@ -181,10 +202,7 @@ struct Serve: ParsableCommand {
       logger.info(
         "serving only uids \(limits.allowedUIDs.sorted()) and gids \(limits.allowedGIDs.sorted())")
     }
-    let vram = device.vramSize > 0 ? ", \(formatBytes(device.vramSize)) VRAM" : ""
-    logger.info(
-      "serving simulated Xe VF \(profile.name) [8086:\(String(profile.deviceID, radix: 16))]\(vram) on \(fd.map { "fd \($0)" } ?? path)"
-    )
+    logger.info("serving \(served) on \(fd.map { "fd \($0)" } ?? path)")
     if !quiet, fd == nil {
       print("Attach it to QEMU (10.1 or later) with:\n\n\(qemuCommandLine(socketPath: path))\n")
       fflush(nil)
