@@ -127,6 +127,12 @@ let package = Package(
       name: "VFIOUserServerTests",
       dependencies: ["VFIOUser", "VFIOUserServer", "VFIOUserClient", "XeVF", "CVFIOUser"],
       swiftSettings: strict),
+    // The client the kernel-backed guest test runs inside its guest (built static
+    // in release and copied into the initramfs; see KernelGuestTests).
+    .executableTarget(
+      name: "xe-vfu-guest-check",
+      dependencies: ["VFIOUser", "VFIOUserClient", "CVFIOUser"],
+      path: "Tests/KernelGuestCheck", swiftSettings: strict),
     .testTarget(
       name: "KernelVFIOTests",
       dependencies: ["KernelVFIO", "KernelVFIOBackend", "VFIOUser", "VFIOUserServer"],

@@ -112,12 +112,21 @@ public final class KernelVFIODevice {
 
   deinit { close(fd) }
 
+  /// A region the device does not have (vfio-pci answers EINVAL for VGA
+  /// without CONFIG_VFIO_PCI_VGA) is described as empty, as QEMU treats it.
   static func regionInfo(_ fd: Int32, _ index: UInt32) throws(KernelVFIOError) -> KernelRegionInfo {
     var size = KernelRegionInfo.fixedSize
     for _ in 0..<4 {
       var request = KernelRegionInfo.request(index: index, argsz: size)
-      try kernelCall("VFIO_DEVICE_GET_REGION_INFO(\(index))") { () throws(Errno) in
+      do throws(Errno) {
         try kernelIoctl(fd, VFIOIoctl.deviceGetRegionInfo, &request)
+      } catch {
+        guard error == .invalidArgument else {
+          throw KernelVFIOError(
+            .kernel, "VFIO_DEVICE_GET_REGION_INFO(\(index)) failed: \(error.name) (\(error))",
+            errno: error)
+        }
+        return KernelRegionInfo(index: index, flags: 0, size: 0, offset: 0)
       }
       let needed = KernelRegionInfo.neededSize(request.bytes)
       if needed > size {
