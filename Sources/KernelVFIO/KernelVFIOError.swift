@@ -157,18 +157,17 @@ public enum OpenDiagnostics {
       owner = " (owner \(user):\(grp), mode \(String(info.st_mode & 0o777, radix: 8)))"
     }
     let node = path.split(separator: "/").last.map(String.init) ?? path
-    let rule =
-      group != nil
-      ? "SUBSYSTEM==\"vfio\", KERNEL==\"\(node)\", OWNER=\"xe-vfio-user\", MODE=\"0600\""
-      : "SUBSYSTEM==\"vfio\", OWNER=\"xe-vfio-user\", MODE=\"0600\""
+    let match = group != nil ? "SUBSYSTEM==\"vfio\", KERNEL==\"\(node)\"" : "KERNEL==\"\(node)\""
     return KernelVFIOError(
       .permissionDenied,
       """
       cannot open \(path): \(errno.name), permission denied\(owner). Run the server as root, or \
-      give its user the device node with a udev rule in /etc/udev/rules.d/60-xe-vfio-user.rules:
-        \(rule)
+      give the group it runs as (the systemd unit's is xe-vfio-user) the device node with a udev \
+      rule in /etc/udev/rules.d/60-xe-vfio-user.rules:
+        \(match), GROUP="xe-vfio-user", MODE="0660"
       then `udevadm control --reload && udevadm trigger`. Under systemd the unit also needs
-      DeviceAllow=\(path) rw (and DeviceAllow=/dev/vfio/vfio rw, or /dev/iommu for the cdev path).
+      PrivateDevices=no, DeviceAllow=\(path) rw and DeviceAllow=/dev/vfio/vfio rw (or /dev/iommu
+      for the cdev path), and LimitMEMLOCK= as large as the guest's RAM.
       """, errno: errno)
   }
 
@@ -249,8 +248,9 @@ public struct MemlockStatus: Sendable, Equatable {
       return
         "\(what): ENOMEM with RLIMIT_MEMLOCK at \(Self.format(limit)) and \(Self.format(locked)) locked; that should have fit, so the system is short of memory"
     }
+    let pinned = locked == 0 ? "nothing is pinned yet" : "\(Self.format(locked)) is pinned already"
     return
-      "\(what): RLIMIT_MEMLOCK is too small to pin it. The limit is \(Self.format(limit)), \(Self.format(locked)) is already pinned, and this window needs \(Self.format(size)) more: raise the limit by at least \(Self.format(needed - limit)) to \(Self.format(needed)) or more (all of guest RAM gets pinned: `ulimit -l`, LimitMEMLOCK= in the systemd unit, memlock in /etc/security/limits.conf), or give the server CAP_IPC_LOCK"
+      "\(what): RLIMIT_MEMLOCK is too small to pin it. The limit is \(Self.format(limit)), \(pinned), and this window needs \(Self.format(size)): raise the limit by at least \(Self.format(needed - limit)) to \(Self.format(needed)) or more (all of guest RAM gets pinned: `ulimit -l`, LimitMEMLOCK= in the systemd unit, memlock in /etc/security/limits.conf), or give the server CAP_IPC_LOCK"
   }
 
   public static func format(_ bytes: UInt64) -> String {

@@ -76,20 +76,44 @@ func outcome(_ body: () throws(VFIOUserClientError) -> Void) -> String {
 
 let arguments = CommandLine.arguments
 guard arguments.count == 3 else {
-  say("error usage: xe-vfu-guest-check SOCKET PCI-ADDRESS")
+  say("error usage: xe-vfu-guest-check SOCKET PCI-ADDRESS | --map-only SOCKET")
   exit(2)
 }
-let socket = arguments[1]
+/// Only one 2 MiB DMA_MAP, to see how a server whose RLIMIT_MEMLOCK is too small refuses it.
+let mapOnly = arguments[1] == "--map-only"
+let socket = mapOnly ? arguments[2] : arguments[1]
 let address = arguments[2]
 
-// The server starts in the background: wait for it.
-var connected: VFIOUserClient?
-for _ in 0..<400 where connected == nil {
-  connected = try? VFIOUserClient.connect(path: socket)
-  if connected == nil { usleep(50_000) }
+/// Connects, waiting for a server that starts in the background.
+func connect() -> VFIOUserClient {
+  for _ in 0..<400 {
+    if let client = try? VFIOUserClient.connect(path: socket) { return client }
+    usleep(50_000)
+  }
+  fail("cannot connect to \(socket)")
 }
-guard let client = connected else { fail("cannot connect to \(socket)") }
+
+/// A shared memory buffer for DMA: its memfd and the client's mapping of it.
+func sharedBuffer(_ size: Int) -> (fd: Int32, UnsafeMutableRawBufferPointer) {
+  let fd = cvfu_memfd_create("guest-check-dma", 1)  // MFD_CLOEXEC
+  guard fd >= 0, ftruncate(fd, off_t(size)) == 0,
+    let base = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), base != MAP_FAILED
+  else { fail("memfd of \(size) bytes") }
+  return (fd, UnsafeMutableRawBufferPointer(start: base, count: size))
+}
+
+let client = connect()
 client.timeoutMilliseconds = 30_000
+if mapOnly {
+  let (fd, _) = sharedBuffer(2 << 20)
+  let result = outcome { () throws(VFIOUserClientError) in
+    try client.dmaMap(
+      address: 0x1_0000_0000, size: 2 << 20, flags: VFIODMAMapFlags.read | VFIODMAMapFlags.write,
+      fd: fd)
+  }
+  say("memlock-map \(result)")
+  exit(0)
+}
 let info = must("DEVICE_GET_INFO") { () throws(VFIOUserClientError) in try client.deviceInfo() }
 say("device-info flags \(hex(info.flags)) regions \(info.numRegions) irqs \(info.numIRQs)")
 
@@ -121,7 +145,7 @@ say("config-ids \(String(ids, radix: 16))")
 
 // Memory decoding and bus mastering, as a VMM enables them.
 let command = served.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 4, as: UInt16.self) }
-func enable() {
+@MainActor func enable() {
   must("COMMAND write") { () throws(VFIOUserClientError) in
     try client.write(
       region: config, offset: 4,
@@ -143,12 +167,12 @@ let scratch = must("scratch read") { () throws(VFIOUserClientError) in
 }
 say("bar0-scratch \(hex(scratch))")
 
-func rd(_ offset: UInt64) -> UInt32 {
+@MainActor func rd(_ offset: UInt64) -> UInt32 {
   must("BAR0 read \(hex(offset))") { () throws(VFIOUserClientError) in
     try client.read32(region: bar0, offset: offset)
   }
 }
-func wr(_ offset: UInt64, _ value: UInt32) {
+@MainActor func wr(_ offset: UInt64, _ value: UInt32) {
   must("BAR0 write \(hex(offset))") { () throws(VFIOUserClientError) in
     try client.write32(region: bar0, offset: offset, value)
   }
@@ -184,14 +208,8 @@ say(
 )
 
 // 4. DMA windows the server must refuse.
-let memfd = cvfu_memfd_create("guest-check-dma", 1)  // MFD_CLOEXEC
-guard memfd >= 0 else { fail("memfd_create") }
 let size = 2 << 20
-guard ftruncate(memfd, off_t(size)) == 0,
-  let bufferBase = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0),
-  bufferBase != MAP_FAILED
-else { fail("memfd mapping") }
-let buffer = UnsafeMutableRawBufferPointer(start: bufferBase, count: size)
+let (memfd, buffer) = sharedBuffer(size)
 let rw = VFIODMAMapFlags.read | VFIODMAMapFlags.write
 say(
   "dma-map-nofd \(outcome { () throws(VFIOUserClientError) in try client.dmaMap(address: 0x2_0000_0000, size: 4096, flags: rw) })"
@@ -209,7 +227,9 @@ must("SET_IRQS MSI-X") { () throws(VFIOUserClientError) in
 say("msix-eventfd set")
 
 /// One copy-engine transfer; returns the final STATUS (then cleared).
-func copy(toDevice: Bool, vramOffset: UInt64, iova: UInt64, length: UInt32, interrupt: Bool)
+@MainActor func copy(
+  toDevice: Bool, vramOffset: UInt64, iova: UInt64, length: UInt32, interrupt: Bool
+)
   -> UInt32
 {
   let (src, dst) = toDevice ? (iova, vramOffset) : (vramOffset, iova)
@@ -231,7 +251,7 @@ func copy(toDevice: Bool, vramOffset: UInt64, iova: UInt64, length: UInt32, inte
   fail("copy engine timed out")
 }
 
-func drainEventfd(waitingUpTo seconds: Int) -> UInt64 {
+@MainActor func drainEventfd(waitingUpTo seconds: Int) -> UInt64 {
   for _ in 0..<(seconds * 100) {
     let n = cvfu_eventfd_drain(efd)
     if n > 0 { return UInt64(n) }
@@ -285,7 +305,7 @@ vram.baseAddress!.advanced(by: 1 << 20).copyMemory(from: finalVRAM, byteCount: f
 say("final-vram offset 0x100000 size \(finalVRAM.count) seed 0x99")
 
 munmap(mapped, window)
-munmap(bufferBase, size)
+munmap(buffer.baseAddress, size)
 close(memfd)
 close(bar2FD)
 say("check-done")

@@ -52,6 +52,20 @@ struct KernelGuestTests {
     echo vfio-pci > $dev/driver_override
     echo $addr > /sys/bus/pci/drivers_probe
     echo "XEVF: driver $(basename $(readlink $dev/driver))"
+    group=/dev/vfio/$(basename $(readlink $dev/iommu_group))
+    # An unprivileged user (no CAP_IPC_LOCK): first the group node is root's...
+    mkdir -p /tmp/u && chown 1000:1000 /tmp/u
+    user="su -s /bin/sh xevf -c"
+    $user "/bin/xe-vfio-user serve --device vfio:$addr -s /tmp/u/p.sock --quiet" 2>/tmp/perm.txt
+    echo "XEVF: open-permission exit $? $(head -n1 /tmp/perm.txt)"
+    # ...then it is the user's, but RLIMIT_MEMLOCK (1 MiB) cannot pin a 2 MiB window.
+    chown 1000:1000 $group
+    $user "ulimit -l 1024; exec /bin/xe-vfio-user serve --device vfio:$addr -s /tmp/u/m.sock --quiet" 2>/tmp/memlock.txt &
+    limited=$!
+    /bin/xe-vfu-guest-check --map-only /tmp/u/m.sock || echo "XEVF: error map-only exit $?"
+    kill $limited; wait $limited
+    chown 0:0 $group
+    echo "XEVF: memlock-log $(grep -o 'RLIMIT_MEMLOCK is too small.*raise the limit by at least [0-9]* [KMG]iB' /tmp/memlock.txt)"
     /bin/xe-vfio-user serve --device vfio:$addr -s /tmp/g.sock \(serveArguments) 2>/tmp/server.log &
     server=$!
     i=0; while [ ! -S /tmp/g.sock ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
@@ -83,7 +97,11 @@ struct KernelGuestTests {
         if directories.insert(partial).inserted { archive.directory(partial) }
       }
     }
-    for dir in ["bin", "dev", "proc", "sys", "tmp", "lib/modules"] { makeDirectory(dir) }
+    for dir in ["bin", "dev", "etc", "proc", "sys", "tmp", "lib/modules"] { makeDirectory(dir) }
+    // An unprivileged user for `su`.
+    archive.file(
+      "etc/passwd", Array("root:x:0:0:root:/:/bin/sh\nxevf:x:1000:1000::/tmp:/bin/sh\n".utf8))
+    archive.file("etc/group", Array("root:x:0:\nxevf:x:1000:\n".utf8))
     archive.characterDevice("dev/console", major: 5, minor: 1)
     archive.file("bin/busybox", try read(try #require(env.busybox)), mode: 0o100755)
     for (name, binary) in [("xe-vfio-user", server), ("xe-vfu-guest-check", check)] {
@@ -210,6 +228,17 @@ struct KernelGuestTests {
       busy.hasPrefix("exit 1 ") && busy.contains("busy") && busy.contains("(xe-vfio-user)"),
       "\(busy)")
 
+    // An unprivileged server: told whose the group node is, then how far RLIMIT_MEMLOCK falls short.
+    let permission = lines["open-permission"]?.first ?? ""
+    #expect(
+      permission.hasPrefix("exit 1 ") && permission.contains("/dev/vfio/")
+        && permission.contains("EACCES, permission denied (owner root:"), "\(permission)")
+    #expect(lines["memlock-map"] == ["ENOMEM"], "\(lines["memlock-map"] ?? [])")
+    #expect(
+      lines["memlock-log"]?.first?.contains(
+        "The limit is 1 MiB, nothing is pinned yet, and this window needs 2 MiB: raise the limit by at least 1 MiB"
+      ) == true, "\(lines["memlock-log"] ?? [])")
+
     // The server's start log says what it opened and how.
     let opened = serverLog.first { $0.contains("kernel VFIO device: ") } ?? ""
     #expect(
@@ -301,19 +330,29 @@ struct KernelGuestBinaries {
     guard files.isExecutableFile(atPath: server), files.isExecutableFile(atPath: check) else {
       return nil
     }
-    let built =
-      [server, check].compactMap {
-        try? files.attributesOfItem(atPath: $0)[.modificationDate] as? Date
-      }.min() ?? .distantPast
-    let newer = (files.enumerator(atPath: root + "/Sources")?.allObjects as? [String] ?? []).first {
-      ((try? files.attributesOfItem(atPath: root + "/Sources/" + $0)[.modificationDate]) as? Date
-        ?? .distantPast)
-        > built
+    let date = { (path: String) in
+      (try? files.attributesOfItem(atPath: path)[.modificationDate]) as? Date ?? .distantPast
     }
+    /// The first source file under `directories` newer than `binary`.
+    func newer(than binary: String, in directories: [String]) -> String? {
+      let built = date(binary)
+      for directory in directories {
+        let names = files.enumerator(atPath: root + "/" + directory)?.allObjects as? [String] ?? []
+        if let name = names.first(where: { date(root + "/" + directory + "/" + $0) > built }) {
+          return directory + "/" + name
+        }
+      }
+      return nil
+    }
+    let checkSources = [
+      "Tests/KernelGuestCheck", "Sources/VFIOUser", "Sources/VFIOUserClient",
+      "Sources/VFIOUserSocket", "Sources/CVFIOUser",
+    ]
+    let stale = newer(than: server, in: ["Sources"]) ?? newer(than: check, in: checkSources)
     return KernelGuestBinaries(
       server: server, check: check,
-      stale: newer.map {
-        "Sources/\($0) is newer than the release binaries the kernel guest test runs: rebuild them (scripts/test.sh does)"
+      stale: stale.map {
+        "\($0) is newer than the release binaries the kernel guest test runs: rebuild them (scripts/test.sh does)"
       })
   }()
 
