@@ -75,12 +75,14 @@ func outcome(_ body: () throws(VFIOUserClientError) -> Void) -> String {
 }
 
 let arguments = CommandLine.arguments
-guard arguments.count == 3 else {
-  say("error usage: xe-vfu-guest-check SOCKET PCI-ADDRESS | --map-only SOCKET")
+/// `--map SOCKET LABEL`: only one 2 MiB DMA_MAP at 4 GiB, printed as "LABEL outcome" (a
+/// server whose RLIMIT_MEMLOCK is too small refuses it; one whose last client left the same
+/// window mapped must have unmapped it from the IOMMU).
+let mapOnly = arguments.count == 4 && arguments[1] == "--map"
+guard arguments.count == 3 || mapOnly else {
+  say("error usage: xe-vfu-guest-check SOCKET PCI-ADDRESS | --map SOCKET LABEL")
   exit(2)
 }
-/// Only one 2 MiB DMA_MAP, to see how a server whose RLIMIT_MEMLOCK is too small refuses it.
-let mapOnly = arguments[1] == "--map-only"
 let socket = mapOnly ? arguments[2] : arguments[1]
 let address = arguments[2]
 
@@ -111,7 +113,7 @@ if mapOnly {
       address: 0x1_0000_0000, size: 2 << 20, flags: VFIODMAMapFlags.read | VFIODMAMapFlags.write,
       fd: fd)
   }
-  say("memlock-map \(result)")
+  say("\(arguments[3]) \(result)")
   exit(0)
 }
 let info = must("DEVICE_GET_INFO") { () throws(VFIOUserClientError) in try client.deviceInfo() }
@@ -303,6 +305,12 @@ say("final-scratch \((0..<4).map { hex(rd(Reg.scratch($0))) }.joined(separator: 
 let finalVRAM = pattern(65536, seed: 0x99)
 vram.baseAddress!.advanced(by: 1 << 20).copyMemory(from: finalVRAM, byteCount: finalVRAM.count)
 say("final-vram offset 0x100000 size \(finalVRAM.count) seed 0x99")
+
+// 9. A window left mapped at hang-up: the server must take it out of the IOMMU.
+let leftover = outcome { () throws(VFIOUserClientError) in
+  try client.dmaMap(address: iova, size: UInt64(size), flags: rw, fd: memfd)
+}
+say("left-mapped iova \(hex(iova)) \(leftover)")
 
 munmap(mapped, window)
 munmap(buffer.baseAddress, size)
