@@ -204,7 +204,7 @@ public final class KernelVFIODevice {
   }
 
   /// MIG_DEVICE_STATE SET: the kernel performs the arc; returns the new
-  /// data_fd (owned by the caller) or -1.
+  /// data_fd (owned by the caller) or -1. See `KernelMigration`.
   public func setMigrationState(_ state: MigrationState) throws(Errno) -> Int32 {
     var request = KernelBytes(count: 16)
     request.put(UInt32(16), at: 0)

@@ -20,8 +20,8 @@ public class KernelVFIOBackend: VFIODeviceBackend {
   public let device: KernelVFIODevice
   var logger: Logger
   var routing: KernelIRQRouting
-  /// The data stream of the migration in progress, if any.
-  var stream: KernelMigrationStream?
+  /// The kernel's migration, when the driver has it.
+  let migration: KernelMigration?
   /// Bytes of client memory currently mapped into the IOMMU.
   public private(set) var pinnedBytes: UInt64 = 0
   public let regionDescriptions: [RegionDescription]
@@ -39,9 +39,10 @@ public class KernelVFIOBackend: VFIODeviceBackend {
       : KernelVFIOBackend(device, logger: logger)
   }
 
-  init(_ device: KernelVFIODevice, logger: Logger) {
+  init(_ device: KernelVFIODevice, logger: Logger, migration: KernelMigration? = nil) {
     self.device = device
     self.logger = logger
+    self.migration = migration
     routing = KernelIRQRouting(device.irqs)
     regionDescriptions = device.regions.map { Self.describe($0, deviceFD: device.fd) }
     let sizes = device.iommu.pageSizes
@@ -107,8 +108,7 @@ public class KernelVFIOBackend: VFIODeviceBackend {
   /// VFIO_DEVICE_RESET. The kernel returns a migratable device to RUNNING and
   /// kills its data_fd; the stream here answers ENODEV from now on.
   public func reset() throws(Errno) {
-    stream?.file.invalidate()
-    stream = nil
+    migration?.deviceReset()
     try device.reset()
   }
 
@@ -188,40 +188,29 @@ public class KernelVFIOBackend: VFIODeviceBackend {
 }
 
 /// A kernel device with VFIO migration (`VFIO_DEVICE_FEATURE_MIGRATION`): the
-/// server's walk of the state machine becomes one MIG_DEVICE_STATE SET per arc,
-/// and the kernel's data_fd the stream.
+/// server's walk of the state machine becomes one MIG_DEVICE_STATE SET per arc
+/// (`KernelMigration`), and the kernel's data_fd the stream.
 public final class MigratableKernelVFIOBackend: KernelVFIOBackend, MigrationCapable {
-  let migrationTimeout: Duration
-
   init(_ device: KernelVFIODevice, logger: Logger, migrationTimeout: Duration) {
-    self.migrationTimeout = migrationTimeout
-    super.init(device, logger: logger)
+    super.init(
+      device, logger: logger,
+      migration: KernelMigration(
+        driver: device, flags: device.migrationFlags ?? [], timeout: migrationTimeout))
   }
 
-  public var migrationFlags: MigrationFlags { device.migrationFlags ?? [] }
+  public var migrationFlags: MigrationFlags { migration!.flags }
 
   public func migrationStep(from: MigrationState, to: MigrationState) throws(Errno)
     -> MigrationStream?
   {
-    let fd = try device.setMigrationState(to)
-    if fd >= 0 {
-      stream?.file.invalidate()
-      let opened = KernelMigrationStream(MigrationDataFile(fd: fd, timeout: migrationTimeout))
-      stream = opened
-      return opened
-    }
-    if ![.stopCopy, .preCopy, .preCopyP2P, .resuming].contains(to) {
-      stream?.file.invalidate()  // the kernel ended it with the state that had it
-      stream = nil
-    }
-    return nil
+    try migration!.step(to: to).map(KernelMigrationStream.init)
   }
 
-  public func stopCopySize() throws(Errno) -> UInt64 { try device.stopCopySize() }
+  public func stopCopySize() throws(Errno) -> UInt64 { try migration!.stopCopySize() }
 
   public func migrationFailed() {
-    let state = (try? device.migrationState()).map { "\($0)" } ?? "unknown"
-    logger.error("migration state walk failed; the kernel reports the device in \(state)")
+    logger.error(
+      "migration state walk failed; the kernel reports the device in \(migration!.kernelState)")
   }
 }
 
