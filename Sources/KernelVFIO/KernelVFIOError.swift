@@ -157,7 +157,10 @@ public enum OpenDiagnostics {
       owner = " (owner \(user):\(grp), mode \(String(info.st_mode & 0o777, radix: 8)))"
     }
     let node = path.split(separator: "/").last.map(String.init) ?? path
-    let match = group != nil ? "SUBSYSTEM==\"vfio\", KERNEL==\"\(node)\"" : "KERNEL==\"\(node)\""
+    let match =
+      path.contains("/vfio/devices/")
+      ? "SUBSYSTEM==\"vfio-dev\", KERNEL==\"\(node)\""
+      : group != nil ? "SUBSYSTEM==\"vfio\", KERNEL==\"\(node)\"" : "KERNEL==\"\(node)\""
     return KernelVFIOError(
       .permissionDenied,
       """

@@ -22,8 +22,6 @@ public class KernelVFIOBackend: VFIODeviceBackend {
   var routing: KernelIRQRouting
   /// The kernel's migration, when the driver has it.
   let migration: KernelMigration?
-  /// Bytes of client memory currently mapped into the IOMMU.
-  public private(set) var pinnedBytes: UInt64 = 0
   public let regionDescriptions: [RegionDescription]
   /// The minimum IOMMU page size (the DMA granule offered to clients).
   public let pageSize: UInt64
@@ -161,7 +159,6 @@ public class KernelVFIOBackend: VFIODeviceBackend {
       try device.iommu.map(
         vaddr: vaddr, iova: region.address, size: region.size, readable: region.readable,
         writable: region.writable)
-      pinnedBytes += region.size
     } catch {
       if error == .noMemory,
         let why = MemlockStatus.current().shortfall(adding: region.size, what: what)
@@ -178,7 +175,6 @@ public class KernelVFIOBackend: VFIODeviceBackend {
     guard region.mapping != nil else { return }  // never mapped into the IOMMU
     do throws(Errno) {
       try device.iommu.unmap(iova: region.address, size: region.size)
-      pinnedBytes -= min(pinnedBytes, region.size)
     } catch {
       logger.error(
         "IOMMU unmap of [0x\(String(region.address, radix: 16)), +0x\(String(region.size, radix: 16))] failed: \(error.name); the device may still reach that memory"
