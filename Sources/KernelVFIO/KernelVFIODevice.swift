@@ -1,6 +1,9 @@
-import Foundation
 import SystemPackage
 import VFIOUser
+
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 /// How the device was reached.
 public enum IOMMUPath: String, Sendable {

@@ -1,6 +1,9 @@
-import Foundation
 import SystemPackage
 import VFIOUser
+
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 /// Why a kernel VFIO device could not be opened or used, with what to do
 /// about it in `message` (several lines; printed as it is).
@@ -193,7 +196,7 @@ public enum OpenDiagnostics {
       guard let pid = Int(entry), pid != Int(getpid()) else { continue }
       let fds = "\(paths.proc)/\(entry)/fd"
       let holds = paths.listing(fds).contains {
-        (try? FileManager.default.destinationOfSymbolicLink(atPath: "\(fds)/\($0)")) == path
+        POSIX.readLink("\(fds)/\($0)") == path
       }
       if holds { found.append((pid, paths.firstLine("\(paths.proc)/\(entry)/comm") ?? "?")) }
     }
@@ -221,7 +224,7 @@ public struct MemlockStatus: Sendable, Equatable {
   public static func current(paths: SystemPaths = .live) -> MemlockStatus {
     var limit = rlimit()
     getrlimit(__rlimit_resource_t(__RLIMIT_MEMLOCK.rawValue), &limit)
-    let status = (try? String(contentsOfFile: "\(paths.proc)/self/status", encoding: .utf8)) ?? ""
+    let status = POSIX.readText("\(paths.proc)/self/status") ?? ""
     var locked: UInt64 = 0
     var capIPCLock = false
     for line in status.split(separator: "\n") {

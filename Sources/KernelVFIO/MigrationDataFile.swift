@@ -1,4 +1,3 @@
-import Foundation
 import SystemPackage
 
 #if canImport(Glibc)
@@ -55,7 +54,7 @@ public final class MigrationDataFile: Sendable {
 /// The state the worker thread shares with callers, all under `condition`.
 private final class Core: @unchecked Sendable {
   let timeout: Duration
-  private let condition = NSCondition()
+  private let condition = KernelCondition()
   private var fd: Int32
   private var started = false
   private enum Job {
@@ -86,7 +85,7 @@ private final class Core: @unchecked Sendable {
   func read(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int {
     condition.lock()
     defer { condition.unlock() }
-    let deadline = Date().addingTimeInterval(timeout.seconds)
+    let deadline = ContinuousClock.now + timeout
     var filled = 0
     func putBack() {
       pending = Array(UnsafeRawBufferPointer(rebasing: buffer[0..<filled])) + pending
@@ -134,7 +133,7 @@ private final class Core: @unchecked Sendable {
   func write(_ bytes: UnsafeRawBufferPointer) throws(Errno) -> Int {
     condition.lock()
     defer { condition.unlock() }
-    let deadline = Date().addingTimeInterval(timeout.seconds)
+    let deadline = ContinuousClock.now + timeout
     while true {
       if invalidated { throw Errno(rawValue: ENODEV) }
       if poisoned { throw .ioError }
@@ -179,10 +178,16 @@ private final class Core: @unchecked Sendable {
     job = next
     inFlight = true
     if !started {
-      started = true
-      let thread = Thread { [self] in work() }
-      thread.name = "vfio-mig-data"
-      thread.start()
+      started = startKernelThread(name: "vfio-mig-data") { [self] in work() }
+      if !started {  // no worker: the call fails now instead of waiting out its deadline
+        job = nil
+        inFlight = false
+        if case .read = next {
+          readResult = .failure(.noMemory)
+        } else {
+          writeResult = .failure(.noMemory)
+        }
+      }
     }
     condition.broadcast()
   }
@@ -217,12 +222,5 @@ private final class Core: @unchecked Sendable {
       fd = -1
     }
     condition.unlock()
-  }
-}
-
-extension Duration {
-  var seconds: Double {
-    let (s, attoseconds) = components
-    return Double(s) + Double(attoseconds) / 1e18
   }
 }

@@ -1,5 +1,3 @@
-import Foundation
-
 /// What sysfs says about one PCI function.
 public struct SysfsPCIDevice: Sendable, Equatable {
   public var address: PCIAddress
@@ -44,25 +42,19 @@ extension SystemPaths {
   }
 
   /// The last component of a symlink's target, or nil when `path` is no symlink.
-  func linkName(_ path: String) -> String? {
-    guard let target = try? FileManager.default.destinationOfSymbolicLink(atPath: path) else {
-      return nil
-    }
-    return target.split(separator: "/").last.map(String.init)
-  }
+  func linkName(_ path: String) -> String? { POSIX.linkName(path) }
 
+  /// The first line of a sysfs attribute, trimmed; nil when empty or "(null)".
   func firstLine(_ path: String) -> String? {
-    guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
-    let line = text.split(separator: "\n", omittingEmptySubsequences: false).first ?? ""
-    let trimmed = line.trimmingCharacters(in: .whitespaces)
-    return trimmed.isEmpty || trimmed == "(null)" ? nil : trimmed
+    guard let text = POSIX.readText(path) else { return nil }
+    let line = POSIX.trimmed(
+      text.split(separator: "\n", omittingEmptySubsequences: false).first ?? "")
+    return line.isEmpty || line == "(null)" ? nil : line
   }
 
-  func listing(_ path: String) -> [String] {
-    ((try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []).sorted()
-  }
+  func listing(_ path: String) -> [String] { POSIX.list(path) }
 
-  func exists(_ path: String) -> Bool { FileManager.default.fileExists(atPath: path) }
+  func exists(_ path: String) -> Bool { POSIX.exists(path) }
 
   /// The function's sysfs facts, or nil when there is no such PCI device.
   public func pciDevice(at address: PCIAddress) -> SysfsPCIDevice? {
@@ -70,7 +62,7 @@ extension SystemPaths {
     guard exists(dir) else { return nil }
     func hex16(_ name: String) -> UInt16? {
       firstLine("\(dir)/\(name)").flatMap {
-        UInt16($0.replacingOccurrences(of: "0x", with: ""), radix: 16)
+        UInt16($0.hasPrefix("0x") ? String($0.dropFirst(2)) : $0, radix: 16)
       }
     }
     return SysfsPCIDevice(
@@ -142,7 +134,7 @@ public struct DeviceSelection: Sendable, Equatable {
       guard paths.exists(path) else {
         throw KernelVFIOError(.noSuchDevice, "\(argument) does not exist; \(usage)")
       }
-      let resolved = URL(fileURLWithPath: path).resolvingSymlinksInPath().lastPathComponent
+      let resolved = POSIX.realPath(path)?.split(separator: "/").last.map(String.init) ?? ""
       guard let address = PCIAddress(resolved) else {
         throw KernelVFIOError(.badDeviceName, "\(argument) is not a PCI device directory; \(usage)")
       }

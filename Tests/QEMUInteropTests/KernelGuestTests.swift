@@ -158,64 +158,26 @@ struct KernelGuestTests {
   }
 
   @Test func theServerDrivesAVFIOPCIDeviceInsideAGuest() throws {
-    let env = InteropEnvironment.current
-    let kernel = try #require(env.kernel)
     let binaries = try #require(KernelGuestBinaries.current)
     if let stale = binaries.stale { print("⚠️  \(stale)") }
     let rig = try Rig("kvfio", server: ["--on-disconnect", "keep"], qemu: nil)
     defer { rig.close() }
-    let initrd = rig.directory + "/initrd.cpio"
-    try Data(
-      try Self.initramfs(server: binaries.server, check: binaries.check, directory: rig.directory)
-    )
-    .write(to: URL(fileURLWithPath: initrd))
-    let serial = rig.directory + "/serial.log"
-    _ = FileManager.default.createFile(atPath: serial, contents: nil)
-
-    let started = Date()
-    let arguments = [
-      "-machine", "q35", "-accel", "tcg", "-m", "512M", "-smp", "1",
-      "-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-machine", "memory-backend=mem",
-      "-device", "intel-iommu,caching-mode=on",
-      "-display", "none", "-nodefaults", "-no-reboot", "-serial", "file:\(serial)",
-      "-kernel", kernel, "-initrd", initrd,
-      "-append", "console=ttyS0 panic=-1 quiet intel_iommu=on",
-      "-device",
-      #"{"driver":"vfio-user-pci","id":"xevf0","socket":{"path":"\#(rig.server.socketPath)","type":"unix"},"addr":"0x4"}"#,
-    ]
-    let qemu = try ChildProcess(
-      executable: try #require(env.qemu), arguments: arguments,
-      logPath: rig.directory + "/qemu.log",
-      environment: [
-        "XE_VFU_QEMU_SHARE": URL(fileURLWithPath: kernel).deletingLastPathComponent().path
-      ])
-    defer { qemu.stop() }
-    let console = { (try? String(contentsOfFile: serial, encoding: .utf8)) ?? "" }
-    let finished = waitUntil(timeout: 180, interval: 0.1) {
-      console().contains("XEVF: done") || console().contains("Kernel panic") || !qemu.isRunning
-    }
-    let wall = Date().timeIntervalSince(started)
-    _ = qemu.waitForExit(timeout: 10)  // poweroff -f ends QEMU
-    qemu.stop()
-    let output = console()
-    #expect(
-      finished && output.contains("XEVF: done"),
-      "guest did not finish in time\n\(output.suffix(4000))\n\(qemu.log)")
-    var lines: [String: [String]] = [:]
-    var serverLog: [String] = []
-    var info: [String] = []
-    for line in output.split(whereSeparator: \.isNewline) {
-      if let range = line.range(of: "XEVF-LOG: ") {
-        serverLog.append(String(line[range.upperBound...]))
-      } else if let range = line.range(of: "XEVF-INFO: ") {
-        info.append(String(line[range.upperBound...]))
-      } else if let range = line.range(of: "XEVF: ") {
-        let words = line[range.upperBound...].split(separator: " ").map(String.init)
-        if let key = words.first {
-          lines[key, default: []].append(words.dropFirst().joined(separator: " "))
-        }
+    let initramfs = try Self.initramfs(
+      server: binaries.server, check: binaries.check, directory: rig.directory)
+    let run = try GuestRun.boot(
+      rig: rig, initramfs: initramfs, memory: "512M", append: "intel_iommu=on",
+      devices: ["intel-iommu,caching-mode=on"])
+    #expect(run.finished, "\(run.failureReport)")
+    let output = run.console
+    let lines = run.lines
+    // The server's log and `info`, which the guest prints after its own lines.
+    let tagged = { (tag: String) in
+      output.split(whereSeparator: \.isNewline).compactMap { line in
+        line.range(of: tag).map { String(line[$0.upperBound...]) }
       }
     }
+    let serverLog = tagged("XEVF-LOG: ")
+    let info = tagged("XEVF-INFO: ")
     let context = "\(output.suffix(6000))"
     #expect(lines["error"] == nil, "the guest reported errors: \(lines["error"] ?? [])\n\(context)")
 
@@ -314,9 +276,8 @@ struct KernelGuestTests {
     expectBytes(
       bytes, pattern(65536, seed: 0x99), "host VF VRAM written through the guest's BAR2 mapping")
 
-    let uptime = lines["done"]?.first.flatMap { Double($0) } ?? -1
     print(
-      "kernel VFIO guest test: \(String(format: "%.1f", wall)) s wall to the last marker (guest uptime \(uptime) s, server up at \(lines["served"]?.first ?? "?") s); initramfs \(try FileManager.default.attributesOfItem(atPath: initrd)[.size] as? Int ?? 0 >> 20) bytes"
+      "kernel VFIO guest test: \(String(format: "%.1f", run.seconds)) s wall to the last marker (guest uptime \(run.uptime) s, server up at \(lines["served"]?.first ?? "?") s); initramfs \(initramfs.count >> 20) MiB"
     )
   }
 }
