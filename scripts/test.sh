@@ -32,7 +32,7 @@ fi
 swift build --build-tests
 swift build --product generate-manual
 # The kernel VFIO guest test runs release builds inside its guest (the Swift
-# runtime linked in, so only glibc, json-c and libstdc++ go into the initramfs).
+# runtime linked in, so only the few libraries `ldd` lists go into the initramfs).
 ./scripts/build.sh >/dev/null
 swift build -c release --static-swift-stdlib --product xe-vfu-guest-check
 log=$(mktemp /tmp/xe-vfio-user-test.XXXXXX)
