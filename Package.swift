@@ -99,10 +99,31 @@ let package = Package(
         .product(name: "SystemPackage", package: "swift-system"),
       ],
       swiftSettings: strict),
+    // The kernel's VFIO uAPI (group/container and iommufd cdev): opening a device
+    // with actionable errors, regions, interrupts, IOMMU mappings, migration data_fd.
+    // Knows nothing of the server.
+    .target(
+      name: "KernelVFIO",
+      dependencies: [
+        "VFIOUser", "CVFIOUser",
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
+      swiftSettings: strict),
+    // The thin adapter from KernelVFIO to the device interface: a backend beside the
+    // simulated VF, knowing nothing of the server engine.
+    .target(
+      name: "KernelVFIOBackend",
+      dependencies: [
+        "KernelVFIO", "VFIOUser", "VFIODevice",
+        .product(name: "Logging", package: "swift-log"),
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
+      swiftSettings: strict),
     .executableTarget(
       name: "xe-vfio-user",
       dependencies: [
         "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF", "CVFIOUser",
+        "KernelVFIO", "KernelVFIOBackend",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Logging", package: "swift-log"),
         .product(name: "SystemPackage", package: "swift-system"),
@@ -120,6 +141,16 @@ let package = Package(
     // checks, the migration walk and its stream handling.
     .testTarget(
       name: "VFIODeviceTests", dependencies: ["VFIODevice", "VFIOUser", "CVFIOUser"],
+      swiftSettings: strict),
+    // The client the kernel-backed guest test runs inside its guest (built static
+    // in release and copied into the initramfs; see KernelGuestTests).
+    .executableTarget(
+      name: "xe-vfu-guest-check",
+      dependencies: ["VFIOUser", "VFIOUserClient", "CVFIOUser"],
+      path: "Tests/KernelGuestCheck", swiftSettings: strict),
+    .testTarget(
+      name: "KernelVFIOTests",
+      dependencies: ["KernelVFIO", "KernelVFIOBackend", "VFIOUser", "VFIODevice"],
       swiftSettings: strict),
     .testTarget(
       name: "VFIOUserServerTests",

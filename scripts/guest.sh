@@ -13,11 +13,11 @@
 # terminal); --shell keeps it (the default on a terminal).
 #
 # The first run installs QEMU and downloads the guest kernel and busybox through
-# scripts/install-qemu.sh (about 105 MB, cached in /opt/xe-vfio-user), and builds
+# scripts/install-qemu.sh (about 131 MB, cached in /opt/xe-vfio-user), and builds
 # the server with scripts/build.sh. The initramfs is rebuilt each run (a second),
 # in the cache's guest directory, or under /tmp when that is not writable.
 #
-# Environment: as examples/qemu-attach.sh (XE_VFU_ACCEL=tcg where KVM guests fail,
+# Environment: as examples/qemu-attach.sh (XE_VFU_ACCEL: tcg by default here, kvm to try KVM,
 # XE_VFU_SOCKET, XE_VFU_PROFILE, XE_VFU_BIN to skip the build, QEMU), and
 # GUEST_MEMORY (default 512M here), XE_VFU_LOG_LEVEL (the server's, default warning
 # here), XE_VFU_CACHE (default /opt/xe-vfio-user).
@@ -159,6 +159,10 @@ export XE_VFU_QEMU_SHARE=$(dirname "$kernel"):$work${XE_VFU_QEMU_SHARE:+:$XE_VFU
 export GUEST_MEMORY=${GUEST_MEMORY:-512M}
 # The server's info lines would interleave with the guest's console.
 export XE_VFU_LOG_LEVEL=${XE_VFU_LOG_LEVEL:-warning}
+# TCG unless told otherwise: this small guest boots in seconds emulated, while a
+# KVM that cannot emulate an instruction on trapped MMIO (seen in nested VMs,
+# where /dev/kvm opens fine) would stop it with "emulation failure".
+export XE_VFU_ACCEL=${XE_VFU_ACCEL:-tcg}
 exec "$here/examples/qemu-attach.sh" \
   -kernel "$kernel" -initrd "$initrd" -append "console=ttyS0 quiet panic=-1 xevf=$mode" \
   -display none -nodefaults -no-reboot -serial mon:stdio "$@"

@@ -150,12 +150,13 @@ int cvfu_set_recv_timeout_ms(int sock, int ms) {
   return setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) < 0 ? -errno : 0;
 }
 
-int cvfu_peer_cred(int sock, int32_t *pid, uint32_t *uid) {
+int cvfu_peer_cred(int sock, int32_t *pid, uint32_t *uid, uint32_t *gid) {
   struct ucred cred;
   socklen_t len = sizeof(cred);
   if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) return -errno;
   *pid = cred.pid;
   *uid = cred.uid;
+  *gid = cred.gid;
   return 0;
 }
 

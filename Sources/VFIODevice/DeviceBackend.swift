@@ -131,8 +131,9 @@ public protocol VFIODeviceBackend: AnyObject {
   /// `IRQEmulation`. Throwing refuses the request with that errno, and the
   /// device's interrupt state must then be as it was before the call.
   ///
-  /// When the client leaves, the server disables every index that has
-  /// vectors: a TRIGGER request with DATA_NONE and count 0.
+  /// When the client leaves, the server disables every index its requests
+  /// set up (and it did not disable itself): a TRIGGER request with DATA_NONE
+  /// and count 0.
   func setIRQs(_ request: consuming IRQSetRequest) throws(Errno)
 
   /// Eventfds of the client's that the device holds open (statistics and leak

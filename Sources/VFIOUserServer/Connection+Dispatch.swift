@@ -119,6 +119,11 @@ extension Connection {
     reply.encode(into: replyArea)
     negotiated = true
     channel.maxMessageSize = limits.maxMessageSize
+    if caps.effectiveMaxMsgFDs == 0, regions.contains(where: { $0?.mmap != nil }) {
+      logger.notice(
+        "client accepts no descriptors (max_msg_fds 0): its regions are offered without mmap, so every access is a REGION_READ/WRITE"
+      )
+    }
     logger.info(
       "client negotiated protocol 0.\(proposal.minor) → 0.0: max_msg_fds=\(caps.effectiveMaxMsgFDs) max_data_xfer_size=\(caps.effectiveMaxDataXferSize) write_multiple=\(writeMultipleNegotiated) dma_layout=\(dmaLayout)"
     )
@@ -212,7 +217,9 @@ extension Connection {
         if region.readable { info.flags |= VFIORegionFlags.read }
         if region.writable { info.flags |= VFIORegionFlags.write }
       }
-      if let mmap = region.mmap, region.size > 0 {
+      // A client that takes no descriptors cannot be handed the mapping: it
+      // reaches the region through REGION_READ/WRITE instead.
+      if let mmap = region.mmap, region.size > 0, clientCapabilities.effectiveMaxMsgFDs > 0 {
         info.flags |= VFIORegionFlags.mmap
         info.offset = mmap.offset
         if !region.sparseAreas.isEmpty { info.capabilities.append(.sparseMmap(region.sparseAreas)) }
@@ -290,6 +297,8 @@ extension Connection {
     let irq =
       payload.index < UInt32(irqDescriptions.count) ? irqDescriptions[Int(payload.index)] : nil
     try backend.setIRQs(IRQSetRequest(payload, descriptors: descriptors, irq: irq))
+    // Checked by IRQSetRequest: the index exists. A disable (count 0) undoes the rest.
+    irqIndexesSet[Int(payload.index)] = payload.count > 0
     stats.update { $0.irqFDs = backend.eventFDCount }
     return 0
   }

@@ -37,6 +37,10 @@ final class Connection {
   let dmaLimits: DMALimits
   let regions: [RegionDescription?]
   let irqDescriptions: [IRQDescription]
+  /// The indexes this client's SET_IRQS changed and did not disable again:
+  /// the ones disabled when it leaves. (A kernel refuses to disable an index
+  /// that is not enabled, so the others are left alone.)
+  var irqIndexesSet: [Bool]
   /// Present when the device migrates. The device owns the migration state;
   /// the session holds this client's stream.
   let migratable: MigrationCapable?
@@ -79,6 +83,7 @@ final class Connection {
     irqDescriptions = (0..<backend.irqCount).map {
       backend.irq($0) ?? IRQDescription(index: $0, count: 0, flags: 0)
     }
+    irqIndexesSet = Array(repeating: false, count: irqDescriptions.count)
     regions = (0..<backend.regionCount).map { backend.region($0) }
     migratable = backend as? MigrationCapable
   }
@@ -131,7 +136,8 @@ final class Connection {
   }
 
   /// Releases everything the client gave: in-flight transfers, DMA windows
-  /// (the device is told first), interrupt eventfds (every index disabled);
+  /// (the device is told first), interrupt eventfds (every index it set up
+  /// disabled);
   /// then resets the device so the next client finds it clean, unless
   /// configured to keep its state and that state is whole.
   private func teardown() {
@@ -146,7 +152,7 @@ final class Connection {
       }
     }
     dma.removeAll()
-    for irq in irqDescriptions where irq.count > 0 {
+    for irq in irqDescriptions where irqIndexesSet[Int(irq.index)] {
       do throws(Errno) { try backend.setIRQs(.disable(irq.index)) } catch {
         logger.warning("disabling interrupt index \(irq.index) after hang-up failed: \(error.name)")
       }

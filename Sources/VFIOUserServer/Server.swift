@@ -132,6 +132,17 @@ public final class VFIOUserServer: Sendable {
         logger.error("accept failed: \(Errno(rawValue: -client)); no longer accepting")
         break
       }
+      var pid: Int32 = 0
+      var uid: UInt32 = UInt32.max
+      var gid: UInt32 = UInt32.max
+      _ = cvfu_peer_cred(client, &pid, &uid, &gid)
+      guard limits.allows(uid: uid, gid: gid) else {
+        logger.warning(
+          "refusing client pid \(pid) uid \(uid) gid \(gid): not an allowed uid or gid (--allow-uid, --allow-gid)"
+        )
+        refuse(client, .permissionDenied)
+        continue
+      }
       if statistics.snapshot.clientConnected {
         // The previous client may be on its way out (a VMM restarting): give its
         // teardown a moment before turning the newcomer away.
@@ -140,12 +151,13 @@ public final class VFIOUserServer: Sendable {
         {
           previous.signal()
         } else {
-          refuse(client)
+          logger.warning("refusing a second client (pid \(pid)): one client is already connected")
+          refuse(client, .resourceBusy)
           continue
         }
       }
       connectionDone?.wait()
-      connectionDone = serve(client)
+      connectionDone = serve(client, pid: pid, uid: uid, gid: gid)
     }
     let active = activeSocket.withLock { $0 }
     if active >= 0 { _ = shutdown(active, Int32(SHUT_RDWR)) }
@@ -156,13 +168,12 @@ public final class VFIOUserServer: Sendable {
     logger.info("server stopped")
   }
 
-  private func serve(_ client: Int32) -> VFIODevice.Semaphore {
-    var pid: Int32 = 0
-    var uid: UInt32 = 0
-    _ = cvfu_peer_cred(client, &pid, &uid)
+  private func serve(_ client: Int32, pid: Int32, uid: UInt32, gid: UInt32)
+    -> VFIODevice.Semaphore
+  {
     var connectionLogger = logger
     connectionLogger[metadataKey: "client"] = "pid \(pid)"
-    logger.info("client connected (pid \(pid), uid \(uid))")
+    logger.info("client connected (pid \(pid), uid \(uid), gid \(gid))")
     statistics.update {
       $0.clientConnected = true
       $0.connectionsServed += 1
@@ -199,11 +210,10 @@ public final class VFIOUserServer: Sendable {
     return done
   }
 
-  /// A second client: answer its first message with EBUSY and hang up, on a
-  /// short-lived thread so the active client is never delayed.
-  private func refuse(_ client: Int32) {
+  /// A client not served: answer its first message with `errno` and hang up,
+  /// on a short-lived thread so the active client is never delayed.
+  private func refuse(_ client: Int32, _ errno: Errno) {
     statistics.update { $0.clientsRefused += 1 }
-    logger.warning("refusing a second client: one client is already connected")
     let timeout = limits.refusalTimeoutMilliseconds
     let failed = startThread(name: "vfio-user-busy") {
       let channel = MessageChannel(fd: client, capacity: ServerLimits.maxVersionMessage)
@@ -213,7 +223,7 @@ public final class VFIOUserServer: Sendable {
         message.header.isCommand
       {
         var header = [UInt8](repeating: 0, count: MessageHeader.size)
-        header.withUnsafeMutableBytes { message.header.errorReply(.resourceBusy).encode(into: $0) }
+        header.withUnsafeMutableBytes { message.header.errorReply(errno).encode(into: $0) }
         try? channel.send(bytes: header)
       }
       channel.close()

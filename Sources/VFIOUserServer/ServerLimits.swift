@@ -22,9 +22,15 @@ public struct ServerLimits: Sendable, Equatable {
   public var maxDMAMessageData: UInt32 = 128 * 1024
   /// Reset the device when a client hangs up (the default). When false the
   /// device keeps its state for the next client, as the spec suggests, which a
-  /// `restore` followed by a VMM needs; a client that leaves mid-migration
-  /// (any state but RUNNING) still gets the device reset to RUNNING.
+  /// `restore` followed by a VMM needs: a source left in STOP_COPY is resumed
+  /// with its state, a device left in STOP stays there, and only an incomplete
+  /// restore (RESUMING, ERROR) is reset (README, "What a client leaving does").
   public var resetOnDisconnect = true
+  /// When either set is non-empty, only a peer whose uid is in `allowedUIDs`
+  /// or whose gid is in `allowedGIDs` (SO_PEERCRED) is served; any other gets
+  /// EACCES for its first message and is disconnected.
+  public var allowedUIDs: Set<UInt32> = []
+  public var allowedGIDs: Set<UInt32> = []
   /// Milliseconds a refused second client gets to send its VERSION before it is dropped.
   public var refusalTimeoutMilliseconds: Int32 = 1000
 
@@ -34,6 +40,12 @@ public struct ServerLimits: Sendable, Equatable {
   public static let maxVersionMessage = 64 * 1024
 
   public init() {}
+
+  /// Whether a peer with these credentials may be served.
+  public func allows(uid: UInt32, gid: UInt32) -> Bool {
+    (allowedUIDs.isEmpty && allowedGIDs.isEmpty) || allowedUIDs.contains(uid)
+      || allowedGIDs.contains(gid)
+  }
 
   /// Largest message accepted after negotiation: a REGION_WRITE or MIG_DATA_WRITE of
   /// `maxDataXferSize` bytes, or a full REGION_WRITE_MULTI.

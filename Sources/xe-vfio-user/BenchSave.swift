@@ -41,10 +41,10 @@ enum SaveBench {
     _ = cvfu_socket_buffers(client.channel.fd, 4 << 20)
     let quiet = ProgressReporter(label: "", total: 0, enabled: false)
 
-    // Alternate the two, twice each, and keep each one's best: the VM's noise hits both alike.
+    // Alternate the two, five times each, and keep each one's best: the VM's noise hits both alike.
     var best = (checksummed: Double.infinity, plain: Double.infinity)
     var bytes: UInt64 = 0
-    for round in 0..<4 {
+    for round in 0..<10 {
       let checksummed = round % 2 == 0
       let out = try SaveOutput(path: "/dev/null")
       var writer = SaveFileWriter()

@@ -153,6 +153,12 @@ func connectServer(_ path: String, option: String) throws -> VFIOUserClient {
       throw CLIError(
         "\(end): the server is busy with another client (EBUSY); it serves one client at a time, so stop the VMM or command using it first"
       )
+    case .server(.permissionDenied, _):
+      throw CLIError(
+        "\(end): the server does not serve this user (EACCES); see its --allow-uid and --allow-gid")
+    case .system(.permissionDenied):
+      throw CLIError(
+        "\(end): no permission to connect to the socket (EACCES); see its mode and group")
     case .system(.noSuchFileOrDirectory):
       throw CLIError("\(end): no such socket (ENOENT); is the server running?")
     case .system(.connectionRefused):

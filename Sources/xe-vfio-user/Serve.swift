@@ -1,8 +1,8 @@
 import ArgumentParser
 import Logging
 import SystemPackage
-import VFIOUser
 import VFIODevice
+import VFIOUser
 import VFIOUserServer
 import XeVF
 
@@ -26,6 +26,13 @@ struct Serve: ParsableCommand {
 
   @Option(help: "Serve on this already-listening socket descriptor instead (vfio-user convention).")
   var fd: Int32?
+
+  @Option(
+    name: .customLong("device"),
+    help: ArgumentHelp(
+      "Serve a real device through the kernel's VFIO instead of the simulated VF: vfio:DDDD:BB:DD.F (bound to vfio-pci), its /sys/bus/pci/devices path, or a /dev/vfio/devices/vfioN cdev.",
+      valueName: "vfio:address|path"))
+  var kernelDevice: String?
 
   @Option(help: "Device profile: bmg (discrete, with VRAM), ptl or wcl (integrated).")
   var profile: String = "bmg"
@@ -54,8 +61,21 @@ struct Serve: ParsableCommand {
       valueName: "reset|keep"))
   var onDisconnect: String = "reset"
 
-  @Option(help: "Permissions of the socket file, in octal.")
+  @Option(help: "Permissions of the socket file, in octal (created 0600, then widened to this).")
   var socketMode: String = "0600"
+
+  @Option(help: "Group of the socket file (a name or a number), e.g. the group QEMU runs as.")
+  var socketGroup: String?
+
+  @Option(
+    name: .customLong("allow-uid"),
+    help: "Serve only peers with this user (name or number); repeatable. Others get EACCES.")
+  var allowUID: [String] = []
+
+  @Option(
+    name: .customLong("allow-gid"),
+    help: "Serve only peers with this primary group (name or number); repeatable.")
+  var allowGID: [String] = []
 
   @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
   var logLevel: Logger.Level = .info
@@ -77,6 +97,9 @@ struct Serve: ParsableCommand {
     else {
       throw ValidationError("--max-data-xfer-size must be between 4K and 64M")
     }
+    if kernelDevice != nil, vramSize != nil {
+      throw ValidationError("--vram-size is for the simulated VF; --device serves a real one")
+    }
     if let vramSize {
       guard profile == "bmg" else {
         throw ValidationError("--vram-size is for bmg only (\(profile) has no VRAM)")
@@ -89,6 +112,12 @@ struct Serve: ParsableCommand {
     guard ["reset", "keep"].contains(onDisconnect) else {
       throw ValidationError("--on-disconnect is reset or keep")
     }
+    for user in allowUID where userID(user) == nil {
+      throw ValidationError("--allow-uid: no user '\(user)'")
+    }
+    for group in allowGID + (socketGroup.map { [$0] } ?? []) where groupID(group) == nil {
+      throw ValidationError("no group '\(group)'")
+    }
     guard UInt32(socketMode, radix: 8) != nil else {
       throw ValidationError("--socket-mode must be octal, e.g. 0660")
     }
@@ -96,22 +125,35 @@ struct Serve: ParsableCommand {
 
   func run() throws {
     let logger = bootstrapLogging(level: logLevel)
-    let profile = XeProfile.named(profile)!
-    let device: SimulatedXeVF
-    do {
-      device = try SimulatedXeVF(profile: profile, vramSize: vramSize?.bytes, logger: logger)
-    } catch {
-      throw ValidationError(
-        "cannot create the simulated \(profile.name) VF: \(error.name) (VRAM must be a power of two ≥ 1M, bmg only)"
-      )
-    }
     var limits = ServerLimits()
     limits.maxDataXferSize = UInt32(maxDataXferSize.bytes)
     limits.maxDMAMaps = maxDMAMaps
     limits.maxMsgFDs = maxMsgFDs
     limits.dmaLayout = dmaLayout
     limits.resetOnDisconnect = onDisconnect == "reset"
-    let server = VFIOUserServer(backend: device, limits: limits, logger: logger)
+    limits.allowedUIDs = Set(allowUID.compactMap(userID))
+    limits.allowedGIDs = Set(allowGID.compactMap(groupID))
+    let backend: any VFIODeviceBackend
+    let served: String
+    if let kernelDevice {
+      (backend, served) = try openKernelDevice(kernelDevice, logger: logger, limits: limits)
+    } else {
+      let profile = XeProfile.named(profile)!
+      let device: SimulatedXeVF
+      do {
+        device = try SimulatedXeVF(profile: profile, vramSize: vramSize?.bytes, logger: logger)
+      } catch {
+        throw ValidationError(
+          "cannot create the simulated \(profile.name) VF: \(error.name) (VRAM must be a power of two ≥ 1M, bmg only)"
+        )
+      }
+      let vram = device.vramSize > 0 ? ", \(formatBytes(device.vramSize)) VRAM" : ""
+      (backend, served) = (
+        device,
+        "simulated Xe VF \(profile.name) [8086:\(String(profile.deviceID, radix: 16))]\(vram)"
+      )
+    }
+    let server = VFIOUserServer(backend: backend, limits: limits, logger: logger)
     // SIGINT and SIGTERM stay blocked in every thread and a thread of their own
     // takes them with sigwait: one sent as soon as the socket (or the printed
     // command line) appears waits pending instead of being lost, as it could be
@@ -133,6 +175,9 @@ struct Serve: ParsableCommand {
     if let fd {
       server.listen(fd: fd)
     } else {
+      // Created owner-only, so no one else can connect before its mode and group are set.
+      let mask = umask(0o177)
+      defer { umask(mask) }
       do {
         try server.listen(socketPath: path)
       } catch {
@@ -148,12 +193,17 @@ struct Serve: ParsableCommand {
         default: throw CLIError("cannot listen on \(path): \(describe(error))")
         }
       }
+      if let group = socketGroup.flatMap(groupID), chown(path, UInt32.max, group) != 0 {
+        throw CLIError(
+          "cannot give \(path) to group \(socketGroup!): \(describe(Errno(rawValue: errno)))")
+      }
       chmod(path, mode_t(UInt32(socketMode, radix: 8)!))
     }
-    let vram = device.vramSize > 0 ? ", \(formatBytes(device.vramSize)) VRAM" : ""
-    logger.info(
-      "serving simulated Xe VF \(profile.name) [8086:\(String(profile.deviceID, radix: 16))]\(vram) on \(fd.map { "fd \($0)" } ?? path)"
-    )
+    if !limits.allowedUIDs.isEmpty || !limits.allowedGIDs.isEmpty {
+      logger.info(
+        "serving only uids \(limits.allowedUIDs.sorted()) and gids \(limits.allowedGIDs.sorted())")
+    }
+    logger.info("serving \(served) on \(fd.map { "fd \($0)" } ?? path)")
     if !quiet, fd == nil {
       print("Attach it to QEMU (10.1 or later) with:\n\n\(qemuCommandLine(socketPath: path))\n")
       fflush(nil)
@@ -161,4 +211,16 @@ struct Serve: ParsableCommand {
     server.start()
     server.wait()
   }
+}
+
+/// A user name or number as a uid.
+func userID(_ name: String) -> UInt32? {
+  if let number = UInt32(name) { return number }
+  return getpwnam(name).map { $0.pointee.pw_uid }
+}
+
+/// A group name or number as a gid.
+func groupID(_ name: String) -> UInt32? {
+  if let number = UInt32(name) { return number }
+  return getgrnam(name).map { $0.pointee.gr_gid }
 }

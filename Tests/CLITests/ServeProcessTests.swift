@@ -99,6 +99,31 @@ struct ServeProcessTests {
     #expect(!FileManager.default.fileExists(atPath: socket))
   }
 
+  @Test func socketGroupAndAllowedPeers() throws {
+    // Group 1 (daemon on Debian) stands for the group QEMU runs as.
+    let serve = try ServeProcess([
+      "--socket-group", "1", "--socket-mode", "0660", "--allow-uid", "0",
+    ])
+    _ = try serve.connect()
+    var st = stat()
+    #expect(stat(serve.socketPath, &st) == 0)
+    #expect(st.st_gid == 1 && st.st_mode & 0o777 == 0o660)
+    #expect(serve.stop().stderr.contains("serving only uids [0]"))
+    // Root is not user 65534 (nobody): refused with EACCES, and the command says so.
+    let strict = try ServeProcess(["--allow-uid", "65534"])
+    defer { _ = strict.stop() }
+    for _ in 0..<500 where !FileManager.default.fileExists(atPath: strict.socketPath) {
+      usleep(10_000)
+    }
+    let refused = try run(["info", "-s", strict.socketPath])
+    #expect(
+      refused.status != 0
+        && refused.stderr.contains("the server does not serve this user (EACCES)"),
+      "\(refused.stderr)")
+    let badGroup = try run(["serve", "--socket-group", "no-such-group-xvu"])
+    #expect(badGroup.status != 0 && badGroup.stderr.contains("no group 'no-such-group-xvu'"))
+  }
+
   @Test func sigintAlsoStopsAndTheSocketModeIsApplied() throws {
     let serve = try ServeProcess(["--socket-mode", "0640"])
     _ = try serve.connect()

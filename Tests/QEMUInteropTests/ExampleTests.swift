@@ -225,7 +225,7 @@ struct ExampleTests {
       executable: root + "/scripts/guest.sh", arguments: ["--poweroff"],
       logPath: directory + "/guest.log",
       environment: [
-        "XE_VFU_BIN": env.server, "XE_VFU_SOCKET": socket, "XE_VFU_ACCEL": "tcg",
+        "XE_VFU_BIN": env.server, "XE_VFU_SOCKET": socket, "XE_VFU_ACCEL": "",  // guest.sh's own default: TCG
         "QEMU": try #require(env.qemu),
       ])
     defer { guest.stop() }

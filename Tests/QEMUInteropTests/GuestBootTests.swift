@@ -58,55 +58,16 @@ struct GuestBootTests {
 
   @Test func linuxGuestSeesAndUsesTheVF() throws {
     let env = InteropEnvironment.current
-    let kernel = try #require(env.kernel)
     // keep: the guest's VRAM writes are read back by a client after QEMU has gone.
     let rig = try Rig("guest", server: ["--on-disconnect", "keep"], qemu: nil)
     defer { rig.close() }
-    let initrd = rig.directory + "/initrd.cpio"
-    try Data(try Self.initramfs(busybox: try #require(env.busybox))).write(
-      to: URL(fileURLWithPath: initrd))
-    let serial = rig.directory + "/serial.log"
-    _ = FileManager.default.createFile(atPath: serial, contents: nil)
-
-    let started = Date()
-    let arguments = [
-      "-machine", "q35", "-accel", "tcg", "-m", "256M", "-smp", "1",
-      "-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-machine", "memory-backend=mem",
-      "-display", "none", "-nodefaults", "-no-reboot", "-serial", "file:\(serial)",
-      "-kernel", kernel, "-initrd", initrd, "-append", "console=ttyS0 panic=-1 quiet",
-      "-device",
-      #"{"driver":"vfio-user-pci","id":"xevf0","socket":{"path":"\#(rig.server.socketPath)","type":"unix"},"addr":"0x4"}"#,
-    ]
-    // The installed wrapper shares /tmp; the kernel's directory is shared on request.
-    let qemu = try ChildProcess(
-      executable: try #require(env.qemu), arguments: arguments,
-      logPath: rig.directory + "/qemu.log",
-      environment: [
-        "XE_VFU_QEMU_SHARE": URL(fileURLWithPath: kernel).deletingLastPathComponent().path
-      ])
-    defer { qemu.stop() }
-    let console = { (try? String(contentsOfFile: serial, encoding: .utf8)) ?? "" }
-    let finished = waitUntil(timeout: 150, interval: 0.1) {
-      console().contains("XEVF: done") || console().contains("Kernel panic") || !qemu.isRunning
-    }
-    let bootTime = Date().timeIntervalSince(started)
-    _ = qemu.waitForExit(timeout: 10)  // poweroff -f ends QEMU
-    qemu.stop()
-    let output = console()
-    #expect(
-      finished && output.contains("XEVF: done"),
-      "guest did not finish in time\n\(output.suffix(3000))\n\(qemu.log)")
-    var lines: [String: [String]] = [:]
-    for line in output.split(whereSeparator: \.isNewline) {
-      guard let range = line.range(of: "XEVF: ") else { continue }
-      let words = line[range.upperBound...].split(separator: " ").map(String.init)
-      if let key = words.first {
-        lines[key, default: []].append(words.dropFirst().joined(separator: " "))
-      }
-    }
-    let uptime = lines["done"]?.first.flatMap { Double($0) } ?? -1
+    let guest = try GuestRun.boot(
+      rig: rig, initramfs: try Self.initramfs(busybox: try #require(env.busybox)))
+    #expect(guest.finished, "\(guest.failureReport)")
+    let lines = guest.lines
+    let bootTime = guest.seconds
     print(
-      "guest boot test: \(String(format: "%.1f", bootTime)) s wall to the last marker (guest uptime \(uptime) s)"
+      "guest boot test: \(String(format: "%.1f", bootTime)) s wall to the last marker (guest uptime \(guest.uptime) s)"
     )
 
     // Enumeration as Linux sees it.

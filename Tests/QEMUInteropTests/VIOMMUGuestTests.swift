@@ -77,56 +77,18 @@ struct VIOMMUGuestTests {
   }
 
   @Test func guestDrivesTheVFThroughItsIOMMU() throws {
-    let env = InteropEnvironment.current
-    let kernel = try #require(env.kernel)
     let rig = try Rig("viommu", qemu: nil)
     defer { rig.close() }
-    let initrd = rig.directory + "/initrd.cpio"
-    try Data(try Self.initramfs(program: try Self.buildProgram(into: rig.directory))).write(
-      to: URL(fileURLWithPath: initrd))
-    let serial = rig.directory + "/serial.log"
-    _ = FileManager.default.createFile(atPath: serial, contents: nil)
-
-    let started = Date()
     // The IOMMU comes before the device it translates for. sp_off keeps the guest
     // from using 2 MiB IOMMU pages, so its huge buffer is 512 windows of 4 KiB that
     // one DMA_UNMAP range removes.
-    let arguments = [
-      "-machine", "q35", "-accel", "tcg", "-m", "512M", "-smp", "1",
-      "-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-machine", "memory-backend=mem",
-      "-device", "intel-iommu,caching-mode=on",
-      "-display", "none", "-nodefaults", "-no-reboot", "-serial", "file:\(serial)",
-      "-kernel", kernel, "-initrd", initrd,
-      "-append", "console=ttyS0 panic=-1 quiet intel_iommu=on,sp_off",
-      "-device",
-      #"{"driver":"vfio-user-pci","id":"xevf0","socket":{"path":"\#(rig.server.socketPath)","type":"unix"},"addr":"0x4"}"#,
-    ]
-    let qemu = try ChildProcess(
-      executable: try #require(env.qemu), arguments: arguments,
-      logPath: rig.directory + "/qemu.log",
-      environment: [
-        "XE_VFU_QEMU_SHARE": URL(fileURLWithPath: kernel).deletingLastPathComponent().path
-      ])
-    defer { qemu.stop() }
-    let console = { (try? String(contentsOfFile: serial, encoding: .utf8)) ?? "" }
-    let finished = waitUntil(timeout: 150, interval: 0.1) {
-      console().contains("XEVF: done") || console().contains("Kernel panic") || !qemu.isRunning
-    }
-    let wall = Date().timeIntervalSince(started)
-    _ = qemu.waitForExit(timeout: 10)  // poweroff -f ends QEMU
-    qemu.stop()
-    let output = console()
-    #expect(
-      finished && output.contains("XEVF: done"),
-      "guest did not finish in time\n\(output.suffix(3000))\n\(qemu.log)")
-    var lines: [String: [String]] = [:]
-    for line in output.split(whereSeparator: \.isNewline) {
-      guard let range = line.range(of: "XEVF: ") else { continue }
-      let words = line[range.upperBound...].split(separator: " ").map(String.init)
-      if let key = words.first {
-        lines[key, default: []].append(words.dropFirst().joined(separator: " "))
-      }
-    }
+    let guest = try GuestRun.boot(
+      rig: rig, initramfs: try Self.initramfs(program: try Self.buildProgram(into: rig.directory)),
+      memory: "512M", append: "intel_iommu=on,sp_off", devices: ["intel-iommu,caching-mode=on"])
+    #expect(guest.finished, "\(guest.failureReport)")
+    let lines = guest.lines
+    let output = guest.console
+    let wall = guest.seconds
     #expect(lines["error"] == nil, "the guest reported errors: \(lines["error"] ?? [])")
 
     // The VF behind the guest's IOMMU, bound to vfio-pci.
@@ -161,7 +123,7 @@ struct VIOMMUGuestTests {
         && ($0.contains("refused") || $0.contains("failed"))
     }
     #expect(refused.isEmpty, "the server refused: \(refused.prefix(5))")
-    let qemuErrors = qemu.log.split(separator: "\n").filter {
+    let qemuErrors = guest.qemuLog.split(separator: "\n").filter {
       $0.contains("vfio_container_dma") || $0.contains("error reply")
     }
     #expect(qemuErrors.isEmpty, "QEMU: \(qemuErrors.prefix(5))")
@@ -181,7 +143,7 @@ struct VIOMMUGuestTests {
       "no range removed the huge buffer's 512 windows: \(removed.max() ?? -1)")
     // Every window the guest's QEMU mapped is gone with it.
     #expect(rig.server.clientMappings == 0)
-    let uptime = lines["done"]?.first.flatMap { Double($0) } ?? -1
+    let uptime = guest.uptime
     print(
       "vIOMMU guest test: \(String(format: "%.1f", wall)) s wall to the last marker (guest uptime \(uptime) s); \(maps) DMA_MAP, \(unmaps) DMA_UNMAP (\(removed.filter { $0 == 0 }.count) empty, \(removed.filter { $0 > 1 }.count) of several windows, at most \(removed.max() ?? 0))"
     )

@@ -255,6 +255,30 @@ struct DeviceInterfaceTests {
     }
   }
 
+  /// When the client leaves, only the indexes it set up and did not disable
+  /// itself are disabled: a kernel refuses to disable one that is not enabled.
+  @Test func aHangUpDisablesTheIndexesTheClientSetUp() throws {
+    let trigger = VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger
+    let disable = VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionTrigger
+    let device = TestDevice()
+    try withServer(device) { server, _ in
+      do {
+        let client = try server.connect()
+        let fd = makeEventFD()
+        defer { close(fd) }
+        try client.setIRQs(IRQSetPayload(flags: trigger, index: 2, start: 0, count: 1), fds: [fd])
+        try client.setIRQs(
+          IRQSetPayload(flags: trigger, index: VFIOPCIIRQ.err, start: 0, count: 1), fds: [fd])
+        try client.setIRQs(IRQSetPayload(flags: disable, index: VFIOPCIIRQ.err, start: 0, count: 0))
+        device.setIRQsCalls = []
+      }
+      #expect(server.waitFor { !$0.clientConnected })
+      #expect(device.setIRQsCalls.map(\.index) == [2])
+      #expect(device.setIRQsCalls.first?.count == 0 && device.setIRQsCalls.first?.flags == disable)
+      #expect(device.eventFDCount == 0)
+    }
+  }
+
   // MARK: Migration
 
   /// The device's migration state has no copy in the server: a device that

@@ -38,6 +38,28 @@ struct LifecycleTests {
     }
   }
 
+  /// SO_PEERCRED against --allow-uid/--allow-gid: a peer that is neither gets
+  /// EACCES for its VERSION and is disconnected; one that is either is served.
+  @Test func onlyAllowedPeersAreServed() throws {
+    var strangers = ServerLimits()
+    strangers.allowedUIDs = [getuid() &+ 4242]
+    strangers.allowedGIDs = [getgid() &+ 4242]
+    try withServer(TestDevice(), limits: strangers) { server, _ in
+      expectServerError(.permissionDenied) { _ = try server.connect() }
+      #expect(server.server.statistics.snapshot.connectionsServed == 0)
+      #expect(server.server.statistics.snapshot.clientsRefused == 1)
+    }
+    for (uids, gids) in [([getuid()], [UInt32]()), ([getuid() &+ 4242], [getgid()])] {
+      var limits = ServerLimits()
+      limits.allowedUIDs = Set(uids)
+      limits.allowedGIDs = Set(gids)
+      try withServer(TestDevice(), limits: limits) { server, _ in
+        let client = try server.connect()
+        #expect(try client.deviceInfo().numRegions == 9)
+      }
+    }
+  }
+
   @Test func secondClientIsRefusedWithEBUSY() throws {
     try withServer(TestDevice()) { server, _ in
       let first = try server.connect()

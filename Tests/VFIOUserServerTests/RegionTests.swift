@@ -53,6 +53,20 @@ struct RegionTests {
     }
   }
 
+  /// max_msg_fds 0: the client takes no descriptors, so it is never sent one;
+  /// BAR2 comes without mmap and is reached through messages.
+  @Test func aClientTakingNoDescriptorsGetsNoMmap() throws {
+    try withServer(TestDevice()) { server, _ in
+      let client = try server.connect(capabilities: Capabilities(maxMsgFDs: 0))
+      let (info, fd) = try client.regionInfo(2)
+      #expect(fd == nil)
+      #expect(info.flags == VFIORegionFlags.read | VFIORegionFlags.write)
+      #expect(info.capabilities.isEmpty && info.size == UInt64(TestDevice.bar2Size))
+      try client.write(region: 2, offset: 0x20, data: le32(0x1234_5678))
+      #expect(try client.read(region: 2, offset: 0x20, count: 4) == le32(0x1234_5678))
+    }
+  }
+
   @Test func plainRegionsAndErrors() throws {
     try withServer(TestDevice()) { server, _ in
       let client = try server.connect()

@@ -31,6 +31,8 @@ class TestDevice: VFIODeviceBackend {
   var refuseUnmap: Errno?
   /// When set, SET_IRQS is refused with it, before the emulation sees the request.
   var refuseSetIRQs: Errno?
+  /// Every SET_IRQS the device was handed: index, count and VFIO_IRQ_SET_* flags.
+  var setIRQsCalls: [(index: UInt32, count: UInt32, flags: UInt32)] = []
   /// Every dmaUnmap call, in order, with the windows it named.
   var unmapCalls: [[DMAWindow]] = []
   /// Runs at the start of each dmaUnmap (tests: what is still mapped then).
@@ -193,6 +195,7 @@ class TestDevice: VFIODeviceBackend {
   func attach(host: DeviceHost?) { self.host = host }
 
   func setIRQs(_ request: consuming IRQSetRequest) throws(Errno) {
+    setIRQsCalls.append((request.index, request.count, request.flags))
     if let refuseSetIRQs { throw refuseSetIRQs }
     try irqs.apply(request)
   }

@@ -47,8 +47,8 @@ int cvfu_unpin(void);
 int cvfu_socket_buffers(int sock, int bytes);
 int cvfu_socketpair(int fds[2]);
 int cvfu_set_recv_timeout_ms(int sock, int ms);
-/// Peer credentials of a connected unix socket (pid, uid).
-int cvfu_peer_cred(int sock, int32_t *pid, uint32_t *uid);
+/// Peer credentials of a connected unix socket (pid, uid, gid).
+int cvfu_peer_cred(int sock, int32_t *pid, uint32_t *uid, uint32_t *gid);
 
 /// A listening AF_UNIX stream socket bound at `path` (close-on-exec). A stale
 /// socket file nobody listens on is replaced; a live one gives -EADDRINUSE,

@@ -1,0 +1,342 @@
+import VFIOUser
+
+/// A kernel reply that does not parse: a capability chain that leaves the
+/// reply, loops or is cut short.
+public struct KernelStructError: Error, Equatable, CustomStringConvertible {
+  public var description: String
+  init(_ description: String) { self.description = description }
+}
+
+/// `struct vfio_device_info` (24 bytes).
+public struct KernelDeviceInfo: Sendable, Equatable {
+  public static let size = 24
+  public var flags: UInt32
+  public var numRegions: UInt32
+  public var numIRQs: UInt32
+
+  public init(flags: UInt32, numRegions: UInt32, numIRQs: UInt32) {
+    self.flags = flags
+    self.numRegions = numRegions
+    self.numIRQs = numIRQs
+  }
+
+  public init(parsing raw: [UInt8]) throws(KernelStructError) {
+    let b = KernelBytes(raw)
+    guard b.count >= Self.size else { throw KernelStructError("vfio_device_info is short") }
+    self.init(flags: b.u32(4), numRegions: b.u32(8), numIRQs: b.u32(12))
+  }
+
+  static func request() -> KernelBytes {
+    var b = KernelBytes(count: size)
+    b.put(UInt32(size), at: 0)
+    return b
+  }
+}
+
+/// `struct vfio_region_info` (32 bytes) with its capability chain decoded.
+public struct KernelRegionInfo: Sendable, Equatable {
+  public static let fixedSize = 32
+  public var index: UInt32
+  /// VFIO_REGION_INFO_FLAG_* (READ, WRITE, MMAP, CAPS).
+  public var flags: UInt32
+  public var size: UInt64
+  /// The device fd offset of the region's first byte, for pread, pwrite and mmap.
+  public var offset: UInt64
+  /// VFIO_REGION_INFO_CAP_SPARSE_MMAP: the only mmap-able areas (nil: no such
+  /// capability, so the whole region when MMAP is set; empty: none of it).
+  public var sparseAreas: [SparseMmapArea]?
+  /// VFIO_REGION_INFO_CAP_TYPE.
+  public var type: (type: UInt32, subtype: UInt32)?
+  /// VFIO_REGION_INFO_CAP_MSIX_MAPPABLE: the MSI-X table in this BAR may be mmapped too.
+  public var msixMappable = false
+  /// Capability ids this layer does not know (skipped, as the kernel's consumers do).
+  public var unknownCapabilities: [UInt16] = []
+
+  public init(
+    index: UInt32, flags: UInt32, size: UInt64, offset: UInt64,
+    sparseAreas: [SparseMmapArea]? = nil, type: (type: UInt32, subtype: UInt32)? = nil,
+    msixMappable: Bool = false
+  ) {
+    self.index = index
+    self.flags = flags
+    self.size = size
+    self.offset = offset
+    self.sparseAreas = sparseAreas
+    self.type = type
+    self.msixMappable = msixMappable
+  }
+
+  public var readable: Bool { flags & VFIORegionFlags.read != 0 }
+  public var writable: Bool { flags & VFIORegionFlags.write != 0 }
+  public var mmappable: Bool { flags & VFIORegionFlags.mmap != 0 }
+
+  /// The argsz the kernel asked for when the capabilities did not fit (0 when they did).
+  static func neededSize(_ raw: [UInt8]) -> Int {
+    let b = KernelBytes(raw)
+    guard b.count >= fixedSize else { return 0 }
+    let argsz = Int(b.u32(0))
+    return argsz > raw.count ? argsz : 0
+  }
+
+  static func request(index: UInt32, argsz: Int) -> KernelBytes {
+    var b = KernelBytes(count: max(argsz, fixedSize))
+    b.put(UInt32(b.count), at: 0)
+    b.put(index, at: 8)
+    return b
+  }
+
+  /// Decodes a complete reply: the fixed part and, when CAPS is set, every
+  /// capability of the chain. Offsets in the chain count from the start of the
+  /// structure; each must lie after the fixed part and past the one before it.
+  public init(parsing raw: [UInt8]) throws(KernelStructError) {
+    let b = KernelBytes(raw)
+    guard b.count >= Self.fixedSize else { throw KernelStructError("vfio_region_info is short") }
+    self.init(index: b.u32(8), flags: b.u32(4), size: b.u64(16), offset: b.u64(24))
+    guard flags & VFIORegionFlags.caps != 0 else { return }
+    let argsz = min(Int(b.u32(0)), b.count)
+    var next = Int(b.u32(12))
+    var previous = Self.fixedSize - 1
+    var seen = 0
+    while next != 0 {
+      guard next > previous, b.contains(next, 8), next + 8 <= argsz else {
+        throw KernelStructError(
+          "region \(index): capability at \(next) lies outside the \(argsz)-byte reply or loops")
+      }
+      seen += 1
+      guard seen <= 64 else {
+        throw KernelStructError("region \(index): more than 64 capabilities")
+      }
+      let id = b.u16(next)
+      switch id {
+      case VFIORegionCapID.sparseMmap:
+        guard next + 16 <= argsz else {
+          throw KernelStructError("region \(index): sparse mmap capability cut short")
+        }
+        let count = Int(b.u32(next + 8))
+        guard count <= 4096, next + 16 + 16 * count <= argsz else {
+          throw KernelStructError("region \(index): sparse mmap capability claims \(count) areas")
+        }
+        var areas: [SparseMmapArea] = []
+        for i in 0..<count {
+          let at = next + 16 + 16 * i
+          let area = SparseMmapArea(offset: b.u64(at), size: b.u64(at + 8))
+          guard area.offset <= size, area.size <= size - area.offset else {
+            throw KernelStructError(
+              "region \(index): sparse mmap area [0x\(String(area.offset, radix: 16)) +0x\(String(area.size, radix: 16))] exceeds the region"
+            )
+          }
+          areas.append(area)
+        }
+        sparseAreas = (sparseAreas ?? []) + areas
+      case VFIORegionCapID.type:
+        guard next + 16 <= argsz else {
+          throw KernelStructError("region \(index): type capability cut short")
+        }
+        type = (b.u32(next + 8), b.u32(next + 12))
+      case VFIORegionCapID.msixMappable:
+        msixMappable = true
+      default:
+        unknownCapabilities.append(id)
+      }
+      previous = next
+      next = Int(b.u32(next + 4))
+    }
+  }
+
+  public static func == (a: Self, b: Self) -> Bool {
+    a.index == b.index && a.flags == b.flags && a.size == b.size && a.offset == b.offset
+      && a.sparseAreas == b.sparseAreas && a.type?.type == b.type?.type
+      && a.type?.subtype == b.type?.subtype && a.msixMappable == b.msixMappable
+      && a.unknownCapabilities == b.unknownCapabilities
+  }
+}
+
+/// `struct vfio_irq_info` (16 bytes).
+public struct KernelIRQInfo: Sendable, Equatable {
+  public static let size = 16
+  public var index: UInt32
+  /// VFIO_IRQ_INFO_* (EVENTFD, MASKABLE, AUTOMASKED, NORESIZE).
+  public var flags: UInt32
+  public var count: UInt32
+
+  public init(index: UInt32, flags: UInt32, count: UInt32) {
+    self.index = index
+    self.flags = flags
+    self.count = count
+  }
+
+  public init(parsing raw: [UInt8]) throws(KernelStructError) {
+    let b = KernelBytes(raw)
+    guard b.count >= Self.size else { throw KernelStructError("vfio_irq_info is short") }
+    self.init(index: b.u32(8), flags: b.u32(4), count: b.u32(12))
+  }
+
+  static func request(index: UInt32) -> KernelBytes {
+    var b = KernelBytes(count: size)
+    b.put(UInt32(size), at: 0)
+    b.put(index, at: 8)
+    return b
+  }
+
+  public var noResize: Bool { flags & VFIOIRQInfoFlags.noresize != 0 }
+}
+
+/// One VFIO_DEVICE_SET_IRQS call: `struct vfio_irq_set` (20 bytes) and its data.
+public struct KernelIRQSet: Sendable, Equatable, CustomStringConvertible {
+  public var index: UInt32
+  public var start: UInt32
+  public var count: UInt32
+  /// VFIO_IRQ_SET_DATA_* | VFIO_IRQ_SET_ACTION_*.
+  public var flags: UInt32
+  /// One per vector for DATA_EVENTFD (-1 de-assigns), else empty.
+  public var fds: [Int32]
+  /// One byte per vector for DATA_BOOL, else empty.
+  public var bools: [UInt8]
+
+  public init(
+    index: UInt32, start: UInt32, count: UInt32, flags: UInt32, fds: [Int32] = [],
+    bools: [UInt8] = []
+  ) {
+    self.index = index
+    self.start = start
+    self.count = count
+    self.flags = flags
+    self.fds = fds
+    self.bools = bools
+  }
+
+  /// The whole index off: DATA_NONE | ACTION_TRIGGER with count 0.
+  public static func disable(_ index: UInt32) -> KernelIRQSet {
+    KernelIRQSet(
+      index: index, start: 0, count: 0,
+      flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionTrigger)
+  }
+
+  /// Trigger eventfds for vectors `start..<start + fds.count`.
+  public static func triggers(_ index: UInt32, start: UInt32, _ fds: [Int32]) -> KernelIRQSet {
+    KernelIRQSet(
+      index: index, start: start, count: UInt32(fds.count),
+      flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger, fds: fds)
+  }
+
+  var encoded: KernelBytes {
+    var b = KernelBytes(count: 20 + 4 * fds.count + bools.count)
+    b.put(UInt32(b.count), at: 0)
+    b.put(flags, at: 4)
+    b.put(index, at: 8)
+    b.put(start, at: 12)
+    b.put(count, at: 16)
+    for (i, fd) in fds.enumerated() { b.put(fd, at: 20 + 4 * i) }
+    for (i, bool) in bools.enumerated() { b.put(bool, at: 20 + 4 * fds.count + i) }
+    return b
+  }
+
+  public var description: String {
+    let action =
+      switch flags & VFIOIRQSetFlags.actionTypeMask {
+      case VFIOIRQSetFlags.actionMask: "MASK"
+      case VFIOIRQSetFlags.actionUnmask: "UNMASK"
+      default: "TRIGGER"
+      }
+    let data =
+      switch flags & VFIOIRQSetFlags.dataTypeMask {
+      case VFIOIRQSetFlags.dataEventfd: " eventfds \(fds)"
+      case VFIOIRQSetFlags.dataBool: " bools \(bools)"
+      default: ""
+      }
+    return "\(VFIOPCIIRQ.name(index)) \(action) [\(start), +\(count))\(data)"
+  }
+}
+
+/// What VFIO_IOMMU_GET_INFO reports for a type1 container.
+public struct Type1Info: Sendable, Equatable {
+  public static let fixedSize = 24
+  /// Supported IOMMU page sizes (a bitmap).
+  public var pageSizes: UInt64
+  /// VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE: where mappings may go (inclusive ends); nil if absent.
+  public var iovaRanges: [ClosedRange<UInt64>]?
+  /// VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL: how many more mappings the container accepts.
+  public var dmaAvailable: UInt32?
+
+  public init(
+    pageSizes: UInt64, iovaRanges: [ClosedRange<UInt64>]? = nil, dmaAvailable: UInt32? = nil
+  ) {
+    self.pageSizes = pageSizes
+    self.iovaRanges = iovaRanges
+    self.dmaAvailable = dmaAvailable
+  }
+
+  static func request(argsz: Int) -> KernelBytes {
+    var b = KernelBytes(count: max(argsz, fixedSize))
+    b.put(UInt32(b.count), at: 0)
+    return b
+  }
+
+  static func neededSize(_ raw: [UInt8]) -> Int {
+    let b = KernelBytes(raw)
+    guard b.count >= 4 else { return 0 }
+    let argsz = Int(b.u32(0))
+    return argsz > raw.count ? argsz : 0
+  }
+
+  public init(parsing raw: [UInt8]) throws(KernelStructError) {
+    let b = KernelBytes(raw)
+    guard b.count >= Self.fixedSize else {
+      throw KernelStructError("vfio_iommu_type1_info is short")
+    }
+    let flags = b.u32(4)
+    self.init(pageSizes: flags & VFIOKernel.iommuInfoPageSizes != 0 ? b.u64(8) : 0)
+    guard flags & VFIOKernel.iommuInfoCaps != 0 else { return }
+    let argsz = min(Int(b.u32(0)), b.count)
+    var next = Int(b.u32(16))
+    var previous = Self.fixedSize - 1
+    var seen = 0
+    while next != 0 {
+      guard next > previous, b.contains(next, 8), next + 8 <= argsz, seen < 64 else {
+        throw KernelStructError("IOMMU info capability at \(next) lies outside the reply or loops")
+      }
+      seen += 1
+      switch b.u16(next) {
+      case VFIOKernel.iommuCapIOVARange:
+        guard next + 16 <= argsz else { throw KernelStructError("IOVA range capability cut short") }
+        let count = Int(b.u32(next + 8))
+        guard count <= 4096, next + 16 + 16 * count <= argsz else {
+          throw KernelStructError("IOVA range capability claims \(count) ranges")
+        }
+        var ranges: [ClosedRange<UInt64>] = []
+        for i in 0..<count {
+          let start = b.u64(next + 16 + 16 * i)
+          let end = b.u64(next + 24 + 16 * i)
+          guard start <= end else {
+            throw KernelStructError("IOVA range \(i) ends before it starts")
+          }
+          ranges.append(start...end)
+        }
+        iovaRanges = ranges
+      case VFIOKernel.iommuCapDMAAvail:
+        guard next + 12 <= argsz else { throw KernelStructError("DMA avail capability cut short") }
+        dmaAvailable = b.u32(next + 8)
+      default:
+        break  // the migration capability and anything newer: not needed here
+      }
+      previous = next
+      next = Int(b.u32(next + 4))
+    }
+  }
+}
+
+extension [ClosedRange<UInt64>] {
+  /// Whether `[start, start + size)` lies inside one of the ranges.
+  public func covers(start: UInt64, size: UInt64) -> Bool {
+    guard size > 0 else { return false }
+    let (last, overflow) = start.addingReportingOverflow(size - 1)
+    guard !overflow else { return false }
+    return contains { $0.contains(start) && $0.contains(last) }
+  }
+
+  /// The ranges as `[0x0, 0xfedfffff], [0xfef00000, 0xffffffffffffffff]`.
+  public var text: String {
+    map { "[0x\(String($0.lowerBound, radix: 16)), 0x\(String($0.upperBound, radix: 16))]" }
+      .joined(separator: ", ")
+  }
+}

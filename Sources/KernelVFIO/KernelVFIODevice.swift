@@ -1,0 +1,250 @@
+import SystemPackage
+import VFIOUser
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// How the device was reached.
+public enum IOMMUPath: String, Sendable {
+  /// /dev/vfio/devices/vfioN + /dev/iommu (CONFIG_IOMMUFD, CONFIG_VFIO_DEVICE_CDEV).
+  case iommufd
+  /// /dev/vfio/vfio + /dev/vfio/N with the type1v2 IOMMU.
+  case group
+}
+
+/// A PCI function opened through the kernel's VFIO uAPI: its device fd, the
+/// IOMMU domain its DMA goes through, and what the kernel reports about its
+/// regions, interrupts and migration. Not thread-safe: one owner drives it.
+public final class KernelVFIODevice {
+  public let address: PCIAddress
+  public let sysfs: SysfsPCIDevice
+  public let fd: Int32
+  public let iommu: IOMMUDomain
+  public let iommuPath: IOMMUPath
+  public let info: KernelDeviceInfo
+  public let regions: [KernelRegionInfo]
+  public let irqs: [KernelIRQInfo]
+  /// VFIO_DEVICE_FEATURE_MIGRATION, or nil when the driver has no migration (ENOTTY).
+  public let migrationFlags: MigrationFlags?
+  /// Why there is no migration, when there is none.
+  public let migrationAbsence: String?
+
+  /// Opens the device: sysfs checks first (each failure explained), then the
+  /// iommufd cdev path where the kernel has it (or the cdev was named), the
+  /// group/container path otherwise.
+  public static func open(
+    _ selection: DeviceSelection, paths: SystemPaths = .live, allowIOMMUFD: Bool = true
+  ) throws(KernelVFIOError) -> KernelVFIODevice {
+    let device = try OpenDiagnostics.preflight(selection.address, paths: paths)
+    let cdev = selection.cdev ?? device.vfioCdev
+    let useIOMMUFD =
+      selection.cdev != nil
+      || (allowIOMMUFD && cdev != nil && paths.exists("\(paths.dev)/iommu"))
+    if useIOMMUFD, let cdev {
+      let fd = try openNode("\(paths.dev)/vfio/devices/\(cdev)", paths: paths)
+      do throws(KernelVFIOError) {
+        let domain = try IOMMUFDDomain(device: fd, cdev: cdev, paths: paths)
+        return try KernelVFIODevice(device: device, fd: fd, iommu: domain, path: .iommufd)
+      } catch {
+        close(fd)
+        throw error
+      }
+    }
+    let container = try Type1Container(
+      group: device.iommuGroup!, device: device, paths: paths)
+    let fd = try container.deviceFD(device.address)
+    do throws(KernelVFIOError) {
+      return try KernelVFIODevice(device: device, fd: fd, iommu: container, path: .group)
+    } catch {
+      close(fd)
+      throw error
+    }
+  }
+
+  private init(device: SysfsPCIDevice, fd: Int32, iommu: IOMMUDomain, path: IOMMUPath)
+    throws(KernelVFIOError)
+  {
+    address = device.address
+    sysfs = device
+    self.fd = fd
+    self.iommu = iommu
+    iommuPath = path
+    var request = KernelDeviceInfo.request()
+    try kernelCall("VFIO_DEVICE_GET_INFO") { () throws(Errno) in
+      try kernelIoctl(fd, VFIOIoctl.deviceGetInfo, &request)
+    }
+    do throws(KernelStructError) {
+      info = try KernelDeviceInfo(parsing: request.bytes)
+    } catch {
+      throw KernelVFIOError(.kernel, "VFIO_DEVICE_GET_INFO: \(error)")
+    }
+    guard info.flags & VFIODeviceFlags.pci != 0 else {
+      throw KernelVFIOError(
+        .kernel,
+        "\(device.address) is not a PCI device to VFIO (flags 0x\(String(info.flags, radix: 16)))")
+    }
+    regions = try (0..<info.numRegions).map { (index) throws(KernelVFIOError) in
+      try Self.regionInfo(fd, index)
+    }
+    irqs = try (0..<info.numIRQs).map { (index) throws(KernelVFIOError) in
+      var request = KernelIRQInfo.request(index: index)
+      try kernelCall("VFIO_DEVICE_GET_IRQ_INFO(\(index))") { () throws(Errno) in
+        try kernelIoctl(fd, VFIOIoctl.deviceGetIRQInfo, &request)
+      }
+      do throws(KernelStructError) {
+        return try KernelIRQInfo(parsing: request.bytes)
+      } catch {
+        throw KernelVFIOError(.kernel, "VFIO_DEVICE_GET_IRQ_INFO: \(error)")
+      }
+    }
+    do throws(Errno) {
+      let flags = try Self.feature(fd, get: VFIODeviceFeature.migration, size: 8).withUnsafeBytes {
+        $0.loadUnaligned(as: UInt64.self)
+      }
+      migrationFlags = MigrationFlags(rawValue: flags)
+      migrationAbsence = nil
+    } catch {
+      migrationFlags = nil
+      migrationAbsence =
+        error == .inappropriateIOCTLForDevice
+        ? "\(device.driver ?? "its driver") has no migration support (ENOTTY)"
+        : "VFIO_DEVICE_FEATURE MIGRATION failed: \(error.name)"
+    }
+  }
+
+  deinit { close(fd) }
+
+  /// A region the device does not have (vfio-pci answers EINVAL for VGA
+  /// without CONFIG_VFIO_PCI_VGA) is described as empty, as QEMU treats it.
+  static func regionInfo(_ fd: Int32, _ index: UInt32) throws(KernelVFIOError) -> KernelRegionInfo {
+    var size = KernelRegionInfo.fixedSize
+    for _ in 0..<4 {
+      var request = KernelRegionInfo.request(index: index, argsz: size)
+      do throws(Errno) {
+        try kernelIoctl(fd, VFIOIoctl.deviceGetRegionInfo, &request)
+      } catch {
+        guard error == .invalidArgument else {
+          throw KernelVFIOError(
+            .kernel, "VFIO_DEVICE_GET_REGION_INFO(\(index)) failed: \(error.name) (\(error))",
+            errno: error)
+        }
+        return KernelRegionInfo(index: index, flags: 0, size: 0, offset: 0)
+      }
+      let needed = KernelRegionInfo.neededSize(request.bytes)
+      if needed > size {
+        size = needed
+        continue
+      }
+      do throws(KernelStructError) {
+        return try KernelRegionInfo(parsing: request.bytes)
+      } catch {
+        throw KernelVFIOError(.kernel, "VFIO_DEVICE_GET_REGION_INFO: \(error)")
+      }
+    }
+    throw KernelVFIOError(.kernel, "VFIO_DEVICE_GET_REGION_INFO(\(index)) keeps growing")
+  }
+
+  // MARK: Regions
+
+  /// pread of region bytes (config space, BARs); the kernel checks bounds and widths.
+  public func read(region: UInt32, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer)
+    throws(Errno)
+  {
+    guard Int(region) < regions.count else { throw .invalidArgument }
+    var done = 0
+    while done < buffer.count {
+      let n = pread(
+        fd, buffer.baseAddress! + done, buffer.count - done,
+        off_t(Int64(bitPattern: regions[Int(region)].offset + offset) + Int64(done)))
+      if n < 0 {
+        if errno == EINTR { continue }
+        throw Errno(rawValue: errno)
+      }
+      guard n > 0 else { throw .ioError }
+      done += n
+    }
+  }
+
+  public func write(region: UInt32, offset: UInt64, from buffer: UnsafeRawBufferPointer)
+    throws(Errno)
+  {
+    guard Int(region) < regions.count else { throw .invalidArgument }
+    var done = 0
+    while done < buffer.count {
+      let n = pwrite(
+        fd, buffer.baseAddress! + done, buffer.count - done,
+        off_t(Int64(bitPattern: regions[Int(region)].offset + offset) + Int64(done)))
+      if n < 0 {
+        if errno == EINTR { continue }
+        throw Errno(rawValue: errno)
+      }
+      guard n > 0 else { throw .ioError }
+      done += n
+    }
+  }
+
+  // MARK: Interrupts and reset
+
+  public func setIRQs(_ set: KernelIRQSet) throws(Errno) {
+    var bytes = set.encoded
+    try kernelIoctl(fd, VFIOIoctl.deviceSetIRQs, &bytes)
+  }
+
+  /// VFIO_DEVICE_RESET: a function-level (or the device's best) reset.
+  public func reset() throws(Errno) {
+    try kernelIoctl(fd, VFIOIoctl.deviceReset)
+  }
+
+  // MARK: Migration (VFIO_DEVICE_FEATURE)
+
+  static func feature(_ fd: Int32, get feature: UInt32, size: Int) throws(Errno) -> [UInt8] {
+    var request = KernelBytes(count: 8 + size)
+    request.put(UInt32(8 + size), at: 0)
+    request.put(feature | VFIODeviceFeatureFlags.get, at: 4)
+    try kernelIoctl(fd, VFIOIoctl.deviceFeature, &request)
+    return Array(request.bytes[8...])
+  }
+
+  /// MIG_DEVICE_STATE SET: the kernel performs the arc; returns the new
+  /// data_fd (owned by the caller) or -1. See `KernelMigration`.
+  public func setMigrationState(_ state: MigrationState) throws(Errno) -> Int32 {
+    var request = KernelBytes(count: 16)
+    request.put(UInt32(16), at: 0)
+    request.put(VFIODeviceFeature.migDeviceState | VFIODeviceFeatureFlags.set, at: 4)
+    request.put(state.rawValue, at: 8)
+    request.put(Int32(-1), at: 12)
+    try kernelIoctl(fd, VFIOIoctl.deviceFeature, &request)
+    return request.s32(12)
+  }
+
+  /// MIG_DEVICE_STATE GET.
+  public func migrationState() throws(Errno) -> MigrationState {
+    let data = try Self.feature(fd, get: VFIODeviceFeature.migDeviceState, size: 8)
+    let raw = data.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }
+    guard let state = MigrationState(rawValue: raw) else { throw .ioError }
+    return state
+  }
+
+  /// MIG_DATA_SIZE GET: the device's estimate of the STOP_COPY bytes.
+  public func stopCopySize() throws(Errno) -> UInt64 {
+    try Self.feature(fd, get: VFIODeviceFeature.migDataSize, size: 8).withUnsafeBytes {
+      $0.loadUnaligned(as: UInt64.self)
+    }
+  }
+
+  // MARK: Description
+
+  /// One line for the server's start log: what was opened and how.
+  public var summary: String {
+    let migration =
+      migrationFlags.map { flags in
+        let names = [
+          (MigrationFlags.stopCopy, "STOP_COPY"), (.p2p, "P2P"), (.preCopy, "PRE_COPY"),
+        ].filter { flags.contains($0.0) }.map(\.1)
+        return "kernel data_fd (\(names.joined(separator: " | ")))"
+      } ?? "none: \(migrationAbsence ?? "not supported")"
+    return
+      "\(address) \(sysfs.ids) driver \(sysfs.driver ?? "?") through \(iommu.path); migration: \(migration)"
+  }
+}

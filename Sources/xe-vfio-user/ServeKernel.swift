@@ -1,0 +1,40 @@
+import KernelVFIO
+import KernelVFIOBackend
+import Logging
+import VFIODevice
+import VFIOUserServer
+
+extension Serve {
+  /// Opens `--device` through the kernel's VFIO. The backend's `dmaLimits`
+  /// (the IOMMU's page sizes, mappings left, IOVA ranges) narrow what the
+  /// server offers. Logs what was opened and how, since the vfio-user
+  /// protocol has no field a client could read that from.
+  func openKernelDevice(_ argument: String, logger: Logger, limits: ServerLimits) throws
+    -> (KernelVFIOBackend, String)
+  {
+    let device: KernelVFIODevice
+    do throws(KernelVFIOError) {
+      device = try KernelVFIODevice.open(try DeviceSelection.parse(argument))
+    } catch {
+      throw CLIError("--device \(argument): \(error.message)")
+    }
+    let backend = KernelVFIOBackend.make(device, logger: logger)
+    let dma = limits.dma(for: backend.dmaLimits)
+    logger.info("kernel VFIO device: \(device.summary)")
+    let memlock = MemlockStatus.current()
+    let pinning =
+      memlock.limited
+      ? "RLIMIT_MEMLOCK \(MemlockStatus.format(memlock.limit!)) caps the client memory that can be mapped for DMA"
+      : "no RLIMIT_MEMLOCK cap on pinned client memory\(memlock.capIPCLock ? " (CAP_IPC_LOCK)" : "")"
+    logger.info(
+      "IOMMU: IOVA ranges \(device.iommu.iovaRanges.text), page sizes 0x\(String(device.iommu.pageSizes, radix: 16)), max_dma_maps \(dma.maxWindows); \(pinning)"
+    )
+    logger.info(
+      "the vfio-user protocol has no field for the device's address, driver, IOMMU path or migration path: `info` shows the device as the client sees it, and this log the rest"
+    )
+    return (
+      backend,
+      "kernel VFIO device \(device.address) \(device.sysfs.ids) (\(device.sysfs.driver ?? "?"), \(device.iommuPath.rawValue) path)"
+    )
+  }
+}

@@ -1,0 +1,76 @@
+import Foundation
+import Testing
+
+/// One boot of a Linux guest under TCG with the rig's VF attached at 00:04.0.
+/// The guest's /init reports on the serial console in lines `XEVF: key words…`
+/// and ends with `XEVF: done <uptime>` before it powers off.
+struct GuestRun {
+  /// The whole console.
+  var console: String
+  /// Each key's reports, in order.
+  var lines: [String: [String]]
+  /// Wall time from QEMU's start to the last marker.
+  var seconds: Double
+  var finished: Bool
+  var qemuLog: String
+
+  /// The guest's uptime at `done`, or -1.
+  var uptime: Double { lines["done"]?.first.flatMap { Double($0) } ?? -1 }
+
+  /// What to show when the guest did not finish.
+  var failureReport: String { "guest did not finish in time\n\(console.suffix(3000))\n\(qemuLog)" }
+
+  /// Boots `kernel` with `initramfs`; `devices` come before the VF (an IOMMU
+  /// must precede the devices it translates for).
+  static func boot(
+    rig: Rig, initramfs: [UInt8], memory: String = "256M", append: String = "",
+    devices: [String] = []
+  ) throws -> GuestRun {
+    let env = InteropEnvironment.current
+    let kernel = try #require(env.kernel)
+    let initrd = rig.directory + "/initrd.cpio"
+    try Data(initramfs).write(to: URL(fileURLWithPath: initrd))
+    let serial = rig.directory + "/serial.log"
+    _ = FileManager.default.createFile(atPath: serial, contents: nil)
+    let started = Date()
+    let arguments =
+      [
+        "-machine", "q35", "-accel", "tcg", "-m", memory, "-smp", "1",
+        "-object", "memory-backend-memfd,id=mem,size=\(memory),share=on",
+        "-machine", "memory-backend=mem",
+      ] + devices.flatMap { ["-device", $0] } + [
+        "-display", "none", "-nodefaults", "-no-reboot", "-serial", "file:\(serial)",
+        "-kernel", kernel, "-initrd", initrd,
+        "-append", "console=ttyS0 panic=-1 quiet \(append)",
+        "-device",
+        #"{"driver":"vfio-user-pci","id":"xevf0","socket":{"path":"\#(rig.server.socketPath)","type":"unix"},"addr":"0x4"}"#,
+      ]
+    // The installed wrapper shares /tmp; the kernel's directory is shared on request.
+    let qemu = try ChildProcess(
+      executable: try #require(env.qemu), arguments: arguments,
+      logPath: rig.directory + "/qemu.log",
+      environment: [
+        "XE_VFU_QEMU_SHARE": URL(fileURLWithPath: kernel).deletingLastPathComponent().path
+      ])
+    defer { qemu.stop() }
+    let read = { (try? String(contentsOfFile: serial, encoding: .utf8)) ?? "" }
+    let finished = waitUntil(timeout: 150, interval: 0.1) {
+      read().contains("XEVF: done") || read().contains("Kernel panic") || !qemu.isRunning
+    }
+    let seconds = Date().timeIntervalSince(started)
+    _ = qemu.waitForExit(timeout: 10)  // poweroff -f ends QEMU
+    qemu.stop()
+    let console = read()
+    var lines: [String: [String]] = [:]
+    for line in console.split(whereSeparator: \.isNewline) {
+      guard let range = line.range(of: "XEVF: ") else { continue }
+      let words = line[range.upperBound...].split(separator: " ").map(String.init)
+      if let key = words.first {
+        lines[key, default: []].append(words.dropFirst().joined(separator: " "))
+      }
+    }
+    return GuestRun(
+      console: console, lines: lines, seconds: seconds,
+      finished: finished && console.contains("XEVF: done"), qemuLog: qemu.log)
+  }
+}
