@@ -189,7 +189,8 @@ public class KernelVFIOBackend: VFIODeviceBackend {
   /// stay.
   public func dmaUnmap(_ windows: [DMAWindow]) throws(Errno) {
     var done: [DMAWindow] = []
-    for window in windows where window.mapping != nil {  // one without a file never reached the IOMMU
+    // A window without a file never reached the IOMMU.
+    for window in windows where window.mapping != nil {
       do throws(Errno) {
         try device.iommu.unmap(iova: window.address, size: window.size)
         done.append(window)

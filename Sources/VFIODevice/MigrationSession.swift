@@ -77,7 +77,8 @@ public struct MigrationSession {
         }
         throw error
       }
-      if current == .stopCopy || current == .resuming { closeStream() }  // leaving a data state ends its stream
+      // Leaving a data state ends its stream.
+      if current == .stopCopy || current == .resuming { closeStream() }
       current = next
       if let opened {
         // Only the final arc may open a stream (the kernel fputs one opened mid-path).

@@ -2,9 +2,9 @@ import ArgumentParser
 import CVFIOUser
 import Logging
 import SystemPackage
+import VFIODevice
 import VFIOUser
 import VFIOUserClient
-import VFIODevice
 import VFIOUserServer
 import XeVF
 

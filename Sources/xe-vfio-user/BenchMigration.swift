@@ -1,9 +1,9 @@
 import CVFIOUser
 import Logging
 import Synchronization
+import VFIODevice
 import VFIOUser
 import VFIOUserClient
-import VFIODevice
 import VFIOUserServer
 import XeVF
 

@@ -1,8 +1,8 @@
 import CVFIOUser
 import Logging
+import VFIODevice
 import VFIOUser
 import VFIOUserClient
-import VFIODevice
 import VFIOUserServer
 import XeVF
 

@@ -1,9 +1,9 @@
 import ArgumentParser
 import FoundationEssentials
 import SystemPackage
+import VFIODevice
 import VFIOUser
 import VFIOUserClient
-import VFIODevice
 import VFIOUserServer
 
 struct Migrate: ParsableCommand {

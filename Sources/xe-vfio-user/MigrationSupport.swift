@@ -2,9 +2,9 @@ import ArgumentParser
 import Dispatch
 import Synchronization
 import SystemPackage
+import VFIODevice
 import VFIOUser
 import VFIOUserClient
-import VFIODevice
 import VFIOUserServer
 
 #if canImport(Glibc)
