@@ -101,11 +101,11 @@ let package = Package(
       swiftSettings: strict),
     // The kernel's VFIO uAPI (group/container and iommufd cdev): opening a device
     // with actionable errors, regions, interrupts, IOMMU mappings, migration data_fd.
-    // Knows nothing of the server.
+    // Knows nothing of the server; takes its threads and condition lock from VFIODevice.
     .target(
       name: "KernelVFIO",
       dependencies: [
-        "VFIOUser", "CVFIOUser",
+        "VFIOUser", "CVFIOUser", "VFIODevice",
         .product(name: "SystemPackage", package: "swift-system"),
       ],
       swiftSettings: strict),

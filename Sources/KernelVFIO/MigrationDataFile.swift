@@ -1,4 +1,5 @@
 import SystemPackage
+import VFIODevice
 
 #if canImport(Glibc)
   import Glibc
@@ -54,7 +55,7 @@ public final class MigrationDataFile: Sendable {
 /// The state the worker thread shares with callers, all under `condition`.
 private final class Core: @unchecked Sendable {
   let timeout: Duration
-  private let condition = KernelCondition()
+  private let condition = ConditionLock()
   private var fd: Int32
   private var started = false
   private enum Job {
@@ -178,7 +179,7 @@ private final class Core: @unchecked Sendable {
     job = next
     inFlight = true
     if !started {
-      started = startKernelThread(name: "vfio-mig-data") { [self] in work() }
+      started = startThread(name: "vfio-mig-data") { [self] in work() } == nil
       if !started {  // no worker: the call fails now instead of waiting out its deadline
         job = nil
         inFlight = false
