@@ -84,16 +84,42 @@ import VFIODevice
     #expect(vf.migrationState == .running)
   }
 
-  @Test func finishRestoreWithoutTrailerTimesOut() throws {
+  /// The PF itself, as the kernel's: finish_restore without a trailer waits
+  /// `PFTiming.restore` for it, then answers ETIMEDOUT.
+  @Test func pfFinishRestoreWithoutTrailerTimesOut() throws {
     let vf = try migratableVF(.ptlSmall)
-    vf.pfTiming.restore = .milliseconds(80)
+    let pf = vf.simulatedPF
+    pf.timing.restore = .milliseconds(80)
+    try pf.pauseVF()
+    try pf.triggerRestoreVF()
+    let id = pf.openStream()
+    let descriptor = XeMigrationDescriptor(profile: .ptlSmall).packet
+    let header = try XePacketHeader(decoding: Array(descriptor.prefix(XePacketHeader.size)))
+    try pf.restoreProduce(
+      PFPacket(header, .bytes(Array(descriptor.dropFirst(XePacketHeader.size)))), stream: id)
+    pf.closeStream()
+    let start = Date()
+    #expect(throws: Errno.timedOut) { _ = try pf.finishRestoreVF() }
+    #expect(Date().timeIntervalSince(start) >= 0.08)
+    #expect(pf.state(gt: 0).isSuperset(of: [.paused, .restoreWIP, .restoreWaitData]))
+  }
+
+  /// The VF knows the stream lacks its trailer: RESUMING → STOP does not
+  /// wait for the PF's timeout (left at the kernel's 20 s per GT, halved).
+  @Test func finishRestoreWithoutTrailerIsENODATA() throws {
+    let vf = try migratableVF(.ptlSmall)
     let stream = try vf.beginRestore()
     try writeAll(stream, XeMigrationDescriptor(profile: .ptlSmall).packet, chunk: 64)
-    let start = Date()
-    #expect(throws: Errno.timedOut) { try vf.step(.resuming, .stop) }
-    #expect(Date().timeIntervalSince(start) >= 0.08)
+    #expect(throws: Errno.noData) { try vf.step(.resuming, .stop) }
     #expect(vf.migrationState == .resuming)
-    #expect(vf.pfState(0).isSuperset(of: [.paused, .restoreWIP, .restoreWaitData]))
+    // The PF is left restoring, waiting for data that will not come.
+    #expect(eventually { vf.pfState(0).isSuperset(of: [.paused, .restoreWIP, .restoreWaitData]) })
+    // What the server does on a failed restore: ERROR until a reset.
+    vf.migrationFailed()
+    #expect(vf.migrationState == .error)
+    try vf.reset()
+    #expect(vf.migrationState == .running)
+    #expect(vf.pfState(0) == .ready && vf.pfState(1) == .ready)
   }
 
   // MARK: Device level

@@ -35,8 +35,11 @@ import VFIOUser
       let error = thrownErrno { try writeAll(stream, fixture.bytes, chunk: 5) }
       #expect(error == want)
       #expect(thrownErrno { try writeAll(stream, descriptor, chunk: 64) } == want)
-      vf.pfTiming.restore = .milliseconds(30)
-      #expect(thrownErrno { try vf.step(.resuming, .stop) } == .timedOut)  // no trailer ever came
+      // No trailer ever came: refused at once, not after the PF's restore
+      // timeout (left at its value: ETIMEDOUT here would mean it was waited for).
+      #expect(thrownErrno { try vf.step(.resuming, .stop) } == .noData)
+      #expect(thrownErrno { try vf.step(.resuming, .stop) } == .noData)  // again: still incomplete
+      #expect(vf.pfState(0).contains(.restoreWIP) && !vf.pfState(0).contains(.restoreFailed))
     default:
       // Accepted, then failed by the worker: EIO on a later write or at finish.
       try writeAll(stream, fixture.bytes, chunk: 4096)
@@ -138,12 +141,102 @@ import VFIOUser
     // after a failed restore, it would not run the half-restored VF.
     let vf = try destination()
     _ = try vf.beginRestore()
-    vf.pfTiming.restore = .milliseconds(30)
-    #expect(thrownErrno { try vf.step(.resuming, .stop) } == .timedOut)
+    #expect(thrownErrno { try vf.step(.resuming, .stop) } == .noData)  // an empty stream
+    #expect(vf.migrationState == .resuming)
     vf.migration.state = .stop  // as a confused server would
     try vf.step(.stop, .runningP2P)
     #expect(thrownErrno { try vf.step(.runningP2P, .running) } == .ioError)
     #expect(vf.workHeld)
+  }
+
+  /// Where an incomplete stream stops, and what the device says is missing.
+  enum Cut: String, CaseIterable, CustomStringConvertible {
+    case empty, insideFirstHeader, insideVRAMPayload, beforeTrailer, insideTrailerHeader
+    var description: String { rawValue }
+  }
+
+  /// A stream without its trailer cannot complete: RESUMING → STOP answers
+  /// ENODATA at once (not ETIMEDOUT after the PF's 10 s per GT), the server's
+  /// ERROR follows, and after a reset the whole stream restores.
+  @Test(arguments: Cut.allCases)
+  func incompleteStreamIsRefusedAtOnce(_ cut: Cut) throws {
+    let source = try migratableVF(.bmg, vram: 8 << 20)
+    try populate(source)
+    let bytes = try source.save()
+    let parsed = try packets(bytes)
+    let vram = try #require(parsed.firstIndex { $0.header.type == .vram })
+    let vramStart = parsed[..<vram].reduce(0) { $0 + XePacketHeader.size + $1.payload.count }
+    let (end, missing): (Int, String) =
+      switch cut {
+      case .empty: (0, "the stream is empty: no bytes were written, no trailer")
+      case .insideFirstHeader:
+        (10, "the stream ends inside packet 1's header at byte 10 of 24 (stream byte 10)")
+      case .insideVRAMPayload:
+        (
+          vramStart + XePacketHeader.size + 4096,
+          "the stream ends inside packet \(vram + 1) (VRAM, GT 0) at byte 4096 of its"
+            + " 1048576-byte payload (stream byte \(vramStart + XePacketHeader.size + 4096))"
+        )
+      case .beforeTrailer:
+        (
+          bytes.count - XePacketHeader.size,
+          "no trailer: the stream ends after packet \(parsed.count - 1)"
+            + " (\(bytes.count - XePacketHeader.size) bytes)"
+        )
+      case .insideTrailerHeader:
+        (bytes.count - 10, "the stream ends inside packet \(parsed.count)'s header at byte 14")
+      }
+    let vf = try destination()
+    let stream = try vf.beginRestore()
+    try writeAll(stream, Array(bytes[..<end]), chunk: 65536)
+    #expect(vf.migration.restoreStream?.missing?.contains(missing) == true)
+    #expect(thrownErrno { try vf.step(.resuming, .stop) } == .noData)
+    #expect(vf.migrationState == .resuming)
+    #expect(vf.workHeld)
+    vf.migrationFailed()  // as the server does on a failed RESUMING → STOP
+    #expect(vf.migrationState == .error)
+    #expect(thrownErrno { try writeAll(stream, [0], chunk: 1) } == .operationNotSupportedByDevice)
+    try vf.reset()
+    #expect(vf.migrationState == .running)
+    #expect(vf.pfState(0) == .ready && vf.pfState(1) == .ready)
+    try vf.restore(bytes, writeSize: 100_000)
+    #expect(MigratedState(vf) == MigratedState(source))
+    #expect(sameDeviceMemory(source, vf))
+  }
+
+  /// A stream that fails in the worker and then ends without a trailer: EIO
+  /// at once, the failure saying more than the missing trailer.
+  @Test func failedAndIncompleteIsEIOAtOnce() throws {
+    let vf = try destination()
+    let stream = try vf.beginRestore()
+    try writeAll(stream, XeMigrationDescriptor(profile: .bmg).packet, chunk: 64)
+    try writeAll(stream, packet(XePacketHeader(type: .mmio, gt: 1), [1, 2, 3, 4]), chunk: 64)
+    #expect(eventually { vf.pfState(1).contains(.restoreFailed) })
+    #expect(thrownErrno { try vf.step(.resuming, .stop) } == .ioError)
+    #expect(vf.pfState(0).contains(.restoreWaitData))  // GT 0 was not waited for
+    try vf.reset()
+    #expect(vf.pfState(0) == .ready && vf.pfState(1) == .ready)
+  }
+
+  /// The kernel's timeout stays for what it is for: a complete stream the PF
+  /// is still applying. Retried once the PF is done, the restore completes.
+  @Test func completeStreamOnASlowPFStillTimesOut() throws {
+    let source = try migratableVF(.ptlSmall)
+    try populate(source)
+    let bytes = try source.save()
+    let vf = try migratableVF(.ptlSmall)
+    vf.pfTiming.gucLatency = .milliseconds(300)  // the worker sits on each GuC packet
+    vf.pfTiming.restore = .milliseconds(20)
+    let stream = try vf.beginRestore()
+    try writeAll(stream, bytes, chunk: 1 << 20)
+    #expect(vf.migration.restoreStream?.trailerReceived == true)
+    #expect(thrownErrno { try vf.step(.resuming, .stop) } == .timedOut)
+    #expect(vf.migrationState == .resuming)
+    #expect(MigratedState(vf) != MigratedState(source))
+    #expect(
+      eventually(5) { vf.pfState(0).contains(.restored) && vf.pfState(1).contains(.restored) })
+    try vf.step(.resuming, .stop)
+    #expect(MigratedState(vf) == MigratedState(source))
   }
 
   @Test func aWriteThatWaitsTooLongTakesAPrefix() throws {

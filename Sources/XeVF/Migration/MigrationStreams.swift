@@ -1,5 +1,6 @@
 import SystemPackage
 import VFIODevice
+import VFIOUser
 
 /// The save `data_fd` of STOP_COPY: reads the PF's packet stream
 /// (`xe_sriov_pf_migration_read`). Used on the device's thread only.
@@ -45,6 +46,9 @@ final class XeSaveStream: MigrationSource {
 ///
 /// After an error the stream refuses everything with that error: the packet
 /// that failed is gone and the stream cannot be resynchronised.
+///
+/// The stream knows its own framing, so it can say at RESUMING → STOP what is
+/// missing (`missing`) without waiting for the PF to time out on it.
 final class XeRestoreStream: MigrationSink {
   /// Largest non-VRAM payload accepted (the kernel's kvzalloc would fail):
   /// comfortably above the 8 MiB GuC limit and a GGTT of 32 GiB.
@@ -63,7 +67,16 @@ final class XeRestoreStream: MigrationSink {
   /// A complete packet the PF had no room for when the last write gave up waiting.
   private var unproduced: PFPacket?
   private var error: Errno?
+  /// The packet (counting from 1) that `error` refused.
+  private var refused = 0
   private var closed = false
+  /// Bytes taken, and packets assembled completely (handed to the PF or
+  /// `unproduced`): the one assembling is packet `assembled + 1`.
+  private var taken: UInt64 = 0
+  private var assembled = 0
+  /// The PF took the TRAILER: the stream is complete.
+  private(set) var trailerReceived = false
+  private var missingAtClose: String?
 
   init(pf: SimulatedPF, memory: DeviceMemory?, id: Int) {
     self.pf = pf
@@ -76,8 +89,10 @@ final class XeRestoreStream: MigrationSink {
     throw .badFileDescriptor
   }
 
-  /// Releases the file, as `XeSaveStream.close`; a packet still assembling is dropped.
+  /// Releases the file, as `XeSaveStream.close`; a packet still assembling is
+  /// dropped (what it lacked is kept for `missing`).
   func close() {
+    if !closed { missingAtClose = missing }
     closed = true
     headerBytes = []
     payload = []
@@ -94,12 +109,15 @@ final class XeRestoreStream: MigrationSink {
       unproduced = nil
     }
     var at = 0
+    defer { taken += UInt64(at) }
     while at < bytes.count {
       if header == nil {
         let take = min(XePacketHeader.size - headerBytes.count, bytes.count - at)
         headerBytes += UnsafeRawBufferPointer(rebasing: bytes[at..<at + take])
         at += take
-        if headerBytes.count == XePacketHeader.size { try fail { () throws(Errno) in try begin() } }
+        if headerBytes.count == XePacketHeader.size {
+          try fail(packet: assembled + 1) { () throws(Errno) in try begin() }
+        }
       } else {
         at += take(UnsafeRawBufferPointer(rebasing: bytes[at...]))
       }
@@ -108,6 +126,7 @@ final class XeRestoreStream: MigrationSink {
       self.header = nil
       headerBytes = []
       payload = []
+      assembled += 1
       do throws(Errno) {
         try produce(packet)
       } catch let error where error == .timedOut {
@@ -116,6 +135,35 @@ final class XeRestoreStream: MigrationSink {
       }
     }
     return bytes.count
+  }
+
+  /// What the stream lacks to be complete, for a log line; nil once the PF
+  /// took the TRAILER. A stream without it can never be restored: the PF
+  /// would wait for the trailer until its restore timeout.
+  var missing: String? {
+    if trailerReceived { return nil }
+    if closed { return missingAtClose }
+    let number = assembled + 1
+    if let error {
+      return "packet \(refused) was refused (\(error.name)) and the stream ends there: no trailer"
+    }
+    if taken == 0 { return "the stream is empty: no bytes were written, no trailer" }
+    if let header {
+      return
+        "the stream ends inside packet \(number) (\(header.type), GT \(header.gt)) at byte"
+        + " \(received) of its \(header.size)-byte payload (stream byte \(taken)): no trailer"
+    }
+    if !headerBytes.isEmpty {
+      return
+        "the stream ends inside packet \(number)'s header at byte \(headerBytes.count) of"
+        + " \(XePacketHeader.size) (stream byte \(taken)): no trailer"
+    }
+    if let unproduced {
+      return
+        "packet \(assembled) (\(unproduced.header.type)) still waits for room in the PF's ring"
+        + " and the stream ends there (\(taken) bytes): no trailer"
+    }
+    return "no trailer: the stream ends after packet \(assembled) (\(taken) bytes)"
   }
 
   /// A whole header arrived: `xe_sriov_packet_init_from_hdr` and `pkt_init`.
@@ -155,14 +203,17 @@ final class XeRestoreStream: MigrationSink {
       throw error  // nothing produced; the stream stays usable
     } catch {
       self.error = error
+      refused = assembled
       throw error
     }
+    if packet.header.type == .trailer { trailerReceived = true }
   }
 
-  /// Runs `body`; an error it throws sticks to the stream.
-  private func fail(_ body: () throws(Errno) -> Void) throws(Errno) {
+  /// Runs `body`; an error it throws sticks to the stream, refusing `packet`.
+  private func fail(packet: Int, _ body: () throws(Errno) -> Void) throws(Errno) {
     do throws(Errno) { try body() } catch {
       self.error = error
+      refused = packet
       throw error
     }
   }

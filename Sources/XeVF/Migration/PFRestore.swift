@@ -39,6 +39,14 @@ extension SimulatedPF {
     }
   }
 
+  /// The first GT whose restore failed, with the worker's errno.
+  func restoreFailure() -> (gt: Int, cause: Errno)? {
+    locked {
+      guard let g = gts.indices.first(where: { has($0, .restoreFailed) }) else { return nil }
+      return (g, gts[g].failure ?? .ioError)
+    }
+  }
+
   // MARK: The writer
 
   /// Whether a VRAM packet's payload may go straight into VRAM as it

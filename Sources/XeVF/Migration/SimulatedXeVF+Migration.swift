@@ -13,6 +13,9 @@ struct VFMigration {
   /// RESUMING was entered and no restore has completed since: the device
   /// holds part of another VF's state and must not run until a reset.
   var restorePending = false
+  /// The restore stream RESUMING opened, kept until the restore completes so
+  /// that RESUMING → STOP can tell an incomplete stream from a slow PF.
+  var restoreStream: XeRestoreStream?
   var seed: UInt64 = 0
   var vramChunkSize: UInt64 = 512 << 20
 }
@@ -22,8 +25,10 @@ struct VFMigration {
 /// Each call comes from the connection thread, one direct arc at a time.
 /// Blocking: RUNNING→RUNNING_P2P and RUNNING_P2P→RUNNING wait for the GuC up
 /// to `PFTiming.control` per GT; RESUMING→STOP waits up to
-/// `PFTiming.restore` per GT for the restore to finish; DEVICE_RESET waits up
-/// to `PFTiming.flr` per GT. Stream reads and writes block up to
+/// `PFTiming.restore` per GT for the restore to finish, but only for a
+/// complete stream (the trailer arrived): an incomplete one fails at once
+/// (ENODATA, or EIO when the PF already failed the restore); DEVICE_RESET
+/// waits up to `PFTiming.flr` per GT. Stream reads and writes block up to
 /// `PFTiming.stream`.
 extension SimulatedXeVF: MigrationCapable {
   /// xe has no PRE_COPY: no dirty tracking in the hardware.
@@ -64,11 +69,15 @@ extension SimulatedXeVF: MigrationCapable {
         throw error
       }
       migration.restorePending = true
-      stream = .sink(XeRestoreStream(pf: pf, memory: vramSize > 0 ? memory : nil, id: id))
+      let sink = XeRestoreStream(pf: pf, memory: vramSize > 0 ? memory : nil, id: id)
+      migration.restoreStream = sink
+      stream = .sink(sink)
     case (.resuming, .stop):
       pf.closeStream()
+      if let missing = migration.restoreStream?.missing { try refuseIncompleteRestore(missing) }
       apply(try pf.finishRestoreVF())
       migration.restorePending = false
+      migration.restoreStream = nil
     default:
       throw .invalidArgument
     }
@@ -77,6 +86,25 @@ extension SimulatedXeVF: MigrationCapable {
   }
 
   public func stopCopySize() throws(Errno) -> UInt64 { try pf.stopCopySize() }
+
+  /// RESUMING → STOP on a stream without its trailer. The PF would wait
+  /// `PFTiming.restore` per GT for a trailer that can no longer come (its
+  /// stream is closed) and answer ETIMEDOUT; the framing already says the
+  /// restore cannot complete, so this answers at once: EIO when the PF has
+  /// already failed the restore (the data was bad, which says more), else
+  /// ENODATA. The PF is left as it is, restoring; the device stays in
+  /// RESUMING (the server then stops the VF, `migrationFailed`) and a reset
+  /// returns both to READY.
+  private func refuseIncompleteRestore(_ missing: String) throws(Errno) {
+    if let failed = pf.restoreFailure() {
+      logger.error(
+        "RESUMING → STOP: the restore failed on GT\(failed.gt) (\(failed.cause.name)), and \(missing)"
+      )
+      throw .ioError
+    }
+    logger.error("RESUMING → STOP: the restore is incomplete: \(missing)")
+    throw .noData
+  }
 
   /// `xe_sriov_vfio_error`: the PF stops the VF; only an FLR revives it.
   /// Until then the device reports ERROR.
@@ -161,6 +189,7 @@ extension SimulatedXeVF {
     migration.state = .running
     migration.failed = false
     migration.restorePending = false
+    migration.restoreStream = nil
   }
 
   // MARK: Save and restore
