@@ -16,7 +16,9 @@ import Testing
   "QEMU interop (a real SR-IOV VF: igb in a guest)", .serialized, igbGuestAvailable,
   .timeLimit(.minutes(4)))
 struct IGBGuestTests {
-  static let initScript = """
+  /// The guest's /init; `modules` are inserted in this order.
+  static func initScript(modules: [String]) -> String {
+    """
     #!/bin/busybox sh
     /bin/busybox --install -s /bin
     export PATH=/bin LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
@@ -24,7 +26,7 @@ struct IGBGuestTests {
     mount -t sysfs sysfs /sys
     mount -t devtmpfs devtmpfs /dev
     echo "XEVF: booted $(cut -d' ' -f1 /proc/uptime)"
-    for m in $(cat /lib/modules/order); do
+    for m in \(modules.joined(separator: " ")); do
       insmod /lib/modules/$m.ko || echo "XEVF: error insmod $m"
     done
     pf=""
@@ -49,6 +51,7 @@ struct IGBGuestTests {
     echo vfio-pci > $vf/driver_override
     echo $addr > /sys/bus/pci/drivers_probe
     echo "XEVF: driver $(basename $(readlink $vf/driver))"
+    echo "XEVF: vf-group-devices $(ls $vf/iommu_group/devices | tr '\\n' ' ')"
     /bin/xe-vfio-user serve --device vfio:$addr -s /tmp/g.sock \(KernelGuestTests.serveArguments) 2>/tmp/server.log &
     i=0; while [ ! -S /tmp/g.sock ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
     echo "XEVF: served $(cut -d' ' -f1 /proc/uptime)"
@@ -58,6 +61,7 @@ struct IGBGuestTests {
     echo "XEVF: done $(cut -d' ' -f1 /proc/uptime)"
     poweroff -f
     """
+  }
 
   @Test func aVFOfQEMUsIGBIsServedFromInsideAGuest() throws {
     let binaries = try #require(KernelGuestBinaries.current)
@@ -65,12 +69,12 @@ struct IGBGuestTests {
     let amd64 = try #require(InteropEnvironment.current.amd64)
     let order = try String(contentsOfFile: amd64 + "/modules/order", encoding: .utf8)
       .split(separator: "\n").map(String.init)
+    // The rig is for its directory: its simulated VF is not attached.
     let rig = try Rig("igbvf", qemu: nil)
     defer { rig.close() }
-    let script = Self.initScript.replacingOccurrences(
-      of: "$(cat /lib/modules/order)", with: order.joined(separator: " "))
     let initramfs = try KernelGuestTests.initramfs(
-      server: binaries.server, check: binaries.check, directory: rig.directory, script: script,
+      server: binaries.server, check: binaries.check, directory: rig.directory,
+      script: Self.initScript(modules: order),
       modules: order.map { (name: $0, path: "\(amd64)/modules/\($0).ko") })
     let run = try GuestRun.boot(
       rig: rig, initramfs: initramfs, memory: "512M", append: "intel_iommu=on",
@@ -84,7 +88,8 @@ struct IGBGuestTests {
     let context = "\(run.console.suffix(6000))"
     #expect(lines["error"] == nil, "the guest reported errors: \(lines["error"] ?? [])\n\(context)")
 
-    // The PF under its igb driver, two VFs, VF 0 (devfn 0x28 + offset 0x80) on vfio-pci.
+    // The PF under its igb driver (which keeps one of QEMU's 8 VF pools for itself),
+    // two VFs, VF 0 (devfn 0x28 + VF offset 0x80) on vfio-pci, alone in its IOMMU group.
     #expect(lines["pf"] == ["0000:00:05.0 driver igb totalvfs 7"], "\(context)")
     #expect(lines["numvfs"] == ["2"])
     let vf = try #require(lines["vf"]?.first, "\(context)")
@@ -92,6 +97,7 @@ struct IGBGuestTests {
       vf.hasPrefix("0000:00:15.0 id 0x8086:0x10ca driver none reset-method flr iommu dmar0 group "),
       "\(vf)")
     #expect(lines["driver"] == ["vfio-pci"])
+    #expect(lines["vf-group-devices"] == ["0000:00:15.0"])
     let opened = serverLog.first { $0.contains("kernel VFIO device: ") } ?? ""
     #expect(
       opened.contains("0000:00:15.0 [8086:10ca] driver vfio-pci through group/container"),
