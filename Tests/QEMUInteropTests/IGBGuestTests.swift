@@ -138,6 +138,14 @@ struct IGBGuestTests {
       #expect(set & (1 << 25) != 0 && after & (1 << 25) == 0, "\(reset)")
     }
     #expect(lines["check-done"] != nil, "\(context)")
+    // The server's log: the eventfds went to the kernel as they were, then none; the reset.
+    for line in [
+      "VFIO_DEVICE_SET_IRQS MSI-X TRIGGER [0, +3) eventfds",
+      "VFIO_DEVICE_SET_IRQS MSI-X TRIGGER [0, +0)",
+      "device reset",
+    ] {
+      #expect(serverLog.contains { $0.contains(line) }, "\(line): \(serverLog)")
+    }
     #expect(serverLog.contains { $0.contains("client disconnected") })
 
     print(
