@@ -21,6 +21,9 @@
 #   qemu/bin/qemu-system-x86_64 the wrapper (only then)
 #   guest/vmlinuz, guest/busybox
 #   guest/modules/*.ko          the VFIO modules of that kernel, decompressed
+#   guest/amd64/vmlinuz         the generic amd64 flavour of the same kernel version (it has
+#   guest/amd64/modules/*.ko    igb, which the cloud flavour lacks), igb and the VFIO modules
+#                               with their dependencies, and modules/order (insmod order)
 #   env                         XE_VFU_QEMU=... and friends, for scripts/test.sh and the tests
 #
 # Usage: scripts/install-qemu.sh [--force] [--env]
@@ -292,10 +295,74 @@ install_guest() {
   rm -rf "$GUEST/modules" && mv "$GUEST/modules.new" "$GUEST/modules"
   echo "$kernel" >"$GUEST/kernel-package"
   rm -rf "$work"
-  # The root's apt lists and caches are only needed while downloading.
-  [ -d "$QROOT/var/lib/apt/lists" ] && rm -rf "$QROOT"/var/lib/apt/lists/* "$QROOT"/var/cache/apt/*.bin
   touch "$GUEST/.complete"
   say "        done, $(mb $(($(rx_bytes) - rx))) received"
+}
+
+# The SR-IOV guest test: QEMU's igb (a PF with igbvf VFs) needs the igb driver,
+# which only the generic amd64 flavour has. Same version as the cloud kernel;
+# only vmlinuz and igb + VFIO (with what they depend on) are kept.
+# vfio_iommu_type1 is no dependency of vfio-pci (VFIO requests it when a container is set up).
+IGB_MODULES=(igb vfio-pci vfio_iommu_type1)
+
+install_guest_amd64() {
+  local dir=$GUEST/amd64
+  if [ -f "$dir/.complete" ] && [ -s "$dir/vmlinuz" ] && [ -s "$dir/modules/order" ]; then return; fi
+  local cloud kernel work rx
+  cloud=$(cat "$GUEST/kernel-package")
+  kernel=${cloud%-cloud-amd64}-amd64
+  [ "$kernel" != "$cloud" ] || die "unexpected cloud kernel package name $cloud"
+  work=$GUEST/download-amd64
+  rm -rf "$work" && mkdir -p "$work"
+  say "SR-IOV guest: downloading $kernel from Debian (about 109 MB; only vmlinuz and igb + VFIO modules are kept)"
+  rx=$(rx_bytes)
+  # The package indexes are still there when the cloud kernel was fetched in this run.
+  if [ -f "$CACHE/qemu/.complete" ] && [ "$QEMU" = "$WRAPPER" ] &&
+    ! ls "$QROOT"/var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then
+    chroot "$QROOT" apt-get update -qq >>"$GUEST/apt.log" 2>&1
+  fi
+  apt_download "$work" "$kernel" || die "downloading $kernel failed (log: $GUEST/apt.log)"
+  local deb=("$work"/*.deb)
+  # The package has no modules.dep (depmod makes it on install): each module's
+  # dependencies come from its own modinfo "depends=" field.
+  dpkg-deb --fsys-tarfile "${deb[0]}" >"$work/data.tar" && rm -f "${deb[@]}"
+  tar -tf "$work/data.tar" | grep -E '/modules/[^/]+/kernel/.*\.ko(\.xz)?$' >"$work/index"
+  tar -xf "$work/data.tar" -C "$work" --wildcards './boot/vmlinuz-*'
+  local order=() wanted=() seen=" " name
+  resolve() {  # $1: a module name; "-" and "_" are the same
+    local m=${1//-/_} path file deps dep
+    case "$seen" in *" $m "*) return ;; esac
+    seen+="$m "
+    path=$(awk -v m="$m" '{ n = $0; sub(/.*\//, "", n); sub(/\.ko(\.xz)?$/, "", n); gsub(/-/, "_", n); if (n == m) { print; exit } }' "$work/index")
+    [ -n "$path" ] || die "$kernel has no $m module"
+    tar -xf "$work/data.tar" -C "$work" "$path"
+    file=$work/${path#./}
+    case "$file" in
+      *.xz) xz -dc "$file" >"$file.ko" ;;
+      *) cp "$file" "$file.ko" ;;
+    esac
+    deps=$(tr '\0' '\n' <"$file.ko" | sed -n 's/^depends=//p' | head -n1)
+    for dep in ${deps//,/ }; do resolve "$dep"; done
+    order+=("$m") wanted+=("$file.ko")
+  }
+  for name in "${IGB_MODULES[@]}"; do resolve "$name"; done
+  rm -rf "$dir.new" && mkdir -p "$dir.new/modules"
+  cp "$(ls "$work"/boot/vmlinuz-* | head -n1)" "$dir.new/vmlinuz" && chmod 0644 "$dir.new/vmlinuz"
+  local i
+  for i in "${!order[@]}"; do mv "${wanted[$i]}" "$dir.new/modules/${order[$i]}.ko"; done
+  printf '%s\n' "${order[@]}" >"$dir.new/modules/order"
+  echo "$kernel" >"$dir.new/kernel-package"
+  touch "$dir.new/.complete"
+  rm -rf "$dir" && mv "$dir.new" "$dir"
+  rm -rf "$work"
+  say "        done, $(mb $(($(rx_bytes) - rx))) received"
+}
+
+# The root's apt lists and caches are only needed while downloading.
+clean_root_apt() {
+  if [ -d "$QROOT/var/lib/apt/lists" ]; then
+    rm -rf "$QROOT"/var/lib/apt/lists/* "$QROOT"/var/cache/apt/*.bin
+  fi
 }
 
 # ---------------------------------------------------------------- example checkers
@@ -332,6 +399,8 @@ smoke_test "$QEMU" || die "the QEMU at $QEMU does not run"
 version=$(qemu_version "$QEMU")
 say "QEMU $version with vfio-user-pci: $QEMU ($QEMU_KIND)"
 install_guest
+install_guest_amd64
+clean_root_apt
 install_checkers
 
 cat >"$ENVFILE.new" <<EOF
@@ -340,6 +409,7 @@ XE_VFU_QEMU_VERSION=$version
 XE_VFU_GUEST_KERNEL=$GUEST/vmlinuz
 XE_VFU_GUEST_BUSYBOX=$GUEST/busybox
 XE_VFU_GUEST_MODULES=$GUEST/modules
+XE_VFU_GUEST_AMD64=$GUEST/amd64
 EOF
 mv -f "$ENVFILE.new" "$ENVFILE"
 elapsed=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')

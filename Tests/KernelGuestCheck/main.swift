@@ -6,6 +6,8 @@
 // on the first failure it cannot report as a line.
 //
 // Usage: xe-vfu-guest-check SOCKET PCI-ADDRESS
+//        xe-vfu-guest-check --map SOCKET LABEL
+//        xe-vfu-guest-check --igb SOCKET VF-ADDRESS   (an igb VF: IGB.swift)
 //
 // Built static (release, --static-swift-stdlib) and copied into the initramfs
 // with the dynamic libraries it needs. It uses only the client library, not
@@ -79,12 +81,16 @@ let arguments = CommandLine.arguments
 /// server whose RLIMIT_MEMLOCK is too small refuses it; one whose last client left the same
 /// window mapped must have unmapped it from the IOMMU).
 let mapOnly = arguments.count == 4 && arguments[1] == "--map"
-guard arguments.count == 3 || mapOnly else {
-  say("error usage: xe-vfu-guest-check SOCKET PCI-ADDRESS | --map SOCKET LABEL")
+/// `--igb SOCKET VF-ADDRESS`: the checks for an SR-IOV VF of QEMU's igb (IGB.swift).
+let igbMode = arguments.count == 4 && arguments[1] == "--igb"
+guard arguments.count == 3 || mapOnly || igbMode else {
+  say(
+    "error usage: xe-vfu-guest-check SOCKET PCI-ADDRESS | --map SOCKET LABEL | --igb SOCKET VF-ADDRESS"
+  )
   exit(2)
 }
-let socket = mapOnly ? arguments[2] : arguments[1]
-let address = arguments[2]
+let socket = mapOnly || igbMode ? arguments[2] : arguments[1]
+let address = igbMode ? arguments[3] : arguments[2]
 
 /// Connects, waiting for a server that starts in the background.
 func connect() -> VFIOUserClient {
@@ -114,6 +120,10 @@ if mapOnly {
       fd: fd)
   }
   say("\(arguments[3]) \(result)")
+  exit(0)
+}
+if igbMode {
+  igbVFChecks(client, address: address)
   exit(0)
 }
 let info = must("DEVICE_GET_INFO") { () throws(VFIOUserClientError) in try client.deviceInfo() }

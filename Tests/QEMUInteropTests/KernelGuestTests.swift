@@ -87,9 +87,13 @@ struct KernelGuestTests {
     poweroff -f
     """
 
-  /// The initramfs: busybox, the VFIO modules, both binaries (stripped), the
-  /// dynamic loader and the libraries they need, /init.
-  static func initramfs(server: String, check: String, directory: String) throws -> [UInt8] {
+  /// The initramfs: busybox, the VFIO modules (or `modules`: name and path),
+  /// both binaries (stripped), the dynamic loader and the libraries they need,
+  /// /init (`script`).
+  static func initramfs(
+    server: String, check: String, directory: String, script: String = initScript,
+    modules custom: [(name: String, path: String)]? = nil
+  ) throws -> [UInt8] {
     let env = InteropEnvironment.current
     let read = { (path: String) in [UInt8](try Data(contentsOf: URL(fileURLWithPath: path))) }
     var archive = CPIOArchive()
@@ -116,10 +120,12 @@ struct KernelGuestTests {
       archive.file(String(library.dropFirst()), try read(library), mode: 0o100755)
     }
     let modules = try #require(env.guestModules)
-    for name in GuestVFIOModules.names {
-      archive.file("lib/modules/\(name).ko", try read("\(modules)/\(name).ko"))
+    for (name, path) in custom
+      ?? GuestVFIOModules.names.map({ (name: $0, path: "\(modules)/\($0).ko") })
+    {
+      archive.file("lib/modules/\(name).ko", try read(path))
     }
-    archive.file("init", Array(initScript.utf8), mode: 0o100755)
+    archive.file("init", Array(script.utf8), mode: 0o100755)
     return archive.finish()
   }
 

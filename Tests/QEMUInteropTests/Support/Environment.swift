@@ -12,6 +12,9 @@ struct InteropEnvironment: Sendable {
   var busybox: String?
   /// The guest kernel's VFIO modules, decompressed (`GuestVFIOModules.names`).
   var guestModules: String?
+  /// The generic amd64 flavour of the guest kernel, which has igb: `vmlinuz` and
+  /// `modules/*.ko` with `modules/order` (the insmod order).
+  var amd64: String?
   /// A C compiler that links statically, for the vIOMMU guest's program.
   var compiler: String?
   /// The built `xe-vfio-user`.
@@ -22,6 +25,7 @@ struct InteropEnvironment: Sendable {
   var qemuMissing: String?
   var guestMissing: String?
   var viommuMissing: String?
+  var amd64Missing: String?
 
   static let current = InteropEnvironment.load()
 
@@ -51,6 +55,10 @@ struct InteropEnvironment: Sendable {
         ?? settings["XE_VFU_GUEST_KERNEL"].map {
           URL(fileURLWithPath: $0).deletingLastPathComponent().path + "/modules"
         },
+      amd64: settings["XE_VFU_GUEST_AMD64"]
+        ?? settings["XE_VFU_GUEST_KERNEL"].map {
+          URL(fileURLWithPath: $0).deletingLastPathComponent().path + "/amd64"
+        },
       compiler: settings["XE_VFU_CC"] ?? findInPath("gcc"),
       server: locateServer(root: root), root: root)
     if let qemu = env.qemu {
@@ -79,6 +87,14 @@ struct InteropEnvironment: Sendable {
       env.viommuMissing = "no VFIO modules for the guest kernel: run scripts/install-qemu.sh"
     } else if env.compiler == nil {
       env.viommuMissing = "no gcc to build the guest's VFIO program (set XE_VFU_CC to another)"
+    }
+    if env.guestMissing != nil {
+      env.amd64Missing = env.guestMissing
+    } else if !(env.amd64.map {
+      files.fileExists(atPath: "\($0)/vmlinuz") && files.fileExists(atPath: "\($0)/modules/order")
+    } ?? false) {
+      env.amd64Missing =
+        "no amd64 guest kernel with igb (the cloud flavour has none): run scripts/install-qemu.sh"
     }
     return env
   }

@@ -20,14 +20,15 @@ struct GuestRun {
   /// What to show when the guest did not finish.
   var failureReport: String { "guest did not finish in time\n\(console.suffix(3000))\n\(qemuLog)" }
 
-  /// Boots `kernel` with `initramfs`; `devices` come before the VF (an IOMMU
-  /// must precede the devices it translates for).
+  /// Boots `kernel` (the installed cloud kernel by default) with `initramfs`;
+  /// `devices` come before the VF (an IOMMU must precede the devices it
+  /// translates for). Without `vfioUser` the rig's VF is not attached.
   static func boot(
     rig: Rig, initramfs: [UInt8], memory: String = "256M", append: String = "",
-    devices: [String] = []
+    devices: [String] = [], kernel: String? = nil, vfioUser: Bool = true
   ) throws -> GuestRun {
     let env = InteropEnvironment.current
-    let kernel = try #require(env.kernel)
+    let kernel = try kernel ?? #require(env.kernel)
     let initrd = rig.directory + "/initrd.cpio"
     try Data(initramfs).write(to: URL(fileURLWithPath: initrd))
     let serial = rig.directory + "/serial.log"
@@ -42,9 +43,12 @@ struct GuestRun {
         "-display", "none", "-nodefaults", "-no-reboot", "-serial", "file:\(serial)",
         "-kernel", kernel, "-initrd", initrd,
         "-append", "console=ttyS0 panic=-1 quiet \(append)",
-        "-device",
-        #"{"driver":"vfio-user-pci","id":"xevf0","socket":{"path":"\#(rig.server.socketPath)","type":"unix"},"addr":"0x4"}"#,
       ]
+      + (vfioUser
+        ? [
+          "-device",
+          #"{"driver":"vfio-user-pci","id":"xevf0","socket":{"path":"\#(rig.server.socketPath)","type":"unix"},"addr":"0x4"}"#,
+        ] : [])
     // The installed wrapper shares /tmp; the kernel's directory is shared on request.
     let qemu = try ChildProcess(
       executable: try #require(env.qemu), arguments: arguments,
