@@ -48,11 +48,6 @@ public class KernelVFIOBackend: VFIODeviceBackend {
       pageSizes: sizes == 0 ? 4096 : sizes,
       maxWindows: device.iommu.mappingsAvailable ?? DMALimits.unrestricted.maxWindows,
       iovaRanges: device.iommu.iovaRanges)
-    for region in device.regions where region.msixMappable {
-      logger.debug(
-        "\(VFIOPCIRegion.name(region.index)): the kernel allows mmap over its MSI-X table; the server's region description cannot say so, so clients keep trapping the table page"
-      )
-    }
   }
 
   /// The server's view of a kernel region: same size and permissions, the
@@ -73,7 +68,7 @@ public class KernelVFIOBackend: VFIODeviceBackend {
     return RegionDescription(
       index: region.index, size: region.size, readable: region.size > 0 && region.readable,
       writable: region.size > 0 && region.writable, mmap: mmap, sparseAreas: areas,
-      type: region.type)
+      type: region.type, msixMappable: mmap != nil && region.msixMappable)
   }
 
   // MARK: Description

@@ -26,11 +26,15 @@ public struct RegionDescription: Sendable, Equatable {
   public var sparseAreas: [SparseMmapArea]
   /// A device-specific region's VFIO_REGION_INFO_CAP_TYPE.
   public var type: (type: UInt32, subtype: UInt32)?
+  /// The MSI-X table inside this region may be mmapped too
+  /// (VFIO_REGION_INFO_CAP_MSIX_MAPPABLE), so a client need not trap its page.
+  public var msixMappable: Bool
 
   public init(
     index: UInt32, size: UInt64, readable: Bool = true, writable: Bool = true,
     mmap: MmapSource? = nil,
-    sparseAreas: [SparseMmapArea] = [], type: (type: UInt32, subtype: UInt32)? = nil
+    sparseAreas: [SparseMmapArea] = [], type: (type: UInt32, subtype: UInt32)? = nil,
+    msixMappable: Bool = false
   ) {
     self.index = index
     self.size = size
@@ -39,12 +43,13 @@ public struct RegionDescription: Sendable, Equatable {
     self.mmap = mmap
     self.sparseAreas = sparseAreas
     self.type = type
+    self.msixMappable = msixMappable
   }
 
   public static func == (a: Self, b: Self) -> Bool {
     a.index == b.index && a.size == b.size && a.readable == b.readable && a.writable == b.writable
       && a.mmap == b.mmap && a.sparseAreas == b.sparseAreas && a.type?.type == b.type?.type
-      && a.type?.subtype == b.type?.subtype
+      && a.type?.subtype == b.type?.subtype && a.msixMappable == b.msixMappable
   }
 }
 

@@ -223,6 +223,7 @@ extension Connection {
         info.flags |= VFIORegionFlags.mmap
         info.offset = mmap.offset
         if !region.sparseAreas.isEmpty { info.capabilities.append(.sparseMmap(region.sparseAreas)) }
+        if region.msixMappable { info.capabilities.append(.msixMappable) }
       }
       if let type = region.type {
         info.capabilities.append(.type(type: type.type, subtype: type.subtype))

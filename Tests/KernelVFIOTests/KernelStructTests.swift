@@ -163,6 +163,14 @@ struct RegionInfoTests {
     #expect(s.mmap == MmapSource(fd: FileDescriptor(rawValue: 42), offset: 0))
     #expect(s.sparseAreas == sparse.sparseAreas)
 
+    // MSIX_MAPPABLE reaches the client with the mapping, and only with one.
+    var msix = sparse
+    msix.msixMappable = true
+    #expect(KernelVFIOBackend.describe(msix, deviceFD: 42).msixMappable)
+    var unmappable = msix
+    unmappable.flags &= ~VFIORegionFlags.mmap
+    #expect(!KernelVFIOBackend.describe(unmappable, deviceFD: 42).msixMappable)
+
     // A sparse capability with no (non-empty) areas: nothing may be mapped.
     let none = KernelRegionInfo(
       index: 0, flags: rw | VFIORegionFlags.mmap | VFIORegionFlags.caps, size: 4096, offset: 0,

@@ -67,6 +67,29 @@ struct RegionTests {
     }
   }
 
+  /// MSIX_MAPPABLE follows the mapping: offered with it, never without it.
+  @Test func msixMappableRegionsSaySo() throws {
+    let device = TestDevice()
+    device.bar2MSIXMappable = true
+    try withServer(device) { server, _ in
+      do {
+        let (info, fd) = try server.connect().regionInfo(2)
+        if let fd { close(fd) }
+        #expect(info.capabilities.contains(.msixMappable))
+        #expect(info.capabilities.contains { if case .sparseMmap = $0 { true } else { false } })
+      }
+      #expect(server.waitFor { !$0.clientConnected })
+      // No descriptors, no mapping, so no MSI-X table to map either.
+      let (bare, fd) = try server.connect(capabilities: Capabilities(maxMsgFDs: 0)).regionInfo(2)
+      #expect(fd == nil && bare.capabilities.isEmpty)
+    }
+    try withServer(TestDevice()) { server, _ in
+      let (info, fd) = try server.connect().regionInfo(2)
+      if let fd { close(fd) }
+      #expect(!info.capabilities.contains(.msixMappable))
+    }
+  }
+
   @Test func plainRegionsAndErrors() throws {
     try withServer(TestDevice()) { server, _ in
       let client = try server.connect()

@@ -72,6 +72,9 @@ class TestDevice: VFIODeviceBackend {
   var regionCount: UInt32 { 9 }
   var irqCount: UInt32 { 5 }
 
+  /// BAR2 holds an MSI-X table the client may map (VFIO_REGION_INFO_CAP_MSIX_MAPPABLE).
+  var bar2MSIXMappable = false
+
   func region(_ index: UInt32) -> RegionDescription? {
     switch index {
     case 0: RegionDescription(index: 0, size: 4096)
@@ -81,7 +84,7 @@ class TestDevice: VFIODeviceBackend {
         mmap: MmapSource(fd: FileDescriptor(rawValue: memfd), offset: 0),
         sparseAreas: [
           SparseMmapArea(offset: 0, size: 0x4000), SparseMmapArea(offset: 0x8000, size: 0x8000),
-        ])
+        ], msixMappable: bar2MSIXMappable)
     case 6: RegionDescription(index: 6, size: 4096, readable: true, writable: false)
     case 7: RegionDescription(index: 7, size: 256)
     default: RegionDescription(index: index, size: 0, readable: false, writable: false)
