@@ -12,13 +12,7 @@ import XeVF
 @Suite("QEMU interop (Linux guest)", .serialized, guestAvailable, .timeLimit(.minutes(4)))
 struct GuestBootTests {
   static let initScript = """
-    #!/bin/busybox sh
-    /bin/busybox --install -s /bin
-    export PATH=/bin
-    mount -t proc proc /proc
-    mount -t sysfs sysfs /sys
-    mount -t devtmpfs devtmpfs /dev
-    echo "XEVF: booted $(cut -d' ' -f1 /proc/uptime)"
+    \(GuestRun.initPreamble())
     dev=""
     for d in /sys/bus/pci/devices/*; do
       [ "$(cat $d/vendor)" = 0x8086 ] && [ "$(cat $d/device)" = 0xe211 ] && dev=$d

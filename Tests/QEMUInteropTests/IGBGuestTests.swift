@@ -19,16 +19,7 @@ struct IGBGuestTests {
   /// The guest's /init; `modules` are inserted in this order.
   static func initScript(modules: [String]) -> String {
     """
-    #!/bin/busybox sh
-    /bin/busybox --install -s /bin
-    export PATH=/bin LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
-    mount -t proc proc /proc
-    mount -t sysfs sysfs /sys
-    mount -t devtmpfs devtmpfs /dev
-    echo "XEVF: booted $(cut -d' ' -f1 /proc/uptime)"
-    for m in \(modules.joined(separator: " ")); do
-      insmod /lib/modules/$m.ko || echo "XEVF: error insmod $m"
-    done
+    \(GuestRun.initPreamble(environment: "PATH=/bin LD_LIBRARY_PATH=/lib/x86_64-linux-gnu", modules: modules))
     pf=""
     for d in /sys/bus/pci/devices/*; do
       [ "$(cat $d/vendor)" = 0x8086 ] && [ "$(cat $d/device)" = 0x10c9 ] && pf=$d

@@ -26,16 +26,7 @@ struct KernelGuestTests {
   static let serveArguments = "--on-disconnect keep --quiet --log-level debug"
 
   static let initScript = """
-    #!/bin/busybox sh
-    /bin/busybox --install -s /bin
-    export PATH=/bin LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
-    mount -t proc proc /proc
-    mount -t sysfs sysfs /sys
-    mount -t devtmpfs devtmpfs /dev
-    echo "XEVF: booted $(cut -d' ' -f1 /proc/uptime)"
-    for m in \(GuestVFIOModules.names.joined(separator: " ")); do
-      insmod /lib/modules/$m.ko || echo "XEVF: error insmod $m"
-    done
+    \(GuestRun.initPreamble(environment: "PATH=/bin LD_LIBRARY_PATH=/lib/x86_64-linux-gnu", modules: GuestVFIOModules.names))
     dev=""
     for d in /sys/bus/pci/devices/*; do
       [ "$(cat $d/vendor)" = 0x8086 ] && [ "$(cat $d/device)" = 0xe211 ] && dev=$d

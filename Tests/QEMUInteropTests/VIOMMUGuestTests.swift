@@ -14,16 +14,7 @@ struct VIOMMUGuestTests {
   /// THP is off by default below 512 MiB of RAM; the program's second buffer asks
   /// for a huge page with madvise.
   static let initScript = """
-    #!/bin/busybox sh
-    /bin/busybox --install -s /bin
-    export PATH=/bin
-    mount -t proc proc /proc
-    mount -t sysfs sysfs /sys
-    mount -t devtmpfs devtmpfs /dev
-    echo "XEVF: booted $(cut -d' ' -f1 /proc/uptime)"
-    for m in \(GuestVFIOModules.names.joined(separator: " ")); do
-      insmod /lib/modules/$m.ko || echo "XEVF: error insmod $m"
-    done
+    \(GuestRun.initPreamble(modules: GuestVFIOModules.names))
     echo madvise > /sys/kernel/mm/transparent_hugepage/enabled
     dev=""
     for d in /sys/bus/pci/devices/*; do

@@ -14,6 +14,26 @@ struct GuestRun {
   var finished: Bool
   var qemuLog: String
 
+  /// How every test guest's /init starts: busybox's applets on PATH, /proc,
+  /// /sys and /dev mounted, the first report line, then `modules` (from
+  /// /lib/modules) loaded in order. Ends with a newline.
+  static func initPreamble(environment: String = "PATH=/bin", modules: [String] = []) -> String {
+    var script = """
+      #!/bin/busybox sh
+      /bin/busybox --install -s /bin
+      export \(environment)
+      mount -t proc proc /proc
+      mount -t sysfs sysfs /sys
+      mount -t devtmpfs devtmpfs /dev
+      echo "XEVF: booted $(cut -d' ' -f1 /proc/uptime)"
+
+      """
+    for module in modules {
+      script += "insmod /lib/modules/\(module).ko || echo \"XEVF: error insmod \(module)\"\n"
+    }
+    return script
+  }
+
   /// The guest's uptime at `done`, or -1.
   var uptime: Double { lines["done"]?.first.flatMap { Double($0) } ?? -1 }
 
