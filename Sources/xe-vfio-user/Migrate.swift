@@ -104,7 +104,7 @@ struct Migrate: ParsableCommand {
     } catch {
       printError("warning: \(destinationEnd): could not reset the destination: \(describe(error))")
     }
-    resumeSource(source, end: sourceEnd)
+    resumeSource(source, option: "--from", path: from)
   }
 }
 
@@ -112,14 +112,15 @@ struct Migrate: ParsableCommand {
 /// drains what was left of the stream, so the VF resumes with all its state.
 /// A source that cannot resume is left as it is, with its state, rather than
 /// reset: the message says how to retry.
-func resumeSource(_ source: VFIOUserClient, end: String) {
+func resumeSource(_ source: VFIOUserClient, option: String, path: String) {
+  let end = "\(option) \(path)"
   do {
     try source.setMigrationState(.running)
     printError("source \(end) is RUNNING again, with its state")
   } catch {
     let state = (try? source.migrationState()).map { "\($0)" } ?? "an unknown state"
     printError(
-      "warning: \(end): the source could not return to RUNNING (\(describe(error))); it is left in \(state) with its state: retry with `xe-vfio-user resume -s \(end.split(separator: " ").last ?? "")`"
+      "warning: \(end): the source could not return to RUNNING (\(describe(error))); it is left in \(state) with its state: retry with `xe-vfio-user resume -s \(path)`"
     )
   }
 }
@@ -183,7 +184,7 @@ struct Save: ParsableCommand {
       out.abandon()
       printError("save failed: \(error)")
       if stopped {
-        resumeSource(client, end: end)
+        resumeSource(client, option: "-s", path: socketPath)
       } else {
         printError("the device was not stopped: it is RUNNING with its state")
       }
