@@ -134,22 +134,14 @@ struct MTTYGuestTests {
   }
 }
 
-let mttyGuestAvailable = ConditionTrait.enabled(
-  if: KernelGuestBinaries.missing == nil && InteropEnvironment.current.mttyMissing == nil,
-  Comment(
-    rawValue:
-      "guest boot skipped: \(KernelGuestBinaries.missing ?? InteropEnvironment.current.mttyMissing ?? "")"
-  ))
+let mttyGuestAvailable = GuestAvailability.trait(
+  KernelGuestBinaries.missing ?? InteropEnvironment.current.mttyMissing)
 
 @Suite("mtty guest availability")
 struct MTTYGuestAvailabilityTests {
-  /// As the other guest tests: skipped loudly locally, a failure on CI.
   @Test func theMttyGuestRunsOnCI() {
-    let missing = KernelGuestBinaries.missing ?? InteropEnvironment.current.mttyMissing
-    if InteropEnvironment.isCI {
-      #expect(missing == nil, "CI must run the mtty guest test: \(missing ?? "")")
-    } else if let missing {
-      print("⚠️  the mtty guest test is SKIPPED: \(missing)")
-    }
+    GuestAvailability.check(
+      "mtty guest test",
+      missing: KernelGuestBinaries.missing ?? InteropEnvironment.current.mttyMissing)
   }
 }
