@@ -457,9 +457,9 @@ extension Connection {
     fds = FDList()
     var file: OwnedFileDescriptor? = nil
     if let lent { file = OwnedFileDescriptor(taking: lent) }
-    let window: DMAWindow
+    let entry: DMATable.Entry
     do throws(Errno) {
-      window = try dma.prepare(request, file: lent)
+      entry = try dma.prepare(request, file: lent)
     } catch {
       if error == .outOfRange {
         logger.warning(
@@ -468,7 +468,8 @@ extension Connection {
       }
       throw error
     }
-    try dma.insert(window)
+    try dma.insert(entry)
+    let window = entry.window
     do throws(Errno) {
       try backend.dmaMap(window, file: file)
     } catch {
