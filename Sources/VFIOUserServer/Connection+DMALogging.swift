@@ -47,9 +47,10 @@ extension Connection {
 
     default:  // DMA_LOGGING_REPORT
       let asked = try DMALoggingReportData(decoding: request.data)
-      guard let session = dmaLogging else { throw .invalidArgument }
+      // The kernel's order: page size, overflow, then the device (nothing logged: EINVAL).
       let size = try DMALogRules.checkReport(
-        iova: asked.iova, length: asked.length, pageSize: asked.pageSize, logged: session.ranges)
+        iova: asked.iova, length: asked.length, pageSize: asked.pageSize,
+        logged: dmaLogging?.ranges ?? [])
       let payloadSize = DeviceFeaturePayload.fixedSize + DMALoggingReportData.fixedSize + size
       // argsz too small for the bitmap, as the kernel's iova_bitmap would fault on it.
       guard Int(request.argsz) >= payloadSize else { throw .invalidArgument }

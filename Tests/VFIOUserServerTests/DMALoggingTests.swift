@@ -269,4 +269,28 @@ struct DMALoggingTests {
       #expect(try report(client) == [0])
     }
   }
+
+  /// The DMA logging entries of protocol/malformed.json on a device that
+  /// logs (the corpus suite sends them to one that does not: ENOTTY).
+  @Test func malformedCorpusEntriesOnADeviceThatLogs() throws {
+    let entries = SocketCorpus.cases.filter { $0.expectNoDMALogging != nil }
+    #expect(entries.count >= 10)
+    try withVF { server, guest in
+      let client = try connect(server, guest)
+      for entry in entries {
+        let bytes = try entry.message()
+        try client.sendRaw(bytes)
+        let reply = try #require(try client.receiveMessage(timeoutMilliseconds: 5000))
+        let errno = try #require(Errno(name: entry.expect), "\(entry.name)")
+        MalformedCorpusSocketTests.expectErrorReply(
+          reply, to: RawHeader(bytes), errno: errno, name: entry.name)
+      }
+      // None of them started logging; the connection still serves.
+      expectServerError(.invalidArgument) { _ = try report(client) }
+      try client.startDMALogging(
+        pageSize: Self.page,
+        ranges: [DMALoggingRange(iova: Self.guestBase, length: UInt64(Self.guestSize))])
+      #expect(try report(client) == [])
+    }
+  }
 }
