@@ -52,6 +52,25 @@ public protocol IOMMUDomain: AnyObject {
     throws(Errno)
   /// Unmaps `[iova, iova + size)`; returns the bytes the kernel unmapped.
   @discardableResult func unmap(iova: UInt64, size: UInt64) throws(Errno) -> UInt64
+  /// The domain's dirty-page tracking, when the kernel offers it.
+  var dirtyTracking: IOMMUDirtyTracking? { get }
+}
+
+extension IOMMUDomain {
+  public var dirtyTracking: IOMMUDirtyTracking? { nil }
+}
+
+/// A type1 container's dirty-page tracking (VFIO_IOMMU_DIRTY_PAGES): the
+/// pages the devices behind it wrote (or, for a device that cannot tell, every
+/// pinned page), per mapping, in `pageSize` pages.
+public protocol IOMMUDirtyTracking: AnyObject {
+  /// The bitmaps' page: the IOMMU's smallest page, which the kernel requires.
+  var dirtyPageSize: UInt64 { get }
+  func startDirtyTracking() throws(Errno)
+  func stopDirtyTracking() throws(Errno)
+  /// The dirty pages of [iova, iova + size), which must not cut a mapping,
+  /// as little-endian u64 words; reading clears them.
+  func dirtyBitmap(iova: UInt64, size: UInt64) throws(Errno) -> [UInt64]
 }
 
 /// The legacy path: /dev/vfio/vfio (a container with the type1v2 IOMMU) and /dev/vfio/N (the group).
@@ -180,6 +199,50 @@ public final class Type1Container: IOMMUDomain {
     u.put(size, at: 16)
     try kernelIoctl(container, VFIOIoctl.iommuUnmapDMA, &u)
     return u.u64(16)
+  }
+
+  /// Present when VFIO_IOMMU_GET_INFO has the migration capability.
+  public var dirtyTracking: IOMMUDirtyTracking? { info.dirtyPageSizes != nil ? self : nil }
+}
+
+extension Type1Container: IOMMUDirtyTracking {
+  public var dirtyPageSize: UInt64 {
+    let sizes = info.dirtyPageSizes ?? info.pageSizes
+    return sizes == 0 ? 4096 : sizes & (~sizes &+ 1)
+  }
+
+  public func startDirtyTracking() throws(Errno) { try dirtyPages(VFIOKernel.dirtyPagesStart) }
+  public func stopDirtyTracking() throws(Errno) { try dirtyPages(VFIOKernel.dirtyPagesStop) }
+
+  private func dirtyPages(_ flag: UInt32) throws(Errno) {
+    var request = KernelBytes(count: 8)
+    request.put(UInt32(8), at: 0)
+    request.put(flag, at: 4)
+    try kernelIoctl(container, VFIOIoctl.iommuDirtyPages, &request)
+  }
+
+  /// VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP: `vfio_iommu_type1_dirty_bitmap`
+  /// with a `vfio_iommu_type1_dirty_bitmap_get` {iova, size, {pgsize, size, data}}.
+  public func dirtyBitmap(iova: UInt64, size: UInt64) throws(Errno) -> [UInt64] {
+    let page = dirtyPageSize
+    let pages = size / page
+    var words = [UInt64](repeating: 0, count: Int((pages + 63) / 64))
+    var request = KernelBytes(count: 48)
+    request.put(UInt32(48), at: 0)
+    request.put(VFIOKernel.dirtyPagesGetBitmap, at: 4)
+    request.put(iova, at: 8)
+    request.put(size, at: 16)
+    request.put(page, at: 24)
+    request.put(UInt64(words.count * 8), at: 32)
+    let result: Result<Void, Errno> = words.withUnsafeMutableBytes { raw in
+      request.put(UInt64(UInt(bitPattern: raw.baseAddress)), at: 40)
+      do throws(Errno) {
+        try kernelIoctl(container, VFIOIoctl.iommuDirtyPages, &request)
+        return .success(())
+      } catch { return .failure(error) }
+    }
+    try result.get()
+    return words.map { UInt64(littleEndian: $0) }
   }
 }
 

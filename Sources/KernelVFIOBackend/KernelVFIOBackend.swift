@@ -26,6 +26,9 @@ public class KernelVFIOBackend: VFIODeviceBackend {
   public let regionDescriptions: [RegionDescription]
   /// The IOMMU's page sizes, the mappings it still takes, and its IOVA ranges.
   public let dmaLimits: DMALimits
+  /// The windows in the IOMMU, by address: what DMA logging gathers from.
+  var mappedWindows: [UInt64: DMAWindow] = [:]
+  let dmaLog: KernelDMALog
 
   /// A migratable device gets the subclass, which the server recognises as `MigrationCapable`.
   public static func make(
@@ -48,6 +51,8 @@ public class KernelVFIOBackend: VFIODeviceBackend {
       pageSizes: sizes == 0 ? 4096 : sizes,
       maxWindows: device.iommu.mappingsAvailable ?? DMALimits.unrestricted.maxWindows,
       iovaRanges: device.iommu.iovaRanges)
+    dmaLog = KernelDMALog(tracking: device.iommu.dirtyTracking)
+    logger.info("DMA logging: \(dmaLog.method)")
   }
 
   /// The server's view of a kernel region: same size and permissions, the
@@ -176,6 +181,7 @@ public class KernelVFIOBackend: VFIODeviceBackend {
       }
       throw error
     }
+    mappedWindows[window.address] = window
   }
 
   /// Unmaps the windows from the IOMMU, all or nothing: when the kernel
@@ -183,6 +189,8 @@ public class KernelVFIOBackend: VFIODeviceBackend {
   /// still the server's) and the error goes to the client, whose windows all
   /// stay.
   public func dmaUnmap(_ windows: [DMAWindow]) throws(Errno) {
+    // What they dirtied is gathered first (kept in the log even if the unmap is refused).
+    dmaLog.unmapping(windows.filter { mappedWindows[$0.address] != nil })
     var done: [DMAWindow] = []
     // A window without a file never reached the IOMMU.
     for window in windows where window.mapping != nil {
@@ -205,10 +213,29 @@ public class KernelVFIOBackend: VFIODeviceBackend {
         throw error
       }
     }
+    for window in windows { mappedWindows[window.address] = nil }
   }
 
   static func describe(_ window: DMAWindow) -> String {
     "DMA_MAP [0x\(String(window.address, radix: 16)), +0x\(String(window.size, radix: 16))]"
+  }
+}
+
+extension KernelVFIOBackend: DMALoggingCapable {
+  public var dmaLoggingMethod: String { dmaLog.method }
+
+  public func startDMALogging(pageSize: UInt64, ranges: [DMALoggingRange]) throws(Errno) {
+    try dmaLog.start(pageSize: pageSize, ranges: ranges)
+  }
+
+  public func stopDMALogging() { dmaLog.stop() }
+
+  public func reportDMALog(
+    iova: UInt64, length: UInt64, pageSize: UInt64, into bitmap: UnsafeMutableRawBufferPointer
+  ) throws(Errno) {
+    try dmaLog.report(
+      iova: iova, length: length, pageSize: pageSize, into: bitmap,
+      windows: Array(mappedWindows.values))
   }
 }
 
