@@ -52,7 +52,6 @@ public class KernelVFIOBackend: VFIODeviceBackend {
       maxWindows: device.iommu.mappingsAvailable ?? DMALimits.unrestricted.maxWindows,
       iovaRanges: device.iommu.iovaRanges)
     dmaLog = KernelDMALog(tracking: device.iommu.dirtyTracking)
-    logger.info("DMA logging: \(dmaLog.method)")
   }
 
   /// The server's view of a kernel region: same size and permissions, the
