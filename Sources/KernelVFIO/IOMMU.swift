@@ -16,6 +16,21 @@ func kernelIoctl(_ fd: Int32, _ request: UInt, _ bytes: inout KernelBytes) throw
   }
 }
 
+/// ioctl with a structure whose u64 at `pointerAt` points to `buffer`, which the kernel fills.
+func kernelIoctl(
+  _ fd: Int32, _ request: UInt, _ bytes: inout KernelBytes, buffer: inout [UInt64],
+  pointerAt offset: Int
+) throws(Errno) {
+  let result: Result<Void, Errno> = buffer.withUnsafeMutableBytes { raw in
+    bytes.put(UInt64(UInt(bitPattern: raw.baseAddress)), at: offset)
+    do throws(Errno) {
+      try kernelIoctl(fd, request, &bytes)
+      return .success(())
+    } catch { return .failure(error) }
+  }
+  try result.get()
+}
+
 /// ioctl with an integer argument (or none), retrying EINTR.
 @discardableResult
 func kernelIoctl(_ fd: Int32, _ request: UInt, value: UInt = 0) throws(Errno) -> Int32 {
@@ -234,14 +249,8 @@ extension Type1Container: IOMMUDirtyTracking {
     request.put(size, at: 16)
     request.put(page, at: 24)
     request.put(UInt64(words.count * 8), at: 32)
-    let result: Result<Void, Errno> = words.withUnsafeMutableBytes { raw in
-      request.put(UInt64(UInt(bitPattern: raw.baseAddress)), at: 40)
-      do throws(Errno) {
-        try kernelIoctl(container, VFIOIoctl.iommuDirtyPages, &request)
-        return .success(())
-      } catch { return .failure(error) }
-    }
-    try result.get()
+    try kernelIoctl(
+      container, VFIOIoctl.iommuDirtyPages, &request, buffer: &words, pointerAt: 40)
     return words.map { UInt64(littleEndian: $0) }
   }
 }
@@ -297,13 +306,12 @@ public final class IOMMUFDDomain: IOMMUDomain {
       request.put(UInt32(32), at: 0)
       request.put(ioas, at: 4)
       request.put(UInt32(count), at: 8)
-      let result: Result<Void, Errno> = table.withUnsafeMutableBytes { raw in
-        request.put(UInt64(UInt(bitPattern: raw.baseAddress)), at: 16)
-        do throws(Errno) {
-          try kernelIoctl(iommufd, IOMMUFDIoctl.ioasIOVARanges, &request)
-          return .success(())
-        } catch { return .failure(error) }
-      }
+      let result: Result<Void, Errno>
+      do throws(Errno) {
+        try kernelIoctl(
+          iommufd, IOMMUFDIoctl.ioasIOVARanges, &request, buffer: &table, pointerAt: 16)
+        result = .success(())
+      } catch { result = .failure(error) }
       let reported = Int(request.u32(8))
       if case .failure(let error) = result {
         guard error == .messageTooLong, reported > count else { throw error }
