@@ -1,4 +1,5 @@
 import CVFIOUser
+import VFIODevice
 import VFIOUser
 import VFIOUserClient
 import XeVF
@@ -11,14 +12,71 @@ import XeVF
 /// round trips, and the simulated DMA engine with and without logging.
 enum DMABench {
   /// The raw limit of one DMA_MAP + DMA_UNMAP pair: the same two round trips
-  /// (48 → 16 and 40 → 40 bytes) over a plain Unix socket, without the
-  /// descriptor DMA_MAP carries.
-  static func pairFloor(count: Int, serverCPU: Int32?) -> Double {
-    let map = LatencySummary(
-      SocketFloor.roundTrips(requestSize: 48, replySize: 16, count: count, serverCPU: serverCPU))
-    let unmap = LatencySummary(
-      SocketFloor.roundTrips(requestSize: 40, replySize: 40, count: count, serverCPU: serverCPU))
-    return 1 / (1 / map.opsPerSecond + 1 / unmap.opsPerSecond)
+  /// (48 → 16 and 40 → 40 bytes) over a plain Unix socket between two
+  /// threads, the first carrying `fd` as SCM_RIGHTS, which the serving thread
+  /// receives and closes as a server must. Pairs per second.
+  static func pairFloor(count: Int, fd: Int32, serverCPU: Int32?) -> Double {
+    var pair: [Int32] = [-1, -1]
+    precondition(cvfu_socketpair(&pair) == 0)
+    defer {
+      close(pair[0])
+      close(pair[1])
+    }
+    let serverFD = pair[1]
+    let done = Semaphore(value: 0)
+    let failed = startThread(name: "pair-floor") {
+      if let serverCPU { _ = cvfu_pin_to_cpu(serverCPU) }
+      var buffer = [UInt8](repeating: 0, count: 64)
+      var fds: [Int32] = [-1, -1]
+      buffer.withUnsafeMutableBytes { raw in
+        for _ in 0..<(count + 100) {
+          var received: Int32 = 0
+          guard cvfu_recvmsg(serverFD, raw.baseAddress, 48, &fds, 2, &received, 0) == 48,
+            received == 1
+          else { break }
+          close(fds[0])
+          guard SocketFloor.writeFully(serverFD, raw.baseAddress!, 16),
+            SocketFloor.readFully(serverFD, raw.baseAddress!, 40),
+            SocketFloor.writeFully(serverFD, raw.baseAddress!, 40)
+          else { break }
+        }
+      }
+      done.signal()
+    }
+    precondition(failed == nil, "cannot start the floor's server thread: \(failed!)")
+    var request = [UInt8](repeating: 1, count: 48)
+    var reply = [UInt8](repeating: 0, count: 40)
+    var descriptor = fd
+    func exchange() {
+      request.withUnsafeMutableBytes { raw in
+        var iov = iovec(iov_base: raw.baseAddress, iov_len: 48)
+        _ = cvfu_sendmsg(pair[0], &iov, 1, &descriptor, 1)
+      }
+      reply.withUnsafeMutableBytes { raw in
+        _ = SocketFloor.readFully(pair[0], raw.baseAddress!, 16)
+        _ = SocketFloor.writeFully(pair[0], raw.baseAddress!, 40)
+        _ = SocketFloor.readFully(pair[0], raw.baseAddress!, 40)
+      }
+    }
+    for _ in 0..<100 { exchange() }
+    let rate = bestBurstRate(total: count, exchange)
+    done.wait()
+    return rate
+  }
+
+  /// Operations per second of the fastest burst of `burst` among `total`:
+  /// on a VM shared with other work, the bursts the scheduler left alone
+  /// compare two measurements better than an average over its interruptions.
+  static func bestBurstRate(total: Int, burst: Int = 1_000, _ body: () throws -> Void) rethrows
+    -> Double
+  {
+    var best = 0.0
+    for _ in 0..<max(1, total / burst) {
+      let start = now()
+      for _ in 0..<burst { try body() }
+      best = max(best, Double(burst) / (Double(now() - start) / 1e9))
+    }
+    return best
   }
 
   typealias D = XeSimRegisters.DMA
