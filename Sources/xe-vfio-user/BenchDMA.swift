@@ -125,22 +125,26 @@ enum DMABench {
     try client.dmaMap(address: base, size: windowSize, flags: 3, fd: fd)
     defer { _ = try? client.dmaUnmapAll() }
     // 64 MiB of the window, over and over: warm pages, as a guest's DMA buffers are.
+    // Each REPORT after STOP and START again starts from an empty log.
     let span: UInt64 = 64 << 20
-    func rate() throws -> Double {
-      var offset: UInt64 = 0
-      for _ in 0..<16 { try engineWrite(client, device: 0, to: base + offset, length: transfer) }
-      let count = 400
-      let start = now()
-      for _ in 0..<count {
-        try engineWrite(client, device: 0, to: base + offset, length: transfer)
-        offset = (offset + UInt64(transfer)) % span
-      }
-      return Double(count) * Double(transfer) / (Double(now() - start) / 1e9)
+    var offset: UInt64 = 0
+    func writeNext() throws {
+      try engineWrite(client, device: 0, to: base + offset, length: transfer)
+      offset = (offset + UInt64(transfer)) % span
     }
-    let plain = try rate()
+    for _ in 0..<16 { try writeNext() }
+    // Off and on alternately, the best 25-transfer burst of each: the load of
+    // the VM moves more than logging costs (a few words set per 4 MiB).
     let whole = [DMALoggingRange(iova: base, length: windowSize)]
+    var plain = 0.0
+    var logged = 0.0
+    for _ in 0..<4 {
+      plain = max(plain, try bestBurstRate(total: 100, burst: 25, writeNext) * Double(transfer))
+      try client.startDMALogging(pageSize: 4096, ranges: whole)
+      logged = max(logged, try bestBurstRate(total: 100, burst: 25, writeNext) * Double(transfer))
+      try client.stopDMALogging()
+    }
     try client.startDMALogging(pageSize: 4096, ranges: whole)
-    let logged = try rate()
     func reports(_ count: Int) throws -> [UInt64] {
       try (0..<count).map { _ in
         let start = now()
