@@ -86,6 +86,9 @@ public protocol IOMMUDirtyTracking: AnyObject {
   /// The dirty pages of [iova, iova + size), which must not cut a mapping,
   /// as little-endian u64 words; reading clears them.
   func dirtyBitmap(iova: UInt64, size: UInt64) throws(Errno) -> [UInt64]
+  /// Unmaps [iova, iova + size) and returns its dirty pages in the same call
+  /// (VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP), so no write between the two is lost.
+  func unmapReturningDirty(iova: UInt64, size: UInt64) throws(Errno) -> [UInt64]
 }
 
 /// The legacy path: /dev/vfio/vfio (a container with the type1v2 IOMMU) and /dev/vfio/N (the group).
@@ -239,18 +242,29 @@ extension Type1Container: IOMMUDirtyTracking {
   /// VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP: `vfio_iommu_type1_dirty_bitmap`
   /// with a `vfio_iommu_type1_dirty_bitmap_get` {iova, size, {pgsize, size, data}}.
   public func dirtyBitmap(iova: UInt64, size: UInt64) throws(Errno) -> [UInt64] {
+    try bitmapCall(VFIOIoctl.iommuDirtyPages, VFIOKernel.dirtyPagesGetBitmap, iova, size)
+  }
+
+  /// VFIO_IOMMU_UNMAP_DMA with VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP:
+  /// `vfio_iommu_type1_dma_unmap` {argsz, flags, iova, size} and a `vfio_bitmap`.
+  public func unmapReturningDirty(iova: UInt64, size: UInt64) throws(Errno) -> [UInt64] {
+    try bitmapCall(VFIOIoctl.iommuUnmapDMA, VFIOKernel.unmapGetDirtyBitmap, iova, size)
+  }
+
+  /// Both calls share a layout: argsz, flags, iova, size, then {pgsize, size, data}.
+  private func bitmapCall(_ ioctl: UInt, _ flag: UInt32, _ iova: UInt64, _ size: UInt64)
+    throws(Errno) -> [UInt64]
+  {
     let page = dirtyPageSize
-    let pages = size / page
-    var words = [UInt64](repeating: 0, count: Int((pages + 63) / 64))
+    var words = [UInt64](repeating: 0, count: Int((size / page + 63) / 64))
     var request = KernelBytes(count: 48)
     request.put(UInt32(48), at: 0)
-    request.put(VFIOKernel.dirtyPagesGetBitmap, at: 4)
+    request.put(flag, at: 4)
     request.put(iova, at: 8)
     request.put(size, at: 16)
     request.put(page, at: 24)
     request.put(UInt64(words.count * 8), at: 32)
-    try kernelIoctl(
-      container, VFIOIoctl.iommuDirtyPages, &request, buffer: &words, pointerAt: 40)
+    try kernelIoctl(container, ioctl, &request, buffer: &words, pointerAt: 40)
     return words.map { UInt64(littleEndian: $0) }
   }
 }

@@ -60,6 +60,8 @@ public enum VFIOKernel {
   public static let dirtyPagesStart: UInt32 = 1 << 0
   public static let dirtyPagesStop: UInt32 = 1 << 1
   public static let dirtyPagesGetBitmap: UInt32 = 1 << 2
+  /// VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP.
+  public static let unmapGetDirtyBitmap: UInt32 = 1 << 0
   /// vfio_iommu_type1_dma_map flags
   public static let dmaMapRead: UInt32 = 1 << 0
   public static let dmaMapWrite: UInt32 = 1 << 1

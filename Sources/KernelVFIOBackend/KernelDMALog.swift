@@ -38,10 +38,18 @@ public final class KernelDMALog {
     log = nil
   }
 
-  /// `windows` are about to leave the IOMMU: what they dirtied is kept.
-  public func unmapping(_ windows: [DMAWindow]) {
-    guard let log else { return }
-    for window in windows where window.writable { collect(window, into: log) }
+  /// Takes `window` out of the IOMMU (with `unmap`, or, while the container
+  /// tracks, with the unmap that returns the window's dirty pages in the same
+  /// call) and keeps what it dirtied until it is reported.
+  public func unmap(_ window: DMAWindow, with unmap: () throws(Errno) -> Void) throws(Errno) {
+    guard let log, window.writable else { return try unmap() }
+    guard let tracking else {
+      try unmap()
+      log.mark(address: window.address, length: window.size)
+      return
+    }
+    let words = try tracking.unmapReturningDirty(iova: window.address, size: window.size)
+    mark(words, of: window, pageSize: tracking.dirtyPageSize, into: log)
   }
 
   /// Gathers the writable `windows` that overlap the range, then reports
@@ -66,20 +74,26 @@ public final class KernelDMALog {
       log.mark(address: window.address, length: window.size)
       return
     }
-    let page = tracking.dirtyPageSize
     do throws(Errno) {
       let words = try tracking.dirtyBitmap(iova: window.address, size: window.size)
-      for (w, word) in words.enumerated() where word != 0 {
-        var bits = word
-        while bits != 0 {
-          let page64 = UInt64(w * 64 + bits.trailingZeroBitCount)
-          bits &= bits - 1
-          log.mark(address: window.address + page64 * page, length: page)
-        }
-      }
+      mark(words, of: window, pageSize: tracking.dirtyPageSize, into: log)
     } catch {
       // The kernel cannot tell: every page is dirty, never one missed.
       log.mark(address: window.address, length: window.size)
+    }
+  }
+
+  /// The set bits of a container bitmap of `window` into the log.
+  private func mark(
+    _ words: [UInt64], of window: DMAWindow, pageSize page: UInt64, into log: DirtyPageLog
+  ) {
+    for (w, word) in words.enumerated() where word != 0 {
+      var bits = word
+      while bits != 0 {
+        let index = UInt64(w * 64 + bits.trailingZeroBitCount)
+        bits &= bits - 1
+        log.mark(address: window.address + index * page, length: page)
+      }
     }
   }
 }

@@ -188,13 +188,14 @@ public class KernelVFIOBackend: VFIODeviceBackend {
   /// still the server's) and the error goes to the client, whose windows all
   /// stay.
   public func dmaUnmap(_ windows: [DMAWindow]) throws(Errno) {
-    // What they dirtied is gathered first (kept in the log even if the unmap is refused).
-    dmaLog.unmapping(windows.filter { mappedWindows[$0.address] != nil })
     var done: [DMAWindow] = []
     // A window without a file never reached the IOMMU.
     for window in windows where window.mapping != nil {
       do throws(Errno) {
-        try device.iommu.unmap(iova: window.address, size: window.size)
+        // While logging, what the window dirtied is kept (type1: returned by the unmap itself).
+        try dmaLog.unmap(window) { () throws(Errno) in
+          try device.iommu.unmap(iova: window.address, size: window.size)
+        }
         done.append(window)
       } catch {
         logger.warning("IOMMU unmap of \(Self.describe(window)) failed: \(error.name)")

@@ -17,6 +17,13 @@ final class FakeDirtyTracking: IOMMUDirtyTracking {
   func startDirtyTracking() throws(Errno) { started = true }
   func stopDirtyTracking() throws(Errno) { started = false }
 
+  var unmapped: [UInt64] = []
+  func unmapReturningDirty(iova: UInt64, size: UInt64) throws(Errno) -> [UInt64] {
+    let words = try dirtyBitmap(iova: iova, size: size)
+    unmapped.append(iova)
+    return words
+  }
+
   func dirtyBitmap(iova: UInt64, size: UInt64) throws(Errno) -> [UInt64] {
     if let refuse { throw refuse }
     bitmapCalls.append((iova, size))
@@ -68,8 +75,12 @@ struct KernelDMALogTests {
     #expect(try report(log, windows: [window, readOnly]) == [3, 255])
     #expect(tracking.bitmapCalls.map(\.0) == [Self.base], "whole writable mappings only")
     #expect(try report(log, windows: [window, readOnly]) == [])
+    // Unmapped while logging: the unmap itself returns the pages, kept until reported.
     tracking.dirty = [Self.base + 0x5000]
-    log.unmapping([window])
+    var plainUnmaps = 0
+    try log.unmap(window) { () throws(Errno) in plainUnmaps += 1 }
+    try log.unmap(readOnly) { () throws(Errno) in plainUnmaps += 1 }
+    #expect(tracking.unmapped == [Self.base] && plainUnmaps == 1, "read-only: a plain unmap")
     #expect(try report(log, windows: []) == [5], "kept after the unmap")
     // A kernel that cannot tell: the whole window.
     tracking.refuse = .invalidArgument
@@ -88,8 +99,15 @@ struct KernelDMALogTests {
     #expect(try report(log, windows: [window, readOnly]) == Array(0..<256))
     // At 64 KiB pages: the window's sixteen.
     #expect(try report(log, windows: [window], page: 65536) == Array(0..<16))
-    log.unmapping([window])
+    var plainUnmaps = 0
+    try log.unmap(window) { () throws(Errno) in plainUnmaps += 1 }
+    #expect(plainUnmaps == 1)
     #expect(try report(log, windows: []) == Array(0..<256))
+    #expect(try report(log, windows: []) == [])
+    // A refused unmap marks nothing more and passes the errno on.
+    #expect(throws: Errno.resourceBusy) {
+      try log.unmap(window) { () throws(Errno) in throw .resourceBusy }
+    }
     #expect(try report(log, windows: []) == [])
   }
 
