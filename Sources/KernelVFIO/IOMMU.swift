@@ -16,6 +16,21 @@ func kernelIoctl(_ fd: Int32, _ request: UInt, _ bytes: inout KernelBytes) throw
   }
 }
 
+/// ioctl with a structure whose u64 at `pointerAt` points to `buffer`, which the kernel fills.
+func kernelIoctl(
+  _ fd: Int32, _ request: UInt, _ bytes: inout KernelBytes, buffer: inout [UInt64],
+  pointerAt offset: Int
+) throws(Errno) {
+  let result: Result<Void, Errno> = buffer.withUnsafeMutableBytes { raw in
+    bytes.put(UInt64(UInt(bitPattern: raw.baseAddress)), at: offset)
+    do throws(Errno) {
+      try kernelIoctl(fd, request, &bytes)
+      return .success(())
+    } catch { return .failure(error) }
+  }
+  try result.get()
+}
+
 /// ioctl with an integer argument (or none), retrying EINTR.
 @discardableResult
 func kernelIoctl(_ fd: Int32, _ request: UInt, value: UInt = 0) throws(Errno) -> Int32 {
@@ -52,6 +67,28 @@ public protocol IOMMUDomain: AnyObject {
     throws(Errno)
   /// Unmaps `[iova, iova + size)`; returns the bytes the kernel unmapped.
   @discardableResult func unmap(iova: UInt64, size: UInt64) throws(Errno) -> UInt64
+  /// The domain's dirty-page tracking, when the kernel offers it.
+  var dirtyTracking: IOMMUDirtyTracking? { get }
+}
+
+extension IOMMUDomain {
+  public var dirtyTracking: IOMMUDirtyTracking? { nil }
+}
+
+/// A type1 container's dirty-page tracking (VFIO_IOMMU_DIRTY_PAGES): the
+/// pages the devices behind it wrote (or, for a device that cannot tell, every
+/// pinned page), per mapping, in `pageSize` pages.
+public protocol IOMMUDirtyTracking: AnyObject {
+  /// The bitmaps' page: the IOMMU's smallest page, which the kernel requires.
+  var dirtyPageSize: UInt64 { get }
+  func startDirtyTracking() throws(Errno)
+  func stopDirtyTracking() throws(Errno)
+  /// The dirty pages of [iova, iova + size), which must not cut a mapping,
+  /// as little-endian u64 words; reading clears them.
+  func dirtyBitmap(iova: UInt64, size: UInt64) throws(Errno) -> [UInt64]
+  /// Unmaps [iova, iova + size) and returns its dirty pages in the same call
+  /// (VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP), so no write between the two is lost.
+  func unmapReturningDirty(iova: UInt64, size: UInt64) throws(Errno) -> [UInt64]
 }
 
 /// The legacy path: /dev/vfio/vfio (a container with the type1v2 IOMMU) and /dev/vfio/N (the group).
@@ -184,6 +221,55 @@ public final class Type1Container: IOMMUDomain {
     try kernelIoctl(container, VFIOIoctl.iommuUnmapDMA, &u)
     return u.u64(16)
   }
+
+  /// Present when VFIO_IOMMU_GET_INFO has the migration capability.
+  public var dirtyTracking: IOMMUDirtyTracking? { info.dirtyPageSizes != nil ? self : nil }
+}
+
+extension Type1Container: IOMMUDirtyTracking {
+  public var dirtyPageSize: UInt64 {
+    let sizes = info.dirtyPageSizes ?? info.pageSizes
+    return sizes == 0 ? 4096 : sizes & (~sizes &+ 1)
+  }
+
+  public func startDirtyTracking() throws(Errno) { try dirtyPages(VFIOKernel.dirtyPagesStart) }
+  public func stopDirtyTracking() throws(Errno) { try dirtyPages(VFIOKernel.dirtyPagesStop) }
+
+  private func dirtyPages(_ flag: UInt32) throws(Errno) {
+    var request = KernelBytes(count: 8)
+    request.put(UInt32(8), at: 0)
+    request.put(flag, at: 4)
+    try kernelIoctl(container, VFIOIoctl.iommuDirtyPages, &request)
+  }
+
+  /// VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP: `vfio_iommu_type1_dirty_bitmap`
+  /// with a `vfio_iommu_type1_dirty_bitmap_get` {iova, size, {pgsize, size, data}}.
+  public func dirtyBitmap(iova: UInt64, size: UInt64) throws(Errno) -> [UInt64] {
+    try bitmapCall(VFIOIoctl.iommuDirtyPages, VFIOKernel.dirtyPagesGetBitmap, iova, size)
+  }
+
+  /// VFIO_IOMMU_UNMAP_DMA with VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP:
+  /// `vfio_iommu_type1_dma_unmap` {argsz, flags, iova, size} and a `vfio_bitmap`.
+  public func unmapReturningDirty(iova: UInt64, size: UInt64) throws(Errno) -> [UInt64] {
+    try bitmapCall(VFIOIoctl.iommuUnmapDMA, VFIOKernel.unmapGetDirtyBitmap, iova, size)
+  }
+
+  /// Both calls share a layout: argsz, flags, iova, size, then {pgsize, size, data}.
+  private func bitmapCall(_ ioctl: UInt, _ flag: UInt32, _ iova: UInt64, _ size: UInt64)
+    throws(Errno) -> [UInt64]
+  {
+    let page = dirtyPageSize
+    var words = [UInt64](repeating: 0, count: Int((size / page + 63) / 64))
+    var request = KernelBytes(count: 48)
+    request.put(UInt32(48), at: 0)
+    request.put(flag, at: 4)
+    request.put(iova, at: 8)
+    request.put(size, at: 16)
+    request.put(page, at: 24)
+    request.put(UInt64(words.count * 8), at: 32)
+    try kernelIoctl(container, ioctl, &request, buffer: &words, pointerAt: 40)
+    return words.map { UInt64(littleEndian: $0) }
+  }
 }
 
 /// The cdev path: /dev/vfio/devices/vfioN bound to /dev/iommu, attached to an IOAS.
@@ -237,13 +323,12 @@ public final class IOMMUFDDomain: IOMMUDomain {
       request.put(UInt32(32), at: 0)
       request.put(ioas, at: 4)
       request.put(UInt32(count), at: 8)
-      let result: Result<Void, Errno> = table.withUnsafeMutableBytes { raw in
-        request.put(UInt64(UInt(bitPattern: raw.baseAddress)), at: 16)
-        do throws(Errno) {
-          try kernelIoctl(iommufd, IOMMUFDIoctl.ioasIOVARanges, &request)
-          return .success(())
-        } catch { return .failure(error) }
-      }
+      let result: Result<Void, Errno>
+      do throws(Errno) {
+        try kernelIoctl(
+          iommufd, IOMMUFDIoctl.ioasIOVARanges, &request, buffer: &table, pointerAt: 16)
+        result = .success(())
+      } catch { result = .failure(error) }
       let reported = Int(request.u32(8))
       if case .failure(let error) = result {
         guard error == .messageTooLong, reported > count else { throw error }

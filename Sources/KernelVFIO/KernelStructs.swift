@@ -257,6 +257,9 @@ public struct Type1Info: Sendable, Equatable {
   public var iovaRanges: [ClosedRange<UInt64>]?
   /// VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL: how many more mappings the container accepts.
   public var dmaAvailable: UInt32?
+  /// VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION: the page sizes its dirty bitmaps
+  /// may use (the container tracks dirty pages); nil if absent.
+  public var dirtyPageSizes: UInt64?
 
   public init(
     pageSizes: UInt64, iovaRanges: [ClosedRange<UInt64>]? = nil, dmaAvailable: UInt32? = nil
@@ -316,8 +319,11 @@ public struct Type1Info: Sendable, Equatable {
       case VFIOKernel.iommuCapDMAAvail:
         guard next + 12 <= argsz else { throw KernelStructError("DMA avail capability cut short") }
         dmaAvailable = b.u32(next + 8)
+      case VFIOKernel.iommuCapMigration:
+        guard next + 32 <= argsz else { throw KernelStructError("migration capability cut short") }
+        dirtyPageSizes = b.u64(next + 16)
       default:
-        break  // the migration capability and anything newer: not needed here
+        break  // anything newer: not needed here
       }
       previous = next
       next = Int(b.u32(next + 4))

@@ -29,6 +29,8 @@ public enum VFIOIoctl {
   public static let iommuGetInfo = io(112)
   public static let iommuMapDMA = io(113)
   public static let iommuUnmapDMA = io(114)
+  /// VFIO_IOMMU_DIRTY_PAGES (on the container; the same number as DEVICE_FEATURE on a device).
+  public static let iommuDirtyPages = io(117)
 }
 
 /// iommufd ioctls on /dev/iommu: `_IO(';', 0x80 + n)`.
@@ -55,6 +57,11 @@ public enum VFIOKernel {
   public static let iommuCapIOVARange: UInt16 = 1
   public static let iommuCapMigration: UInt16 = 2
   public static let iommuCapDMAAvail: UInt16 = 3
+  public static let dirtyPagesStart: UInt32 = 1 << 0
+  public static let dirtyPagesStop: UInt32 = 1 << 1
+  public static let dirtyPagesGetBitmap: UInt32 = 1 << 2
+  /// VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP.
+  public static let unmapGetDirtyBitmap: UInt32 = 1 << 0
   /// vfio_iommu_type1_dma_map flags
   public static let dmaMapRead: UInt32 = 1 << 0
   public static let dmaMapWrite: UInt32 = 1 << 1

@@ -26,6 +26,9 @@ public class KernelVFIOBackend: VFIODeviceBackend {
   public let regionDescriptions: [RegionDescription]
   /// The IOMMU's page sizes, the mappings it still takes, and its IOVA ranges.
   public let dmaLimits: DMALimits
+  /// The windows in the IOMMU, by address: what DMA logging gathers from.
+  var mappedWindows: [UInt64: DMAWindow] = [:]
+  let dmaLog: KernelDMALog
 
   /// A migratable device gets the subclass, which the server recognises as `MigrationCapable`.
   public static func make(
@@ -48,6 +51,7 @@ public class KernelVFIOBackend: VFIODeviceBackend {
       pageSizes: sizes == 0 ? 4096 : sizes,
       maxWindows: device.iommu.mappingsAvailable ?? DMALimits.unrestricted.maxWindows,
       iovaRanges: device.iommu.iovaRanges)
+    dmaLog = KernelDMALog(tracking: device.iommu.dirtyTracking)
   }
 
   /// The server's view of a kernel region: same size and permissions, the
@@ -176,6 +180,7 @@ public class KernelVFIOBackend: VFIODeviceBackend {
       }
       throw error
     }
+    mappedWindows[window.address] = window
   }
 
   /// Unmaps the windows from the IOMMU, all or nothing: when the kernel
@@ -187,7 +192,10 @@ public class KernelVFIOBackend: VFIODeviceBackend {
     // A window without a file never reached the IOMMU.
     for window in windows where window.mapping != nil {
       do throws(Errno) {
-        try device.iommu.unmap(iova: window.address, size: window.size)
+        // While logging, what the window dirtied is kept (type1: returned by the unmap itself).
+        try dmaLog.unmap(window) { () throws(Errno) in
+          try device.iommu.unmap(iova: window.address, size: window.size)
+        }
         done.append(window)
       } catch {
         logger.warning("IOMMU unmap of \(Self.describe(window)) failed: \(error.name)")
@@ -205,10 +213,29 @@ public class KernelVFIOBackend: VFIODeviceBackend {
         throw error
       }
     }
+    for window in windows { mappedWindows[window.address] = nil }
   }
 
   static func describe(_ window: DMAWindow) -> String {
     "DMA_MAP [0x\(String(window.address, radix: 16)), +0x\(String(window.size, radix: 16))]"
+  }
+}
+
+extension KernelVFIOBackend: DMALoggingCapable {
+  public var dmaLoggingMethod: String { dmaLog.method }
+
+  public func startDMALogging(pageSize: UInt64, ranges: [DMALoggingRange]) throws(Errno) {
+    try dmaLog.start(pageSize: pageSize, ranges: ranges)
+  }
+
+  public func stopDMALogging() { dmaLog.stop() }
+
+  public func reportDMALog(
+    iova: UInt64, length: UInt64, pageSize: UInt64, into bitmap: UnsafeMutableRawBufferPointer
+  ) throws(Errno) {
+    try dmaLog.report(
+      iova: iova, length: length, pageSize: pageSize, into: bitmap,
+      windows: Array(mappedWindows.values))
   }
 }
 

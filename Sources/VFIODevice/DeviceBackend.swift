@@ -71,6 +71,13 @@ public protocol DeviceHost: AnyObject {
   func dmaWrite(
     address: UInt64, from buffer: UnsafeRawBufferPointer,
     completion: @escaping (Result<Void, Errno>) -> Void)
+  /// dmaWrite that marks in `log` the pages it writes through the server's
+  /// mappings of fd-backed windows, as it writes them (a transfer cut short
+  /// logs what landed). Bytes that travel in DMA_WRITE messages are the
+  /// client's to track: it wrote them itself. Default: `log` is ignored.
+  func dmaWrite(
+    address: UInt64, from buffer: UnsafeRawBufferPointer, log: DirtyPageLog?,
+    completion: @escaping (Result<Void, Errno>) -> Void)
   /// Runs `work` after the reply to the message being handled is sent.
   func deferWork(_ work: @escaping () -> Void)
 }
@@ -166,6 +173,15 @@ public protocol VFIODeviceBackend: AnyObject {
   /// When the client has gone (hang-up), a refusal is logged and the memory
   /// released anyway. Default: accepts.
   func dmaUnmap(_ windows: [DMAWindow]) throws(Errno)
+}
+
+extension DeviceHost {
+  public func dmaWrite(
+    address: UInt64, from buffer: UnsafeRawBufferPointer, log: DirtyPageLog?,
+    completion: @escaping (Result<Void, Errno>) -> Void
+  ) {
+    dmaWrite(address: address, from: buffer, completion: completion)
+  }
 }
 
 extension VFIODeviceBackend {

@@ -30,6 +30,6 @@ extension Errno {
     ("EALREADY", Glibc.EALREADY),
     ("ESTALE", Glibc.ESTALE), ("ECANCELED", Glibc.ECANCELED), ("EUCLEAN", Glibc.EUCLEAN),
     ("ECONNRESET", Glibc.ECONNRESET), ("ETIME", Glibc.ETIME),
-    ("ENODATA", Glibc.ENODATA),
+    ("ENODATA", Glibc.ENODATA), ("EOVERFLOW", Glibc.EOVERFLOW),
   ]
 }

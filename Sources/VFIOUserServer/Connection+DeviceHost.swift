@@ -12,14 +12,17 @@ final class DMAJob {
   let address: UInt64
   let buffer: UnsafeMutableRawBufferPointer
   let completion: (Result<Void, Errno>) -> Void
+  /// Where writes through the server's mappings are logged (DMA logging), if anywhere.
+  let log: DirtyPageLog?
   var done = 0
   var chunk = 0
   var requestID: UInt16 = 0
 
   init(
     direction: Direction, address: UInt64, buffer: UnsafeMutableRawBufferPointer,
-    completion: @escaping (Result<Void, Errno>) -> Void
+    log: DirtyPageLog? = nil, completion: @escaping (Result<Void, Errno>) -> Void
   ) {
+    self.log = log
     self.direction = direction
     self.address = address
     self.buffer = buffer
@@ -42,10 +45,17 @@ extension Connection: DeviceHost {
     address: UInt64, from buffer: UnsafeRawBufferPointer,
     completion: @escaping (Result<Void, Errno>) -> Void
   ) {
+    dmaWrite(address: address, from: buffer, log: nil, completion: completion)
+  }
+
+  func dmaWrite(
+    address: UInt64, from buffer: UnsafeRawBufferPointer, log: DirtyPageLog?,
+    completion: @escaping (Result<Void, Errno>) -> Void
+  ) {
     advance(
       DMAJob(
         direction: .toClient, address: address,
-        buffer: UnsafeMutableRawBufferPointer(mutating: buffer),
+        buffer: UnsafeMutableRawBufferPointer(mutating: buffer), log: log,
         completion: completion))
   }
 
@@ -71,6 +81,7 @@ extension Connection: DeviceHost {
           device.copyMemory(from: client, byteCount: n)
         } else {
           client.copyMemory(from: device, byteCount: n)
+          if let log = job.log { log.mark(address: current, length: UInt64(n)) }
         }
         job.done += n
         continue

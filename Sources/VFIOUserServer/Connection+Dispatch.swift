@@ -333,8 +333,12 @@ extension Connection {
     case VFIODeviceFeature.migration where migratable != nil: methods = (true, false)
     case VFIODeviceFeature.migDeviceState where migratable != nil: methods = (true, true)
     case VFIODeviceFeature.migDataSize where migratable != nil: methods = (true, false)
+    case VFIODeviceFeature.dmaLoggingStart where dmaLoggingDevice != nil,
+      VFIODeviceFeature.dmaLoggingStop where dmaLoggingDevice != nil:
+      methods = (false, true)
+    case VFIODeviceFeature.dmaLoggingReport where dmaLoggingDevice != nil: methods = (true, false)
     default:
-      // No migration ops (or DMA logging, which Xe never has): ENOTTY, as the kernel answers.
+      // No migration ops, no DMA logging, or a feature nobody has: ENOTTY, as the kernel answers.
       throw .inappropriateIOCTLForDevice
     }
     // vfio_check_feature
@@ -346,6 +350,14 @@ extension Connection {
       return request.encodedSize
     }
     guard get || set else { throw .invalidArgument }
+    if let dmaLoggingDevice,
+      [
+        VFIODeviceFeature.dmaLoggingStart, VFIODeviceFeature.dmaLoggingStop,
+        VFIODeviceFeature.dmaLoggingReport,
+      ].contains(request.feature)
+    {
+      return try dmaLoggingFeature(request, logging: dmaLoggingDevice)
+    }
     let minimum = 8  // every one of these features carries 8 bytes
     guard Int(request.argsz) - DeviceFeaturePayload.fixedSize >= minimum else {
       throw .invalidArgument
@@ -445,9 +457,9 @@ extension Connection {
     fds = FDList()
     var file: OwnedFileDescriptor? = nil
     if let lent { file = OwnedFileDescriptor(taking: lent) }
-    let window: DMAWindow
+    let entry: DMATable.Entry
     do throws(Errno) {
-      window = try dma.prepare(request, file: lent)
+      entry = try dma.prepare(request, file: lent)
     } catch {
       if error == .outOfRange {
         logger.warning(
@@ -456,7 +468,8 @@ extension Connection {
       }
       throw error
     }
-    try dma.insert(window)
+    try dma.insert(entry)
+    let window = entry.window
     do throws(Errno) {
       try backend.dmaMap(window, file: file)
     } catch {

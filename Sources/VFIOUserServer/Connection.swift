@@ -45,6 +45,10 @@ final class Connection {
   /// the session holds this client's stream.
   let migratable: MigrationCapable?
   var migration = MigrationSession()
+  /// Present when the device logs the pages its DMA dirties.
+  let dmaLoggingDevice: (any DMALoggingCapable)?
+  /// The logging the client started, while it runs.
+  var dmaLogging: DMALoggingSession?
 
   /// Reply buffer. Replies to pipelined requests queue up at its front
   /// (`txUsed` bytes) and leave in one sendmsg once no request is buffered.
@@ -86,6 +90,7 @@ final class Connection {
     irqIndexesSet = Array(repeating: false, count: irqDescriptions.count)
     regions = (0..<backend.regionCount).map { backend.region($0) }
     migratable = backend as? MigrationCapable
+    dmaLoggingDevice = backend as? any DMALoggingCapable
   }
 
   deinit { tx.deallocate() }
@@ -152,6 +157,7 @@ final class Connection {
       }
     }
     dma.removeAll()
+    if let dmaLoggingDevice { stopDMALogging(dmaLoggingDevice, why: "as the client left") }
     for irq in irqDescriptions where irqIndexesSet[Int(irq.index)] {
       do throws(Errno) { try backend.setIRQs(.disable(irq.index)) } catch {
         logger.warning("disabling interrupt index \(irq.index) after hang-up failed: \(error.name)")

@@ -1,4 +1,6 @@
 import SystemPackage
+import VFIODevice
+import VFIOUser
 
 /// The registers and state of the simulator's copy engine (see
 /// `XeSimRegisters.DMA`). Host interaction lives in the extension below; this
@@ -163,7 +165,8 @@ extension SimulatedXeVF {
       host.dmaRead(address: transfer.clientAddress, into: device, completion: done)
     } else {
       host.dmaWrite(
-        address: transfer.clientAddress, from: UnsafeRawBufferPointer(device), completion: done)
+        address: transfer.clientAddress, from: UnsafeRawBufferPointer(device), log: dirtyLog,
+        completion: done)
     }
   }
 
@@ -180,6 +183,26 @@ extension SimulatedXeVF {
     }
     if let error { logger.debug("DMA failed: \(error)") }
     if let vector = transfer.vector { raiseMSIX(vector) }
+  }
+}
+
+/// DMA logging: the engine's writes that land through the server's mappings
+/// of fd-backed windows, page by page as they land (`DeviceHost.dmaWrite(log:)`).
+/// A device reset keeps the log: the pages written before it are still dirty.
+extension SimulatedXeVF: DMALoggingCapable {
+  public var dmaLoggingMethod: String { "exact: the DMA engine's writes into fd-backed windows" }
+
+  public func startDMALogging(pageSize: UInt64, ranges: [DMALoggingRange]) throws(Errno) {
+    dirtyLog = try DirtyPageLog(pageSize: pageSize, ranges: ranges)
+  }
+
+  public func stopDMALogging() { dirtyLog = nil }
+
+  public func reportDMALog(
+    iova: UInt64, length: UInt64, pageSize: UInt64, into bitmap: UnsafeMutableRawBufferPointer
+  ) throws(Errno) {
+    guard let dirtyLog else { throw .invalidArgument }
+    dirtyLog.report(iova: iova, length: length, pageSize: pageSize, into: bitmap)
   }
 }
 

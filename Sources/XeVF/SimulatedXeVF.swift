@@ -37,6 +37,8 @@ public final class SimulatedXeVF: VFIODeviceBackend {
   var migration = VFMigration()
   /// Held strongly until the server detaches it (`attach(host: nil)` on hang-up).
   var host: DeviceHost?
+  /// The pages the DMA engine wrote into fd-backed windows, while the client logs them.
+  var dirtyLog: DirtyPageLog?
   public private(set) var resetCount = 0
 
   public let deviceFlags = VFIODeviceFlags.pci | VFIODeviceFlags.reset

@@ -186,6 +186,13 @@ struct DeviceReport: Codable, Equatable {
     /// Why the device does not migrate, e.g. "ENOTTY".
     var error: String?
   }
+  /// DMA logging (DEVICE_FEATURE DMA_LOGGING_*, probed): how the device
+  /// knows its pages is in the server's log, which the protocol cannot carry.
+  struct DMALogging: Codable, Equatable {
+    var supported: Bool
+    /// Why not, e.g. "ENOTTY".
+    var error: String?
+  }
   /// What the server advertised in VERSION (the spec's defaults for absent keys).
   struct ServerLimits: Codable, Equatable {
     var maxDataXferSize: Int
@@ -217,6 +224,7 @@ struct DeviceReport: Codable, Equatable {
   var regions: [Region]
   var irqs: [IRQ]
   var migration: Migration
+  var dmaLogging: DMALogging
   var server: ServerLimits
 }
 

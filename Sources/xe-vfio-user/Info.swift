@@ -121,6 +121,16 @@ struct Info: ParsableCommand {
       migration.error = errno.name
     }
 
+    // DMA logging: a PROBE of START (SET), STOP (SET) and REPORT (GET).
+    var dmaLogging = DeviceReport.DMALogging(supported: false)
+    do {
+      dmaLogging.supported = try client.supportsDMALogging()
+      if !dmaLogging.supported { dmaLogging.error = Errno.inappropriateIOCTLForDevice.name }
+    } catch let error {
+      guard let errno = error.errno else { throw error }
+      dmaLogging.error = errno.name
+    }
+
     let caps = client.serverCapabilities
     let classCode = config.u32(0x08) >> 8
     return DeviceReport(
@@ -136,7 +146,7 @@ struct Info: ParsableCommand {
       deviceFlags: .init(
         raw: Int(device.flags), pci: device.flags & VFIODeviceFlags.pci != 0,
         reset: device.flags & VFIODeviceFlags.reset != 0),
-      regions: regions, irqs: irqs, migration: migration,
+      regions: regions, irqs: irqs, migration: migration, dmaLogging: dmaLogging,
       server: .init(
         maxDataXferSize: Int(caps.effectiveMaxDataXferSize),
         maxDMAMaps: Int(caps.effectiveMaxDMAMaps),
@@ -258,6 +268,10 @@ struct Info: ParsableCommand {
     } else {
       out += "\tMigration: not supported (\(m.error ?? "no MIGRATION feature"))\n"
     }
+    out +=
+      r.dmaLogging.supported
+      ? "\tDMA logging: START | STOP | REPORT (how the device knows its pages: the server's log)\n"
+      : "\tDMA logging: not supported (\(r.dmaLogging.error ?? "?"))\n"
     let s = r.server
     out +=
       "\tServer limits: max_data_xfer_size \(formatBytes(UInt64(s.maxDataXferSize))), max_dma_maps \(s.maxDMAMaps), max_msg_fds \(s.maxMsgFDs), pgsizes 0x\(hex(s.pgsizes, 1)), write_multiple \(s.writeMultiple ? "yes" : "no")\n"

@@ -204,6 +204,9 @@ struct Serve: ParsableCommand {
         "serving only uids \(limits.allowedUIDs.sorted()) and gids \(limits.allowedGIDs.sorted())")
     }
     logger.info("serving \(served) on \(fd.map { "fd \($0)" } ?? path)")
+    if let logging = backend as? any DMALoggingCapable {
+      logger.info("DMA logging: \(logging.dmaLoggingMethod)")
+    }
     if !quiet, fd == nil {
       print("Attach it to QEMU (10.1 or later) with:\n\n\(qemuCommandLine(socketPath: path))\n")
       fflush(nil)

@@ -81,6 +81,11 @@ struct InfoJSON: Decodable {
     var flags: Flags?
     var state: String?
   }
+  struct DMALogging: Decodable {
+    var supported: Bool
+    var error: String?
+  }
+  var dmaLogging: DMALogging
   struct Server: Decodable {
     var maxDataXferSize: Int
     var maxDMAMaps: Int
@@ -163,6 +168,7 @@ struct InfoTests {
       "\tRegion BAR2    512 MiB, read/write/mmap, mmap areas [0+512 MiB]",
       "\tIRQ MSI-X 16 vectors (eventfd)",
       "\tMigration: STOP_COPY | P2P (flags 0x3), state RUNNING",
+      "\tDMA logging: START | STOP | REPORT (how the device knows its pages: the server's log)",
       "\tServer limits: max_data_xfer_size 4 MiB, max_dma_maps 1000, max_msg_fds 8, pgsizes 0x1000, write_multiple yes",
     ] {
       #expect(lines.contains(line), "missing \(line.debugDescription) in:\n\(text)")
@@ -204,6 +210,7 @@ struct InfoTests {
     #expect(json.regions.first { $0.name == "config" }?.size == 4096)
     let flags = try #require(json.migration.flags)
     #expect(json.migration.supported && json.migration.state == "RUNNING")
+    #expect(json.dmaLogging.supported && json.dmaLogging.error == nil)
     #expect(flags.raw == 3 && flags.stopCopy && flags.p2p && !flags.preCopy)
     #expect(json.server.maxDataXferSize == 4 << 20 && json.server.maxDMAMaps == 1000)
     #expect(json.server.maxMsgFDs == 8 && json.server.pgsizes == 4096 && json.server.writeMultiple)

@@ -79,6 +79,8 @@ struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
   var fillToSize: Bool?
   /// The reaction of a device without migration support, where it differs.
   var expectNoMigration: String?
+  /// The reaction of a device without DMA logging, where it differs.
+  var expectNoDMALogging: String?
 
   enum CodingKeys: String, CodingKey {
     case name, hex, expect, layer, note, setup, fds
@@ -86,12 +88,13 @@ struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
     case parseError = "parse_error"
     case fillToSize = "fill_to_size"
     case expectNoMigration = "expect_no_migration"
+    case expectNoDMALogging = "expect_no_dma_logging"
   }
 
   var testDescription: String { name }
 
-  /// What this server must do: its test device has no migration support.
-  var expectation: String { expectNoMigration ?? expect }
+  /// What this server must do: its test device has neither migration nor DMA logging.
+  var expectation: String { expectNoMigration ?? expectNoDMALogging ?? expect }
 
   /// The errno of the expected error reply, or nil for "disconnect" and "no-reply".
   var expectedErrno: Errno? {

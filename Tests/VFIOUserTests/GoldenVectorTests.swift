@@ -236,6 +236,18 @@ func decodeAndRebuildPayload(_ vector: Vector, _ payload: [UInt8]) throws -> [UI
         again = state.encoded()
       case VFIODeviceFeature.migDataSize:
         again = try MigDataSizeData(decoding: decoded.data).encoded()
+      case VFIODeviceFeature.dmaLoggingStart:
+        let start = try DMALoggingStartData(decoding: decoded.data)
+        #expect(!start.ranges.isEmpty)
+        again = start.encoded()
+      case VFIODeviceFeature.dmaLoggingReport:
+        let report = try DMALoggingReportData(decoding: decoded.data)
+        if vector.kind == "reply" {
+          #expect(
+            report.bitmap.count
+              == DMALoggingReportData.bitmapSize(length: report.length, pageSize: report.pageSize))
+        }
+        again = report.encoded()
       default:
         again = decoded.data
         Issue.record("feature \(decoded.feature) has no codec for its data")

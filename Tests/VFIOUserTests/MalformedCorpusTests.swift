@@ -12,7 +12,8 @@ import VFIOUser
 // The server-level expectations are tested by the server's integration tests.
 
 let knownExpectations: Set<String> = [
-  "EINVAL", "ENOSYS", "E2BIG", "EEXIST", "ENOTTY", "EBUSY", "disconnect", "EINVAL+disconnect",
+  "EINVAL", "ENOSYS", "E2BIG", "EEXIST", "ENOTTY", "EBUSY", "EOVERFLOW", "disconnect",
+  "EINVAL+disconnect",
   "no-reply",
 ]
 
@@ -28,6 +29,7 @@ func malformedMessage(_ entry: MalformedCase) throws {
   #expect(entry.hex == hex.hexString, "hex is lowercase without separators")
   #expect(knownExpectations.contains(entry.expect), "unknown expect \(entry.expect)")
   if let other = entry.expectNoMigration { #expect(knownExpectations.contains(other)) }
+  if let other = entry.expectNoDMALogging { #expect(knownExpectations.contains(other)) }
   #expect((entry.fds ?? 0) >= 0)
   let bytes = try #require(entry.message)
 

@@ -146,6 +146,8 @@ struct MalformedCase: Decodable, Sendable, CustomTestStringConvertible {
   var fillToSize: Bool?
   /// The reaction of a device without migration support, where it differs.
   var expectNoMigration: String?
+  /// The reaction of a device without DMA logging, where it differs.
+  var expectNoDMALogging: String?
 
   enum CodingKeys: String, CodingKey {
     case name, hex, expect, layer, note, setup, fds
@@ -153,6 +155,7 @@ struct MalformedCase: Decodable, Sendable, CustomTestStringConvertible {
     case parseError = "parse_error"
     case fillToSize = "fill_to_size"
     case expectNoMigration = "expect_no_migration"
+    case expectNoDMALogging = "expect_no_dma_logging"
   }
 
   var testDescription: String { name }
