@@ -245,6 +245,6 @@ public final class KernelVFIODevice {
         return "kernel data_fd (\(names.joined(separator: " | ")))"
       } ?? "none: \(migrationAbsence ?? "not supported")"
     return
-      "\(address) \(sysfs.ids) driver \(sysfs.driver ?? "?") through \(iommu.path); migration: \(migration)"
+      "\(address) \(sysfs.ids) driver \(sysfs.driver ?? "?") through \(iommu.path); driver migration: \(migration)"
   }
 }

@@ -141,7 +141,8 @@ struct Info: ParsableCommand {
         maxDataXferSize: Int(caps.effectiveMaxDataXferSize),
         maxDMAMaps: Int(caps.effectiveMaxDMAMaps),
         maxMsgFDs: Int(caps.effectiveMaxMsgFDs), pgsizes: caps.effectivePgsizes,
-        writeMultiple: caps.writeMultiple ?? false))
+        writeMultiple: caps.writeMultiple ?? false),
+      kernelDevice: ServedRecord.serving(socket: socketPath).map(DeviceReport.KernelDevice.init))
   }
 
   /// `lspci -vv`'s layout for the PCI part, then the vfio-user view.
@@ -257,6 +258,10 @@ struct Info: ParsableCommand {
         "\tMigration: \(names.joined(separator: " | ")) (flags 0x\(hex(flags.raw, 1))), state \(m.state ?? "?")\n"
     } else {
       out += "\tMigration: not supported (\(m.error ?? "no MIGRATION feature"))\n"
+    }
+    if let k = r.kernelDevice {
+      out +=
+        "\tKernel device: \(k.address) (server pid \(k.pid)), migration path \(k.migrationDetail)\n"
     }
     let s = r.server
     out +=
