@@ -110,6 +110,37 @@ struct PFControlFileTests {
     #expect(errno { () throws(Errno) in try c.finish(.restore) } == .timedOut)
   }
 
+  /// A save read from `migration_data` directly: reads fill the buffer and
+  /// are short only at the end, then 0. Written to a VF of another device,
+  /// the descriptor is refused with ENODEV (devid mismatch).
+  @Test func aSaveReadsShortAtTheEndAndAnotherDeviceRefusesIt() throws {
+    let bmg = try FakeXeHost(vfs: 1)
+    let ptl = try FakeXeHost(profile: .ptl, pf: "0000:00:02.0", vfs: 1, vram: nil)
+    let source = try controls(bmg)
+    try source.trigger(.pause)
+    try source.trigger(.save)
+    let data = try open(bmg, 1, .migrationData)
+    var stream: [UInt8] = []
+    var counts: [Int] = []
+    var buffer = [UInt8](repeating: 0, count: 1 << 20)
+    while true {
+      let n = try buffer.withUnsafeMutableBytes { try data.pread(into: $0, at: 0).get() }
+      counts.append(n)
+      stream += buffer[0..<n]
+      if n == 0 { break }
+    }
+    // 4 MiB of VRAM and more: full reads, one short one, then the end.
+    #expect(counts.count >= 6 && counts.suffix(2).last == 0, "\(counts)")
+    #expect(counts.dropLast(2).allSatisfy { $0 == 1 << 20 } && counts[counts.count - 2] < 1 << 20)
+    try source.finish(.save)
+    let destination = try controls(ptl)
+    try destination.trigger(.pause)
+    try destination.trigger(.restore)
+    let sink = try open(ptl, 1, .migrationData)
+    #expect(
+      stream.withUnsafeBytes { sink.pwrite($0, at: 0) } == .failure(.operationNotSupportedByDevice))
+  }
+
   /// GuC faults surface as the PF returns them: EIO when rejected on one
   /// GT, EUCLEAN when a GT after a failed one is tried too.
   @Test func guCFailuresComeBackAsThePFsErrnos() throws {

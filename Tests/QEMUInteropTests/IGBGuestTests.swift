@@ -52,6 +52,7 @@ struct IGBGuestTests {
     echo "XEVF: list-json $(/bin/xe-vfio-user list --all --json | tr -d '\\n' | tr -s ' ')"
     /bin/xe-vfio-user list --all | sed 's/^/XEVF-LIST: /'
     echo "XEVF: list-xe $(/bin/xe-vfio-user list | head -n 1)"
+    echo "XEVF: info-kernel $(/bin/xe-vfio-user info -s /tmp/g.sock | grep 'Kernel device:' | tr -d '\\t')"
     /bin/xe-vfu-guest-check --igb /tmp/g.sock $addr || echo "XEVF: error guest-check exit $?"
     i=0; while ! grep -q "client disconnected" /tmp/server.log && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
     sed 's/^/XEVF-LOG: /' /tmp/server.log
@@ -192,6 +193,10 @@ extension IGBGuestTests {
     #expect(vf1.count == 3 && pf.vfs[1].iommuGroup.map(String.init) == vf1[2])
     #expect(
       lines["list-xe"] == ["No Xe SR-IOV PF on this host (--all shows other SR-IOV devices)."])
+    // `info` names the device and its migration path from the server's record.
+    let info = lines["info-kernel"]?.first ?? ""
+    #expect(info.hasPrefix("Kernel device: 0000:00:15.0 (server pid "), "\(info)")
+    #expect(info.contains("migration path none: no data_fd"), "\(info)")
   }
 }
 
