@@ -118,11 +118,19 @@ struct PFControlFileTests {
     let ptl = try FakeXeHost(profile: .ptl, pf: "0000:00:02.0", vfs: 1, vram: nil)
     let source = try controls(bmg)
     try source.trigger(.pause)
+    // Each GuC step takes 150 ms: the first read blocks until the PF has produced a buffer's worth.
+    bmg.vfs[0].pfTiming.gucLatency = .milliseconds(150)
     try source.trigger(.save)
     let data = try open(bmg, 1, .migrationData)
     var stream: [UInt8] = []
     var counts: [Int] = []
     var buffer = [UInt8](repeating: 0, count: 1 << 20)
+    let start = ContinuousClock.now
+    let first = try buffer.withUnsafeMutableBytes { try data.pread(into: $0, at: 0).get() }
+    #expect(ContinuousClock.now - start >= .milliseconds(150) && first == 1 << 20)
+    bmg.vfs[0].pfTiming.gucLatency = .zero
+    counts.append(first)
+    stream += buffer[0..<first]
     while true {
       let n = try buffer.withUnsafeMutableBytes { try data.pread(into: $0, at: 0).get() }
       counts.append(n)
