@@ -160,7 +160,7 @@ struct Serve: ParsableCommand {
         socket: fd.map { "fd \($0)" } ?? ServedRecord.absolutePath(socketPath ?? defaultSocketPath),
         migration: opened.plan.summary)
       // Before listening: a second server of the device stops here.
-      _ = try record!.claim()
+      if let warning = try record!.claim() { logger.warning("\(warning)") }
     } else {
       let profile = XeProfile.named(profile)!
       let device: SimulatedXeVF

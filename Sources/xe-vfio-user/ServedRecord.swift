@@ -48,18 +48,21 @@ struct ServedRecord: Codable, Equatable {
   }
 
   /// Writes the record and takes its lock; the descriptor stays open (and
-  /// locked) until the process ends. Fails with what to do when another
-  /// server holds it.
-  func claim() throws -> Int32 {
+  /// locked) until the process ends. Throws, with what to do, only when
+  /// another server holds it; a record that cannot be written (no /run, a
+  /// user who may not write there) is only a loss for `list` and `info`, so
+  /// that comes back as a warning for the log.
+  func claim() throws -> String? {
     let dir = Self.directory
     if mkdir(dir, 0o755) != 0, errno != EEXIST {
-      throw CLIError(
-        "cannot create \(dir) for the served-device record: \(describe(Errno(rawValue: errno)))")
+      return
+        "cannot create \(dir) (\(describe(Errno(rawValue: errno)))): `list` and `info` will not know this server serves \(device)"
     }
     let path = "\(dir)/\(device)"
     let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
     guard fd >= 0 else {
-      throw CLIError("cannot write \(path): \(describe(Errno(rawValue: errno)))")
+      return
+        "cannot write \(path) (\(describe(Errno(rawValue: errno)))): `list` and `info` will not know this server serves \(device)"
     }
     guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
       let holder = Self.read(device)
@@ -71,7 +74,7 @@ struct ServedRecord: Codable, Equatable {
     let bytes = Array(text.utf8)
     _ = ftruncate(fd, 0)
     _ = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
-    return fd
+    return nil
   }
 
   /// Removes the record on the way out (a server that can no longer unlink
