@@ -169,3 +169,47 @@ struct ListTests {
     #expect(override == "vfio-pci")
   }
 }
+
+/// `info` on a server that has a record names the kernel device and its
+/// migration path (text and `--json`); the server here is a fake VF on a
+/// fake host, migrated through the PF's debugfs.
+@Suite("xe-vfio-user info with a served-device record")
+struct InfoRecordTests {
+  struct Report: Decodable {
+    struct KernelDevice: Decodable {
+      var address: String
+      var migrationPath: String
+    }
+    var kernelDevice: KernelDevice?
+  }
+
+  @Test func infoNamesTheKernelDeviceAndItsMigrationPath() throws {
+    let host = try FakeXeHost(vfs: 1)
+    let vf = host.vfAddresses[0]
+    try withServer(try host.device(1)) { server in
+      let run = host.system.root + "/run"
+      try FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true)
+      try
+        "device=\(vf)\npid=\(getpid())\nsocket=\(server.path)\nmigration=pf-debugfs: the PF's controls\n"
+        .write(toFile: run + "/" + vf, atomically: true, encoding: .utf8)
+      let lock = ListTests.Lock(run + "/" + vf)
+      defer { withExtendedLifetime(lock) {} }
+      let json = try runCLI(
+        ["info", "-s", server.path, "--json"], environment: ["XE_VFU_RUN_DIR": run])
+      #expect(json.status == 0, "\(json.stderr)")
+      let report = try JSONDecoder().decode(Report.self, from: Data(json.stdout.utf8))
+      #expect(report.kernelDevice?.address == vf)
+      #expect(report.kernelDevice?.migrationPath == "pf-debugfs")
+      let text = try runCLI(["info", "-s", server.path], environment: ["XE_VFU_RUN_DIR": run])
+      #expect(
+        text.stdout.contains(
+          "Kernel device: \(vf) (server pid \(getpid())), migration path pf-debugfs"))
+      #expect(text.stdout.contains("Migration: STOP_COPY | P2P"))
+      // Without a live record (nobody holds its lock), nothing is claimed.
+      let unlocked = try runCLI(
+        ["info", "-s", server.path, "--json"], environment: ["XE_VFU_RUN_DIR": host.system.root])
+      #expect(
+        try JSONDecoder().decode(Report.self, from: Data(unlocked.stdout.utf8)).kernelDevice == nil)
+    }
+  }
+}
