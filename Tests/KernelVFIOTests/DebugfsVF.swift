@@ -59,7 +59,7 @@ final class FakeXeHost {
 
   init(
     profile: XeProfile = .bmg, pf: String = "0000:03:00.0", vfs count: Int = 2,
-    vram: UInt64? = 4 << 20, timing: PFTiming = PFTiming.kernel.scaled(by: 0.05)
+    vram: UInt64? = 4 << 20, timing: PFTiming = PFTiming.kernel.scaled(by: 0.5)
   ) throws {
     system = try FakeSystem()
     self.pf = pf

@@ -105,7 +105,8 @@ struct PFControlFileTests {
     #expect(pf.state(gt: 0).isEmpty)
     #expect(pf.state(gt: 1).isEmpty)
     #expect(errno { () throws(Errno) in try c.trigger(.pause) } == nil)
-    // A restore whose stream never ends: finishing times out (20 s, scaled).
+    // A restore whose stream never ends: finishing times out (20 s; 0.3 s here).
+    host.vfs[0].pfTiming.restore = .milliseconds(300)
     #expect(errno { () throws(Errno) in try c.trigger(.restore) } == nil)
     #expect(errno { () throws(Errno) in try c.finish(.restore) } == .timedOut)
   }
@@ -202,6 +203,7 @@ struct PFDebugfsServerTests {
     let host = try FakeXeHost()
     try withServer(try host.device(1)) { server in
       let client = try server.connect()
+      host.vfs[0].pfTiming.restore = .milliseconds(300)  // the PF's 20 s per GT
       try client.setMigrationState(.resuming)
       try client.migDataWrite([1, 1, 0, 0, 0, 0, 0, 0, 0, 0])  // part of a header
       #expect(errno { try client.setMigrationState(.stop) } == .timedOut)
