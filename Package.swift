@@ -150,7 +150,10 @@ let package = Package(
       path: "Tests/KernelGuestCheck", swiftSettings: strict),
     .testTarget(
       name: "KernelVFIOTests",
-      dependencies: ["KernelVFIO", "KernelVFIOBackend", "VFIOUser", "VFIODevice"],
+      dependencies: [
+        "KernelVFIO", "KernelVFIOBackend", "VFIOUser", "VFIODevice", "XeVF", "VFIOUserServer",
+        "VFIOUserClient", .product(name: "Logging", package: "swift-log"),
+      ],
       swiftSettings: strict),
     .testTarget(
       name: "VFIOUserServerTests",

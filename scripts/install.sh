@@ -11,6 +11,7 @@
 #   PREFIX/share/zsh/site-functions/_xe-vfio-user              (xe-vfio-user --generate-completion-script)
 #   PREFIX/share/fish/vendor_completions.d/xe-vfio-user.fish
 #   UNITDIR/xe-vfio-user@.service                            the systemd unit, ExecStart pointing at the binary
+#   UNITDIR/xe-vfio-user-vf@.service                         the unit for a real VF (instance: its BDF)
 #                                                            (UNITDIR defaults to PREFIX/lib/systemd/system)
 #   PREFIX/share/xe-vfio-user/installed                      what this install made, for --uninstall
 #
@@ -84,7 +85,8 @@ if [ "$uninstall" = 1 ]; then
   [ -f "$destdir$manifest" ] || die "nothing installed under ${destdir}$prefix (no $destdir$manifest)"
   if systemd_runs; then
     # Instances enabled or running from the unit about to go.
-    for link in /etc/systemd/system/*.wants/xe-vfio-user@*.service; do
+    for link in /etc/systemd/system/*.wants/xe-vfio-user@*.service \
+      /etc/systemd/system/*.wants/xe-vfio-user-vf@*.service; do
       [ -e "$link" ] || [ -L "$link" ] || continue
       say "disabling and stopping $(basename "$link")"
       systemctl disable --now "$(basename "$link")" || true
@@ -125,6 +127,7 @@ for shell in bash zsh fish; do
     die "$binary --generate-completion-script $shell failed"
 done
 sed "s#/usr/local/bin/xe-vfio-user#$prefix/bin/xe-vfio-user#g" "$here/examples/xe-vfio-user@.service" >"$work/unit"
+sed "s#/usr/local/bin/xe-vfio-user#$prefix/bin/xe-vfio-user#g" "$here/examples/xe-vfio-user-vf@.service" >"$work/unit-vf"
 
 # A reinstall replaces the previous install's files; a group it made stays.
 had_group=""
@@ -162,6 +165,7 @@ put 0644 "$work/completion.bash" "$prefix/share/bash-completion/completions/xe-v
 put 0644 "$work/completion.zsh" "$prefix/share/zsh/site-functions/_xe-vfio-user"
 put 0644 "$work/completion.fish" "$prefix/share/fish/vendor_completions.d/xe-vfio-user.fish"
 put 0644 "$work/unit" "$unitdir/xe-vfio-user@.service"
+put 0644 "$work/unit-vf" "$unitdir/xe-vfio-user-vf@.service"
 
 if [ -n "$had_group" ]; then
   entries+=("group $group")

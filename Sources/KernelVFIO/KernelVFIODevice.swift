@@ -274,8 +274,11 @@ public final class KernelVFIODevice {
         ].filter { flags.contains($0.0) }.map(\.1)
         return "kernel data_fd (\(names.joined(separator: " | ")))"
       } ?? "none: \(migrationAbsence ?? "not supported")"
-    return "\(identity) through \(iommu.path); migration: \(migration)"
+    return "\(identity) through \(iommu.path); driver migration: \(migration)"
   }
+
+  /// VFIO's name for it: the PCI address, or the mdev's UUID.
+  public var name: String { address.map { "\($0)" } ?? mdev?.uuid ?? "?" }
 
   /// What the device is: `0000:03:00.1 [8086:e211] driver vfio-pci`, or
   /// `mdev 0b1e… (mtty-1 of mtty) driver vfio_mdev`.

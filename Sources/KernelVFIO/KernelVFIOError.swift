@@ -19,6 +19,8 @@ public struct KernelVFIOError: Error, Equatable, CustomStringConvertible {
     case vfioUnavailable
     case noType1v2
     case memlockTooSmall
+    /// The migration path `--migration` named cannot work for this device.
+    case migrationUnavailable
     /// Any other failing system call, named in the message.
     case kernel
   }

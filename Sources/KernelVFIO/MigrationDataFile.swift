@@ -24,7 +24,13 @@ public final class MigrationDataFile: Sendable {
 
   /// Takes ownership of `fd`.
   public init(fd: Int32, timeout: Duration = .seconds(10)) {
-    core = Core(fd: fd, timeout: timeout)
+    core = Core(io: DescriptorIO(fd: fd), timeout: timeout)
+  }
+
+  /// A stream over other calls than read(2) and write(2) on a descriptor of
+  /// its own (the PF's `migration_data`, opened once and kept).
+  init(io: any StreamIO, timeout: Duration) {
+    core = Core(io: io, timeout: timeout)
   }
 
   deinit { core.invalidate() }
@@ -50,13 +56,59 @@ public final class MigrationDataFile: Sendable {
   public func invalidate() { core.invalidate() }
 
   public var isInvalidated: Bool { core.isInvalidated }
+
+  /// A read or write is still blocked in the kernel (it outlived its
+  /// time-out): the file it uses must not start another stream yet, or that
+  /// call would take the new stream's first bytes.
+  public var callInFlight: Bool { core.callInFlight }
+}
+
+/// A save stream (STOP_COPY) on a `MigrationDataFile`, for the device interface.
+public final class DataFileSource: MigrationSource {
+  public let file: MigrationDataFile
+  public init(_ file: MigrationDataFile) { self.file = file }
+  public func read(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int {
+    try file.read(into: buffer)
+  }
+  public func close() { file.invalidate() }
+}
+
+/// A restore stream (RESUMING) on a `MigrationDataFile`.
+public final class DataFileSink: MigrationSink {
+  public let file: MigrationDataFile
+  public init(_ file: MigrationDataFile) { self.file = file }
+  public func write(_ bytes: UnsafeRawBufferPointer) throws(Errno) -> Int { try file.write(bytes) }
+  public func close() { file.invalidate() }
+}
+
+/// The system calls behind a stream, run on its worker thread.
+protocol StreamIO: Sendable {
+  func read(into buffer: UnsafeMutableRawBufferPointer) -> Result<Int, Errno>
+  func write(_ bytes: UnsafeRawBufferPointer) -> Result<Int, Errno>
+  /// The stream is done with the file (once no call is in flight).
+  func close()
+}
+
+/// A data_fd of the stream's own: read(2), write(2), closed with the stream.
+private struct DescriptorIO: StreamIO {
+  let fd: Int32
+  func read(into buffer: UnsafeMutableRawBufferPointer) -> Result<Int, Errno> {
+    let n = Glibc.read(fd, buffer.baseAddress, buffer.count)
+    return n >= 0 ? .success(n) : .failure(Errno(rawValue: errno))
+  }
+  func write(_ bytes: UnsafeRawBufferPointer) -> Result<Int, Errno> {
+    let n = Glibc.write(fd, bytes.baseAddress, bytes.count)
+    return n >= 0 ? .success(n) : .failure(Errno(rawValue: errno))
+  }
+  func close() { _ = Glibc.close(fd) }
 }
 
 /// The state the worker thread shares with callers, all under `condition`.
 private final class Core: @unchecked Sendable {
   let timeout: Duration
   private let condition = ConditionLock()
-  private var fd: Int32
+  /// nil once closed.
+  private var io: (any StreamIO)?
   private var started = false
   private enum Job {
     case read(Int)
@@ -72,8 +124,8 @@ private final class Core: @unchecked Sendable {
   private var invalidated = false
   private var poisoned = false
 
-  init(fd: Int32, timeout: Duration) {
-    self.fd = fd
+  init(io: any StreamIO, timeout: Duration) {
+    self.io = io
     self.timeout = timeout
   }
 
@@ -81,6 +133,12 @@ private final class Core: @unchecked Sendable {
     condition.lock()
     defer { condition.unlock() }
     return invalidated
+  }
+
+  var callInFlight: Bool {
+    condition.lock()
+    defer { condition.unlock() }
+    return inFlight
   }
 
   func read(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int {
@@ -167,9 +225,9 @@ private final class Core: @unchecked Sendable {
     guard !invalidated else { return }
     invalidated = true
     pending = []
-    if !inFlight, fd >= 0 {
-      close(fd)
-      fd = -1
+    if !inFlight {
+      io?.close()
+      io = nil
     }
     condition.broadcast()
   }
@@ -197,31 +255,27 @@ private final class Core: @unchecked Sendable {
     condition.lock()
     while true {
       while job == nil, !invalidated { condition.wait() }
-      guard let current = job, !invalidated else { break }
+      guard let current = job, !invalidated, let file = io else { break }
       job = nil
-      let descriptor = fd
       condition.unlock()
       switch current {
       case .read(let count):
         var bytes = [UInt8](repeating: 0, count: count)
-        let n = bytes.withUnsafeMutableBytes { Glibc.read(descriptor, $0.baseAddress, count) }
-        let outcome: Result<[UInt8], Errno> =
-          n >= 0 ? .success(Array(bytes[0..<n])) : .failure(Errno(rawValue: errno))
+        let outcome = bytes.withUnsafeMutableBytes { file.read(into: $0) }.map {
+          Array(bytes[0..<$0])
+        }
         condition.lock()
         readResult = outcome
       case .write(let bytes):
-        let n = bytes.withUnsafeBytes { Glibc.write(descriptor, $0.baseAddress, bytes.count) }
-        let outcome: Result<Int, Errno> = n >= 0 ? .success(n) : .failure(Errno(rawValue: errno))
+        let outcome = bytes.withUnsafeBytes { file.write($0) }
         condition.lock()
         writeResult = outcome
       }
       inFlight = false
       condition.broadcast()
     }
-    if fd >= 0 {
-      close(fd)
-      fd = -1
-    }
+    io?.close()
+    io = nil
     condition.unlock()
   }
 }

@@ -30,15 +30,23 @@ public class KernelVFIOBackend: VFIODeviceBackend {
   var mappedWindows: [UInt64: DMAWindow] = [:]
   let dmaLog: KernelDMALog
 
-  /// A migratable device gets the subclass, which the server recognises as `MigrationCapable`.
+  /// A migratable device gets a subclass, which the server recognises as
+  /// `MigrationCapable`: the kernel's data_fd, or the PF's debugfs controls,
+  /// as `plan` says (`MigrationPlan.decide`); nil takes the kernel's when it has one.
   public static func make(
-    _ device: KernelVFIODevice, logger: Logger, migrationTimeout: Duration = .seconds(10)
-  )
-    -> KernelVFIOBackend
-  {
-    device.migrationFlags != nil
-      ? MigratableKernelVFIOBackend(device, logger: logger, migrationTimeout: migrationTimeout)
-      : KernelVFIOBackend(device, logger: logger)
+    _ device: KernelVFIODevice, logger: Logger, plan: MigrationPlan? = nil,
+    migrationTimeout: Duration = .seconds(10)
+  ) -> KernelVFIOBackend {
+    switch plan ?? device.migrationFlags.map(MigrationPlan.vfio) ?? .none("") {
+    case .vfio:
+      MigratableKernelVFIOBackend(device, logger: logger, migrationTimeout: migrationTimeout)
+    case .pfDebugfs(let controls):
+      PFMigratedKernelVFIOBackend(
+        device, logger: logger,
+        migration: PFDebugfsMigration(controls: controls, timeout: migrationTimeout))
+    case .none:
+      KernelVFIOBackend(device, logger: logger)
+    }
   }
 
   init(_ device: KernelVFIODevice, logger: Logger, migration: KernelMigration? = nil) {
@@ -268,7 +276,7 @@ public final class MigratableKernelVFIOBackend: KernelVFIOBackend, MigrationCapa
     -> MigrationStream?
   {
     guard let file = try migration!.step(to: to) else { return nil }
-    return to == .resuming ? .sink(KernelMigrationSink(file)) : .source(KernelMigrationSource(file))
+    return to == .resuming ? .sink(DataFileSink(file)) : .source(DataFileSource(file))
   }
 
   public func stopCopySize() throws(Errno) -> UInt64 { try migration!.stopCopySize() }
@@ -286,20 +294,25 @@ public final class MigratableKernelVFIOBackend: KernelVFIOBackend, MigrationCapa
   }
 }
 
-/// The kernel's save data_fd as a `MigrationSource` (reads bounded by the file's timeout).
-final class KernelMigrationSource: MigrationSource {
-  let file: MigrationDataFile
-  init(_ file: MigrationDataFile) { self.file = file }
-  func read(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int {
-    try file.read(into: buffer)
-  }
-  func close() { file.invalidate() }
-}
+/// A VF on plain vfio-pci that its PF migrates through debugfs
+/// (`PFDebugfsMigration`); the device itself is reached as any other.
+public final class PFMigratedKernelVFIOBackend: KernelVFIOBackend, PFDebugfsMigratable {
+  public let pfMigration: PFDebugfsMigration
 
-/// The kernel's restore data_fd as a `MigrationSink` (writes bounded by the file's timeout).
-final class KernelMigrationSink: MigrationSink {
-  let file: MigrationDataFile
-  init(_ file: MigrationDataFile) { self.file = file }
-  func write(_ bytes: UnsafeRawBufferPointer) throws(Errno) -> Int { try file.write(bytes) }
-  func close() { file.invalidate() }
+  init(_ device: KernelVFIODevice, logger: Logger, migration: PFDebugfsMigration) {
+    pfMigration = migration
+    super.init(device, logger: logger)
+  }
+
+  public func logPFError(_ message: String) { logger.error("\(message)") }
+
+  /// VFIO_DEVICE_RESET, then the PF's `reset` so the PF has settled too.
+  public override func reset() throws(Errno) {
+    let pfError = try pfMigration.reset { () throws(Errno) in try super.reset() }
+    if let pfError {
+      logger.warning(
+        "the VF was reset, but the PF's reset of its controls failed: \(pfError.name); the next migration may fail until another reset"
+      )
+    }
+  }
 }

@@ -226,6 +226,28 @@ struct DeviceReport: Codable, Equatable {
   var migration: Migration
   var dmaLogging: DMALogging
   var server: ServerLimits
+  /// A kernel device's address and migration path, from its server's record
+  /// (`ServedRecord`); nil for the simulated VF or a server on another host.
+  var kernelDevice: KernelDevice?
+
+  struct KernelDevice: Codable, Equatable {
+    var address: String
+    var pid: Int
+    /// vfio, pf-debugfs or none.
+    var migrationPath: String
+    /// The server's line about it, with the reason when none.
+    var migrationDetail: String
+    /// The device, its driver and the IOMMU path the server uses.
+    var opened: String?
+
+    init(_ record: ServedRecord) {
+      opened = record.opened
+      address = record.device
+      pid = record.pid
+      migrationPath = String(record.migration.prefix { $0 != ":" })
+      migrationDetail = record.migration
+    }
+  }
 }
 
 /// Little-endian reads from a config space image; bytes past its end read as 0.

@@ -151,7 +151,8 @@ struct Info: ParsableCommand {
         maxDataXferSize: Int(caps.effectiveMaxDataXferSize),
         maxDMAMaps: Int(caps.effectiveMaxDMAMaps),
         maxMsgFDs: Int(caps.effectiveMaxMsgFDs), pgsizes: caps.effectivePgsizes,
-        writeMultiple: caps.writeMultiple ?? false))
+        writeMultiple: caps.writeMultiple ?? false),
+      kernelDevice: ServedRecord.serving(socket: socketPath).map(DeviceReport.KernelDevice.init))
   }
 
   /// `lspci -vv`'s layout for the PCI part, then the vfio-user view.
@@ -272,6 +273,10 @@ struct Info: ParsableCommand {
       r.dmaLogging.supported
       ? "\tDMA logging: START | STOP | REPORT (how the device knows its pages: the server's log)\n"
       : "\tDMA logging: not supported (\(r.dmaLogging.error ?? "?"))\n"
+    if let k = r.kernelDevice {
+      out +=
+        "\tKernel device: \(k.opened ?? k.address) (server pid \(k.pid)), migration path \(k.migrationDetail)\n"
+    }
     let s = r.server
     out +=
       "\tServer limits: max_data_xfer_size \(formatBytes(UInt64(s.maxDataXferSize))), max_dma_maps \(s.maxDMAMaps), max_msg_fds \(s.maxMsgFDs), pgsizes 0x\(hex(s.pgsizes, 1)), write_multiple \(s.writeMultiple ? "yes" : "no")\n"

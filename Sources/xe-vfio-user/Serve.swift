@@ -1,4 +1,5 @@
 import ArgumentParser
+import KernelVFIO
 import Logging
 import SystemPackage
 import VFIODevice
@@ -33,6 +34,12 @@ struct Serve: ParsableCommand {
       "Serve a real device through the kernel's VFIO instead of the simulated VF: vfio:DDDD:BB:DD.F (bound to vfio-pci), its /sys/bus/pci/devices path, a /dev/vfio/devices/vfioN cdev, or an mdev as mdev:UUID.",
       valueName: "vfio:address|path"))
   var kernelDevice: String?
+
+  @Option(
+    help: ArgumentHelp(
+      "How --device migrates: auto (the VF driver's data_fd if it has one, else the PF's debugfs controls), vfio, pf-debugfs or none.",
+      valueName: "auto|vfio|pf-debugfs|none"))
+  var migration: String = "auto"
 
   @Option(help: "Device profile: bmg (discrete, with VRAM), ptl or wcl (integrated).")
   var profile: String = "bmg"
@@ -97,6 +104,13 @@ struct Serve: ParsableCommand {
     else {
       throw ValidationError("--max-data-xfer-size must be between 4K and 64M")
     }
+    guard let choice = MigrationChoice(rawValue: migration) else {
+      throw ValidationError("--migration is auto, vfio, pf-debugfs or none")
+    }
+    if kernelDevice == nil, choice != .auto {
+      throw ValidationError(
+        "--migration is for --device: the simulated VF migrates through its simulated PF")
+    }
     if kernelDevice != nil, vramSize != nil {
       throw ValidationError("--vram-size is for the simulated VF; --device serves a real one")
     }
@@ -135,8 +149,19 @@ struct Serve: ParsableCommand {
     limits.allowedGIDs = Set(allowGID.compactMap(groupID))
     let backend: any VFIODeviceBackend
     let served: String
+    var record: ServedRecord?
     if let kernelDevice {
-      (backend, served) = try openKernelDevice(kernelDevice, logger: logger, limits: limits)
+      let opened = try openKernelDevice(
+        kernelDevice, migration: MigrationChoice(rawValue: migration)!, logger: logger,
+        limits: limits)
+      (backend, served) = (opened.backend, opened.description)
+      record = ServedRecord(
+        device: opened.backend.device.name, pid: Int(getpid()),
+        socket: fd.map { "fd \($0)" } ?? ServedRecord.absolutePath(socketPath ?? defaultSocketPath),
+        migration: opened.plan.summary,
+        opened: "\(opened.backend.device.identity) through \(opened.backend.device.iommu.path)")
+      // Before listening: a second server of the device stops here.
+      if let warning = try record!.claim() { logger.warning("\(warning)") }
     } else {
       let profile = XeProfile.named(profile)!
       let device: SimulatedXeVF
@@ -213,6 +238,7 @@ struct Serve: ParsableCommand {
     }
     server.start()
     server.wait()
+    record?.release()
   }
 }
 

@@ -74,14 +74,15 @@ struct InstallTests {
     let pages = ([""] + subcommands.map { "." + $0 }).map { "share/man/man1/xe-vfio-user\($0).1" }
     #expect(
       install.stderr.contains(
-        "installed xe-vfio-user 0.1.0 under \(prefix) (\(pages.count + 5) files)"),
+        "installed xe-vfio-user 0.1.0 under \(prefix) (\(pages.count + 6) files)"),
       "\(install.stderr)")
     let expected = Set(
       [
         "bin/xe-vfio-user", "share/bash-completion/completions/xe-vfio-user",
         "share/zsh/site-functions/_xe-vfio-user",
         "share/fish/vendor_completions.d/xe-vfio-user.fish",
-        "lib/systemd/system/xe-vfio-user@.service", "share/xe-vfio-user/installed",
+        "lib/systemd/system/xe-vfio-user@.service", "lib/systemd/system/xe-vfio-user-vf@.service",
+        "share/xe-vfio-user/installed",
       ] + pages)
     let files = Set(
       tree(prefix).filter {

@@ -1,5 +1,7 @@
 import Foundation
 import KernelVFIO
+import SystemPackage
+import XeVF
 
 /// A fake /sys, /dev and /proc in a temporary directory, laid out like the
 /// kernel's: device directories with `driver`, `iommu_group`, `physfn` links,
@@ -83,5 +85,120 @@ final class FakeSystem {
   func addProcess(pid: Int, name: String, holding path: String) throws {
     try write("proc/\(pid)/comm", name + "\n")
     try link("proc/\(pid)/fd/7", to: path)
+  }
+}
+
+// MARK: SR-IOV and the PF's debugfs
+
+extension FakeSystem {
+  /// An SR-IOV PF with `vfs` VFs at functions 1...: `sriov_totalvfs`,
+  /// `sriov_numvfs`, `virtfnN` links, each VF's `physfn`. `vfDrivers[i]` binds
+  /// VF i (nil: unbound); VF i is alone in IOMMU group `firstGroup + i`.
+  func addSRIOVPF(
+    _ pf: String, vendor: String = "0x8086", device: String = "0xe211", driver: String? = "xe",
+    group: Int = 10, total: Int = 4, vfs: Int, vfDrivers: [String?] = []
+  ) throws -> [String] {
+    try addDevice(pf, vendor: vendor, device: device, driver: driver, group: group)
+    let dir = "sys/devices/pci0000:00/\(pf)"
+    try write("\(dir)/sriov_totalvfs", "\(total)\n")
+    try write("\(dir)/sriov_numvfs", "\(vfs)\n")
+    let prefix = pf.dropLast(1)
+    var addresses: [String] = []
+    for i in 0..<vfs {
+      let vf = "\(prefix)\(i + 1)"
+      try addDevice(
+        vf, vendor: vendor, device: device, driver: i < vfDrivers.count ? vfDrivers[i] : nil,
+        group: group + 1 + i, physfn: pf)
+      try link("\(dir)/virtfn\(i)", to: "../\(vf)")
+      addresses.append(vf)
+    }
+    return addresses
+  }
+
+  /// debugfs mounted (in the fake /proc/mounts) with the PF's current-layout
+  /// tree: `dri/<PF>/sriov/vf1..vfN/` and their control files (`files`).
+  func addPFDebugfs(_ pf: String, vfs: Int, files: [String] = SimulatedPFDebugfs.files) throws {
+    try mountDebugfs()
+    for n in 1...max(vfs, 1) where vfs > 0 {
+      for name in files { try write("sys/kernel/debug/dri/\(pf)/sriov/vf\(n)/\(name)", "") }
+    }
+    try write("sys/kernel/debug/dri/\(pf)/name", "xe dev=\(pf) unique=\(pf)\n")
+  }
+
+  func mountDebugfs() throws {
+    try write(
+      "proc/mounts",
+      "sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0\ndebugfs /sys/kernel/debug debugfs rw,nosuid,nodev,noexec,relatime 0 0\n"
+    )
+  }
+
+  func debugfsVF(_ pf: String, _ n: Int) -> String {
+    "\(root)/sys/kernel/debug/dri/\(pf)/sriov/vf\(n)"
+  }
+}
+
+/// The fake debugfs: the tree's directories and files are real (in the
+/// temporary directory, so listing and existence are the kernel's), and the
+/// files' reads and writes go to the simulated PF of the VF a directory is
+/// attached to (`SimulatedPFDebugfs`), which gives them the PF's semantics:
+/// blocking reads, short reads at the end, its errnos.
+final class FakeDebugfs: PFControlFileSystem, @unchecked Sendable {
+  private let lock = NSLock()
+  private var attached: [String: SimulatedPFDebugfs] = [:]
+  /// Paths whose listing or opening fails with this errno (EACCES for a non-root user).
+  var denied: [String: Errno] = [:]
+
+  func attach(_ directory: String, _ vf: SimulatedXeVF) {
+    lock.withLock { attached[directory] = SimulatedPFDebugfs(vf: vf) }
+  }
+
+  private func denial(_ path: String) -> Errno? {
+    lock.withLock { denied.first { path.hasPrefix($0.key) }?.value }
+  }
+
+  func open(_ path: String, _ control: PFControl) -> Result<any PFControlFile, Errno> {
+    if let error = denial(path) { return .failure(error) }
+    guard FileManager.default.fileExists(atPath: path) else {
+      return .failure(.noSuchFileOrDirectory)
+    }
+    let directory = (path as NSString).deletingLastPathComponent
+    guard let files = lock.withLock({ attached[directory] }) else {
+      return .failure(.operationNotSupportedByDevice)
+    }
+    return .success(
+      FakeControlFile(
+        files: files, name: (path as NSString).lastPathComponent, flags: control.openFlags))
+  }
+
+  func list(_ directory: String) -> Result<[String], Errno> {
+    if let error = denial(directory) { return .failure(error) }
+    guard let names = try? FileManager.default.contentsOfDirectory(atPath: directory) else {
+      return .failure(.noSuchFileOrDirectory)
+    }
+    return .success(names.sorted())
+  }
+}
+
+/// One opened fake control file; as on Linux, a descriptor opened for
+/// writing only cannot read (EBADF), and one for reading only cannot write.
+final class FakeControlFile: PFControlFile, @unchecked Sendable {
+  let files: SimulatedPFDebugfs
+  let name: String
+  let flags: Int32
+
+  init(files: SimulatedPFDebugfs, name: String, flags: Int32) {
+    self.files = files
+    self.name = name
+    self.flags = flags
+  }
+
+  func pread(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) -> Result<Int, Errno> {
+    guard flags & O_ACCMODE != O_WRONLY else { return .failure(.badFileDescriptor) }
+    return Result { () throws(Errno) in try files.read(name, into: buffer, at: offset) }
+  }
+
+  func pwrite(_ bytes: UnsafeRawBufferPointer, at offset: Int64) -> Result<Int, Errno> {
+    guard flags & O_ACCMODE != O_RDONLY else { return .failure(.badFileDescriptor) }
+    return Result { () throws(Errno) in try files.write(name, bytes, at: offset) }
   }
 }

@@ -401,4 +401,48 @@ struct ExampleTests {
     #expect(server.stop() == 0, "SIGTERM stops the service cleanly")
     #expect(!FileManager.default.fileExists(atPath: socket))
   }
+
+  /// The unit for a real VF: the instance names the VF, the command serves
+  /// it with `--device`, it passes `systemd-analyze verify`, and
+  /// `systemd-analyze security` rates it OK or better with only the one
+  /// capability it needs.
+  @Test func realVFUnitVerifiesWithLeastPrivilege() throws {
+    let analyze = try #require(
+      which("systemd-analyze"), "systemd-analyze missing: run scripts/install-qemu.sh")
+    let unit = try String(
+      contentsOfFile: root + "/examples/xe-vfio-user-vf@.service", encoding: .utf8)
+    let directory = try makeScratchDirectory("systemd-vf")
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    try unit.replacingOccurrences(
+      of: "/usr/local/bin/xe-vfio-user", with: InteropEnvironment.current.server
+    )
+    .write(toFile: directory + "/xe-vfio-user-vf@.service", atomically: true, encoding: .utf8)
+    // The instance 0000:03:00.1, escaped as systemd-escape does for a path argument.
+    let instance = directory + "/xe-vfio-user-vf@0000\\x3a03\\x3a00.1.service"
+    let verified = try runTool(analyze, ["verify", "--man=no", instance])
+    #expect(verified.status == 0 && verified.stderr.isEmpty, "\(verified)")
+    let security = try runTool(analyze, ["security", "--offline=true", "--no-pager", instance])
+    let overall = security.stdout.split(separator: "\n").first {
+      $0.contains("Overall exposure level")
+    }
+    let score = overall.flatMap { line in
+      line.split(separator: " ").compactMap { Double($0) }.first
+    }
+    #expect(score.map { $0 <= 2.0 } == true, "\(overall ?? "") \(security.stderr)")
+    print("systemd-analyze security xe-vfio-user-vf@.service: \(overall ?? "?")")
+
+    var settings: [String: [String]] = [:]
+    for line in unit.split(separator: "\n") where !line.hasPrefix("#") {
+      let parts = line.split(separator: "=", maxSplits: 1).map(String.init)
+      if parts.count == 2 { settings[parts[0], default: []].append(parts[1]) }
+    }
+    let command = shellWords(try #require(settings["ExecStart"]?.first))
+    #expect(command.contains("vfio:%i") && command.contains("/run/xe-vfio-user/%i.sock"))
+    #expect(settings["CapabilityBoundingSet"] == ["CAP_DAC_OVERRIDE"])
+    #expect(settings["AmbientCapabilities"] == ["CAP_DAC_OVERRIDE"])
+    #expect(settings["DeviceAllow"] == ["/dev/vfio/vfio rw", "char-vfio rw"])
+    #expect(settings["LimitMEMLOCK"] == ["20G"])
+    #expect(settings["DynamicUser"] == ["yes"] && settings["NoNewPrivileges"] == ["yes"])
+    #expect(settings["RuntimeDirectory"] == ["xe-vfio-user"])
+  }
 }

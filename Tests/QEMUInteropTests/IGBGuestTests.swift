@@ -43,9 +43,16 @@ struct IGBGuestTests {
     echo $addr > /sys/bus/pci/drivers_probe
     echo "XEVF: driver $(basename $(readlink $vf/driver))"
     echo "XEVF: vf-group-devices $(ls $vf/iommu_group/devices | tr '\\n' ' ')"
+    export XE_VFU_RUN_DIR=/tmp/xvu-run
+    echo "XEVF: vf1 $(basename $(readlink -f $pf/virtfn1)) group $(basename $(readlink $(readlink -f $pf/virtfn1)/iommu_group))"
     /bin/xe-vfio-user serve --device vfio:$addr -s /tmp/g.sock \(KernelGuestTests.serveArguments) 2>/tmp/server.log &
     i=0; while [ ! -S /tmp/g.sock ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
     echo "XEVF: served $(cut -d' ' -f1 /proc/uptime)"
+    # `list` sees what sysfs and the server's record say: one line of JSON, and the text.
+    echo "XEVF: list-json $(/bin/xe-vfio-user list --all --json | tr -d '\\n' | tr -s ' ')"
+    /bin/xe-vfio-user list --all | sed 's/^/XEVF-LIST: /'
+    echo "XEVF: list-xe $(/bin/xe-vfio-user list | head -n 1)"
+    echo "XEVF: info-kernel $(/bin/xe-vfio-user info -s /tmp/g.sock | grep 'Kernel device:' | tr -d '\\t')"
     /bin/xe-vfu-guest-check --igb /tmp/g.sock $addr || echo "XEVF: error guest-check exit $?"
     i=0; while ! grep -q "client disconnected" /tmp/server.log && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
     sed 's/^/XEVF-LOG: /' /tmp/server.log
@@ -129,6 +136,7 @@ struct IGBGuestTests {
       #expect(set & (1 << 25) != 0 && after & (1 << 25) == 0, "\(reset)")
     }
     #expect(lines["check-done"] != nil, "\(context)")
+    try checkList(lines, vf0Group: vf.split(separator: " ").last.map(String.init), context: context)
     // The server's log: the eventfds went to the kernel as they were, then none; the reset.
     for line in [
       "VFIO_DEVICE_SET_IRQS MSI-X TRIGGER [0, +3) eventfds",
@@ -142,6 +150,56 @@ struct IGBGuestTests {
     print(
       "igb VF guest test: \(String(format: "%.1f", run.seconds)) s wall to the last marker (guest uptime \(run.uptime) s, server up at \(lines["served"]?.first ?? "?") s); initramfs \(initramfs.count >> 20) MiB"
     )
+  }
+}
+
+extension IGBGuestTests {
+  /// `xe-vfio-user list --all --json` in the guest: the igb PF (not Xe, so
+  /// only with --all), its two VFs with their drivers and groups, VF 0 served.
+  func checkList(_ lines: [String: [String]], vf0Group: String?, context: String) throws {
+    struct Listing: Decodable {
+      struct PF: Decodable {
+        var address: String
+        var driver: String?
+        var platform: String?
+        var totalVFs: Int
+        var numVFs: Int
+        var vfs: [VF]
+      }
+      struct VF: Decodable {
+        struct Migration: Decodable { var path: String }
+        struct Server: Decodable { var socket: String }
+        var address: String
+        var driver: String?
+        var iommuGroup: Int?
+        var migration: Migration
+        var server: Server?
+      }
+      var pfs: [PF]
+    }
+    let json = try #require(lines["list-json"]?.first, "no list output: \(context)")
+    let listing = try JSONDecoder().decode(Listing.self, from: Data(json.utf8))
+    let pf = try #require(listing.pfs.first { $0.address == "0000:00:05.0" }, "\(json)")
+    #expect(pf.driver == "igb" && pf.platform == nil && pf.totalVFs == 7 && pf.numVFs == 2)
+    #expect(pf.vfs.count == 2, "\(json)")
+    guard pf.vfs.count == 2 else { return }
+    #expect(pf.vfs[0].address == "0000:00:15.0" && pf.vfs[0].driver == "vfio-pci")
+    #expect(pf.vfs[0].iommuGroup.map(String.init) == vf0Group, "\(json)")
+    #expect(pf.vfs[0].server?.socket == "/tmp/g.sock", "\(json)")
+    #expect(pf.vfs[0].migration.path == "none")  // igb's PF has no migration controls
+    let vf1 = (lines["vf1"]?.first ?? "").split(separator: " ").map(String.init)
+    #expect(vf1.count == 3 && pf.vfs[1].address == vf1[0], "\(vf1) \(json)")
+    #expect(pf.vfs[1].driver == nil && pf.vfs[1].server == nil)
+    #expect(vf1.count == 3 && pf.vfs[1].iommuGroup.map(String.init) == vf1[2])
+    #expect(
+      lines["list-xe"] == ["No Xe SR-IOV PF on this host (--all shows other SR-IOV devices)."])
+    // `info` names the device and its migration path from the server's record.
+    let info = lines["info-kernel"]?.first ?? ""
+    #expect(
+      info.hasPrefix(
+        "Kernel device: 0000:00:15.0 [8086:10ca] driver vfio-pci through group/container (type1v2 IOMMU, group "
+      ), "\(info)")
+    #expect(info.contains("migration path none: no data_fd"), "\(info)")
   }
 }
 

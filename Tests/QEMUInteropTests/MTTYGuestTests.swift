@@ -22,6 +22,7 @@ struct MTTYGuestTests {
   static func initScript(modules: [String]) -> String {
     """
     \(GuestRun.initPreamble(environment: "PATH=/bin LD_LIBRARY_PATH=/lib/x86_64-linux-gnu", modules: modules))
+    export XE_VFU_RUN_DIR=/tmp/xvu-run
     types=/sys/class/mdev_bus/mtty/mdev_supported_types
     echo "XEVF: mdev-types $(ls $types | tr '\\n' ' ')"
     for u in \(source) \(destination); do
@@ -40,8 +41,7 @@ struct MTTYGuestTests {
     /bin/xe-vfio-user migrate --from /tmp/a.sock --to /tmp/b.sock >/tmp/migrate.txt 2>&1
     echo "XEVF: migrate exit $? $(tail -n 1 /tmp/migrate.txt)"
     check read /tmp/b.sock \(text.utf8.count)
-    /bin/xe-vfio-user info -s /tmp/b.sock >/tmp/info.txt 2>&1 || echo "XEVF: error info exit $?"
-    sed 's/^/XEVF-INFO: /' /tmp/info.txt
+    echo "XEVF: info-kernel $(/bin/xe-vfio-user info -s /tmp/b.sock | grep 'Kernel device:' | tr -d '\\t')"
     sed 's/^/XEVF-LOG: a: /' /tmp/a.log
     sed 's/^/XEVF-LOG: b: /' /tmp/b.log
     echo "XEVF: done $(cut -d' ' -f1 /proc/uptime)"
@@ -128,6 +128,15 @@ struct MTTYGuestTests {
       Issue.record("no line status after the read: \(context)")
     }
     #expect(log.contains { $0.hasPrefix("a: ") && $0.contains("device reset") }, "\(log)")
+    // `info` names the served mdev, its driver, the IOMMU path and the migration path.
+    let info = lines["info-kernel"]?.first ?? ""
+    #expect(
+      info.hasPrefix(
+        "Kernel device: mdev \(Self.destination) (mtty-1 of mtty) driver mtty through group/container (type1v2 IOMMU, group "
+      ), "\(info)")
+    #expect(
+      info.contains(
+        "migration path vfio: the device driver's data_fd (STOP_COPY | P2P | PRE_COPY)"), "\(info)")
     print(
       "mtty guest test: \(String(format: "%.1f", run.seconds)) s wall to the last marker (guest uptime \(run.uptime) s, servers up at \(lines["served"]?.first ?? "?") s); \(migrate)"
     )
