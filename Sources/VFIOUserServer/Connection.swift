@@ -12,6 +12,8 @@ import VFIOUserSocket
 public enum ConnectionEnd: Sendable, Equatable {
   case clientClosed
   case protocolError(String)
+  /// The client sent half a message and went quiet, or stopped reading its replies.
+  case timedOut(String)
   case shutdown
 }
 
@@ -55,6 +57,8 @@ final class Connection {
   /// Reads at least this large go out straight from device memory when the backend allows.
   static let directReadThreshold = 16 * 1024
   var deferred: [() -> Void] = []
+  /// Set when a send to the client timed out: the connection ends with it.
+  var brokenEnd: ConnectionEnd?
   var shuttingDown: Bool { stats.snapshot.stopping }
 
   // Server-to-client requests (DMA_READ / DMA_WRITE for windows without an fd).
@@ -75,6 +79,7 @@ final class Connection {
       fd: fd, capacity: limits.maxMessageSize + 64 * 1024,
       maxMessageSize: ServerLimits.maxVersionMessage)
     channel.maxFDs = Int(limits.maxMsgFDs)
+    channel.partialMessageTimeoutMilliseconds = limits.partialMessageTimeoutMilliseconds
     tx = .allocate(byteCount: limits.maxMessageSize + Self.coalesceLimit + 64, alignment: 16)
     dmaLimits = limits.dma(for: backend.dmaLimits)
     dma = DMATable(
@@ -95,11 +100,18 @@ final class Connection {
     backend.attach(host: self)
     defer { teardown() }
     while true {
+      if let brokenEnd { return brokenEnd }
       let result: ReceiveResult
       do {
         result = try channel.receive()
       } catch {
         if shuttingDown { return .shutdown }
+        if error == .timedOut {
+          let why =
+            "the client sent part of a message and nothing more for \(limits.partialMessageTimeoutMilliseconds) ms"
+          logger.warning("\(why): disconnecting it")
+          return .timedOut(why)
+        }
         logger.error("unframeable message or socket error, closing: \(error)")
         return .protocolError("\(error)")
       }
@@ -257,8 +269,23 @@ final class Connection {
     do {
       try channel.send(reply, extra ?? UnsafeRawBufferPointer(start: nil, count: 0), fd: fd)
     } catch {
-      logger.debug("reply to \(request.messageID) not sent: \(error)")
+      sendFailed(error, "reply to \(request.messageID)")
     }
+  }
+
+  /// A send that failed: a client gone is noticed by the next receive; one
+  /// that stopped reading (the send timed out) is disconnected.
+  func sendFailed(_ error: Errno, _ what: String) {
+    guard error == .timedOut else {
+      logger.debug("\(what) not sent: \(error)")
+      return
+    }
+    guard brokenEnd == nil else { return }
+    let why =
+      "the client has not read its replies for \(limits.sendTimeoutMilliseconds) ms (\(what) not sent)"
+    logger.warning("\(why): disconnecting it")
+    brokenEnd = .timedOut(why)
+    channel.shutdown()
   }
 
   /// Sends the queued replies.
@@ -269,7 +296,7 @@ final class Connection {
     do {
       try channel.send(queued)
     } catch {
-      logger.debug("replies not sent: \(error)")
+      sendFailed(error, "replies")
     }
   }
 
@@ -280,7 +307,7 @@ final class Connection {
     do {
       try channel.send(bytes: header)
     } catch {
-      logger.debug("error reply to \(request.messageID) not sent: \(error)")
+      sendFailed(error, "error reply to \(request.messageID)")
     }
   }
 }

@@ -90,6 +90,12 @@ public final class MessageChannel {
   public var maxMessageSize: Int
   /// Most descriptors kept per received message; surplus ones are closed.
   public var maxFDs: Int = Int(CVFU_SCM_MAX_FD)
+  /// How long the rest of a message that has begun to arrive may take, in
+  /// milliseconds, before `receive()` throws ETIMEDOUT (0: no bound). Waiting
+  /// between messages is never bounded: a VMM may be idle for hours.
+  public var partialMessageTimeoutMilliseconds: Int32 = 0
+  /// When the message now partly buffered began to be waited for (ms, monotonic), or 0.
+  private var partialSince: Int64 = 0
 
   private let buffer: UnsafeMutableRawBufferPointer
   private var start = 0  // first unconsumed byte
@@ -164,6 +170,7 @@ public final class MessageChannel {
           let drop = min(end - start, size)
           start += drop
           discardRemaining = UInt64(size - drop)
+          partialSince = 0
           return .oversized(header)
         }
         if end - start >= size {
@@ -171,14 +178,32 @@ public final class MessageChannel {
           let payload = UnsafeRawBufferPointer(
             rebasing: buffer[(start + MessageHeader.size)..<(start + size)])
           start += size
+          partialSince = 0
           return .message(ReceivedMessage(header: header, payload: payload, fds: fds))
         }
         if discardRemaining == 0, start + size > buffer.count { compact() }
       } else if start + MessageHeader.size > buffer.count {
         compact()
       }
+      try waitForRestOfMessage()
       guard try fill() else { return .closed }
     }
+  }
+
+  /// With part of a message buffered (or an oversized one still being
+  /// discarded), waits for more only until `partialMessageTimeoutMilliseconds`
+  /// after that message began to be waited for: a peer that sends half a
+  /// message and goes quiet gets ETIMEDOUT, an idle one waits unbounded.
+  private func waitForRestOfMessage() throws(Errno) {
+    guard partialMessageTimeoutMilliseconds > 0 else { return }
+    guard end > start || discardRemaining > 0 else {
+      partialSince = 0
+      return
+    }
+    let now = cvfu_monotonic_ms()
+    if partialSince == 0 { partialSince = now }
+    let left = partialSince + Int64(partialMessageTimeoutMilliseconds) - now
+    if left <= 0 || cvfu_wait_readable(fd, Int32(left)) == 0 { throw .timedOut }
   }
 
   /// Receives the next message when its layout is known: `head` bytes of
@@ -301,7 +326,8 @@ public final class MessageChannel {
   }
 
   /// Sends `first` then `second` as one message, with `fds` attached to its
-  /// first byte. Partial sends are continued until everything is out.
+  /// first byte. Partial sends are continued until everything is out; with a
+  /// send timeout on the socket, one that makes no progress throws ETIMEDOUT.
   public func send(
     _ first: UnsafeRawBufferPointer,
     _ second: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0),
@@ -322,7 +348,8 @@ public final class MessageChannel {
           fd, vecs.baseAddress! + start, Int32(2 - start), fdsToSend.baseAddress,
           Int32(fdsToSend.count))
       }
-      if n < 0 { throw Errno(rawValue: Int32(-n)) }
+      // A blocking socket says EAGAIN only when its send timeout (SO_SNDTIMEO) ran out.
+      if n < 0 { throw -n == EAGAIN ? .timedOut : Errno(rawValue: Int32(-n)) }
       fdsToSend = UnsafeBufferPointer(start: nil, count: 0)
       var sent = n
       let fromA = min(sent, a.count)
