@@ -171,9 +171,10 @@ final class Connection {
     }
     deferred = []
     // A server shutting down keeps no state for a next client: no drain, no settling.
+    let stateAtEnd = shuttingDown ? deviceMigrationState() : nil
     let keep =
       !limits.resetOnDisconnect
-      && (shuttingDown ? deviceMigrationState() == .running : settleMigrationAfterHangUp())
+      && (shuttingDown ? stateAtEnd == .running : settleMigrationAfterHangUp())
     if !keep {
       do { try backend.reset() } catch {
         logger.warning("device reset after hang-up failed: \(error)")
@@ -181,6 +182,13 @@ final class Connection {
       migration.deviceWasReset()
     }
     migration.closeStream()
+    if shuttingDown, let stateAtEnd, stateAtEnd != .running {
+      // A stop mid-migration must not leave the device claiming half a state.
+      let now = deviceMigrationState().map { "\($0)" } ?? "an unknown state"
+      logger.notice(
+        "shutting down with the device in \(stateAtEnd): migration stream invalidated, device reset, now \(now)"
+      )
+    }
     backend.attach(host: nil)
     stats.update {
       $0.dmaRegions = 0

@@ -240,12 +240,12 @@ struct Serve: ParsableCommand {
     // backend, its VFIO and IOMMU descriptors) and the socket. Files opened
     // up front for a migration path (the PF's debugfs) belong above this line.
     if let user {
-      let identity = try dropPrivileges(user: user, group: group)
+      let identity = try unprivilegedIdentity(user: user, group: group)
+      // The socket becomes the server's, so it can still remove it at exit.
       if fd == nil, chown(path, identity.uid, socketGroup.flatMap(groupID) ?? identity.gid) != 0 {
-        logger.warning(
-          "cannot give \(path) to \(user): \(describe(Errno(rawValue: errno))); it may stay behind at exit"
-        )
+        throw CLIError("cannot give \(path) to \(user): \(describe(Errno(rawValue: errno)))")
       }
+      try dropPrivileges(to: identity)
       logger.info("running as uid \(identity.uid) gid \(identity.gid) (--user, --group)")
     }
     if !limits.allowedUIDs.isEmpty || !limits.allowedGIDs.isEmpty {
@@ -262,16 +262,11 @@ struct Serve: ParsableCommand {
   }
 }
 
-/// Switches the process to `user` (and `group`, else the user's own group)
-/// for good: supplementary groups dropped, gid then uid set, and checked that
-/// root cannot be regained. Throws if any step fails: a server that meant to
+/// Switches the process to `identity` for good: supplementary groups
+/// dropped, gid then uid set, and checked that root cannot be regained. Throws if any step fails: a server that meant to
 /// drop root must not go on serving as root.
-func dropPrivileges(user: String, group: String?) throws -> (uid: uid_t, gid: gid_t) {
-  guard let uid = userID(user) else { throw CLIError("--user: no user '\(user)'") }
-  let ownGroup = getpwuid(uid).map { $0.pointee.pw_gid }
-  guard let gid = group.flatMap(groupID) ?? ownGroup else {
-    throw CLIError("--user \(user) has no group of its own: name one with --group")
-  }
+func dropPrivileges(to identity: (uid: uid_t, gid: gid_t)) throws {
+  let (uid, gid) = identity
   var groups = [gid]
   guard setgroups(1, &groups) == 0 else {
     throw CLIError("cannot drop supplementary groups: \(describe(Errno(rawValue: errno)))")
@@ -290,6 +285,15 @@ func dropPrivileges(user: String, group: String?) throws -> (uid: uid_t, gid: gi
   guard read == 0, uids.allSatisfy({ $0 == uid }), gids.allSatisfy({ $0 == gid }), !regained
   else {
     throw CLIError("privileges not dropped: uids \(uids), gids \(gids)")
+  }
+}
+
+/// The uid of `user` and the gid of `group`, else the user's own group.
+func unprivilegedIdentity(user: String, group: String?) throws -> (uid: uid_t, gid: gid_t) {
+  guard let uid = userID(user) else { throw CLIError("--user: no user '\(user)'") }
+  let ownGroup = getpwuid(uid).map { $0.pointee.pw_gid }
+  guard let gid = group.flatMap(groupID) ?? ownGroup else {
+    throw CLIError("--user \(user) has no group of its own: name one with --group")
   }
   return (uid, gid)
 }
