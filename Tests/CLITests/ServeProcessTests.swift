@@ -26,13 +26,19 @@ final class ServeProcess: @unchecked Sendable {
 
   /// - Parameter directoryMode: the socket directory's mode (01777 lets a
   ///   server that dropped root remove its socket there).
-  init(_ arguments: [String] = [], directoryMode: mode_t? = nil) throws {
+  ///   `environment`: variables added to the test's own for the server.
+  init(
+    _ arguments: [String] = [], directoryMode: mode_t? = nil, environment: [String: String] = [:]
+  ) throws {
     directory = NSTemporaryDirectory() + "xvu-cli-\(UUID().uuidString.prefix(8))"
     try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
     if let directoryMode { chmod(directory, directoryMode) }
     socketPath = directory + "/vf0.sock"
     process.executableURL = executable
     process.arguments = ["serve", "--socket-path", socketPath] + arguments
+    if !environment.isEmpty {
+      process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+    }
     process.standardOutput = output
     process.standardError = errors
     try process.run()
