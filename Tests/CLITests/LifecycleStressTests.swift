@@ -3,22 +3,11 @@ import Foundation
 import Testing
 import VFIOUser
 import VFIOUserClient
+import XeVF
 
 #if canImport(Glibc)
   import Glibc
 #endif
-
-/// SplitMix64: small, seedable, the same sequence on every platform.
-struct SeededGenerator: RandomNumberGenerator {
-  var state: UInt64
-  mutating func next() -> UInt64 {
-    state &+= 0x9E37_79B9_7F4A_7C15
-    var z = state
-    z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-    z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-    return z ^ (z >> 31)
-  }
-}
 
 /// What a server process holds: descriptors, mappings and resident memory.
 struct ProcessFootprint: Equatable, CustomStringConvertible {
@@ -88,7 +77,7 @@ struct LifecycleStressTests {
   /// One client's life, ended as `ending` says, at a random point of that stage.
   static func live(
     _ ending: Ending, _ serve: ServeProcess, _ material: Material,
-    _ rng: inout SeededGenerator
+    _ rng: inout SplitMix64
   ) throws {
     switch ending {
     case .beforeVersion:
@@ -149,7 +138,7 @@ struct LifecycleStressTests {
       ProcessInfo.processInfo.environment["XVU_STRESS_SEED"].flatMap { UInt64($0) }
       ?? UInt64.random(in: 0...UInt64.max)
     print("lifecycle stress: seed \(seed) (XVU_STRESS_SEED=\(seed) repeats it)")
-    var rng = SeededGenerator(state: seed)
+    var rng = SplitMix64(seed: seed)
     // glibc's caches would blur the count of mappings: a malloc arena per
     // contended thread (64 MiB reserved each, never returned) and the stacks
     // of exited threads. With one arena and no stack cache, every mapping the

@@ -20,15 +20,25 @@ func makeStaleSocket(_ path: String) {
   close(fd)
 }
 
+/// Runs `body` with a fresh directory under the temporary directory, removed afterwards.
+func withTemporaryDirectory(_ prefix: String, _ body: (String) throws -> Void) throws {
+  let directory = NSTemporaryDirectory() + "\(prefix)-\(UUID().uuidString.prefix(8))"
+  try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+  defer { try? FileManager.default.removeItem(atPath: directory) }
+  try body(directory)
+}
+
 /// The socket path rules, signals in every state, dropping root, and bounded waits, with `serve` as a process.
 @Suite("serve: socket rules, signals, privileges", .serialized)
 struct ServeHardeningTests {
   // MARK: Socket rules
 
   @Test func aStaleSocketIsReplacedAndALiveOneIsNot() throws {
-    let directory = NSTemporaryDirectory() + "xvu-stale-\(UUID().uuidString.prefix(8))"
-    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-    defer { try? FileManager.default.removeItem(atPath: directory) }
+    try withTemporaryDirectory("xvu-stale") { directory in try staleSocketIsReplaced(in: directory)
+    }
+  }
+
+  func staleSocketIsReplaced(in directory: String) throws {
     let path = directory + "/vf0.sock"
     makeStaleSocket(path)
     let serve = Process()
@@ -53,9 +63,12 @@ struct ServeHardeningTests {
   /// A symbolic link at the socket path is never followed or replaced, wherever it points.
   @Test(arguments: ["stale-socket", "file", "dangling"])
   func aSymbolicLinkIsRefused(target kind: String) throws {
-    let directory = NSTemporaryDirectory() + "xvu-link-\(UUID().uuidString.prefix(8))"
-    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-    defer { try? FileManager.default.removeItem(atPath: directory) }
+    try withTemporaryDirectory("xvu-link") { directory in
+      try symbolicLinkIsRefused(in: directory, target: kind)
+    }
+  }
+
+  func symbolicLinkIsRefused(in directory: String, target kind: String) throws {
     let target = directory + "/target"
     switch kind {
     case "stale-socket": makeStaleSocket(target)
@@ -76,17 +89,6 @@ struct ServeHardeningTests {
       #expect(
         lstat(target, &st) == 0 && st.st_mode & S_IFMT == S_IFSOCK, "the target is left alone")
     }
-  }
-
-  @Test func aRegularFileAtTheSocketPathIsRefused() throws {
-    let directory = NSTemporaryDirectory() + "xvu-file-\(UUID().uuidString.prefix(8))"
-    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-    defer { try? FileManager.default.removeItem(atPath: directory) }
-    let path = directory + "/vf0.sock"
-    try Data("not a socket".utf8).write(to: URL(fileURLWithPath: path))
-    let result = try run(["serve", "--socket-path", path])
-    #expect(result.status != 0 && result.stderr.contains("exists and is not a socket"))
-    #expect(try String(contentsOfFile: path, encoding: .utf8) == "not a socket")
   }
 
   // MARK: SIGTERM and SIGINT in every state
@@ -141,12 +143,18 @@ struct ServeHardeningTests {
       logs: ["client disconnected (shutdown); DMA and eventfds released, device reset"])
   }
 
-  @Test(arguments: [SIGTERM, SIGINT])
-  func signalInStopCopyMidStream(_ signal: Int32) throws {
+  /// A server of a VF with 16 MiB of VRAM and a client that moved it through STOP to `state`.
+  func serverIn(_ state: MigrationState) throws -> (ServeProcess, VFIOUserClient) {
     let serve = try ServeProcess(["--quiet", "--vram-size", "16M"])
     let client = try serve.connect()
     try client.setMigrationState(.stop)
-    try client.setMigrationState(.stopCopy)
+    try client.setMigrationState(state)
+    return (serve, client)
+  }
+
+  @Test(arguments: [SIGTERM, SIGINT])
+  func signalInStopCopyMidStream(_ signal: Int32) throws {
+    let (serve, client) = try serverIn(.stopCopy)
     #expect(try !client.migDataRead(size: 64 * 1024).isEmpty, "the save has begun")
     expectCleanStop(
       serve, client, signal: signal,
@@ -158,16 +166,10 @@ struct ServeHardeningTests {
   @Test(arguments: [SIGTERM, SIGINT])
   func signalInResumingMidStream(_ signal: Int32) throws {
     // Half of a real save, written to a second server in RESUMING.
-    let source = try ServeProcess(["--quiet", "--vram-size", "16M"])
-    let sourceClient = try source.connect()
-    try sourceClient.setMigrationState(.stop)
-    try sourceClient.setMigrationState(.stopCopy)
+    let (source, sourceClient) = try serverIn(.stopCopy)
     let head = try sourceClient.migDataRead(size: 256 * 1024)
     _ = source.stop()
-    let serve = try ServeProcess(["--quiet", "--vram-size", "16M"])
-    let client = try serve.connect()
-    try client.setMigrationState(.stop)
-    try client.setMigrationState(.resuming)
+    let (serve, client) = try serverIn(.resuming)
     try client.migDataWrite(Array(head.prefix(head.count / 2)))
     expectCleanStop(
       serve, client, signal: signal,
