@@ -185,21 +185,15 @@ public final class MessageChannel {
       } else if start + MessageHeader.size > buffer.count {
         compact()
       }
-      try waitForRestOfMessage()
       guard try fill() else { return .closed }
     }
   }
 
-  /// With part of a message buffered (or an oversized one still being
-  /// discarded), waits for more only until `partialMessageTimeoutMilliseconds`
-  /// after that message began to be waited for: a peer that sends half a
-  /// message and goes quiet gets ETIMEDOUT, an idle one waits unbounded.
+  /// Waits for the rest of a message only until `partialMessageTimeoutMilliseconds`
+  /// after the first wait for it: a peer that sends half a message and goes
+  /// quiet gets ETIMEDOUT. (An idle peer, with nothing of a message sent, is
+  /// waited for without a bound.)
   private func waitForRestOfMessage() throws(Errno) {
-    guard partialMessageTimeoutMilliseconds > 0 else { return }
-    guard end > start || discardRemaining > 0 else {
-      partialSince = 0
-      return
-    }
     let now = cvfu_monotonic_ms()
     if partialSince == 0 { partialSince = now }
     let left = partialSince + Int64(partialMessageTimeoutMilliseconds) - now
@@ -296,6 +290,11 @@ public final class MessageChannel {
 
   /// One recvmsg into the free tail of the buffer. Returns false on EOF.
   private func fill() throws(Errno) -> Bool {
+    // Part of a message is here (or an oversized one is being dropped): the
+    // read does not block, and only when nothing is ready is the rest waited
+    // for, within the bound. The common case costs no extra system call.
+    let bounded = partialMessageTimeoutMilliseconds > 0 && (end > start || discardRemaining > 0)
+    if !bounded { partialSince = 0 }
     if start == end {
       streamBase += UInt64(start)
       start = 0
@@ -304,10 +303,17 @@ public final class MessageChannel {
       compact()
     }
     var count: Int32 = 0
-    let n = scratchFDs.withUnsafeMutableBufferPointer { fds in
-      cvfu_recvmsg(
-        fd, buffer.baseAddress! + end, buffer.count - end, fds.baseAddress, Int32(fds.count),
-        &count, 0)
+    func receive(_ flags: Int32) -> Int {
+      scratchFDs.withUnsafeMutableBufferPointer { fds in
+        cvfu_recvmsg(
+          fd, buffer.baseAddress! + end, buffer.count - end, fds.baseAddress, Int32(fds.count),
+          &count, flags)
+      }
+    }
+    var n = receive(bounded ? Int32(MSG_DONTWAIT) : 0)
+    if bounded, -n == EAGAIN {
+      try waitForRestOfMessage()
+      n = receive(0)
     }
     if n < 0 {
       if -n == ECONNRESET || -n == EPIPE { return false }
