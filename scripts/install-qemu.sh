@@ -24,6 +24,8 @@
 #   guest/amd64/vmlinuz         the generic amd64 flavour of the same kernel version (it has
 #   guest/amd64/modules/*.ko    igb, which the cloud flavour lacks), igb and the VFIO modules
 #                               with their dependencies, and modules/order (insmod order)
+#   guest/mtty/mtty.ko, mdev.ko the Linux sample mdev driver mtty, built for that kernel from its
+#                               linux-source, and mdev.ko from the amd64 package
 #   env                         XE_VFU_QEMU=... and friends, for scripts/test.sh and the tests
 #
 # Usage: scripts/install-qemu.sh [--force] [--env]
@@ -358,6 +360,70 @@ install_guest_amd64() {
   say "        done, $(mb $(($(rx_bytes) - rx))) received"
 }
 
+# The kernel-migration guest test: the Linux sample driver mtty (an mdev with
+# VFIO migration: STOP_COPY, P2P, PRE_COPY), which Debian does not ship
+# (CONFIG_SAMPLES is off). It is built as an out-of-tree module from the
+# samples/vfio-mdev/mtty.c of the guest kernel's own version (linux-source),
+# against that version's headers, with the gcc Debian built the kernel with,
+# in a throw-away copy of the Debian 13 root; mdev.ko comes from the generic
+# amd64 kernel package. Only mtty.ko, mdev.ko and mtty.c (for reference) are kept.
+install_guest_mtty() {
+  local dir=$GUEST/mtty
+  if [ -f "$dir/.complete" ] && [ -s "$dir/mtty.ko" ] && [ -s "$dir/mdev.ko" ]; then return; fi
+  if ! { [ -f "$CACHE/qemu/.complete" ] && [ "$QEMU" = "$WRAPPER" ]; }; then
+    say "mtty guest: skipped (building mtty.ko needs the Debian 13 root this script makes when the host QEMU is too old)"
+    return
+  fi
+  local cloud kernel release version series build rx
+  cloud=$(cat "$GUEST/kernel-package")
+  kernel=${cloud%-cloud-amd64}-amd64
+  release=${kernel#linux-image-}
+  build=$CACHE/mtty-build
+  rm -rf "$build" "$dir.new" && mkdir -p "$dir.new"
+  say "mtty guest: building the mtty sample module for $release (downloads gcc-14, the kernel headers and linux-source, about 260 MB; only mtty.ko and mdev.ko are kept)"
+  rx=$(rx_bytes)
+  cp -a "$QROOT" "$build"
+  trap 'rm -rf "${build:?}"' EXIT
+  chroot "$build" apt-get update -qq >>"$GUEST/apt.log" 2>&1 || die "apt-get update in the mtty build root failed (log: $GUEST/apt.log)"
+  version=$(chroot "$build" apt-cache show "$kernel" | awk '/^Version:/ { print $2; exit }')
+  series=$(echo "$release" | cut -d. -f1,2)
+  [ -n "$version" ] || die "cannot find $kernel's version"
+  # The root has QEMU from backports, whose libelf is newer than trixie's.
+  DEBIAN_FRONTEND=noninteractive chroot "$build" apt-get install -y -qq --no-install-recommends \
+    -t "$SUITE" gcc-14 make libelf1t64 >>"$GUEST/apt.log" 2>&1 ||
+    die "installing gcc-14 in the mtty build root failed (log: $GUEST/apt.log)"
+  local spool=/var/cache/mtty-download
+  mkdir -p "$build$spool"
+  chroot "$build" sh -c "cd $spool && apt-get download -qq linux-headers-$release linux-headers-${release%-amd64}-common linux-kbuild-${release%-amd64} linux-source-$series=$version $kernel" >>"$GUEST/apt.log" 2>&1 ||
+    die "downloading the headers, linux-source-$series=$version and $kernel failed (log: $GUEST/apt.log)"
+  local deb
+  for deb in "$build$spool"/linux-headers-*.deb "$build$spool"/linux-kbuild-*.deb; do dpkg-deb -x "$deb" "$build"; done
+  mkdir -p "$build/mtty"
+  dpkg-deb --fsys-tarfile "$build$spool"/linux-source-*.deb | tar -xO --wildcards '*.tar.xz' |
+    xz -dc | tar -x -O --wildcards '*/samples/vfio-mdev/mtty.c' >"$build/mtty/mtty.c"
+  [ -s "$build/mtty/mtty.c" ] || die "linux-source-$series has no samples/vfio-mdev/mtty.c"
+  echo 'obj-m := mtty.o' >"$build/mtty/Kbuild"
+  # BTF for the module needs pahole and the kernel's vmlinux; neither is wanted here.
+  chroot "$build" make -C "/usr/src/linux-headers-$release" M=/mtty CC=gcc-14 \
+    CONFIG_DEBUG_INFO_BTF_MODULES= modules >>"$GUEST/mtty-build.log" 2>&1 ||
+    { tail -n 20 "$GUEST/mtty-build.log" >&2; die "building mtty.ko failed (log: $GUEST/mtty-build.log)"; }
+  cp "$build/mtty/mtty.ko" "$build/mtty/mtty.c" "$dir.new/"
+  dpkg-deb --fsys-tarfile "$build$spool"/"$kernel"_*.deb |
+    tar -x -O --wildcards '*/kernel/drivers/vfio/mdev/mdev.ko*' >"$dir.new/mdev.ko.raw"
+  case "$(head -c 6 "$dir.new/mdev.ko.raw" | od -An -tx1 | tr -d ' ')" in
+    fd377a585a00) xz -dc "$dir.new/mdev.ko.raw" >"$dir.new/mdev.ko" ;;
+    *) mv "$dir.new/mdev.ko.raw" "$dir.new/mdev.ko" ;;
+  esac
+  rm -f "$dir.new/mdev.ko.raw"
+  [ -s "$dir.new/mdev.ko" ] || die "$kernel has no mdev module"
+  echo "$kernel" >"$dir.new/kernel-package"
+  touch "$dir.new/.complete"
+  rm -rf "$dir" && mv "$dir.new" "$dir"
+  rm -rf "$build"
+  trap - EXIT
+  say "        done, $(mb $(($(rx_bytes) - rx))) received"
+}
+
 # The root's apt lists and caches are only needed while downloading.
 clean_root_apt() {
   if [ -d "$QROOT/var/lib/apt/lists" ]; then
@@ -400,6 +466,7 @@ version=$(qemu_version "$QEMU")
 say "QEMU $version with vfio-user-pci: $QEMU ($QEMU_KIND)"
 install_guest
 install_guest_amd64
+install_guest_mtty
 clean_root_apt
 install_checkers
 
@@ -410,6 +477,7 @@ XE_VFU_GUEST_KERNEL=$GUEST/vmlinuz
 XE_VFU_GUEST_BUSYBOX=$GUEST/busybox
 XE_VFU_GUEST_MODULES=$GUEST/modules
 XE_VFU_GUEST_AMD64=$GUEST/amd64
+XE_VFU_GUEST_MTTY=$GUEST/mtty
 EOF
 mv -f "$ENVFILE.new" "$ENVFILE"
 elapsed=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')

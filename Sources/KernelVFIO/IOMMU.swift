@@ -62,7 +62,8 @@ public final class Type1Container: IOMMUDomain {
   public private(set) var info: Type1Info
 
   /// Opens the container and the group, checks the group is viable, and sets the IOMMU.
-  init(group number: Int, device: SysfsPCIDevice, paths: SystemPaths) throws(KernelVFIOError) {
+  /// `device` is nil for an mdev, whose emulated group holds only itself.
+  init(group number: Int, device: SysfsPCIDevice?, paths: SystemPaths) throws(KernelVFIOError) {
     let containerPath = "\(paths.dev)/vfio/vfio"
     let container = try openNode(containerPath, paths: paths)
     var group: Int32 = -1
@@ -89,6 +90,9 @@ public final class Type1Container: IOMMUDomain {
         try kernelIoctl(group, VFIOIoctl.groupGetStatus, &status)
       }
       guard status.u32(4) & VFIOKernel.groupViable != 0 else {
+        guard let device else {
+          throw KernelVFIOError(.groupNotViable, "IOMMU group \(number) is not viable")
+        }
         var members = OpenDiagnostics.groupBlockers(
           group: number, except: device.address, paths: paths)
         if members.isEmpty {
@@ -143,11 +147,10 @@ public final class Type1Container: IOMMUDomain {
     throw KernelVFIOError(.kernel, "VFIO_IOMMU_GET_INFO keeps growing")
   }
 
-  /// VFIO_GROUP_GET_DEVICE_FD.
-  func deviceFD(_ address: PCIAddress) throws(KernelVFIOError) -> Int32 {
-    let name = Array("\(address)".utf8CString).map { UInt8(bitPattern: $0) }
-    var bytes = KernelBytes(name)
-    return try kernelCall("VFIO_GROUP_GET_DEVICE_FD(\(address))") { () throws(Errno) in
+  /// VFIO_GROUP_GET_DEVICE_FD. VFIO names a PCI function by its address and an mdev by its UUID.
+  func deviceFD(_ name: String) throws(KernelVFIOError) -> Int32 {
+    var bytes = KernelBytes(Array(name.utf8CString).map { UInt8(bitPattern: $0) })
+    return try kernelCall("VFIO_GROUP_GET_DEVICE_FD(\(name))") { () throws(Errno) in
       try kernelIoctl(group, VFIOIoctl.groupGetDeviceFD, &bytes)
     }
   }

@@ -17,8 +17,12 @@ public enum IOMMUPath: String, Sendable {
 /// IOMMU domain its DMA goes through, and what the kernel reports about its
 /// regions, interrupts and migration. Not thread-safe: one owner drives it.
 public final class KernelVFIODevice {
-  public let address: PCIAddress
-  public let sysfs: SysfsPCIDevice
+  /// The PCI function; nil for an mdev.
+  public let address: PCIAddress?
+  /// The PCI function's sysfs facts; nil for an mdev.
+  public let sysfs: SysfsPCIDevice?
+  /// The mdev's sysfs facts; nil for a PCI function.
+  public let mdev: SysfsMdevDevice?
   public let fd: Int32
   public let iommu: IOMMUDomain
   public let iommuPath: IOMMUPath
@@ -32,11 +36,24 @@ public final class KernelVFIODevice {
 
   /// Opens the device: sysfs checks first (each failure explained), then the
   /// iommufd cdev path where the kernel has it (or the cdev was named), the
-  /// group/container path otherwise.
+  /// group/container path otherwise. An mdev goes through its group.
   public static func open(
     _ selection: DeviceSelection, paths: SystemPaths = .live, allowIOMMUFD: Bool = true
   ) throws(KernelVFIOError) -> KernelVFIODevice {
-    let device = try OpenDiagnostics.preflight(selection.address, paths: paths)
+    guard let address = selection.address else {
+      let uuid = selection.mdev ?? ""
+      let mdev = try OpenDiagnostics.preflightMdev(uuid, paths: paths)
+      let container = try Type1Container(group: mdev.iommuGroup!, device: nil, paths: paths)
+      let fd = try container.deviceFD(uuid)
+      do throws(KernelVFIOError) {
+        return try KernelVFIODevice(
+          sysfs: nil, mdev: mdev, fd: fd, iommu: container, path: .group)
+      } catch {
+        close(fd)
+        throw error
+      }
+    }
+    let device = try OpenDiagnostics.preflight(address, paths: paths)
     let cdev = selection.cdev ?? device.vfioCdev
     let useIOMMUFD =
       selection.cdev != nil
@@ -45,7 +62,7 @@ public final class KernelVFIODevice {
       let fd = try openNode("\(paths.dev)/vfio/devices/\(cdev)", paths: paths)
       do throws(KernelVFIOError) {
         let domain = try IOMMUFDDomain(device: fd, cdev: cdev, paths: paths)
-        return try KernelVFIODevice(device: device, fd: fd, iommu: domain, path: .iommufd)
+        return try KernelVFIODevice(sysfs: device, fd: fd, iommu: domain, path: .iommufd)
       } catch {
         close(fd)
         throw error
@@ -53,23 +70,26 @@ public final class KernelVFIODevice {
     }
     let container = try Type1Container(
       group: device.iommuGroup!, device: device, paths: paths)
-    let fd = try container.deviceFD(device.address)
+    let fd = try container.deviceFD("\(device.address)")
     do throws(KernelVFIOError) {
-      return try KernelVFIODevice(device: device, fd: fd, iommu: container, path: .group)
+      return try KernelVFIODevice(sysfs: device, fd: fd, iommu: container, path: .group)
     } catch {
       close(fd)
       throw error
     }
   }
 
-  private init(device: SysfsPCIDevice, fd: Int32, iommu: IOMMUDomain, path: IOMMUPath)
-    throws(KernelVFIOError)
-  {
-    address = device.address
+  private init(
+    sysfs device: SysfsPCIDevice?, mdev: SysfsMdevDevice? = nil, fd: Int32, iommu: IOMMUDomain,
+    path: IOMMUPath
+  ) throws(KernelVFIOError) {
+    address = device?.address
     sysfs = device
+    self.mdev = mdev
     self.fd = fd
     self.iommu = iommu
     iommuPath = path
+    let name = device.map { "\($0.address)" } ?? "mdev \(mdev?.uuid ?? "?")"
     var request = KernelDeviceInfo.request()
     try kernelCall("VFIO_DEVICE_GET_INFO") { () throws(Errno) in
       try kernelIoctl(fd, VFIOIoctl.deviceGetInfo, &request)
@@ -82,15 +102,24 @@ public final class KernelVFIODevice {
     guard info.flags & VFIODeviceFlags.pci != 0 else {
       throw KernelVFIOError(
         .kernel,
-        "\(device.address) is not a PCI device to VFIO (flags 0x\(String(info.flags, radix: 16)))")
+        "\(name) is not a PCI device to VFIO (flags 0x\(String(info.flags, radix: 16)))")
     }
     regions = try (0..<info.numRegions).map { (index) throws(KernelVFIOError) in
       try Self.regionInfo(fd, index)
     }
     irqs = try (0..<info.numIRQs).map { (index) throws(KernelVFIOError) in
       var request = KernelIRQInfo.request(index: index)
-      try kernelCall("VFIO_DEVICE_GET_IRQ_INFO(\(index))") { () throws(Errno) in
+      do throws(Errno) {
         try kernelIoctl(fd, VFIOIoctl.deviceGetIRQInfo, &request)
+      } catch {
+        // An index the device does not have: vfio-pci reports it with count 0,
+        // mdev drivers (mtty) answer EINVAL; QEMU treats both as absent.
+        guard error == .invalidArgument else {
+          throw KernelVFIOError(
+            .kernel, "VFIO_DEVICE_GET_IRQ_INFO(\(index)) failed: \(error.name) (\(error))",
+            errno: error)
+        }
+        return KernelIRQInfo(index: index, flags: 0, count: 0)
       }
       do throws(KernelStructError) {
         return try KernelIRQInfo(parsing: request.bytes)
@@ -106,9 +135,10 @@ public final class KernelVFIODevice {
       migrationAbsence = nil
     } catch {
       migrationFlags = nil
+      let driver = device?.driver ?? mdev?.driver
       migrationAbsence =
         error == .inappropriateIOCTLForDevice
-        ? "\(device.driver ?? "its driver") has no migration support (ENOTTY)"
+        ? "\(driver ?? "its driver") has no migration support (ENOTTY)"
         : "VFIO_DEVICE_FEATURE MIGRATION failed: \(error.name)"
     }
   }
@@ -244,7 +274,15 @@ public final class KernelVFIODevice {
         ].filter { flags.contains($0.0) }.map(\.1)
         return "kernel data_fd (\(names.joined(separator: " | ")))"
       } ?? "none: \(migrationAbsence ?? "not supported")"
+    return "\(identity) through \(iommu.path); migration: \(migration)"
+  }
+
+  /// What the device is: `0000:03:00.1 [8086:e211] driver vfio-pci`, or
+  /// `mdev 0b1e… (mtty-1 of mtty) driver vfio_mdev`.
+  public var identity: String {
+    if let sysfs { return "\(sysfs.address) \(sysfs.ids) driver \(sysfs.driver ?? "?")" }
+    let type = [mdev?.type, mdev?.parent].compactMap { $0 }.joined(separator: " of ")
     return
-      "\(address) \(sysfs.ids) driver \(sysfs.driver ?? "?") through \(iommu.path); migration: \(migration)"
+      "mdev \(mdev?.uuid ?? "?")\(type.isEmpty ? "" : " (\(type))") driver \(mdev?.driver ?? "?")"
   }
 }

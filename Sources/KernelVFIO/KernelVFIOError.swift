@@ -60,6 +60,29 @@ public enum OpenDiagnostics {
     return device
   }
 
+  /// An mdev must exist and have its VFIO driver bound (which gives it its
+  /// emulated IOMMU group); it shares the group with nothing.
+  public static func preflightMdev(_ uuid: String, paths: SystemPaths) throws(KernelVFIOError)
+    -> SysfsMdevDevice
+  {
+    guard let mdev = paths.mdevDevice(uuid) else {
+      let parents = paths.listing("\(paths.sys)/class/mdev_bus")
+      let create =
+        parents.isEmpty
+        ? "No driver offers mdevs here (\(paths.sys)/class/mdev_bus is empty or missing): load the parent driver (e.g. `modprobe mtty`)."
+        : "Create one as root: echo \(uuid) > \(paths.sys)/class/mdev_bus/PARENT/mdev_supported_types/TYPE/create (parents here: \(parents.joined(separator: ", ")))."
+      throw KernelVFIOError(
+        .noSuchDevice, "no mdev \(uuid): \(paths.mdevDirectory(uuid)) does not exist. \(create)")
+    }
+    guard mdev.iommuGroup != nil else {
+      throw KernelVFIOError(
+        .notBoundToVFIO,
+        "mdev \(uuid) has no IOMMU group: it is bound to \(mdev.driver ?? "no driver"), and only its VFIO driver gives it one. As root: echo \(uuid) > \(paths.sys)/bus/mdev/drivers_probe"
+      )
+    }
+    return mdev
+  }
+
   /// The other members of `group` whose drivers make it unusable, with their drivers.
   static func groupBlockers(group: Int, except address: PCIAddress, paths: SystemPaths)
     -> [(name: String, driver: String?)]

@@ -90,26 +90,77 @@ extension SystemPaths {
   }
 }
 
-/// Which device `serve --device` names.
+/// What sysfs says about a mediated device (mdev): a VFIO device that a
+/// parent driver makes in software (the `mtty` sample, vGPU types), named by
+/// a UUID under /sys/bus/mdev/devices. Its IOMMU group is the kernel's
+/// emulated one: the parent driver pins what the device reaches.
+public struct SysfsMdevDevice: Sendable, Equatable {
+  public var uuid: String
+  /// The mdev type it was created as (`mtty-1`).
+  public var type: String?
+  /// The parent device's name (`mtty`, or a PCI address).
+  public var parent: String?
+  public var driver: String?
+  public var iommuGroup: Int?
+}
+
+extension SystemPaths {
+  /// `8-4-4-4-12` hex digits, as libuuid prints them.
+  static func isUUID(_ text: String) -> Bool {
+    let groups = text.split(separator: "-", omittingEmptySubsequences: false)
+    return groups.map(\.count) == [8, 4, 4, 4, 12]
+      && groups.allSatisfy { $0.allSatisfy(\.isHexDigit) }
+  }
+
+  func mdevDirectory(_ uuid: String) -> String { "\(sys)/bus/mdev/devices/\(uuid)" }
+
+  /// The mdev's sysfs facts, or nil when there is no such mdev.
+  public func mdevDevice(_ uuid: String) -> SysfsMdevDevice? {
+    let dir = mdevDirectory(uuid)
+    guard exists(dir) else { return nil }
+    let parent = POSIX.realPath(dir).flatMap { path in
+      path.split(separator: "/").dropLast().last.map(String.init)
+    }
+    return SysfsMdevDevice(
+      uuid: uuid, type: linkName("\(dir)/mdev_type"), parent: parent,
+      driver: linkName("\(dir)/driver"),
+      iommuGroup: linkName("\(dir)/iommu_group").flatMap { Int($0) })
+  }
+}
+
+/// Which device `serve --device` names: a PCI function, or an mdev.
 public struct DeviceSelection: Sendable, Equatable {
-  public var address: PCIAddress
+  /// The PCI function; nil for an mdev.
+  public var address: PCIAddress?
   /// Set when the user named the cdev itself: only the iommufd path may be used.
   public var cdev: String?
+  /// The mdev's UUID, when an mdev was named.
+  public var mdev: String?
 
   public init(address: PCIAddress, cdev: String? = nil) {
     self.address = address
     self.cdev = cdev
   }
 
+  public init(mdev uuid: String) { mdev = uuid }
+
   /// Accepts `vfio:0000:03:00.1` (or `vfio:03:00.1`, or the bare address), a
   /// sysfs device path (`/sys/bus/pci/devices/0000:03:00.1`, or its
-  /// `/sys/devices/...` target) and a VFIO cdev (`/dev/vfio/devices/vfio3`).
+  /// `/sys/devices/...` target), a VFIO cdev (`/dev/vfio/devices/vfio3`), and
+  /// an mdev as `mdev:UUID` or its `/sys/bus/mdev/devices/UUID` directory.
   public static func parse(_ argument: String, paths: SystemPaths = .live) throws(KernelVFIOError)
     -> DeviceSelection
   {
     let usage =
-      "name the device as vfio:DDDD:BB:DD.F (e.g. vfio:0000:03:00.1), a /sys/bus/pci/devices/DDDD:BB:DD.F path or a /dev/vfio/devices/vfioN cdev"
+      "name the device as vfio:DDDD:BB:DD.F (e.g. vfio:0000:03:00.1), a /sys/bus/pci/devices/DDDD:BB:DD.F path, a /dev/vfio/devices/vfioN cdev, or an mdev as mdev:UUID or /sys/bus/mdev/devices/UUID"
     var text = argument
+    if text.hasPrefix("mdev:") {
+      let uuid = String(text.dropFirst(5)).lowercased()
+      guard SystemPaths.isUUID(uuid) else {
+        throw KernelVFIOError(.badDeviceName, "\(argument): not an mdev UUID; \(usage)")
+      }
+      return DeviceSelection(mdev: uuid)
+    }
     if text.hasPrefix("vfio:") { text.removeFirst(5) }
     if text.hasPrefix("/dev/vfio/devices/") {
       let name = String(text.dropFirst("/dev/vfio/devices/".count))
@@ -135,6 +186,9 @@ public struct DeviceSelection: Sendable, Equatable {
         throw KernelVFIOError(.noSuchDevice, "\(argument) does not exist; \(usage)")
       }
       let resolved = POSIX.realPath(path)?.split(separator: "/").last.map(String.init) ?? ""
+      if SystemPaths.isUUID(resolved), paths.exists("\(path)/mdev_type") {
+        return DeviceSelection(mdev: resolved)
+      }
       guard let address = PCIAddress(resolved) else {
         throw KernelVFIOError(.badDeviceName, "\(argument) is not a PCI device directory; \(usage)")
       }

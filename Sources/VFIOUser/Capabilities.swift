@@ -114,7 +114,7 @@ public struct Capabilities: Equatable, Sendable {
         caps.maxDataXferSize = UInt32(try integer(value, key, min: 1, max: UInt64(UInt32.max)))
       case "max_dma_maps":
         caps.maxDMAMaps = UInt32(try integer(value, key, max: UInt64(UInt32.max)))
-      case "pgsizes": caps.pgsizes = try integer(value, key, min: 1, max: UInt64(Int64.max))
+      case "pgsizes": caps.pgsizes = try integer(value, key, min: 1, max: UInt64.max)
       case "write_multiple": caps.writeMultiple = try boolean(value, key)
       case "twin_socket":
         guard json_object_get_type(value) == json_type_object else { throw .notAnObject(key) }
@@ -179,11 +179,12 @@ public struct Capabilities: Equatable, Sendable {
     guard let value, json_object_get_type(value) == json_type_int else {
       throw .wrongType(key: key, expected: "an integer")
     }
-    let signed = json_object_get_int64(value)
-    guard signed >= 0, UInt64(signed) >= min, UInt64(signed) <= max else {
-      throw .outOfRange(key: key)
-    }
-    return UInt64(signed)
+    // json-c keeps a number above INT64_MAX as a uint64 (get_int64 clamps it);
+    // pgsizes is a 64-bit bitmap, and an emulated IOMMU offers every size from 4 KiB.
+    guard json_object_get_int64(value) >= 0 else { throw .outOfRange(key: key) }
+    let unsigned = json_object_get_uint64(value)
+    guard unsigned >= min, unsigned <= max else { throw .outOfRange(key: key) }
+    return unsigned
   }
 
   private static func boolean(_ value: OpaquePointer?, _ key: String) throws(ParseError) -> Bool {
@@ -202,7 +203,7 @@ public struct Capabilities: Equatable, Sendable {
       add("max_data_xfer_size", json_object_new_int64(Int64(maxDataXferSize)))
     }
     if let maxDMAMaps { add("max_dma_maps", json_object_new_int64(Int64(maxDMAMaps))) }
-    if let pgsizes { add("pgsizes", json_object_new_int64(Int64(pgsizes))) }
+    if let pgsizes { add("pgsizes", json_object_new_uint64(pgsizes)) }
     if let writeMultiple { add("write_multiple", json_object_new_boolean(writeMultiple ? 1 : 0)) }
     if let twinSocket {
       let twin = json_object_new_object()

@@ -31,7 +31,7 @@ struct Serve: ParsableCommand {
   @Option(
     name: .customLong("device"),
     help: ArgumentHelp(
-      "Serve a real device through the kernel's VFIO instead of the simulated VF: vfio:DDDD:BB:DD.F (bound to vfio-pci), its /sys/bus/pci/devices path, or a /dev/vfio/devices/vfioN cdev.",
+      "Serve a real device through the kernel's VFIO instead of the simulated VF: vfio:DDDD:BB:DD.F (bound to vfio-pci), its /sys/bus/pci/devices path, a /dev/vfio/devices/vfioN cdev, or an mdev as mdev:UUID.",
       valueName: "vfio:address|path"))
   var kernelDevice: String?
 

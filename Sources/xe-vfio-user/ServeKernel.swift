@@ -34,7 +34,7 @@ extension Serve {
     )
     return (
       backend,
-      "kernel VFIO device \(device.address) \(device.sysfs.ids) (\(device.sysfs.driver ?? "?"), \(device.iommuPath.rawValue) path)"
+      "kernel VFIO device \(device.identity) (\(device.iommuPath.rawValue) path)"
     )
   }
 }

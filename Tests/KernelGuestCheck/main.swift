@@ -8,6 +8,7 @@
 // Usage: xe-vfu-guest-check SOCKET PCI-ADDRESS
 //        xe-vfu-guest-check --map SOCKET LABEL
 //        xe-vfu-guest-check --igb SOCKET VF-ADDRESS   (an igb VF: IGB.swift)
+//        xe-vfu-guest-check --mtty STEP SOCKET [ARG]  (an mtty mdev: MTTY.swift)
 //
 // Built static (release, --static-swift-stdlib) and copied into the initramfs
 // with the dynamic libraries it needs. It uses only the client library, not
@@ -83,13 +84,15 @@ let arguments = CommandLine.arguments
 let mapOnly = arguments.count == 4 && arguments[1] == "--map"
 /// `--igb SOCKET VF-ADDRESS`: the checks for an SR-IOV VF of QEMU's igb (IGB.swift).
 let igbMode = arguments.count == 4 && arguments[1] == "--igb"
-guard arguments.count == 3 || mapOnly || igbMode else {
+/// `--mtty STEP SOCKET [ARG]`: a step of the checks for an mtty mdev (MTTY.swift).
+let mttyMode = (4...5).contains(arguments.count) && arguments[1] == "--mtty"
+guard arguments.count == 3 || mapOnly || igbMode || mttyMode else {
   say(
-    "error usage: xe-vfu-guest-check SOCKET PCI-ADDRESS | --map SOCKET LABEL | --igb SOCKET VF-ADDRESS"
+    "error usage: xe-vfu-guest-check SOCKET PCI-ADDRESS | --map SOCKET LABEL | --igb SOCKET VF-ADDRESS | --mtty STEP SOCKET [ARG]"
   )
   exit(2)
 }
-let socket = mapOnly || igbMode ? arguments[2] : arguments[1]
+let socket = mttyMode ? arguments[3] : mapOnly || igbMode ? arguments[2] : arguments[1]
 let address = igbMode ? arguments[3] : arguments[2]
 
 /// Connects, waiting for a server that starts in the background.
@@ -124,6 +127,10 @@ if mapOnly {
 }
 if igbMode {
   igbVFChecks(client, address: address)
+  exit(0)
+}
+if mttyMode {
+  mttyChecks(client, step: arguments[2], argument: arguments.count == 5 ? arguments[4] : nil)
   exit(0)
 }
 let info = must("DEVICE_GET_INFO") { () throws(VFIOUserClientError) in try client.deviceInfo() }

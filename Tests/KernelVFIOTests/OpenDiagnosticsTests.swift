@@ -209,6 +209,53 @@ struct DeviceSelectionTests {
         == DeviceSelection(address: address, cdev: "vfio0"))
   }
 
+  /// An mdev as `mdev:UUID` or its sysfs directory (the bus link or the
+  /// directory under its parent), laid out as the mdev core makes them.
+  @Test func mdevsAreNamedByUUID() throws {
+    let system = try FakeSystem()
+    let uuid = "4d2c5f2e-7a1b-4c3d-8e9f-00000000000a"
+    let dir = "sys/devices/virtual/mtty/mtty/\(uuid)"
+    try system.write("\(dir)/uevent", "")
+    try system.write("sys/devices/virtual/mtty/mtty/mdev_supported_types/mtty-1/name", "1\n")
+    try system.link("\(dir)/mdev_type", to: "../mdev_supported_types/mtty-1")
+    try system.link("\(dir)/driver", to: "../../../../bus/mdev/drivers/mtty")
+    try system.link("\(dir)/iommu_group", to: "../../../../kernel/iommu_groups/7")
+    try system.link("sys/bus/mdev/devices/\(uuid)", to: "../../../\(dir.dropFirst(4))")
+    let p = system.paths
+    #expect(try DeviceSelection.parse("mdev:\(uuid)", paths: p) == DeviceSelection(mdev: uuid))
+    #expect(
+      try DeviceSelection.parse("mdev:\(uuid.uppercased())", paths: p)
+        == DeviceSelection(mdev: uuid))
+    #expect(try DeviceSelection.parse("/sys/bus/mdev/devices/\(uuid)", paths: p).mdev == uuid)
+    #expect(try DeviceSelection.parse("/\(dir)", paths: p).mdev == uuid)
+    let mdev = try OpenDiagnostics.preflightMdev(uuid, paths: p)
+    #expect(
+      [mdev.uuid, mdev.type, mdev.parent, mdev.driver, mdev.iommuGroup.map { "\($0)" }]
+        == [uuid, "mtty-1", "mtty", "mtty", "7"])
+
+    // No such mdev: how to make one, and which parents offer them.
+    try system.write("sys/class/mdev_bus/mtty/uevent", "")
+    let other = "4d2c5f2e-7a1b-4c3d-8e9f-0000000000ff"
+    do throws(KernelVFIOError) {
+      _ = try OpenDiagnostics.preflightMdev(other, paths: p)
+      Issue.record("a missing mdev passed")
+    } catch {
+      #expect(error.kind == .noSuchDevice)
+      #expect(error.message.contains("mdev_supported_types/TYPE/create (parents here: mtty)"))
+    }
+    // Without its driver it has no IOMMU group, so VFIO cannot open it.
+    try FileManager.default.removeItem(atPath: "\(system.root)/\(dir)/iommu_group")
+    do throws(KernelVFIOError) {
+      _ = try OpenDiagnostics.preflightMdev(uuid, paths: p)
+      Issue.record("an mdev without a group passed")
+    } catch {
+      #expect(error.kind == .notBoundToVFIO, "\(error)")
+    }
+    for bad in ["mdev:4d2c5f2e", "mdev:4d2c5f2e-7a1b-4c3d-8e9f-00000000000g"] {
+      #expect(throws: KernelVFIOError.self) { try DeviceSelection.parse(bad, paths: p) }
+    }
+  }
+
   @Test func badArgumentsSayWhatIsExpected() throws {
     let system = try FakeSystem()
     for (argument, kind) in [

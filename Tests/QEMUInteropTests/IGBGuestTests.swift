@@ -145,22 +145,14 @@ struct IGBGuestTests {
   }
 }
 
-let igbGuestAvailable = ConditionTrait.enabled(
-  if: KernelGuestBinaries.missing == nil && InteropEnvironment.current.amd64Missing == nil,
-  Comment(
-    rawValue:
-      "guest boot skipped: \(KernelGuestBinaries.missing ?? InteropEnvironment.current.amd64Missing ?? "")"
-  ))
+let igbGuestAvailable = GuestAvailability.trait(
+  KernelGuestBinaries.missing ?? InteropEnvironment.current.amd64Missing)
 
 @Suite("igb guest availability")
 struct IGBGuestAvailabilityTests {
-  /// As KernelGuestAvailabilityTests: skipped loudly locally, a failure on CI.
   @Test func theIGBGuestRunsOnCI() {
-    let missing = KernelGuestBinaries.missing ?? InteropEnvironment.current.amd64Missing
-    if InteropEnvironment.isCI {
-      #expect(missing == nil, "CI must run the igb VF guest test: \(missing ?? "")")
-    } else if let missing {
-      print("⚠️  the igb VF guest test is SKIPPED: \(missing)")
-    }
+    GuestAvailability.check(
+      "igb VF guest test",
+      missing: KernelGuestBinaries.missing ?? InteropEnvironment.current.amd64Missing)
   }
 }

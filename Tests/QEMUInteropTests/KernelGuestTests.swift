@@ -329,20 +329,11 @@ struct KernelGuestBinaries {
   }
 }
 
-let kernelGuestAvailable = ConditionTrait.enabled(
-  if: KernelGuestBinaries.missing == nil,
-  Comment(rawValue: "guest boot skipped: \(KernelGuestBinaries.missing ?? "")"))
+let kernelGuestAvailable = GuestAvailability.trait(KernelGuestBinaries.missing)
 
 @Suite("Kernel guest availability")
 struct KernelGuestAvailabilityTests {
-  /// As QEMUAvailabilityTests: skipped loudly locally, a failure on CI.
   @Test func theKernelGuestRunsOnCI() {
-    if InteropEnvironment.isCI {
-      #expect(
-        KernelGuestBinaries.missing == nil,
-        "CI must run the kernel VFIO guest test: \(KernelGuestBinaries.missing ?? "")")
-    } else if let reason = KernelGuestBinaries.missing {
-      print("⚠️  the kernel VFIO guest test is SKIPPED: \(reason)")
-    }
+    GuestAvailability.check("kernel VFIO guest test", missing: KernelGuestBinaries.missing)
   }
 }

@@ -121,6 +121,19 @@ func versionJSONRoundTrip(_ vector: Vector) throws {
   #expect(try Capabilities.parse(json: caps.json()) == caps)
 }
 
+/// An emulated IOMMU (an mdev's type1 container) offers every page size from
+/// 4 KiB: bits above 2^63 must survive both ways (the server once trapped
+/// converting them to Int64 while encoding its VERSION reply).
+@Test func pgsizesIsAWhole64BitBitmap() throws {
+  let every4KAndUp: UInt64 = 0xFFFF_FFFF_FFFF_F000
+  let caps = Capabilities(pgsizes: every4KAndUp)
+  #expect(caps.json() == #"{"capabilities":{"pgsizes":18446744073709547520}}"#)
+  #expect(try Capabilities.parse(json: caps.json()).pgsizes == every4KAndUp)
+  #expect(
+    try Capabilities.parse(json: #"{"capabilities":{"pgsizes":18446744073709551615}}"#).pgsizes
+      == UInt64.max)
+}
+
 struct BadCapabilities: Sendable, CustomTestStringConvertible {
   var json: String
   var error: Capabilities.ParseError

@@ -15,6 +15,8 @@ struct InteropEnvironment: Sendable {
   /// The generic amd64 flavour of the guest kernel, which has igb: `vmlinuz` and
   /// `modules/*.ko` with `modules/order` (the insmod order).
   var amd64: String?
+  /// The mtty sample mdev driver built for that kernel: `mtty.ko` and `mdev.ko`.
+  var mtty: String?
   /// A C compiler that links statically, for the vIOMMU guest's program.
   var compiler: String?
   /// The built `xe-vfio-user`.
@@ -26,6 +28,7 @@ struct InteropEnvironment: Sendable {
   var guestMissing: String?
   var viommuMissing: String?
   var amd64Missing: String?
+  var mttyMissing: String?
 
   static let current = InteropEnvironment.load()
 
@@ -58,6 +61,10 @@ struct InteropEnvironment: Sendable {
       amd64: settings["XE_VFU_GUEST_AMD64"]
         ?? settings["XE_VFU_GUEST_KERNEL"].map {
           URL(fileURLWithPath: $0).deletingLastPathComponent().path + "/amd64"
+        },
+      mtty: settings["XE_VFU_GUEST_MTTY"]
+        ?? settings["XE_VFU_GUEST_KERNEL"].map {
+          URL(fileURLWithPath: $0).deletingLastPathComponent().path + "/mtty"
         },
       compiler: settings["XE_VFU_CC"] ?? findInPath("gcc"),
       server: locateServer(root: root), root: root)
@@ -95,6 +102,14 @@ struct InteropEnvironment: Sendable {
     } ?? false) {
       env.amd64Missing =
         "no amd64 guest kernel with igb (the cloud flavour has none): run scripts/install-qemu.sh"
+    }
+    if env.amd64Missing != nil {
+      env.mttyMissing = env.amd64Missing
+    } else if !(env.mtty.map {
+      files.fileExists(atPath: "\($0)/mtty.ko") && files.fileExists(atPath: "\($0)/mdev.ko")
+    } ?? false) {
+      env.mttyMissing =
+        "no mtty.ko built for the guest kernel (Debian ships none): run scripts/install-qemu.sh"
     }
     return env
   }

@@ -1,6 +1,22 @@
 import Foundation
 import Testing
 
+/// Whether a guest test can run here: skipped loudly where its parts are
+/// missing, and a failure on CI, which must run every guest.
+enum GuestAvailability {
+  static func trait(_ missing: String?) -> ConditionTrait {
+    .enabled(if: missing == nil, Comment(rawValue: "guest boot skipped: \(missing ?? "")"))
+  }
+
+  static func check(_ name: String, missing: String?) {
+    if InteropEnvironment.isCI {
+      #expect(missing == nil, "CI must run the \(name): \(missing ?? "")")
+    } else if let missing {
+      print("⚠️  the \(name) is SKIPPED: \(missing)")
+    }
+  }
+}
+
 /// One boot of a Linux guest under TCG with the rig's VF attached at 00:04.0.
 /// The guest's /init reports on the serial console in lines `XEVF: key words…`
 /// and ends with `XEVF: done <uptime>` before it powers off.
