@@ -166,7 +166,7 @@ let package = Package(
       swiftSettings: strict),
     // Runs the built `xe-vfio-user` as a process, as a user would.
     .testTarget(
-      name: "CLITests", dependencies: ["VFIOUser", "VFIOUserClient", "CVFIOUser"],
+      name: "CLITests", dependencies: ["VFIOUser", "VFIOUserClient", "CVFIOUser", "XeVF"],
       swiftSettings: strict),
     // Real QEMU (qtest, and a Linux guest under TCG) attached to the built `xe-vfio-user`.
     // Guest/ holds the C program the vIOMMU guest runs; the tests build it with gcc -static.

@@ -13,6 +13,8 @@
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <poll.h>
+#include <stdio.h>
+#include <time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -204,7 +206,8 @@ int cvfu_listen_unix(const char *path, int backlog) {
     struct stat st;
     if (lstat(path, &st) == 0 && !S_ISSOCK(st.st_mode)) {
       close(fd);
-      return S_ISDIR(st.st_mode) ? -EISDIR : -ENOTSOCK;
+      // A symbolic link is never followed, to a socket or anywhere else.
+      return S_ISLNK(st.st_mode) ? -ELOOP : S_ISDIR(st.st_mode) ? -EISDIR : -ENOTSOCK;
     }
     // Someone listening there is a live server; a refused connect is a stale socket.
     int probe = cvfu_connect_unix(path);
@@ -236,6 +239,41 @@ int cvfu_wait_readable(int fd, int ms) {
     if (r >= 0) return r;
     if (errno != EINTR) return -errno;
   }
+}
+
+int cvfu_set_send_timeout_ms(int sock, int ms) {
+  struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
+  return setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)) < 0 ? -errno : 0;
+}
+
+int64_t cvfu_monotonic_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int cvfu_fd_kind(int fd, int64_t *size) {
+  struct stat st;
+  if (fstat(fd, &st) < 0) return -errno;
+  *size = 0;
+  switch (st.st_mode & S_IFMT) {
+  case S_IFREG:
+    *size = st.st_size;
+    return CVFU_FD_REGULAR;
+  case S_IFSOCK: return CVFU_FD_SOCKET;
+  case S_IFIFO: return CVFU_FD_PIPE;
+  case S_IFDIR: return CVFU_FD_DIRECTORY;
+  case S_IFCHR:
+  case S_IFBLK: return CVFU_FD_DEVICE;
+  case 0: break;  // an anonymous inode: its link names what it is
+  default: return CVFU_FD_OTHER;
+  }
+  char path[64], target[64];
+  snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+  ssize_t n = readlink(path, target, sizeof target - 1);
+  if (n < 0) return CVFU_FD_OTHER;
+  target[n] = 0;
+  return strcmp(target, "anon_inode:[eventfd]") == 0 ? CVFU_FD_EVENTFD : CVFU_FD_OTHER;
 }
 
 // MARK: CRC-32C

@@ -2,7 +2,9 @@
 #include "cvfu_posix.h"
 
 #include <pthread.h>
+#include <errno.h>
 #include <string.h>
+#include <unistd.h>
 
 int cvfu_set_thread_name(const char *name) {
   char buf[16];
@@ -13,4 +15,10 @@ int cvfu_set_thread_name(const char *name) {
 
 int cvfu_spawn_closefrom(posix_spawn_file_actions_t *actions, int lowfd) {
   return posix_spawn_file_actions_addclosefrom_np(actions, lowfd);
+}
+
+int cvfu_get_credentials(uid_t uids[3], gid_t gids[3]) {
+  if (getresuid(&uids[0], &uids[1], &uids[2]) < 0) return -errno;
+  if (getresgid(&gids[0], &gids[1], &gids[2]) < 0) return -errno;
+  return 0;
 }

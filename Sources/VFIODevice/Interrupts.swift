@@ -45,7 +45,8 @@ public struct IRQSetRequest: ~Copyable {
 
   /// Checks `payload` against `irq`, the description of the index it names
   /// (nil when the device has no such index). Takes `descriptors` on every
-  /// path: a refused request closes them. Throws EINVAL.
+  /// path: a refused request closes them. Throws EINVAL, or EBADF for a
+  /// descriptor that is not an eventfd.
   public init(
     _ payload: IRQSetPayload, descriptors: consuming OwnedFileDescriptors, irq: IRQDescription?
   ) throws(Errno) {
@@ -77,6 +78,12 @@ public struct IRQSetRequest: ~Copyable {
       if dataType == .eventFD {
         guard descriptors.isEmpty || descriptors.count == Int(payload.count) else {
           throw .invalidArgument
+        }
+        // Only an eventfd can be signalled: a pipe or socket here is refused before use.
+        for i in 0..<descriptors.count {
+          guard let fd = descriptors[i], try DescriptorKind(of: fd) == .eventFD else {
+            throw .badFileDescriptor
+          }
         }
       }
     }

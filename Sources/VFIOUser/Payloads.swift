@@ -783,6 +783,8 @@ public struct MigDataHeader: Equatable, Sendable {
     guard bytes.count >= Self.size else { throw .invalidArgument }
     argsz = bytes.u32(0)
     size = bytes.u32(4)
+    // argsz counts at least this head, as every other argsz of the protocol does.
+    guard argsz >= UInt32(Self.size) else { throw .invalidArgument }
   }
 
   public func encode(into bytes: UnsafeMutableRawBufferPointer) {

@@ -126,6 +126,7 @@ extension Connection: DeviceHost {
       try channel.send(bytes: head)
     } catch {
       outstanding[job.requestID] = nil
+      sendFailed(error, "DMA request \(job.requestID)")
       throw error
     }
   }

@@ -25,6 +25,16 @@ extension Connection {
       if header.wantsReply { sendError(to: header, .noFunction) }
       return nil
     }
+    // A command carries no ERROR flag, no errno and no reserved flag bit.
+    guard header.flags & ~(MessageHeader.typeMask | MessageHeader.noReplyFlag) == 0,
+      header.error == 0
+    else {
+      logger.warning(
+        "\(command) id=\(header.messageID) with flags 0x\(String(header.flags, radix: 16)) error \(header.error): only NO_REPLY may be set on a command; EINVAL"
+      )
+      if header.wantsReply { sendError(to: header, .invalidArgument) }
+      return nil
+    }
     if traceEnabled {
       logger.trace(
         "<- \(command) id=\(header.messageID) size=\(header.size) fds=\(message.fds.count)")
@@ -82,11 +92,15 @@ extension Connection {
   )
     -> ConnectionEnd?
   {
+    let brought = fds.count
     fds.closeAll()
     if negotiated {
       logger.warning("second VERSION refused: EINVAL")
       if header.wantsReply { sendError(to: header, .invalidArgument) }
       return nil
+    }
+    guard brought == 0 else {
+      return refuseVersion(header, "VERSION with \(brought) descriptors (it takes none)")
     }
     let proposal: VersionPayload
     do throws(Errno) {
@@ -133,7 +147,7 @@ extension Connection {
 
   private func refuseVersion(_ header: MessageHeader, _ why: String) -> ConnectionEnd {
     logger.error("VERSION refused, closing: \(why)")
-    sendError(to: header, .invalidArgument)
+    if header.wantsReply { sendError(to: header, .invalidArgument) }
     return .protocolError(why)
   }
 
@@ -448,6 +462,7 @@ extension Connection {
     do throws(Errno) {
       request = try DMAMapRequest(decoding: payload)
       guard fds.count <= 1 else { throw .invalidArgument }
+      if !fds.isEmpty { try checkDMAFile(FileDescriptor(rawValue: fds[0]), for: request) }
     } catch {
       fds.closeAll()
       throw error
@@ -478,6 +493,25 @@ extension Connection {
     }
     stats.update { $0.dmaRegions = dma.count }
     return 0
+  }
+
+  /// A DMA window's file must be memory the server can map: a regular file
+  /// (EBADF for a socket, pipe, eventfd, directory or device) that reaches
+  /// the window's end (EINVAL: touching a mapping past the end of its file
+  /// would kill the server with SIGBUS).
+  private func checkDMAFile(_ fd: FileDescriptor, for request: DMAMapRequest) throws(Errno) {
+    let kind = try DescriptorKind(of: fd)
+    guard case .regularFile(let size) = kind else {
+      logger.warning(
+        "DMA_MAP with a descriptor that is not a memory file (\(kind)): EBADF")
+      throw .badFileDescriptor
+    }
+    guard request.offset <= UInt64(size), UInt64(size) - request.offset >= request.size else {
+      logger.warning(
+        "DMA_MAP of 0x\(String(request.size, radix: 16)) bytes at file offset 0x\(String(request.offset, radix: 16)) beyond the end of a file of 0x\(String(size, radix: 16)) bytes: EINVAL"
+      )
+      throw .invalidArgument
+    }
   }
 
   /// Removes the windows inside the range (the kernel's type1v2 rules, see

@@ -12,6 +12,8 @@ import VFIOUserSocket
 public enum ConnectionEnd: Sendable, Equatable {
   case clientClosed
   case protocolError(String)
+  /// The client sent half a message and went quiet, or stopped reading its replies.
+  case timedOut(String)
   case shutdown
 }
 
@@ -59,6 +61,8 @@ final class Connection {
   /// Reads at least this large go out straight from device memory when the backend allows.
   static let directReadThreshold = 16 * 1024
   var deferred: [() -> Void] = []
+  /// Set when a send to the client timed out: the connection ends with it.
+  var brokenEnd: ConnectionEnd?
   var shuttingDown: Bool { stats.snapshot.stopping }
 
   // Server-to-client requests (DMA_READ / DMA_WRITE for windows without an fd).
@@ -79,6 +83,7 @@ final class Connection {
       fd: fd, capacity: limits.maxMessageSize + 64 * 1024,
       maxMessageSize: ServerLimits.maxVersionMessage)
     channel.maxFDs = Int(limits.maxMsgFDs)
+    channel.partialMessageTimeoutMilliseconds = limits.partialMessageTimeoutMilliseconds
     tx = .allocate(byteCount: limits.maxMessageSize + Self.coalesceLimit + 64, alignment: 16)
     dmaLimits = limits.dma(for: backend.dmaLimits)
     dma = DMATable(
@@ -100,11 +105,18 @@ final class Connection {
     backend.attach(host: self)
     defer { teardown() }
     while true {
+      if let brokenEnd { return brokenEnd }
       let result: ReceiveResult
       do {
         result = try channel.receive()
       } catch {
         if shuttingDown { return .shutdown }
+        if error == .timedOut {
+          let why =
+            "the client sent part of a message and nothing more for \(limits.partialMessageTimeoutMilliseconds) ms"
+          logger.warning("\(why): disconnecting it")
+          return .timedOut(why)
+        }
         logger.error("unframeable message or socket error, closing: \(error)")
         return .protocolError("\(error)")
       }
@@ -165,9 +177,10 @@ final class Connection {
     }
     deferred = []
     // A server shutting down keeps no state for a next client: no drain, no settling.
+    let stateAtEnd = shuttingDown ? deviceMigrationState() : nil
     let keep =
       !limits.resetOnDisconnect
-      && (shuttingDown ? deviceMigrationState() == .running : settleMigrationAfterHangUp())
+      && (shuttingDown ? stateAtEnd == .running : settleMigrationAfterHangUp())
     if !keep {
       do { try backend.reset() } catch {
         logger.warning("device reset after hang-up failed: \(error)")
@@ -175,6 +188,13 @@ final class Connection {
       migration.deviceWasReset()
     }
     migration.closeStream()
+    if shuttingDown, let stateAtEnd, stateAtEnd != .running {
+      // A stop mid-migration must not leave the device claiming half a state.
+      let now = deviceMigrationState().map { "\($0)" } ?? "an unknown state"
+      logger.notice(
+        "shutting down with the device in \(stateAtEnd): migration stream invalidated, device reset, now \(now)"
+      )
+    }
     backend.attach(host: nil)
     stats.update {
       $0.dmaRegions = 0
@@ -263,8 +283,23 @@ final class Connection {
     do {
       try channel.send(reply, extra ?? UnsafeRawBufferPointer(start: nil, count: 0), fd: fd)
     } catch {
-      logger.debug("reply to \(request.messageID) not sent: \(error)")
+      sendFailed(error, "reply to \(request.messageID)")
     }
+  }
+
+  /// A send that failed: a client gone is noticed by the next receive; one
+  /// that stopped reading (the send timed out) is disconnected.
+  func sendFailed(_ error: Errno, _ what: String) {
+    guard error == .timedOut else {
+      logger.debug("\(what) not sent: \(error)")
+      return
+    }
+    guard brokenEnd == nil else { return }
+    let why =
+      "the client has not read its replies for \(limits.sendTimeoutMilliseconds) ms (\(what) not sent)"
+    logger.warning("\(why): disconnecting it")
+    brokenEnd = .timedOut(why)
+    channel.shutdown()
   }
 
   /// Sends the queued replies.
@@ -275,7 +310,7 @@ final class Connection {
     do {
       try channel.send(queued)
     } catch {
-      logger.debug("replies not sent: \(error)")
+      sendFailed(error, "replies")
     }
   }
 
@@ -286,7 +321,7 @@ final class Connection {
     do {
       try channel.send(bytes: header)
     } catch {
-      logger.debug("error reply to \(request.messageID) not sent: \(error)")
+      sendFailed(error, "error reply to \(request.messageID)")
     }
   }
 }

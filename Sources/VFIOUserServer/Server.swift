@@ -182,6 +182,7 @@ public final class VFIOUserServer: Sendable {
     // Room for two of the largest messages each way, so a 1 MiB reply is one
     // sendmsg rather than a dozen wake-ups (the kernel caps it at wmem_max).
     _ = cvfu_socket_buffers(client, Int32(clamping: 2 * limits.maxMessageSize))
+    _ = cvfu_set_send_timeout_ms(client, limits.sendTimeoutMilliseconds)
     let done = VFIODevice.Semaphore(value: 0)
     let failed = startThread(name: "vfio-user-client", stackSize: 1 << 20) {
       [self, connectionLogger] in

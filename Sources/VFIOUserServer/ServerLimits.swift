@@ -33,6 +33,17 @@ public struct ServerLimits: Sendable, Equatable {
   public var allowedGIDs: Set<UInt32> = []
   /// Milliseconds a refused second client gets to send its VERSION before it is dropped.
   public var refusalTimeoutMilliseconds: Int32 = 1000
+  /// Milliseconds the rest of a message may take once its first bytes have
+  /// arrived; a client still short of it then is disconnected (0: no bound).
+  /// Idleness between messages is never bounded: QEMU may send nothing for
+  /// hours. QEMU sends each message with one blocking sendmsg, so the rest
+  /// follows as soon as the server reads: a minute never cuts it off.
+  public var partialMessageTimeoutMilliseconds: Int32 = 60_000
+  /// Milliseconds a reply (or a DMA request) may wait without any of it
+  /// being taken by a client that stopped reading; the client is then
+  /// disconnected (0: no bound). The socket buffer holds two of the largest
+  /// messages, so a client that reads at all never gets near it.
+  public var sendTimeoutMilliseconds: Int32 = 60_000
 
   /// QEMU refuses a larger max_data_xfer_size (VFIO_USER_MAX_MAX_XFER).
   public static let largestDataXferSize: UInt32 = 64 << 20

@@ -90,6 +90,12 @@ public final class MessageChannel {
   public var maxMessageSize: Int
   /// Most descriptors kept per received message; surplus ones are closed.
   public var maxFDs: Int = Int(CVFU_SCM_MAX_FD)
+  /// How long the rest of a message that has begun to arrive may take, in
+  /// milliseconds, before `receive()` throws ETIMEDOUT (0: no bound). Waiting
+  /// between messages is never bounded: a VMM may be idle for hours.
+  public var partialMessageTimeoutMilliseconds: Int32 = 0
+  /// When the message now partly buffered began to be waited for (ms, monotonic), or 0.
+  private var partialSince: Int64 = 0
 
   private let buffer: UnsafeMutableRawBufferPointer
   private var start = 0  // first unconsumed byte
@@ -164,6 +170,7 @@ public final class MessageChannel {
           let drop = min(end - start, size)
           start += drop
           discardRemaining = UInt64(size - drop)
+          partialSince = 0
           return .oversized(header)
         }
         if end - start >= size {
@@ -171,6 +178,7 @@ public final class MessageChannel {
           let payload = UnsafeRawBufferPointer(
             rebasing: buffer[(start + MessageHeader.size)..<(start + size)])
           start += size
+          partialSince = 0
           return .message(ReceivedMessage(header: header, payload: payload, fds: fds))
         }
         if discardRemaining == 0, start + size > buffer.count { compact() }
@@ -179,6 +187,17 @@ public final class MessageChannel {
       }
       guard try fill() else { return .closed }
     }
+  }
+
+  /// Waits for the rest of a message only until `partialMessageTimeoutMilliseconds`
+  /// after the first wait for it: a peer that sends half a message and goes
+  /// quiet gets ETIMEDOUT. (An idle peer, with nothing of a message sent, is
+  /// waited for without a bound.)
+  private func waitForRestOfMessage() throws(Errno) {
+    let now = cvfu_monotonic_ms()
+    if partialSince == 0 { partialSince = now }
+    let left = partialSince + Int64(partialMessageTimeoutMilliseconds) - now
+    if left <= 0 || cvfu_wait_readable(fd, Int32(left)) == 0 { throw .timedOut }
   }
 
   /// Receives the next message when its layout is known: `head` bytes of
@@ -271,6 +290,11 @@ public final class MessageChannel {
 
   /// One recvmsg into the free tail of the buffer. Returns false on EOF.
   private func fill() throws(Errno) -> Bool {
+    // Part of a message is here (or an oversized one is being dropped): the
+    // read does not block, and only when nothing is ready is the rest waited
+    // for, within the bound. The common case costs no extra system call.
+    let bounded = partialMessageTimeoutMilliseconds > 0 && (end > start || discardRemaining > 0)
+    if !bounded { partialSince = 0 }
     if start == end {
       streamBase += UInt64(start)
       start = 0
@@ -279,10 +303,17 @@ public final class MessageChannel {
       compact()
     }
     var count: Int32 = 0
-    let n = scratchFDs.withUnsafeMutableBufferPointer { fds in
-      cvfu_recvmsg(
-        fd, buffer.baseAddress! + end, buffer.count - end, fds.baseAddress, Int32(fds.count),
-        &count, 0)
+    func receive(_ flags: Int32) -> Int {
+      scratchFDs.withUnsafeMutableBufferPointer { fds in
+        cvfu_recvmsg(
+          fd, buffer.baseAddress! + end, buffer.count - end, fds.baseAddress, Int32(fds.count),
+          &count, flags)
+      }
+    }
+    var n = receive(bounded ? Int32(MSG_DONTWAIT) : 0)
+    if bounded, -n == EAGAIN {
+      try waitForRestOfMessage()
+      n = receive(0)
     }
     if n < 0 {
       if -n == ECONNRESET || -n == EPIPE { return false }
@@ -301,7 +332,8 @@ public final class MessageChannel {
   }
 
   /// Sends `first` then `second` as one message, with `fds` attached to its
-  /// first byte. Partial sends are continued until everything is out.
+  /// first byte. Partial sends are continued until everything is out; with a
+  /// send timeout on the socket, one that makes no progress throws ETIMEDOUT.
   public func send(
     _ first: UnsafeRawBufferPointer,
     _ second: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0),
@@ -322,7 +354,8 @@ public final class MessageChannel {
           fd, vecs.baseAddress! + start, Int32(2 - start), fdsToSend.baseAddress,
           Int32(fdsToSend.count))
       }
-      if n < 0 { throw Errno(rawValue: Int32(-n)) }
+      // A blocking socket says EAGAIN only when its send timeout (SO_SNDTIMEO) ran out.
+      if n < 0 { throw -n == EAGAIN ? .timedOut : Errno(rawValue: Int32(-n)) }
       fdsToSend = UnsafeBufferPointer(start: nil, count: 0)
       var sent = n
       let fromA = min(sent, a.count)

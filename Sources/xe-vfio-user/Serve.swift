@@ -1,4 +1,5 @@
 import ArgumentParser
+import CVFIOUser
 import KernelVFIO
 import Logging
 import SystemPackage
@@ -75,6 +76,15 @@ struct Serve: ParsableCommand {
   var socketGroup: String?
 
   @Option(
+    help:
+      "After opening the device and the socket as root, run as this user (name or number); its group too unless --group names another."
+  )
+  var user: String?
+
+  @Option(help: "After opening everything, run as this group (name or number).")
+  var group: String?
+
+  @Option(
     name: .customLong("allow-uid"),
     help: "Serve only peers with this user (name or number); repeatable. Others get EACCES.")
   var allowUID: [String] = []
@@ -83,6 +93,18 @@ struct Serve: ParsableCommand {
     name: .customLong("allow-gid"),
     help: "Serve only peers with this primary group (name or number); repeatable.")
   var allowGID: [String] = []
+
+  @Option(
+    help: ArgumentHelp(
+      "Seconds the rest of a message may take once its first bytes arrived; a client still short of it is disconnected (0: wait forever). Idleness between messages is never bounded.",
+      valueName: "seconds"))
+  var partialMessageTimeout: Double = 60
+
+  @Option(
+    help: ArgumentHelp(
+      "Seconds a reply may wait for a client that stopped reading before it is disconnected (0: wait forever).",
+      valueName: "seconds"))
+  var sendTimeout: Double = 60
 
   @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
   var logLevel: Logger.Level = .info
@@ -129,8 +151,17 @@ struct Serve: ParsableCommand {
     for user in allowUID where userID(user) == nil {
       throw ValidationError("--allow-uid: no user '\(user)'")
     }
-    for group in allowGID + (socketGroup.map { [$0] } ?? []) where groupID(group) == nil {
+    for group in allowGID + [socketGroup, group].compactMap({ $0 }) where groupID(group) == nil {
       throw ValidationError("no group '\(group)'")
+    }
+    if let user, userID(user) == nil { throw ValidationError("--user: no user '\(user)'") }
+    if user == nil, group != nil {
+      throw ValidationError("--group goes with --user (the server keeps root's uid otherwise)")
+    }
+    for (name, seconds) in [
+      ("--partial-message-timeout", partialMessageTimeout), ("--send-timeout", sendTimeout),
+    ] where !(seconds >= 0 && seconds <= 86_400) {
+      throw ValidationError("\(name) is a number of seconds from 0 to 86400")
     }
     guard UInt32(socketMode, radix: 8) != nil else {
       throw ValidationError("--socket-mode must be octal, e.g. 0660")
@@ -147,6 +178,8 @@ struct Serve: ParsableCommand {
     limits.resetOnDisconnect = onDisconnect == "reset"
     limits.allowedUIDs = Set(allowUID.compactMap(userID))
     limits.allowedGIDs = Set(allowGID.compactMap(groupID))
+    limits.partialMessageTimeoutMilliseconds = Int32((partialMessageTimeout * 1000).rounded(.up))
+    limits.sendTimeoutMilliseconds = Int32((sendTimeout * 1000).rounded(.up))
     let backend: any VFIODeviceBackend
     let served: String
     var record: ServedRecord?
@@ -211,9 +244,13 @@ struct Serve: ParsableCommand {
           throw CLIError("\(path): another server is listening there (EADDRINUSE)")
         case .isDirectory:
           throw CLIError("\(path) is a directory; name a socket path such as \(path)/vf0.sock")
+        case .tooManySymbolicLinkLevels:
+          throw CLIError(
+            "\(path) is a symbolic link; a socket path is never followed through one: remove it or choose another path"
+          )
         case .notSocket:
           throw CLIError(
-            "\(path) exists and is not a socket (a file or link); refusing to replace it: remove it or choose another path"
+            "\(path) exists and is not a socket; refusing to replace it: remove it or choose another path"
           )
         default: throw CLIError("cannot listen on \(path): \(describe(error))")
         }
@@ -223,6 +260,19 @@ struct Serve: ParsableCommand {
           "cannot give \(path) to group \(socketGroup!): \(describe(Errno(rawValue: errno)))")
       }
       chmod(path, mode_t(UInt32(socketMode, radix: 8)!))
+    }
+    // Everything that needs root is open by now: the device (with a kernel
+    // backend, its VFIO and IOMMU descriptors, and for the pf-debugfs path
+    // the PF's control files, which openKernelDevice opens up front and keeps)
+    // and the socket.
+    if let user {
+      let identity = try unprivilegedIdentity(user: user, group: group)
+      // The socket becomes the server's, so it can still remove it at exit.
+      if fd == nil, chown(path, identity.uid, socketGroup.flatMap(groupID) ?? identity.gid) != 0 {
+        throw CLIError("cannot give \(path) to \(user): \(describe(Errno(rawValue: errno)))")
+      }
+      try dropPrivileges(to: identity)
+      logger.info("running as uid \(identity.uid) gid \(identity.gid) (--user, --group)")
     }
     if !limits.allowedUIDs.isEmpty || !limits.allowedGIDs.isEmpty {
       logger.info(
@@ -240,6 +290,42 @@ struct Serve: ParsableCommand {
     server.wait()
     record?.release()
   }
+}
+
+/// Switches the process to `identity` for good: supplementary groups
+/// dropped, gid then uid set, and checked that root cannot be regained. Throws if any step fails: a server that meant to
+/// drop root must not go on serving as root.
+func dropPrivileges(to identity: (uid: uid_t, gid: gid_t)) throws {
+  let (uid, gid) = identity
+  var groups = [gid]
+  guard setgroups(1, &groups) == 0 else {
+    throw CLIError("cannot drop supplementary groups: \(describe(Errno(rawValue: errno)))")
+  }
+  guard setgid(gid) == 0 else {
+    throw CLIError("cannot switch to group \(gid): \(describe(Errno(rawValue: errno)))")
+  }
+  guard setuid(uid) == 0 else {
+    throw CLIError("cannot switch to user \(uid): \(describe(Errno(rawValue: errno)))")
+  }
+  // Real, effective and saved ids all changed, and root out of reach.
+  var uids: [uid_t] = [0, 0, 0]
+  var gids: [gid_t] = [0, 0, 0]
+  let read = cvfu_get_credentials(&uids, &gids)
+  let regained = uid != 0 && (setuid(0) == 0 || seteuid(0) == 0)
+  guard read == 0, uids.allSatisfy({ $0 == uid }), gids.allSatisfy({ $0 == gid }), !regained
+  else {
+    throw CLIError("privileges not dropped: uids \(uids), gids \(gids)")
+  }
+}
+
+/// The uid of `user` and the gid of `group`, else the user's own group.
+func unprivilegedIdentity(user: String, group: String?) throws -> (uid: uid_t, gid: gid_t) {
+  guard let uid = userID(user) else { throw CLIError("--user: no user '\(user)'") }
+  let ownGroup = getpwuid(uid).map { $0.pointee.pw_gid }
+  guard let gid = group.flatMap(groupID) ?? ownGroup else {
+    throw CLIError("--user \(user) has no group of its own: name one with --group")
+  }
+  return (uid, gid)
 }
 
 /// A user name or number as a uid.

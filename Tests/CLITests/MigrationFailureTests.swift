@@ -496,9 +496,10 @@ struct DamagedCheckpointTests {
 @Suite("serve refuses to replace what is not a socket")
 struct ServeSocketPathTests {
   @Test func aRegularFileAndADirectoryAreLeftAlone() throws {
-    let dir = NSTemporaryDirectory() + "xvu-path-\(UUID().uuidString.prefix(8))"
-    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-    defer { try? FileManager.default.removeItem(atPath: dir) }
+    try withTemporaryDirectory("xvu-path") { dir in try leftAlone(in: dir) }
+  }
+
+  func leftAlone(in dir: String) throws {
     let file = dir + "/notes.txt"
     try Data("keep me".utf8).write(to: URL(fileURLWithPath: file))
     let onFile = try run(["serve", "-s", file, "--quiet"])

@@ -24,12 +24,21 @@ final class ServeProcess: @unchecked Sendable {
   let socketPath: String
   let directory: String
 
-  init(_ arguments: [String] = []) throws {
+  /// - Parameter directoryMode: the socket directory's mode (01777 lets a
+  ///   server that dropped root remove its socket there).
+  ///   `environment`: variables added to the test's own for the server.
+  init(
+    _ arguments: [String] = [], directoryMode: mode_t? = nil, environment: [String: String] = [:]
+  ) throws {
     directory = NSTemporaryDirectory() + "xvu-cli-\(UUID().uuidString.prefix(8))"
     try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    if let directoryMode { chmod(directory, directoryMode) }
     socketPath = directory + "/vf0.sock"
     process.executableURL = executable
     process.arguments = ["serve", "--socket-path", socketPath] + arguments
+    if !environment.isEmpty {
+      process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+    }
     process.standardOutput = output
     process.standardError = errors
     try process.run()
@@ -49,12 +58,16 @@ final class ServeProcess: @unchecked Sendable {
       .count) ?? -1
   }
 
-  func stop(signal: Int32 = SIGTERM) -> (status: Int32, stdout: String, stderr: String) {
-    kill(process.processIdentifier, signal)
+  /// Signals the server (unless it has exited) and collects its output; the
+  /// socket directory is removed afterwards unless `keepDirectory`.
+  func stop(signal: Int32 = SIGTERM, keepDirectory: Bool = false) -> (
+    status: Int32, stdout: String, stderr: String
+  ) {
+    if process.isRunning { kill(process.processIdentifier, signal) }
     process.waitUntilExit()
     let out = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
     let err = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    try? FileManager.default.removeItem(atPath: directory)
+    if !keepDirectory { try? FileManager.default.removeItem(atPath: directory) }
     return (process.terminationStatus, out, err)
   }
 }

@@ -32,29 +32,52 @@ final class EventFD {
   func signal() { _ = cvfu_eventfd_signal(fd) }
 }
 
-/// A pipe whose write end is handed over as the only copy: once its owner
-/// closes it, the read end sees end-of-file. Whether a descriptor was closed
-/// is then known without racing other tests for descriptor numbers.
+/// An eventfd handed over as the only copy (`descriptor`): whether its new
+/// owner closed it is known without racing other tests for descriptor
+/// numbers. The probe keeps a duplicate, so the eventfd's `eventfd-id` stays
+/// unique while it lives, and looks for any other descriptor with that id.
 final class ClosureProbe {
-  let readEnd: Int32
-  let writeEnd: FileDescriptor
+  let descriptor: FileDescriptor
+  private let witness: Int32
+  private let id: String
+
   init() {
-    var fds: [Int32] = [-1, -1]
-    precondition(pipe(&fds) == 0)
-    _ = fcntl(fds[0], F_SETFL, O_NONBLOCK)
-    readEnd = fds[0]
-    writeEnd = FileDescriptor(rawValue: fds[1])
+    let fd = cvfu_eventfd(0, O_NONBLOCK | O_CLOEXEC)
+    precondition(fd >= 0)
+    descriptor = FileDescriptor(rawValue: fd)
+    witness = dup(fd)
+    let id = eventFDID(witness)
+    precondition(id != nil, "no eventfd-id in /proc/self/fdinfo (Linux 6.3 or later)")
+    self.id = id!
   }
-  deinit { close(readEnd) }
-  /// True once every copy of the write end is closed.
-  var writeEndClosed: Bool {
-    var byte: UInt8 = 0
-    while true {
-      let n = read(readEnd, &byte, 1)
-      if n == 0 { return true }
-      if n < 0 { return false }  // EAGAIN: still open
+  deinit { close(witness) }
+
+  /// True once no descriptor but the probe's own duplicate refers to the eventfd.
+  var closedEverywhere: Bool {
+    guard let directory = opendir("/proc/self/fd") else { return false }
+    defer { closedir(directory) }
+    let listing = dirfd(directory)
+    while let entry = readdir(directory) {
+      let name = withUnsafeBytes(of: entry.pointee.d_name) {
+        String(cString: $0.bindMemory(to: CChar.self).baseAddress!)
+      }
+      guard let fd = Int32(name), fd != witness, fd != listing else { continue }
+      if eventFDID(fd) == id { return false }
     }
+    return true
   }
+}
+
+/// The `eventfd-id:` line of an eventfd's /proc/self/fdinfo entry, or nil.
+func eventFDID(_ fd: Int32) -> String? {
+  let info = open("/proc/self/fdinfo/\(fd)", O_RDONLY | O_CLOEXEC)
+  guard info >= 0 else { return nil }
+  defer { close(info) }
+  var bytes = [UInt8](repeating: 0, count: 512)
+  let n = read(info, &bytes, bytes.count)
+  guard n > 0 else { return nil }
+  let text = String(decoding: bytes[..<n], as: UTF8.self)
+  return text.split(separator: "\n").first { $0.hasPrefix("eventfd-id:") }.map(String.init)
 }
 
 func request(
@@ -136,13 +159,13 @@ struct IRQEmulationTests {
     var irqs = IRQEmulation(pciIRQs)
     let probe = ClosureProbe()
     let other = EventFD()
-    try irqs.apply(request(triggerFD, index: 2, count: 1, fds: [probe.writeEnd]))
+    try irqs.apply(request(triggerFD, index: 2, count: 1, fds: [probe.descriptor]))
     try irqs.apply(request(triggerFD, index: 3, count: 1, fds: [other.lend()]))
     try irqs.apply(request(maskNone, index: 2, start: 1, count: 1))
     irqs.trigger(index: 2, vector: 1)
-    #expect(!probe.writeEndClosed)
+    #expect(!probe.closedEverywhere)
     try irqs.apply(IRQSetRequest.disable(2))
-    #expect(probe.writeEndClosed)
+    #expect(probe.closedEverywhere)
     let disabled = irqs.configuration(2)
     let state = try #require(disabled)
     #expect(state.triggerFDs.allSatisfy { $0 == nil })
@@ -156,10 +179,10 @@ struct IRQEmulationTests {
     let probe = ClosureProbe()
     do {
       var irqs = IRQEmulation(pciIRQs)
-      try irqs.apply(request(triggerFD, index: 1, count: 1, fds: [probe.writeEnd]))
-      #expect(!probe.writeEndClosed)
+      try irqs.apply(request(triggerFD, index: 1, count: 1, fds: [probe.descriptor]))
+      #expect(!probe.closedEverywhere)
     }
-    #expect(probe.writeEndClosed)
+    #expect(probe.closedEverywhere)
   }
 
   /// A refused request changes nothing: the eventfds, masks and pending bits
@@ -179,14 +202,14 @@ struct IRQEmulationTests {
     ]
     for (flags, index, count) in refused {
       let probe = ClosureProbe()
-      let fds = flags & VFIOIRQSetFlags.dataEventfd != 0 ? [probe.writeEnd] : []
+      let fds = flags & VFIOIRQSetFlags.dataEventfd != 0 ? [probe.descriptor] : []
       #expect(throws: Errno.invalidArgument, "flags \(flags) index \(index)") {
         try irqs.apply(request(flags, index: index, count: count, fds: fds))
       }
       if !fds.isEmpty {
-        #expect(probe.writeEndClosed, "the refused request's eventfd is closed")
+        #expect(probe.closedEverywhere, "the refused request's eventfd is closed")
       } else {
-        try probe.writeEnd.close()
+        try probe.descriptor.close()
       }
       let after = irqs.configuration(2)
       #expect(after == before)
@@ -235,9 +258,9 @@ struct IRQSetRequestTests {
       #expect(throws: Errno.invalidArgument, "\(c.name)") {
         _ = try IRQSetRequest(
           IRQSetPayload(flags: c.flags, index: c.index, start: c.start, count: c.count),
-          descriptors: OwnedFileDescriptors(taking: probes.map(\.writeEnd)), irq: irq)
+          descriptors: OwnedFileDescriptors(taking: probes.map(\.descriptor)), irq: irq)
       }
-      #expect(probes.allSatisfy { $0.writeEndClosed }, "\(c.name): descriptors closed")
+      #expect(probes.allSatisfy { $0.closedEverywhere }, "\(c.name): descriptors closed")
     }
   }
 

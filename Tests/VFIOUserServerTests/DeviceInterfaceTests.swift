@@ -23,38 +23,6 @@ extension GuestFile {
   }
 }
 
-/// A pipe whose write end the test sends to the server and then closes: the
-/// read end sees end-of-file once the server has closed its copies too.
-final class SentDescriptorProbe {
-  let readEnd: Int32
-  var writeEnd: Int32
-  init() {
-    var fds: [Int32] = [-1, -1]
-    precondition(pipe(&fds) == 0)
-    _ = fcntl(fds[0], F_SETFL, O_NONBLOCK)
-    readEnd = fds[0]
-    writeEnd = fds[1]
-  }
-  deinit {
-    close(readEnd)
-    if writeEnd >= 0 { close(writeEnd) }
-  }
-  /// Closes the test's own copy of the write end.
-  func dropOwnCopy() {
-    close(writeEnd)
-    writeEnd = -1
-  }
-  /// True once nobody holds the write end any more.
-  var closedEverywhere: Bool {
-    var byte: UInt8 = 0
-    while true {
-      let n = read(readEnd, &byte, 1)
-      if n == 0 { return true }
-      if n < 0 { return false }
-    }
-  }
-}
-
 /// What the device interface lets a backend decide: refuse an unmap, keep the
 /// client's files, set the DMA limits, refuse a SET_IRQS, own the migration state.
 @Suite("The device's part: DMA, interrupts, migration state")
@@ -221,28 +189,30 @@ struct DeviceInterfaceTests {
       #expect(before?.pending[1] == true)
 
       device.refuseSetIRQs = .resourceBusy  // as a kernel's VFIO_DEVICE_SET_IRQS might
-      let probe = SentDescriptorProbe()
+      var probe = SentDescriptors()
+      probe.append(cvfu_eventfd(0, O_NONBLOCK | O_CLOEXEC))
       expectServerError(.resourceBusy) {
         try client.setIRQs(
           IRQSetPayload(flags: trigger, index: 2, start: 0, count: 2),
-          fds: [probe.writeEnd, probe.writeEnd])
+          fds: [probe.fds[0], probe.fds[0]])
       }
-      probe.dropOwnCopy()
-      #expect(probe.closedEverywhere)
+      #expect(probe.leaked().isEmpty)
+      probe.close()
       #expect(device.lastIRQConfiguration[2] == before)
       #expect(server.server.statistics.snapshot.irqFDs == 2)
 
       device.refuseSetIRQs = nil
-      let unmaskProbe = SentDescriptorProbe()
+      var unmaskProbe = SentDescriptors()
+      unmaskProbe.append(cvfu_eventfd(0, O_NONBLOCK | O_CLOEXEC))
       expectServerError(.invalidArgument) {  // only INTx's unmask takes an eventfd
         try client.setIRQs(
           IRQSetPayload(
             flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionUnmask, index: 2, start: 1,
             count: 1),
-          fds: [unmaskProbe.writeEnd])
+          fds: [unmaskProbe.fds[0]])
       }
-      unmaskProbe.dropOwnCopy()
-      #expect(unmaskProbe.closedEverywhere)
+      #expect(unmaskProbe.leaked().isEmpty)
+      unmaskProbe.close()
       #expect(device.lastIRQConfiguration[2] == before)
 
       try client.write32(region: 0, offset: 4, 2 << 16 | 0)

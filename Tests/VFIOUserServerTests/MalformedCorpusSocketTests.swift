@@ -6,6 +6,7 @@ import VFIODevice
 import VFIOUser
 import VFIOUserClient
 import VFIOUserServer
+import XeVF
 
 #if canImport(Glibc)
   import Glibc
@@ -81,20 +82,45 @@ struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
   var expectNoMigration: String?
   /// The reaction of a device without DMA logging, where it differs.
   var expectNoDMALogging: String?
+  /// The kind of each descriptor, comma-separated (memfd, eventfd, pipe,
+  /// socket, directory, device); by default memfds for DMA_MAP, eventfds otherwise.
+  var fdKind: String?
+  /// "xe": served by the simulated Xe VF (it migrates), not the test device.
+  var device: String?
+  /// Server limits other than the defaults.
+  var limits: CorpusLimits?
+
+  struct CorpusLimits: Decodable, Sendable {
+    var maxDMAMaps: UInt32?
+    enum CodingKeys: String, CodingKey { case maxDMAMaps = "max_dma_maps" }
+  }
 
   enum CodingKeys: String, CodingKey {
-    case name, hex, expect, layer, note, setup, fds
+    case name, hex, expect, layer, note, setup, fds, device, limits
     case afterVersion = "after_version"
     case parseError = "parse_error"
     case fillToSize = "fill_to_size"
     case expectNoMigration = "expect_no_migration"
     case expectNoDMALogging = "expect_no_dma_logging"
+    case fdKind = "fd_kind"
+  }
+
+  /// Replayed against the default server and test device (the pipelined burst takes only these).
+  var runsOnDefaultServer: Bool { device == nil && limits == nil }
+
+  var serverLimits: ServerLimits {
+    var serverLimits = ServerLimits()
+    if let maxDMAMaps = limits?.maxDMAMaps { serverLimits.maxDMAMaps = maxDMAMaps }
+    return serverLimits
   }
 
   var testDescription: String { name }
 
-  /// What this server must do: its test device has neither migration nor DMA logging.
-  var expectation: String { expectNoMigration ?? expectNoDMALogging ?? expect }
+  /// What this server must do: the test device has neither migration nor DMA
+  /// logging; the simulated Xe VF has both.
+  var expectation: String {
+    device == "xe" ? expect : expectNoMigration ?? expectNoDMALogging ?? expect
+  }
 
   /// The errno of the expected error reply, or nil for "disconnect" and "no-reply".
   var expectedErrno: Errno? {
@@ -127,18 +153,15 @@ struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
     return size >= UInt32(MessageHeader.size) && bytes.count < Int(size)
   }
 
-  /// `fds` fresh descriptors: memfds for DMA_MAP (the kind it maps), eventfds otherwise.
+  /// `fds` fresh descriptors of the kinds `fd_kind` names: by default memfds
+  /// of 64 KiB for DMA_MAP (the kind it maps), eventfds otherwise.
   func makeDescriptors() throws -> SentDescriptors {
     var made = SentDescriptors()
     let dmaMap = RawHeader(try message()).command == Command.dmaMap.rawValue
-    for _ in 0..<(fds ?? 0) {
-      let fd: Int32
-      if dmaMap {
-        fd = cvfu_memfd_create("xvu-corpus-\(UUID().uuidString)", 1)  // MFD_CLOEXEC
-        if fd >= 0 { _ = ftruncate(fd, 64 * 1024) }
-      } else {
-        fd = cvfu_eventfd(0, O_NONBLOCK | O_CLOEXEC)
-      }
+    let kinds = fdKind.map { $0.split(separator: ",").map(String.init) } ?? []
+    for i in 0..<(fds ?? 0) {
+      let kind = i < kinds.count ? kinds[i] : kinds.last ?? (dmaMap ? "memfd" : "eventfd")
+      let fd = try Self.makeDescriptor(kind)
       guard fd >= 0 else {
         made.close()
         throw SocketCorpusError("cannot create a descriptor: \(Errno(rawValue: -fd))")
@@ -146,6 +169,35 @@ struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
       made.append(fd)
     }
     return made
+  }
+
+  /// A descriptor of `kind`, or -errno.
+  static func makeDescriptor(_ kind: String) throws -> Int32 {
+    switch kind {
+    case "memfd":
+      let fd = cvfu_memfd_create("xvu-corpus-\(UUID().uuidString)", 1)  // MFD_CLOEXEC
+      if fd >= 0 { _ = ftruncate(fd, 64 * 1024) }
+      return fd
+    case "eventfd": return cvfu_eventfd(0, O_NONBLOCK | O_CLOEXEC)
+    case "pipe", "socket":
+      var pair: [Int32] = [-1, -1]
+      let made = kind == "pipe" ? pipe(&pair) : cvfu_socketpair(&pair)
+      guard made == 0 else { return -errno }
+      _ = close(pair[1])
+      return pair[0]
+    case "directory":
+      // A fresh directory, so its path identifies it in /proc/self/fd.
+      var template = Array("/tmp/xvu-corpus-XXXXXX".utf8CString)
+      guard let made = mkdtemp(&template) else { return -errno }
+      let path = String(cString: made)
+      defer { rmdir(path) }
+      let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+      return fd >= 0 ? fd : -errno
+    case "device":
+      let fd = open("/dev/null", O_RDWR | O_CLOEXEC)
+      return fd >= 0 ? fd : -errno
+    default: throw SocketCorpusError("unknown fd_kind \(kind)")
+    }
   }
 }
 
@@ -181,8 +233,8 @@ struct SentDescriptors {
     }
   }
 
-  /// An eventfd's `eventfd-id` (unique per eventfd, Linux 6.3 and later), or a
-  /// memfd's link target (its unique name). Nil when the descriptor has gone,
+  /// An eventfd's `eventfd-id` (unique per eventfd, Linux 6.3 and later), or
+  /// the link target of a memfd, directory, pipe or socket (unique). Nil when the descriptor has gone,
   /// or has nothing unique (an eventfd on an older kernel is not tracked).
   static func fingerprint(of fd: Int32) -> String? {
     if let info = try? String(contentsOfFile: "/proc/self/fdinfo/\(fd)", encoding: .utf8),
@@ -190,9 +242,12 @@ struct SentDescriptors {
     {
       return String(id.filter { !$0.isWhitespace })
     }
+    // Memfds, directories, pipes and sockets made for a case have unique link targets.
     guard
       let link = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)"),
-      link.hasPrefix("/memfd:xvu-corpus-")
+      ["/memfd:xvu-corpus-", "/tmp/xvu-corpus-", "pipe:[", "socket:["].contains(where: {
+        link.hasPrefix($0)
+      })
     else { return nil }
     return link
   }
@@ -272,6 +327,7 @@ struct MalformedCorpusSocketTests {
   @Test func pipelinedBurstOnOneConnection() throws {
     let burst = SocketCorpus.cases.filter {
       $0.afterVersion && $0.expectedErrno != nil && !$0.disconnectsAfterError
+        && $0.runsOnDefaultServer
     }
     #expect(burst.count > 50)
     try withServer(TestDevice()) { server, device in
@@ -286,9 +342,11 @@ struct MalformedCorpusSocketTests {
       }
       var pending: [Pending] = []
       var mappedBySetup = 0
-      // Setup messages first (each succeeds); none undoes another's state.
+      // Setup messages first (each succeeds); none undoes another's state, and
+      // cases that share one (the same window) share its single copy.
+      var setupsSent: Set<String> = []
       for entry in burst {
-        for (i, hex) in (entry.setup ?? []).enumerated() {
+        for (i, hex) in (entry.setup ?? []).enumerated() where setupsSent.insert(hex).inserted {
           let bytes = try socketCorpusBytes(hex: hex)
           try client.sendRaw(bytes)
           let header = RawHeader(bytes)
@@ -326,7 +384,7 @@ struct MalformedCorpusSocketTests {
       }
       try Self.expectSilence(client, "after the burst")
       try Self.expectWorks(client, "after the burst")
-      Self.expectNoLeaks(server, device, dmaRegions: mappedBySetup, "after the burst")
+      Self.expectNoLeaks(server, device.mappedWindows, dmaRegions: mappedBySetup, "after the burst")
       for (name, var descriptors) in sent {
         let leaked = descriptors.leaked()
         descriptors.close()
@@ -338,7 +396,23 @@ struct MalformedCorpusSocketTests {
   // MARK: One entry
 
   static func drive(_ entry: SocketCorpusCase) throws {
-    try withServer(TestDevice()) { server, device in
+    if entry.device == "xe" {
+      let vf = try SimulatedXeVF(profile: .ptl)
+      try withServer(vf, limits: entry.serverLimits) { server, _ in
+        try drive(entry, server, mappedWindows: { nil })
+      }
+    } else {
+      try withServer(TestDevice(), limits: entry.serverLimits) { server, device in
+        try drive(entry, server, mappedWindows: { device.mappedWindows })
+      }
+    }
+  }
+
+  /// `mappedWindows`: the windows the device was told of, when it tells.
+  static func drive(
+    _ entry: SocketCorpusCase, _ server: RunningServer, mappedWindows device: () -> Int?
+  ) throws {
+    do {
       let name = entry.name
       let client = try VFIOUserClient.open(path: server.path)
       if entry.afterVersion { try handshake(client) }
@@ -354,7 +428,7 @@ struct MalformedCorpusSocketTests {
         expectSuccessReply(reply, to: header, name: "\(name) setup \(i)")
         if header.command == Command.dmaMap.rawValue { mappedBySetup += 1 }
       }
-      expectNoLeaks(server, device, dmaRegions: mappedBySetup, "\(name): after setup")
+      expectNoLeaks(server, device(), dmaRegions: mappedBySetup, "\(name): after setup")
 
       let bytes = try entry.message()
       let header = RawHeader(bytes)
@@ -391,7 +465,7 @@ struct MalformedCorpusSocketTests {
         try expectSilence(client, name)
         if !entry.afterVersion { try handshake(client) }
         try expectWorks(client, name)
-        expectNoLeaks(server, device, dmaRegions: mappedBySetup, name)
+        expectNoLeaks(server, device(), dmaRegions: mappedBySetup, name)
 
       default:
         let errno = try #require(
@@ -411,7 +485,7 @@ struct MalformedCorpusSocketTests {
           // Exactly one reply: the round trip below fails on any stray message.
           if !entry.afterVersion { try handshake(client) }
           try expectWorks(client, name)
-          expectNoLeaks(server, device, dmaRegions: mappedBySetup, name)
+          expectNoLeaks(server, device(), dmaRegions: mappedBySetup, name)
         }
       }
     }
@@ -515,7 +589,7 @@ struct MalformedCorpusSocketTests {
 
   /// After a hang-up, a new client connects, negotiates and is served.
   static func expectServesNewClient(
-    _ server: RunningServer, _ device: TestDevice, _ name: String,
+    _ server: RunningServer, _ device: () -> Int?, _ name: String,
     sourceLocation: SourceLocation = #_sourceLocation
   ) throws {
     let served = server.server.statistics.snapshot.connectionsServed
@@ -526,12 +600,12 @@ struct MalformedCorpusSocketTests {
       "\(name): the new client was not served",
       sourceLocation: sourceLocation)
     expectNoLeaks(
-      server, device, dmaRegions: 0, "\(name): new client", sourceLocation: sourceLocation)
+      server, device(), dmaRegions: 0, "\(name): new client", sourceLocation: sourceLocation)
   }
 
   /// The server holds exactly the DMA windows the setup created, and no eventfds.
   static func expectNoLeaks(
-    _ server: RunningServer, _ device: TestDevice, dmaRegions: Int, _ name: String,
+    _ server: RunningServer, _ deviceWindows: Int?, dmaRegions: Int, _ name: String,
     sourceLocation: SourceLocation = #_sourceLocation
   ) {
     let snapshot = server.server.statistics.snapshot
@@ -542,8 +616,10 @@ struct MalformedCorpusSocketTests {
     #expect(
       snapshot.irqFDs == 0, "\(name): \(snapshot.irqFDs) eventfds held",
       sourceLocation: sourceLocation)
-    #expect(
-      device.mappedWindows == dmaRegions, "\(name): the device saw \(device.mappedWindows) windows",
-      sourceLocation: sourceLocation)
+    if let deviceWindows {
+      #expect(
+        deviceWindows == dmaRegions, "\(name): the device saw \(deviceWindows) windows",
+        sourceLocation: sourceLocation)
+    }
   }
 }

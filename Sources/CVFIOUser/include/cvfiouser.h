@@ -52,7 +52,8 @@ int cvfu_peer_cred(int sock, int32_t *pid, uint32_t *uid, uint32_t *gid);
 
 /// A listening AF_UNIX stream socket bound at `path` (close-on-exec). A stale
 /// socket file nobody listens on is replaced; a live one gives -EADDRINUSE,
-/// a directory -EISDIR and anything else that is not a socket -ENOTSOCK.
+/// a symbolic link (never followed) -ELOOP, a directory -EISDIR and anything
+/// else that is not a socket -ENOTSOCK.
 int cvfu_listen_unix(const char *path, int backlog);
 /// A connected AF_UNIX stream socket to `path` (close-on-exec), or -errno.
 int cvfu_connect_unix(const char *path);
@@ -60,5 +61,23 @@ int cvfu_connect_unix(const char *path);
 int cvfu_accept(int listener);
 /// Waits up to `ms` for `fd` to become readable: 1 ready, 0 timeout, -errno.
 int cvfu_wait_readable(int fd, int ms);
+/// Sets SO_SNDTIMEO: a send that makes no progress for `ms` fails with EAGAIN (0: never).
+int cvfu_set_send_timeout_ms(int sock, int ms);
+/// Milliseconds on CLOCK_MONOTONIC.
+int64_t cvfu_monotonic_ms(void);
+
+/// What kind of file a descriptor a client sent is, checked before use.
+enum cvfu_fd_kind {
+  CVFU_FD_OTHER = 0,    // an anonymous inode other than an eventfd, or anything unknown
+  CVFU_FD_REGULAR = 1,  // a regular file: memfd, tmpfs, hugetlbfs, /dev/shm, disk (mappable memory)
+  CVFU_FD_EVENTFD = 2,
+  CVFU_FD_SOCKET = 3,
+  CVFU_FD_PIPE = 4,
+  CVFU_FD_DIRECTORY = 5,
+  CVFU_FD_DEVICE = 6,   // a character or block device
+};
+/// The kind of `fd` (fstat, and /proc/self/fd/N for anonymous inodes, which
+/// have no file type); its size in `*size` for a regular file. -errno (EBADF).
+int cvfu_fd_kind(int fd, int64_t *size);
 
 #endif

@@ -47,11 +47,12 @@ struct StagedRestore: Sendable, Equatable {
   var guc: GuCVFState?
 }
 
-/// SplitMix64: a small seeded generator, so a seed names one interleaving.
-struct SplitMix64 {
+/// SplitMix64: a small seeded generator, so a seed names one interleaving
+/// (and, in tests, one run of a randomised stress).
+public struct SplitMix64: RandomNumberGenerator, Sendable {
   private var state: UInt64
-  init(seed: UInt64) { state = seed }
-  mutating func next() -> UInt64 {
+  public init(seed: UInt64) { state = seed }
+  public mutating func next() -> UInt64 {
     state &+= 0x9E37_79B9_7F4A_7C15
     var z = state
     z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
