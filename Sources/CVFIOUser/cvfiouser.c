@@ -424,3 +424,28 @@ uint32_t cvfu_crc32c(uint32_t crc, const void *data, size_t len) {
 #endif
   return ~crc32c_raw_table(c, p, len);
 }
+
+bool cvfu_all_zero(const void *data, size_t len) {
+  const uint8_t *p = data;
+  while (len > 0 && ((uintptr_t)p & 7) != 0) {
+    if (*p++ != 0) return false;
+    len--;
+  }
+  // 64 bytes per step, ORed together: the compiler vectorises the inner loop.
+  while (len >= 64) {
+    uint64_t acc = 0;
+    for (int i = 0; i < 8; i++) {
+      uint64_t word;
+      memcpy(&word, p + 8 * i, 8);
+      acc |= word;
+    }
+    if (acc != 0) return false;
+    p += 64;
+    len -= 64;
+  }
+  while (len > 0) {
+    if (*p++ != 0) return false;
+    len--;
+  }
+  return true;
+}

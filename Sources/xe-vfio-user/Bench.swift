@@ -40,7 +40,9 @@ struct Bench: ParsableCommand {
   var instructions = false
 
   @Option(
-    help: "Comma-separated subset: read,write,inflight,large,dma,rss,migration,save (default all).")
+    help:
+      "Comma-separated subset: read,write,inflight,large,dma,rss,migration,save,checkpoint (default all)."
+  )
   var only: String?
 
   @Option(help: "VRAM sizes for the migration figures.")
@@ -57,8 +59,9 @@ struct Bench: ParsableCommand {
     let serverCPU: Int32? = cpus == "none" ? nil : (cpus == "split" ? 1 : 0)
     if let clientCPU { _ = cvfu_pin_to_cpu(clientCPU) }
     let selected = Set(
-      (only ?? "read,write,inflight,large,dma,rss,migration,save").split(separator: ",").map(
-        String.init)
+      (only ?? "read,write,inflight,large,dma,rss,migration,save,checkpoint").split(separator: ",")
+        .map(
+          String.init)
     )
     var logger = Logger(label: "bench")
     logger.logLevel = .error
@@ -204,6 +207,35 @@ struct Bench: ParsableCommand {
         "\nsave of \(formatBytes(f.vram)) VRAM (\(formatRate(f.streamBytes)) stream) to /dev/null, best of 5 each: \(fixed(f.checksummedSeconds, 3)) s with CRC-32C records, \(fixed(f.plainSeconds, 3)) s without (\(fixed(slower, 1))% slower; target ≤ 10%); raw: CRC-32C \(fixed(f.crcRate / 1e9, 1)) GB/s, memcpy \(fixed(f.memcpyRate / 1e9, 1)) GB/s"
       )
     }
+    if selected.contains("checkpoint") { try printCheckpoints(logger: logger) }
+  }
+
+  private func printCheckpoints(logger: Logger) throws {
+    _ = cvfu_unpin()
+    let size = migrationVRAM.map(\.bytes).max() ?? 4 << 30
+    var rows: [[String]] = [
+      [
+        "VRAM", "stream", "checkpoint", "size ÷ raw", "save", "raw save", "save ÷ raw",
+        "restore", "raw restore", "restore ÷ raw", "raw: socket",
+      ]
+    ]
+    for content in CheckpointBench.Content.allCases {
+      let f = try CheckpointBench.run(vram: size, content: content, logger: logger)
+      rows.append([
+        "\(formatBytes(size)) \(f.content)", formatRate(f.streamBytes),
+        formatRate(f.containerBytes),
+        percent(f.containerBytes, of: f.streamBytes),
+        String(printf: "%.3f s", f.containerSave), String(printf: "%.3f s", f.rawSave),
+        String(printf: "%.2f×", f.containerSave / f.rawSave),
+        String(printf: "%.3f s", f.containerRestore), String(printf: "%.3f s", f.rawRestore),
+        String(printf: "%.2f×", f.containerRestore / f.rawRestore),
+        String(printf: "%.3f s", f.socketSeconds),
+      ])
+    }
+    print(
+      "\nCheckpoints (save format 3) against the raw stream, files in /tmp, best of 3 saves and 2 restores (targets: 10% data ≤ 12% of the raw size and restore ≤ 0.2× raw; random save ≤ 1.05× raw):"
+    )
+    print(ReportTable(rows: rows).render())
   }
 
   private func readOnce(
