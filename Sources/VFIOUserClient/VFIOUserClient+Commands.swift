@@ -274,7 +274,7 @@ extension VFIOUserClient {
   }
 
   /// Receives the reply to `id` with `head` fixed bytes (into scratch) and data into `data`.
-  private func receiveDirect(
+  func receiveDirect(
     id: UInt16, command: Command, head: Int, data: UnsafeMutableRawBufferPointer
   )
     throws(VFIOUserClientError) -> (MessageHeader, Int)

@@ -70,17 +70,8 @@ struct Migrate: ParsableCommand {
     let downtimeStart = now()
     try step(.stopCopy) { try on(sourceEnd) { try source.setMigrationState(.stopCopy) } }
     let progress = ProgressReporter(label: "migrating", total: estimate, options: progressOptions)
-    let chunk = migrationChunk(source, destination)
-    var moved: UInt64 = 0
     let bytes = try step(.stream) {
-      try pipeline(bufferSize: chunk) { buffer in
-        let n = try on(sourceEnd) { try source.migDataRead(into: buffer) }
-        return (n, n < buffer.count)
-      } consume: { data in
-        try on(destinationEnd) { try destination.migDataWrite(from: data) }
-        moved += UInt64(data.count)
-        progress.update(state: moved, wire: moved)
-      }
+      try relay(source, destination) { progress.update(state: $0, wire: $0) }
     }
     progress.update(state: bytes, wire: bytes, final: true)
     // The destination proves it took the whole state before the source lets go
@@ -92,6 +83,22 @@ struct Migrate: ParsableCommand {
     }
     let end = now()
     return (bytes, Double(end - start) / 1e9, Double(end - downtimeStart) / 1e9)
+  }
+
+  /// The stream, source to destination, without passing through this process (splice).
+  private func relay(
+    _ source: VFIOUserClient, _ destination: VFIOUserClient, progress: (UInt64) -> Void
+  ) throws -> UInt64 {
+    do {
+      return try VFIOUserClient.relayMigrationData(
+        from: source, to: destination, chunk: migrationChunk(source, destination),
+        progress: progress)
+    } catch {
+      switch error {
+      case .source(let e): throw EndError(end: sourceEnd, underlying: e)
+      case .destination(let e): throw EndError(end: destinationEnd, underlying: e)
+      }
+    }
   }
 
   /// The source keeps its workload; the destination must not look healthy with half a state.

@@ -179,7 +179,10 @@ struct MigrationFailureTests {
     defer { _ = source.stop() }
     let marks = try markDevice(try source.connect(), vram: vram, seed: 3)
     waitIdle(source)
-    let full = try run(["save", "-s", source.socketPath, "-o", "/dev/full", "--quiet"])
+    // --no-compress: the marked device's stream stays 256 MiB on the wire, bigger than what fails.
+    let full = try run([
+      "save", "-s", source.socketPath, "-o", "/dev/full", "--quiet", "--no-compress",
+    ])
     #expect(full.status == 1)
     #expect(full.stderr.contains("writing /dev/full: ENOSPC"), "\(full.stderr)")
     var st = stat()
@@ -191,7 +194,7 @@ struct MigrationFailureTests {
     let binary = executable.path
     let piped = try run([
       "__shell__",
-      "\(binary) save -s \(source.socketPath) -o - --quiet | head -c 1048576 > /dev/null; exit ${PIPESTATUS[0]}",
+      "\(binary) save -s \(source.socketPath) -o - --quiet --no-compress | head -c 1048576 > /dev/null; exit ${PIPESTATUS[0]}",
     ])
     #expect(piped.status == 1, "\(piped.stderr)")
     #expect(piped.stderr.contains("writing standard output: EPIPE"), "\(piped.stderr)")
@@ -214,7 +217,9 @@ struct MigrationFailureTests {
     defer { _ = try? run(["__shell__", "umount \(mountPoint)"]) }
     let target = mountPoint + "/vf.xesave"
     try Data("previous checkpoint".utf8).write(to: URL(fileURLWithPath: target))
-    let result = try run(["save", "-s", source.socketPath, "-o", target, "--quiet"])
+    let result = try run([
+      "save", "-s", source.socketPath, "-o", target, "--quiet", "--no-compress",
+    ])
     #expect(result.status == 1)
     #expect(result.stderr.contains("ENOSPC"), "\(result.stderr)")
     #expect(try String(contentsOfFile: target, encoding: .utf8) == "previous checkpoint")
@@ -241,7 +246,7 @@ struct MigrationFailureTests {
     waitIdle(source)
     let viaFIFO = try run([
       "__shell__",
-      "cat \(dir)/fifo > \(dir)/from-fifo & \(executable.path) save -s \(source.socketPath) -o \(dir)/fifo --quiet; wait",
+      "cat \(dir)/fifo > \(dir)/from-fifo & \(executable.path) save -s \(source.socketPath) -o \(dir)/fifo --quiet --no-compress; wait",
     ])
     #expect(viaFIFO.status == 0, "\(viaFIFO.stderr)")
     #expect(lstat(dir + "/fifo", &st) == 0 && st.st_mode & S_IFMT == S_IFIFO)
@@ -249,7 +254,9 @@ struct MigrationFailureTests {
     try Data("old".utf8).write(to: URL(fileURLWithPath: dir + "/real"))
     #expect(symlink("real", dir + "/link") == 0)
     waitIdle(source)
-    #expect(try run(["save", "-s", source.socketPath, "-o", dir + "/link", "--quiet"]).status == 0)
+    #expect(
+      try run(["save", "-s", source.socketPath, "-o", dir + "/link", "--quiet", "--no-compress"])
+        .status == 0)
     #expect(lstat(dir + "/link", &st) == 0 && st.st_mode & S_IFMT == S_IFLNK)
     let viaLink = try Data(contentsOf: URL(fileURLWithPath: dir + "/real"))
     let viaPipe = try Data(contentsOf: URL(fileURLWithPath: dir + "/from-fifo"))
@@ -276,7 +283,9 @@ struct MigrationFailureTests {
     waitIdle(source)
     let target = source.directory + "/vf.xesave"
     try Data("previous checkpoint".utf8).write(to: URL(fileURLWithPath: target))
-    let save = try Background(["save", "-s", source.socketPath, "-o", target])
+    let save = try Background([
+      "save", "-s", source.socketPath, "-o", target, "--progress", "--no-compress",
+    ])
     #expect(save.waitFor("saving: "))
     kill(source.process.processIdentifier, SIGKILL)  // the source server dies mid-save
     #expect(save.wait() == 1)
