@@ -233,7 +233,7 @@ struct Bench: ParsableCommand {
       ])
     }
     print(
-      "\nCheckpoints (save format 3) against the raw stream, files in /tmp, best of 3 saves and 2 restores (targets: 10% data ≤ 12% of the raw size and restore ≤ 0.2× raw; random save ≤ 1.05× raw):"
+      "\nCheckpoints (save format 3) against the raw stream, files in /dev/shm, best of 3 saves and 2 restores (targets: 10% data ≤ 12% of the raw size and restore ≤ 0.2× raw; random save ≤ 1.05× raw):"
     )
     print(ReportTable(rows: rows).render())
   }

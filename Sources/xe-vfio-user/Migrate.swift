@@ -302,8 +302,7 @@ func restoreRecords(
   let job = Handoff(reader)
   var total: UInt64 = 0
   return try pipeline(bufferSize: SaveFormat.maxRecord) { buffer in
-    guard let n = try job.value.nextRecord(into: buffer) else { return (0, true) }
-    return (n, false)
+    try job.value.readRecords(into: buffer)
   } consume: { data in
     try on(end) { try client.migDataWrite(from: data, chunk: chunk, depth: 2) }
     total += UInt64(data.count)

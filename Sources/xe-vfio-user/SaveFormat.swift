@@ -75,6 +75,9 @@ final class SaveFileWriter {
   private var pendingCount = 0
   private var zeroRun = 0
   private let compressor = Compressor()
+  /// Small records (a page of data, a zero run) gathered into one write.
+  private let outBuffer: UnsafeMutableRawBufferPointer
+  private var outCount = 0
 
   /// Data records hold at most this much, so compression and the reader's
   /// buffers stay small; a span this long is written from the caller's buffer.
@@ -84,9 +87,13 @@ final class SaveFileWriter {
 
   init() {
     pending = .allocate(byteCount: Self.dataRecord, alignment: 4096)
+    outBuffer = .allocate(byteCount: Self.dataRecord, alignment: 4096)
   }
 
-  deinit { pending.deallocate() }
+  deinit {
+    pending.deallocate()
+    outBuffer.deallocate()
+  }
 
   /// The header's bytes; its JSON CRC seeds the record chain.
   func header(_ header: SaveFileHeader) throws -> [UInt8] {
@@ -117,6 +124,13 @@ final class SaveFileWriter {
     try flushZeros(to: out)
     let body = SaveFormat.endMagic + le(streamBytes) + le(records)
     try body.withUnsafeBytes { try writeRecord(.end, streamLength: 0, body: $0, to: out) }
+    try flushOutput(to: out)
+  }
+
+  private func flushOutput(to out: SaveOutput) throws {
+    guard outCount > 0 else { return }
+    try out.write(UnsafeRawBufferPointer(rebasing: outBuffer[0..<outCount]))
+    outCount = 0
   }
 
   private func emitData(_ span: UnsafeRawBufferPointer, to out: SaveOutput) throws {
@@ -179,8 +193,21 @@ final class SaveFileWriter {
       if let body { crc = cvfu_crc32c(crc, body.baseAddress, body.count) }
     }
     head.replaceSubrange(4..<8, with: le(crc))
-    try out.write(head)
-    if let body, !body.isEmpty { try out.write(body) }
+    if head.count + bodyCount <= Self.directSpan {
+      if outCount + head.count + bodyCount > outBuffer.count { try flushOutput(to: out) }
+      head.withUnsafeBytes {
+        UnsafeMutableRawBufferPointer(rebasing: outBuffer[outCount...]).copyMemory(from: $0)
+      }
+      outCount += head.count
+      if let body, bodyCount > 0 {
+        UnsafeMutableRawBufferPointer(rebasing: outBuffer[outCount...]).copyMemory(from: body)
+        outCount += bodyCount
+      }
+    } else {
+      try flushOutput(to: out)
+      try out.write(head)
+      if let body, !body.isEmpty { try out.write(body) }
+    }
     if kind != .end {
       streamBytes += UInt64(streamLength)
       records += 1
@@ -357,7 +384,7 @@ struct SaveFileError: Error, CustomStringConvertible {
 }
 
 /// Reads and checks a save file from `input`: `readHeader()`, then
-/// `nextRecord(into:)` until it returns nil after a verified end record.
+/// `readRecords(into:)` until it says the end record was verified.
 /// Nothing unverified is ever returned: a record's CRC is checked before its
 /// body is expanded, and a zstd frame must expand to exactly the length its
 /// record states, with its own checksum right.
@@ -376,9 +403,6 @@ final class SaveFileReader {
   /// A zstd record's body, before it is expanded.
   private var body: UnsafeMutableRawBufferPointer?
   private var decompressor: OpaquePointer?
-  /// Buffers known to hold zeros already (base address → bytes), so a long run of
-  /// zero records costs no memset once each buffer has been cleared.
-  private var zeroed: [UnsafeMutableRawPointer: Int] = [:]
 
   init(input: FileDescriptor, name: String) {
     self.input = input
@@ -432,17 +456,63 @@ final class SaveFileReader {
     }
   }
 
-  /// Reads the next record and puts the stream bytes it holds in `buffer` (at
-  /// least `SaveFormat.maxRecord` bytes); returns their count once the record
-  /// checks out, or nil after the end record has been verified and nothing
-  /// follows it.
-  func nextRecord(into buffer: UnsafeMutableRawBufferPointer) throws -> Int? {
-    if version == 2 { return try nextRecordV2(into: buffer) }
-    var head = [UInt8](repeating: 0, count: SaveFormat.recordHeaderSize)
+  /// Puts the stream bytes of as many records as fit in `buffer` (at least
+  /// `SaveFormat.maxRecord` bytes) into it, each verified before it is
+  /// expanded; returns their count, and whether the end record has been
+  /// verified with nothing after it. Filling the buffer from many small
+  /// records (a page of data, a short zero run) keeps the writes to the
+  /// device large.
+  func readRecords(into buffer: UnsafeMutableRawBufferPointer) throws -> (count: Int, last: Bool) {
+    var count = 0
+    while true {
+      let head = try peeked ?? readRecordHead()
+      peeked = nil
+      if head.kind == .end {
+        try end(head.crc)
+        return (count, true)
+      }
+      if count + head.streamLength > buffer.count {
+        peeked = head
+        return (count, false)
+      }
+      try readBody(head, into: UnsafeMutableRawBufferPointer(rebasing: buffer[count...]), at: count)
+      count += head.streamLength
+    }
+  }
+
+  /// A record's header, as read (its CRC is the one it states).
+  private struct RecordHead {
+    var kind: SaveRecordKind
+    var bodyLength: Int
+    var streamLength: Int
+    var crc: UInt32
+    var start: UInt64
+  }
+
+  /// A record header read but not yet used: its record did not fit the last buffer.
+  private var peeked: RecordHead?
+  /// Leading bytes of each buffer known to be zero, so runs of zero records
+  /// cost no memset once a buffer has been cleared.
+  private var zeroPrefix: [UnsafeMutableRawPointer: Int] = [:]
+
+  private func readRecordHead() throws -> RecordHead {
     let start = position
+    if version == 2 {
+      // Length u32 (0: the end record), CRC u32 over the data.
+      var head = [UInt8](repeating: 0, count: SaveFormat.recordHeaderSizeV2)
+      guard try fill(&head, 0, head.count) == head.count else { throw truncated() }
+      let length = Int(load(head, 0) as UInt32)
+      guard length <= SaveFormat.maxRecord else {
+        throw SaveFileError(
+          "\(name): damaged record header at byte \(start) (length \(length)); the file is damaged")
+      }
+      return RecordHead(
+        kind: length == 0 ? .end : .stored, bodyLength: length, streamLength: length,
+        crc: load(head, 4), start: start)
+    }
+    var head = [UInt8](repeating: 0, count: SaveFormat.recordHeaderSize)
     guard try fill(&head, 0, head.count) == head.count else { throw truncated() }
     let length = Int(load(head, 0) as UInt32)
-    let expected: UInt32 = load(head, 4)
     let streamLength = Int(load(head, 8) as UInt32)
     let kind = SaveRecordKind(rawValue: head[12])
     let consistent: Bool
@@ -460,36 +530,47 @@ final class SaveFileReader {
         "\(name): damaged record header at byte \(start) (kind \(head[12]), \(length) bytes for \(streamLength)); the file is damaged"
       )
     }
+    // The header's kind and lengths are under the chain too.
     crc = head.withUnsafeBytes { cvfu_crc32c(crc, $0.baseAddress! + 8, 8) }
-    let target: UnsafeMutableRawBufferPointer
-    switch kind {
-    case .stored: target = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
-    case .zstd: target = compressedBody(length)
-    case .zeros, .end: target = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<0])
+    return RecordHead(
+      kind: kind, bodyLength: length, streamLength: streamLength, crc: load(head, 4), start: start)
+  }
+
+  /// Reads, verifies and expands one record's body into `target` (`offset` bytes into its buffer).
+  private func readBody(
+    _ head: RecordHead, into target: UnsafeMutableRawBufferPointer, at offset: Int
+  )
+    throws
+  {
+    let base = target.baseAddress! - offset
+    let body: UnsafeMutableRawBufferPointer
+    switch head.kind {
+    case .stored: body = UnsafeMutableRawBufferPointer(rebasing: target[0..<head.bodyLength])
+    case .zstd: body = compressedBody(head.bodyLength)
+    case .zeros, .end: body = UnsafeMutableRawBufferPointer(rebasing: target[0..<0])
     }
-    if kind == .end { return try end(expected) }
-    guard try fill(target) == length else { throw truncated() }
-    crc = cvfu_crc32c(crc, target.baseAddress, length)
-    guard crc == expected else {
+    guard try fill(body) == head.bodyLength else { throw truncated() }
+    crc = cvfu_crc32c(crc, body.baseAddress, head.bodyLength)
+    guard crc == head.crc else {
       throw SaveFileError(
-        "\(name): checksum mismatch in the record at bytes \(start)–\(position); the file is damaged"
+        "\(name): checksum mismatch in the record at bytes \(head.start)–\(position); the file is damaged"
       )
     }
-    switch kind {
+    let known = zeroPrefix[base, default: 0]
+    switch head.kind {
     case .zstd:
-      try expand(UnsafeRawBufferPointer(target), into: buffer, streamLength, at: start)
-      zeroed[buffer.baseAddress!] = nil
+      try expand(UnsafeRawBufferPointer(body), into: target, head.streamLength, at: head.start)
+      zeroPrefix[base] = min(known, offset)
     case .zeros:
-      if zeroed[buffer.baseAddress!, default: 0] < streamLength {
-        buffer.baseAddress!.initializeMemory(as: UInt8.self, repeating: 0, count: streamLength)
-        zeroed[buffer.baseAddress!] = streamLength
+      if offset + head.streamLength > known {
+        target.baseAddress!.initializeMemory(as: UInt8.self, repeating: 0, count: head.streamLength)
+        if offset <= known { zeroPrefix[base] = offset + head.streamLength }
       }
     default:
-      zeroed[buffer.baseAddress!] = nil
+      zeroPrefix[base] = min(known, offset)
     }
-    streamBytes += UInt64(streamLength)
+    streamBytes += UInt64(head.streamLength)
     records += 1
-    return streamLength
   }
 
   private func compressedBody(_ length: Int) -> UnsafeMutableRawBufferPointer {
@@ -513,33 +594,7 @@ final class SaveFileReader {
     }
   }
 
-  /// Version 2: length u32, CRC u32, stream bytes; a length of 0 starts the end record.
-  private func nextRecordV2(into buffer: UnsafeMutableRawBufferPointer) throws -> Int? {
-    var head = [UInt8](repeating: 0, count: SaveFormat.recordHeaderSizeV2)
-    let start = position
-    guard try fill(&head, 0, head.count) == head.count else { throw truncated() }
-    let length = Int(load(head, 0) as UInt32)
-    let expected: UInt32 = load(head, 4)
-    if length == 0 { return try end(expected) }
-    guard length <= SaveFormat.maxRecord else {
-      throw SaveFileError(
-        "\(name): damaged record header at byte \(start) (length \(length)); the file is damaged")
-    }
-    let record = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
-    guard try fill(record) == length else { throw truncated() }
-    crc = cvfu_crc32c(crc, record.baseAddress, length)
-    guard crc == expected else {
-      throw SaveFileError(
-        "\(name): checksum mismatch in the record at bytes \(start)–\(position); the file is damaged"
-      )
-    }
-    zeroed[buffer.baseAddress!] = nil
-    streamBytes += UInt64(length)
-    records += 1
-    return length
-  }
-
-  private func end(_ expected: UInt32) throws -> Int? {
+  private func end(_ expected: UInt32) throws {
     var body = [UInt8](repeating: 0, count: SaveFormat.endBodySize)
     guard try fill(&body, 0, body.count) == body.count else { throw truncated() }
     let sealed = body.withUnsafeBytes { cvfu_crc32c(crc, $0.baseAddress, $0.count) }
@@ -557,7 +612,6 @@ final class SaveFileReader {
     guard try fill(&probe, 0, 1) == 0 else {
       throw SaveFileError("\(name): unexpected data after the end record at byte \(position - 1)")
     }
-    return nil
   }
 
   private func truncated() -> SaveFileError {
