@@ -129,13 +129,8 @@ extension VFIOUserClient {
   /// Sends the 24-byte head of a MIG_DATA_WRITE of `size` bytes; the caller
   /// sends the data right after it. Returns its id.
   func sendMigDataWriteHead(size: Int) throws(VFIOUserClientError) -> UInt16 {
-    let id = allocateID()
-    let request = UnsafeMutableRawBufferPointer(rebasing: requestScratch[0..<24])
-    MessageHeader(messageID: id, command: .migDataWrite, size: UInt32(24 + size)).encode(
-      into: request)
-    MigDataHeader(argsz: 8, size: UInt32(size)).encode(
-      into: UnsafeMutableRawBufferPointer(rebasing: request[16...]))
-    do throws(Errno) { try channel.send(UnsafeRawBufferPointer(request)) } catch {
+    let (id, request) = migDataWriteHead(size: size)
+    do throws(Errno) { try channel.send(request) } catch {
       throw .system(error)
     }
     return id

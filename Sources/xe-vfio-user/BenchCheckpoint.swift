@@ -40,15 +40,8 @@ enum CheckpointBench {
     let device = try SimulatedXeVF(profile: .bmg, vramSize: vram, logger: logger)
     device.withDeviceMemory { fill($0, content) }
     let before = device.withDeviceMemory { cvfu_crc32c(0, $0.baseAddress, $0.count) }
-    var limits = ServerLimits()
-    limits.resetOnDisconnect = false
-    let server = VFIOUserServer(backend: device, limits: limits, logger: logger)
-    let path = "/tmp/xe-vfio-user-checkpoint-\(getpid()).sock"
-    try server.listen(socketPath: path)
-    server.start()
+    let (server, client, path) = try serveForBench(device, name: "checkpoint", logger: logger)
     defer { server.stop() }
-    let client = try VFIOUserClient.connect(path: path)
-    _ = cvfu_socket_buffers(client.channel.fd, 4 << 20)
     let quiet = ProgressReporter(label: "", total: 0, enabled: false)
     // In memory (tmpfs) where there is one: a disk's writeback would be measured, not the format.
     let directory = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp"

@@ -144,7 +144,9 @@ struct CheckpointContainerTests {
     try expectImage(second, image)
   }
 
-  @Test func noCompressStoresEveryByte() throws {
+  /// A sparse source saved with `--no-compress`, and a destination: `body`
+  /// gets the file's bytes and returns what to restore; the destination must then hold the source's VRAM.
+  func withStoredCheckpoint(_ body: (Data) throws -> Data) throws {
     let source = try ServeProcess(serveArguments)
     let destination = try ServeProcess(serveArguments)
     defer { [source, destination].forEach { _ = $0.stop() } }
@@ -154,26 +156,29 @@ struct CheckpointContainerTests {
     let file = source.directory + "/plain.xesave"
     let save = try run(["save", "-s", source.socketPath, "-o", file, "--no-compress", "--quiet"])
     #expect(save.status == 0, "\(save.stderr)")
-    let records = savedRecords(try Data(contentsOf: URL(fileURLWithPath: file)))
-    #expect(records.dropLast().allSatisfy { $0.kind == 1 })
-    let restore = try run(["restore", "-s", destination.socketPath, "-i", file, "--quiet"])
+    let restored = source.directory + "/restored.xesave"
+    try body(try Data(contentsOf: URL(fileURLWithPath: file)))
+      .write(to: URL(fileURLWithPath: restored))
+    let restore = try run(["restore", "-s", destination.socketPath, "-i", restored, "--quiet"])
     #expect(restore.status == 0, "\(restore.stderr)")
     try expectImage(destination, image)
+  }
+
+  @Test func noCompressStoresEveryByte() throws {
+    try withStoredCheckpoint { bytes in
+      #expect(savedRecords(bytes).dropLast().allSatisfy { $0.kind == 1 })
+      return bytes
+    }
   }
 
   /// A version 2 checkpoint (8-byte record headers, no kinds), as saved before
   /// version 3, built from a stored-only version 3 file: it still restores.
   @Test func versionTwoFilesStillRestore() throws {
-    let source = try ServeProcess(serveArguments)
-    let destination = try ServeProcess(serveArguments)
-    defer { [source, destination].forEach { _ = $0.stop() } }
-    let image = vramImage(.sparse)
-    try load(source, image)
-    waitIdle(source)
-    let file = source.directory + "/v3.xesave"
-    let save = try run(["save", "-s", source.socketPath, "-o", file, "--no-compress", "--quiet"])
-    #expect(save.status == 0, "\(save.stderr)")
-    let v3 = try Data(contentsOf: URL(fileURLWithPath: file))
+    try withStoredCheckpoint { versionTwo(of: $0) }
+  }
+
+  /// The same checkpoint in format 2: version field 2, 8-byte record headers, the CRC over data only.
+  func versionTwo(of v3: Data) -> Data {
     let jsonEnd = 32 + u32(v3, 12)
     var v2 = Data(v3.prefix(jsonEnd))
     v2[8] = 2
@@ -187,11 +192,7 @@ struct CheckpointContainerTests {
       v2 += withUnsafeBytes(of: crc.littleEndian) { Data($0) }
       v2 += body
     }
-    let old = source.directory + "/v2.xesave"
-    try v2.write(to: URL(fileURLWithPath: old))
-    let restore = try run(["restore", "-s", destination.socketPath, "-i", old, "--quiet"])
-    #expect(restore.status == 0, "\(restore.stderr)")
-    try expectImage(destination, image)
+    return v2
   }
 }
 
