@@ -174,7 +174,8 @@ struct Bench: ParsableCommand {
       var rows: [[String]] = [
         [
           "VRAM", "stream", "MIG_DATA_READ", "MIG_DATA_WRITE", "migration", "downtime",
-          "raw: memcpy", "raw: socket", "downtime ÷ socket", "peak extra memory",
+          "raw: memcpy", "raw: socket", "READ ÷ socket", "WRITE ÷ socket", "downtime ÷ socket",
+          "peak extra memory",
         ]
       ]
       // Migration runs several threads per side (reader, writer, servers, PF
@@ -189,12 +190,14 @@ struct Bench: ParsableCommand {
           String(printf: "%.3f s", f.migrationSeconds),
           String(printf: "%.3f s", f.downtime), String(printf: "%.3f s", f.memcpySeconds),
           String(printf: "%.3f s", f.socketSeconds),
+          String(printf: "%.2f×", f.readRate * f.socketSeconds / Double(f.streamBytes)),
+          String(printf: "%.2f×", f.writeRate * f.socketSeconds / Double(f.streamBytes)),
           String(printf: "%.2f×", f.downtime / f.socketSeconds),
           String(printf: "%.1f MiB", Double(f.peakAnonGrowth) / 1_048_576),
         ])
       }
       print(
-        "\nMigration of the simulated BMG VF, threads not pinned (targets: MIG_DATA_READ ≥ 4.4 GB/s, MIG_DATA_WRITE ≥ 3.9 GB/s, 4 GiB downtime ≤ 1.5× the raw socket stream):"
+        "\nMigration of the simulated BMG VF, threads not pinned (targets: MIG_DATA_READ and MIG_DATA_WRITE ≥ 0.8× the raw socket stream, 4 GiB downtime ≤ 1.3× it):"
       )
       print(ReportTable(rows: rows).render())
     }
