@@ -52,6 +52,10 @@ let package = Package(
     .systemLibrary(
       name: "CJSONC", pkgConfig: "json-c",
       providers: [.apt(["libjson-c-dev"])]),
+    // zstd, for checkpoints that compress what pays (Debian: libzstd-dev).
+    .systemLibrary(
+      name: "CZstd", pkgConfig: "libzstd",
+      providers: [.apt(["libzstd-dev"])]),
     // Wire format only: header, commands, payload codecs, capability JSON. No I/O.
     .target(
       name: "VFIOUser",
@@ -123,7 +127,7 @@ let package = Package(
       name: "xe-vfio-user",
       dependencies: [
         "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF", "CVFIOUser",
-        "KernelVFIO", "KernelVFIOBackend",
+        "KernelVFIO", "KernelVFIOBackend", "CZstd",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Logging", package: "swift-log"),
         .product(name: "SystemPackage", package: "swift-system"),

@@ -12,11 +12,12 @@ fi
 
 need=()
 pkg-config --exists json-c 2>/dev/null || need+=(libjson-c-dev)
+pkg-config --exists libzstd 2>/dev/null || need+=(libzstd-dev)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 if [ "${1:-}" = "--with-valgrind" ] && ! command -v valgrind >/dev/null 2>&1; then need+=(valgrind); fi
 
 if [ ${#need[@]} -eq 0 ]; then
-  say "build dependencies present (json-c $(pkg-config --modversion json-c))"
+  say "build dependencies present (json-c $(pkg-config --modversion json-c), zstd $(pkg-config --modversion libzstd))"
   exit 0
 fi
 
@@ -28,4 +29,4 @@ fi
 say "installing from Debian: ${need[*]} (about 1 MB)"
 $sudo apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-say "installed json-c $(pkg-config --modversion json-c)"
+say "installed json-c $(pkg-config --modversion json-c), zstd $(pkg-config --modversion libzstd)"

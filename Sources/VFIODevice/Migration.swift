@@ -20,10 +20,28 @@ public protocol MigrationSource: AnyObject {
   /// Throws ENODEV once a reset invalidated the stream.
   func read(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int
 
+  /// `read`, except that where the bytes that would complete `buffer` all lie
+  /// in memory the device keeps mapped for the stream's life (a VF's VRAM),
+  /// it returns them as `span` instead of copying them, consumed as if read:
+  /// the server sends them straight from there. `count` bytes were copied
+  /// into `buffer` before the span. A device whose state is not in memory (a
+  /// kernel `data_fd`) keeps the default, which is `read`.
+  func read(gathering buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> (
+    count: Int, span: UnsafeRawBufferPointer?
+  )
+
   /// Ends the stream (the kernel: close(data_fd)). Called once, by its owner,
   /// when the device has left STOP_COPY, was reset, or its client left; the
   /// stream is not used after it.
   func close()
+}
+
+extension MigrationSource {
+  public func read(gathering buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> (
+    count: Int, span: UnsafeRawBufferPointer?
+  ) {
+    (try read(into: buffer), nil)
+  }
 }
 
 /// The restore side: the `data_fd` that STOP → RESUMING opens (O_WRONLY).

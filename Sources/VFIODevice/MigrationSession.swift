@@ -151,6 +151,25 @@ public struct MigrationSession {
     return filled
   }
 
+  /// `fill`, except that the bytes completing `buffer` may come back as a
+  /// span of device memory instead of being copied (`MigrationSource.read(gathering:)`):
+  /// `count` bytes are in `buffer`, then `span`'s. Short only at the end of the stream.
+  public static func gather(
+    _ buffer: UnsafeMutableRawBufferPointer, from source: any MigrationSource,
+    while stillWanted: () -> Bool
+  ) throws(Errno) -> (count: Int, span: UnsafeRawBufferPointer?) {
+    var filled = 0
+    while filled < buffer.count {
+      if filled > 0, !stillWanted() { break }
+      let (n, span) = try source.read(
+        gathering: UnsafeMutableRawBufferPointer(rebasing: buffer[filled...]))
+      filled += n
+      if let span { return (filled, span) }
+      if n == 0 { break }
+    }
+    return (filled, nil)
+  }
+
   /// Reads `source` to its end (each read bounded by the device's timeouts);
   /// returns the bytes dropped.
   public static func drain(_ source: any MigrationSource) throws(Errno) -> UInt64 {

@@ -274,7 +274,7 @@ extension VFIOUserClient {
   }
 
   /// Receives the reply to `id` with `head` fixed bytes (into scratch) and data into `data`.
-  private func receiveDirect(
+  func receiveDirect(
     id: UInt16, command: Command, head: Int, data: UnsafeMutableRawBufferPointer
   )
     throws(VFIOUserClientError) -> (MessageHeader, Int)
@@ -301,14 +301,7 @@ extension VFIOUserClient {
   public func migDataRead(into buffer: UnsafeMutableRawBufferPointer) throws(VFIOUserClientError)
     -> Int
   {
-    let id = allocateID()
-    let request = UnsafeMutableRawBufferPointer(rebasing: requestScratch[0..<24])
-    MessageHeader(messageID: id, command: .migDataRead, size: 24).encode(into: request)
-    MigDataHeader(argsz: UInt32(8 + buffer.count), size: UInt32(buffer.count)).encode(
-      into: UnsafeMutableRawBufferPointer(rebasing: request[16...]))
-    do throws(Errno) { try channel.send(UnsafeRawBufferPointer(request)) } catch {
-      throw .system(error)
-    }
+    let id = try sendMigDataRead(size: buffer.count)
     let (_, count) = try receiveDirect(
       id: id, command: .migDataRead, head: MigDataHeader.size, data: buffer)
     let head = UnsafeRawBufferPointer(rebasing: requestScratch[32..<40])
@@ -316,6 +309,17 @@ extension VFIOUserClient {
       throw .protocolViolation("MIG_DATA_READ size field disagrees with its data")
     }
     return count
+  }
+
+  /// A new id and the 24-byte head of a MIG_DATA_WRITE of `size` bytes (in scratch).
+  func migDataWriteHead(size: Int) -> (UInt16, UnsafeRawBufferPointer) {
+    let id = allocateID()
+    let request = UnsafeMutableRawBufferPointer(rebasing: requestScratch[0..<24])
+    MessageHeader(messageID: id, command: .migDataWrite, size: UInt32(24 + size)).encode(
+      into: request)
+    MigDataHeader(argsz: 8, size: UInt32(size)).encode(
+      into: UnsafeMutableRawBufferPointer(rebasing: request[16...]))
+    return (id, UnsafeRawBufferPointer(request))
   }
 
   /// MIG_DATA_WRITE of `data` in `chunk`-byte messages, keeping up to `depth`
@@ -329,16 +333,9 @@ extension VFIOUserClient {
     while offset < data.count || head < ids.count {
       if offset < data.count, ids.count - head < depth {
         let n = min(chunk, data.count - offset)
-        let id = allocateID()
-        let request = UnsafeMutableRawBufferPointer(rebasing: requestScratch[0..<24])
-        MessageHeader(messageID: id, command: .migDataWrite, size: UInt32(24 + n)).encode(
-          into: request)
-        MigDataHeader(argsz: 8, size: UInt32(n)).encode(
-          into: UnsafeMutableRawBufferPointer(rebasing: request[16...]))
+        let (id, request) = migDataWriteHead(size: n)
         do throws(Errno) {
-          try channel.send(
-            UnsafeRawBufferPointer(request),
-            UnsafeRawBufferPointer(rebasing: data[offset..<(offset + n)]))
+          try channel.send(request, UnsafeRawBufferPointer(rebasing: data[offset..<(offset + n)]))
         } catch { throw .system(error) }
         ids.append(id)
         offset += n
@@ -351,13 +348,8 @@ extension VFIOUserClient {
 
   /// MIG_DATA_WRITE of `data` without copying it.
   public func migDataWrite(from data: UnsafeRawBufferPointer) throws(VFIOUserClientError) {
-    let id = allocateID()
-    let request = UnsafeMutableRawBufferPointer(rebasing: requestScratch[0..<24])
-    MessageHeader(messageID: id, command: .migDataWrite, size: UInt32(24 + data.count)).encode(
-      into: request)
-    MigDataHeader(argsz: 8, size: UInt32(data.count)).encode(
-      into: UnsafeMutableRawBufferPointer(rebasing: request[16...]))
-    do throws(Errno) { try channel.send(UnsafeRawBufferPointer(request), data) } catch {
+    let (id, request) = migDataWriteHead(size: data.count)
+    do throws(Errno) { try channel.send(request, data) } catch {
       throw .system(error)
     }
     try receiveAck(id: id)

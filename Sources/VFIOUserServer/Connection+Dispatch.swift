@@ -68,7 +68,9 @@ extension Connection {
       case .deviceSetIRQs: size = try setIRQs(payload, fds: &message.fds)
       case .deviceReset: size = try deviceReset(payload)
       case .deviceFeature: size = try deviceFeature(payload)
-      case .migDataRead: size = try migDataRead(payload)
+      case .migDataRead:
+        guard let n = try migDataRead(payload, header: header) else { return nil }  // already sent
+        size = n
       case .migDataWrite: size = try migDataWrite(payload)
       case .dmaRead, .dmaWrite, .version:
         throw .invalidArgument  // server-to-client commands are not valid requests
@@ -413,7 +415,10 @@ extension Connection {
   }
 
   /// MIG_DATA_READ: valid in STOP_COPY (and PRE_COPY); a short reply ends the stream.
-  func migDataRead(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
+  /// Bytes of VRAM the device offers in place (`MigrationSource.read(gathering:)`)
+  /// leave straight from it, after what was copied: no copy into the reply buffer.
+  /// Returns nil when the reply was sent that way.
+  func migDataRead(_ payload: UnsafeRawBufferPointer, header: MessageHeader) throws(Errno) -> Int? {
     guard payload.count == MigDataHeader.size else { throw .invalidArgument }
     let request = try MigDataHeader(decoding: payload)
     guard request.size <= limits.maxDataXferSize,
@@ -424,11 +429,16 @@ extension Connection {
     let out = replyArea
     // Filled from as many (bounded) reads as it takes, so a short reply means the end;
     // MigrationSession.fill says how a hang-up is still noticed meanwhile.
-    let n = try MigrationSession.fill(
+    let (n, span) = try MigrationSession.gather(
       UnsafeMutableRawBufferPointer(
         rebasing: out[MigDataHeader.size..<(MigDataHeader.size + Int(request.size))]),
       from: source, while: { !channel.peerHasHungUp })
-    MigDataHeader(argsz: UInt32(MigDataHeader.size + n), size: UInt32(n)).encode(into: out)
+    let total = n + (span?.count ?? 0)
+    MigDataHeader(argsz: UInt32(MigDataHeader.size + total), size: UInt32(total)).encode(into: out)
+    if let span, header.wantsReply {
+      sendReply(to: header, payloadSize: MigDataHeader.size + n, extra: span)
+      return nil
+    }
     return MigDataHeader.size + n
   }
 

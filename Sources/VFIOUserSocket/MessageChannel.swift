@@ -262,6 +262,33 @@ public final class MessageChannel {
     return (header, count)
   }
 
+  /// Reads exactly `bytes.count` bytes of the stream: the buffered ones first,
+  /// then from the socket without reading ahead, so what follows stays in the
+  /// socket for another reader (a splice). False when the peer closed first.
+  public func readExactly(_ bytes: UnsafeMutableRawBufferPointer) throws(Errno) -> Bool {
+    let buffered = min(end - start, bytes.count)
+    if buffered > 0 {
+      UnsafeMutableRawBufferPointer(rebasing: bytes[0..<buffered]).copyMemory(
+        from: UnsafeRawBufferPointer(rebasing: buffer[start..<(start + buffered)]))
+      start += buffered
+    }
+    var got = buffered
+    while got < bytes.count {
+      let n = recv(fd, bytes.baseAddress! + got, bytes.count - got, Int32(MSG_WAITALL))
+      if n == 0 { return false }
+      if n < 0 {
+        if errno == EINTR { continue }
+        throw Errno(rawValue: errno)
+      }
+      got += n
+    }
+    return true
+  }
+
+  /// Stream bytes received but not yet consumed: a splice from the socket
+  /// would skip them, so it must find none.
+  public var bufferedByteCount: Int { end - start }
+
   /// Descriptors of the message at [messageStart, messageEnd) if it is the
   /// last message beginning inside the recvmsg chunk that carried them.
   @inline(__always)

@@ -61,20 +61,15 @@ enum MigrationBench {
     _ = cvfu_socket_buffers(dst.channel.fd, 4 << 20)
     let chunk = migrationChunk(src, dst)
 
-    // 1. MIG_DATA_READ: the whole stream, straight into memory kept for the write figure.
+    // 1. MIG_DATA_READ: the whole stream, straight into memory kept for the write figure,
+    // 1 MiB requests, four in flight.
     let capacity = Int(vram) + (64 << 20)
     let saved = UnsafeMutableRawBufferPointer.allocate(byteCount: capacity, alignment: 4096)
     saved.initializeMemory(as: UInt8.self, repeating: 0)  // fault it in before the clock starts
     defer { saved.deallocate() }
     try src.setMigrationState(.stopCopy)
-    var length = 0
     var t0 = now()
-    while true {
-      let n = try src.migDataRead(
-        into: UnsafeMutableRawBufferPointer(rebasing: saved[length..<(length + chunk)]))
-      length += n
-      if n < chunk { break }
-    }
+    let length = try src.migDataReadAll(into: saved, chunk: chunk, depth: 4)
     let readRate = Double(length) / (Double(now() - t0) / 1e9)
     try src.setMigrationState(.running)
 
@@ -102,12 +97,7 @@ enum MigrationBench {
     try dst.setMigrationState(.resuming)
     let downtimeStart = now()
     try src.setMigrationState(.stopCopy)
-    let moved = try pipeline(bufferSize: chunk) { buffer in
-      let n = try src.migDataRead(into: buffer)
-      return (n, n < buffer.count)
-    } consume: {
-      try dst.migDataWrite(from: $0)
-    }
+    let moved = try VFIOUserClient.relayMigrationData(from: src, to: dst, chunk: chunk)
     try src.setMigrationState(.stop)
     try dst.setMigrationState(.running)
     let end = now()

@@ -23,7 +23,7 @@ struct Migrate: ParsableCommand {
   @Option(help: "Source server socket.") var from: String
   @Option(help: "Destination server socket.") var to: String
   @Flag(help: "Leave the destination stopped (STOP) instead of RUNNING.") var noStart = false
-  @Flag(help: "No progress output.") var quiet = false
+  @OptionGroup var progressOptions: ProgressOptions
 
   var sourceEnd: String { "--from \(from)" }
   var destinationEnd: String { "--to \(to)" }
@@ -69,20 +69,11 @@ struct Migrate: ParsableCommand {
     try step(.resuming) { try on(destinationEnd) { try destination.setMigrationState(.resuming) } }
     let downtimeStart = now()
     try step(.stopCopy) { try on(sourceEnd) { try source.setMigrationState(.stopCopy) } }
-    let progress = ProgressReporter(label: "migrating", total: estimate, enabled: !quiet)
-    let chunk = migrationChunk(source, destination)
-    var moved: UInt64 = 0
+    let progress = ProgressReporter(label: "migrating", total: estimate, options: progressOptions)
     let bytes = try step(.stream) {
-      try pipeline(bufferSize: chunk) { buffer in
-        let n = try on(sourceEnd) { try source.migDataRead(into: buffer) }
-        return (n, n < buffer.count)
-      } consume: { data in
-        try on(destinationEnd) { try destination.migDataWrite(from: data) }
-        moved += UInt64(data.count)
-        progress.update(moved)
-      }
+      try relay(source, destination) { progress.update(state: $0, wire: $0) }
     }
-    progress.update(bytes, final: true)
+    progress.update(state: bytes, wire: bytes, final: true)
     // The destination proves it took the whole state before the source lets go
     // of it: a hang-up until here resumes the source (its server drains the save).
     try step(.finishRestore) { try on(destinationEnd) { try destination.setMigrationState(.stop) } }
@@ -92,6 +83,22 @@ struct Migrate: ParsableCommand {
     }
     let end = now()
     return (bytes, Double(end - start) / 1e9, Double(end - downtimeStart) / 1e9)
+  }
+
+  /// The stream, source to destination, without passing through this process (splice).
+  private func relay(
+    _ source: VFIOUserClient, _ destination: VFIOUserClient, progress: (UInt64) -> Void
+  ) throws -> UInt64 {
+    do {
+      return try VFIOUserClient.relayMigrationData(
+        from: source, to: destination, chunk: migrationChunk(source, destination),
+        progress: progress)
+    } catch {
+      switch error {
+      case .source(let e): throw EndError(end: sourceEnd, underlying: e)
+      case .destination(let e): throw EndError(end: destinationEnd, underlying: e)
+      }
+    }
   }
 
   /// The source keeps its workload; the destination must not look healthy with half a state.
@@ -145,7 +152,9 @@ struct Save: ParsableCommand {
   var socketPath: String
   @Option(name: [.short, .long], help: "File to write, or - for stdout.") var output: String
   @Flag(help: "Leave the device stopped after saving.") var keepStopped = false
-  @Flag(help: "No progress output.") var quiet = false
+  @Flag(help: "Store every byte: no zero-page elision, no compression (a larger, plainer file).")
+  var noCompress = false
+  @OptionGroup var progressOptions: ProgressOptions
 
   func run() throws {
     ignoreSIGPIPE()
@@ -157,7 +166,9 @@ struct Save: ParsableCommand {
       _ = try step(.probe) { try on(end) { try client.migrationFlags() } }
       let identity = try step(.identity) { try on(end) { try DeviceIdentity.read(from: client) } }
       let estimate = (try? client.stopCopySize()) ?? 0
-      var writer = SaveFileWriter()
+      let writer = SaveFileWriter()
+      writer.elideZeros = !noCompress
+      writer.compress = !noCompress
       try out.write(
         try writer.header(
           SaveFileHeader(
@@ -165,12 +176,12 @@ struct Save: ParsableCommand {
             created: Date.now.formatted(.iso8601), source: socketPath)))
       try step(.stopCopy) { try on(end) { try client.setMigrationState(.stopCopy) } }
       stopped = true
-      let progress = ProgressReporter(label: "saving", total: estimate, enabled: !quiet)
+      let progress = ProgressReporter(label: "saving", total: estimate, options: progressOptions)
       let bytes = try step(.stream) {
-        try writeRecords(from: client, end: end, into: out, writer: &writer, progress: progress)
+        try writeRecords(from: client, end: end, into: out, writer: writer, progress: progress)
       }
-      progress.update(bytes, final: true)
-      try out.write(writer.end())
+      try writer.finish(to: out)
+      progress.update(state: bytes, wire: out.bytesWritten, final: true)
       // A regular file records its length, so a restore can tell a cut-short copy at once.
       if out.seekable { try out.patch(le(out.bytesWritten), at: SaveFormat.fileLengthOffset) }
       try out.commit()
@@ -178,7 +189,7 @@ struct Save: ParsableCommand {
         try on(end) { try client.setMigrationState(keepStopped ? .stop : .running) }
       }
       printError(
-        "saved \(formatRate(bytes)) of \(identity) state to \(out.name)\(keepStopped ? "; device left in STOP" : "")"
+        "saved \(formatRate(bytes)) of \(identity) state to \(out.name) as \(formatRate(out.bytesWritten)) (\(percent(out.bytesWritten, of: bytes)))\(keepStopped ? "; device left in STOP" : "")"
       )
     } catch {
       out.abandon()
@@ -193,21 +204,21 @@ struct Save: ParsableCommand {
   }
 }
 
-/// Streams the device's STOP_COPY data into `out` as checksummed records.
+/// Streams the device's STOP_COPY data into `out` as checksummed records
+/// (the caller writes the end with `writer.finish`).
 func writeRecords(
-  from client: VFIOUserClient, end: String, into out: SaveOutput, writer: inout SaveFileWriter,
+  from client: VFIOUserClient, end: String, into out: SaveOutput, writer: SaveFileWriter,
   progress: ProgressReporter
 ) throws -> UInt64 {
   let chunk = min(migrationChunk(client), SaveFormat.maxRecord)
-  var written: UInt64 = 0
+  var read: UInt64 = 0
   return try pipeline(bufferSize: chunk) { buffer in
     let n = try on(end) { try client.migDataRead(into: buffer) }
     return (n, n < buffer.count)
   } consume: { data in
-    try out.write(writer.recordHeader(for: data))
-    try out.write(data)
-    written += UInt64(data.count)
-    progress.update(written)
+    try writer.append(data, to: out)
+    read += UInt64(data.count)
+    progress.update(state: read, wire: out.bytesWritten)
   }
 }
 
@@ -229,7 +240,7 @@ struct Restore: ParsableCommand {
   var socketPath: String
   @Option(name: [.short, .long], help: "File to read, or - for stdin.") var input: String
   @Flag(help: "Leave the device stopped (STOP) instead of RUNNING.") var noStart = false
-  @Flag(help: "No progress output.") var quiet = false
+  @OptionGroup var progressOptions: ProgressOptions
 
   func run() throws {
     let end = "-s \(socketPath)"
@@ -256,26 +267,17 @@ struct Restore: ParsableCommand {
       _ = try step(.probe) { try on(end) { try client.migrationFlags() } }
       try step(.resuming) { try on(end) { try client.setMigrationState(.resuming) } }
       let progress = ProgressReporter(
-        label: "restoring", total: header.estimatedBytes, enabled: !quiet)
-      let chunk = migrationChunk(client)
-      let job = Handoff(reader)
-      var total: UInt64 = 0
-      try step(.restoreStream) {
-        _ = try pipeline(bufferSize: SaveFormat.maxRecord) { buffer in
-          guard let n = try job.value.nextRecord(into: buffer) else { return (0, true) }
-          return (n, false)
-        } consume: { data in
-          try on(end) { try client.migDataWrite(from: data, chunk: chunk, depth: 2) }
-          total += UInt64(data.count)
-          progress.update(total)
-        }
+        label: "restoring", total: header.estimatedBytes, options: progressOptions)
+      let total = try step(.restoreStream) {
+        try restoreRecords(from: reader, into: client, end: end, progress: progress)
       }
-      progress.update(total, final: true)
+      progress.update(state: total, wire: reader.position, final: true)
       try step(.finishRestore) {
         try on(end) { try client.setMigrationState(noStart ? .stop : .running) }
       }
       printError(
-        "restored \(formatRate(total)) from \(name); device \(noStart ? "STOP" : "RUNNING")")
+        "restored \(formatRate(total)) of state from \(formatRate(reader.position)) of \(name); device \(noStart ? "STOP" : "RUNNING")"
+      )
     } catch {
       printError("restore failed: \(error)")
       do {
@@ -286,6 +288,25 @@ struct Restore: ParsableCommand {
       }
       throw ExitCode.failure
     }
+  }
+}
+
+/// Streams a save file's records, expanded and verified, into a device in
+/// RESUMING; returns the stream bytes written. The file is read on a thread
+/// of its own while the previous record is being written.
+func restoreRecords(
+  from reader: SaveFileReader, into client: VFIOUserClient, end: String,
+  progress: ProgressReporter
+) throws -> UInt64 {
+  let chunk = migrationChunk(client)
+  let job = Handoff(reader)
+  var total: UInt64 = 0
+  return try pipeline(bufferSize: SaveFormat.maxRecord) { buffer in
+    try job.value.readRecords(into: buffer)
+  } consume: { data in
+    try on(end) { try client.migDataWrite(from: data, chunk: chunk, depth: 2) }
+    total += UInt64(data.count)
+    progress.update(state: total, wire: reader.bytesRead.load(ordering: .relaxed))
   }
 }
 

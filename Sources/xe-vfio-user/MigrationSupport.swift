@@ -201,7 +201,24 @@ func gigabytesPerSecond(_ bytes: UInt64, _ seconds: Double) -> String {
   fixed(seconds > 0 ? Double(bytes) / seconds / 1e9 : 0, 2) + " GB/s"
 }
 
-/// Progress on stderr: a bar on a terminal, a line every 10% otherwise.
+/// `--progress` and `--quiet`, the same for save, restore and migrate.
+struct ProgressOptions: ParsableArguments {
+  @Flag(help: "A progress line on stderr even when it is not a terminal.") var progress = false
+  @Flag(help: "No progress output.") var quiet = false
+
+  /// On a terminal unless `--quiet`; elsewhere only with `--progress`.
+  var enabled: Bool { !quiet && (progress || isatty(2) != 0) }
+}
+
+/// `part` as a percentage of `whole`, for "1.2 GiB as 150 MiB (12%)".
+func percent(_ part: UInt64, of whole: UInt64) -> String {
+  whole > 0 ? fixed(Double(part) * 100 / Double(whole), 1) + "%" : "-"
+}
+
+/// Progress on stderr: the bytes of state moved and the bytes on the wire
+/// (the file or pipe a checkpoint goes through, the socket of a migration),
+/// so a person sees what skipping empty VRAM saved. Redrawn in place on a
+/// terminal, a line every 10% otherwise.
 final class ProgressReporter {
   let total: UInt64
   let label: String
@@ -211,24 +228,27 @@ final class ProgressReporter {
   var lastDraw: UInt64 = 0
   let enabled: Bool
 
-  init(label: String, total: UInt64, enabled: Bool = true) {
+  init(label: String, total: UInt64, enabled: Bool) {
     self.label = label
     self.total = total
     self.enabled = enabled
   }
 
-  func update(_ done: UInt64, final: Bool = false) {
+  convenience init(label: String, total: UInt64, options: ProgressOptions) {
+    self.init(label: label, total: total, enabled: options.enabled)
+  }
+
+  func update(state: UInt64, wire: UInt64, final: Bool = false) {
     guard enabled else { return }
-    let rate = gigabytesPerSecond(done, Double(now() - start) / 1e9)
-    let fraction = total > 0 ? min(1, Double(done) / Double(total)) : 0
+    let rate = gigabytesPerSecond(state, Double(now() - start) / 1e9)
+    let fraction = total > 0 ? min(1, Double(state) / Double(total)) : 0
+    let figures =
+      "\(formatRate(state))\(total > 0 ? " of ~\(formatRate(total))" : "") of state, \(formatRate(wire)) on the wire (\(percent(wire, of: state))), \(rate)"
     if tty {
       guard final || now() - lastDraw > 100_000_000 else { return }
       lastDraw = now()
-      let width = 30
-      let filled = Int(fraction * Double(width))
-      let bar =
-        String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
-      let line = "\r\(label) [\(bar)] \(Int(fraction * 100))% \(formatRate(done)) \(rate)"
+      // \r and clear-to-end-of-line: the line shrinks as well as grows.
+      let line = "\r\(label): \(Int(fraction * 100))% \(figures)\u{1B}[K"
       _ = try? Array((line + (final ? "\n" : "")).utf8).withUnsafeBytes {
         try FileDescriptor.standardError.writeAll($0)
       }
@@ -236,8 +256,7 @@ final class ProgressReporter {
       let decile = Int(fraction * 10)
       guard final || decile > lastDecile else { return }
       lastDecile = decile
-      printError(
-        "\(label): \(formatRate(done))\(total > 0 ? " of ~\(formatRate(total))" : "") (\(rate))")
+      printError("\(label): \(figures)")
     }
   }
 }

@@ -1,5 +1,7 @@
 import CVFIOUser
+import CZstd
 import FoundationEssentials
+import Synchronization
 import SystemPackage
 
 #if canImport(Glibc)
@@ -10,22 +12,41 @@ import SystemPackage
 /// cut into CRC-checked records, and an end record that seals its length
 /// (protocol/save-format.md). The CRCs are chained, each record's seeded with
 /// the one before, so a damaged, missing, repeated or reordered record, and
-/// a file cut short, are all caught before the destination may run.
+/// a file cut short, are all caught before the destination may run. A record
+/// holds its stream bytes as they are, as a count of zero bytes (zero pages
+/// of VRAM packets), or as a zstd frame (where compressing pays).
 enum SaveFormat {
   static let magic = Array("XEVFUSAV".utf8)
-  static let version: UInt32 = 2
+  /// What `save` writes; `restore` also reads version 2 (records stored as they are).
+  static let version: UInt32 = 3
+  static let readableVersions: ClosedRange<UInt32> = 2...3
   /// magic, version, JSON length, JSON CRC, reserved, file length.
   static let fixedHeaderSize = 32
   /// The file-length field, filled in once a seekable output is complete.
   static let fileLengthOffset: Int64 = 24
   static let maxHeaderJSON = 1 << 20
-  /// length u32, CRC u32.
-  static let recordHeaderSize = 8
-  /// Records are cut at this size, so a reader never buffers more.
+  /// Version 2: length u32, CRC u32.
+  static let recordHeaderSizeV2 = 8
+  /// Version 3: body length u32, CRC u32, stream length u32, kind u8, 3 reserved.
+  static let recordHeaderSize = 16
+  /// No record expands to more stream bytes than this (nor holds a longer
+  /// body), so a reader never buffers more.
   static let maxRecord = 16 << 20
   static let endMagic = Array("XEVFUEND".utf8)
   /// The end record's body: magic, stream bytes u64, records u64.
   static let endBodySize = 24
+}
+
+/// How a version 3 record holds its stream bytes.
+enum SaveRecordKind: UInt8 {
+  /// The body is the stream bytes.
+  case stored = 1
+  /// No body: the stream bytes are zeros (whole zero pages of VRAM packets).
+  case zeros = 2
+  /// The body is one zstd frame (with its content checksum) of the stream bytes.
+  case zstd = 3
+  /// The end record: its body is `SaveFormat.endBodySize` bytes.
+  case end = 4
 }
 
 /// The header's JSON part.
@@ -36,17 +57,46 @@ struct SaveFileHeader: Codable {
   var source: String
 }
 
-/// Builds a save file's bytes around the stream: the header first, then each
-/// chunk of the stream as records, then the end record.
-struct SaveFileWriter {
+/// Builds a save file around the stream: `header`, then every chunk of the
+/// stream through `append` (in order, any segmentation), then `finish`.
+/// Zero pages of VRAM packets become zero records, other bytes stored or
+/// zstd records; `XeStreamScanner` finds the pages, `Compressor` decides.
+final class SaveFileWriter {
   /// False only in `bench`, to measure what the checksums cost.
   var checksummed = true
+  /// False in `bench` (a container that stores everything) and `--no-elide`.
+  var elideZeros = true
+  var compress = true
   private(set) var crc: UInt32 = 0
   private(set) var streamBytes: UInt64 = 0
   private(set) var records: UInt64 = 0
+  private let scanner = XeStreamScanner()
+  private let pending: UnsafeMutableRawBufferPointer
+  private var pendingCount = 0
+  private var zeroRun = 0
+  private let compressor = Compressor()
+  /// Small records (a page of data, a zero run) gathered into one write.
+  private let outBuffer: UnsafeMutableRawBufferPointer
+  private var outCount = 0
+
+  /// Data records hold at most this much, so compression and the reader's
+  /// buffers stay small; a span this long is written from the caller's buffer.
+  static let dataRecord = 1 << 20
+  /// Shorter data spans are gathered into one record instead.
+  static let directSpan = 64 << 10
+
+  init() {
+    pending = .allocate(byteCount: Self.dataRecord, alignment: 4096)
+    outBuffer = .allocate(byteCount: Self.dataRecord, alignment: 4096)
+  }
+
+  deinit {
+    pending.deallocate()
+    outBuffer.deallocate()
+  }
 
   /// The header's bytes; its JSON CRC seeds the record chain.
-  mutating func header(_ header: SaveFileHeader) throws -> [UInt8] {
+  func header(_ header: SaveFileHeader) throws -> [UInt8] {
     let json = Array(try JSONEncoder().encode(header))
     crc = json.withUnsafeBytes { cvfu_crc32c(0, $0.baseAddress, $0.count) }
     var bytes = SaveFormat.magic
@@ -55,19 +105,275 @@ struct SaveFileWriter {
     return bytes + json
   }
 
-  /// The 8-byte record header for `data` (at most `SaveFormat.maxRecord` bytes).
-  mutating func recordHeader(for data: UnsafeRawBufferPointer) -> [UInt8] {
-    if checksummed { crc = cvfu_crc32c(crc, data.baseAddress, data.count) }
-    streamBytes += UInt64(data.count)
-    records += 1
-    return le(UInt32(data.count)) + le(crc)
+  /// Adds the next bytes of the stream, writing the records they complete.
+  func append(_ data: UnsafeRawBufferPointer, to out: SaveOutput) throws {
+    guard elideZeros else { return try emitData(data, to: out) }
+    // Each segment is written before the scanner goes on: a span may point into its carry.
+    try scanner.scan(data) { segment in
+      switch segment {
+      case .data(let span): try emitData(span, to: out)
+      case .zeros(let count): try emitZeros(count, to: out)
+      }
+    }
   }
 
-  /// The end record.
-  func end() -> [UInt8] {
+  /// Writes what is still held (a partial page, gathered data, a zero run) and the end record.
+  func finish(to out: SaveOutput) throws {
+    if let tail = scanner.flush() { try emitData(tail, to: out) }
+    try flushPending(to: out)
+    try flushZeros(to: out)
     let body = SaveFormat.endMagic + le(streamBytes) + le(records)
-    let sealed = body.withUnsafeBytes { cvfu_crc32c(crc, $0.baseAddress, $0.count) }
-    return le(UInt32(0)) + le(sealed) + body
+    try body.withUnsafeBytes { try writeRecord(.end, streamLength: 0, body: $0, to: out) }
+    try flushOutput(to: out)
+  }
+
+  private func flushOutput(to out: SaveOutput) throws {
+    guard outCount > 0 else { return }
+    try out.write(UnsafeRawBufferPointer(rebasing: outBuffer[0..<outCount]))
+    outCount = 0
+  }
+
+  private func emitData(_ span: UnsafeRawBufferPointer, to out: SaveOutput) throws {
+    guard !span.isEmpty else { return }
+    try flushZeros(to: out)
+    if span.count >= Self.directSpan {
+      try flushPending(to: out)
+      var rest = span
+      while !rest.isEmpty {
+        let n = min(rest.count, Self.dataRecord)
+        try writeData(UnsafeRawBufferPointer(rebasing: rest[0..<n]), to: out)
+        rest = UnsafeRawBufferPointer(rebasing: rest[n...])
+      }
+      return
+    }
+    if pendingCount + span.count > pending.count { try flushPending(to: out) }
+    UnsafeMutableRawBufferPointer(rebasing: pending[pendingCount..<(pendingCount + span.count)])
+      .copyMemory(from: span)
+    pendingCount += span.count
+  }
+
+  private func emitZeros(_ count: Int, to out: SaveOutput) throws {
+    try flushPending(to: out)
+    zeroRun += count
+    while zeroRun >= SaveFormat.maxRecord {
+      try writeRecord(.zeros, streamLength: SaveFormat.maxRecord, body: nil, to: out)
+      zeroRun -= SaveFormat.maxRecord
+    }
+  }
+
+  private func flushPending(to out: SaveOutput) throws {
+    guard pendingCount > 0 else { return }
+    try writeData(UnsafeRawBufferPointer(rebasing: pending[0..<pendingCount]), to: out)
+    pendingCount = 0
+  }
+
+  private func flushZeros(to out: SaveOutput) throws {
+    guard zeroRun > 0 else { return }
+    try writeRecord(.zeros, streamLength: zeroRun, body: nil, to: out)
+    zeroRun = 0
+  }
+
+  /// A stored or a zstd record, whichever the compressor says pays.
+  private func writeData(_ data: UnsafeRawBufferPointer, to out: SaveOutput) throws {
+    if compress, let frame = compressor.compress(data) {
+      try writeRecord(.zstd, streamLength: data.count, body: frame, to: out)
+    } else {
+      try writeRecord(.stored, streamLength: data.count, body: data, to: out)
+    }
+  }
+
+  private func writeRecord(
+    _ kind: SaveRecordKind, streamLength: Int, body: UnsafeRawBufferPointer?, to out: SaveOutput
+  ) throws {
+    let bodyCount = body?.count ?? 0
+    var head = le(UInt32(bodyCount)) + le(UInt32(0)) + le(UInt32(streamLength))
+    head += [kind.rawValue, 0, 0, 0]
+    if checksummed || kind == .end {
+      crc = head.withUnsafeBytes { cvfu_crc32c(crc, $0.baseAddress! + 8, 8) }
+      if let body { crc = cvfu_crc32c(crc, body.baseAddress, body.count) }
+    }
+    head.replaceSubrange(4..<8, with: le(crc))
+    if head.count + bodyCount <= Self.directSpan {
+      if outCount + head.count + bodyCount > outBuffer.count { try flushOutput(to: out) }
+      head.withUnsafeBytes {
+        UnsafeMutableRawBufferPointer(rebasing: outBuffer[outCount...]).copyMemory(from: $0)
+      }
+      outCount += head.count
+      if let body, bodyCount > 0 {
+        UnsafeMutableRawBufferPointer(rebasing: outBuffer[outCount...]).copyMemory(from: body)
+        outCount += bodyCount
+      }
+    } else {
+      try flushOutput(to: out)
+      try out.write(head)
+      if let body, !body.isEmpty { try out.write(body) }
+    }
+    if kind != .end {
+      streamBytes += UInt64(streamLength)
+      records += 1
+    }
+  }
+}
+
+/// zstd for data records, where it pays: a record is compressed only when
+/// a sample of it shrinks by an eighth, and after a record that did not pay
+/// the next ones are stored without trying, for twice as many each time (up
+/// to 256), so VRAM full of incompressible data costs a few probes in all.
+final class Compressor {
+  private let context: OpaquePointer
+  private let scratch: UnsafeMutableRawBufferPointer
+  private var skip = 0
+  private var backoff = 1
+  static let sample = 64 << 10
+
+  init() {
+    context = ZSTD_createCCtx()
+    ZSTD_CCtx_setParameter(context, ZSTD_c_compressionLevel, 1)
+    // The frame's own checksum (XXH64) checks the expanded bytes too.
+    ZSTD_CCtx_setParameter(context, ZSTD_c_checksumFlag, 1)
+    scratch = .allocate(
+      byteCount: ZSTD_compressBound(SaveFileWriter.dataRecord), alignment: 4096)
+  }
+
+  deinit {
+    ZSTD_freeCCtx(context)
+    scratch.deallocate()
+  }
+
+  /// The zstd frame of `data` (valid until the next call), or nil when storing it is better.
+  func compress(_ data: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer? {
+    if skip > 0 {
+      skip -= 1
+      return nil
+    }
+    if data.count > 2 * Self.sample {
+      let probe = UnsafeRawBufferPointer(rebasing: data[0..<Self.sample])
+      guard let n = frame(probe), n < Self.sample - Self.sample / 8 else { return giveUp() }
+    }
+    guard let n = frame(data), n < data.count - data.count / 8 else { return giveUp() }
+    backoff = 1
+    return UnsafeRawBufferPointer(rebasing: scratch[0..<n])
+  }
+
+  private func frame(_ data: UnsafeRawBufferPointer) -> Int? {
+    let n = ZSTD_compress2(
+      context, scratch.baseAddress, scratch.count, data.baseAddress, data.count)
+    return ZSTD_isError(n) != 0 ? nil : n
+  }
+
+  private func giveUp() -> UnsafeRawBufferPointer? {
+    skip = backoff
+    backoff = min(backoff * 2, 256)
+    return nil
+  }
+}
+
+/// Finds the zero pages inside VRAM packets of an Xe migration stream
+/// (protocol/xe-migration-stream.md) as it goes by in chunks of any size:
+/// it follows the 24-byte packet headers, and cuts each VRAM payload into
+/// 4 KiB pages counted from the payload's start, holding a page split
+/// between chunks until it is whole. Everything else is data. It judges
+/// nothing: a stream it cannot follow is still carried byte for byte.
+final class XeStreamScanner {
+  enum Segment {
+    case data(UnsafeRawBufferPointer)
+    case zeros(Int)
+  }
+
+  static let page = 4096
+  private var header = [UInt8](repeating: 0, count: XeStreamScanner.headerSize)
+  private var headerCount = 0
+  private var payloadLeft: UInt64 = 0
+  private var inVRAM = false
+  /// A VRAM page split between chunks (and, once the stream ends, its tail).
+  private let carry: UnsafeMutableRawBufferPointer
+  private var carryCount = 0
+  private static let headerSize = 24
+  private static let vramType: UInt8 = 6
+
+  init() { carry = .allocate(byteCount: Self.page, alignment: 64) }
+  deinit { carry.deallocate() }
+
+  /// Calls `emit` with the segments of `data`, in order; spans point into `data` or the carry.
+  func scan(_ data: UnsafeRawBufferPointer, emit: (Segment) throws -> Void) rethrows {
+    var at = 0
+    while at < data.count {
+      if payloadLeft == 0 {
+        // A header, whole or in pieces: it is data.
+        let n = min(Self.headerSize - headerCount, data.count - at)
+        header.withUnsafeMutableBytes {
+          UnsafeMutableRawBufferPointer(rebasing: $0[headerCount..<(headerCount + n)]).copyMemory(
+            from: UnsafeRawBufferPointer(rebasing: data[at..<(at + n)]))
+        }
+        try emit(.data(UnsafeRawBufferPointer(rebasing: data[at..<(at + n)])))
+        headerCount += n
+        at += n
+        if headerCount == Self.headerSize {
+          headerCount = 0
+          payloadLeft = load(header, 16)
+          inVRAM = header[1] == Self.vramType
+        }
+        continue
+      }
+      let n = Int(min(payloadLeft, UInt64(data.count - at)))
+      let payload = UnsafeRawBufferPointer(rebasing: data[at..<(at + n)])
+      if inVRAM { try scanVRAM(payload, emit: emit) } else { try emit(.data(payload)) }
+      payloadLeft -= UInt64(n)
+      at += n
+      if payloadLeft == 0, carryCount > 0 {
+        // A payload that is not whole pages: its last piece is data.
+        try emit(.data(UnsafeRawBufferPointer(rebasing: carry[0..<carryCount])))
+        carryCount = 0
+      }
+    }
+  }
+
+  /// What is held when the stream ends (a stream cut inside a page), or nil.
+  func flush() -> UnsafeRawBufferPointer? {
+    defer { carryCount = 0 }
+    return carryCount > 0 ? UnsafeRawBufferPointer(rebasing: carry[0..<carryCount]) : nil
+  }
+
+  private func scanVRAM(_ bytes: UnsafeRawBufferPointer, emit: (Segment) throws -> Void) rethrows {
+    var rest = bytes
+    if carryCount > 0 {
+      let n = min(Self.page - carryCount, rest.count)
+      UnsafeMutableRawBufferPointer(rebasing: carry[carryCount..<(carryCount + n)]).copyMemory(
+        from: UnsafeRawBufferPointer(rebasing: rest[0..<n]))
+      carryCount += n
+      rest = UnsafeRawBufferPointer(rebasing: rest[n...])
+      guard carryCount == Self.page else { return }
+      carryCount = 0
+      if cvfu_all_zero(carry.baseAddress, Self.page) {
+        try emit(.zeros(Self.page))
+      } else {
+        try emit(.data(UnsafeRawBufferPointer(carry)))
+      }
+    }
+    // Whole pages: runs of data and runs of zeros.
+    var runStart = 0
+    var runZero = false
+    var at = 0
+    while at + Self.page <= rest.count {
+      let zero = cvfu_all_zero(rest.baseAddress! + at, Self.page)
+      if zero != runZero, at > runStart {
+        let run = UnsafeRawBufferPointer(rebasing: rest[runStart..<at])
+        try emit(runZero ? .zeros(run.count) : .data(run))
+        runStart = at
+      }
+      runZero = zero
+      at += Self.page
+    }
+    if at > runStart {
+      let run = UnsafeRawBufferPointer(rebasing: rest[runStart..<at])
+      try emit(runZero ? .zeros(run.count) : .data(run))
+    }
+    // A page cut by the chunk's end waits for the rest of it.
+    if at < rest.count {
+      UnsafeMutableRawBufferPointer(rebasing: carry[0..<(rest.count - at)]).copyMemory(
+        from: UnsafeRawBufferPointer(rebasing: rest[at...]))
+      carryCount = rest.count - at
+    }
   }
 }
 
@@ -78,21 +384,34 @@ struct SaveFileError: Error, CustomStringConvertible {
 }
 
 /// Reads and checks a save file from `input`: `readHeader()`, then
-/// `nextRecord(into:)` until it returns nil after a verified end record.
-/// Nothing unverified is ever returned.
+/// `readRecords(into:)` until it says the end record was verified.
+/// Nothing unverified is ever returned: a record's CRC is checked before its
+/// body is expanded, and a zstd frame must expand to exactly the length its
+/// record states, with its own checksum right.
 final class SaveFileReader {
   let input: FileDescriptor
   let name: String
   /// The file's whole length when known (header field or file size), for messages.
   private(set) var declaredLength: UInt64 = 0
   private(set) var position: UInt64 = 0
+  /// `position` for another thread (a progress line).
+  let bytesRead = Atomic<UInt64>(0)
+  private(set) var version: UInt32 = 0
   private var crc: UInt32 = 0
   private var streamBytes: UInt64 = 0
   private var records: UInt64 = 0
+  /// A zstd record's body, before it is expanded.
+  private var body: UnsafeMutableRawBufferPointer?
+  private var decompressor: OpaquePointer?
 
   init(input: FileDescriptor, name: String) {
     self.input = input
     self.name = name
+  }
+
+  deinit {
+    body?.deallocate()
+    if let decompressor { ZSTD_freeDCtx(decompressor) }
   }
 
   func readHeader() throws -> SaveFileHeader {
@@ -101,10 +420,11 @@ final class SaveFileReader {
     guard got >= 8, Array(fixed[0..<8]) == SaveFormat.magic else {
       throw SaveFileError("\(name) is not an xe-vfio-user save file (bad magic)")
     }
-    let version: UInt32 = load(fixed, 8)
-    guard version == SaveFormat.version else {
+    version = load(fixed, 8)
+    guard SaveFormat.readableVersions.contains(version) else {
       throw SaveFileError(
-        "\(name): save file format \(version) is not supported (this is \(SaveFormat.version))")
+        "\(name): save file format \(version) is not supported (this reads \(SaveFormat.readableVersions.lowerBound) to \(SaveFormat.version))"
+      )
     }
     guard got == fixed.count else { throw truncated() }
     let length = Int(load(fixed, 12) as UInt32)
@@ -136,34 +456,145 @@ final class SaveFileReader {
     }
   }
 
-  /// Reads the next record into `buffer` (at least `SaveFormat.maxRecord`
-  /// bytes) and returns its length once its CRC checks out, or nil after the
-  /// end record has been verified and nothing follows it.
-  func nextRecord(into buffer: UnsafeMutableRawBufferPointer) throws -> Int? {
-    var head = [UInt8](repeating: 0, count: SaveFormat.recordHeaderSize)
-    let start = position
-    guard try fill(&head, 0, head.count) == head.count else { throw truncated() }
-    let length = Int(load(head, 0) as UInt32)
-    let expected: UInt32 = load(head, 4)
-    if length == 0 { return try end(expected) }
-    guard length <= SaveFormat.maxRecord else {
-      throw SaveFileError(
-        "\(name): damaged record header at byte \(start) (length \(length)); the file is damaged")
+  /// Puts the stream bytes of as many records as fit in `buffer` (at least
+  /// `SaveFormat.maxRecord` bytes) into it, each verified before it is
+  /// expanded; returns their count, and whether the end record has been
+  /// verified with nothing after it. Filling the buffer from many small
+  /// records (a page of data, a short zero run) keeps the writes to the
+  /// device large.
+  func readRecords(into buffer: UnsafeMutableRawBufferPointer) throws -> (count: Int, last: Bool) {
+    var count = 0
+    while true {
+      let head = try peeked ?? readRecordHead()
+      peeked = nil
+      if head.kind == .end {
+        try end(head.crc)
+        return (count, true)
+      }
+      if count + head.streamLength > buffer.count {
+        peeked = head
+        return (count, false)
+      }
+      try readBody(head, into: UnsafeMutableRawBufferPointer(rebasing: buffer[count...]), at: count)
+      count += head.streamLength
     }
-    let record = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
-    guard try fill(record) == length else { throw truncated() }
-    crc = cvfu_crc32c(crc, record.baseAddress, length)
-    guard crc == expected else {
-      throw SaveFileError(
-        "\(name): checksum mismatch in the record at bytes \(start)–\(position); the file is damaged"
-      )
-    }
-    streamBytes += UInt64(length)
-    records += 1
-    return length
   }
 
-  private func end(_ expected: UInt32) throws -> Int? {
+  /// A record's header, as read (its CRC is the one it states).
+  private struct RecordHead {
+    var kind: SaveRecordKind
+    var bodyLength: Int
+    var streamLength: Int
+    var crc: UInt32
+    var start: UInt64
+  }
+
+  /// A record header read but not yet used: its record did not fit the last buffer.
+  private var peeked: RecordHead?
+  /// Leading bytes of each buffer known to be zero, so runs of zero records
+  /// cost no memset once a buffer has been cleared.
+  private var zeroPrefix: [UnsafeMutableRawPointer: Int] = [:]
+
+  private func readRecordHead() throws -> RecordHead {
+    let start = position
+    if version == 2 {
+      // Length u32 (0: the end record), CRC u32 over the data.
+      var head = [UInt8](repeating: 0, count: SaveFormat.recordHeaderSizeV2)
+      guard try fill(&head, 0, head.count) == head.count else { throw truncated() }
+      let length = Int(load(head, 0) as UInt32)
+      guard length <= SaveFormat.maxRecord else {
+        throw SaveFileError(
+          "\(name): damaged record header at byte \(start) (length \(length)); the file is damaged")
+      }
+      return RecordHead(
+        kind: length == 0 ? .end : .stored, bodyLength: length, streamLength: length,
+        crc: load(head, 4), start: start)
+    }
+    var head = [UInt8](repeating: 0, count: SaveFormat.recordHeaderSize)
+    guard try fill(&head, 0, head.count) == head.count else { throw truncated() }
+    let length = Int(load(head, 0) as UInt32)
+    let streamLength = Int(load(head, 8) as UInt32)
+    let kind = SaveRecordKind(rawValue: head[12])
+    let consistent: Bool
+    switch kind {
+    case .stored: consistent = length == streamLength
+    case .zeros: consistent = length == 0
+    case .zstd: consistent = length > 0 && length <= streamLength
+    case .end: consistent = length == SaveFormat.endBodySize && streamLength == 0
+    case nil: consistent = false
+    }
+    guard let kind, consistent, head[13...15].allSatisfy({ $0 == 0 }),
+      kind == .end || (streamLength > 0 && streamLength <= SaveFormat.maxRecord)
+    else {
+      throw SaveFileError(
+        "\(name): damaged record header at byte \(start) (kind \(head[12]), \(length) bytes for \(streamLength)); the file is damaged"
+      )
+    }
+    // The header's kind and lengths are under the chain too.
+    crc = head.withUnsafeBytes { cvfu_crc32c(crc, $0.baseAddress! + 8, 8) }
+    return RecordHead(
+      kind: kind, bodyLength: length, streamLength: streamLength, crc: load(head, 4), start: start)
+  }
+
+  /// Reads, verifies and expands one record's body into `target` (`offset` bytes into its buffer).
+  private func readBody(
+    _ head: RecordHead, into target: UnsafeMutableRawBufferPointer, at offset: Int
+  )
+    throws
+  {
+    let base = target.baseAddress! - offset
+    let body: UnsafeMutableRawBufferPointer
+    switch head.kind {
+    case .stored: body = UnsafeMutableRawBufferPointer(rebasing: target[0..<head.bodyLength])
+    case .zstd: body = compressedBody(head.bodyLength)
+    case .zeros, .end: body = UnsafeMutableRawBufferPointer(rebasing: target[0..<0])
+    }
+    guard try fill(body) == head.bodyLength else { throw truncated() }
+    crc = cvfu_crc32c(crc, body.baseAddress, head.bodyLength)
+    guard crc == head.crc else {
+      throw SaveFileError(
+        "\(name): checksum mismatch in the record at bytes \(head.start)–\(position); the file is damaged"
+      )
+    }
+    let known = zeroPrefix[base, default: 0]
+    switch head.kind {
+    case .zstd:
+      try expand(UnsafeRawBufferPointer(body), into: target, head.streamLength, at: head.start)
+      zeroPrefix[base] = min(known, offset)
+    case .zeros:
+      if offset + head.streamLength > known {
+        target.baseAddress!.initializeMemory(as: UInt8.self, repeating: 0, count: head.streamLength)
+        if offset <= known { zeroPrefix[base] = offset + head.streamLength }
+      }
+    default:
+      zeroPrefix[base] = min(known, offset)
+    }
+    streamBytes += UInt64(head.streamLength)
+    records += 1
+  }
+
+  private func compressedBody(_ length: Int) -> UnsafeMutableRawBufferPointer {
+    if body == nil { body = .allocate(byteCount: SaveFormat.maxRecord, alignment: 4096) }
+    return UnsafeMutableRawBufferPointer(rebasing: body![0..<length])
+  }
+
+  /// Expands a verified zstd frame; it must give exactly `count` bytes.
+  private func expand(
+    _ frame: UnsafeRawBufferPointer, into buffer: UnsafeMutableRawBufferPointer, _ count: Int,
+    at start: UInt64
+  ) throws {
+    if decompressor == nil { decompressor = ZSTD_createDCtx() }
+    let n = ZSTD_decompressDCtx(
+      decompressor, buffer.baseAddress, count, frame.baseAddress, frame.count)
+    guard ZSTD_isError(n) == 0, n == count else {
+      let why = ZSTD_isError(n) != 0 ? String(cString: ZSTD_getErrorName(n)) : "\(n) bytes"
+      throw SaveFileError(
+        "\(name): the compressed record at byte \(start) does not expand to its \(count) bytes (\(why)); the file is damaged"
+      )
+    }
+  }
+
+  private func end(_ expected: UInt32) throws {
     var body = [UInt8](repeating: 0, count: SaveFormat.endBodySize)
     guard try fill(&body, 0, body.count) == body.count else { throw truncated() }
     let sealed = body.withUnsafeBytes { cvfu_crc32c(crc, $0.baseAddress, $0.count) }
@@ -181,7 +612,6 @@ final class SaveFileReader {
     guard try fill(&probe, 0, 1) == 0 else {
       throw SaveFileError("\(name): unexpected data after the end record at byte \(position - 1)")
     }
-    return nil
   }
 
   private func truncated() -> SaveFileError {
@@ -209,6 +639,7 @@ final class SaveFileReader {
       if n == 0 { break }
       done += n
       position += UInt64(n)
+      bytesRead.store(position, ordering: .relaxed)
     }
     return done
   }

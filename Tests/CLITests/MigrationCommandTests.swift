@@ -55,7 +55,9 @@ struct MigrationCommandTests {
     let data = try loadDevice(source, vram: vram, seed: 7)
     _ = try destination.connect()  // make sure it is up
     waitIdle(source)
-    let result = try run(["migrate", "--from", source.socketPath, "--to", destination.socketPath])
+    let result = try run([
+      "migrate", "--from", source.socketPath, "--to", destination.socketPath, "--progress",
+    ])
     #expect(result.status == 0, "\(result.stderr)")
     #expect(
       result.stdout.contains("migrated") && result.stdout.contains("downtime")
@@ -155,7 +157,9 @@ struct MigrationCommandTests {
     _ = try loadDevice(source, vram: vram, seed: 5)
     _ = try destination.connect()
     waitIdle(source)
-    let result = try run(["migrate", "--from", source.socketPath, "--to", destination.socketPath])
+    let result = try run([
+      "migrate", "--from", source.socketPath, "--to", destination.socketPath, "--progress",
+    ])
     #expect(result.status != 0)
     #expect(result.stderr.contains("compare devices failed"))
     #expect(result.stderr.contains("is RUNNING again, with its state"))

@@ -226,3 +226,49 @@ struct XeMigrationTests {
     }
   }
 }
+
+/// MIG_DATA_READ replies whose VRAM bytes leave straight from the mapping
+/// (`MigrationSource.read(gathering:)`) carry exactly the stream the copying
+/// path gives, whatever the request size: VRAM spans that end mid-reply,
+/// replies that cross packet headers, and requests smaller than a header.
+@Suite("MIG_DATA_READ of VRAM without a copy")
+struct GatheredMigDataReadTests {
+  @Test func everyRequestSizeReadsTheSameStream() throws {
+    let logger = Logger(label: "test")
+    let vram: UInt64 = 4 << 20
+    let device = try SimulatedXeVF(profile: .bmg, vramSize: vram, logger: logger)
+    device.migrationSeed = 7
+    device.withDeviceMemory { memory in
+      for i in memory.indices { memory[i] = UInt8(truncatingIfNeeded: i &* 7 &+ i >> 12) }
+    }
+    // The reference: the device's own copying read, no server.
+    var session = MigrationSession()
+    try session.set(.stopCopy, on: device)
+    var copied: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 1 << 20)
+    while true {
+      let n = try buffer.withUnsafeMutableBytes { try session.source().read(into: $0) }
+      if n == 0 { break }
+      copied += buffer[0..<n]
+    }
+    try session.set(.running, on: device)
+    #expect(copied.count > Int(vram))
+    try withServer(device) { server, _ in
+      let client = try server.connect()
+      func stream(_ size: Int) throws -> [UInt8] {
+        try client.setMigrationState(.stopCopy)
+        var bytes: [UInt8] = []
+        while true {
+          let part = try client.migDataRead(size: UInt32(size))
+          bytes += part
+          if part.count < size { break }
+        }
+        try client.setMigrationState(.running)
+        return bytes
+      }
+      for size in [7, 24, 4097, 65_536 + 13, (1 << 20) - 1, 1 << 20] {
+        #expect(try stream(size) == copied, "request size \(size)")
+      }
+    }
+  }
+}

@@ -5,6 +5,7 @@
 #define CVFIOUSER_H
 
 #include <stddef.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -38,6 +39,22 @@ int cvfu_eventfd(unsigned int initval, int flags);
 /// instruction on three interleaved lanes where the CPU has it (the save
 /// file's checksum must not slow a multi-GiB save), a table otherwise.
 uint32_t cvfu_crc32c(uint32_t crc, const void *data, size_t len);
+/// Whether all `len` bytes at `data` are zero: how a checkpoint finds the
+/// VRAM pages it need not store. Stops at the first nonzero 64-byte block,
+/// so a page of data costs a few loads and a zero page one pass at memory speed.
+bool cvfu_all_zero(const void *data, size_t len);
+/// A pipe (close-on-exec) for `cvfu_splice_exact`, grown to 1 MiB where the
+/// system allows. 0 or -errno.
+int cvfu_relay_pipe(int fds[2]);
+/// Moves exactly `count` bytes from socket `from` to socket `to` through the
+/// empty pipe `pipe_fds`, by splice(2): the kernel passes page references
+/// along (a Unix socket takes spliced pages since Linux 6.5), so no byte is
+/// copied in user space. 0, or -errno with `*side` 0 when reading `from`
+/// failed (ECONNRESET: it closed) and 1 when writing `to` failed; `*moved`
+/// says how many bytes reached `to` either way (on a failure reading `from`
+/// the pipe is empty again).
+int cvfu_splice_exact(
+    int from, int to, const int pipe_fds[2], size_t count, int *side, size_t *moved);
 int cvfu_eventfd_signal(int fd);
 /// Reads and clears an eventfd counter without blocking; -errno (EAGAIN) if 0.
 int64_t cvfu_eventfd_drain(int fd);

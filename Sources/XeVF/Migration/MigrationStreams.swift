@@ -26,6 +26,18 @@ final class XeSaveStream: MigrationSource {
     return try pf.read(into: buffer, stream: id, vram: vram)
   }
 
+  /// VRAM payload bytes that complete `buffer` come back as a span of the
+  /// mapped VRAM (kept mapped until `close`), not copied.
+  func read(gathering buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> (
+    count: Int, span: UnsafeRawBufferPointer?
+  ) {
+    guard !closed else { throw .badFileDescriptor }
+    let vram = memory.map { UnsafeRawBufferPointer(start: $0.base, count: Int($0.size)) }
+    var span: UnsafeRawBufferPointer?
+    let n = try pf.read(into: buffer, stream: id, vram: vram, span: &span)
+    return (n, span)
+  }
+
   /// The kernel opens the save file O_RDONLY: a write is EBADF. (Through
   /// `MigrationSource` there is no write at all; this is for a caller that
   /// holds the stream itself.)

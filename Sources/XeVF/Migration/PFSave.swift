@@ -175,6 +175,17 @@ extension SimulatedPF {
   func read(
     into buffer: UnsafeMutableRawBufferPointer, stream: Int, vram: UnsafeRawBufferPointer?
   ) throws(Errno) -> Int {
+    var unused: UnsafeRawBufferPointer?
+    return try read(into: buffer, stream: stream, vram: vram, span: &unused, gathering: false)
+  }
+
+  /// `read`, but when the rest of `buffer` lies wholly inside the current
+  /// VRAM packet's payload, that part is consumed and returned in `span`
+  /// (pointing into `vram`) instead of being copied.
+  func read(
+    into buffer: UnsafeMutableRawBufferPointer, stream: Int, vram: UnsafeRawBufferPointer?,
+    span: inout UnsafeRawBufferPointer?, gathering: Bool = true
+  ) throws(Errno) -> Int {
     try locked { () throws(Errno) in
       try check(stream: stream)
       if let error = cursor.error { throw error }
@@ -189,6 +200,17 @@ extension SimulatedPF {
           cursor.offset = 0
         }
         guard let packet = cursor.current else { break }
+        if gathering, interruptAt == nil, let vram, case .vram = packet.payload,
+          cursor.offset >= XePacketHeader.size,
+          packet.streamSize - UInt64(cursor.offset) >= UInt64(buffer.count - copied)
+        {
+          let start = Int(packet.header.offset) + cursor.offset - XePacketHeader.size
+          let rest = buffer.count - copied
+          span = UnsafeRawBufferPointer(rebasing: vram[start..<(start + rest)])
+          cursor.offset += rest
+          if UInt64(cursor.offset) == packet.streamSize { cursor.current = nil }
+          return copied
+        }
         let limit = min(buffer.count - copied, interruptAt.map { $0 - copied } ?? .max)
         let count = copy(
           packet, from: cursor.offset, count: limit,

@@ -1,0 +1,163 @@
+import CVFIOUser
+import Logging
+import SystemPackage
+import VFIODevice
+import VFIOUser
+import VFIOUserClient
+import VFIOUserServer
+import XeVF
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// What the checkpoint container gives one VRAM content: its size and save
+/// and restore times beside the raw stream's (the same bytes with no
+/// container: written as they come, read back and written to the device as
+/// they are), all through the same pipeline `save` and `restore` use, into
+/// files in /dev/shm (else /tmp); and a plain Unix-socket stream of the
+/// stream's bytes measured in the same run.
+struct CheckpointFigures {
+  var content: String
+  var streamBytes: UInt64
+  var containerBytes: UInt64
+  var containerSave: Double
+  var rawSave: Double
+  var containerRestore: Double
+  var rawRestore: Double
+  var socketSeconds: Double
+}
+
+enum CheckpointBench {
+  /// The VRAM contents measured: 10% of the pages holding random data, every page random, none.
+  enum Content: String, CaseIterable {
+    case sparse = "10% data"
+    case random = "random"
+    case empty = "empty"
+  }
+
+  static func run(vram: UInt64, content: Content, logger: Logger) throws -> CheckpointFigures {
+    let device = try SimulatedXeVF(profile: .bmg, vramSize: vram, logger: logger)
+    device.withDeviceMemory { fill($0, content) }
+    let before = device.withDeviceMemory { cvfu_crc32c(0, $0.baseAddress, $0.count) }
+    let (server, client, path) = try serveForBench(device, name: "checkpoint", logger: logger)
+    defer { server.stop() }
+    let quiet = ProgressReporter(label: "", total: 0, enabled: false)
+    // In memory (tmpfs) where there is one: a disk's writeback would be measured, not the format.
+    let directory = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp"
+    let containerPath = "\(directory)/xe-vfio-user-bench-\(getpid()).xesave"
+    let rawPath = "\(directory)/xe-vfio-user-bench-\(getpid()).raw"
+    let identity = try DeviceIdentity.read(from: client)
+    defer {
+      unlink(containerPath)
+      unlink(rawPath)
+    }
+
+    // Saves, alternating container and raw, best of three each: the VM's noise hits both alike.
+    var best = (container: Double.infinity, raw: Double.infinity)
+    var streamBytes: UInt64 = 0
+    var containerBytes: UInt64 = 0
+    for round in 0..<6 {
+      let container = round % 2 == 0
+      let out = try SaveOutput(path: container ? containerPath : rawPath)
+      try client.setMigrationState(.stopCopy)
+      let start = now()
+      if container {
+        let writer = SaveFileWriter()
+        try out.write(
+          writer.header(
+            SaveFileHeader(identity: identity, estimatedBytes: vram, created: "", source: path)))
+        streamBytes = try writeRecords(
+          from: client, end: path, into: out, writer: writer, progress: quiet)
+        try writer.finish(to: out)
+      } else {
+        streamBytes = try pipeline(bufferSize: migrationChunk(client)) { buffer in
+          let n = try client.migDataRead(into: buffer)
+          return (n, n < buffer.count)
+        } consume: {
+          try out.write($0)
+        }
+      }
+      try out.commit()
+      let seconds = Double(now() - start) / 1e9
+      try client.setMigrationState(.running)
+      if container {
+        containerBytes = out.bytesWritten
+        best.container = min(best.container, seconds)
+      } else {
+        best.raw = min(best.raw, seconds)
+      }
+    }
+
+    // Restores of each file into the same VF, each checked against the VRAM it was saved from.
+    var restored = (container: Double.infinity, raw: Double.infinity)
+    for round in 0..<4 {
+      let container = round % 2 == 0
+      _ = device.withDeviceMemory { $0.initializeMemory(as: UInt8.self, repeating: 0xEE) }
+      let fd = try FileDescriptor.open(container ? containerPath : rawPath, .readOnly)
+      defer { try? fd.close() }
+      try client.setMigrationState(.resuming)
+      let start = now()
+      if container {
+        let reader = SaveFileReader(input: fd, name: containerPath)
+        _ = try reader.readHeader()
+        _ = try restoreRecords(from: reader, into: client, end: path, progress: quiet)
+      } else {
+        let chunk = migrationChunk(client)
+        let input = Handoff(fd)
+        _ = try pipeline(bufferSize: SaveFormat.maxRecord) { buffer in
+          var got = 0
+          while got < buffer.count {
+            let n = try input.value.read(
+              into: UnsafeMutableRawBufferPointer(rebasing: buffer[got...]))
+            if n == 0 { return (got, true) }
+            got += n
+          }
+          return (got, false)
+        } consume: {
+          try client.migDataWrite(from: $0, chunk: chunk, depth: 2)
+        }
+      }
+      try client.setMigrationState(.running)
+      let seconds = Double(now() - start) / 1e9
+      let after = device.withDeviceMemory { cvfu_crc32c(0, $0.baseAddress, $0.count) }
+      guard after == before else {
+        throw CLIError("checkpoint bench: the \(container ? "container" : "raw") restore lost VRAM")
+      }
+      if container {
+        restored.container = min(restored.container, seconds)
+      } else {
+        restored.raw = min(restored.raw, seconds)
+      }
+    }
+    return CheckpointFigures(
+      content: content.rawValue, streamBytes: streamBytes, containerBytes: containerBytes,
+      containerSave: best.container, rawSave: best.raw, containerRestore: restored.container,
+      rawRestore: restored.raw,
+      socketSeconds: SocketFloor.streamSeconds(
+        bytes: Int(streamBytes), chunk: 1 << 20, serverCPU: nil))
+  }
+
+  /// Random words (splitmix64) in every page, in one page of ten, or nowhere.
+  static func fill(_ memory: UnsafeMutableRawBufferPointer, _ content: Content) {
+    guard content != .empty else { return }
+    let words = memory.bindMemory(to: UInt64.self)
+    let perPage = 4096 / 8
+    for page in 0..<(words.count / perPage) {
+      if content == .sparse, splitmix(UInt64(page)) % 10 != 0 { continue }
+      var state = UInt64(page) &* 0x9E37_79B9_7F4A_7C15
+      for i in (page * perPage)..<((page + 1) * perPage) {
+        state = splitmix(state)
+        words[i] = state
+      }
+    }
+  }
+
+  @inline(__always)
+  static func splitmix(_ x: UInt64) -> UInt64 {
+    var z = x &+ 0x9E37_79B9_7F4A_7C15
+    z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+    z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+    return z ^ (z >> 31)
+  }
+}
