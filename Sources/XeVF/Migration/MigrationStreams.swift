@@ -77,6 +77,8 @@ final class XeRestoreStream: MigrationSink {
   /// The PF took the TRAILER: the stream is complete.
   private(set) var trailerReceived = false
   private var missingAtClose: String?
+  /// Bytes were written after the trailer (and refused).
+  private var followingTrailer = false
 
   init(pf: SimulatedPF, memory: DeviceMemory?, id: Int) {
     self.pf = pf
@@ -112,6 +114,12 @@ final class XeRestoreStream: MigrationSink {
     defer { taken += UInt64(at) }
     while at < bytes.count {
       if header == nil {
+        if trailerReceived {
+          // The trailer ends a device's state: anything after it is a
+          // stream spliced or corrupted, not one the PF may complete with.
+          followingTrailer = true
+          try fail(packet: assembled + 1) { () throws(Errno) in throw .invalidArgument }
+        }
         let take = min(XePacketHeader.size - headerBytes.count, bytes.count - at)
         headerBytes += UnsafeRawBufferPointer(rebasing: bytes[at..<at + take])
         at += take
@@ -164,6 +172,15 @@ final class XeRestoreStream: MigrationSink {
         + " and the stream ends there (\(taken) bytes): no trailer"
     }
     return "no trailer: the stream ends after packet \(assembled) (\(taken) bytes)"
+  }
+
+  /// Why a stream that reached its trailer must still not be restored: bytes
+  /// followed the trailer. The kernel refuses those writes too but then
+  /// completes the restore; here RESUMING → STOP fails instead.
+  var excess: String? {
+    guard followingTrailer else { return nil }
+    return
+      "bytes follow the trailer (packet \(refused) of the stream was refused): it is not one VF's saved state"
   }
 
   /// A whole header arrived: `xe_sriov_packet_init_from_hdr` and `pkt_init`.
