@@ -4,7 +4,7 @@
 # integration suites under it: the server over real sockets, the device
 # interface's helpers, and the simulated VF and PF (the QEMU/guest suites
 # and the CLI, which run the normal build as a process, are not included).
-# Any report fails the run (halt_on_error).
+# Any report fails the run (TSan reports every race, then the run fails).
 #
 #   scripts/sanitize.sh thread     # ThreadSanitizer
 #   scripts/sanitize.sh address    # AddressSanitizer (with LeakSanitizer)
@@ -21,13 +21,13 @@ for sanitizer in "${sanitizers[@]}"; do
     thread|address) ;;
     *) echo "sanitize.sh: unknown sanitizer $sanitizer (thread, address)" >&2; exit 2 ;;
   esac
-  scratch=".build/sanitize-$sanitizer"
+  scratch=".build/${sanitizer:0:1}san"  # .build/tsan, .build/asan
   start=$(date +%s)
   swift build --build-tests --sanitize="$sanitizer" --scratch-path "$scratch" 2>&1 |
     grep -Ev '^\[|^Building|^Build complete|^Compiling|^Write' || true
   built=$(date +%s)
   log="$scratch/test.log"
-  if SWIFT_BACKTRACE=enable=no TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
+  if SWIFT_BACKTRACE=enable=no TSAN_OPTIONS=second_deadlock_stack=1 \
     ASAN_OPTIONS=halt_on_error=1:detect_leaks=1 \
     swift test --skip-build --sanitize="$sanitizer" --scratch-path "$scratch" --filter "$suites" \
     >"$log" 2>&1 && ! grep -qE 'WARNING: ThreadSanitizer|ERROR: (Address|Leak)Sanitizer' "$log"; then

@@ -223,14 +223,7 @@ func dispatchSeeds(_ protocolDirectory: String) -> [[UInt8]] {
   return seeds
 }
 
-// libFuzzer's own main (linked, though SwiftPM's main replaces it) needs this name.
-@_cdecl("LLVMFuzzerTestOneInput")
-public func testOneInput(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
-  fuzzDispatch(Array(UnsafeBufferPointer(start: data, count: size)))
-  return 0
-}
-
 @main
 enum FuzzDispatchTarget {
-  static func main() { fuzzTargetMain(seeds: dispatchSeeds, testOneInput: testOneInput) }
+  static func main() { fuzzTargetMain(seeds: dispatchSeeds) { fuzzDispatch(Array($0)) } }
 }

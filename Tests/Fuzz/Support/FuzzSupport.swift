@@ -22,21 +22,32 @@ public func fuzzFailure(_ message: String) -> Never {
   abort()
 }
 
+/// The input function of the target running (set once, before any input).
+nonisolated(unsafe) private var targetInput: (UnsafeRawBufferPointer) -> Void = { _ in }
+
+/// libFuzzer's entry, for every target. (libFuzzer's own main, linked though
+/// the executable's main replaces it, needs the name too.)
+@_cdecl("LLVMFuzzerTestOneInput")
+public func fuzzerTestOneInput(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
+  targetInput(UnsafeRawBufferPointer(start: data, count: size))
+  return 0
+}
+
 /// The fuzz target's `main`: libFuzzer's driver over `testOneInput` in a
-/// fuzzing build (-D XE_VFU_LIBFUZZER), else `replayMain`. (SwiftPM links an
-/// executable's own main, so libFuzzer's is not used.)
+/// fuzzing build (-D XE_VFU_LIBFUZZER), else `replayMain`. (SwiftPM gives
+/// every executable its own main, so libFuzzer's is not used.)
 public func fuzzTargetMain(
-  seeds: (String) -> [[UInt8]],
-  testOneInput: @convention(c) (UnsafePointer<UInt8>?, Int) -> Int32
+  seeds: (String) -> [[UInt8]], _ testOneInput: @escaping (UnsafeRawBufferPointer) -> Void
 ) -> Never {
+  targetInput = testOneInput
   #if XE_VFU_LIBFUZZER
     var argc = CommandLine.argc
     var argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = CommandLine.unsafeArgv
-    exit(LLVMFuzzerRunDriver(&argc, &argv, testOneInput))
+    exit(LLVMFuzzerRunDriver(&argc, &argv, fuzzerTestOneInput))
   #else
     exit(
       replayMain(arguments: Array(CommandLine.arguments.dropFirst()), seeds: seeds) { bytes in
-        _ = bytes.withUnsafeBufferPointer { testOneInput($0.baseAddress, $0.count) }
+        bytes.withUnsafeBytes { testOneInput($0) }
       })
   #endif
 }

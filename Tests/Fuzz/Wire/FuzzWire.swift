@@ -129,14 +129,7 @@ func wireSeeds(_ protocolDirectory: String) -> [[UInt8]] {
   return seeds
 }
 
-// libFuzzer's own main (linked, though SwiftPM's main replaces it) needs this name.
-@_cdecl("LLVMFuzzerTestOneInput")
-public func testOneInput(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
-  fuzzWire(UnsafeRawBufferPointer(start: data, count: size))
-  return 0
-}
-
 @main
 enum FuzzWireTarget {
-  static func main() { fuzzTargetMain(seeds: wireSeeds, testOneInput: testOneInput) }
+  static func main() { fuzzTargetMain(seeds: wireSeeds) { fuzzWire($0) } }
 }

@@ -216,14 +216,7 @@ func xeStreamSeeds(_ protocolDirectory: String) -> [[UInt8]] {
   return seeds
 }
 
-// libFuzzer's own main (linked, though SwiftPM's main replaces it) needs this name.
-@_cdecl("LLVMFuzzerTestOneInput")
-public func testOneInput(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
-  fuzzXeStream(Array(UnsafeBufferPointer(start: data, count: size)))
-  return 0
-}
-
 @main
 enum FuzzXeStreamTarget {
-  static func main() { fuzzTargetMain(seeds: xeStreamSeeds, testOneInput: testOneInput) }
+  static func main() { fuzzTargetMain(seeds: xeStreamSeeds) { fuzzXeStream(Array($0)) } }
 }
