@@ -114,6 +114,7 @@ struct StreamCorruptionTests {
     return values
   }
 
+  /// A whole save over the socket (RUNNING → STOP_COPY, read to the end, → RUNNING).
   static func save(_ client: VFIOUserClient) throws -> [UInt8] {
     try client.setMigrationState(.stopCopy)
     var stream: [UInt8] = []
