@@ -27,7 +27,7 @@ for sanitizer in "${sanitizers[@]}"; do
     grep -Ev '^\[|^Building|^Build complete|^Compiling|^Write' || true
   built=$(date +%s)
   log="$scratch/test.log"
-  if SWIFT_BACKTRACE=enable=no TSAN_OPTIONS=second_deadlock_stack=1 \
+  if SWIFT_BACKTRACE=enable=no TSAN_OPTIONS="second_deadlock_stack=1 suppressions=$PWD/scripts/tsan.supp" \
     ASAN_OPTIONS=halt_on_error=1:detect_leaks=1 LSAN_OPTIONS="suppressions=$PWD/scripts/lsan.supp" \
     swift test --skip-build --sanitize="$sanitizer" --scratch-path "$scratch" --filter "$suites" \
     >"$log" 2>&1 && ! grep -qE 'WARNING: ThreadSanitizer|ERROR: (Address|Leak)Sanitizer' "$log"; then
