@@ -172,6 +172,31 @@ let package = Package(
     .testTarget(
       name: "CLITests", dependencies: ["VFIOUser", "VFIOUserClient", "CVFIOUser", "XeVF"],
       swiftSettings: strict),
+    // libFuzzer targets (scripts/fuzz.sh builds them with -sanitize=fuzzer,address
+    // and -D XE_VFU_LIBFUZZER, in .build/fuzz). A normal build makes each a
+    // replayer of its corpus or of a crash file, and writes its seeds from protocol/.
+    .systemLibrary(name: "CLibFuzzer", path: "Tests/Fuzz/CLibFuzzer"),
+    .target(
+      name: "FuzzSupport", dependencies: ["CJSONC", "CLibFuzzer"], path: "Tests/Fuzz/Support",
+      swiftSettings: strict),
+    .executableTarget(
+      name: "fuzz-wire", dependencies: ["FuzzSupport", "VFIOUser"], path: "Tests/Fuzz/Wire",
+      swiftSettings: strict),
+    .executableTarget(
+      name: "fuzz-dispatch",
+      dependencies: [
+        "FuzzSupport", "VFIOUser", "VFIODevice", "VFIOUserServer", "XeVF", "CVFIOUser",
+        .product(name: "Logging", package: "swift-log"),
+      ],
+      path: "Tests/Fuzz/Dispatch", swiftSettings: strict),
+    .executableTarget(
+      name: "fuzz-xe-stream",
+      dependencies: [
+        "FuzzSupport", "VFIOUser", "VFIODevice", "XeVF",
+        .product(name: "Logging", package: "swift-log"),
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
+      path: "Tests/Fuzz/XeStream", swiftSettings: strict),
     // Real QEMU (qtest, and a Linux guest under TCG) attached to the built `xe-vfio-user`.
     // Guest/ holds the C program the vIOMMU guest runs; the tests build it with gcc -static.
     .testTarget(

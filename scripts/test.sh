@@ -41,6 +41,11 @@ swift test --skip-build 2>&1 | tee "$log" | grep --line-buffered -v '^◇'
 status=${PIPESTATUS[0]}
 set -o pipefail
 
+# The fuzz targets, a bounded run each from their seeds (a crash, leak or timeout fails).
+fuzz_start=$(date +%s)
+./scripts/fuzz.sh --seconds "${XE_VFU_FUZZ_SECONDS:-45}" || status=1
+echo "fuzzing took $(( $(date +%s) - fuzz_start )) s" >&2
+
 # How long the QEMU part took, and whether any of it was skipped.
 interop=$(grep -E 'Suite "(QEMU interop|Examples \(QEMU)[^"]*" (passed|failed) after' "$log" |
   sed -E 's/^.* Suite "(.*)" (passed|failed) after ([0-9.]+) seconds(.*)/  \1: \2 after \3 s\4/' || true)

@@ -270,7 +270,9 @@ public struct RegionInfoPayload: WirePayload {
     bytes.put(argsz, at: 0)
     bytes.put(flags, at: 4)
     bytes.put(index, at: 8)
-    bytes.put(capOffset, at: 12)
+    // The chain is written right after the fixed part, so that is where the
+    // first capability is, whatever offset a decoded reply had.
+    bytes.put(capabilities.isEmpty ? capOffset : UInt32(Self.fixedSize), at: 12)
     bytes.put(size, at: 16)
     bytes.put(offset, at: 24)
     var at = Self.fixedSize

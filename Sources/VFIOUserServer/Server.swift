@@ -211,6 +211,15 @@ public final class VFIOUserServer: Sendable {
     return done
   }
 
+  /// Serves one connected socket on the calling thread until the client
+  /// leaves, as a client's thread does, without the accept loop: the
+  /// dispatcher's fuzz target (Tests/Fuzz/Dispatch) drives a whole
+  /// connection in-process this way. The socket is closed on return.
+  package func serve(connected fd: Int32) -> ConnectionEnd {
+    Connection(fd: fd, backend: slot.backend, limits: limits, logger: logger, stats: statistics)
+      .run()
+  }
+
   /// A client not served: answer its first message with `errno` and hang up,
   /// on a short-lived thread so the active client is never delayed.
   private func refuse(_ client: Int32, _ errno: Errno) {

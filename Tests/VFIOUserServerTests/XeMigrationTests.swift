@@ -131,14 +131,7 @@ struct XeMigrationTests {
         let a = try src.connect()
         let b = try dst.connect()
         try a.write32(region: 0, offset: R.scratch(gt: 0, index: 0), 0x77)
-        try a.setMigrationState(.stopCopy)
-        var stream: [UInt8] = []
-        while true {
-          let part = try a.migDataRead(size: 1 << 20)
-          stream += part
-          if part.count < 1 << 20 { break }
-        }
-        try a.setMigrationState(.running)
+        var stream = try StreamCorruptionTests.save(a)
         stream[28] ^= 0xFF  // the DESCRIPTOR's devid KLV value: the PF answers ENODEV
         try b.setMigrationState(.resuming)
         // The error surfaces on a write or when RESUMING ends; either way the restore fails.
@@ -188,14 +181,7 @@ struct XeMigrationTests {
         }
         try a.write64(region: 0, offset: R.ggttWindow, 0x1_2345_6000 | 1)
         let before = try state(a)
-        try a.setMigrationState(.stopCopy)
-        var stream: [UInt8] = []
-        while true {
-          let part = try a.migDataRead(size: 1 << 20)
-          stream += part
-          if part.count < 1 << 20 { break }
-        }
-        try a.setMigrationState(.running)
+        let stream = try StreamCorruptionTests.save(a)
         func write(_ bytes: ArraySlice<UInt8>) throws {
           var at = bytes.startIndex
           while at < bytes.endIndex {

@@ -268,3 +268,23 @@ func notJSONThrows(_ text: String) {
 func lenientJSONIsRefused(_ json: String) {
   #expect(throws: Capabilities.ParseError.self) { try Capabilities.parse(json: json) }
 }
+
+/// Found by fuzz-wire (protocol/fuzz-regressions.json): a region-info reply
+/// whose chain starts after a gap re-encoded with the old cap_offset, though
+/// the encoder writes the chain right after the fixed part.
+@Test func regionInfoChainAfterAGapReencodesWhereItIs() throws {
+  var bytes = [UInt8](repeating: 0, count: 40 + 16)
+  bytes.withUnsafeMutableBytes { raw in
+    raw.put(UInt32(raw.count), at: 0)
+    raw.put(VFIORegionFlags.caps | VFIORegionFlags.read, at: 4)
+    raw.put(UInt32(2), at: 8)
+    raw.put(UInt32(40), at: 12)  // an 8-byte gap after the 32-byte fixed part
+    raw.put(VFIORegionCapID.sparseMmap, at: 40)
+    raw.put(UInt16(1), at: 42)
+  }
+  let decoded = try RegionInfoPayload(decoding: bytes)
+  #expect(decoded.capabilities == [.sparseMmap([])])
+  let again = try RegionInfoPayload(decoding: decoded.encoded())
+  #expect(again.capabilities == decoded.capabilities)
+  #expect(again.capOffset == UInt32(RegionInfoPayload.fixedSize))
+}

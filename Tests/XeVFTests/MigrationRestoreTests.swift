@@ -104,8 +104,9 @@ import VFIOUser
     try writeAll(stream, packet(XePacketHeader(type: .mmio, gt: 1), [1, 2, 3, 4]), chunk: 64)
     #expect(eventually { vf.pfState(1).contains(.restoreFailed) })
     #expect(vf.simulatedPF.failure(gt: 1) == .invalidArgument)
-    let mmio = packet(XePacketHeader(type: .mmio, gt: 1), [UInt8](repeating: 0, count: 16))
-    #expect(thrownErrno { try writeAll(stream, mmio, chunk: 64) } == .ioError)
+    // Another type: a second MMIO packet would be refused as a repeat (EINVAL).
+    let guc = packet(XePacketHeader(type: .guc, gt: 1), [UInt8](repeating: 0, count: 16))
+    #expect(thrownErrno { try writeAll(stream, guc, chunk: 64) } == .ioError)
   }
 
   @Test func identitiesSayWhatCanBeRestored() throws {

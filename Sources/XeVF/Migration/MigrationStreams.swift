@@ -89,11 +89,19 @@ final class XeRestoreStream: MigrationSink {
   /// The PF took the TRAILER: the stream is complete.
   private(set) var trailerReceived = false
   private var missingAtClose: String?
+  /// Bytes were written after the trailer (and refused).
+  private var followingTrailer = false
+  /// The packet types each GT's stream held, and the VRAM the VRAM packets
+  /// covered (offset, size), so that a trailer after a stream with a packet
+  /// dropped, or another VRAM size's, is not taken as a whole state.
+  private var typesSeen: [Set<UInt8>]
+  private var vramCovered: [(offset: UInt64, size: UInt64)] = []
 
   init(pf: SimulatedPF, memory: DeviceMemory?, id: Int) {
     self.pf = pf
     self.memory = memory
     self.id = id
+    typesSeen = Array(repeating: [], count: pf.gtCount)
   }
 
   /// The kernel opens the restore file O_WRONLY: a read is EBADF (see `XeSaveStream.write`).
@@ -124,6 +132,12 @@ final class XeRestoreStream: MigrationSink {
     defer { taken += UInt64(at) }
     while at < bytes.count {
       if header == nil {
+        if trailerReceived {
+          // The trailer ends a device's state: anything after it is a
+          // stream spliced or corrupted, not one the PF may complete with.
+          followingTrailer = true
+          try fail(packet: assembled + 1) { () throws(Errno) in throw .invalidArgument }
+        }
         let take = min(XePacketHeader.size - headerBytes.count, bytes.count - at)
         headerBytes += UnsafeRawBufferPointer(rebasing: bytes[at..<at + take])
         at += take
@@ -153,7 +167,7 @@ final class XeRestoreStream: MigrationSink {
   /// took the TRAILER. A stream without it can never be restored: the PF
   /// would wait for the trailer until its restore timeout.
   var missing: String? {
-    if trailerReceived { return nil }
+    if trailerReceived { return lacking.map { "the stream reached its trailer without \($0)" } }
     if closed { return missingAtClose }
     let number = assembled + 1
     if let error {
@@ -178,12 +192,53 @@ final class XeRestoreStream: MigrationSink {
     return "no trailer: the stream ends after packet \(assembled) (\(taken) bytes)"
   }
 
+  /// What a stream that reached its trailer lacks of a whole VF state: a GT's
+  /// packet of a type the PF saves for it, or VRAM not covered. The kernel
+  /// restores whatever arrived; a stream that lost a packet (or came from a VF
+  /// with less VRAM) would leave this VF running with part of its old state.
+  private var lacking: String? {
+    for g in 0..<pf.gtCount {
+      for type in pf.saveTypes(g) where type != .vram && !typesSeen[g].contains(type.rawValue) {
+        return "a \(type) packet for GT\(g)"
+      }
+    }
+    guard memory != nil, pf.vramSize > 0 else { return nil }
+    var end: UInt64 = 0
+    for range in vramCovered.sorted(by: { $0.offset < $1.offset }) where range.offset <= end {
+      end = max(end, range.offset + range.size)
+    }
+    return end >= pf.vramSize ? nil : "VRAM from byte \(end) of \(pf.vramSize)"
+  }
+
+  /// Why a stream that reached its trailer must still not be restored: bytes
+  /// followed the trailer. The kernel refuses those writes too but then
+  /// completes the restore; here RESUMING → STOP fails instead.
+  var excess: String? {
+    guard followingTrailer else { return nil }
+    return
+      "bytes follow the trailer (packet \(refused) of the stream was refused): it is not one VF's saved state"
+  }
+
   /// A whole header arrived: `xe_sriov_packet_init_from_hdr` and `pkt_init`.
   private func begin() throws(Errno) {
     let decoded = try XePacketHeader(decoding: headerBytes)
     guard decoded.version == XePacketHeader.supportedVersion, Int(decoded.gt) < pf.gtCount else {
       throw .invalidArgument
     }
+    // Stricter than the kernel, which reads neither: flags are 0 in every
+    // packet version 1 defines, an offset is a VRAM chunk's alone, and the
+    // identity comes first, so that nothing is taken from another VF's stream.
+    // Nor does a save repeat a packet: a second one of a type (or VRAM
+    // already covered) is a stream spliced or replayed.
+    guard decoded.flags == 0, decoded.offset == 0 || decoded.type == .vram,
+      assembled > 0 || decoded.type == .descriptor,
+      !typesSeen[Int(decoded.gt)].contains(decoded.type.rawValue) || decoded.type == .vram
+        || !XePacketType.known.contains(decoded.type),
+      decoded.type != .vram
+        || !vramCovered.contains(where: {
+          decoded.offset < $0.offset &+ $0.size && $0.offset < decoded.offset &+ decoded.size
+        })
+    else { throw .invalidArgument }
     if decoded.type == .vram {
       intoVRAM = memory != nil && pf.acceptsVRAM(decoded)
     } else {
@@ -218,7 +273,10 @@ final class XeRestoreStream: MigrationSink {
       refused = assembled
       throw error
     }
-    if packet.header.type == .trailer { trailerReceived = true }
+    let header = packet.header
+    if header.type == .trailer { trailerReceived = true }
+    typesSeen[Int(header.gt)].insert(header.type.rawValue)
+    if header.type == .vram { vramCovered.append((header.offset, header.size)) }
   }
 
   /// Runs `body`; an error it throws sticks to the stream, refusing `packet`.

@@ -28,8 +28,9 @@ extension SimulatedPF {
     case abandoned
   }
 
-  /// The packet types GT `g` saves, in order.
-  private func saveTypes(_ g: Int) -> [XePacketType] {
+  /// The packet types GT `g` saves, in order: what a complete stream holds
+  /// for it (`XeRestoreStream.missing`).
+  func saveTypes(_ g: Int) -> [XePacketType] {
     let primary = g == 0
     return [.guc] + (primary && ggttBytes > 0 ? [.ggtt] : []) + [.mmio]
       + (primary && vramSize > 0 ? [.vram] : [])

@@ -543,7 +543,9 @@ public final class SimulatedPF: @unchecked Sendable {
   /// so a failure on the first GT turns into EUCLEAN whatever the second does).
   func allGTs(_ operation: (Int) throws(Errno) -> Void) throws(Errno) {
     var result: Errno?
-    for g in gts.indices {
+    // Not `gts.indices`: the callers do not hold the lock, and the workers
+    // write `gts` under it (ThreadSanitizer saw the race).
+    for g in 0..<gtCount {
       var failure: Errno?
       do throws(Errno) { try operation(g) } catch { failure = error }
       result = result != nil ? .structureNeedsCleaning : failure
@@ -553,7 +555,7 @@ public final class SimulatedPF: @unchecked Sendable {
 
   /// Each GT in turn, stopping at the first error (save and restore control).
   func eachGT(_ operation: (Int) throws(Errno) -> Void) throws(Errno) {
-    for g in gts.indices { try operation(g) }
+    for g in 0..<gtCount { try operation(g) }
   }
 
   public func pauseVF() throws(Errno) { try allGTs { g throws(Errno) in try pause(gt: g) } }

@@ -75,6 +75,10 @@ extension SimulatedXeVF: MigrationCapable {
     case (.resuming, .stop):
       pf.closeStream()
       if let missing = migration.restoreStream?.missing { try refuseIncompleteRestore(missing) }
+      if let excess = migration.restoreStream?.excess {
+        logger.error("RESUMING → STOP: the restore is refused: \(excess)")
+        throw .invalidArgument
+      }
       apply(try pf.finishRestoreVF())
       migration.restorePending = false
       migration.restoreStream = nil

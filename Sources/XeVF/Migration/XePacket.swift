@@ -20,6 +20,9 @@ public struct XePacketType: RawRepresentable, Hashable, Sendable, CustomStringCo
   /// A chunk of the VF's VRAM; `offset` is where it starts (primary GT, dGPU).
   public static let vram = XePacketType(rawValue: 6)
 
+  /// The types packet version 1 defines.
+  public static let known: Set<XePacketType> = [.descriptor, .trailer, .ggtt, .mmio, .guc, .vram]
+
   public var description: String {
     switch self {
     case .descriptor: "DESCRIPTOR"
