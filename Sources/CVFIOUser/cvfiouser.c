@@ -495,8 +495,10 @@ int cvfu_relay_pipe(int fds[2]) {
 }
 
 int cvfu_splice_exact(
-    int from, int to, const int pipe_fds[2], size_t count, int *side, size_t *moved) {
+    int from, int to, const int pipe_fds[2], size_t count, int *side, size_t *moved,
+    size_t *taken) {
   *moved = 0;
+  *taken = 0;
   while (count > 0) {
     ssize_t in = splice(from, NULL, pipe_fds[1], NULL, count, SPLICE_F_MOVE);
     if (in < 0 && errno == EINTR) continue;
@@ -505,6 +507,7 @@ int cvfu_splice_exact(
       return in == 0 ? -ECONNRESET : -errno;
     }
     count -= (size_t)in;
+    *taken += (size_t)in;
     while (in > 0) {
       ssize_t out = splice(pipe_fds[0], NULL, to, NULL, (size_t)in, SPLICE_F_MOVE);
       if (out < 0 && errno == EINTR) continue;

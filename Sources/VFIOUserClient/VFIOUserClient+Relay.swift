@@ -222,17 +222,19 @@ private final class MigrationRelay {
   private func splice(_ count: Int) throws(RelayError) {
     var side: Int32 = 0
     var moved = 0
+    var taken = 0
     let result = cvfu_splice_exact(
-      source.channel.fd, destination.channel.fd, pipe, count, &side, &moved)
-    sourceLeft -= moved
+      source.channel.fd, destination.channel.fd, pipe, count, &side, &moved, &taken)
+    // What was taken from the source but did not reach the destination is gone
+    // with it; what was not taken yet is still in the source's socket, for
+    // `resynchronise` to drop so the source stays in step for the rollback.
+    sourceLeft -= taken
     destinationLeft -= moved
     guard result < 0 else { return }
     let errno = Errno(rawValue: -result)
     if side == 0 {
       throw .source(errno == .connectionReset ? .disconnected : .system(errno))
     }
-    // What was taken from the source but did not reach the destination is gone with it.
-    sourceLeft = 0
     throw .destination(.system(errno))
   }
 

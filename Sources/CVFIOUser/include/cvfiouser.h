@@ -52,9 +52,11 @@ int cvfu_relay_pipe(int fds[2]);
 /// copied in user space. 0, or -errno with `*side` 0 when reading `from`
 /// failed (ECONNRESET: it closed) and 1 when writing `to` failed; `*moved`
 /// says how many bytes reached `to` either way (on a failure reading `from`
-/// the pipe is empty again).
+/// the pipe is empty again), and `*taken` how many were read from `from`
+/// (the rest of `count` is still in that socket).
 int cvfu_splice_exact(
-    int from, int to, const int pipe_fds[2], size_t count, int *side, size_t *moved);
+    int from, int to, const int pipe_fds[2], size_t count, int *side, size_t *moved,
+    size_t *taken);
 int cvfu_eventfd_signal(int fd);
 /// Reads and clears an eventfd counter without blocking; -errno (EAGAIN) if 0.
 int64_t cvfu_eventfd_drain(int fd);
