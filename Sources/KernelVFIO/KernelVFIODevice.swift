@@ -44,13 +44,8 @@ public final class KernelVFIODevice {
       let uuid = selection.mdev ?? ""
       let mdev = try OpenDiagnostics.preflightMdev(uuid, paths: paths)
       let container = try Type1Container(group: mdev.iommuGroup!, device: nil, paths: paths)
-      let fd = try container.deviceFD(uuid)
-      do throws(KernelVFIOError) {
-        return try KernelVFIODevice(
-          sysfs: nil, mdev: mdev, fd: fd, iommu: container, path: .group)
-      } catch {
-        close(fd)
-        throw error
+      return try adopting(try container.deviceFD(uuid)) { (fd) throws(KernelVFIOError) in
+        try KernelVFIODevice(sysfs: nil, mdev: mdev, fd: fd, iommu: container, path: .group)
       }
     }
     let device = try OpenDiagnostics.preflight(address, paths: paths)
@@ -60,19 +55,25 @@ public final class KernelVFIODevice {
       || (allowIOMMUFD && cdev != nil && paths.exists("\(paths.dev)/iommu"))
     if useIOMMUFD, let cdev {
       let fd = try openNode("\(paths.dev)/vfio/devices/\(cdev)", paths: paths)
-      do throws(KernelVFIOError) {
+      return try adopting(fd) { (fd) throws(KernelVFIOError) in
         let domain = try IOMMUFDDomain(device: fd, cdev: cdev, paths: paths)
         return try KernelVFIODevice(sysfs: device, fd: fd, iommu: domain, path: .iommufd)
-      } catch {
-        close(fd)
-        throw error
       }
     }
     let container = try Type1Container(
       group: device.iommuGroup!, device: device, paths: paths)
-    let fd = try container.deviceFD("\(device.address)")
+    return try adopting(try container.deviceFD("\(device.address)")) {
+      (fd) throws(KernelVFIOError) in
+      try KernelVFIODevice(sysfs: device, fd: fd, iommu: container, path: .group)
+    }
+  }
+
+  /// The device fd becomes the new device's, or is closed when it cannot be made.
+  private static func adopting(
+    _ fd: Int32, _ make: (Int32) throws(KernelVFIOError) -> KernelVFIODevice
+  ) throws(KernelVFIOError) -> KernelVFIODevice {
     do throws(KernelVFIOError) {
-      return try KernelVFIODevice(sysfs: device, fd: fd, iommu: container, path: .group)
+      return try make(fd)
     } catch {
       close(fd)
       throw error
@@ -181,30 +182,29 @@ public final class KernelVFIODevice {
   public func read(region: UInt32, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer)
     throws(Errno)
   {
-    guard Int(region) < regions.count else { throw .invalidArgument }
-    var done = 0
-    while done < buffer.count {
-      let n = pread(
-        fd, buffer.baseAddress! + done, buffer.count - done,
-        off_t(Int64(bitPattern: regions[Int(region)].offset + offset) + Int64(done)))
-      if n < 0 {
-        if errno == EINTR { continue }
-        throw Errno(rawValue: errno)
-      }
-      guard n > 0 else { throw .ioError }
-      done += n
+    try whole(region: region, offset: offset, count: buffer.count) { done, at in
+      pread(fd, buffer.baseAddress! + done, buffer.count - done, at)
     }
   }
 
   public func write(region: UInt32, offset: UInt64, from buffer: UnsafeRawBufferPointer)
     throws(Errno)
   {
+    try whole(region: region, offset: offset, count: buffer.count) { done, at in
+      pwrite(fd, buffer.baseAddress! + done, buffer.count - done, at)
+    }
+  }
+
+  /// Repeats `call` (a pread or pwrite of the bytes after the first `done`,
+  /// at device offset `at`) until `count` bytes are through.
+  private func whole(
+    region: UInt32, offset: UInt64, count: Int, _ call: (_ done: Int, _ at: off_t) -> Int
+  ) throws(Errno) {
     guard Int(region) < regions.count else { throw .invalidArgument }
     var done = 0
-    while done < buffer.count {
-      let n = pwrite(
-        fd, buffer.baseAddress! + done, buffer.count - done,
-        off_t(Int64(bitPattern: regions[Int(region)].offset + offset) + Int64(done)))
+    while done < count {
+      let n = call(
+        done, off_t(Int64(bitPattern: regions[Int(region)].offset + offset) + Int64(done)))
       if n < 0 {
         if errno == EINTR { continue }
         throw Errno(rawValue: errno)
@@ -274,8 +274,11 @@ public final class KernelVFIODevice {
         ].filter { flags.contains($0.0) }.map(\.1)
         return "kernel data_fd (\(names.joined(separator: " | ")))"
       } ?? "none: \(migrationAbsence ?? "not supported")"
-    return "\(identity) through \(iommu.path); driver migration: \(migration)"
+    return "\(reach); driver migration: \(migration)"
   }
+
+  /// The device and how it is reached: identity, driver and IOMMU path.
+  public var reach: String { "\(identity) through \(iommu.path)" }
 
   /// VFIO's name for it: the PCI address, or the mdev's UUID.
   public var name: String { address.map { "\($0)" } ?? mdev?.uuid ?? "?" }

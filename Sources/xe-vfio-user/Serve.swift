@@ -192,7 +192,7 @@ struct Serve: ParsableCommand {
         device: opened.backend.device.name, pid: Int(getpid()),
         socket: fd.map { "fd \($0)" } ?? ServedRecord.absolutePath(socketPath ?? defaultSocketPath),
         migration: opened.plan.summary,
-        opened: "\(opened.backend.device.identity) through \(opened.backend.device.iommu.path)")
+        opened: opened.backend.device.reach)
       // Before listening: a second server of the device stops here.
       if let warning = try record!.claim() { logger.warning("\(warning)") }
     } else {

@@ -22,7 +22,7 @@ struct ServedRecord: Codable, Equatable {
   /// The migration path's summary (`MigrationPlan.summary`), "vfio: ...", "pf-debugfs: ...", "none: ...".
   var migration: String
   /// How the server reached the device: identity, driver and IOMMU path
-  /// (`KernelVFIODevice.summary`'s first part); absent in older records.
+  /// (`KernelVFIODevice.reach`); absent in older records.
   var opened: String?
 
   static var directory: String {
