@@ -124,13 +124,30 @@ struct LifecycleStressTests {
   }
 
   /// Waits until the server's footprint settles at `baseline` (its last client torn down).
+  /// Waits (up to 30 s) for the server's descriptors and mappings to return
+  /// to the baseline: on a loaded machine the thread of a client that just
+  /// left (its stack is a mapping) can take seconds to finish its clean-up,
+  /// such as draining a save the client left in STOP_COPY.
   static func settle(_ pid: Int32, at baseline: ProcessFootprint) -> ProcessFootprint {
     var now = ProcessFootprint(pid)
-    for _ in 0..<300 where now.fds != baseline.fds || now.mappings != baseline.mappings {
+    for _ in 0..<3000 where now.fds != baseline.fds || now.mappings != baseline.mappings {
       usleep(10_000)
       now = ProcessFootprint(pid)
     }
     return now
+  }
+
+  /// The footprint once it holds still (the same descriptors and mappings
+  /// over 200 ms, for up to 10 s), so no exiting thread is in the baseline.
+  static func steady(_ pid: Int32) -> ProcessFootprint {
+    var last = ProcessFootprint(pid)
+    for _ in 0..<50 {
+      usleep(200_000)
+      let now = ProcessFootprint(pid)
+      if now.fds == last.fds && now.mappings == last.mappings { return now }
+      last = now
+    }
+    return last
   }
 
   @Test func aThousandClientLifetimesLeaveNothingBehind() throws {
@@ -167,8 +184,7 @@ struct LifecycleStressTests {
       for ending in Ending.allCases { try Self.live(ending, serve, material, &rng) }
     }
     _ = try Self.connect(serve).deviceInfo()
-    usleep(200_000)
-    let baseline = ProcessFootprint(pid)
+    let baseline = Self.steady(pid)
 
     let lifetimes =
       ProcessInfo.processInfo.environment["XVU_STRESS_LIFETIMES"].flatMap { Int($0) } ?? 1000
