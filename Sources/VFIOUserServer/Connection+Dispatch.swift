@@ -322,9 +322,6 @@ extension Connection {
 
   func deviceReset(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
     guard payload.isEmpty else { throw .invalidArgument }
-    // A device that does not offer VFIO_DEVICE_FLAGS_RESET is refused as
-    // vfio_pci_ioctl_reset refuses it, before its DMA jobs are abandoned.
-    guard backend.deviceFlags & VFIODeviceFlags.reset != 0 else { throw .invalidArgument }
     abortDMAJobs()
     deferred = []
     let before = migratable != nil ? deviceMigrationState() : nil

@@ -182,16 +182,12 @@ final class Connection {
       !limits.resetOnDisconnect
       && (shuttingDown ? stateAtEnd == .running : settleMigrationAfterHangUp())
     if !keep {
-      if backend.deviceFlags & VFIODeviceFlags.reset == 0 {
+      do {
+        try backend.reset()
+        migration.deviceWasReset()
+      } catch {
+        logger.warning("device reset after hang-up failed: \(error)")
         returnToRunningWithoutReset()
-      } else {
-        do {
-          try backend.reset()
-          migration.deviceWasReset()
-        } catch {
-          logger.warning("device reset after hang-up failed: \(error)")
-          returnToRunningWithoutReset()
-        }
       }
     }
     migration.closeStream()
@@ -228,7 +224,7 @@ final class Connection {
   /// moves it: resuming it could run a VF whose state already runs elsewhere.
   /// A destination in RESUMING holds part of a state and ERROR none that can
   /// be trusted: those are reset.
-  /// A device that cannot be reset (no reset, or the kernel's reset busy)
+  /// A device whose reset failed (it has none, or the kernel found it busy)
   /// must still not stay mid-migration for the next client: its own arcs take
   /// it back to RUNNING, the driver refusing a restore that is incomplete.
   private func returnToRunningWithoutReset() {

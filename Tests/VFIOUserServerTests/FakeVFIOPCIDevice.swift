@@ -55,8 +55,6 @@ final class FakeVFIOPCIDevice: VFIODeviceFile {
   /// The device's end of the data_fd pipe while RESUMING.
   var resumeSource: Int32 = -1
   var resets = 0
-  /// VFIO_DEVICE_RESET calls, refused ones included.
-  var resetAttempts = 0
   /// Every ioctl number the device was asked, in order (tests: what reached the kernel).
   var ioctls: [UInt] = []
 
@@ -331,7 +329,6 @@ final class FakeVFIOPCIDevice: VFIODeviceFile {
   // MARK: RESET and DEVICE_FEATURE
 
   private func reset() -> Int32 {
-    resetAttempts += 1
     switch resetBehaviour {
     case .works: break
     case .none: return -EINVAL
