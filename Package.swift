@@ -163,6 +163,7 @@ let package = Package(
       name: "VFIOUserServerTests",
       dependencies: [
         "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF", "CVFIOUser",
+        "KernelVFIO", "KernelVFIOBackend", .product(name: "Logging", package: "swift-log"),
       ],
       swiftSettings: strict),
     .testTarget(
