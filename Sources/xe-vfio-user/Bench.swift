@@ -156,21 +156,25 @@ struct Bench: ParsableCommand {
     if selected.contains("dmalog") {
       let f = try DMABench.logging(client, vram: vramSize.bytes, serverCPU: serverCPU)
       let memcpy = "memcpy \(String(printf: "%.1f", f.memcpy / 1e9)) GB/s"
-      table.rate(
-        "DMA engine → fd window, logging off", f.plain, nil, unit: "B/s", target: "",
-        extra: memcpy)
-      table.rate(
-        "DMA engine → fd window, logging on", f.logged, nil, unit: "B/s",
-        target: String(printf: "%.3f× of off", f.logged / f.plain), extra: memcpy)
-      table.rate(
-        "DMA engine → sealed memfd window (no SIGBUS guard)", f.sealed, nil, unit: "B/s",
-        target: String(printf: "guarded %.3f× of this", f.plain / f.sealed), extra: memcpy)
-      table.rate(
-        "DMA engine ← fd window (client → device)", f.read, nil, unit: "B/s", target: "",
-        extra: memcpy)
-      table.rate(
-        "DMA engine ← sealed memfd window (no SIGBUS guard)", f.readSealed, nil, unit: "B/s",
-        target: String(printf: "guarded %.3f× of this", f.read / f.readSealed), extra: memcpy)
+      let rows: [(String, Double, String)] = [
+        ("DMA engine → fd window, logging off", f.plain, ""),
+        (
+          "DMA engine → fd window, logging on", f.logged,
+          String(printf: "%.3f× of off", f.logged / f.plain)
+        ),
+        (
+          "DMA engine → sealed memfd window (no SIGBUS guard)", f.sealed,
+          String(printf: "guarded %.3f× of this", f.plain / f.sealed)
+        ),
+        ("DMA engine ← fd window (client → device)", f.read, ""),
+        (
+          "DMA engine ← sealed memfd window (no SIGBUS guard)", f.readSealed,
+          String(printf: "guarded %.3f× of this", f.read / f.readSealed)
+        ),
+      ]
+      for (name, rate, target) in rows {
+        table.rate(name, rate, nil, unit: "B/s", target: target, extra: memcpy)
+      }
       table.latency("DMA_LOGGING_REPORT, 4 GiB window, clean", f.reportClean, f.reportFloor)
       table.latency(
         "DMA_LOGGING_REPORT, 4 GiB window, \(f.dirtied >> 20) MiB dirty", f.reportDirty,
