@@ -1,3 +1,4 @@
+import CVFIOUser
 import SystemPackage
 import VFIODevice
 import VFIOUser
@@ -70,18 +71,31 @@ extension Connection: DeviceHost {
   private func advance(_ job: DMAJob) {
     while job.done < job.buffer.count {
       let current = job.address &+ UInt64(job.done)
-      guard let window = dma.lookup(current) else { return finish(job, .badAddress) }
+      guard let entry = dma.lookup(current) else { return finish(job, .badAddress) }
+      let window = entry.window
       let allowed = job.direction == .fromClient ? window.readable : window.writable
       guard allowed else { return finish(job, .notPermitted) }
       let n = Int(min(UInt64(job.buffer.count - job.done), window.end - current))
       if let base = window.mapping {
         let client = base + Int(current - window.address)
         let device = job.buffer.baseAddress! + job.done
-        if job.direction == .fromClient {
-          device.copyMemory(from: client, byteCount: n)
+        let toClient = job.direction == .toClient
+        let target = toClient ? client : device
+        let source = UnsafeRawPointer(toClient ? device : client)
+        let copied: Bool
+        if entry.backing?.mayShrink ?? false {
+          copied = cvfu_guarded_copy(target, source, n) == 0
         } else {
-          client.copyMemory(from: device, byteCount: n)
-          if let log = job.log { log.mark(address: current, length: UInt64(n)) }
+          target.copyMemory(from: source, byteCount: n)
+          copied = true
+        }
+        // A failed write may have landed in part: its pages count as dirty.
+        if toClient, let log = job.log { log.mark(address: current, length: UInt64(n)) }
+        guard copied else {
+          logger.warning(
+            "DMA \(toClient ? "to" : "from") client 0x\(String(current, radix: 16)) +0x\(String(n, radix: 16)) faulted: the client cut the file behind the window short; EFAULT"
+          )
+          return finish(job, .badAddress)
         }
         job.done += n
         continue

@@ -493,6 +493,11 @@ extension Connection {
       }
       throw error
     }
+    if let backing = entry.backing, !backing.mayShrink {
+      logger.debug(
+        "DMA_MAP [0x\(String(request.address, radix: 16)), +0x\(String(request.size, radix: 16))): the file is sealed against shrinking (F_SEAL_SHRINK), so copies through it need no SIGBUS guard"
+      )
+    }
     try dma.insert(entry)
     let window = entry.window
     do throws(Errno) {

@@ -1,3 +1,4 @@
+import CVFIOUser
 import SystemPackage
 import VFIODevice
 import VFIOUser
@@ -23,12 +24,17 @@ final class FileMapping {
   let length: Int
   /// nil for a mapping of one window alone (a file that is not a regular file).
   let key: Key?
+  /// Whether the client can cut the file short under the mapping (no
+  /// F_SEAL_SHRINK): a page past the file's new end raises SIGBUS, so every
+  /// copy through this mapping is a guarded one (`cvfu_guarded_copy`).
+  let mayShrink: Bool
   var windows = 0
 
-  init(base: UnsafeMutableRawPointer, length: Int, key: Key?) {
+  init(base: UnsafeMutableRawPointer, length: Int, key: Key?, mayShrink: Bool) {
     self.base = base
     self.length = length
     self.key = key
+    self.mayShrink = mayShrink
   }
 }
 
@@ -115,11 +121,16 @@ struct DMATable {
     guard !overflow, end <= UInt64(Int64.max) else { throw .overflow }
     var status = stat()
     guard fstat(file.rawValue, &status) == 0 else { throw Errno(rawValue: errno) }
+    let mayShrink = !cvfu_file_cannot_shrink(file.rawValue)
+    if mayShrink {
+      let installed = cvfu_guard_install()
+      guard installed == 0 else { throw Errno(rawValue: -installed) }
+    }
     guard status.st_mode & S_IFMT == S_IFREG else {
       // A device or other special file: its own mapping, as mmap allows it.
       return FileMapping(
         base: try Self.map(file, protection, offset: offset, length: size), length: Int(size),
-        key: nil)
+        key: nil, mayShrink: mayShrink)
     }
     // What mmap would refuse: a shared writable mapping of a file not open
     // for writing, or any mapping of one not open for reading (EACCES). A
@@ -138,7 +149,7 @@ struct DMATable {
     let length = max(fileSize, end)
     let mapping = FileMapping(
       base: try Self.map(file, protection, offset: 0, length: length), length: Int(length),
-      key: key)
+      key: key, mayShrink: mayShrink)
     files[key] = mapping  // a smaller one before it lives on in its windows
     return mapping
   }
@@ -197,7 +208,7 @@ struct DMATable {
     if let key = backing.key, files[key] === backing { files[key] = nil }
   }
 
-  /// The window holding `address`.
+  /// The window holding `address`, with its mapping.
   @inline(__always)
-  func lookup(_ address: UInt64) -> DMAWindow? { map.lookup(address)?.value.window }
+  func lookup(_ address: UInt64) -> Entry? { map.lookup(address)?.value }
 }

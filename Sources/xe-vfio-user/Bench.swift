@@ -59,8 +59,10 @@ struct Bench: ParsableCommand {
     let serverCPU: Int32? = cpus == "none" ? nil : (cpus == "split" ? 1 : 0)
     if let clientCPU { _ = cvfu_pin_to_cpu(clientCPU) }
     let selected = Set(
-      (only ?? "read,write,inflight,large,dma,dmalog,rss,migration,save,checkpoint").split(separator: ",")
-        .map(String.init)
+      (only ?? "read,write,inflight,large,dma,dmalog,rss,migration,save,checkpoint").split(
+        separator: ","
+      )
+      .map(String.init)
     )
     var logger = Logger(label: "bench")
     logger.logLevel = .error
@@ -153,13 +155,26 @@ struct Bench: ParsableCommand {
     }
     if selected.contains("dmalog") {
       let f = try DMABench.logging(client, vram: vramSize.bytes, serverCPU: serverCPU)
-      table.rate(
-        "DMA engine → fd window, logging off", f.plain, nil, unit: "B/s", target: "",
-        extra: "memcpy \(String(printf: "%.1f", f.memcpy / 1e9)) GB/s")
-      table.rate(
-        "DMA engine → fd window, logging on", f.logged, nil, unit: "B/s",
-        target: String(printf: "%.3f× of off", f.logged / f.plain),
-        extra: "memcpy \(String(printf: "%.1f", f.memcpy / 1e9)) GB/s")
+      let memcpy = "memcpy \(String(printf: "%.1f", f.memcpy / 1e9)) GB/s"
+      let rows: [(String, Double, String)] = [
+        ("DMA engine → fd window, logging off", f.plain, ""),
+        (
+          "DMA engine → fd window, logging on", f.logged,
+          String(printf: "%.3f× of off", f.logged / f.plain)
+        ),
+        (
+          "DMA engine → sealed memfd window (no SIGBUS guard)", f.sealed,
+          String(printf: "guarded %.3f× of this", f.plain / f.sealed)
+        ),
+        ("DMA engine ← fd window (client → device)", f.read, ""),
+        (
+          "DMA engine ← sealed memfd window (no SIGBUS guard)", f.readSealed,
+          String(printf: "guarded %.3f× of this", f.read / f.readSealed)
+        ),
+      ]
+      for (name, rate, target) in rows {
+        table.rate(name, rate, nil, unit: "B/s", target: target, extra: memcpy)
+      }
       table.latency("DMA_LOGGING_REPORT, 4 GiB window, clean", f.reportClean, f.reportFloor)
       table.latency(
         "DMA_LOGGING_REPORT, 4 GiB window, \(f.dirtied >> 20) MiB dirty", f.reportDirty,

@@ -99,4 +99,22 @@ enum cvfu_fd_kind {
 /// have no file type); its size in `*size` for a regular file. -errno (EBADF).
 int cvfu_fd_kind(int fd, int64_t *size);
 
+/// Installs (once per process) the SIGBUS handler `cvfu_guarded_copy` needs.
+/// 0 or -errno.
+int cvfu_guard_install(void);
+/// memcpy of client memory that a client may have cut short (ftruncate of
+/// the file behind a DMA window): 0, or -EFAULT when a page of `dst` or `src`
+/// lies past the end of its file (some bytes may have been copied). Needs
+/// `cvfu_guard_install`.
+int cvfu_guarded_copy(void *dst, const void *src, size_t count);
+/// Whether `fd` is sealed against shrinking (F_SEAL_SHRINK, which QEMU's
+/// memory-backend-memfd sets): its mappings need no guarded copy.
+bool cvfu_file_cannot_shrink(int fd);
+/// memfd_create flags (Glibc's module imports them only with _GNU_SOURCE).
+#define CVFU_MFD_CLOEXEC 1
+#define CVFU_MFD_ALLOW_SEALING 2
+/// Seals `fd` (a memfd made with CVFU_MFD_ALLOW_SEALING) against shrinking,
+/// as QEMU's memory-backend-memfd does: 0 or -errno.
+int cvfu_seal_shrink(int fd);
+
 #endif

@@ -43,18 +43,25 @@ struct ByteReader {
 extension Array where Element == UInt8 {
   /// The bytes as little-endian integers of `T` (the count must be a multiple of T's size).
   func littleEndianWords<T: FixedWidthInteger>(_: T.Type = T.self) -> [T] {
-    let size = MemoryLayout<T>.size
-    return stride(from: 0, to: count - count % size, by: size).map { start in
-      var value: T = 0
-      for i in 0..<size { value |= T(self[start + i]) << (8 * i) }
-      return value
+    // One copy of the bytes rather than a shift per byte: a GGTT is 16 Ki words.
+    var words = [T](repeating: 0, count: count / MemoryLayout<T>.size)
+    words.withUnsafeMutableBytes { target in
+      withUnsafeBytes {
+        target.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[..<target.count]))
+      }
     }
+    #if _endian(big)
+      words = words.map(T.init(littleEndian:))
+    #endif
+    return words
   }
 
   /// `words` as little-endian bytes.
   init<T: FixedWidthInteger>(littleEndian words: [T]) {
-    var writer = ByteWriter(capacity: words.count * MemoryLayout<T>.size)
-    for word in words { writer.put(word) }
-    self = writer.bytes
+    #if _endian(big)
+      self = words.map(\.littleEndian).withUnsafeBytes { Array($0) }
+    #else
+      self = words.withUnsafeBytes { Array($0) }
+    #endif
   }
 }

@@ -31,6 +31,11 @@ public struct PFTiming: Sendable, Equatable {
   /// The kernel's values.
   public static let kernel = PFTiming()
 
+  /// No wait at all: for a PF whose work runs inline
+  /// (`SimulatedPF.runsWorkInline`), where whatever can happen has happened
+  /// before a wait looks, so a wait that would not end at once never ends.
+  public static let immediate = PFTiming().scaled(by: 0)
+
   /// Every duration multiplied by `factor` (0.05 turns 1 s into 50 ms).
   public func scaled(by factor: Double) -> PFTiming {
     func scale(_ d: Duration) -> Duration { d * factor }

@@ -62,6 +62,7 @@ public final class SimulatedPF: @unchecked Sendable {
   var timingValue = PFTiming.kernel
   var faultsValue = PFFaults()
   var workersStarted = false
+  var workInlineValue = false
   var isShutDown = false
   /// The reader's position in the save stream (device level, like the kernel's
   /// descriptor / pending / trailer), and what the save is made of.
@@ -103,6 +104,19 @@ public final class SimulatedPF: @unchecked Sendable {
     set { locked { faultsValue = newValue } }
   }
 
+  /// Whether the GTs' work items run on the calling thread instead of on
+  /// worker threads: whenever a caller would release the lock (at the end
+  /// of an operation, or to wait), the work a worker would then do runs
+  /// first, to the end. The same state machine, serialised and without
+  /// thread wake-ups, for the fuzz targets (Tests/Fuzz), where a run is one
+  /// input after another and the timing is not what is fuzzed
+  /// (`PFTiming.immediate` goes with it: no wait need last). Set it before
+  /// the first operation; the workers, once started, stay.
+  public var runsWorkInline: Bool {
+    get { locked { workInlineValue } }
+    set { locked { workInlineValue = newValue && !workersStarted } }
+  }
+
   /// The state bits of GT `gt`.
   public func state(gt: Int) -> PFState { locked { gts[gt].state } }
 
@@ -122,7 +136,10 @@ public final class SimulatedPF: @unchecked Sendable {
 
   func locked<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
     cond.lock()
-    defer { cond.unlock() }
+    defer {
+      if workInlineValue { runInlineWork() }
+      cond.unlock()
+    }
     return try body()
   }
 
@@ -131,9 +148,27 @@ public final class SimulatedPF: @unchecked Sendable {
   func wait(_ timeout: Duration, until condition: () -> Bool) -> Bool {
     let deadline = ContinuousClock.now + timeout
     while !condition() {
-      if isShutDown || !cond.wait(until: deadline) { return condition() }
+      if workInlineValue {
+        runInlineWork()
+        if condition() { return true }
+      }
+      if isShutDown || !cond.wait(until: nextWake(deadline)) { return condition() }
     }
     return true
+  }
+
+  /// Runs (lock held) the work the workers would do now, until none is left.
+  private func runInlineWork() {
+    while !isShutDown, gts.indices.contains(where: { step($0) }) {}
+  }
+
+  /// When a waiter must look again: at `deadline`, or earlier at a G2H
+  /// event's time when the work runs inline (no worker wakes for it).
+  private func nextWake(_ deadline: ContinuousClock.Instant) -> ContinuousClock.Instant {
+    guard workInlineValue, let event = gts.flatMap({ $0.events.map(\.deadline) }).min() else {
+      return deadline
+    }
+    return min(event, deadline)
   }
 
   /// Lets `duration` pass (lock held, released meanwhile): simulated work.
@@ -146,7 +181,7 @@ public final class SimulatedPF: @unchecked Sendable {
   // MARK: Workers
 
   func startWorkers() {
-    guard !workersStarted, !isShutDown else { return }
+    guard !workersStarted, !workInlineValue, !isShutDown else { return }
     workersStarted = true
     for g in gts.indices {
       if let error = startThread(name: "xe-pf-gt\(g)", { [self] in workerLoop(g) }) {
@@ -168,18 +203,28 @@ public final class SimulatedPF: @unchecked Sendable {
     cond.lock()
     defer { cond.unlock() }
     while !isShutDown {
-      let now = ContinuousClock.now
-      if let due = gts[g].events.firstIndex(where: { $0.deadline <= now }) {
-        handle(gts[g].events.remove(at: due).event, gt: g)
-      } else if gts[g].queued {
-        gts[g].queued = false
-        if process(g) { gts[g].queued = true }
-      } else if let next = gts[g].events.map(\.deadline).min() {
+      if step(g) { continue }
+      if let next = gts[g].events.map(\.deadline).min() {
         _ = cond.wait(until: next)
       } else {
         cond.wait()
       }
     }
+  }
+
+  /// One step of GT `g`'s work (lock held): a G2H event that is due, or a
+  /// pass of the state machine when the work item is queued. Returns
+  /// whether there was anything to do.
+  private func step(_ g: Int) -> Bool {
+    let now = ContinuousClock.now
+    if let due = gts[g].events.firstIndex(where: { $0.deadline <= now }) {
+      handle(gts[g].events.remove(at: due).event, gt: g)
+      return true
+    }
+    guard gts[g].queued else { return false }
+    gts[g].queued = false
+    if process(g) { gts[g].queued = true }
+    return true
   }
 
   /// `pf_queue_vf`: the GT's worker has something to do.

@@ -133,6 +133,11 @@ extension SimulatedXeVF {
     get { pf.timing }
     set { pf.timing = newValue }
   }
+  /// Whether the PF's work runs on the calling thread (`SimulatedPF.runsWorkInline`).
+  public var pfRunsWorkInline: Bool {
+    get { pf.runsWorkInline }
+    set { pf.runsWorkInline = newValue }
+  }
   /// Faults the PF injects.
   public var pfFaults: PFFaults {
     get { pf.faults }

@@ -34,7 +34,12 @@ let quietLogger: Logger = {
 func makeVF(_ profile: XeProfile, vram: UInt64?) -> SimulatedXeVF {
   do {
     let vf = try SimulatedXeVF(profile: profile, vramSize: vram, logger: quietLogger)
-    vf.pfTiming = PFTiming.kernel.scaled(by: 0.2)
+    // The PF's state machine runs whole, on the fuzzing thread and with no
+    // waits: what is fuzzed is its logic, not its timing, and each thread
+    // wake-up would cost more than an input.
+    vf.pfRunsWorkInline = true
+    guard vf.pfRunsWorkInline else { fuzzFailure("the PF's workers started before the fuzzer") }
+    vf.pfTiming = .immediate
     vf.vramChunkSize = 64 << 10
     return vf
   } catch {
