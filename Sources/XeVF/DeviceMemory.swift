@@ -64,6 +64,22 @@ final class DeviceMemory {
     base.initializeMemory(as: UInt8.self, repeating: 0, count: Int(size))
   }
 
+  /// Zeroes `length` bytes at `offset` (checked by the caller): VRAM's whole
+  /// pages by punching them out of the memfd (no page is touched, and the
+  /// pages go back to the kernel), the rest with memset.
+  func zero(offset: UInt64, length: UInt64) {
+    let page: UInt64 = 4096
+    let first = (offset + page - 1) & ~(page - 1)
+    let last = (offset + length) & ~(page - 1)
+    if fd >= 0, last > first, cvfu_punch_hole(fd, Int64(first), Int64(last - first)) == 0 {
+      buffer(offset: offset, length: first - offset).initializeMemory(as: UInt8.self, repeating: 0)
+      buffer(offset: last, length: offset + length - last).initializeMemory(
+        as: UInt8.self, repeating: 0)
+      return
+    }
+    buffer(offset: offset, length: length).initializeMemory(as: UInt8.self, repeating: 0)
+  }
+
   func contains(offset: UInt64, length: UInt64) -> Bool {
     offset <= size && length <= size - offset
   }

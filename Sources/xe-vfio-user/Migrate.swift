@@ -6,6 +6,10 @@ import VFIOUser
 import VFIOUserClient
 import VFIOUserServer
 
+#if canImport(Glibc)
+  import Glibc
+#endif
+
 struct Migrate: ParsableCommand {
   static let configuration = CommandConfiguration(
     abstract: "Move a VF's state from one server to another (vfio-user migration v2).",
@@ -30,8 +34,7 @@ struct Migrate: ParsableCommand {
 
   func run() throws {
     ignoreSIGPIPE()
-    let source = try connectServer(from, option: "--from")
-    let destination = try connectServer(to, option: "--to")
+    let (source, destination) = try connectBoth()
     let result: (bytes: UInt64, seconds: Double, downtime: Double)
     do {
       result = try migrate(source, destination)
@@ -83,6 +86,32 @@ struct Migrate: ParsableCommand {
     }
     let end = now()
     return (bytes, Double(end - start) / 1e9, Double(end - downtimeStart) / 1e9)
+  }
+
+  /// Both servers, with the sparse stream where both take it (the relay
+  /// passes the bytes through as they come, so the two must agree). The
+  /// destination is asked first: dropping its connection again costs nothing
+  /// (it holds no state yet), where the source's would reset a running VF
+  /// on a server that resets on hang-up.
+  private func connectBoth() throws -> (VFIOUserClient, VFIOUserClient) {
+    var destination: VFIOUserClient? = try connectServer(to, option: "--to", sparse: true)
+    let sparse = destination!.sparseMigration
+    let source = try connectServer(from, option: "--from", sparse: sparse)
+    if sparse, !source.sparseMigration {
+      destination = nil  // hangs up
+      destination = try reconnect(to, option: "--to")
+    }
+    return (source, destination!)
+  }
+
+  /// Connects again to a server this command just left, which takes a
+  /// moment to notice the hang-up and accept a new client (EBUSY meanwhile).
+  private func reconnect(_ path: String, option: String) throws -> VFIOUserClient {
+    for _ in 0..<100 {
+      if let client = try? connectServer(path, option: option) { return client }
+      usleep(20_000)
+    }
+    return try connectServer(path, option: option)
   }
 
   /// The stream, source to destination, without passing through this process (splice).
@@ -159,7 +188,7 @@ struct Save: ParsableCommand {
   func run() throws {
     ignoreSIGPIPE()
     let end = "-s \(socketPath)"
-    let client = try connectServer(socketPath, option: "-s")
+    let client = try connectServer(socketPath, option: "-s", sparse: !noCompress)
     let out = try SaveOutput(path: output)
     var stopped = false
     do {
@@ -169,6 +198,7 @@ struct Save: ParsableCommand {
       let writer = SaveFileWriter()
       writer.elideZeros = !noCompress
       writer.compress = !noCompress
+      writer.sparseInput = client.sparseMigration
       try out.write(
         try writer.header(
           SaveFileHeader(
@@ -211,15 +241,14 @@ func writeRecords(
   progress: ProgressReporter
 ) throws -> UInt64 {
   let chunk = min(migrationChunk(client), SaveFormat.maxRecord)
-  var read: UInt64 = 0
-  return try pipeline(bufferSize: chunk) { buffer in
+  _ = try pipeline(bufferSize: chunk) { buffer in
     let n = try on(end) { try client.migDataRead(into: buffer) }
     return (n, n < buffer.count)
   } consume: { data in
     try writer.append(data, to: out)
-    read += UInt64(data.count)
-    progress.update(state: read, wire: out.bytesWritten)
+    progress.update(state: writer.appendedBytes, wire: out.bytesWritten)
   }
+  return writer.appendedBytes
 }
 
 struct Restore: ParsableCommand {
@@ -256,7 +285,7 @@ struct Restore: ParsableCommand {
     let reader = SaveFileReader(input: fd, name: name)
     let header: SaveFileHeader
     do { header = try reader.readHeader() } catch { throw CLIError("\(error)") }
-    let client = try connectServer(socketPath, option: "-s")
+    let client = try connectServer(socketPath, option: "-s", sparse: true)
     let identity = try step(.identity) { try on(end) { try DeviceIdentity.read(from: client) } }
     if let why = header.identity.incompatibility(with: identity) {
       throw CLIError(
@@ -301,6 +330,12 @@ func restoreRecords(
   let chunk = migrationChunk(client)
   let job = Handoff(reader)
   var total: UInt64 = 0
+  if client.sparseMigration {
+    return try restoreSparse(from: job, into: client, end: end, chunk: chunk) {
+      total += UInt64($0)
+      progress.update(state: total, wire: reader.bytesRead.load(ordering: .relaxed))
+    }
+  }
   return try pipeline(bufferSize: SaveFormat.maxRecord) { buffer in
     try job.value.readRecords(into: buffer)
   } consume: { data in
@@ -308,6 +343,61 @@ func restoreRecords(
     total += UInt64(data.count)
     progress.update(state: total, wire: reader.bytesRead.load(ordering: .relaxed))
   }
+}
+
+/// `restoreRecords` on a connection that negotiated the sparse stream: the
+/// file's zero records cross the socket as zero segments, never as bytes.
+/// The reader thread tags each record (`readTaggedRecords`); this thread
+/// builds the sparse stream from them and sends it in `chunk`-byte writes.
+/// Returns the expanded stream bytes restored.
+private func restoreSparse(
+  from job: Handoff<SaveFileReader>, into client: VFIOUserClient, end: String, chunk: Int,
+  progress: (Int) -> Void
+) throws -> UInt64 {
+  let out = UnsafeMutableRawBufferPointer.allocate(byteCount: 8 * chunk, alignment: 4096)
+  defer { out.deallocate() }
+  var pending = 0
+  func flush() throws {
+    guard pending > 0 else { return }
+    let data = UnsafeRawBufferPointer(rebasing: out[0..<pending])
+    try on(end) { try client.migDataWrite(from: data, chunk: chunk, depth: 2) }
+    pending = 0
+  }
+  func send(_ bytes: UnsafeRawBufferPointer) throws {
+    if pending + bytes.count > out.count { try flush() }
+    if bytes.count > out.count {
+      try on(end) { try client.migDataWrite(from: bytes, chunk: chunk, depth: 2) }
+      return
+    }
+    UnsafeMutableRawBufferPointer(rebasing: out[pending..<(pending + bytes.count)]).copyMemory(
+      from: bytes)
+    pending += bytes.count
+  }
+  var builder = SparseStreamBuilder()
+  var total: UInt64 = 0
+  _ = try pipeline(bufferSize: SaveFormat.maxRecord + SparseMigration.segmentHeaderSize) {
+    buffer in
+    try job.value.readTaggedRecords(into: buffer)
+  } consume: { tagged in
+    var at = 0
+    while at < tagged.count {
+      let word = UInt64(
+        littleEndian: tagged.loadUnaligned(fromByteOffset: at, as: UInt64.self))
+      let length = Int(word >> 32)
+      at += SparseMigration.segmentHeaderSize
+      if UInt8(truncatingIfNeeded: word) == SparseMigration.SegmentKind.zeros.rawValue {
+        try builder.append(.zeros(length), send)
+      } else {
+        try builder.append(
+          .data(UnsafeRawBufferPointer(rebasing: tagged[at..<(at + length)])), send)
+        at += length
+      }
+      total += UInt64(length)
+      progress(length)
+    }
+  }
+  try flush()
+  return total
 }
 
 struct Resume: ParsableCommand {

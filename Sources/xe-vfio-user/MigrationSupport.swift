@@ -141,9 +141,13 @@ func step<T>(_ step: MigrationStep, _ body: () throws -> T) throws -> T {
 
 /// Connects to the server that `option` (e.g. `--from`) names, with a message
 /// that says what to do when it is absent or busy, the same for every command.
-func connectServer(_ path: String, option: String) throws -> VFIOUserClient {
+/// `sparse` offers the sparse migration stream (the client's
+/// `sparseMigration` says whether the server took it).
+func connectServer(_ path: String, option: String, sparse: Bool = false) throws -> VFIOUserClient {
   do {
-    let client = try VFIOUserClient.connect(path: path)
+    let client = try VFIOUserClient.connect(
+      path: path,
+      capabilities: sparse ? VFIOUserClient.sparseCapabilities : VFIOUserClient.defaultCapabilities)
     client.timeoutMilliseconds = migrationTimeout
     return client
   } catch {

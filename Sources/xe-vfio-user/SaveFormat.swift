@@ -3,6 +3,7 @@ import CZstd
 import FoundationEssentials
 import Synchronization
 import SystemPackage
+import VFIODevice
 
 #if canImport(Glibc)
   import Glibc
@@ -69,6 +70,8 @@ final class SaveFileWriter {
   var compress = true
   private(set) var crc: UInt32 = 0
   private(set) var streamBytes: UInt64 = 0
+  /// Stream bytes appended so far (expanded: a sparse stream's zero runs count).
+  private(set) var appendedBytes: UInt64 = 0
   private(set) var records: UInt64 = 0
   private let scanner = XeStreamScanner()
   private let pending: UnsafeMutableRawBufferPointer
@@ -105,8 +108,15 @@ final class SaveFileWriter {
     return bytes + json
   }
 
+  /// The stream arrives in the sparse form (the device's connection
+  /// negotiated it): its zero segments are the zero records, with no scan.
+  var sparseInput = false
+  private var decoder = SparseStreamDecoder()
+
   /// Adds the next bytes of the stream, writing the records they complete.
   func append(_ data: UnsafeRawBufferPointer, to out: SaveOutput) throws {
+    if sparseInput { return try appendSparse(data, to: out) }
+    appendedBytes += UInt64(data.count)
     guard elideZeros else { return try emitData(data, to: out) }
     // Each segment is written before the scanner goes on: a span may point into its carry.
     try scanner.scan(data) { segment in
@@ -117,8 +127,34 @@ final class SaveFileWriter {
     }
   }
 
+  private func appendSparse(_ data: UnsafeRawBufferPointer, to out: SaveOutput) throws {
+    var failure: Error?
+    do throws(Errno) {
+      try decoder.decode(data) { segment throws(Errno) in
+        do {
+          switch segment {
+          case .data(let span):
+            appendedBytes += UInt64(span.count)
+            try emitData(span, to: out)
+          case .zeros(let count):
+            appendedBytes += UInt64(count)
+            try emitZeros(count, to: out)
+          }
+        } catch {
+          failure = error
+          throw .ioError
+        }
+      }
+    } catch {
+      throw failure ?? SaveFileError("the device's sparse stream is malformed (\(error.name))")
+    }
+  }
+
   /// Writes what is still held (a partial page, gathered data, a zero run) and the end record.
   func finish(to out: SaveOutput) throws {
+    if sparseInput, !decoder.atBoundary {
+      throw SaveFileError("the device's sparse stream ends inside a packet")
+    }
     if let tail = scanner.flush() { try emitData(tail, to: out) }
     try flushPending(to: out)
     try flushZeros(to: out)
@@ -480,6 +516,37 @@ final class SaveFileReader {
     }
   }
 
+  /// `readRecords` for a sparse restore: each record goes into `buffer` as
+  /// a segment header of the sparse form (`SparseMigration.segmentHeader`:
+  /// data or zeros, and its stream length) followed, for data, by its
+  /// verified, expanded bytes. Zero records take no room but their header,
+  /// so nothing is memset. Returns the bytes used, and whether the end
+  /// record has been verified.
+  func readTaggedRecords(into buffer: UnsafeMutableRawBufferPointer) throws -> (
+    count: Int, last: Bool
+  ) {
+    let tag = SparseMigration.segmentHeaderSize
+    var count = 0
+    while true {
+      let head = try peeked ?? readRecordHead()
+      peeked = nil
+      if head.kind == .end {
+        try end(head.crc)
+        return (count, true)
+      }
+      let zeros = head.kind == .zeros
+      if count + tag + (zeros ? 0 : head.streamLength) > buffer.count {
+        peeked = head
+        return (count, false)
+      }
+      let word = SparseMigration.segmentHeader(zeros ? .zeros : .data, length: head.streamLength)
+      buffer.storeBytes(of: word.littleEndian, toByteOffset: count, as: UInt64.self)
+      count += tag
+      try readBody(head, into: UnsafeMutableRawBufferPointer(rebasing: buffer[count...]), at: -1)
+      if !zeros { count += head.streamLength }
+    }
+  }
+
   /// A record's header, as read (its CRC is the one it states).
   private struct RecordHead {
     var kind: SaveRecordKind
@@ -542,7 +609,9 @@ final class SaveFileReader {
   )
     throws
   {
-    let base = target.baseAddress! - offset
+    // Offset -1: a tagged read, where zero records are not expanded.
+    let tagged = offset < 0
+    let base = target.baseAddress! - max(offset, 0)
     let body: UnsafeMutableRawBufferPointer
     switch head.kind {
     case .stored: body = UnsafeMutableRawBufferPointer(rebasing: target[0..<head.bodyLength])
@@ -555,6 +624,14 @@ final class SaveFileReader {
       throw SaveFileError(
         "\(name): checksum mismatch in the record at bytes \(head.start)–\(position); the file is damaged"
       )
+    }
+    streamBytes += UInt64(head.streamLength)
+    records += 1
+    if tagged {
+      if head.kind == .zstd {
+        try expand(UnsafeRawBufferPointer(body), into: target, head.streamLength, at: head.start)
+      }
+      return
     }
     let known = zeroPrefix[base, default: 0]
     switch head.kind {
@@ -569,8 +646,6 @@ final class SaveFileReader {
     default:
       zeroPrefix[base] = min(known, offset)
     }
-    streamBytes += UInt64(head.streamLength)
-    records += 1
   }
 
   private func compressedBody(_ length: Int) -> UnsafeMutableRawBufferPointer {

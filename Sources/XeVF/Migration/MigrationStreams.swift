@@ -148,19 +148,47 @@ final class XeRestoreStream: MigrationSink {
         at += take(UnsafeRawBufferPointer(rebasing: bytes[at...]))
       }
       guard let header, received == header.size else { continue }
-      let packet = PFPacket(header, header.type == .vram ? .vram : .bytes(payload))
-      self.header = nil
-      headerBytes = []
-      payload = []
-      assembled += 1
-      do throws(Errno) {
-        try produce(packet)
-      } catch let error where error == .timedOut {
-        unproduced = packet  // accepted; handed over by the next write
-        return at
-      }
+      if try !complete(header) { return at }
     }
     return bytes.count
+  }
+
+  /// The current packet has all its bytes: hands it to the PF. Returns false
+  /// when the PF had no room (the packet is `unproduced`, handed over by the
+  /// next write).
+  private func complete(_ header: XePacketHeader) throws(Errno) -> Bool {
+    let packet = PFPacket(header, header.type == .vram ? .vram : .bytes(payload))
+    self.header = nil
+    headerBytes = []
+    payload = []
+    assembled += 1
+    do throws(Errno) {
+      try produce(packet)
+    } catch let error where error == .timedOut {
+      unproduced = packet  // accepted; handed over by the next write
+      return false
+    }
+    return true
+  }
+
+  /// Zero bytes of the stream (a zero run of the sparse form): inside a VRAM
+  /// packet they zero VRAM without being copied (`DeviceMemory.zero`: whole
+  /// pages become holes of the memfd), and the PF sees the packet as if its
+  /// bytes had come; anywhere else they are written as bytes.
+  func writeZeros(_ count: Int) throws(Errno) -> Int {
+    guard let header, header.type == .vram, count > 0, !closed, error == nil,
+      unproduced == nil
+    else {
+      let zeros = SparseMigration.zeroPage
+      return try write(UnsafeRawBufferPointer(rebasing: zeros[0..<min(count, zeros.count)]))
+    }
+    try pf.locked { () throws(Errno) in try pf.check(stream: id) }
+    let n = Int(min(UInt64(count), header.size - received))
+    if intoVRAM, let memory { memory.zero(offset: header.offset + received, length: UInt64(n)) }
+    received += UInt64(n)
+    taken += UInt64(n)
+    if received == header.size { _ = try complete(header) }
+    return n
   }
 
   /// What the stream lacks to be complete, for a log line; nil once the PF
