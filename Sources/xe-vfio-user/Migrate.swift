@@ -36,6 +36,7 @@ struct Migrate: ParsableCommand {
     ignoreSIGPIPE()
     let (source, destination) = try connectBoth()
     let result: (bytes: UInt64, seconds: Double, downtime: Double)
+    let wire = source.sparseMigration ? " on the wire (sparse stream: zero VRAM pages not sent)" : ""
     do {
       result = try migrate(source, destination)
     } catch {
@@ -44,7 +45,7 @@ struct Migrate: ParsableCommand {
       throw ExitCode.failure
     }
     print(
-      "migrated \(formatRate(result.bytes)) in \(fixed(result.seconds, 3)) s (\(gigabytesPerSecond(result.bytes, result.seconds))); downtime \(fixed(result.downtime, 3)) s; destination \(noStart ? "STOP" : "RUNNING")"
+      "migrated \(formatRate(result.bytes))\(wire) in \(fixed(result.seconds, 3)) s (\(gigabytesPerSecond(result.bytes, result.seconds))); downtime \(fixed(result.downtime, 3)) s; destination \(noStart ? "STOP" : "RUNNING")"
     )
   }
 
@@ -73,10 +74,13 @@ struct Migrate: ParsableCommand {
     let downtimeStart = now()
     try step(.stopCopy) { try on(sourceEnd) { try source.setMigrationState(.stopCopy) } }
     let progress = ProgressReporter(label: "migrating", total: estimate, options: progressOptions)
+    // A sparse stream's state bytes are not counted (the relay does not look
+    // at them): its progress is the bytes on the wire.
+    let sparse = source.sparseMigration
     let bytes = try step(.stream) {
-      try relay(source, destination) { progress.update(state: $0, wire: $0) }
+      try relay(source, destination) { progress.update(state: $0, wire: $0, sparse: sparse) }
     }
-    progress.update(state: bytes, wire: bytes, final: true)
+    progress.update(state: bytes, wire: bytes, final: true, sparse: sparse)
     // The destination proves it took the whole state before the source lets go
     // of it: a hang-up until here resumes the source (its server drains the save).
     try step(.finishRestore) { try on(destinationEnd) { try destination.setMigrationState(.stop) } }
@@ -88,36 +92,23 @@ struct Migrate: ParsableCommand {
     return (bytes, Double(end - start) / 1e9, Double(end - downtimeStart) / 1e9)
   }
 
-  /// Both servers, with the sparse stream where both take it (the relay
-  /// passes the bytes through as they come, so the two must agree). The
-  /// destination is asked first: dropping its connection again costs nothing
-  /// (it holds no state yet), where the source's would reset a running VF
-  /// on a server that resets on hang-up.
+  /// Both servers, with the sparse stream offered to the destination only
+  /// where the source took it: then either both carry it, the relay passing
+  /// the bytes through as they come, or only the source does (an older
+  /// destination) and `relayExpanding` writes its zero runs out.
   private func connectBoth() throws -> (VFIOUserClient, VFIOUserClient) {
-    var destination: VFIOUserClient? = try connectServer(to, option: "--to", sparse: true)
-    let sparse = destination!.sparseMigration
-    let source = try connectServer(from, option: "--from", sparse: sparse)
-    if sparse, !source.sparseMigration {
-      destination = nil  // hangs up
-      destination = try reconnect(to, option: "--to")
-    }
-    return (source, destination!)
-  }
-
-  /// Connects again to a server this command just left, which takes a
-  /// moment to notice the hang-up and accept a new client (EBUSY meanwhile).
-  private func reconnect(_ path: String, option: String) throws -> VFIOUserClient {
-    for _ in 0..<100 {
-      if let client = try? connectServer(path, option: option) { return client }
-      usleep(20_000)
-    }
-    return try connectServer(path, option: option)
+    let source = try connectServer(from, option: "--from", sparse: true)
+    let destination = try connectServer(to, option: "--to", sparse: source.sparseMigration)
+    return (source, destination)
   }
 
   /// The stream, source to destination, without passing through this process (splice).
   private func relay(
     _ source: VFIOUserClient, _ destination: VFIOUserClient, progress: (UInt64) -> Void
   ) throws -> UInt64 {
+    if source.sparseMigration, !destination.sparseMigration {
+      return try relayExpanding(source, destination, progress: progress)
+    }
     do {
       return try VFIOUserClient.relayMigrationData(
         from: source, to: destination, chunk: migrationChunk(source, destination),
@@ -128,6 +119,34 @@ struct Migrate: ParsableCommand {
       case .destination(let e): throw EndError(end: destinationEnd, underlying: e)
       }
     }
+  }
+
+  /// The relay for a destination that predates the sparse stream: the
+  /// source's sparse stream passes through this process, its zero runs
+  /// written out as bytes. Returns the bytes read from the source.
+  private func relayExpanding(
+    _ source: VFIOUserClient, _ destination: VFIOUserClient, progress: (UInt64) -> Void
+  ) throws -> UInt64 {
+    let chunk = migrationChunk(source, destination)
+    let input = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+    defer { input.deallocate() }
+    let writer = BufferedMigDataWriter(destination, end: destinationEnd, chunk: chunk)
+    var decoder = SparseStreamDecoder()
+    var wire: UInt64 = 0
+    while true {
+      let n = try on(sourceEnd) { try source.migDataRead(into: input) }
+      try decode(&decoder, UnsafeRawBufferPointer(rebasing: input[0..<n])) {
+        switch $0 {
+        case .data(let data): try writer.send(data)
+        case .zeros(let count): try writer.sendZeros(count)
+        }
+      }
+      wire += UInt64(n)
+      progress(wire)
+      if n < chunk { break }
+    }
+    try writer.flush()
+    return wire
   }
 
   /// The source keeps its workload; the destination must not look healthy with half a state.
@@ -354,25 +373,8 @@ private func restoreSparse(
   from job: Handoff<SaveFileReader>, into client: VFIOUserClient, end: String, chunk: Int,
   progress: (Int) -> Void
 ) throws -> UInt64 {
-  let out = UnsafeMutableRawBufferPointer.allocate(byteCount: 8 * chunk, alignment: 4096)
-  defer { out.deallocate() }
-  var pending = 0
-  func flush() throws {
-    guard pending > 0 else { return }
-    let data = UnsafeRawBufferPointer(rebasing: out[0..<pending])
-    try on(end) { try client.migDataWrite(from: data, chunk: chunk, depth: 2) }
-    pending = 0
-  }
-  func send(_ bytes: UnsafeRawBufferPointer) throws {
-    if pending + bytes.count > out.count { try flush() }
-    if bytes.count > out.count {
-      try on(end) { try client.migDataWrite(from: bytes, chunk: chunk, depth: 2) }
-      return
-    }
-    UnsafeMutableRawBufferPointer(rebasing: out[pending..<(pending + bytes.count)]).copyMemory(
-      from: bytes)
-    pending += bytes.count
-  }
+  let writer = BufferedMigDataWriter(client, end: end, chunk: chunk)
+  let send = writer.send
   var builder = SparseStreamBuilder()
   var total: UInt64 = 0
   _ = try pipeline(bufferSize: SaveFormat.maxRecord + SparseMigration.segmentHeaderSize) {
@@ -396,8 +398,73 @@ private func restoreSparse(
       progress(length)
     }
   }
-  try flush()
+  try writer.flush()
   return total
+}
+
+/// MIG_DATA_WRITEs of a stream given in pieces of any size: gathered into
+/// `chunk`-byte messages, up to eight of them sent at a time (two in flight).
+final class BufferedMigDataWriter {
+  let client: VFIOUserClient
+  let end: String
+  let chunk: Int
+  private let out: UnsafeMutableRawBufferPointer
+  private var pending = 0
+
+  init(_ client: VFIOUserClient, end: String, chunk: Int) {
+    self.client = client
+    self.end = end
+    self.chunk = chunk
+    out = .allocate(byteCount: 8 * chunk, alignment: 4096)
+  }
+
+  deinit { out.deallocate() }
+
+  func send(_ bytes: UnsafeRawBufferPointer) throws {
+    if pending + bytes.count > out.count { try flush() }
+    if bytes.count > out.count { return try write(bytes) }
+    UnsafeMutableRawBufferPointer(rebasing: out[pending..<(pending + bytes.count)]).copyMemory(
+      from: bytes)
+    pending += bytes.count
+  }
+
+  func sendZeros(_ count: Int) throws {
+    var left = count
+    while left > 0 {
+      let n = min(left, SparseMigration.zeroPage.count)
+      try send(UnsafeRawBufferPointer(rebasing: SparseMigration.zeroPage[0..<n]))
+      left -= n
+    }
+  }
+
+  func flush() throws {
+    guard pending > 0 else { return }
+    try write(UnsafeRawBufferPointer(rebasing: out[0..<pending]))
+    pending = 0
+  }
+
+  private func write(_ data: UnsafeRawBufferPointer) throws {
+    try on(end) { try client.migDataWrite(from: data, chunk: chunk, depth: 2) }
+  }
+}
+
+/// `SparseStreamDecoder.decode` for a caller whose `emit` throws any error:
+/// that error comes out as it was; a malformed stream is a `CLIError`.
+func decode(
+  _ decoder: inout SparseStreamDecoder, _ bytes: UnsafeRawBufferPointer,
+  _ emit: (SparseMigration.Segment) throws -> Void
+) throws {
+  var failure: Error?
+  do throws(Errno) {
+    try decoder.decode(bytes) { segment throws(Errno) in
+      do { try emit(segment) } catch {
+        failure = error
+        throw .ioError
+      }
+    }
+  } catch {
+    throw failure ?? CLIError("the sparse migration stream is malformed (\(error.name))")
+  }
 }
 
 struct Resume: ParsableCommand {

@@ -128,25 +128,15 @@ final class SaveFileWriter {
   }
 
   private func appendSparse(_ data: UnsafeRawBufferPointer, to out: SaveOutput) throws {
-    var failure: Error?
-    do throws(Errno) {
-      try decoder.decode(data) { segment throws(Errno) in
-        do {
-          switch segment {
-          case .data(let span):
-            appendedBytes += UInt64(span.count)
-            try emitData(span, to: out)
-          case .zeros(let count):
-            appendedBytes += UInt64(count)
-            try emitZeros(count, to: out)
-          }
-        } catch {
-          failure = error
-          throw .ioError
-        }
+    try decode(&decoder, data) { segment in
+      switch segment {
+      case .data(let span):
+        appendedBytes += UInt64(span.count)
+        try emitData(span, to: out)
+      case .zeros(let count):
+        appendedBytes += UInt64(count)
+        try emitZeros(count, to: out)
       }
-    } catch {
-      throw failure ?? SaveFileError("the device's sparse stream is malformed (\(error.name))")
     }
   }
 
