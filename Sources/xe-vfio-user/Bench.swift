@@ -59,8 +59,10 @@ struct Bench: ParsableCommand {
     let serverCPU: Int32? = cpus == "none" ? nil : (cpus == "split" ? 1 : 0)
     if let clientCPU { _ = cvfu_pin_to_cpu(clientCPU) }
     let selected = Set(
-      (only ?? "read,write,inflight,large,dma,dmalog,rss,migration,save,checkpoint").split(separator: ",")
-        .map(String.init)
+      (only ?? "read,write,inflight,large,dma,dmalog,rss,migration,save,checkpoint").split(
+        separator: ","
+      )
+      .map(String.init)
     )
     var logger = Logger(label: "bench")
     logger.logLevel = .error

@@ -183,7 +183,8 @@ enum MigrationBench {
     return SparseMigrationFigures(
       vram: vram, rawBytes: wire.raw, sparseBytes: wire.sparse, sparseDowntime: best.sparse,
       rawDowntime: best.raw,
-      socketSeconds: SocketFloor.streamSeconds(bytes: Int(wire.raw), chunk: 1 << 20, serverCPU: nil))
+      socketSeconds: SocketFloor.streamSeconds(bytes: Int(wire.raw), chunk: 1 << 20, serverCPU: nil)
+    )
   }
 
   static func anonKiB() -> Int {

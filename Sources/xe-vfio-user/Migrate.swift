@@ -36,7 +36,8 @@ struct Migrate: ParsableCommand {
     ignoreSIGPIPE()
     let (source, destination) = try connectBoth()
     let result: (bytes: UInt64, seconds: Double, downtime: Double)
-    let wire = source.sparseMigration ? " on the wire (sparse stream: zero VRAM pages not sent)" : ""
+    let wire =
+      source.sparseMigration ? " on the wire (sparse stream: zero VRAM pages not sent)" : ""
     do {
       result = try migrate(source, destination)
     } catch {

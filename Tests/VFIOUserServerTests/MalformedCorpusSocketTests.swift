@@ -89,6 +89,8 @@ struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
   var device: String?
   /// Server limits other than the defaults.
   var limits: CorpusLimits?
+  /// VERSION offers the sparse migration stream (protocol/sparse-migration.md).
+  var sparseMigration: Bool?
 
   struct CorpusLimits: Decodable, Sendable {
     var maxDMAMaps: UInt32?
@@ -103,10 +105,11 @@ struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
     case expectNoMigration = "expect_no_migration"
     case expectNoDMALogging = "expect_no_dma_logging"
     case fdKind = "fd_kind"
+    case sparseMigration = "sparse_migration"
   }
 
   /// Replayed against the default server and test device (the pipelined burst takes only these).
-  var runsOnDefaultServer: Bool { device == nil && limits == nil }
+  var runsOnDefaultServer: Bool { device == nil && limits == nil && sparseMigration == nil }
 
   var serverLimits: ServerLimits {
     var serverLimits = ServerLimits()
@@ -119,7 +122,8 @@ struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
   /// What this server must do: the test device has neither migration nor DMA
   /// logging; the simulated Xe VF has both.
   var expectation: String {
-    device == "xe" ? expect : expectNoMigration ?? expectNoDMALogging ?? expect
+    device == "xe" || device == "migrating"
+      ? expect : expectNoMigration ?? expectNoDMALogging ?? expect
   }
 
   /// The errno of the expected error reply, or nil for "disconnect" and "no-reply".
@@ -401,6 +405,10 @@ struct MalformedCorpusSocketTests {
       try withServer(vf, limits: entry.serverLimits) { server, _ in
         try drive(entry, server, mappedWindows: { nil })
       }
+    } else if entry.device == "migrating" {
+      try withServer(MigratingTestDevice(), limits: entry.serverLimits) { server, device in
+        try drive(entry, server, mappedWindows: { device.mappedWindows })
+      }
     } else {
       try withServer(TestDevice(), limits: entry.serverLimits) { server, device in
         try drive(entry, server, mappedWindows: { device.mappedWindows })
@@ -415,7 +423,7 @@ struct MalformedCorpusSocketTests {
     do {
       let name = entry.name
       let client = try VFIOUserClient.open(path: server.path)
-      if entry.afterVersion { try handshake(client) }
+      if entry.afterVersion { try handshake(client, sparse: entry.sparseMigration == true) }
 
       var mappedBySetup = 0
       for (i, hex) in (entry.setup ?? []).enumerated() {
@@ -494,8 +502,18 @@ struct MalformedCorpusSocketTests {
   // MARK: Checks
 
   /// Sends QEMU's VERSION and checks the server's 0.0 reply.
-  static func handshake(_ client: VFIOUserClient) throws {
-    let request = try SocketCorpus.qemuVersionRequest()
+  /// QEMU's VERSION, or (`sparse`) this project's client's offer of the sparse stream.
+  static func handshake(_ client: VFIOUserClient, sparse: Bool = false) throws {
+    var request = try SocketCorpus.qemuVersionRequest()
+    if sparse {
+      let payload = VersionPayload(
+        major: 0, minor: 0, json: VFIOUserClient.sparseCapabilities.json()
+      ).encoded()
+      request = [UInt8](repeating: 0, count: 16) + payload
+      request.withUnsafeMutableBytes {
+        MessageHeader(messageID: 1, command: .version, size: UInt32($0.count)).encode(into: $0)
+      }
+    }
     try client.sendRaw(request)
     let reply = try #require(
       try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout),
