@@ -346,6 +346,16 @@ extension VFIOUserClient {
     }
   }
 
+  /// Sends a MIG_DATA_WRITE of `data` without copying it or waiting for its
+  /// acknowledgement (`receiveAck(id:)`); returns its id.
+  public func sendMigDataWrite(_ data: UnsafeRawBufferPointer) throws(VFIOUserClientError)
+    -> UInt16
+  {
+    let (id, request) = migDataWriteHead(size: data.count)
+    do throws(Errno) { try channel.send(request, data) } catch { throw .system(error) }
+    return id
+  }
+
   /// MIG_DATA_WRITE of `data` without copying it.
   public func migDataWrite(from data: UnsafeRawBufferPointer) throws(VFIOUserClientError) {
     let (id, request) = migDataWriteHead(size: data.count)

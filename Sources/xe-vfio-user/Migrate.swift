@@ -132,6 +132,7 @@ struct Migrate: ParsableCommand {
     let input = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
     defer { input.deallocate() }
     let writer = BufferedMigDataWriter(destination, end: destinationEnd, chunk: chunk)
+    defer { writer.collectAll() }
     var decoder = SparseStreamDecoder()
     var wire: UInt64 = 0
     while true {
@@ -378,6 +379,8 @@ private func restoreSparse(
   let send = writer.send
   var builder = SparseStreamBuilder()
   var total: UInt64 = 0
+  // On a failure the acknowledgements still due are read, so the reset that follows gets its own.
+  defer { writer.collectAll() }
   _ = try pipeline(bufferSize: SaveFormat.maxRecord + SparseMigration.segmentHeaderSize) {
     buffer in
     try job.value.readTaggedRecords(into: buffer)
@@ -403,30 +406,50 @@ private func restoreSparse(
   return total
 }
 
-/// MIG_DATA_WRITEs of a stream given in pieces of any size: gathered into
-/// `chunk`-byte messages, up to eight of them sent at a time (two in flight).
+/// MIG_DATA_WRITEs of a stream given in pieces of any size, up to `depth`
+/// in flight: small pieces (segment headers, pages of data) are gathered into
+/// `chunk`-byte messages, large ones sent from where they are.
 final class BufferedMigDataWriter {
   let client: VFIOUserClient
   let end: String
   let chunk: Int
+  let depth = 4
   private let out: UnsafeMutableRawBufferPointer
   private var pending = 0
+  private var inFlight: [UInt16] = []
+  private var oldest = 0
+  /// Pieces at least this long are sent without being copied.
+  static let direct = 64 << 10
 
   init(_ client: VFIOUserClient, end: String, chunk: Int) {
     self.client = client
     self.end = end
     self.chunk = chunk
-    out = .allocate(byteCount: 8 * chunk, alignment: 4096)
+    out = .allocate(byteCount: chunk, alignment: 4096)
   }
 
   deinit { out.deallocate() }
 
   func send(_ bytes: UnsafeRawBufferPointer) throws {
-    if pending + bytes.count > out.count { try flush() }
-    if bytes.count > out.count { return try write(bytes) }
-    UnsafeMutableRawBufferPointer(rebasing: out[pending..<(pending + bytes.count)]).copyMemory(
-      from: bytes)
-    pending += bytes.count
+    if bytes.count >= Self.direct {
+      try sendPending()
+      var rest = bytes
+      while !rest.isEmpty {
+        let n = min(rest.count, chunk)
+        try write(UnsafeRawBufferPointer(rebasing: rest[0..<n]))
+        rest = UnsafeRawBufferPointer(rebasing: rest[n...])
+      }
+      return
+    }
+    var rest = bytes
+    while !rest.isEmpty {
+      let n = min(rest.count, chunk - pending)
+      UnsafeMutableRawBufferPointer(rebasing: out[pending..<(pending + n)]).copyMemory(
+        from: UnsafeRawBufferPointer(rebasing: rest[0..<n]))
+      pending += n
+      rest = UnsafeRawBufferPointer(rebasing: rest[n...])
+      if pending == chunk { try sendPending() }
+    }
   }
 
   func sendZeros(_ count: Int) throws {
@@ -438,14 +461,40 @@ final class BufferedMigDataWriter {
     }
   }
 
+  /// Sends what is gathered and waits for every acknowledgement.
   func flush() throws {
+    try sendPending()
+    while oldest < inFlight.count { try collect() }
+  }
+
+  /// Reads the acknowledgements still due, whatever they say (after a failure).
+  func collectAll() {
+    while oldest < inFlight.count {
+      let id = inFlight[oldest]
+      oldest += 1
+      do throws(VFIOUserClientError) { _ = try client.receiveAck(id: id) } catch {
+        if case .server = error { continue }
+        return  // the server is gone or silent: nothing more will come
+      }
+    }
+  }
+
+  private func sendPending() throws {
     guard pending > 0 else { return }
     try write(UnsafeRawBufferPointer(rebasing: out[0..<pending]))
     pending = 0
   }
 
+  /// The bytes are in the socket when `sendMigDataWrite` returns: `data` may be reused.
   private func write(_ data: UnsafeRawBufferPointer) throws {
-    try on(end) { try client.migDataWrite(from: data, chunk: chunk, depth: 2) }
+    inFlight.append(try on(end) { try client.sendMigDataWrite(data) })
+    while inFlight.count - oldest > depth { try collect() }
+  }
+
+  private func collect() throws {
+    let id = inFlight[oldest]
+    oldest += 1
+    _ = try on(end) { try client.receiveAck(id: id) }
   }
 }
 

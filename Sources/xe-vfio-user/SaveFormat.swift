@@ -489,21 +489,7 @@ final class SaveFileReader {
   /// records (a page of data, a short zero run) keeps the writes to the
   /// device large.
   func readRecords(into buffer: UnsafeMutableRawBufferPointer) throws -> (count: Int, last: Bool) {
-    var count = 0
-    while true {
-      let head = try peeked ?? readRecordHead()
-      peeked = nil
-      if head.kind == .end {
-        try end(head.crc)
-        return (count, true)
-      }
-      if count + head.streamLength > buffer.count {
-        peeked = head
-        return (count, false)
-      }
-      try readBody(head, into: UnsafeMutableRawBufferPointer(rebasing: buffer[count...]), at: count)
-      count += head.streamLength
-    }
+    try read(into: buffer, tagged: false)
   }
 
   /// `readRecords` for a sparse restore: each record goes into `buffer` as
@@ -515,7 +501,13 @@ final class SaveFileReader {
   func readTaggedRecords(into buffer: UnsafeMutableRawBufferPointer) throws -> (
     count: Int, last: Bool
   ) {
-    let tag = SparseMigration.segmentHeaderSize
+    try read(into: buffer, tagged: true)
+  }
+
+  private func read(into buffer: UnsafeMutableRawBufferPointer, tagged: Bool) throws -> (
+    count: Int, last: Bool
+  ) {
+    let tag = tagged ? SparseMigration.segmentHeaderSize : 0
     var count = 0
     while true {
       let head = try peeked ?? readRecordHead()
@@ -524,16 +516,21 @@ final class SaveFileReader {
         try end(head.crc)
         return (count, true)
       }
-      let zeros = head.kind == .zeros
-      if count + tag + (zeros ? 0 : head.streamLength) > buffer.count {
+      let expanded = !tagged || head.kind != .zeros
+      if count + tag + (expanded ? head.streamLength : 0) > buffer.count {
         peeked = head
         return (count, false)
       }
-      let word = SparseMigration.segmentHeader(zeros ? .zeros : .data, length: head.streamLength)
-      buffer.storeBytes(of: word.littleEndian, toByteOffset: count, as: UInt64.self)
-      count += tag
-      try readBody(head, into: UnsafeMutableRawBufferPointer(rebasing: buffer[count...]), at: -1)
-      if !zeros { count += head.streamLength }
+      if tagged {
+        let word = SparseMigration.segmentHeader(
+          expanded ? .data : .zeros, length: head.streamLength)
+        buffer.storeBytes(of: word.littleEndian, toByteOffset: count, as: UInt64.self)
+        count += tag
+      }
+      try readBody(
+        head, into: UnsafeMutableRawBufferPointer(rebasing: buffer[count...]),
+        at: tagged ? -1 : count)
+      if expanded { count += head.streamLength }
     }
   }
 

@@ -148,12 +148,7 @@ struct SparseMigrationTests {
         }
         try b.setMigrationState(.resuming)
         // Odd message sizes: segments and packet headers cut anywhere.
-        var at = 0
-        while at < sparse.count {
-          let n = min(77_777, sparse.count - at)
-          try b.migDataWrite(Array(sparse[at..<(at + n)]))
-          at += n
-        }
+        try b.writeStream(sparse, chunk: 77_777)
         try b.setMigrationState(.running)
         #expect(try Self.vramBytes(b) == vram)
         #expect(try b.read32(region: 0, offset: XeSimRegisters.scratch(gt: 0, index: 1)) == scratch)
@@ -170,9 +165,7 @@ struct SparseMigrationTests {
     try withServer(device) { server, device in
       let client = try Self.sparseClient(server)
       try client.setMigrationState(.resuming)
-      for at in stride(from: 0, to: sparse.count, by: 65_536) {
-        try client.migDataWrite(Array(sparse[at..<min(at + 65_536, sparse.count)]))
-      }
+      try client.writeStream(sparse, chunk: 65_536)
       #expect(device.open?.data == raw)
     }
   }
