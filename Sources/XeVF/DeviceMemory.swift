@@ -83,6 +83,18 @@ final class DeviceMemory {
     buffer(offset: offset, length: length).initializeMemory(as: UInt8.self, repeating: 0)
   }
 
+  /// Punches the whole pages between `from` and `to` (checked by the caller)
+  /// out of VRAM's memfd; returns them, or nil where nothing was punched
+  /// (no whole page, SRAM, or the kernel refused).
+  func punchPages(from: UInt64, to: UInt64) -> Range<UInt64>? {
+    let page: UInt64 = 4096
+    let first = (from + page - 1) & ~(page - 1)
+    let last = to & ~(page - 1)
+    guard fd >= 0, last > first, cvfu_punch_hole(fd, Int64(first), Int64(last - first)) == 0
+    else { return nil }
+    return first..<last
+  }
+
   /// Runs of zeros shorter than this are memset rather than punched.
   static let punchAtLeast: UInt64 = 1 << 20
 

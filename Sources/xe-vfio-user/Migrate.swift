@@ -432,13 +432,18 @@ final class BufferedMigDataWriter {
 
   func send(_ bytes: UnsafeRawBufferPointer) throws {
     if bytes.count >= Self.direct {
-      try sendPending()
+      // A few bytes gathered (a segment header) travel in the same message.
+      let prefix = pending <= 32 ? pending : 0
+      try sendPending(ifOver: 32)
       var rest = bytes
+      var head = UnsafeRawBufferPointer(rebasing: out[0..<prefix])
       while !rest.isEmpty {
-        let n = min(rest.count, chunk)
-        try write(UnsafeRawBufferPointer(rebasing: rest[0..<n]))
+        let n = min(rest.count, chunk - head.count)
+        try write(UnsafeRawBufferPointer(rebasing: rest[0..<n]), prefix: head)
+        head = UnsafeRawBufferPointer(rebasing: out[0..<0])
         rest = UnsafeRawBufferPointer(rebasing: rest[n...])
       }
+      pending = 0
       return
     }
     var rest = bytes
@@ -479,15 +484,19 @@ final class BufferedMigDataWriter {
     }
   }
 
-  private func sendPending() throws {
-    guard pending > 0 else { return }
+  /// Sends what is gathered if it is more than `limit` bytes.
+  private func sendPending(ifOver limit: Int = 0) throws {
+    guard pending > limit else { return }
     try write(UnsafeRawBufferPointer(rebasing: out[0..<pending]))
     pending = 0
   }
 
   /// The bytes are in the socket when `sendMigDataWrite` returns: `data` may be reused.
-  private func write(_ data: UnsafeRawBufferPointer) throws {
-    inFlight.append(try on(end) { try client.sendMigDataWrite(data) })
+  private func write(
+    _ data: UnsafeRawBufferPointer,
+    prefix: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0)
+  ) throws {
+    inFlight.append(try on(end) { try client.sendMigDataWrite(data, prefix: prefix) })
     while inFlight.count - oldest > depth { try collect() }
   }
 
