@@ -53,6 +53,11 @@ public protocol MigrationSink: AnyObject {
   /// Throws ENODEV once a reset invalidated the stream.
   func write(_ bytes: UnsafeRawBufferPointer) throws(Errno) -> Int
 
+  /// `write` of `count` zero bytes, for the zero runs of the sparse form
+  /// (`SparseMigrationSink`); the default (`SparseMigration.swift`) writes
+  /// them out as bytes.
+  func writeZeros(_ count: Int) throws(Errno) -> Int
+
   /// Ends the stream, as `MigrationSource.close`.
   func close()
 }

@@ -28,6 +28,11 @@ public struct Capabilities: Equatable, Sendable {
   public var writeMultiple: Bool?
   public var twinSocket: TwinSocket?
   public var migration: LegacyMigration?
+  /// `"xe_vfio_user": {"sparse_migration": N}`: this project's own extension,
+  /// the version of the sparse migration stream (protocol/sparse-migration.md)
+  /// a client offers and the server echoes. Only our client offers it, so a
+  /// VMM's connection never sees it in the reply.
+  public var sparseMigration: UInt32?
   /// Keys this side does not know; kept so the server can log them.
   public var unknownKeys: [String] = []
 
@@ -44,6 +49,9 @@ public struct Capabilities: Equatable, Sendable {
     self.twinSocket = twinSocket
     self.migration = migration
   }
+
+  /// The sparse migration stream's version this code speaks.
+  public static let sparseMigrationVersion: UInt32 = 1
 
   /// Defaults the spec gives for absent keys.
   public static let defaultMaxMsgFDs: UInt32 = 1
@@ -140,6 +148,16 @@ public struct Capabilities: Equatable, Sendable {
           }
         }
         caps.migration = legacy
+      case "xe_vfio_user":
+        guard json_object_get_type(value) == json_type_object else { throw .notAnObject(key) }
+        for (k, v) in entries(of: value!) {
+          switch k {
+          case "sparse_migration":
+            caps.sparseMigration = UInt32(
+              try integer(v, "xe_vfio_user.sparse_migration", max: UInt64(UInt32.max)))
+          default: caps.unknownKeys.append("xe_vfio_user.\(k)")
+          }
+        }
       default:
         caps.unknownKeys.append(key)
       }
@@ -223,6 +241,12 @@ public struct Capabilities: Equatable, Sendable {
         json_object_object_add(mig, "max_bitmap_size", json_object_new_int64(Int64(max)))
       }
       add("migration", mig)
+    }
+    if let sparseMigration {
+      let ours = json_object_new_object()
+      json_object_object_add(
+        ours, "sparse_migration", json_object_new_int64(Int64(sparseMigration)))
+      add("xe_vfio_user", ours)
     }
     let root = json_object_new_object()
     json_object_object_add(root, "capabilities", caps)

@@ -346,6 +346,24 @@ extension VFIOUserClient {
     }
   }
 
+  /// Sends a MIG_DATA_WRITE of `prefix` (at most 32 bytes: a few bytes
+  /// gathered before, copied) and `data` (not copied), without waiting for its
+  /// acknowledgement (`receiveAck(id:)`); returns its id.
+  public func sendMigDataWrite(
+    _ data: UnsafeRawBufferPointer,
+    prefix: UnsafeRawBufferPointer = UnsafeRawBufferPointer(
+      start: nil, count: 0)
+  ) throws(VFIOUserClientError) -> UInt16 {
+    precondition(prefix.count <= 32)
+    let (id, _) = migDataWriteHead(size: prefix.count + data.count)
+    let head = UnsafeMutableRawBufferPointer(rebasing: requestScratch[0..<(24 + prefix.count)])
+    UnsafeMutableRawBufferPointer(rebasing: head[24...]).copyMemory(from: prefix)
+    do throws(Errno) { try channel.send(UnsafeRawBufferPointer(head), data) } catch {
+      throw .system(error)
+    }
+    return id
+  }
+
   /// MIG_DATA_WRITE of `data` without copying it.
   public func migDataWrite(from data: UnsafeRawBufferPointer) throws(VFIOUserClientError) {
     let (id, request) = migDataWriteHead(size: data.count)

@@ -21,6 +21,9 @@ public final class VFIOUserClient {
   public let channel: MessageChannel
   public private(set) var serverCapabilities = Capabilities()
   public private(set) var serverVersion: (major: UInt16, minor: UInt16) = (0, 0)
+  /// This client offered the sparse migration stream and the server echoed
+  /// it: MIG_DATA_READ and MIG_DATA_WRITE carry that form (protocol/sparse-migration.md).
+  public private(set) var sparseMigration = false
   public let dmaLayout: DMATransferLayout
   public var memory = ClientMemory()
   /// Server-to-client requests answered so far.
@@ -57,6 +60,14 @@ public final class VFIOUserClient {
   public static let defaultCapabilities = Capabilities(
     maxMsgFDs: 16, maxDataXferSize: 1 << 20, maxDMAMaps: 65535, pgsizes: 4096, writeMultiple: true)
 
+  /// `defaultCapabilities` with the sparse migration stream offered: what
+  /// `save`, `restore` and `migrate` propose.
+  public static let sparseCapabilities: Capabilities = {
+    var caps = defaultCapabilities
+    caps.sparseMigration = Capabilities.sparseMigrationVersion
+    return caps
+  }()
+
   /// Connects and negotiates.
   public static func connect(
     path: String, capabilities: Capabilities = defaultCapabilities,
@@ -90,6 +101,14 @@ public final class VFIOUserClient {
       } catch {
         throw .protocolViolation("server capabilities: \(error)")
       }
+    }
+    if let echoed = serverCapabilities.sparseMigration {
+      guard capabilities.sparseMigration != nil, echoed == Capabilities.sparseMigrationVersion
+      else {
+        throw .protocolViolation(
+          "server answered sparse_migration \(echoed) to an offer it did not get")
+      }
+      sparseMigration = true
     }
   }
 

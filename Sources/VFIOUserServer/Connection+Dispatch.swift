@@ -126,6 +126,7 @@ extension Connection {
     }
     clientCapabilities = caps
     writeMultipleNegotiated = caps.writeMultiple == true
+    sparseMigration = (caps.sparseMigration ?? 0) >= SparseMigration.version
     // The spec's layout, which QEMU 11.1 uses too; `--dma-layout qemu` serves QEMU builds
     // whose hw/vfio-user/protocol.h still has the `count u32, data@12` struct.
     dmaLayout = limits.dmaLayout ?? .spec
@@ -141,7 +142,7 @@ extension Connection {
       )
     }
     logger.info(
-      "client negotiated protocol 0.\(proposal.minor) → 0.0: max_msg_fds=\(caps.effectiveMaxMsgFDs) max_data_xfer_size=\(caps.effectiveMaxDataXferSize) write_multiple=\(writeMultipleNegotiated) dma_layout=\(dmaLayout)"
+      "client negotiated protocol 0.\(proposal.minor) → 0.0: max_msg_fds=\(caps.effectiveMaxMsgFDs) max_data_xfer_size=\(caps.effectiveMaxDataXferSize) write_multiple=\(writeMultipleNegotiated) sparse_migration=\(sparseMigration) dma_layout=\(dmaLayout)"
     )
     sendReply(to: header, payloadSize: size)
     return nil
@@ -327,6 +328,7 @@ extension Connection {
     let before = migratable != nil ? deviceMigrationState() : nil
     try backend.reset()
     migration.deviceWasReset()
+    dropStaleSparseStream()
     if let before, before != .running {
       logger.info("device reset (migration state \(before) → RUNNING, stream invalidated)")
     } else {
@@ -391,6 +393,7 @@ extension Connection {
         let asked = try MigDeviceStateData(decoding: request.data)
         guard let target = asked.state else { throw .invalidArgument }
         let from = try migratable!.migrationState
+        defer { dropStaleSparseStream() }
         do throws(Errno) {
           let dropped = try migration.set(target, on: migratable!)
           logger.info(
@@ -425,7 +428,7 @@ extension Connection {
       UInt64(request.argsz) >= UInt64(MigDataHeader.size) + UInt64(request.size)
     else { throw .invalidArgument }
     guard migratable != nil else { throw .invalidArgument }
-    let source = try migration.source()
+    let source = try sparse(source: migration.source())
     let out = replyArea
     // Filled from as many (bounded) reads as it takes, so a short reply means the end;
     // MigrationSession.fill says how a hang-up is still noticed meanwhile.
@@ -451,7 +454,7 @@ extension Connection {
       throw .invalidArgument
     }
     guard migratable != nil else { throw .invalidArgument }
-    let sink = try migration.sink()
+    let sink = try sparse(sink: migration.sink())
     var rest = UnsafeRawBufferPointer(rebasing: payload[MigDataHeader.size...])
     while !rest.isEmpty {
       let accepted = try sink.write(rest)
@@ -459,6 +462,43 @@ extension Connection {
       rest = UnsafeRawBufferPointer(rebasing: rest[accepted...])
     }
     return 0
+  }
+
+  /// On a connection that negotiated the sparse stream, the session's save
+  /// stream in that form (one encoder per stream, kept across requests).
+  private func sparse(source: any MigrationSource) -> any MigrationSource {
+    guard sparseMigration else { return source }
+    if case .source(let wrapper as SparseMigrationSource)? = sparseStream, wrapper.inner === source
+    {
+      return wrapper
+    }
+    let wrapper = SparseMigrationSource(source)
+    sparseStream = .source(wrapper)
+    return wrapper
+  }
+
+  /// The restore stream's counterpart of `sparse(source:)`.
+  private func sparse(sink: any MigrationSink) -> any MigrationSink {
+    guard sparseMigration else { return sink }
+    if case .sink(let wrapper as SparseMigrationSink)? = sparseStream, wrapper.inner === sink {
+      return wrapper
+    }
+    let wrapper = SparseMigrationSink(sink)
+    sparseStream = .sink(wrapper)
+    return wrapper
+  }
+
+  /// Forgets the sparse form of a stream the session no longer holds (and its buffer).
+  func dropStaleSparseStream() {
+    switch (sparseStream, migration.stream) {
+    case (.source(let wrapper as SparseMigrationSource)?, .source(let stream)?)
+    where wrapper.inner === stream:
+      return
+    case (.sink(let wrapper as SparseMigrationSink)?, .sink(let stream)?)
+    where wrapper.inner === stream:
+      return
+    default: sparseStream = nil
+    }
   }
 
   // MARK: DMA windows

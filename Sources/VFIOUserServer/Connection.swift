@@ -47,6 +47,10 @@ final class Connection {
   /// the session holds this client's stream.
   let migratable: MigrationCapable?
   var migration = MigrationSession()
+  /// The client negotiated the sparse migration stream in VERSION.
+  var sparseMigration = false
+  /// The sparse form of the session's current stream, made on its first use.
+  var sparseStream: MigrationStream?
   /// Present when the device logs the pages its DMA dirties.
   let dmaLoggingDevice: (any DMALoggingCapable)?
   /// The logging the client started, while it runs.
@@ -191,6 +195,7 @@ final class Connection {
       }
     }
     migration.closeStream()
+    sparseStream = nil
     if shuttingDown, let stateAtEnd, stateAtEnd != .running {
       // A stop mid-migration must not leave the device claiming half a state.
       let now = deviceMigrationState().map { "\($0)" } ?? "an unknown state"

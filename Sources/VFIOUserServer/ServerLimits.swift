@@ -86,6 +86,11 @@ public struct ServerLimits: Sendable, Equatable {
     // Booleans are echoed only when proposed: the reply's list is a subset of the client's.
     if client.writeMultiple == true { caps.writeMultiple = true }
     if client.twinSocket?.supported == true { caps.twinSocket = .init(supported: false) }
+    // Echoed only when offered (QEMU's client refuses keys it does not know),
+    // at the version both sides speak.
+    if let offered = client.sparseMigration, offered >= SparseMigration.version {
+      caps.sparseMigration = SparseMigration.version
+    }
     return caps
   }
 }

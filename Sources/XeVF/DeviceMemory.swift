@@ -64,6 +64,40 @@ final class DeviceMemory {
     base.initializeMemory(as: UInt8.self, repeating: 0, count: Int(size))
   }
 
+  /// Zeroes `length` bytes at `offset` (checked by the caller). A long run
+  /// of VRAM's whole pages is punched out of the memfd (no page is touched,
+  /// and the pages go back to the kernel); a short one is cheaper to memset,
+  /// as each punch also unmaps the pages from every mapping (a TLB flush).
+  func zero(offset: UInt64, length: UInt64) {
+    let page: UInt64 = 4096
+    let first = (offset + page - 1) & ~(page - 1)
+    let last = (offset + length) & ~(page - 1)
+    if fd >= 0, last > first, last - first >= Self.punchAtLeast,
+      cvfu_punch_hole(fd, Int64(first), Int64(last - first)) == 0
+    {
+      buffer(offset: offset, length: first - offset).initializeMemory(as: UInt8.self, repeating: 0)
+      buffer(offset: last, length: offset + length - last).initializeMemory(
+        as: UInt8.self, repeating: 0)
+      return
+    }
+    buffer(offset: offset, length: length).initializeMemory(as: UInt8.self, repeating: 0)
+  }
+
+  /// Punches the whole pages between `from` and `to` (checked by the caller)
+  /// out of VRAM's memfd; returns them, or nil where nothing was punched
+  /// (no whole page, SRAM, or the kernel refused).
+  func punchPages(from: UInt64, to: UInt64) -> Range<UInt64>? {
+    let page: UInt64 = 4096
+    let first = (from + page - 1) & ~(page - 1)
+    let last = to & ~(page - 1)
+    guard fd >= 0, last > first, cvfu_punch_hole(fd, Int64(first), Int64(last - first)) == 0
+    else { return nil }
+    return first..<last
+  }
+
+  /// Runs of zeros shorter than this are memset rather than punched.
+  static let punchAtLeast: UInt64 = 1 << 20
+
   func contains(offset: UInt64, length: UInt64) -> Bool {
     offset <= size && length <= size - offset
   }

@@ -24,6 +24,8 @@ struct CheckpointFigures {
   var containerSave: Double
   var rawSave: Double
   var containerRestore: Double
+  /// The container restored as before the sparse stream: expanded, every byte sent.
+  var expandedRestore: Double
   var rawRestore: Double
   var socketSeconds: Double
 }
@@ -40,14 +42,24 @@ enum CheckpointBench {
     let device = try SimulatedXeVF(profile: .bmg, vramSize: vram, logger: logger)
     device.withDeviceMemory { fill($0, content) }
     let before = device.withDeviceMemory { cvfu_crc32c(0, $0.baseAddress, $0.count) }
-    let (server, client, path) = try serveForBench(device, name: "checkpoint", logger: logger)
+    let (server, path) = try {
+      let served = try serveForBench(device, name: "checkpoint", logger: logger)
+      return (served.0, served.2)
+    }()
     defer { server.stop() }
+    // The container's rounds go over a client that negotiated the sparse stream, the raw
+    // stream's (and the expanded restore's) over one that did not.
+    var current: VFIOUserClient?
+    func use(sparse: Bool) throws -> VFIOUserClient {
+      try switchBenchClient(&current, server, path, sparse: sparse)
+      return current!
+    }
     let quiet = ProgressReporter(label: "", total: 0, enabled: false)
     // In memory (tmpfs) where there is one: a disk's writeback would be measured, not the format.
     let directory = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp"
     let containerPath = "\(directory)/xe-vfio-user-bench-\(getpid()).xesave"
     let rawPath = "\(directory)/xe-vfio-user-bench-\(getpid()).raw"
-    let identity = try DeviceIdentity.read(from: client)
+    let identity = try DeviceIdentity.read(from: use(sparse: false))
     defer {
       unlink(containerPath)
       unlink(rawPath)
@@ -59,11 +71,13 @@ enum CheckpointBench {
     var containerBytes: UInt64 = 0
     for round in 0..<6 {
       let container = round % 2 == 0
+      let client = try use(sparse: container)
       let out = try SaveOutput(path: container ? containerPath : rawPath)
       try client.setMigrationState(.stopCopy)
       let start = now()
       if container {
         let writer = SaveFileWriter()
+        writer.sparseInput = client.sparseMigration
         try out.write(
           writer.header(
             SaveFileHeader(identity: identity, estimatedBytes: vram, created: "", source: path)))
@@ -90,9 +104,10 @@ enum CheckpointBench {
     }
 
     // Restores of each file into the same VF, each checked against the VRAM it was saved from.
-    var restored = (container: Double.infinity, raw: Double.infinity)
-    for round in 0..<4 {
-      let container = round % 2 == 0
+    var restored = (container: Double.infinity, expanded: Double.infinity, raw: Double.infinity)
+    for round in 0..<6 {
+      let container = round % 3 != 2
+      let client = try use(sparse: round % 3 == 0)
       _ = device.withDeviceMemory { $0.initializeMemory(as: UInt8.self, repeating: 0xEE) }
       let fd = try FileDescriptor.open(container ? containerPath : rawPath, .readOnly)
       defer { try? fd.close() }
@@ -125,7 +140,11 @@ enum CheckpointBench {
         throw CLIError("checkpoint bench: the \(container ? "container" : "raw") restore lost VRAM")
       }
       if container {
-        restored.container = min(restored.container, seconds)
+        if client.sparseMigration {
+          restored.container = min(restored.container, seconds)
+        } else {
+          restored.expanded = min(restored.expanded, seconds)
+        }
       } else {
         restored.raw = min(restored.raw, seconds)
       }
@@ -133,7 +152,7 @@ enum CheckpointBench {
     return CheckpointFigures(
       content: content.rawValue, streamBytes: streamBytes, containerBytes: containerBytes,
       containerSave: best.container, rawSave: best.raw, containerRestore: restored.container,
-      rawRestore: restored.raw,
+      expandedRestore: restored.expanded, rawRestore: restored.raw,
       socketSeconds: SocketFloor.streamSeconds(
         bytes: Int(streamBytes), chunk: 1 << 20, serverCPU: nil))
   }

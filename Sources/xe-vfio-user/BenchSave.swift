@@ -91,11 +91,29 @@ func serveForBench(_ device: SimulatedXeVF, name: String, logger: Logger) throws
   try server.listen(socketPath: path)
   server.start()
   do {
-    let client = try VFIOUserClient.connect(path: path)
-    _ = cvfu_socket_buffers(client.channel.fd, 4 << 20)
-    return (server, client, path)
+    return (server, try benchClient(path), path)
   } catch {
     server.stop()
     throw error
   }
+}
+
+/// A bench's client of the server at `path`, offering the sparse migration stream or not.
+func benchClient(_ path: String, sparse: Bool = false) throws -> VFIOUserClient {
+  let client = try VFIOUserClient.connect(
+    path: path,
+    capabilities: sparse ? VFIOUserClient.sparseCapabilities : VFIOUserClient.defaultCapabilities)
+  _ = cvfu_socket_buffers(client.channel.fd, 4 << 20)
+  return client
+}
+
+/// Replaces `client` by one that offers the sparse stream or not, once the
+/// server has seen the old one leave (it takes one client at a time).
+func switchBenchClient(
+  _ client: inout VFIOUserClient?, _ server: VFIOUserServer, _ path: String, sparse: Bool
+) throws {
+  if let current = client, current.sparseMigration == sparse { return }
+  client = nil
+  while server.statistics.snapshot.clientConnected { usleep(1000) }
+  client = try benchClient(path, sparse: sparse)
 }

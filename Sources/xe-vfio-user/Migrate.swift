@@ -6,6 +6,10 @@ import VFIOUser
 import VFIOUserClient
 import VFIOUserServer
 
+#if canImport(Glibc)
+  import Glibc
+#endif
+
 struct Migrate: ParsableCommand {
   static let configuration = CommandConfiguration(
     abstract: "Move a VF's state from one server to another (vfio-user migration v2).",
@@ -30,9 +34,10 @@ struct Migrate: ParsableCommand {
 
   func run() throws {
     ignoreSIGPIPE()
-    let source = try connectServer(from, option: "--from")
-    let destination = try connectServer(to, option: "--to")
+    let (source, destination) = try connectBoth()
     let result: (bytes: UInt64, seconds: Double, downtime: Double)
+    let wire =
+      source.sparseMigration ? " on the wire (sparse stream: zero VRAM pages not sent)" : ""
     do {
       result = try migrate(source, destination)
     } catch {
@@ -41,7 +46,7 @@ struct Migrate: ParsableCommand {
       throw ExitCode.failure
     }
     print(
-      "migrated \(formatRate(result.bytes)) in \(fixed(result.seconds, 3)) s (\(gigabytesPerSecond(result.bytes, result.seconds))); downtime \(fixed(result.downtime, 3)) s; destination \(noStart ? "STOP" : "RUNNING")"
+      "migrated \(formatRate(result.bytes))\(wire) in \(fixed(result.seconds, 3)) s (\(gigabytesPerSecond(result.bytes, result.seconds))); downtime \(fixed(result.downtime, 3)) s; destination \(noStart ? "STOP" : "RUNNING")"
     )
   }
 
@@ -70,10 +75,13 @@ struct Migrate: ParsableCommand {
     let downtimeStart = now()
     try step(.stopCopy) { try on(sourceEnd) { try source.setMigrationState(.stopCopy) } }
     let progress = ProgressReporter(label: "migrating", total: estimate, options: progressOptions)
+    // A sparse stream's state bytes are not counted (the relay does not look
+    // at them): its progress is the bytes on the wire.
+    let sparse = source.sparseMigration
     let bytes = try step(.stream) {
-      try relay(source, destination) { progress.update(state: $0, wire: $0) }
+      try relay(source, destination) { progress.update(state: $0, wire: $0, sparse: sparse) }
     }
-    progress.update(state: bytes, wire: bytes, final: true)
+    progress.update(state: bytes, wire: bytes, final: true, sparse: sparse)
     // The destination proves it took the whole state before the source lets go
     // of it: a hang-up until here resumes the source (its server drains the save).
     try step(.finishRestore) { try on(destinationEnd) { try destination.setMigrationState(.stop) } }
@@ -85,10 +93,23 @@ struct Migrate: ParsableCommand {
     return (bytes, Double(end - start) / 1e9, Double(end - downtimeStart) / 1e9)
   }
 
+  /// Both servers, with the sparse stream offered to the destination only
+  /// where the source took it: then either both carry it, the relay passing
+  /// the bytes through as they come, or only the source does (an older
+  /// destination) and `relayExpanding` writes its zero runs out.
+  private func connectBoth() throws -> (VFIOUserClient, VFIOUserClient) {
+    let source = try connectServer(from, option: "--from", sparse: true)
+    let destination = try connectServer(to, option: "--to", sparse: source.sparseMigration)
+    return (source, destination)
+  }
+
   /// The stream, source to destination, without passing through this process (splice).
   private func relay(
     _ source: VFIOUserClient, _ destination: VFIOUserClient, progress: (UInt64) -> Void
   ) throws -> UInt64 {
+    if source.sparseMigration, !destination.sparseMigration {
+      return try relayExpanding(source, destination, progress: progress)
+    }
     do {
       return try VFIOUserClient.relayMigrationData(
         from: source, to: destination, chunk: migrationChunk(source, destination),
@@ -99,6 +120,35 @@ struct Migrate: ParsableCommand {
       case .destination(let e): throw EndError(end: destinationEnd, underlying: e)
       }
     }
+  }
+
+  /// The relay for a destination that predates the sparse stream: the
+  /// source's sparse stream passes through this process, its zero runs
+  /// written out as bytes. Returns the bytes read from the source.
+  private func relayExpanding(
+    _ source: VFIOUserClient, _ destination: VFIOUserClient, progress: (UInt64) -> Void
+  ) throws -> UInt64 {
+    let chunk = migrationChunk(source, destination)
+    let input = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+    defer { input.deallocate() }
+    let writer = BufferedMigDataWriter(destination, end: destinationEnd, chunk: chunk)
+    defer { writer.collectAll() }
+    var decoder = SparseStreamDecoder()
+    var wire: UInt64 = 0
+    while true {
+      let n = try on(sourceEnd) { try source.migDataRead(into: input) }
+      try decode(&decoder, UnsafeRawBufferPointer(rebasing: input[0..<n])) {
+        switch $0 {
+        case .data(let data): try writer.send(data)
+        case .zeros(let count): try writer.sendZeros(count)
+        }
+      }
+      wire += UInt64(n)
+      progress(wire)
+      if n < chunk { break }
+    }
+    try writer.flush()
+    return wire
   }
 
   /// The source keeps its workload; the destination must not look healthy with half a state.
@@ -159,7 +209,7 @@ struct Save: ParsableCommand {
   func run() throws {
     ignoreSIGPIPE()
     let end = "-s \(socketPath)"
-    let client = try connectServer(socketPath, option: "-s")
+    let client = try connectServer(socketPath, option: "-s", sparse: !noCompress)
     let out = try SaveOutput(path: output)
     var stopped = false
     do {
@@ -169,6 +219,7 @@ struct Save: ParsableCommand {
       let writer = SaveFileWriter()
       writer.elideZeros = !noCompress
       writer.compress = !noCompress
+      writer.sparseInput = client.sparseMigration
       try out.write(
         try writer.header(
           SaveFileHeader(
@@ -211,15 +262,14 @@ func writeRecords(
   progress: ProgressReporter
 ) throws -> UInt64 {
   let chunk = min(migrationChunk(client), SaveFormat.maxRecord)
-  var read: UInt64 = 0
-  return try pipeline(bufferSize: chunk) { buffer in
+  _ = try pipeline(bufferSize: chunk) { buffer in
     let n = try on(end) { try client.migDataRead(into: buffer) }
     return (n, n < buffer.count)
   } consume: { data in
     try writer.append(data, to: out)
-    read += UInt64(data.count)
-    progress.update(state: read, wire: out.bytesWritten)
+    progress.update(state: writer.appendedBytes, wire: out.bytesWritten)
   }
+  return writer.appendedBytes
 }
 
 struct Restore: ParsableCommand {
@@ -256,7 +306,7 @@ struct Restore: ParsableCommand {
     let reader = SaveFileReader(input: fd, name: name)
     let header: SaveFileHeader
     do { header = try reader.readHeader() } catch { throw CLIError("\(error)") }
-    let client = try connectServer(socketPath, option: "-s")
+    let client = try connectServer(socketPath, option: "-s", sparse: true)
     let identity = try step(.identity) { try on(end) { try DeviceIdentity.read(from: client) } }
     if let why = header.identity.incompatibility(with: identity) {
       throw CLIError(
@@ -301,12 +351,178 @@ func restoreRecords(
   let chunk = migrationChunk(client)
   let job = Handoff(reader)
   var total: UInt64 = 0
+  if client.sparseMigration {
+    return try restoreSparse(from: job, into: client, end: end, chunk: chunk) {
+      total += UInt64($0)
+      progress.update(state: total, wire: reader.bytesRead.load(ordering: .relaxed))
+    }
+  }
   return try pipeline(bufferSize: SaveFormat.maxRecord) { buffer in
     try job.value.readRecords(into: buffer)
   } consume: { data in
     try on(end) { try client.migDataWrite(from: data, chunk: chunk, depth: 2) }
     total += UInt64(data.count)
     progress.update(state: total, wire: reader.bytesRead.load(ordering: .relaxed))
+  }
+}
+
+/// `restoreRecords` on a connection that negotiated the sparse stream: the
+/// file's zero records cross the socket as zero segments, never as bytes.
+/// The reader thread tags each record (`readTaggedRecords`); this thread
+/// builds the sparse stream from them and sends it in `chunk`-byte writes.
+/// Returns the expanded stream bytes restored.
+private func restoreSparse(
+  from job: Handoff<SaveFileReader>, into client: VFIOUserClient, end: String, chunk: Int,
+  progress: (Int) -> Void
+) throws -> UInt64 {
+  let writer = BufferedMigDataWriter(client, end: end, chunk: chunk)
+  let send = writer.send
+  var builder = SparseStreamBuilder()
+  var total: UInt64 = 0
+  // On a failure the acknowledgements still due are read, so the reset that follows gets its own.
+  defer { writer.collectAll() }
+  _ = try pipeline(bufferSize: SaveFormat.maxRecord + SparseMigration.segmentHeaderSize) {
+    buffer in
+    try job.value.readTaggedRecords(into: buffer)
+  } consume: { tagged in
+    var at = 0
+    while at < tagged.count {
+      let word = UInt64(
+        littleEndian: tagged.loadUnaligned(fromByteOffset: at, as: UInt64.self))
+      let length = Int(word >> 32)
+      at += SparseMigration.segmentHeaderSize
+      if UInt8(truncatingIfNeeded: word) == SparseMigration.SegmentKind.zeros.rawValue {
+        try builder.append(.zeros(length), send)
+      } else {
+        try builder.append(
+          .data(UnsafeRawBufferPointer(rebasing: tagged[at..<(at + length)])), send)
+        at += length
+      }
+      total += UInt64(length)
+      progress(length)
+    }
+  }
+  try writer.flush()
+  return total
+}
+
+/// MIG_DATA_WRITEs of a stream given in pieces of any size, up to `depth`
+/// in flight: small pieces (segment headers, pages of data) are gathered into
+/// `chunk`-byte messages, large ones sent from where they are.
+final class BufferedMigDataWriter {
+  let client: VFIOUserClient
+  let end: String
+  let chunk: Int
+  let depth = 4
+  private let out: UnsafeMutableRawBufferPointer
+  private var pending = 0
+  private var inFlight: [UInt16] = []
+  private var oldest = 0
+  /// Pieces at least this long are sent without being copied.
+  static let direct = 64 << 10
+
+  init(_ client: VFIOUserClient, end: String, chunk: Int) {
+    self.client = client
+    self.end = end
+    self.chunk = chunk
+    out = .allocate(byteCount: chunk, alignment: 4096)
+  }
+
+  deinit { out.deallocate() }
+
+  func send(_ bytes: UnsafeRawBufferPointer) throws {
+    if bytes.count >= Self.direct {
+      // A few bytes gathered (a segment header) travel in the same message.
+      let prefix = pending <= 32 ? pending : 0
+      try sendPending(ifOver: 32)
+      var rest = bytes
+      var head = UnsafeRawBufferPointer(rebasing: out[0..<prefix])
+      while !rest.isEmpty {
+        let n = min(rest.count, chunk - head.count)
+        try write(UnsafeRawBufferPointer(rebasing: rest[0..<n]), prefix: head)
+        head = UnsafeRawBufferPointer(rebasing: out[0..<0])
+        rest = UnsafeRawBufferPointer(rebasing: rest[n...])
+      }
+      pending = 0
+      return
+    }
+    var rest = bytes
+    while !rest.isEmpty {
+      let n = min(rest.count, chunk - pending)
+      UnsafeMutableRawBufferPointer(rebasing: out[pending..<(pending + n)]).copyMemory(
+        from: UnsafeRawBufferPointer(rebasing: rest[0..<n]))
+      pending += n
+      rest = UnsafeRawBufferPointer(rebasing: rest[n...])
+      if pending == chunk { try sendPending() }
+    }
+  }
+
+  func sendZeros(_ count: Int) throws {
+    var left = count
+    while left > 0 {
+      let n = min(left, SparseMigration.zeroPage.count)
+      try send(UnsafeRawBufferPointer(rebasing: SparseMigration.zeroPage[0..<n]))
+      left -= n
+    }
+  }
+
+  /// Sends what is gathered and waits for every acknowledgement.
+  func flush() throws {
+    try sendPending()
+    while oldest < inFlight.count { try collect() }
+  }
+
+  /// Reads the acknowledgements still due, whatever they say (after a failure).
+  func collectAll() {
+    while oldest < inFlight.count {
+      let id = inFlight[oldest]
+      oldest += 1
+      do throws(VFIOUserClientError) { _ = try client.receiveAck(id: id) } catch {
+        if case .server = error { continue }
+        return  // the server is gone or silent: nothing more will come
+      }
+    }
+  }
+
+  /// Sends what is gathered if it is more than `limit` bytes.
+  private func sendPending(ifOver limit: Int = 0) throws {
+    guard pending > limit else { return }
+    try write(UnsafeRawBufferPointer(rebasing: out[0..<pending]))
+    pending = 0
+  }
+
+  /// The bytes are in the socket when `sendMigDataWrite` returns: `data` may be reused.
+  private func write(
+    _ data: UnsafeRawBufferPointer,
+    prefix: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0)
+  ) throws {
+    inFlight.append(try on(end) { try client.sendMigDataWrite(data, prefix: prefix) })
+    while inFlight.count - oldest > depth { try collect() }
+  }
+
+  private func collect() throws {
+    let id = inFlight[oldest]
+    oldest += 1
+    _ = try on(end) { try client.receiveAck(id: id) }
+  }
+}
+
+/// `SparseStreamDecoder.decode` for a caller whose `emit` throws any error:
+/// that error comes out as it was; a malformed stream is a `CLIError`.
+func decode(
+  _ decoder: inout SparseStreamDecoder, _ bytes: UnsafeRawBufferPointer,
+  _ emit: (SparseMigration.Segment) throws -> Void
+) throws {
+  var failure: Error?
+  do throws(Errno) {
+    try decoder.decode(bytes) { segment throws(Errno) in
+      do { try emit(segment) } catch {
+        failure = error
+        throw .ioError
+      }
+    }
+  } catch {
+    throw failure ?? CLIError("the sparse migration stream is malformed (\(error.name))")
   }
 }
 

@@ -141,9 +141,13 @@ func step<T>(_ step: MigrationStep, _ body: () throws -> T) throws -> T {
 
 /// Connects to the server that `option` (e.g. `--from`) names, with a message
 /// that says what to do when it is absent or busy, the same for every command.
-func connectServer(_ path: String, option: String) throws -> VFIOUserClient {
+/// `sparse` offers the sparse migration stream (the client's
+/// `sparseMigration` says whether the server took it).
+func connectServer(_ path: String, option: String, sparse: Bool = false) throws -> VFIOUserClient {
   do {
-    let client = try VFIOUserClient.connect(path: path)
+    let client = try VFIOUserClient.connect(
+      path: path,
+      capabilities: sparse ? VFIOUserClient.sparseCapabilities : VFIOUserClient.defaultCapabilities)
     client.timeoutMilliseconds = migrationTimeout
     return client
   } catch {
@@ -238,12 +242,15 @@ final class ProgressReporter {
     self.init(label: label, total: total, enabled: options.enabled)
   }
 
-  func update(state: UInt64, wire: UInt64, final: Bool = false) {
+  /// `sparse`: the state bytes are not known (a relayed sparse stream), only the wire's.
+  func update(state: UInt64, wire: UInt64, final: Bool = false, sparse: Bool = false) {
     guard enabled else { return }
     let rate = gigabytesPerSecond(state, Double(now() - start) / 1e9)
     let fraction = total > 0 ? min(1, Double(state) / Double(total)) : 0
     let figures =
-      "\(formatRate(state))\(total > 0 ? " of ~\(formatRate(total))" : "") of state, \(formatRate(wire)) on the wire (\(percent(wire, of: state))), \(rate)"
+      sparse
+      ? "\(formatRate(wire)) on the wire for ~\(formatRate(total)) of state (zero VRAM pages not sent), \(rate)"
+      : "\(formatRate(state))\(total > 0 ? " of ~\(formatRate(total))" : "") of state, \(formatRate(wire)) on the wire (\(percent(wire, of: state))), \(rate)"
     if tty {
       guard final || now() - lastDraw > 100_000_000 else { return }
       lastDraw = now()

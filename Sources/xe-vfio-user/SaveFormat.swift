@@ -3,6 +3,7 @@ import CZstd
 import FoundationEssentials
 import Synchronization
 import SystemPackage
+import VFIODevice
 
 #if canImport(Glibc)
   import Glibc
@@ -69,6 +70,8 @@ final class SaveFileWriter {
   var compress = true
   private(set) var crc: UInt32 = 0
   private(set) var streamBytes: UInt64 = 0
+  /// Stream bytes appended so far (expanded: a sparse stream's zero runs count).
+  private(set) var appendedBytes: UInt64 = 0
   private(set) var records: UInt64 = 0
   private let scanner = XeStreamScanner()
   private let pending: UnsafeMutableRawBufferPointer
@@ -105,8 +108,15 @@ final class SaveFileWriter {
     return bytes + json
   }
 
+  /// The stream arrives in the sparse form (the device's connection
+  /// negotiated it): its zero segments are the zero records, with no scan.
+  var sparseInput = false
+  private var decoder = SparseStreamDecoder()
+
   /// Adds the next bytes of the stream, writing the records they complete.
   func append(_ data: UnsafeRawBufferPointer, to out: SaveOutput) throws {
+    if sparseInput { return try appendSparse(data, to: out) }
+    appendedBytes += UInt64(data.count)
     guard elideZeros else { return try emitData(data, to: out) }
     // Each segment is written before the scanner goes on: a span may point into its carry.
     try scanner.scan(data) { segment in
@@ -117,8 +127,24 @@ final class SaveFileWriter {
     }
   }
 
+  private func appendSparse(_ data: UnsafeRawBufferPointer, to out: SaveOutput) throws {
+    try decode(&decoder, data) { segment in
+      switch segment {
+      case .data(let span):
+        appendedBytes += UInt64(span.count)
+        try emitData(span, to: out)
+      case .zeros(let count):
+        appendedBytes += UInt64(count)
+        try emitZeros(count, to: out)
+      }
+    }
+  }
+
   /// Writes what is still held (a partial page, gathered data, a zero run) and the end record.
   func finish(to out: SaveOutput) throws {
+    if sparseInput, !decoder.atBoundary {
+      throw SaveFileError("the device's sparse stream ends inside a packet")
+    }
     if let tail = scanner.flush() { try emitData(tail, to: out) }
     try flushPending(to: out)
     try flushZeros(to: out)
@@ -463,6 +489,25 @@ final class SaveFileReader {
   /// records (a page of data, a short zero run) keeps the writes to the
   /// device large.
   func readRecords(into buffer: UnsafeMutableRawBufferPointer) throws -> (count: Int, last: Bool) {
+    try read(into: buffer, tagged: false)
+  }
+
+  /// `readRecords` for a sparse restore: each record goes into `buffer` as
+  /// a segment header of the sparse form (`SparseMigration.segmentHeader`:
+  /// data or zeros, and its stream length) followed, for data, by its
+  /// verified, expanded bytes. Zero records take no room but their header,
+  /// so nothing is memset. Returns the bytes used, and whether the end
+  /// record has been verified.
+  func readTaggedRecords(into buffer: UnsafeMutableRawBufferPointer) throws -> (
+    count: Int, last: Bool
+  ) {
+    try read(into: buffer, tagged: true)
+  }
+
+  private func read(into buffer: UnsafeMutableRawBufferPointer, tagged: Bool) throws -> (
+    count: Int, last: Bool
+  ) {
+    let tag = tagged ? SparseMigration.segmentHeaderSize : 0
     var count = 0
     while true {
       let head = try peeked ?? readRecordHead()
@@ -471,12 +516,21 @@ final class SaveFileReader {
         try end(head.crc)
         return (count, true)
       }
-      if count + head.streamLength > buffer.count {
+      let expanded = !tagged || head.kind != .zeros
+      if count + tag + (expanded ? head.streamLength : 0) > buffer.count {
         peeked = head
         return (count, false)
       }
-      try readBody(head, into: UnsafeMutableRawBufferPointer(rebasing: buffer[count...]), at: count)
-      count += head.streamLength
+      if tagged {
+        let word = SparseMigration.segmentHeader(
+          expanded ? .data : .zeros, length: head.streamLength)
+        buffer.storeBytes(of: word.littleEndian, toByteOffset: count, as: UInt64.self)
+        count += tag
+      }
+      try readBody(
+        head, into: UnsafeMutableRawBufferPointer(rebasing: buffer[count...]),
+        at: tagged ? -1 : count)
+      if expanded { count += head.streamLength }
     }
   }
 
@@ -542,7 +596,9 @@ final class SaveFileReader {
   )
     throws
   {
-    let base = target.baseAddress! - offset
+    // Offset -1: a tagged read, where zero records are not expanded.
+    let tagged = offset < 0
+    let base = target.baseAddress! - max(offset, 0)
     let body: UnsafeMutableRawBufferPointer
     switch head.kind {
     case .stored: body = UnsafeMutableRawBufferPointer(rebasing: target[0..<head.bodyLength])
@@ -555,6 +611,14 @@ final class SaveFileReader {
       throw SaveFileError(
         "\(name): checksum mismatch in the record at bytes \(head.start)–\(position); the file is damaged"
       )
+    }
+    streamBytes += UInt64(head.streamLength)
+    records += 1
+    if tagged {
+      if head.kind == .zstd {
+        try expand(UnsafeRawBufferPointer(body), into: target, head.streamLength, at: head.start)
+      }
+      return
     }
     let known = zeroPrefix[base, default: 0]
     switch head.kind {
@@ -569,8 +633,6 @@ final class SaveFileReader {
     default:
       zeroPrefix[base] = min(known, offset)
     }
-    streamBytes += UInt64(head.streamLength)
-    records += 1
   }
 
   private func compressedBody(_ length: Int) -> UnsafeMutableRawBufferPointer {

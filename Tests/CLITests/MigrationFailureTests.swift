@@ -60,6 +60,18 @@ func markDevice(_ client: VFIOUserClient, vram: Int, seed: UInt8) throws -> [(UI
   return marks
 }
 
+/// `markDevice`, with data in every page of VRAM: a sparse stream does not
+/// carry zero pages, and one of a nearly empty VF would be over at once.
+func fillAndMarkDevice(_ client: VFIOUserClient, vram: Int, seed: UInt8) throws -> [(
+  UInt64, [UInt8]
+)] {
+  for offset in stride(from: 0, to: vram, by: 1 << 20) {
+    try client.write(
+      region: VFIOPCIRegion.bar2, offset: UInt64(offset), data: pattern(1 << 20, seed: seed &+ 99))
+  }
+  return try markDevice(client, vram: vram, seed: seed)
+}
+
 /// The device is RUNNING and holds exactly the marks.
 func expectMarked(
   _ serve: ServeProcess, _ marks: [(UInt64, [UInt8])], seed: UInt8,
@@ -88,7 +100,7 @@ struct MigrationFailureTests {
     let source = try ServeProcess(keep)
     let destination = try ServeProcess(keep)
     defer { [source, destination].forEach { _ = $0.stop() } }
-    let marks = try markDevice(try source.connect(), vram: vram, seed: 1)
+    let marks = try fillAndMarkDevice(try source.connect(), vram: vram, seed: 1)
     _ = try destination.connect()
     waitIdle(source)
     let migrate = try Background([

@@ -102,6 +102,8 @@ struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
   enum CorpusBackend: Sendable { case simulated, kernel }
   /// Server limits other than the defaults.
   var limits: CorpusLimits?
+  /// VERSION offers the sparse migration stream (protocol/sparse-migration.md).
+  var sparseMigration: Bool?
 
   struct CorpusLimits: Decodable, Sendable {
     var maxDMAMaps: UInt32?
@@ -120,6 +122,7 @@ struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
     case kernelOnly = "kernel_only"
     case setupFDs = "setup_fds"
     case kernelDevice = "kernel_device"
+    case sparseMigration = "sparse_migration"
   }
 
   /// This case as replayed against the kernel backend.
@@ -130,7 +133,9 @@ struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
   }
 
   /// Replayed against the default server and test device (the pipelined burst takes only these).
-  var runsOnDefaultServer: Bool { device == nil && limits == nil && kernelOnly != true }
+  var runsOnDefaultServer: Bool {
+    device == nil && limits == nil && kernelOnly != true && sparseMigration == nil
+  }
 
   var serverLimits: ServerLimits {
     var serverLimits = ServerLimits()
@@ -144,7 +149,8 @@ struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
   /// logging; the simulated Xe VF and the kernel backend have both.
   var expectation: String {
     if backend == .kernel { return expectKernel ?? expect }
-    return device == "xe" ? expect : expectNoMigration ?? expectNoDMALogging ?? expect
+    return device == "xe" || device == "migrating"
+      ? expect : expectNoMigration ?? expectNoDMALogging ?? expect
   }
 
   /// The errno of the expected error reply, or nil for "disconnect" and "no-reply".
@@ -456,6 +462,10 @@ struct MalformedCorpusSocketTests {
       try withServer(vf, limits: entry.serverLimits) { server, _ in
         try drive(entry, server, mappedWindows: { nil })
       }
+    } else if entry.device == "migrating" {
+      try withServer(MigratingTestDevice(), limits: entry.serverLimits) { server, device in
+        try drive(entry, server, mappedWindows: { device.mappedWindows })
+      }
     } else {
       try withServer(TestDevice(), limits: entry.serverLimits) { server, device in
         try drive(entry, server, mappedWindows: { device.mappedWindows })
@@ -470,7 +480,7 @@ struct MalformedCorpusSocketTests {
     do {
       let name = entry.name
       let client = try VFIOUserClient.open(path: server.path)
-      if entry.afterVersion { try handshake(client) }
+      if entry.afterVersion { try handshake(client, sparse: entry.sparseMigration == true) }
 
       var mappedBySetup = 0
       for (i, hex) in (entry.setup ?? []).enumerated() {
@@ -563,8 +573,18 @@ struct MalformedCorpusSocketTests {
   // MARK: Checks
 
   /// Sends QEMU's VERSION and checks the server's 0.0 reply.
-  static func handshake(_ client: VFIOUserClient) throws {
-    let request = try SocketCorpus.qemuVersionRequest()
+  /// QEMU's VERSION, or (`sparse`) this project's client's offer of the sparse stream.
+  static func handshake(_ client: VFIOUserClient, sparse: Bool = false) throws {
+    var request = try SocketCorpus.qemuVersionRequest()
+    if sparse {
+      let payload = VersionPayload(
+        major: 0, minor: 0, json: VFIOUserClient.sparseCapabilities.json()
+      ).encoded()
+      request = [UInt8](repeating: 0, count: 16) + payload
+      request.withUnsafeMutableBytes {
+        MessageHeader(messageID: 1, command: .version, size: UInt32($0.count)).encode(into: $0)
+      }
+    }
     try client.sendRaw(request)
     let reply = try #require(
       try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout),

@@ -115,6 +115,13 @@ let featureSet = VFIODeviceFeatureFlags.set
 let featureProbe = VFIODeviceFeatureFlags.probe
 
 extension VFIOUserClient {
+  /// MIG_DATA_WRITEs of `stream`, `chunk` bytes each.
+  func writeStream(_ stream: [UInt8], chunk: Int) throws {
+    for offset in stride(from: 0, to: stream.count, by: chunk) {
+      try migDataWrite(Array(stream[offset..<min(offset + chunk, stream.count)]))
+    }
+  }
+
   /// Reads the whole stream in `chunk`-byte messages.
   func readStream(chunk: UInt32) throws -> [UInt8] {
     var all: [UInt8] = []
@@ -204,12 +211,7 @@ struct MigrationTests {
         let stream = try a.readStream(chunk: 4096)
         #expect(stream.count == 4 + TestDevice.bar2Size)
         #expect(try a.migDataRead(size: 4096).isEmpty)  // after the end: 0 bytes
-        var offset = 0
-        while offset < stream.count {
-          let n = min(5000, stream.count - offset)
-          try b.migDataWrite(Array(stream[offset..<(offset + n)]))
-          offset += n
-        }
+        try b.writeStream(stream, chunk: 5000)
         try b.setMigrationState(.running)
         #expect(
           destination.arcs.suffix(3) == [

@@ -148,19 +148,69 @@ final class XeRestoreStream: MigrationSink {
         at += take(UnsafeRawBufferPointer(rebasing: bytes[at...]))
       }
       guard let header, received == header.size else { continue }
-      let packet = PFPacket(header, header.type == .vram ? .vram : .bytes(payload))
-      self.header = nil
-      headerBytes = []
-      payload = []
-      assembled += 1
-      do throws(Errno) {
-        try produce(packet)
-      } catch let error where error == .timedOut {
-        unproduced = packet  // accepted; handed over by the next write
-        return at
-      }
+      if try !complete(header) { return at }
     }
     return bytes.count
+  }
+
+  /// The current packet has all its bytes: hands it to the PF. Returns false
+  /// when the PF had no room (the packet is `unproduced`, handed over by the
+  /// next write).
+  private func complete(_ header: XePacketHeader) throws(Errno) -> Bool {
+    let packet = PFPacket(header, header.type == .vram ? .vram : .bytes(payload))
+    self.header = nil
+    headerBytes = []
+    payload = []
+    assembled += 1
+    do throws(Errno) {
+      try produce(packet)
+    } catch let error where error == .timedOut {
+      unproduced = packet  // accepted; handed over by the next write
+      return false
+    }
+    return true
+  }
+
+  /// Zero bytes of the stream (a zero run of the sparse form): inside a VRAM
+  /// packet they zero VRAM without being copied (`DeviceMemory.zero`: whole
+  /// pages become holes of the memfd), and the PF sees the packet as if its
+  /// bytes had come; anywhere else they are written as bytes.
+  func writeZeros(_ count: Int) throws(Errno) -> Int {
+    guard let header, header.type == .vram, count > 0, !closed, error == nil,
+      unproduced == nil
+    else {
+      let zeros = SparseMigration.zeroPage
+      return try write(UnsafeRawBufferPointer(rebasing: zeros[0..<min(count, zeros.count)]))
+    }
+    try pf.locked { () throws(Errno) in try pf.check(stream: id) }
+    let n = Int(min(UInt64(count), header.size - received))
+    if intoVRAM, let memory { zeroVRAM(memory, header, from: received, count: UInt64(n)) }
+    received += UInt64(n)
+    taken += UInt64(n)
+    if received == header.size { _ = try complete(header) }
+    return n
+  }
+
+  /// VRAM of the current packet known to be zero, as VRAM offsets: the
+  /// first zero run of a packet punches every whole page from there to the
+  /// packet's end out of the memfd at once (one call, where a punch per run
+  /// would cost a TLB flush each), and later runs find their pages zero. Data
+  /// written meanwhile only ever lands before the next run: the stream moves forward.
+  private var knownZero: Range<UInt64>?
+
+  private func zeroVRAM(
+    _ memory: DeviceMemory, _ header: XePacketHeader, from position: UInt64, count: UInt64
+  ) {
+    let start = header.offset + position
+    if knownZero == nil || !(knownZero!.contains(start) || knownZero!.lowerBound > start) {
+      knownZero = memory.punchPages(from: start, to: header.offset + header.size)
+    }
+    let zero = knownZero ?? start..<start
+    // Only what lies outside the punched pages is memset: a partial page at either end.
+    let head = min(start + count, max(start, zero.lowerBound))
+    if head > start { memory.zero(offset: start, length: head - start) }
+    let tail = max(head, min(start + count, zero.upperBound))
+    if start + count > tail { memory.zero(offset: tail, length: start + count - tail) }
   }
 
   /// What the stream lacks to be complete, for a log line; nil once the PF
@@ -240,6 +290,7 @@ final class XeRestoreStream: MigrationSink {
         })
     else { throw .invalidArgument }
     if decoded.type == .vram {
+      knownZero = nil
       intoVRAM = memory != nil && pf.acceptsVRAM(decoded)
     } else {
       guard decoded.size <= Self.maxBufferedPayload else { throw .noMemory }
