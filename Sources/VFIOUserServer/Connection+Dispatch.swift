@@ -443,6 +443,7 @@ extension Connection {
   }
 
   /// MIG_DATA_WRITE: valid in RESUMING; every byte is handed over (partial writes retried).
+  /// Large ones with data for VRAM are taken in place instead (`migDataWriteInPlace`).
   func migDataWrite(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
     let request = try MigDataHeader(decoding: payload)
     guard payload.count - MigDataHeader.size == Int(request.size),
@@ -451,13 +452,8 @@ extension Connection {
       throw .invalidArgument
     }
     guard migratable != nil else { throw .invalidArgument }
-    let sink = try migration.sink()
-    var rest = UnsafeRawBufferPointer(rebasing: payload[MigDataHeader.size...])
-    while !rest.isEmpty {
-      let accepted = try sink.write(rest)
-      guard accepted > 0 else { throw .ioError }
-      rest = UnsafeRawBufferPointer(rebasing: rest[accepted...])
-    }
+    try Self.writeAll(
+      UnsafeRawBufferPointer(rebasing: payload[MigDataHeader.size...]), to: try migration.sink())
     return 0
   }
 
