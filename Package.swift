@@ -163,6 +163,7 @@ let package = Package(
       name: "VFIOUserServerTests",
       dependencies: [
         "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF", "CVFIOUser",
+        "VFIOUserSocket",
       ],
       swiftSettings: strict),
     .testTarget(

@@ -45,6 +45,8 @@ extension Connection {
     if traceEnabled {
       logger.trace("<- MIG_DATA_WRITE id=\(header.messageID) size=\(header.size) (data in place)")
     }
+    var placed: UInt64 = 0
+    defer { if placed > 0 { stats.update { $0.migrationBytesPlaced += placed } } }
     while channel.payloadLeft > 0 {
       let taken: Result<Void, Errno>
       switch sink.placement(ofNext: channel.payloadLeft) {
@@ -53,6 +55,7 @@ extension Connection {
           guard try channel.receivePayload(into: span) else { return .ended(closedEnd) }
         } catch { return .ended(receiveFailed(error)) }
         taken = Result { () throws(Errno) in try sink.placed(span.count) }
+        placed += UInt64(span.count)
       case .write(let count):
         let bytes: UnsafeRawBufferPointer
         do throws(Errno) {
