@@ -18,9 +18,9 @@ extension Connection {
   /// The channel offers MIG_DATA_WRITEs before their data when the device migrates.
   func offerMigDataWritesInParts() {
     guard migratable != nil else { return }
-    channel.partedReceive = PartedReceive(
-      command: Command.migDataWrite.rawValue, head: MigDataHeader.size,
-      minimumPayload: Self.inPlaceWriteMinimum)
+    channel.partedReceive = (
+      Command.migDataWrite.rawValue, MigDataHeader.size, Self.inPlaceWriteMinimum
+    )
   }
 
   /// MIG_DATA_WRITE with its data received where the restore stream takes it

@@ -31,22 +31,6 @@ public enum ReceiveResult {
   case parted(MessageHeader, head: UnsafeRawBufferPointer)
 }
 
-/// Which messages `receive()` hands over before their payload has arrived
-/// (`ReceiveResult.parted`), so the receiver can place the payload itself:
-/// commands of this number, of at least `minimumPayload` bytes after their
-/// `head`, that bring no descriptors.
-public struct PartedReceive: Sendable {
-  public var command: UInt16
-  public var head: Int
-  public var minimumPayload: Int
-
-  public init(command: UInt16, head: Int, minimumPayload: Int) {
-    self.command = command
-    self.head = head
-    self.minimumPayload = minimumPayload
-  }
-}
-
 /// A small owned list of descriptors with no heap allocation for the common
 /// cases (up to 16). Whatever is not taken is closed by `closeAll()`.
 public struct FDList {
@@ -118,11 +102,14 @@ public final class MessageChannel {
   public var partialMessageTimeoutMilliseconds: Int32 = 0
   /// When the message now partly buffered began to be waited for (ms, monotonic), or 0.
   private var partialSince: Int64 = 0
-  /// Messages handed over before their payload (nil: every message whole).
+  /// Which messages `receive()` hands over before their payload has arrived
+  /// (`ReceiveResult.parted`), so the receiver can place the payload itself:
+  /// commands of this number, of at least `minimumPayload` bytes after their
+  /// fixed `head`, that bring no descriptors (nil: every message whole).
   /// While set, a read from the socket takes only what completes the message
   /// being assembled plus `readAhead` bytes, so a parted message's payload
   /// stays in the socket for the receiver to place.
-  public var partedReceive: PartedReceive?
+  public var partedReceive: (command: UInt16, head: Int, minimumPayload: Int)?
   /// Bytes a read takes beyond the message being assembled while `partedReceive` is set.
   public static let readAhead = 4096
   /// Payload bytes of the taken parted message not yet received.
