@@ -71,7 +71,6 @@ enum MigrationBench {
     var best = MigrationFigures(
       vram: vram, streamBytes: 0, readRate: 0, writeRate: 0, migrationSeconds: .infinity,
       downtime: .infinity, memcpySeconds: .infinity, socketSeconds: .infinity, peakAnonGrowth: 0)
-    let baseline = anonKiB()
     for _ in 0..<rounds {
       // 1. MIG_DATA_READ: the whole stream, straight into memory kept for the write figure,
       // 1 MiB requests, four in flight.
@@ -90,6 +89,7 @@ enum MigrationBench {
       try dst.setMigrationState(.running)
 
       // 3. A full migration, as `migrate` does it, watching the process's private memory.
+      let baseline = anonKiB()
       let peak = Atomic<Int>(baseline)
       let sampling = Atomic<Bool>(true)
       let sampler = startThread(name: "rss-sampler") {
