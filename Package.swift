@@ -163,7 +163,8 @@ let package = Package(
       name: "VFIOUserServerTests",
       dependencies: [
         "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF", "CVFIOUser",
-        "VFIOUserSocket",
+        "VFIOUserSocket", "KernelVFIO", "KernelVFIOBackend",
+        .product(name: "Logging", package: "swift-log"),
       ],
       swiftSettings: strict),
     .testTarget(

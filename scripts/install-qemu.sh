@@ -24,6 +24,7 @@
 #   guest/amd64/vmlinuz         the generic amd64 flavour of the same kernel version (it has
 #   guest/amd64/modules/*.ko    igb, which the cloud flavour lacks), igb and the VFIO modules
 #                               with their dependencies, and modules/order (insmod order)
+#   guest/amd64/extra/mdev.ko   mdev.ko of that package, for the mtty build (not inserted there)
 #   guest/mtty/mtty.ko, mdev.ko the Linux sample mdev driver mtty, built for that kernel from its
 #                               linux-source, and mdev.ko from the amd64 package
 #   env                         XE_VFU_QEMU=... and friends, for scripts/test.sh and the tests
@@ -348,7 +349,20 @@ install_guest_amd64() {
     order+=("$m") wanted+=("$file.ko")
   }
   for name in "${IGB_MODULES[@]}"; do resolve "$name"; done
+  # mdev.ko is for the mtty guest (install_guest_mtty), not inserted here:
+  # kept beside the modules, outside their insmod order, so that the mtty
+  # build need not download this package again.
+  local mdev
+  mdev=$(grep -E '/kernel/drivers/vfio/mdev/mdev\.ko(\.xz)?$' "$work/index" | head -n1)
   rm -rf "$dir.new" && mkdir -p "$dir.new/modules"
+  if [ -n "$mdev" ]; then
+    mkdir -p "$dir.new/extra"
+    tar -xf "$work/data.tar" -C "$work" "$mdev"
+    case "$mdev" in
+      *.xz) xz -dc "$work/${mdev#./}" >"$dir.new/extra/mdev.ko" ;;
+      *) cp "$work/${mdev#./}" "$dir.new/extra/mdev.ko" ;;
+    esac
+  fi
   cp "$(ls "$work"/boot/vmlinuz-* | head -n1)" "$dir.new/vmlinuz" && chmod 0644 "$dir.new/vmlinuz"
   local i
   for i in "${!order[@]}"; do mv "${wanted[$i]}" "$dir.new/modules/${order[$i]}.ko"; done
@@ -380,7 +394,7 @@ install_guest_mtty() {
   release=${kernel#linux-image-}
   build=$CACHE/mtty-build
   rm -rf "$build" "$dir.new" && mkdir -p "$dir.new"
-  say "mtty guest: building the mtty sample module for $release (downloads gcc-14, the kernel headers and linux-source, about 260 MB; only mtty.ko and mdev.ko are kept)"
+  say "mtty guest: building the mtty sample module for $release (downloads gcc-14, the kernel headers and linux-source, about 225 MB; only mtty.ko and mdev.ko are kept)"
   rx=$(rx_bytes)
   cp -a "$QROOT" "$build"
   trap 'rm -rf "${build:?}"' EXIT
@@ -394,7 +408,11 @@ install_guest_mtty() {
     die "installing gcc-14 in the mtty build root failed (log: $GUEST/apt.log)"
   local spool=/var/cache/mtty-download
   mkdir -p "$build$spool"
-  chroot "$build" sh -c "cd $spool && apt-get download -qq linux-headers-$release linux-headers-${release%-amd64}-common linux-kbuild-${release%-amd64} linux-source-$series=$version $kernel" >>"$GUEST/apt.log" 2>&1 ||
+  # mdev.ko comes from the amd64 package, which install_guest_amd64 already
+  # unpacked when it ran on this machine with this version (kept in extra/).
+  local amd64_mdev=$GUEST/amd64/extra/mdev.ko image=$kernel
+  if [ -s "$amd64_mdev" ] && [ "$(cat "$GUEST/amd64/kernel-package" 2>/dev/null)" = "$kernel" ]; then image=; fi
+  chroot "$build" sh -c "cd $spool && apt-get download -qq linux-headers-$release linux-headers-${release%-amd64}-common linux-kbuild-${release%-amd64} linux-source-$series=$version $image" >>"$GUEST/apt.log" 2>&1 ||
     die "downloading the headers, linux-source-$series=$version and $kernel failed (log: $GUEST/apt.log)"
   local deb
   for deb in "$build$spool"/linux-headers-*.deb "$build$spool"/linux-kbuild-*.deb; do dpkg-deb -x "$deb" "$build"; done
@@ -408,8 +426,12 @@ install_guest_mtty() {
     CONFIG_DEBUG_INFO_BTF_MODULES= modules >>"$GUEST/mtty-build.log" 2>&1 ||
     { tail -n 20 "$GUEST/mtty-build.log" >&2; die "building mtty.ko failed (log: $GUEST/mtty-build.log)"; }
   cp "$build/mtty/mtty.ko" "$build/mtty/mtty.c" "$dir.new/"
-  dpkg-deb --fsys-tarfile "$build$spool"/"$kernel"_*.deb |
-    tar -x -O --wildcards '*/kernel/drivers/vfio/mdev/mdev.ko*' >"$dir.new/mdev.ko.raw"
+  if [ -z "$image" ]; then
+    cp "$amd64_mdev" "$dir.new/mdev.ko.raw"
+  else
+    dpkg-deb --fsys-tarfile "$build$spool"/"$kernel"_*.deb |
+      tar -x -O --wildcards '*/kernel/drivers/vfio/mdev/mdev.ko*' >"$dir.new/mdev.ko.raw"
+  fi
   case "$(head -c 6 "$dir.new/mdev.ko.raw" | od -An -tx1 | tr -d ' ')" in
     fd377a585a00) xz -dc "$dir.new/mdev.ko.raw" >"$dir.new/mdev.ko" ;;
     *) mv "$dir.new/mdev.ko.raw" "$dir.new/mdev.ko" ;;

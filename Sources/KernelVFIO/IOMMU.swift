@@ -6,14 +6,30 @@ import VFIOUser
   import Glibc
 #endif
 
-/// ioctl with a structure, retrying EINTR. Returns the ioctl's value.
-@discardableResult
-func kernelIoctl(_ fd: Int32, _ request: UInt, _ bytes: inout KernelBytes) throws(Errno) -> Int32 {
+/// Repeats `call` (a system call returning -errno on failure) while it is interrupted.
+@inline(__always)
+private func retryingEINTR(_ call: () -> Int32) throws(Errno) -> Int32 {
   while true {
-    let r = bytes.bytes.withUnsafeMutableBytes { cvfu_ioctl(fd, request, $0.baseAddress) }
+    let r = call()
     if r >= 0 { return r }
     if -r != EINTR { throw Errno(rawValue: -r) }
   }
+}
+
+/// ioctl with a structure, retrying EINTR. Returns the ioctl's value.
+@discardableResult
+func kernelIoctl(_ fd: Int32, _ request: UInt, _ bytes: inout KernelBytes) throws(Errno) -> Int32 {
+  try retryingEINTR {
+    bytes.bytes.withUnsafeMutableBytes { cvfu_ioctl(fd, request, $0.baseAddress) }
+  }
+}
+
+/// ioctl with a structure on a device file, retrying EINTR.
+@discardableResult
+func kernelIoctl(_ file: any VFIODeviceFile, _ request: UInt, _ bytes: inout KernelBytes)
+  throws(Errno) -> Int32
+{
+  try retryingEINTR { bytes.bytes.withUnsafeMutableBytes { file.ioctl(request, $0.baseAddress) } }
 }
 
 /// ioctl with a structure whose u64 at `pointerAt` points to `buffer`, which the kernel fills.
@@ -34,11 +50,13 @@ func kernelIoctl(
 /// ioctl with an integer argument (or none), retrying EINTR.
 @discardableResult
 func kernelIoctl(_ fd: Int32, _ request: UInt, value: UInt = 0) throws(Errno) -> Int32 {
-  while true {
-    let r = cvfu_ioctl(fd, request, UnsafeMutableRawPointer(bitPattern: value))
-    if r >= 0 { return r }
-    if -r != EINTR { throw Errno(rawValue: -r) }
-  }
+  try retryingEINTR { cvfu_ioctl(fd, request, UnsafeMutableRawPointer(bitPattern: value)) }
+}
+
+/// ioctl without an argument on a device file, retrying EINTR.
+@discardableResult
+func kernelIoctl(_ file: any VFIODeviceFile, _ request: UInt) throws(Errno) -> Int32 {
+  try retryingEINTR { file.ioctl(request, nil) }
 }
 
 func openNode(_ path: String, group: Int? = nil, paths: SystemPaths) throws(KernelVFIOError)

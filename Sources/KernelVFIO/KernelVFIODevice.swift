@@ -23,7 +23,10 @@ public final class KernelVFIODevice {
   public let sysfs: SysfsPCIDevice?
   /// The mdev's sysfs facts; nil for a PCI function.
   public let mdev: SysfsMdevDevice?
-  public let fd: Int32
+  /// The device fd's calls (`POSIXDeviceFile` on a real device).
+  public let file: any VFIODeviceFile
+  /// The device fd: what a client maps the mmap-able areas through.
+  public var fd: Int32 { file.fd }
   public let iommu: IOMMUDomain
   public let iommuPath: IOMMUPath
   public let info: KernelDeviceInfo
@@ -44,56 +47,50 @@ public final class KernelVFIODevice {
       let uuid = selection.mdev ?? ""
       let mdev = try OpenDiagnostics.preflightMdev(uuid, paths: paths)
       let container = try Type1Container(group: mdev.iommuGroup!, device: nil, paths: paths)
-      return try adopting(try container.deviceFD(uuid)) { (fd) throws(KernelVFIOError) in
-        try KernelVFIODevice(sysfs: nil, mdev: mdev, fd: fd, iommu: container, path: .group)
-      }
+      let file = POSIXDeviceFile(adopting: try container.deviceFD(uuid))
+      return try KernelVFIODevice(
+        sysfs: nil, mdev: mdev, file: file, iommu: container, path: .group)
     }
     let device = try OpenDiagnostics.preflight(address, paths: paths)
     let cdev = selection.cdev ?? device.vfioCdev
     let useIOMMUFD =
       selection.cdev != nil
       || (allowIOMMUFD && cdev != nil && paths.exists("\(paths.dev)/iommu"))
+    // The device fd is the file's from here: closed with it when the device cannot be made.
     if useIOMMUFD, let cdev {
-      let fd = try openNode("\(paths.dev)/vfio/devices/\(cdev)", paths: paths)
-      return try adopting(fd) { (fd) throws(KernelVFIOError) in
-        let domain = try IOMMUFDDomain(device: fd, cdev: cdev, paths: paths)
-        return try KernelVFIODevice(sysfs: device, fd: fd, iommu: domain, path: .iommufd)
-      }
+      let file = POSIXDeviceFile(
+        adopting: try openNode("\(paths.dev)/vfio/devices/\(cdev)", paths: paths))
+      let domain = try IOMMUFDDomain(device: file.fd, cdev: cdev, paths: paths)
+      return try KernelVFIODevice(sysfs: device, file: file, iommu: domain, path: .iommufd)
     }
     let container = try Type1Container(
       group: device.iommuGroup!, device: device, paths: paths)
-    return try adopting(try container.deviceFD("\(device.address)")) {
-      (fd) throws(KernelVFIOError) in
-      try KernelVFIODevice(sysfs: device, fd: fd, iommu: container, path: .group)
-    }
+    let file = POSIXDeviceFile(adopting: try container.deviceFD("\(device.address)"))
+    return try KernelVFIODevice(sysfs: device, file: file, iommu: container, path: .group)
   }
 
-  /// The device fd becomes the new device's, or is closed when it cannot be made.
-  private static func adopting(
-    _ fd: Int32, _ make: (Int32) throws(KernelVFIOError) -> KernelVFIODevice
-  ) throws(KernelVFIOError) -> KernelVFIODevice {
-    do throws(KernelVFIOError) {
-      return try make(fd)
-    } catch {
-      close(fd)
-      throw error
-    }
+  /// A device already open as `file` (a fake in the tests) behind `iommu`:
+  /// asked what it has exactly as a device opened by `open` is.
+  public static func adopt(_ file: any VFIODeviceFile, iommu: IOMMUDomain)
+    throws(KernelVFIOError) -> KernelVFIODevice
+  {
+    try KernelVFIODevice(sysfs: nil, file: file, iommu: iommu, path: .group)
   }
 
   private init(
-    sysfs device: SysfsPCIDevice?, mdev: SysfsMdevDevice? = nil, fd: Int32, iommu: IOMMUDomain,
-    path: IOMMUPath
+    sysfs device: SysfsPCIDevice?, mdev: SysfsMdevDevice? = nil, file: any VFIODeviceFile,
+    iommu: IOMMUDomain, path: IOMMUPath
   ) throws(KernelVFIOError) {
     address = device?.address
     sysfs = device
     self.mdev = mdev
-    self.fd = fd
+    self.file = file
     self.iommu = iommu
     iommuPath = path
     let name = device.map { "\($0.address)" } ?? "mdev \(mdev?.uuid ?? "?")"
     var request = KernelDeviceInfo.request()
     try kernelCall("VFIO_DEVICE_GET_INFO") { () throws(Errno) in
-      try kernelIoctl(fd, VFIOIoctl.deviceGetInfo, &request)
+      try kernelIoctl(file, VFIOIoctl.deviceGetInfo, &request)
     }
     do throws(KernelStructError) {
       info = try KernelDeviceInfo(parsing: request.bytes)
@@ -106,12 +103,12 @@ public final class KernelVFIODevice {
         "\(name) is not a PCI device to VFIO (flags 0x\(String(info.flags, radix: 16)))")
     }
     regions = try (0..<info.numRegions).map { (index) throws(KernelVFIOError) in
-      try Self.regionInfo(fd, index)
+      try Self.regionInfo(file, index)
     }
     irqs = try (0..<info.numIRQs).map { (index) throws(KernelVFIOError) in
       var request = KernelIRQInfo.request(index: index)
       do throws(Errno) {
-        try kernelIoctl(fd, VFIOIoctl.deviceGetIRQInfo, &request)
+        try kernelIoctl(file, VFIOIoctl.deviceGetIRQInfo, &request)
       } catch {
         // An index the device does not have: vfio-pci reports it with count 0,
         // mdev drivers (mtty) answer EINVAL; QEMU treats both as absent.
@@ -129,7 +126,8 @@ public final class KernelVFIODevice {
       }
     }
     do throws(Errno) {
-      let flags = try Self.feature(fd, get: VFIODeviceFeature.migration, size: 8).withUnsafeBytes {
+      let flags = try Self.feature(file, get: VFIODeviceFeature.migration, size: 8).withUnsafeBytes
+      {
         $0.loadUnaligned(as: UInt64.self)
       }
       migrationFlags = MigrationFlags(rawValue: flags)
@@ -144,16 +142,16 @@ public final class KernelVFIODevice {
     }
   }
 
-  deinit { close(fd) }
-
   /// A region the device does not have (vfio-pci answers EINVAL for VGA
   /// without CONFIG_VFIO_PCI_VGA) is described as empty, as QEMU treats it.
-  static func regionInfo(_ fd: Int32, _ index: UInt32) throws(KernelVFIOError) -> KernelRegionInfo {
+  static func regionInfo(_ file: any VFIODeviceFile, _ index: UInt32) throws(KernelVFIOError)
+    -> KernelRegionInfo
+  {
     var size = KernelRegionInfo.fixedSize
     for _ in 0..<4 {
       var request = KernelRegionInfo.request(index: index, argsz: size)
       do throws(Errno) {
-        try kernelIoctl(fd, VFIOIoctl.deviceGetRegionInfo, &request)
+        try kernelIoctl(file, VFIOIoctl.deviceGetRegionInfo, &request)
       } catch {
         guard error == .invalidArgument else {
           throw KernelVFIOError(
@@ -183,7 +181,7 @@ public final class KernelVFIODevice {
     throws(Errno)
   {
     try whole(region: region, offset: offset, count: buffer.count) { done, at in
-      pread(fd, buffer.baseAddress! + done, buffer.count - done, at)
+      file.pread(into: UnsafeMutableRawBufferPointer(rebasing: buffer[done...]), at: at)
     }
   }
 
@@ -191,23 +189,23 @@ public final class KernelVFIODevice {
     throws(Errno)
   {
     try whole(region: region, offset: offset, count: buffer.count) { done, at in
-      pwrite(fd, buffer.baseAddress! + done, buffer.count - done, at)
+      file.pwrite(from: UnsafeRawBufferPointer(rebasing: buffer[done...]), at: at)
     }
   }
 
   /// Repeats `call` (a pread or pwrite of the bytes after the first `done`,
-  /// at device offset `at`) until `count` bytes are through.
+  /// at device offset `at`, returning the bytes moved or -errno) until `count` bytes are through.
+  @inline(__always)
   private func whole(
-    region: UInt32, offset: UInt64, count: Int, _ call: (_ done: Int, _ at: off_t) -> Int
+    region: UInt32, offset: UInt64, count: Int, _ call: (_ done: Int, _ at: Int64) -> Int
   ) throws(Errno) {
     guard Int(region) < regions.count else { throw .invalidArgument }
     var done = 0
     while done < count {
-      let n = call(
-        done, off_t(Int64(bitPattern: regions[Int(region)].offset + offset) + Int64(done)))
+      let n = call(done, Int64(bitPattern: regions[Int(region)].offset + offset) + Int64(done))
       if n < 0 {
-        if errno == EINTR { continue }
-        throw Errno(rawValue: errno)
+        if n == -Int(EINTR) { continue }
+        throw Errno(rawValue: Int32(-n))
       }
       guard n > 0 else { throw .ioError }
       done += n
@@ -218,21 +216,23 @@ public final class KernelVFIODevice {
 
   public func setIRQs(_ set: KernelIRQSet) throws(Errno) {
     var bytes = set.encoded
-    try kernelIoctl(fd, VFIOIoctl.deviceSetIRQs, &bytes)
+    try kernelIoctl(file, VFIOIoctl.deviceSetIRQs, &bytes)
   }
 
   /// VFIO_DEVICE_RESET: a function-level (or the device's best) reset.
   public func reset() throws(Errno) {
-    try kernelIoctl(fd, VFIOIoctl.deviceReset)
+    try kernelIoctl(file, VFIOIoctl.deviceReset)
   }
 
   // MARK: Migration (VFIO_DEVICE_FEATURE)
 
-  static func feature(_ fd: Int32, get feature: UInt32, size: Int) throws(Errno) -> [UInt8] {
+  static func feature(_ file: any VFIODeviceFile, get feature: UInt32, size: Int) throws(Errno)
+    -> [UInt8]
+  {
     var request = KernelBytes(count: 8 + size)
     request.put(UInt32(8 + size), at: 0)
     request.put(feature | VFIODeviceFeatureFlags.get, at: 4)
-    try kernelIoctl(fd, VFIOIoctl.deviceFeature, &request)
+    try kernelIoctl(file, VFIOIoctl.deviceFeature, &request)
     return Array(request.bytes[8...])
   }
 
@@ -244,13 +244,13 @@ public final class KernelVFIODevice {
     request.put(VFIODeviceFeature.migDeviceState | VFIODeviceFeatureFlags.set, at: 4)
     request.put(state.rawValue, at: 8)
     request.put(Int32(-1), at: 12)
-    try kernelIoctl(fd, VFIOIoctl.deviceFeature, &request)
+    try kernelIoctl(file, VFIOIoctl.deviceFeature, &request)
     return request.s32(12)
   }
 
   /// MIG_DEVICE_STATE GET.
   public func migrationState() throws(Errno) -> MigrationState {
-    let data = try Self.feature(fd, get: VFIODeviceFeature.migDeviceState, size: 8)
+    let data = try Self.feature(file, get: VFIODeviceFeature.migDeviceState, size: 8)
     let raw = data.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }
     guard let state = MigrationState(rawValue: raw) else { throw .ioError }
     return state
@@ -258,7 +258,7 @@ public final class KernelVFIODevice {
 
   /// MIG_DATA_SIZE GET: the device's estimate of the STOP_COPY bytes.
   public func stopCopySize() throws(Errno) -> UInt64 {
-    try Self.feature(fd, get: VFIODeviceFeature.migDataSize, size: 8).withUnsafeBytes {
+    try Self.feature(file, get: VFIODeviceFeature.migDataSize, size: 8).withUnsafeBytes {
       $0.loadUnaligned(as: UInt64.self)
     }
   }

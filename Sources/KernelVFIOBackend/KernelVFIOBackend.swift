@@ -116,10 +116,12 @@ public class KernelVFIOBackend: VFIODeviceBackend {
   }
 
   /// VFIO_DEVICE_RESET. The kernel returns a migratable device to RUNNING and
-  /// kills its data_fd; the stream here answers ENODEV from now on.
+  /// kills its data_fd; the stream here answers ENODEV from now on. A reset
+  /// the kernel refuses (EAGAIN from pci_try_reset_function when the device
+  /// is busy) changed nothing, so the stream stays.
   public func reset() throws(Errno) {
-    migration?.deviceReset()
     try device.reset()
+    migration?.deviceReset()
   }
 
   public func attach(host: DeviceHost?) {

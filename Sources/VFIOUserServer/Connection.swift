@@ -201,10 +201,13 @@ final class Connection {
       !limits.resetOnDisconnect
       && (shuttingDown ? stateAtEnd == .running : settleMigrationAfterHangUp())
     if !keep {
-      do { try backend.reset() } catch {
+      do {
+        try backend.reset()
+        migration.deviceWasReset()
+      } catch {
         logger.warning("device reset after hang-up failed: \(error)")
+        returnToRunningWithoutReset()
       }
-      migration.deviceWasReset()
     }
     migration.closeStream()
     if shuttingDown, let stateAtEnd, stateAtEnd != .running {
@@ -240,6 +243,22 @@ final class Connection {
   /// moves it: resuming it could run a VF whose state already runs elsewhere.
   /// A destination in RESUMING holds part of a state and ERROR none that can
   /// be trusted: those are reset.
+  /// A device whose reset failed (it has none, or the kernel found it busy)
+  /// must still not stay mid-migration for the next client: its own arcs take
+  /// it back to RUNNING, the driver refusing a restore that is incomplete.
+  private func returnToRunningWithoutReset() {
+    guard let migratable, let state = deviceMigrationState(), state != .running else { return }
+    do throws(Errno) {
+      _ = try migration.set(.running, on: migratable)
+      logger.warning(
+        "device not reset: returned from \(state) to RUNNING through its migration arcs")
+    } catch {
+      let at = deviceMigrationState().map { "\($0)" } ?? "an unknown state"
+      logger.error(
+        "device not reset and it could not leave \(state) (\(error.name)): it stays in \(at)")
+    }
+  }
+
   private func settleMigrationAfterHangUp() -> Bool {
     guard let migratable else { return true }
     guard let state = deviceMigrationState() else { return false }

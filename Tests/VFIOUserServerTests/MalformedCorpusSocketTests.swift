@@ -76,6 +76,8 @@ struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
   var setup: [String]?
   /// Descriptors to send with the message (SCM_RIGHTS).
   var fds: Int?
+  /// Eventfds to send with each setup message (by position; none when absent).
+  var setupFDs: [Int]?
   /// `hex` is only the head: pad with zeros up to the header's size.
   var fillToSize: Bool?
   /// The reaction of a device without migration support, where it differs.
@@ -87,6 +89,17 @@ struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
   var fdKind: String?
   /// "xe": served by the simulated Xe VF (it migrates), not the test device.
   var device: String?
+  /// The reaction of the kernel backend (a fake vfio-pci device behind
+  /// `KernelVFIOBackend`), where it differs from `expect`.
+  var expectKernel: String?
+  /// Kernel-backend cases only: not replayed against the simulated devices.
+  var kernelOnly: Bool?
+  /// The fake vfio-pci device's reset: "no_reset" or "reset_busy" (default: it works).
+  var kernelDevice: String?
+  /// Which backend this replay serves the case with (not in the file).
+  var backend = CorpusBackend.simulated
+
+  enum CorpusBackend: Sendable { case simulated, kernel }
   /// Server limits other than the defaults.
   var limits: CorpusLimits?
 
@@ -103,10 +116,21 @@ struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
     case expectNoMigration = "expect_no_migration"
     case expectNoDMALogging = "expect_no_dma_logging"
     case fdKind = "fd_kind"
+    case expectKernel = "expect_kernel"
+    case kernelOnly = "kernel_only"
+    case setupFDs = "setup_fds"
+    case kernelDevice = "kernel_device"
+  }
+
+  /// This case as replayed against the kernel backend.
+  var onKernel: SocketCorpusCase {
+    var copy = self
+    copy.backend = .kernel
+    return copy
   }
 
   /// Replayed against the default server and test device (the pipelined burst takes only these).
-  var runsOnDefaultServer: Bool { device == nil && limits == nil }
+  var runsOnDefaultServer: Bool { device == nil && limits == nil && kernelOnly != true }
 
   var serverLimits: ServerLimits {
     var serverLimits = ServerLimits()
@@ -114,12 +138,13 @@ struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
     return serverLimits
   }
 
-  var testDescription: String { name }
+  var testDescription: String { backend == .kernel ? "\(name) (kernel)" : name }
 
   /// What this server must do: the test device has neither migration nor DMA
-  /// logging; the simulated Xe VF has both.
+  /// logging; the simulated Xe VF and the kernel backend have both.
   var expectation: String {
-    device == "xe" ? expect : expectNoMigration ?? expectNoDMALogging ?? expect
+    if backend == .kernel { return expectKernel ?? expect }
+    return device == "xe" ? expect : expectNoMigration ?? expectNoDMALogging ?? expect
   }
 
   /// The errno of the expected error reply, or nil for "disconnect" and "no-reply".
@@ -127,7 +152,7 @@ struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
     let name =
       expectation.hasSuffix("+disconnect")
       ? String(expectation.dropLast("+disconnect".count)) : expectation
-    return Errno(name: name)
+    return name == "ok" ? nil : Errno(name: name)
   }
 
   /// "EINVAL+disconnect": an error reply, then the server hangs up.
@@ -151,6 +176,24 @@ struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
       return true
     }
     return size >= UInt32(MessageHeader.size) && bytes.count < Int(size)
+  }
+
+  /// The memory a setup DMA_MAP brings, for the kernel backend: a device
+  /// behind VFIO reaches only fd-backed memory the server can map into its
+  /// IOMMU (the simulated devices take the window without one). A memfd that
+  /// covers the window's offset and size; nil for anything else.
+  func setupMemory(for bytes: [UInt8]) throws -> Int32? {
+    guard backend == .kernel, RawHeader(bytes).command == Command.dmaMap.rawValue,
+      bytes.count >= MessageHeader.size + 32
+    else { return nil }
+    func u64(_ at: Int) -> UInt64 {
+      (0..<8).reduce(0) { $0 | UInt64(bytes[MessageHeader.size + at + $1]) << (8 * $1) }
+    }
+    let fd = cvfu_memfd_create("xvu-setup", 1)  // MFD_CLOEXEC
+    guard fd >= 0, ftruncate(fd, off_t(u64(8) + u64(24))) == 0 else {
+      throw SocketCorpusError("cannot make the memory of a setup DMA_MAP")
+    }
+    return fd
   }
 
   /// `fds` fresh descriptors of the kinds `fd_kind` names: by default memfds
@@ -267,8 +310,11 @@ enum SocketCorpus {
   }
 
   /// Empty when the file is missing or unreadable; `corpusLoads` reports why.
-  static let cases: [SocketCorpusCase] =
+  static let all: [SocketCorpusCase] =
     (try? load("malformed.json", as: [SocketCorpusCase].self)) ?? []
+
+  /// The cases the simulated devices replay.
+  static let cases: [SocketCorpusCase] = all.filter { $0.kernelOnly != true }
 
   private struct NamedVector: Decodable {
     var name: String
@@ -298,15 +344,22 @@ struct MalformedCorpusSocketTests {
   @Test func corpusLoads() throws {
     let cases = try SocketCorpus.load("malformed.json", as: [SocketCorpusCase].self)
     #expect(!cases.isEmpty)
-    #expect(cases.count == SocketCorpus.cases.count)
+    #expect(cases.count == SocketCorpus.all.count)
     #expect(Set(cases.map(\.name)).count == cases.count, "corpus names are unique")
     _ = try SocketCorpus.qemuVersionRequest()
     for entry in cases {
-      let known =
-        ["disconnect", "no-reply"].contains(entry.expectation) || entry.expectedErrno != nil
-      #expect(known, "\(entry.name): unknown expectation \(entry.expectation)")
+      for replay in [entry, entry.onKernel] {
+        let known =
+          ["disconnect", "no-reply", "ok"].contains(replay.expectation)
+          || replay.expectedErrno != nil
+        #expect(known, "\(entry.name): unknown expectation \(replay.expectation)")
+      }
       _ = try entry.message()
       for hex in entry.setup ?? [] { _ = try socketCorpusBytes(hex: hex) }
+      // The pipelined burst sends setups without descriptors.
+      #expect(
+        entry.setupFDs == nil || entry.kernelOnly == true,
+        "\(entry.name): setup_fds is for kernel_only cases")
     }
     for name in SocketCorpus.knownIssues.keys {
       #expect(cases.contains { $0.name == name }, "known issue \(name) names no corpus entry")
@@ -396,7 +449,9 @@ struct MalformedCorpusSocketTests {
   // MARK: One entry
 
   static func drive(_ entry: SocketCorpusCase) throws {
-    if entry.device == "xe" {
+    if entry.backend == .kernel {
+      try FakeKernelServer.drive(entry)
+    } else if entry.device == "xe" {
       let vf = try SimulatedXeVF(profile: .ptl)
       try withServer(vf, limits: entry.serverLimits) { server, _ in
         try drive(entry, server, mappedWindows: { nil })
@@ -420,7 +475,11 @@ struct MalformedCorpusSocketTests {
       var mappedBySetup = 0
       for (i, hex) in (entry.setup ?? []).enumerated() {
         let bytes = try socketCorpusBytes(hex: hex)
-        try client.sendRaw(bytes)
+        var fds = try entry.setupMemory(for: bytes).map { [$0] } ?? []
+        let eventFDs = i < (entry.setupFDs?.count ?? 0) ? entry.setupFDs![i] : 0
+        fds += (0..<eventFDs).map { _ in cvfu_eventfd(0, O_NONBLOCK | O_CLOEXEC) }
+        defer { for fd in fds { _ = close(fd) } }
+        try client.sendRaw(bytes, fds: fds)
         let reply = try #require(
           try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout),
           "\(name): no reply to setup \(i)")
@@ -463,6 +522,16 @@ struct MalformedCorpusSocketTests {
 
       case "no-reply":
         try expectSilence(client, name)
+        if !entry.afterVersion { try handshake(client) }
+        try expectWorks(client, name)
+        expectNoLeaks(server, device(), dmaRegions: mappedBySetup, name)
+
+      case "ok":
+        let reply = try #require(
+          try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout),
+          "\(name): no reply within \(SocketCorpus.replyTimeout) ms")
+        expectSuccessReply(reply, to: header, name: name)
+        for fd in reply.fds { _ = close(fd) }
         if !entry.afterVersion { try handshake(client) }
         try expectWorks(client, name)
         expectNoLeaks(server, device(), dmaRegions: mappedBySetup, name)

@@ -13,7 +13,7 @@ import VFIOUser
 
 let knownExpectations: Set<String> = [
   "EINVAL", "ENOSYS", "E2BIG", "EEXIST", "ENOTTY", "EBUSY", "ENOSPC", "EBADF", "ENODATA",
-  "EOVERFLOW", "disconnect", "EINVAL+disconnect", "no-reply",
+  "EOVERFLOW", "disconnect", "EINVAL+disconnect", "no-reply", "ok", "EAGAIN", "EIO",
 ]
 
 /// The errno an `expect` value names, if it names one.
@@ -29,6 +29,7 @@ func malformedMessage(_ entry: MalformedCase) throws {
   #expect(knownExpectations.contains(entry.expect), "unknown expect \(entry.expect)")
   if let other = entry.expectNoMigration { #expect(knownExpectations.contains(other)) }
   if let other = entry.expectNoDMALogging { #expect(knownExpectations.contains(other)) }
+  if let other = entry.expectKernel { #expect(knownExpectations.contains(other)) }
   #expect((entry.fds ?? 0) >= 0)
   let bytes = try #require(entry.message)
 

@@ -148,6 +148,8 @@ struct MalformedCase: Decodable, Sendable, CustomTestStringConvertible {
   var expectNoMigration: String?
   /// The reaction of a device without DMA logging, where it differs.
   var expectNoDMALogging: String?
+  /// The reaction of the kernel backend, where it differs.
+  var expectKernel: String?
 
   enum CodingKeys: String, CodingKey {
     case name, hex, expect, layer, note, setup, fds
@@ -156,6 +158,7 @@ struct MalformedCase: Decodable, Sendable, CustomTestStringConvertible {
     case fillToSize = "fill_to_size"
     case expectNoMigration = "expect_no_migration"
     case expectNoDMALogging = "expect_no_dma_logging"
+    case expectKernel = "expect_kernel"
   }
 
   var testDescription: String { name }
