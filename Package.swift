@@ -163,7 +163,8 @@ let package = Package(
       name: "VFIOUserServerTests",
       dependencies: [
         "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF", "CVFIOUser",
-        "KernelVFIO", "KernelVFIOBackend", .product(name: "Logging", package: "swift-log"),
+        "VFIOUserSocket", "KernelVFIO", "KernelVFIOBackend",
+        .product(name: "Logging", package: "swift-log"),
       ],
       swiftSettings: strict),
     .testTarget(

@@ -44,6 +44,16 @@ extension MigrationSource {
   }
 }
 
+/// Where a restore stream takes its next bytes (`MigrationSink.placement`).
+public enum MigrationPlacement {
+  /// Straight into this memory, which the device keeps mapped (a VF's VRAM):
+  /// the server receives up to its length of the stream there, then reports
+  /// them with `MigrationSink.placed`.
+  case memory(UnsafeMutableRawBufferPointer)
+  /// Through `MigrationSink.write`: the next bytes, at most this many (at least 1).
+  case write(Int)
+}
+
 /// The restore side: the `data_fd` that STOP → RESUMING opens (O_WRONLY).
 public protocol MigrationSink: AnyObject {
   /// Hands the device a prefix of `bytes` and returns its length (at least 1
@@ -58,8 +68,27 @@ public protocol MigrationSink: AnyObject {
   /// them out as bytes.
   func writeZeros(_ count: Int) throws(Errno) -> Int
 
+  /// Where the next of `count` stream bytes go, so a server can receive them
+  /// there instead of buffering and copying them (MIG_DATA_WRITE's data into
+  /// VRAM). Offers memory only where `write` would copy the same bytes to the
+  /// same place, with the stream in good standing. A device whose state is not
+  /// in memory (a kernel `data_fd`) keeps the default: everything through `write`.
+  func placement(ofNext count: Int) -> MigrationPlacement
+
+  /// Takes `count` bytes the server received into the memory `placement`
+  /// just returned, as `write` takes bytes: a packet they complete is handed
+  /// over, and an error is the one `write` would have thrown for them.
+  func placed(_ count: Int) throws(Errno)
+
   /// Ends the stream, as `MigrationSource.close`.
   func close()
+}
+
+extension MigrationSink {
+  public func placement(ofNext count: Int) -> MigrationPlacement { .write(count) }
+
+  /// A sink that never offers memory has nothing placed in it.
+  public func placed(_ count: Int) throws(Errno) { throw .invalidArgument }
 }
 
 /// The data stream a migration arc opened.

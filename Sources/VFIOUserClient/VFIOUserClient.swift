@@ -134,6 +134,7 @@ public final class VFIOUserClient {
     switch result {
     case .closed: throw .disconnected
     case .oversized(let h): throw .protocolViolation("oversized message \(h.size)")
+    case .parted: preconditionFailure("a client's channel receives every message whole")
     case .message(var m):
       return ClientMessage(header: m.header, payload: Array(m.payload), fds: m.fds.take())
     }

@@ -446,6 +446,7 @@ extension Connection {
   }
 
   /// MIG_DATA_WRITE: valid in RESUMING; every byte is handed over (partial writes retried).
+  /// Large ones with data for VRAM are taken in place instead (`migDataWriteInPlace`).
   func migDataWrite(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
     let request = try MigDataHeader(decoding: payload)
     guard payload.count - MigDataHeader.size == Int(request.size),
@@ -454,13 +455,9 @@ extension Connection {
       throw .invalidArgument
     }
     guard migratable != nil else { throw .invalidArgument }
-    let sink = try sparse(sink: migration.sink())
-    var rest = UnsafeRawBufferPointer(rebasing: payload[MigDataHeader.size...])
-    while !rest.isEmpty {
-      let accepted = try sink.write(rest)
-      guard accepted > 0 else { throw .ioError }
-      rest = UnsafeRawBufferPointer(rebasing: rest[accepted...])
-    }
+    try Self.writeAll(
+      UnsafeRawBufferPointer(rebasing: payload[MigDataHeader.size...]),
+      to: try sparse(sink: migration.sink()))
     return 0
   }
 
@@ -478,7 +475,7 @@ extension Connection {
   }
 
   /// The restore stream's counterpart of `sparse(source:)`.
-  private func sparse(sink: any MigrationSink) -> any MigrationSink {
+  func sparse(sink: any MigrationSink) -> any MigrationSink {
     guard sparseMigration else { return sink }
     if case .sink(let wrapper as SparseMigrationSink)? = sparseStream, wrapper.inner === sink {
       return wrapper

@@ -100,6 +100,7 @@ final class Connection {
     regions = (0..<backend.regionCount).map { backend.region($0) }
     migratable = backend as? MigrationCapable
     dmaLoggingDevice = backend as? any DMALoggingCapable
+    offerMigDataWritesInParts()
   }
 
   deinit { tx.deallocate() }
@@ -114,19 +115,21 @@ final class Connection {
       do {
         result = try channel.receive()
       } catch {
-        if shuttingDown { return .shutdown }
-        if error == .timedOut {
-          let why =
-            "the client sent part of a message and nothing more for \(limits.partialMessageTimeoutMilliseconds) ms"
-          logger.warning("\(why): disconnecting it")
-          return .timedOut(why)
-        }
-        logger.error("unframeable message or socket error, closing: \(error)")
-        return .protocolError("\(error)")
+        return receiveFailed(error)
       }
       switch result {
       case .closed:
-        return shuttingDown ? .shutdown : .clientClosed
+        return closedEnd
+      case .parted(let header, let head):
+        switch migDataWriteInPlace(header, head: head) {
+        case .declined: continue  // received whole next
+        case .ended(let end):
+          flush()
+          return end
+        case .served:
+          runDeferredWork()
+          if txUsed > Self.coalesceLimit || !channel.hasBufferedMessage { flush() }
+        }
       case .oversized(let header):
         logger.warning(
           "message \(header.messageID) (\(commandName(header.command))) of \(header.size) bytes exceeds the limit \(channel.maxMessageSize); discarded"
@@ -146,6 +149,22 @@ final class Connection {
         if txUsed > Self.coalesceLimit || !channel.hasBufferedMessage { flush() }
       }
     }
+  }
+
+  /// How the connection ends when the client closed its end.
+  var closedEnd: ConnectionEnd { shuttingDown ? .shutdown : .clientClosed }
+
+  /// How the connection ends when receiving failed.
+  func receiveFailed(_ error: Errno) -> ConnectionEnd {
+    if shuttingDown { return .shutdown }
+    if error == .timedOut {
+      let why =
+        "the client sent part of a message and nothing more for \(limits.partialMessageTimeoutMilliseconds) ms"
+      logger.warning("\(why): disconnecting it")
+      return .timedOut(why)
+    }
+    logger.error("unframeable message or socket error, closing: \(error)")
+    return .protocolError("\(error)")
   }
 
   func runDeferredWork() {

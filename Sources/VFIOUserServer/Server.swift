@@ -19,6 +19,8 @@ public struct ServerSnapshot: Sendable, Equatable {
   public var irqFDs = 0
   public var lastEnd: ConnectionEnd?
   public var stopping = false
+  /// MIG_DATA_WRITE data received straight into device memory, never buffered (all clients).
+  public var migrationBytesPlaced: UInt64 = 0
 }
 
 /// Shared counters, updated by the connection thread and read anywhere.

@@ -23,6 +23,12 @@ public enum ReceiveResult {
   case oversized(MessageHeader)
   /// The peer closed the stream (or the socket was shut down).
   case closed
+  /// A message of the kind `partedReceive` names, with `head` (its fixed
+  /// payload head, in the receive buffer until the next call) here and the
+  /// rest still arriving. The receiver takes it in parts (`takeParted()`,
+  /// then `receivePayload`/`nextPayload`) or calls `receive()` again, which
+  /// then returns it whole like any other message.
+  case parted(MessageHeader, head: UnsafeRawBufferPointer)
 }
 
 /// A small owned list of descriptors with no heap allocation for the common
@@ -96,6 +102,20 @@ public final class MessageChannel {
   public var partialMessageTimeoutMilliseconds: Int32 = 0
   /// When the message now partly buffered began to be waited for (ms, monotonic), or 0.
   private var partialSince: Int64 = 0
+  /// Which messages `receive()` hands over before their payload has arrived
+  /// (`ReceiveResult.parted`), so the receiver can place the payload itself:
+  /// commands of this number, of at least `minimumPayload` bytes after their
+  /// fixed `head`, that bring no descriptors (nil: every message whole).
+  /// While set, a read from the socket takes only what completes the message
+  /// being assembled plus `readAhead` bytes, so a parted message's payload
+  /// stays in the socket for the receiver to place.
+  public var partedReceive: (command: UInt16, head: Int, minimumPayload: Int)?
+  /// Bytes a read takes beyond the message being assembled while `partedReceive` is set.
+  public static let readAhead = 4096
+  /// Payload bytes of the taken parted message not yet received.
+  public private(set) var payloadLeft = 0
+  /// Stream position of a parted message offered and not taken: received whole.
+  private var offeredAt: UInt64?
 
   private let buffer: UnsafeMutableRawBufferPointer
   private var start = 0  // first unconsumed byte
@@ -147,6 +167,7 @@ public final class MessageChannel {
   /// The next message. Throws on a socket error or a header that cannot be
   /// framed (size < 16): the stream can't be resynchronised after that.
   public func receive() throws(Errno) -> ReceiveResult {
+    if payloadLeft > 0 { discardPayload() }
     while true {
       if discardRemaining > 0 {
         let have = UInt64(end - start)
@@ -181,11 +202,115 @@ public final class MessageChannel {
           partialSince = 0
           return .message(ReceivedMessage(header: header, payload: payload, fds: fds))
         }
+        if let parted = partedReceive, offersParted(header, at: messageStart),
+          end - start >= MessageHeader.size + parted.head,
+          fdBatch.isEmpty || messageStart >= fdChunkEnd
+        {
+          offeredAt = messageStart
+          let head = UnsafeRawBufferPointer(
+            rebasing: buffer[
+              (start + MessageHeader.size)..<(start + MessageHeader.size + parted.head)])
+          return .parted(header, head: head)
+        }
         if discardRemaining == 0, start + size > buffer.count { compact() }
       } else if start + MessageHeader.size > buffer.count {
         compact()
       }
       guard try fill() else { return .closed }
+    }
+  }
+
+  /// Takes the parted message `receive()` just offered: its header and head
+  /// are consumed, and its payload (`payloadLeft` bytes) is the receiver's to
+  /// take with `receivePayload` and `nextPayload`, in order. A `receive()`
+  /// before all of it is taken drops the rest, so the stream stays in step.
+  public func takeParted() {
+    guard let parted = partedReceive, end - start >= MessageHeader.size + parted.head else {
+      preconditionFailure("takeParted() without a parted message offered")
+    }
+    let size = Int(
+      UnsafeRawBufferPointer(buffer).loadUnaligned(fromByteOffset: start + 4, as: UInt32.self))
+    var stale = takeFDs(
+      messageStart: streamBase + UInt64(start), messageEnd: streamBase + UInt64(start + size))
+    stale.closeAll()  // an earlier message's, never claimed (a parted message brings none)
+    start += MessageHeader.size + parted.head
+    payloadLeft = size - MessageHeader.size - parted.head
+    offeredAt = nil
+    if payloadLeft == 0 { partialSince = 0 }
+  }
+
+  /// Fills `bytes` (at most `payloadLeft` of them) with the next bytes of the
+  /// taken parted message's payload: what is buffered first, the rest
+  /// straight from the socket into `bytes`. Waits for the rest within the
+  /// partial-message bound (ETIMEDOUT). False when the peer closed first.
+  public func receivePayload(into bytes: UnsafeMutableRawBufferPointer) throws(Errno) -> Bool {
+    precondition(bytes.count <= payloadLeft, "more than the parted message holds")
+    let buffered = min(end - start, bytes.count)
+    if buffered > 0 {
+      UnsafeMutableRawBufferPointer(rebasing: bytes[0..<buffered]).copyMemory(
+        from: UnsafeRawBufferPointer(rebasing: buffer[start..<(start + buffered)]))
+      start += buffered
+      payloadLeft -= buffered
+    }
+    var got = buffered
+    while got < bytes.count {
+      guard let n = try receivePart(bytes.baseAddress! + got, bytes.count - got) else {
+        return false
+      }
+      got += n
+      payloadLeft -= n
+    }
+    if payloadLeft == 0 { partialSince = 0 }
+    return true
+  }
+
+  /// The next 1...`count` bytes of the taken parted message's payload (never
+  /// past its end), in the receive buffer until the next call: buffered
+  /// bytes if there are any, else one read from the socket. Waits as
+  /// `receivePayload` does; nil when the peer closed.
+  public func nextPayload(upTo count: Int) throws(Errno) -> UnsafeRawBufferPointer? {
+    precondition(count > 0 && payloadLeft > 0, "no parted payload left")
+    if start == end {
+      streamBase += UInt64(start)
+      start = 0
+      end = 0
+      guard let n = try receivePart(buffer.baseAddress!, min(count, payloadLeft, buffer.count))
+      else { return nil }
+      end = n
+    }
+    let n = min(end - start, count, payloadLeft)
+    let bytes = UnsafeRawBufferPointer(rebasing: buffer[start..<(start + n)])
+    start += n
+    payloadLeft -= n
+    if payloadLeft == 0 { partialSince = 0 }
+    return bytes
+  }
+
+  /// Drops what is left of the taken parted message's payload (a refused
+  /// MIG_DATA_WRITE): buffered bytes now, the rest as it arrives.
+  public func discardPayload() {
+    let drop = min(end - start, payloadLeft)
+    start += drop
+    discardRemaining += UInt64(payloadLeft - drop)
+    payloadLeft = 0
+  }
+
+  /// One recv of up to `count` bytes of a partly received message into
+  /// `into`, bypassing the buffer; nil on EOF. Bounded like `fill`: no wait
+  /// when bytes are ready, else within the partial-message bound. No
+  /// descriptors can arrive this way (the kernel closes any it would pass).
+  private func receivePart(_ into: UnsafeMutableRawPointer, _ count: Int) throws(Errno) -> Int? {
+    let bounded = partialMessageTimeoutMilliseconds > 0
+    while true {
+      let n = recv(fd, into, count, bounded ? Int32(MSG_DONTWAIT) : 0)
+      if n > 0 { return n }
+      if n == 0 { return nil }
+      switch errno {
+      case EINTR: continue
+      case EAGAIN where bounded: try waitForRestOfMessage()
+      case ECONNRESET, EPIPE: return nil
+      case let error: throw Errno(rawValue: error)
+      }
     }
   }
 
@@ -219,7 +344,8 @@ public final class MessageChannel {
         break  // an error reply: header only
       }
       if start + MessageHeader.size + head.count > buffer.count { compact() }
-      guard try fill() else { return nil }
+      // Only the header and head: the data is read straight into `data`, not via the buffer.
+      guard try fill(limit: MessageHeader.size + head.count - (end - start)) else { return nil }
     }
     let header = try MessageHeader(framing: UnsafeRawBufferPointer(rebasing: buffer[start..<end]))
     var fds = takeFDs(
@@ -315,8 +441,34 @@ public final class MessageChannel {
     end = live
   }
 
+  /// How much one read may take: anything while messages are received
+  /// whole; with `partedReceive` set, what completes the message being
+  /// assembled and `readAhead` more, so that a parted message's payload is
+  /// not swallowed into the buffer with the messages before it.
+  private var readLimit: Int {
+    guard let parted = partedReceive else { return .max }
+    guard discardRemaining == 0,
+      let header = try? MessageHeader(
+        framing: UnsafeRawBufferPointer(rebasing: buffer[start..<end]))
+    else { return Self.readAhead }
+    // A message that will be offered parted needs its head only.
+    let wanted =
+      offersParted(header, at: streamBase + UInt64(start))
+      ? MessageHeader.size + parted.head : Int(header.size)
+    return max(0, wanted - (end - start)) + Self.readAhead
+  }
+
+  /// Whether the message with `header` at stream `position` is one to offer
+  /// parted (unless it was offered already and declined).
+  private func offersParted(_ header: MessageHeader, at position: UInt64) -> Bool {
+    guard let parted = partedReceive else { return false }
+    return header.command == parted.command && header.isCommand
+      && Int(header.size) - MessageHeader.size - parted.head >= parted.minimumPayload
+      && offeredAt != position
+  }
+
   /// One recvmsg into the free tail of the buffer. Returns false on EOF.
-  private func fill() throws(Errno) -> Bool {
+  private func fill(limit: Int = .max) throws(Errno) -> Bool {
     // Part of a message is here (or an oversized one is being dropped): the
     // read does not block, and only when nothing is ready is the rest waited
     // for, within the bound. The common case costs no extra system call.
@@ -330,11 +482,11 @@ public final class MessageChannel {
       compact()
     }
     var count: Int32 = 0
+    let length = min(buffer.count - end, readLimit, limit)
     func receive(_ flags: Int32) -> Int {
       scratchFDs.withUnsafeMutableBufferPointer { fds in
         cvfu_recvmsg(
-          fd, buffer.baseAddress! + end, buffer.count - end, fds.baseAddress, Int32(fds.count),
-          &count, flags)
+          fd, buffer.baseAddress! + end, length, fds.baseAddress, Int32(fds.count), &count, flags)
       }
     }
     var n = receive(bounded ? Int32(MSG_DONTWAIT) : 0)

@@ -231,7 +231,7 @@ struct Bench: ParsableCommand {
         ])
       }
       print(
-        "\nMigration of the simulated BMG VF, threads not pinned (targets: MIG_DATA_READ and MIG_DATA_WRITE ≥ 0.8× the raw socket stream, 4 GiB downtime ≤ 1.3× it):"
+        "\nMigration of the simulated BMG VF, threads not pinned, each figure the best of \(MigrationBench.rounds) rounds interleaved with the raw limits' (targets: MIG_DATA_READ and MIG_DATA_WRITE ≥ 0.8× the raw socket stream, 4 GiB downtime ≤ 1.3× it):"
       )
       print(ReportTable(rows: rows).render())
       let size = migrationVRAM.map(\.bytes).max() ?? 4 << 30

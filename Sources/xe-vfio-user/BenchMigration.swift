@@ -71,60 +71,75 @@ enum MigrationBench {
     _ = cvfu_socket_buffers(dst.channel.fd, 4 << 20)
     let chunk = migrationChunk(src, dst)
 
-    // 1. MIG_DATA_READ: the whole stream, straight into memory kept for the write figure,
-    // 1 MiB requests, four in flight.
     let capacity = Int(vram) + (64 << 20)
     let saved = UnsafeMutableRawBufferPointer.allocate(byteCount: capacity, alignment: 4096)
     saved.initializeMemory(as: UInt8.self, repeating: 0)  // fault it in before the clock starts
     defer { saved.deallocate() }
-    try src.setMigrationState(.stopCopy)
-    var t0 = now()
-    let length = try src.migDataReadAll(into: saved, chunk: chunk, depth: 4)
-    let readRate = Double(length) / (Double(now() - t0) / 1e9)
-    try src.setMigrationState(.running)
+    // Each figure is the best of `rounds`, the rounds interleaved with those of the raw socket
+    // stream: on a shared machine a neighbour's burst then spoils one round, not the figure,
+    // and the server and the raw limit are measured under the same conditions.
+    var best = MigrationFigures(
+      vram: vram, streamBytes: 0, readRate: 0, writeRate: 0, migrationSeconds: .infinity,
+      downtime: .infinity, memcpySeconds: .infinity, socketSeconds: .infinity, peakAnonGrowth: 0)
+    for _ in 0..<rounds {
+      // 1. MIG_DATA_READ: the whole stream, straight into memory kept for the write figure,
+      // 1 MiB requests, four in flight.
+      try src.setMigrationState(.stopCopy)
+      var t0 = now()
+      let length = try src.migDataReadAll(into: saved, chunk: chunk, depth: 4)
+      best.readRate = max(best.readRate, Double(length) / (Double(now() - t0) / 1e9))
+      try src.setMigrationState(.running)
 
-    // 2. MIG_DATA_WRITE of the saved stream, 1 MiB messages, four in flight.
-    try dst.setMigrationState(.resuming)
-    t0 = now()
-    try dst.migDataWrite(
-      from: UnsafeRawBufferPointer(rebasing: saved[0..<length]), chunk: chunk, depth: 4)
-    let writeRate = Double(length) / (Double(now() - t0) / 1e9)
-    try dst.setMigrationState(.running)
+      // 2. MIG_DATA_WRITE of the saved stream, 1 MiB messages, four in flight.
+      try dst.setMigrationState(.resuming)
+      t0 = now()
+      try dst.migDataWrite(
+        from: UnsafeRawBufferPointer(rebasing: saved[0..<length]), chunk: chunk, depth: 4)
+      best.writeRate = max(best.writeRate, Double(length) / (Double(now() - t0) / 1e9))
+      try dst.setMigrationState(.running)
 
-    // 3. A full migration, as `migrate` does it, watching the process's private memory.
-    let baseline = anonKiB()
-    let peak = Atomic<Int>(baseline)
-    let sampling = Atomic<Bool>(true)
-    let sampler = startThread(name: "rss-sampler") {
-      while sampling.load(ordering: .relaxed) {
-        let now = anonKiB()
-        if now > peak.load(ordering: .relaxed) { peak.store(now, ordering: .relaxed) }
-        usleep(5_000)
+      // 3. A full migration, as `migrate` does it, watching the process's private memory.
+      let baseline = anonKiB()
+      let peak = Atomic<Int>(baseline)
+      let sampling = Atomic<Bool>(true)
+      let sampler = startThread(name: "rss-sampler") {
+        while sampling.load(ordering: .relaxed) {
+          let now = anonKiB()
+          if now > peak.load(ordering: .relaxed) { peak.store(now, ordering: .relaxed) }
+          usleep(5_000)
+        }
       }
-    }
-    precondition(sampler == nil, "cannot start the memory sampler: \(sampler!)")
-    let start = now()
-    try dst.setMigrationState(.resuming)
-    let downtimeStart = now()
-    try src.setMigrationState(.stopCopy)
-    let moved = try VFIOUserClient.relayMigrationData(from: src, to: dst, chunk: chunk)
-    try src.setMigrationState(.stop)
-    try dst.setMigrationState(.running)
-    let end = now()
-    sampling.store(false, ordering: .relaxed)
-    usleep(10_000)
-    try src.setMigrationState(.running)
+      precondition(sampler == nil, "cannot start the memory sampler: \(sampler!)")
+      let start = now()
+      try dst.setMigrationState(.resuming)
+      let downtimeStart = now()
+      try src.setMigrationState(.stopCopy)
+      let moved = try VFIOUserClient.relayMigrationData(from: src, to: dst, chunk: chunk)
+      try src.setMigrationState(.stop)
+      try dst.setMigrationState(.running)
+      let end = now()
+      sampling.store(false, ordering: .relaxed)
+      usleep(10_000)
+      try src.setMigrationState(.running)
+      let downtime = Double(end - downtimeStart) / 1e9
+      if downtime < best.downtime {
+        (best.migrationSeconds, best.downtime) = (Double(end - start) / 1e9, downtime)
+      }
+      best.streamBytes = moved
+      best.peakAnonGrowth = max(
+        best.peakAnonGrowth, (peak.load(ordering: .relaxed) - baseline) * 1024)
 
-    // Raw limits for the same bytes: a memory copy, and a plain Unix-socket stream.
-    let memcpySeconds = copySeconds(bytes: Int(moved))
-    let socketSeconds = SocketFloor.streamSeconds(
-      bytes: Int(moved), chunk: chunk, serverCPU: serverCPU)
-    return MigrationFigures(
-      vram: vram, streamBytes: moved, readRate: readRate, writeRate: writeRate,
-      migrationSeconds: Double(end - start) / 1e9, downtime: Double(end - downtimeStart) / 1e9,
-      memcpySeconds: memcpySeconds, socketSeconds: socketSeconds,
-      peakAnonGrowth: (peak.load(ordering: .relaxed) - baseline) * 1024)
+      // Raw limits for the same bytes: a memory copy, and a plain Unix-socket stream.
+      best.memcpySeconds = min(best.memcpySeconds, copySeconds(bytes: Int(moved)))
+      best.socketSeconds = min(
+        best.socketSeconds,
+        SocketFloor.streamSeconds(bytes: Int(moved), chunk: chunk, serverCPU: serverCPU))
+    }
+    return best
   }
+
+  /// Rounds of each figure; the best is kept.
+  static let rounds = 3
 
   /// RssAnon of this process in KiB (VRAM is shared memory and not counted).
   /// A VF whose VRAM holds data in one page of ten (`CheckpointBench.fill`),

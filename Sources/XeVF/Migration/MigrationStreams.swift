@@ -76,6 +76,8 @@ final class XeRestoreStream: MigrationSink {
   private var received: UInt64 = 0
   /// This VRAM packet's bytes are written to VRAM (else dropped: the worker rejects it).
   private var intoVRAM = false
+  /// The bytes `write` takes are already in VRAM (`placed`): not copied again.
+  private var alreadyPlaced = false
   /// A complete packet the PF had no room for when the last write gave up waiting.
   private var unproduced: PFPacket?
   private var error: Errno?
@@ -213,6 +215,41 @@ final class XeRestoreStream: MigrationSink {
     if start + count > tail { memory.zero(offset: tail, length: start + count - tail) }
   }
 
+  /// Inside the payload of a VRAM packet the PF accepts, with the stream in
+  /// good standing: the VRAM the next bytes belong in, where `write` would
+  /// copy them. Elsewhere (a packet header, a payload that is buffered, an
+  /// error to report) the bytes go through `write`, up to where VRAM may
+  /// begin again.
+  func placement(ofNext count: Int) -> MigrationPlacement {
+    guard let header else {
+      return .write(max(1, min(count, XePacketHeader.size - headerBytes.count)))
+    }
+    let rest = Int(clamping: header.size - received)
+    guard header.type == .vram, intoVRAM, let memory, !closed, error == nil, unproduced == nil,
+      (try? pf.locked({ () throws(Errno) in try pf.check(stream: id) })) != nil
+    else { return .write(max(1, min(count, rest))) }
+    return .memory(
+      memory.buffer(offset: header.offset + received, length: UInt64(min(count, rest))))
+  }
+
+  /// The `count` bytes `placement` offered are in VRAM: `write` takes them
+  /// from there without copying them onto themselves.
+  func placed(_ count: Int) throws(Errno) {
+    guard let header, header.type == .vram, intoVRAM, let memory,
+      UInt64(count) <= header.size - received
+    else {
+      throw .invalidArgument
+    }
+    let bytes = UnsafeRawBufferPointer(
+      memory.buffer(offset: header.offset + received, length: UInt64(count)))
+    alreadyPlaced = true
+    defer { alreadyPlaced = false }
+    var done = 0
+    while done < count {
+      done += try write(UnsafeRawBufferPointer(rebasing: bytes[done...]))
+    }
+  }
+
   /// What the stream lacks to be complete, for a log line; nil once the PF
   /// took the TRAILER. A stream without it can never be restored: the PF
   /// would wait for the trailer until its restore timeout.
@@ -307,7 +344,7 @@ final class XeRestoreStream: MigrationSink {
     let chunk = UnsafeRawBufferPointer(rebasing: bytes[..<count])
     if header.type != .vram {
       payload += chunk
-    } else if intoVRAM, let memory {
+    } else if intoVRAM, !alreadyPlaced, let memory {
       memory.buffer(offset: header.offset + received, length: UInt64(count)).copyMemory(from: chunk)
     }
     received += UInt64(count)

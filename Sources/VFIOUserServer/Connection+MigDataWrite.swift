@@ -1,0 +1,93 @@
+import SystemPackage
+import VFIODevice
+import VFIOUser
+import VFIOUserSocket
+
+extension Connection {
+  /// What became of a MIG_DATA_WRITE the channel offered before its data.
+  enum InPlaceWrite {
+    /// Not taken: the channel delivers it whole and `dispatch` answers it.
+    case declined
+    case served
+    case ended(ConnectionEnd)
+  }
+
+  /// MIG_DATA_WRITEs of at least this much data are received in place.
+  static let inPlaceWriteMinimum = 16 * 1024
+
+  /// The channel offers MIG_DATA_WRITEs before their data when the device migrates.
+  func offerMigDataWritesInParts() {
+    guard migratable != nil else { return }
+    channel.partedReceive = (
+      Command.migDataWrite.rawValue, MigDataHeader.size, Self.inPlaceWriteMinimum
+    )
+  }
+
+  /// MIG_DATA_WRITE with its data received where the restore stream takes it
+  /// (`MigrationSink.placement`): a VRAM packet's payload straight into VRAM,
+  /// the rest (packet headers, small payloads, a kernel `data_fd`'s bytes)
+  /// through the channel's buffer and `write`, as `migDataWrite` does.
+  ///
+  /// Before a byte of data is read, the message must pass every check
+  /// `dispatch` and `migDataWrite` make; one that fails any is declined,
+  /// received whole and refused by them with the same errno, nothing of it
+  /// written. Once taken, a refusal by the stream drops the rest of the data
+  /// unread (the stream refuses everything after its first error anyway).
+  func migDataWriteInPlace(_ header: MessageHeader, head: UnsafeRawBufferPointer) -> InPlaceWrite {
+    guard negotiated, header.hasValidType,
+      header.flags & ~(MessageHeader.typeMask | MessageHeader.noReplyFlag) == 0,
+      header.error == 0, let request = try? MigDataHeader(decoding: head),
+      header.payloadSize - MigDataHeader.size == Int(request.size),
+      request.size <= limits.maxDataXferSize, migratable != nil,
+      // The sparse form's sink decodes segments first; it offers no memory
+      // (its data segments go through `write`), so nothing lands undecoded.
+      let sink = try? sparse(sink: migration.sink())
+    else { return .declined }
+    channel.takeParted()
+    if traceEnabled {
+      logger.trace("<- MIG_DATA_WRITE id=\(header.messageID) size=\(header.size) (data in place)")
+    }
+    var placed: UInt64 = 0
+    defer { if placed > 0 { stats.update { $0.migrationBytesPlaced += placed } } }
+    while channel.payloadLeft > 0 {
+      let taken: Result<Void, Errno>
+      switch sink.placement(ofNext: channel.payloadLeft) {
+      case .memory(let span):
+        do throws(Errno) {
+          guard try channel.receivePayload(into: span) else { return .ended(closedEnd) }
+        } catch { return .ended(receiveFailed(error)) }
+        taken = Result { () throws(Errno) in try sink.placed(span.count) }
+        placed += UInt64(span.count)
+      case .write(let count):
+        let bytes: UnsafeRawBufferPointer
+        do throws(Errno) {
+          guard let next = try channel.nextPayload(upTo: count) else { return .ended(closedEnd) }
+          bytes = next
+        } catch { return .ended(receiveFailed(error)) }
+        taken = Result { () throws(Errno) in try Self.writeAll(bytes, to: sink) }
+      }
+      if case .failure(let error) = taken {
+        channel.discardPayload()
+        if header.wantsReply {
+          logger.debug("MIG_DATA_WRITE id=\(header.messageID) failed: \(error.name)")
+          sendError(to: header, error)
+        } else {
+          logger.warning("posted MIG_DATA_WRITE id=\(header.messageID) failed: \(error.name)")
+        }
+        return .served
+      }
+    }
+    if header.wantsReply { sendReply(to: header, payloadSize: 0) }
+    return .served
+  }
+
+  /// Hands `bytes` to `sink`, every byte (partial writes retried).
+  static func writeAll(_ bytes: UnsafeRawBufferPointer, to sink: any MigrationSink) throws(Errno) {
+    var rest = bytes
+    while !rest.isEmpty {
+      let accepted = try sink.write(rest)
+      guard accepted > 0 else { throw .ioError }
+      rest = UnsafeRawBufferPointer(rebasing: rest[accepted...])
+    }
+  }
+}
