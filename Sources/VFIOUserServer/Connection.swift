@@ -68,6 +68,10 @@ final class Connection {
   /// Set when a send to the client timed out: the connection ends with it.
   var brokenEnd: ConnectionEnd?
   var shuttingDown: Bool { stats.snapshot.stopping }
+  /// Called just before the socket is closed: the server forgets the
+  /// descriptor first, so that a `stop` on another thread never shuts down
+  /// whatever socket reuses its number once it is closed.
+  var willCloseSocket: (() -> Void)?
 
   // Server-to-client requests (DMA_READ / DMA_WRITE for windows without an fd).
   var nextRequestID: UInt16 = 0x8000
@@ -227,6 +231,7 @@ final class Connection {
       $0.dmaRegions = 0
       $0.irqFDs = backend.eventFDCount
     }
+    willCloseSocket?()
     channel.close()
   }
 

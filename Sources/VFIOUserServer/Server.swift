@@ -110,8 +110,8 @@ public final class VFIOUserServer: Sendable {
     if !alreadyStopping {
       let fd = listener.withLock { $0 }
       if fd >= 0 { _ = shutdown(fd, Int32(SHUT_RDWR)) }
-      let active = activeSocket.withLock { $0 }
-      if active >= 0 { _ = shutdown(active, Int32(SHUT_RDWR)) }
+      // Under the lock: the connection forgets its socket under it before closing it.
+      activeSocket.withLock { if $0 >= 0 { _ = shutdown($0, Int32(SHUT_RDWR)) } }
     }
     wait()
   }
@@ -161,8 +161,7 @@ public final class VFIOUserServer: Sendable {
       connectionDone?.wait()
       connectionDone = serve(client, pid: pid, uid: uid, gid: gid)
     }
-    let active = activeSocket.withLock { $0 }
-    if active >= 0 { _ = shutdown(active, Int32(SHUT_RDWR)) }
+    activeSocket.withLock { if $0 >= 0 { _ = shutdown($0, Int32(SHUT_RDWR)) } }
     connectionDone?.wait()
     _ = close(fd)
     listener.withLock { $0 = -1 }
@@ -192,8 +191,8 @@ public final class VFIOUserServer: Sendable {
       let connection = Connection(
         fd: client, backend: slot.backend, limits: limits, logger: connectionLogger,
         stats: statistics)
+      connection.willCloseSocket = { [self] in activeSocket.withLock { $0 = -1 } }
       let end = connection.run()
-      activeSocket.withLock { $0 = -1 }
       statistics.update {
         $0.clientConnected = false
         $0.lastEnd = end
