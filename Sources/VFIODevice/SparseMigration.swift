@@ -55,6 +55,8 @@ struct XePacketFraming {
   private(set) var inVRAM = false
 
   var inPayload: Bool { payloadLeft > 0 }
+  /// Bytes of the current packet header still to come (between packets).
+  var headerBytesLeft: Int { Self.headerSize - headerCount }
   /// Nothing of a packet is cut: the stream may end here.
   var atBoundary: Bool { payloadLeft == 0 && headerCount == 0 }
 
@@ -93,6 +95,28 @@ public struct SparseStreamDecoder {
 
   /// The bytes so far end between packets: nothing is cut.
   public var atBoundary: Bool { framing.atBoundary && segmentHeaderCount == 0 }
+
+  /// Bytes of a VRAM data segment that come next, uninterrupted by framing;
+  /// 0 when framing or a payload other than VRAM's comes next. A caller may
+  /// hand such bytes on itself (received in place) and `consumeData` them.
+  public var vramDataAhead: Int {
+    failure == nil && framing.inPayload && framing.inVRAM ? dataLeft : 0
+  }
+
+  /// How many bytes `decode` must see before `vramDataAhead` can change (at least 1).
+  public var bytesUntilNextDecision: Int {
+    if !framing.inPayload { return framing.headerBytesLeft }
+    if !framing.inVRAM { return Int(clamping: framing.payloadLeft) }
+    return dataLeft > 0 ? dataLeft : SparseMigration.segmentHeaderSize - segmentHeaderCount
+  }
+
+  /// Takes `count` bytes of the current data segment that the caller handed
+  /// on itself, as `decode` would have emitted them.
+  public mutating func consumeData(_ count: Int) {
+    precondition(count <= vramDataAhead, "more than the data segment holds")
+    framing.consumePayload(count)
+    dataLeft -= count
+  }
 
   /// Decodes `bytes` (the next piece of the sparse stream, any segmentation),
   /// calling `emit` with the expanded stream in order. An error from `emit`
@@ -245,6 +269,25 @@ public final class SparseMigrationSink: MigrationSink {
 
   /// Zero runs are the decoder's to produce: nothing feeds this sink expanded zeros.
   public func writeZeros(_ count: Int) throws(Errno) -> Int { throw .invalidArgument }
+
+  /// Inside a VRAM data segment, the memory the inner stream offers for its
+  /// bytes (a MIG_DATA_WRITE's data received straight into VRAM, as on a
+  /// connection without the sparse form); elsewhere the bytes go through
+  /// `write`, up to where a data segment may begin, so they are decoded first.
+  public func placement(ofNext count: Int) -> MigrationPlacement {
+    let data = decoder.vramDataAhead
+    guard data > 0 else { return .write(max(1, min(count, decoder.bytesUntilNextDecision))) }
+    switch inner.placement(ofNext: min(count, data)) {
+    case .memory(let span): return .memory(span)
+    case .write(let n): return .write(max(1, min(n, data)))
+    }
+  }
+
+  public func placed(_ count: Int) throws(Errno) {
+    guard count <= decoder.vramDataAhead else { throw .invalidArgument }
+    try inner.placed(count)
+    decoder.consumeData(count)
+  }
 
   public func close() { inner.close() }
 }

@@ -39,8 +39,8 @@ extension Connection {
       header.error == 0, let request = try? MigDataHeader(decoding: head),
       header.payloadSize - MigDataHeader.size == Int(request.size),
       request.size <= limits.maxDataXferSize, migratable != nil,
-      // The sparse form's sink decodes segments first; it offers no memory
-      // (its data segments go through `write`), so nothing lands undecoded.
+      // With the sparse form, its sink: it offers VRAM only for the bytes of
+      // a data segment, so framing is always decoded, never placed.
       let sink = try? sparse(sink: migration.sink())
     else { return .declined }
     channel.takeParted()

@@ -151,6 +151,10 @@ struct SparseMigrationTests {
         try b.writeStream(sparse, chunk: 77_777)
         try b.setMigrationState(.running)
         #expect(try Self.vramBytes(b) == vram)
+        // The data segments were received straight into VRAM (all but each
+        // message's read-ahead), the framing decoded, never placed.
+        let placed = dst.server.statistics.snapshot.migrationBytesPlaced
+        #expect(placed > UInt64(sparse.count) / 2 && placed < UInt64(sparse.count))
         #expect(try b.read32(region: 0, offset: XeSimRegisters.scratch(gt: 0, index: 1)) == scratch)
       }
     }
