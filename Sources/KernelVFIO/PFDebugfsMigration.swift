@@ -117,6 +117,9 @@ public protocol PFDebugfsMigratable: MigrationCapable {
 }
 
 extension PFDebugfsMigratable {
+  /// The Xe PF's debugfs `migration_data` is its packet stream.
+  public var streamIsXePackets: Bool { true }
+
   public var migrationFlags: MigrationFlags { pfMigration.flags }
 
   public var migrationState: MigrationState {

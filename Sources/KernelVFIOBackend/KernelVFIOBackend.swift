@@ -269,6 +269,9 @@ public final class MigratableKernelVFIOBackend: KernelVFIOBackend, MigrationCapa
 
   public var migrationFlags: MigrationFlags { migration!.flags }
 
+  /// xe-vfio-pci's data_fd carries the Xe PF's packet stream; another driver's is its own.
+  public var streamIsXePackets: Bool { device.sysfs?.driver == "xe-vfio-pci" }
+
   /// The kernel's MIG_DEVICE_STATE (GET), or ERROR after `migrationFailed`.
   public var migrationState: MigrationState {
     get throws(Errno) { failed ? .error : try device.migrationState() }

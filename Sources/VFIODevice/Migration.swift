@@ -149,6 +149,16 @@ public protocol MigrationCapable: AnyObject {
   /// healthy with half a state. (The kernel's xe-vfio-pci stays in RESUMING
   /// there; a kernel backend keeps that ERROR in its own state.)
   func migrationFailed()
+
+  /// The stream is the Xe PF's packet stream (an Xe VF, simulated or through
+  /// xe-vfio-pci or the PF's debugfs): only then may a connection carry it in
+  /// the sparse form, which cuts VRAM packets into segments. Any other
+  /// device's stream (mtty's, say) passes as it is.
+  var streamIsXePackets: Bool { get }
+}
+
+extension MigrationCapable {
+  public var streamIsXePackets: Bool { false }
 }
 
 /// The kernel's migration state machine: `vfio_mig_get_next_state()` and the

@@ -79,7 +79,9 @@ public struct ServerLimits: Sendable, Equatable {
 
   /// The capabilities object of the VERSION reply for a client that proposed
   /// `client`, with the connection's DMA limits `dma`.
-  func offer(to client: Capabilities, dma: DMALimits) -> Capabilities {
+  /// `xeStream`: the device's migration stream is the Xe packet stream, the
+  /// only one the sparse form applies to.
+  func offer(to client: Capabilities, dma: DMALimits, xeStream: Bool) -> Capabilities {
     var caps = Capabilities(
       maxMsgFDs: maxMsgFDs, maxDataXferSize: maxDataXferSize, maxDMAMaps: dma.maxWindows,
       pgsizes: dma.pageSizes)
@@ -88,7 +90,7 @@ public struct ServerLimits: Sendable, Equatable {
     if client.twinSocket?.supported == true { caps.twinSocket = .init(supported: false) }
     // Echoed only when offered (QEMU's client refuses keys it does not know),
     // at the version both sides speak.
-    if let offered = client.sparseMigration, offered >= SparseMigration.version {
+    if xeStream, let offered = client.sparseMigration, offered >= SparseMigration.version {
       caps.sparseMigration = SparseMigration.version
     }
     return caps

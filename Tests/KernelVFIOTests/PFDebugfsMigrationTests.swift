@@ -92,7 +92,8 @@ struct PFControlFileTests {
     #expect(errno { () throws(Errno) in try c.finish(.save) } == .ioError)  // still in progress
     host.vfs[0].pfTiming.gucLatency = .zero
     var finished: Errno? = .ioError
-    for _ in 0..<100 where finished != nil {
+    // Steps already queued still take their 200 ms each; under load, longer.
+    for _ in 0..<500 where finished != nil {
       usleep(20_000)
       finished = errno { () throws(Errno) in try c.finish(.save) }
     }

@@ -55,6 +55,9 @@ final class MigratingTestDevice: TestDevice, MigrationCapable {
   var arcs: [String] = []
   var failure: (from: MigrationState, to: MigrationState, errno: Errno)?
   var flags: MigrationFlags = [.stopCopy, .p2p]
+  /// Stands for an Xe VF's data_fd (a sink that takes any bytes), so a
+  /// connection may negotiate the sparse form with it.
+  var streamIsXePackets: Bool { true }
   /// Where the last arc left the device.
   var state = MigrationState.running
   /// `migrationFailed` stopped the device: ERROR until a reset.

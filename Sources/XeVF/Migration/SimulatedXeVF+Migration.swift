@@ -34,6 +34,8 @@ extension SimulatedXeVF: MigrationCapable {
   /// xe has no PRE_COPY: no dirty tracking in the hardware.
   public var migrationFlags: MigrationFlags { [.stopCopy, .p2p] }
 
+  public var streamIsXePackets: Bool { true }
+
   public func migrationStep(from: MigrationState, to: MigrationState) throws(Errno)
     -> MigrationStream?
   {
