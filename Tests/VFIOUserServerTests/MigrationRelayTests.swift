@@ -32,6 +32,19 @@ struct MigrationRelayTests {
     }
   }
 
+  /// Fills `buffer` from `fd`; returns how much arrived before the peer closed.
+  static func readFully(_ fd: Int32, _ buffer: inout [UInt8]) -> Int {
+    var taken = 0
+    while taken < buffer.count {
+      let n = buffer.withUnsafeMutableBytes {
+        recv(fd, $0.baseAddress! + taken, $0.count - taken, 0)
+      }
+      if n <= 0 { break }
+      taken += n
+    }
+    return taken
+  }
+
   /// The head of a MIG_DATA_READ reply carrying `count` bytes.
   static func replyHead(id: UInt16, count: Int) -> [UInt8] {
     var head = [UInt8](repeating: 0, count: 24)
@@ -57,14 +70,7 @@ struct MigrationRelayTests {
     // has gone, then three empty replies (the end of the stream).
     let source = Thread {
       var requests = [UInt8](repeating: 0, count: 4 * 24)
-      var taken = 0
-      while taken < requests.count {
-        let n = requests.withUnsafeMutableBytes {
-          recv(fakeSource, $0.baseAddress! + taken, $0.count - taken, 0)
-        }
-        if n <= 0 { return }
-        taken += n
-      }
+      guard Self.readFully(fakeSource, &requests) == requests.count else { return }
       let ids = (0..<4).map { UInt16(requests[$0 * 24]) | UInt16(requests[$0 * 24 + 1]) << 8 }
       let payload = [UInt8](repeating: 0xA5, count: chunk)
       Self.writeAll(fakeSource, Self.replyHead(id: ids[0], count: chunk) + payload[0..<(128 << 10)])
@@ -75,14 +81,7 @@ struct MigrationRelayTests {
     // The fake destination takes 64 KiB of the first MIG_DATA_WRITE and hangs up.
     let destination = Thread {
       var scratch = [UInt8](repeating: 0, count: 64 << 10)
-      var taken = 0
-      while taken < scratch.count {
-        let n = scratch.withUnsafeMutableBytes {
-          recv(fakeDestination, $0.baseAddress! + taken, $0.count - taken, 0)
-        }
-        if n <= 0 { break }
-        taken += n
-      }
+      _ = Self.readFully(fakeDestination, &scratch)
       shutdown(fakeDestination, Int32(SHUT_RDWR))
     }
     source.start()
