@@ -108,6 +108,12 @@ public struct MessageHeader: Equatable, Sendable {
   /// Type bits say command (0) or reply (1); the other 14 values are invalid.
   public var hasValidType: Bool { flags & Self.typeMask <= Self.typeReply }
 
+  /// A command carries no ERROR flag, no errno and no reserved flag bit:
+  /// only its type and NO_REPLY.
+  public var hasOnlyCommandFlags: Bool {
+    flags & ~(Self.typeMask | Self.noReplyFlag) == 0 && error == 0
+  }
+
   @inlinable
   public func encode(into bytes: UnsafeMutableRawBufferPointer) {
     bytes.storeBytes(of: messageID, toByteOffset: 0, as: UInt16.self)

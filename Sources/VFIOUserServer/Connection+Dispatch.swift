@@ -25,10 +25,7 @@ extension Connection {
       if header.wantsReply { sendError(to: header, .noFunction) }
       return nil
     }
-    // A command carries no ERROR flag, no errno and no reserved flag bit.
-    guard header.flags & ~(MessageHeader.typeMask | MessageHeader.noReplyFlag) == 0,
-      header.error == 0
-    else {
+    guard header.hasOnlyCommandFlags else {
       logger.warning(
         "\(command) id=\(header.messageID) with flags 0x\(String(header.flags, radix: 16)) error \(header.error): only NO_REPLY may be set on a command; EINVAL"
       )
@@ -449,16 +446,8 @@ extension Connection {
   /// MIG_DATA_WRITE: valid in RESUMING; every byte is handed over (partial writes retried).
   /// Large ones with data for VRAM are taken in place instead (`migDataWriteInPlace`).
   func migDataWrite(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
-    let request = try MigDataHeader(decoding: payload)
-    guard payload.count - MigDataHeader.size == Int(request.size),
-      request.size <= limits.maxDataXferSize
-    else {
-      throw .invalidArgument
-    }
-    guard migratable != nil else { throw .invalidArgument }
-    try Self.writeAll(
-      UnsafeRawBufferPointer(rebasing: payload[MigDataHeader.size...]),
-      to: try sparse(sink: migration.sink()))
+    let sink = try migDataWriteSink(head: payload, payloadSize: payload.count)
+    try Self.writeAll(UnsafeRawBufferPointer(rebasing: payload[MigDataHeader.size...]), to: sink)
     return 0
   }
 

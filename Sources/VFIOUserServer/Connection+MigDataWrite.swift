@@ -34,14 +34,9 @@ extension Connection {
   /// written. Once taken, a refusal by the stream drops the rest of the data
   /// unread (the stream refuses everything after its first error anyway).
   func migDataWriteInPlace(_ header: MessageHeader, head: UnsafeRawBufferPointer) -> InPlaceWrite {
-    guard negotiated, header.hasValidType,
-      header.flags & ~(MessageHeader.typeMask | MessageHeader.noReplyFlag) == 0,
-      header.error == 0, let request = try? MigDataHeader(decoding: head),
-      header.payloadSize - MigDataHeader.size == Int(request.size),
-      request.size <= limits.maxDataXferSize, migratable != nil,
-      // With the sparse form, its sink: it offers VRAM only for the bytes of
-      // a data segment, so framing is always decoded, never placed.
-      let sink = try? sparse(sink: migration.sink())
+    // `dispatch`'s checks of every command, then `migDataWrite`'s own.
+    guard negotiated, header.hasValidType, header.hasOnlyCommandFlags,
+      let sink = try? migDataWriteSink(head: head, payloadSize: header.payloadSize)
     else { return .declined }
     channel.takeParted()
     if traceEnabled {
@@ -79,6 +74,23 @@ extension Connection {
     }
     if header.wantsReply { sendReply(to: header, payloadSize: 0) }
     return .served
+  }
+
+  /// Where a MIG_DATA_WRITE with MIG_DATA head `head` and `payloadSize`
+  /// bytes of payload goes, once it passes the checks both ways of receiving
+  /// one make (whole in `migDataWrite`, in place here): its `size` agrees with
+  /// the message and is within max_data_xfer_size, and the device migrates
+  /// (EINVAL otherwise); the session holds a restore stream. With the sparse
+  /// form negotiated, that form's sink: it offers VRAM only for the bytes of
+  /// a data segment, so framing is always decoded, never placed.
+  func migDataWriteSink(head: UnsafeRawBufferPointer, payloadSize: Int) throws(Errno)
+    -> any MigrationSink
+  {
+    let request = try MigDataHeader(decoding: head)
+    guard payloadSize - MigDataHeader.size == Int(request.size),
+      request.size <= limits.maxDataXferSize, migratable != nil
+    else { throw .invalidArgument }
+    return try sparse(sink: migration.sink())
   }
 
   /// Hands `bytes` to `sink`, every byte (partial writes retried).
