@@ -98,6 +98,16 @@ int cvfu_punch_hole(int fd, long long offset, long long length) {
   return r < 0 ? -errno : 0;
 }
 
+long long cvfu_seek_data(int fd, long long offset) {
+  off_t r = lseek(fd, offset, SEEK_DATA);
+  return r < 0 ? -errno : r;
+}
+
+long long cvfu_seek_hole(int fd, long long offset) {
+  off_t r = lseek(fd, offset, SEEK_HOLE);
+  return r < 0 ? -errno : r;
+}
+
 int cvfu_eventfd(unsigned int initval, int flags) {
   int r = eventfd(initval, flags);
   return r < 0 ? -errno : r;

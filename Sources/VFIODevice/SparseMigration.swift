@@ -34,12 +34,10 @@ public enum SparseMigration {
     UInt64(kind.rawValue) | UInt64(UInt32(length)) << 32
   }
 
-  /// A page of zeros, for writing zero runs out as bytes.
-  nonisolated(unsafe) public static let zeroPage: UnsafeRawBufferPointer = {
-    let page = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 10, alignment: 4096)
-    page.initializeMemory(as: UInt8.self, repeating: 0)
-    return UnsafeRawBufferPointer(page)
-  }()
+  /// Zeros for writing zero runs out as bytes (64 KiB a write).
+  public static var zeroPage: UnsafeRawBufferPointer {
+    UnsafeRawBufferPointer(rebasing: ZeroMemory.bytes[0..<(64 << 10)])
+  }
 }
 
 /// Follows the Xe packet headers (24 bytes: type u8 at 1, payload size u64 at
@@ -411,6 +409,10 @@ public final class SparseMigrationSource: MigrationSource {
   private func segment(_ raw: UnsafeRawBufferPointer) {
     var length = 0
     var zero = false
+    if ZeroMemory.holds(raw) {  // a hole of VRAM, gathered as zeros: nothing to scan
+      length = min(raw.count, SparseMigration.maxSegment)
+      zero = true
+    }
     while length < raw.count, length < SparseMigration.maxSegment {
       let offset = payloadOffset + UInt64(length)
       let toPage = SparseMigration.page - Int(offset % UInt64(SparseMigration.page))

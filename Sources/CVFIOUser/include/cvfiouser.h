@@ -32,6 +32,10 @@ int cvfu_ioctl(int fd, unsigned long request, void *arg);
 int cvfu_memfd_create(const char *name, unsigned int flags);
 /* Frees the pages of [offset, offset+length) of a file, keeping its size: reads give zeros. */
 int cvfu_punch_hole(int fd, long long offset, long long length);
+/* lseek(fd, offset, SEEK_DATA or SEEK_HOLE): the next byte of data (hole)
+ * at or after offset, or -errno (-ENXIO: none before the end). */
+long long cvfu_seek_data(int fd, long long offset);
+long long cvfu_seek_hole(int fd, long long offset);
 int cvfu_eventfd(unsigned int initval, int flags);
 
 /// CRC-32C (Castagnoli) of `len` bytes continuing from `crc` (0 to start):

@@ -9,30 +9,29 @@ import VFIOUser
 /// waits at most `PFTiming.stream` for the PF's workers (ETIMEDOUT).
 final class XeSaveStream: MigrationSource {
   private let pf: SimulatedPF
-  /// Keeps VRAM mapped while the stream lives; its bytes are copied out as read.
-  private var memory: DeviceMemory?
+  /// Keeps VRAM mapped while the stream lives; its bytes are copied out as
+  /// read, holes as zeros.
+  private var vram: VRAMReader?
   let id: Int
   private var closed = false
 
   init(pf: SimulatedPF, memory: DeviceMemory?, id: Int) {
     self.pf = pf
-    self.memory = memory
+    vram = memory.map(VRAMReader.init)
     self.id = id
   }
 
   func read(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int {
     guard !closed else { throw .badFileDescriptor }
-    let vram = memory.map { UnsafeRawBufferPointer(start: $0.base, count: Int($0.size)) }
     return try pf.read(into: buffer, stream: id, vram: vram)
   }
 
   /// VRAM payload bytes that complete `buffer` come back as a span of the
-  /// mapped VRAM (kept mapped until `close`), not copied.
+  /// mapped VRAM (kept mapped until `close`) or of `ZeroMemory`, not copied.
   func read(gathering buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> (
     count: Int, span: UnsafeRawBufferPointer?
   ) {
     guard !closed else { throw .badFileDescriptor }
-    let vram = memory.map { UnsafeRawBufferPointer(start: $0.base, count: Int($0.size)) }
     var span: UnsafeRawBufferPointer?
     let n = try pf.read(into: buffer, stream: id, vram: vram, span: &span)
     return (n, span)
@@ -47,7 +46,7 @@ final class XeSaveStream: MigrationSource {
   /// reset (`SimulatedPF.closeStream`), as the kernel disables the file there.
   func close() {
     closed = true
-    memory = nil
+    vram = nil
   }
 }
 

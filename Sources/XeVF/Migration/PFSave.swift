@@ -174,17 +174,19 @@ extension SimulatedPF {
   /// Short only at the end; 0 after it. An error loses the bytes this call
   /// already copied, as on the PF.
   func read(
-    into buffer: UnsafeMutableRawBufferPointer, stream: Int, vram: UnsafeRawBufferPointer?
+    into buffer: UnsafeMutableRawBufferPointer, stream: Int, vram: VRAMReader?
   ) throws(Errno) -> Int {
     var unused: UnsafeRawBufferPointer?
     return try read(into: buffer, stream: stream, vram: vram, span: &unused, gathering: false)
   }
 
   /// `read`, but when the rest of `buffer` lies wholly inside the current
-  /// VRAM packet's payload, that part is consumed and returned in `span`
-  /// (pointing into `vram`) instead of being copied.
+  /// VRAM packet's payload and in one extent of VRAM (data or hole), that
+  /// part is consumed and returned in `span` (`VRAMReader.span`) instead of
+  /// being copied; where data and holes mix, bytes are copied up to the
+  /// extent's end and the rest tried again.
   func read(
-    into buffer: UnsafeMutableRawBufferPointer, stream: Int, vram: UnsafeRawBufferPointer?,
+    into buffer: UnsafeMutableRawBufferPointer, stream: Int, vram: VRAMReader?,
     span: inout UnsafeRawBufferPointer?, gathering: Bool = true
   ) throws(Errno) -> Int {
     try locked { () throws(Errno) in
@@ -201,18 +203,23 @@ extension SimulatedPF {
           cursor.offset = 0
         }
         guard let packet = cursor.current else { break }
+        var extentLimit = Int.max
         if gathering, interruptAt == nil, let vram, case .vram = packet.payload,
           cursor.offset >= XePacketHeader.size,
           packet.streamSize - UInt64(cursor.offset) >= UInt64(buffer.count - copied)
         {
-          let start = Int(packet.header.offset) + cursor.offset - XePacketHeader.size
+          let start = packet.header.offset + UInt64(cursor.offset - XePacketHeader.size)
           let rest = buffer.count - copied
-          span = UnsafeRawBufferPointer(rebasing: vram[start..<(start + rest)])
-          cursor.offset += rest
-          if UInt64(cursor.offset) == packet.streamSize { cursor.current = nil }
-          return copied
+          if let gathered = vram.span(at: start, count: rest) {
+            span = gathered
+            cursor.offset += rest
+            if UInt64(cursor.offset) == packet.streamSize { cursor.current = nil }
+            return copied
+          }
+          extentLimit = Int(min(vram.extent(at: start).end - start, UInt64(rest)))
         }
-        let limit = min(buffer.count - copied, interruptAt.map { $0 - copied } ?? .max)
+        let limit = min(
+          buffer.count - copied, interruptAt.map { $0 - copied } ?? .max, extentLimit)
         let count = copy(
           packet, from: cursor.offset, count: limit,
           into: UnsafeMutableRawBufferPointer(rebasing: buffer[copied...]), vram: vram)
@@ -295,7 +302,7 @@ extension SimulatedPF {
   /// its header-then-payload, into `out`; returns how many.
   private func copy(
     _ packet: PFPacket, from offset: Int, count: Int, into out: UnsafeMutableRawBufferPointer,
-    vram: UnsafeRawBufferPointer?
+    vram: VRAMReader?
   ) -> Int {
     let headerSize = XePacketHeader.size
     var done = 0
@@ -312,10 +319,7 @@ extension SimulatedPF {
     case .bytes(let bytes):
       target.copyBytes(from: bytes[at..<at + take])
     case .vram:
-      let start = Int(packet.header.offset) + at
-      if let vram {
-        target.copyMemory(from: UnsafeRawBufferPointer(rebasing: vram[start..<start + take]))
-      }
+      vram?.copy(from: packet.header.offset + UInt64(at), into: target)
     }
     return done + take
   }

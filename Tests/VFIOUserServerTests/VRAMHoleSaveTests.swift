@@ -1,0 +1,89 @@
+import Glibc
+import Logging
+import Testing
+import VFIOUser
+import VFIOUserClient
+import XeVF
+
+/// A save reads the holes of VRAM's memfd (pages never written) as zeros
+/// without allocating them: reading a hole through the mapping would, as
+/// shmem maps no zero page, so a save once grew the server by the whole VRAM.
+@Suite("Saving VRAM's holes")
+struct VRAMHoleSaveTests {
+  static let vram: UInt64 = 16 << 20
+  static let page = 4096
+  /// Pages with data: single pages, a run across the 1 MiB reads, the last page.
+  static let dataPages = [0..<1, 3..<6, 255..<256, 300..<1324, 2000..<2001, 4095..<4096]
+
+  static func vf() throws -> SimulatedXeVF {
+    try SimulatedXeVF(profile: .bmg, vramSize: vram, logger: Logger(label: "test"))
+  }
+
+  /// Writes a pattern with no zero byte into `dataPages`.
+  static func fill(_ client: VFIOUserClient) throws {
+    let perWrite = 256  // pages: 1 MiB, the server's max_data_xfer_size
+    for run in dataPages {
+      for first in stride(from: run.lowerBound, to: run.upperBound, by: perWrite) {
+        let pages = min(perWrite, run.upperBound - first)
+        let bytes = (0..<(pages * page)).map { UInt8(truncatingIfNeeded: ($0 + first) % 251 + 1) }
+        try client.write(region: 2, offset: UInt64(first * page), data: bytes)
+      }
+    }
+  }
+
+  /// VRAM's memfd, from the region's description.
+  static func vramFD(_ client: VFIOUserClient) throws -> Int32 {
+    let fd = try #require(try client.regionInfo(2).fd)
+    return fd
+  }
+
+  /// Bytes of the memfd backed by memory.
+  static func allocated(_ fd: Int32) -> Int {
+    var status = stat()
+    #expect(fstat(fd, &status) == 0)
+    return Int(status.st_blocks) * 512
+  }
+
+  /// VRAM's bytes, read with pread (which reads a hole without allocating it).
+  static func contents(_ fd: Int32) -> [UInt8] {
+    var bytes = [UInt8](repeating: 0xFF, count: Int(vram))
+    let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
+    #expect(n == Int(vram))
+    return bytes
+  }
+
+  @Test(arguments: [false, true])
+  func aSaveAllocatesNoHoleAndRestoresEveryByte(sparse: Bool) throws {
+    let capabilities =
+      sparse ? VFIOUserClient.sparseCapabilities : VFIOUserClient.defaultCapabilities
+    try withServer(try Self.vf()) { src, _ in
+      try withServer(try Self.vf()) { dst, _ in
+        let a = try src.connect(capabilities: capabilities)
+        #expect(a.sparseMigration == sparse)
+        try Self.fill(a)
+        let fd = try Self.vramFD(a)
+        defer { close(fd) }
+        let written = Self.dataPages.reduce(0) { $0 + $1.count } * Self.page
+        let before = Self.allocated(fd)
+        #expect(before >= written && before < written + (1 << 20), "\(before) of \(written)")
+        let expected = Self.contents(fd)
+        // Odd reads: replies that start in a hole and end in data, and the reverse.
+        let stream = try SparseMigrationTests.save(a, chunk: 100_000)
+        #expect(Self.allocated(fd) == before, "the save allocated VRAM's holes")
+        let raw = sparse ? try SparseMigrationTests.expand(stream) : stream
+        #expect(raw.count > Int(Self.vram))
+        if sparse { #expect(stream.count < raw.count / 2) }
+
+        let b = try dst.connect(capabilities: capabilities)
+        let restored = try Self.vramFD(b)
+        defer { close(restored) }
+        try b.setMigrationState(.resuming)
+        try b.writeStream(stream, chunk: 77_777)
+        try b.setMigrationState(.running)
+        #expect(Self.contents(restored) == expected)
+        // The sparse stream's zero runs leave the destination's holes unallocated too.
+        if sparse { #expect(Self.allocated(restored) < before + (1 << 20)) }
+      }
+    }
+  }
+}
