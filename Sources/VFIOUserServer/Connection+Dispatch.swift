@@ -123,13 +123,14 @@ extension Connection {
     }
     clientCapabilities = caps
     writeMultipleNegotiated = caps.writeMultiple == true
-    let xeStream = migratable?.streamIsXePackets == true
-    sparseMigration = xeStream && (caps.sparseMigration ?? 0) >= SparseMigration.version
+    let offer = limits.offer(
+      to: caps, dma: dmaLimits, xeStream: migratable?.streamIsXePackets == true)
+    // Spoken exactly when the reply echoes it.
+    sparseMigration = offer.sparseMigration != nil
     // The spec's layout, which QEMU 11.1 uses too; `--dma-layout qemu` serves QEMU builds
     // whose hw/vfio-user/protocol.h still has the `count u32, data@12` struct.
     dmaLayout = limits.dmaLayout ?? .spec
-    let reply = VersionPayload(
-      major: 0, minor: 0, json: limits.offer(to: caps, dma: dmaLimits, xeStream: xeStream).json())
+    let reply = VersionPayload(major: 0, minor: 0, json: offer.json())
     let size = reply.encodedSize
     reply.encode(into: replyArea)
     negotiated = true

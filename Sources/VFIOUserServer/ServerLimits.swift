@@ -20,6 +20,10 @@ public struct ServerLimits: Sendable, Equatable {
   /// DMA_READ reply larger than its socket buffer (about 208 KiB), so the
   /// default stays well under that.
   public var maxDMAMessageData: UInt32 = 128 * 1024
+  /// Offer the sparse migration stream to a client that asks for it
+  /// (protocol/sparse-migration.md). Off, the server answers as one that
+  /// predates it: every client gets the raw Xe stream.
+  public var sparseMigration = true
   /// Reset the device when a client hangs up (the default). When false the
   /// device keeps its state for the next client, as the spec suggests, which a
   /// `restore` followed by a VMM needs: a source left in STOP_COPY is resumed
@@ -90,7 +94,9 @@ public struct ServerLimits: Sendable, Equatable {
     if client.twinSocket?.supported == true { caps.twinSocket = .init(supported: false) }
     // Echoed only when offered (QEMU's client refuses keys it does not know),
     // at the version both sides speak.
-    if xeStream, let offered = client.sparseMigration, offered >= SparseMigration.version {
+    if sparseMigration, xeStream, let offered = client.sparseMigration,
+      offered >= SparseMigration.version
+    {
       caps.sparseMigration = SparseMigration.version
     }
     return caps

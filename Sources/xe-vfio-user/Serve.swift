@@ -106,6 +106,12 @@ struct Serve: ParsableCommand {
       valueName: "seconds"))
   var sendTimeout: Double = 60
 
+  @Flag(
+    help:
+      "Do not offer save, restore and migrate the sparse migration stream: they then move every byte of the raw Xe stream, as with a server that predates it."
+  )
+  var noSparseMigration = false
+
   @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
   var logLevel: Logger.Level = .info
 
@@ -176,6 +182,7 @@ struct Serve: ParsableCommand {
     limits.maxMsgFDs = maxMsgFDs
     limits.dmaLayout = dmaLayout
     limits.resetOnDisconnect = onDisconnect == "reset"
+    limits.sparseMigration = !noSparseMigration
     limits.allowedUIDs = Set(allowUID.compactMap(userID))
     limits.allowedGIDs = Set(allowGID.compactMap(groupID))
     limits.partialMessageTimeoutMilliseconds = Int32((partialMessageTimeout * 1000).rounded(.up))
