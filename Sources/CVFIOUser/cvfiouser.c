@@ -103,9 +103,37 @@ long long cvfu_seek_data(int fd, long long offset) {
   return r < 0 ? -errno : r;
 }
 
-long long cvfu_seek_hole(int fd, long long offset) {
-  off_t r = lseek(fd, offset, SEEK_HOLE);
-  return r < 0 ? -errno : r;
+int cvfu_all_resident(const void *addr, size_t len) {
+  const size_t page = 4096;
+  uintptr_t start = (uintptr_t)addr & ~(uintptr_t)(page - 1);
+  uintptr_t end = ((uintptr_t)addr + len + page - 1) & ~(uintptr_t)(page - 1);
+  unsigned char vec[1024];
+  while (start < end) {
+    size_t pages = (end - start) / page;
+    if (pages > sizeof vec) pages = sizeof vec;
+    if (mincore((void *)start, pages * page, vec) != 0) return -errno;
+    for (size_t i = 0; i < pages; i++) {
+      if (!(vec[i] & 1)) return 0;
+    }
+    start += pages * page;
+  }
+  return 1;
+}
+
+int cvfu_pread_all(int fd, void *buf, size_t len, long long offset) {
+  char *p = buf;
+  while (len > 0) {
+    ssize_t n = pread(fd, p, len, offset);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return -errno;
+    }
+    if (n == 0) return -EIO;
+    p += n;
+    len -= (size_t)n;
+    offset += n;
+  }
+  return 0;
 }
 
 int cvfu_eventfd(unsigned int initval, int flags) {

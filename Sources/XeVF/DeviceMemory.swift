@@ -113,72 +113,41 @@ final class DeviceMemory {
 /// or punched by a reset or a restored zero run) read through the mapping
 /// would be allocated: shmem maps no zero page, so saving a VF whose VRAM is
 /// mostly unwritten used to grow the server by the whole VRAM, and paid a
-/// page fault for every page of nothing. Holes are found with SEEK_DATA and
-/// SEEK_HOLE instead, copied out as zeros and gathered from `ZeroMemory`.
-///
-/// Extents found are remembered for the stream's life (VRAM does not change
-/// in STOP_COPY, and xe has no PRE_COPY), so the kernel walks each extent
-/// once: SEEK_HOLE from inside a long extent of data walks to its end.
-final class VRAMReader {
+/// page fault for every page of nothing. So bytes are copied with pread
+/// (a hole reads as zeros, unallocated), and handed out in place only where
+/// that allocates nothing: from the mapping when every page is in the page
+/// cache (mincore), from `ZeroMemory` when SEEK_DATA finds no data in them.
+/// Nothing is remembered between reads: a few system calls a read, however
+/// data and holes interleave.
+struct VRAMReader {
   let memory: DeviceMemory
-  /// The extents found last, newest first: GTs' packets interleave.
-  private var known: [(range: Range<UInt64>, hole: Bool)] = []
-  private static let remembered = 4
 
   init(_ memory: DeviceMemory) { self.memory = memory }
 
-  /// Whether the bytes at `offset` are a hole, and where their extent ends.
-  func extent(at offset: UInt64) -> (hole: Bool, end: UInt64) {
-    if let found = known.first(where: { $0.range.contains(offset) }) {
-      return (found.hole, found.range.upperBound)
-    }
-    let found = Self.probe(memory, at: offset)
-    known.insert((offset..<found.end, found.hole), at: 0)
-    if known.count > Self.remembered { known.removeLast() }
-    return found
-  }
-
-  private static func probe(_ memory: DeviceMemory, at offset: UInt64) -> (
-    hole: Bool, end: UInt64
-  ) {
-    guard memory.fd >= 0 else { return (false, memory.size) }  // SRAM has no holes
-    let data = cvfu_seek_data(memory.fd, Int64(offset))
-    if data < 0 {
-      // ENXIO: no data from here to the end. Anything else: read it as data.
-      return (data == -Int64(ENXIO), memory.size)
-    }
-    if UInt64(data) > offset { return (true, min(UInt64(data), memory.size)) }
-    let hole = cvfu_seek_hole(memory.fd, Int64(offset))
-    return (false, hole > Int64(offset) ? min(UInt64(hole), memory.size) : memory.size)
-  }
-
   /// Copies the `target.count` bytes at `offset` (checked by the caller), holes as zeros.
   func copy(from offset: UInt64, into target: UnsafeMutableRawBufferPointer) {
-    var done = 0
-    while done < target.count {
-      let at = offset + UInt64(done)
-      let (hole, end) = extent(at: at)
-      let n = Int(min(end - at, UInt64(target.count - done)))
-      let piece = UnsafeMutableRawBufferPointer(rebasing: target[done..<(done + n)])
-      if hole {
-        piece.initializeMemory(as: UInt8.self, repeating: 0)
-      } else {
-        piece.copyMemory(from: UnsafeRawBufferPointer(memory.buffer(offset: at, length: UInt64(n))))
-      }
-      done += n
+    guard !target.isEmpty else { return }
+    if memory.fd >= 0,
+      cvfu_pread_all(memory.fd, target.baseAddress, target.count, Int64(offset)) == 0
+    {
+      return
     }
+    // SRAM, or a pread the kernel refused: the mapping has the same bytes.
+    target.copyMemory(
+      from: UnsafeRawBufferPointer(memory.buffer(offset: offset, length: UInt64(target.count))))
   }
 
   /// The `count` bytes at `offset` (checked by the caller) where they are,
-  /// if they are one extent: VRAM's mapping, or `ZeroMemory` for a hole;
-  /// nil if they mix data and holes.
+  /// if reading them there allocates nothing: VRAM's mapping when all its
+  /// pages are allocated, `ZeroMemory` when they are all a hole; nil when
+  /// data and holes mix (the caller copies them).
   func span(at offset: UInt64, count: Int) -> UnsafeRawBufferPointer? {
-    let (hole, end) = extent(at: offset)
-    guard end - offset >= UInt64(count) else { return nil }
-    if hole {
-      guard count <= ZeroMemory.size else { return nil }
-      return UnsafeRawBufferPointer(rebasing: ZeroMemory.bytes[0..<count])
-    }
-    return UnsafeRawBufferPointer(memory.buffer(offset: offset, length: UInt64(count)))
+    let mapped = UnsafeRawBufferPointer(memory.buffer(offset: offset, length: UInt64(count)))
+    guard memory.fd >= 0, count > 0 else { return mapped }
+    if cvfu_all_resident(mapped.baseAddress, count) == 1 { return mapped }
+    let data = cvfu_seek_data(memory.fd, Int64(offset))
+    let noData = data == -Int64(ENXIO) || (data >= 0 && UInt64(data) >= offset + UInt64(count))
+    guard noData, count <= ZeroMemory.size else { return nil }
+    return UnsafeRawBufferPointer(rebasing: ZeroMemory.bytes[0..<count])
   }
 }

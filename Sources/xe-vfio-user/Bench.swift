@@ -237,7 +237,7 @@ struct Bench: ParsableCommand {
       let size = migrationVRAM.map(\.bytes).max() ?? 4 << 30
       let f = try MigrationBench.runSparse(vram: size, logger: logger)
       print(
-        "\nmigrate of \(formatBytes(size)) VRAM with 10% of its pages holding data, best of 2 each: downtime \(fixed(f.sparseDowntime, 3)) s over the sparse stream (\(formatRate(f.sparseBytes)) on the wire), \(fixed(f.rawDowntime, 3)) s over the raw one (\(formatRate(f.rawBytes))), \(fixed(f.sparseDowntime / f.rawDowntime, 2))× of it; raw: socket stream of the raw bytes \(fixed(f.socketSeconds, 3)) s (sparse downtime ÷ socket \(fixed(f.sparseDowntime / f.socketSeconds, 2))×)"
+        "\nmigrate of \(formatBytes(size)) VRAM with 10% of its pages holding data, best of 2 each: downtime \(fixed(f.sparseDowntime, 3)) s over the sparse stream (\(formatRate(f.sparseBytes)) on the wire), \(fixed(f.rawDowntime, 3)) s over the raw one (\(formatRate(f.rawBytes))), \(fixed(f.sparseDowntime / f.rawDowntime, 2))× of it; raw: socket stream of the raw bytes \(fixed(f.socketSeconds, 3)) s (sparse downtime ÷ socket \(fixed(f.sparseDowntime / f.socketSeconds, 2))×); the source's VRAM allocated: \(formatBytes(f.sourceAllocated.before)) before, \(formatBytes(f.sourceAllocated.after)) after"
       )
     }
     if selected.contains("save") {
@@ -259,6 +259,7 @@ struct Bench: ParsableCommand {
       [
         "VRAM", "stream", "checkpoint", "size ÷ raw", "save", "raw save", "save ÷ raw",
         "restore", "raw restore", "restore ÷ raw", "expanded restore ÷ raw", "raw: socket",
+        "VRAM allocated, before → after saves",
       ]
     ]
     for content in CheckpointBench.Content.allCases {
@@ -273,6 +274,7 @@ struct Bench: ParsableCommand {
         String(printf: "%.2f×", f.containerRestore / f.rawRestore),
         String(printf: "%.2f×", f.expandedRestore / f.rawRestore),
         String(printf: "%.3f s", f.socketSeconds),
+        "\(formatBytes(f.allocatedBeforeSaves)) → \(formatBytes(f.allocatedAfterSaves))",
       ])
     }
     print(

@@ -28,6 +28,10 @@ struct CheckpointFigures {
   var expandedRestore: Double
   var rawRestore: Double
   var socketSeconds: Double
+  /// Bytes of VRAM's memfd backed by memory before the saves and after them:
+  /// a save reads the never-written pages without allocating them.
+  var allocatedBeforeSaves: UInt64
+  var allocatedAfterSaves: UInt64
 }
 
 enum CheckpointBench {
@@ -41,7 +45,6 @@ enum CheckpointBench {
   static func run(vram: UInt64, content: Content, logger: Logger) throws -> CheckpointFigures {
     let device = try SimulatedXeVF(profile: .bmg, vramSize: vram, logger: logger)
     device.withDeviceMemory { fill($0, content) }
-    let before = device.withDeviceMemory { cvfu_crc32c(0, $0.baseAddress, $0.count) }
     let (server, path) = try {
       let served = try serveForBench(device, name: "checkpoint", logger: logger)
       return (served.0, served.2)
@@ -64,6 +67,14 @@ enum CheckpointBench {
       unlink(containerPath)
       unlink(rawPath)
     }
+    // VRAM's memfd, read with pread (which reads a hole as zeros without
+    // allocating it, where the mapping would allocate it).
+    guard let vramFD = try current!.regionInfo(VFIOPCIRegion.bar2).fd else {
+      throw CLIError("checkpoint bench: BAR2 came without its fd")
+    }
+    defer { close(vramFD) }
+    let before = try vramChecksum(vramFD, size: vram)
+    let allocatedBefore = allocatedBytes(vramFD)
 
     // Saves, alternating container and raw, best of three each: the VM's noise hits both alike.
     var best = (container: Double.infinity, raw: Double.infinity)
@@ -103,6 +114,11 @@ enum CheckpointBench {
       }
     }
 
+    let allocatedAfter = allocatedBytes(vramFD)
+    guard try vramChecksum(vramFD, size: vram) == before else {
+      throw CLIError("checkpoint bench: saving changed VRAM")
+    }
+
     // Restores of each file into the same VF, each checked against the VRAM it was saved from.
     var restored = (container: Double.infinity, expanded: Double.infinity, raw: Double.infinity)
     for round in 0..<6 {
@@ -135,8 +151,7 @@ enum CheckpointBench {
       }
       try client.setMigrationState(.running)
       let seconds = Double(now() - start) / 1e9
-      let after = device.withDeviceMemory { cvfu_crc32c(0, $0.baseAddress, $0.count) }
-      guard after == before else {
+      guard try vramChecksum(vramFD, size: vram) == before else {
         throw CLIError("checkpoint bench: the \(container ? "container" : "raw") restore lost VRAM")
       }
       if container {
@@ -154,7 +169,33 @@ enum CheckpointBench {
       containerSave: best.container, rawSave: best.raw, containerRestore: restored.container,
       expandedRestore: restored.expanded, rawRestore: restored.raw,
       socketSeconds: SocketFloor.streamSeconds(
-        bytes: Int(streamBytes), chunk: 1 << 20, serverCPU: nil))
+        bytes: Int(streamBytes), chunk: 1 << 20, serverCPU: nil),
+      allocatedBeforeSaves: allocatedBefore, allocatedAfterSaves: allocatedAfter)
+  }
+
+  /// CRC32C of the `size` bytes of `fd`, read with pread.
+  static func vramChecksum(_ fd: Int32, size: UInt64) throws -> UInt32 {
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+    defer { buffer.deallocate() }
+    var crc: UInt32 = 0
+    var offset: UInt64 = 0
+    while offset < size {
+      let n = pread(
+        fd, buffer.baseAddress, Int(min(UInt64(buffer.count), size - offset)), off_t(offset))
+      guard n > 0 else {
+        throw CLIError("checkpoint bench: reading VRAM: \(describe(Errno(rawValue: errno)))")
+      }
+      crc = cvfu_crc32c(crc, buffer.baseAddress, n)
+      offset += UInt64(n)
+    }
+    return crc
+  }
+
+  /// Bytes of `fd` backed by memory.
+  static func allocatedBytes(_ fd: Int32) -> UInt64 {
+    var status = stat()
+    guard fstat(fd, &status) == 0 else { return 0 }
+    return UInt64(status.st_blocks) * 512
   }
 
   /// Random words (splitmix64) in every page, in one page of ten, or nowhere.

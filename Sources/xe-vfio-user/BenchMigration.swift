@@ -32,6 +32,9 @@ struct SparseMigrationFigures {
   var sparseDowntime: Double
   var rawDowntime: Double
   var socketSeconds: Double
+  /// The source's VRAM backed by memory before the rounds and after them
+  /// (its never-written pages are read without being allocated).
+  var sourceAllocated: (before: UInt64, after: UInt64)
 }
 
 enum MigrationBench {
@@ -151,7 +154,6 @@ enum MigrationBench {
     let source = try SimulatedXeVF(profile: .bmg, vramSize: vram, logger: logger)
     let destination = try SimulatedXeVF(profile: .bmg, vramSize: vram, logger: logger)
     source.withDeviceMemory { CheckpointBench.fill($0, .sparse) }
-    let expected = source.withDeviceMemory { cvfu_crc32c(0, $0.baseAddress, $0.count) }
     var limits = ServerLimits()
     limits.resetOnDisconnect = false
     let servers = [source, destination].map {
@@ -163,6 +165,16 @@ enum MigrationBench {
       server.start()
     }
     defer { servers.forEach { $0.stop() } }
+    // The source's VRAM memfd, read with pread: through the mapping, its
+    // never-written pages would be allocated before the first round.
+    let sourceVRAM = try {
+      guard let fd = try benchClient(paths[0], sparse: false).regionInfo(VFIOPCIRegion.bar2).fd
+      else { throw CLIError("sparse migration bench: BAR2 came without its fd") }
+      return fd
+    }()
+    defer { close(sourceVRAM) }
+    let expected = try CheckpointBench.vramChecksum(sourceVRAM, size: vram)
+    let allocatedBefore = CheckpointBench.allocatedBytes(sourceVRAM)
     var best = (sparse: Double.infinity, raw: Double.infinity)
     var wire = (sparse: UInt64(0), raw: UInt64(0))
     for round in 0..<4 {
@@ -198,8 +210,9 @@ enum MigrationBench {
     return SparseMigrationFigures(
       vram: vram, rawBytes: wire.raw, sparseBytes: wire.sparse, sparseDowntime: best.sparse,
       rawDowntime: best.raw,
-      socketSeconds: SocketFloor.streamSeconds(bytes: Int(wire.raw), chunk: 1 << 20, serverCPU: nil)
-    )
+      socketSeconds: SocketFloor.streamSeconds(
+        bytes: Int(wire.raw), chunk: 1 << 20, serverCPU: nil),
+      sourceAllocated: (allocatedBefore, CheckpointBench.allocatedBytes(sourceVRAM)))
   }
 
   static func anonKiB() -> Int {

@@ -32,10 +32,15 @@ int cvfu_ioctl(int fd, unsigned long request, void *arg);
 int cvfu_memfd_create(const char *name, unsigned int flags);
 /* Frees the pages of [offset, offset+length) of a file, keeping its size: reads give zeros. */
 int cvfu_punch_hole(int fd, long long offset, long long length);
-/* lseek(fd, offset, SEEK_DATA or SEEK_HOLE): the next byte of data (hole)
+/* lseek(fd, offset, SEEK_DATA): the next byte of data
  * at or after offset, or -errno (-ENXIO: none before the end). */
 long long cvfu_seek_data(int fd, long long offset);
-long long cvfu_seek_hole(int fd, long long offset);
+/* Whether every page of [addr, addr+len) of a shared file mapping is in the
+ * file's page cache (mincore), so reading it through the mapping allocates
+ * nothing: 1, 0, or -errno. addr need not be page-aligned. */
+int cvfu_all_resident(const void *addr, size_t len);
+/* pread until len bytes are read: 0, or -errno (-EIO at end of file). */
+int cvfu_pread_all(int fd, void *buf, size_t len, long long offset);
 int cvfu_eventfd(unsigned int initval, int flags);
 
 /// CRC-32C (Castagnoli) of `len` bytes continuing from `crc` (0 to start):

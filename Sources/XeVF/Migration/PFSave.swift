@@ -181,10 +181,9 @@ extension SimulatedPF {
   }
 
   /// `read`, but when the rest of `buffer` lies wholly inside the current
-  /// VRAM packet's payload and in one extent of VRAM (data or hole), that
-  /// part is consumed and returned in `span` (`VRAMReader.span`) instead of
-  /// being copied; where data and holes mix, bytes are copied up to the
-  /// extent's end and the rest tried again.
+  /// VRAM packet's payload and VRAM can hand it out in place
+  /// (`VRAMReader.span`: all data, or all hole), that part is consumed and
+  /// returned in `span` instead of being copied.
   func read(
     into buffer: UnsafeMutableRawBufferPointer, stream: Int, vram: VRAMReader?,
     span: inout UnsafeRawBufferPointer?, gathering: Bool = true
@@ -203,7 +202,6 @@ extension SimulatedPF {
           cursor.offset = 0
         }
         guard let packet = cursor.current else { break }
-        var extentLimit = Int.max
         if gathering, interruptAt == nil, let vram, case .vram = packet.payload,
           cursor.offset >= XePacketHeader.size,
           packet.streamSize - UInt64(cursor.offset) >= UInt64(buffer.count - copied)
@@ -216,10 +214,8 @@ extension SimulatedPF {
             if UInt64(cursor.offset) == packet.streamSize { cursor.current = nil }
             return copied
           }
-          extentLimit = Int(min(vram.extent(at: start).end - start, UInt64(rest)))
         }
-        let limit = min(
-          buffer.count - copied, interruptAt.map { $0 - copied } ?? .max, extentLimit)
+        let limit = min(buffer.count - copied, interruptAt.map { $0 - copied } ?? .max)
         let count = copy(
           packet, from: cursor.offset, count: limit,
           into: UnsafeMutableRawBufferPointer(rebasing: buffer[copied...]), vram: vram)
