@@ -72,16 +72,24 @@ func fillAndMarkDevice(_ client: VFIOUserClient, vram: Int, seed: UInt8) throws 
   return try markDevice(client, vram: vram, seed: seed)
 }
 
-/// The device is RUNNING and holds exactly the marks.
-func expectMarked(
-  _ serve: ServeProcess, _ marks: [(UInt64, [UInt8])], seed: UInt8,
-  sourceLocation: SourceLocation = #_sourceLocation
-) throws {
+/// A client of `serve`, whose device is RUNNING with `seed`'s scratch register.
+func connectRunningMarked(
+  _ serve: ServeProcess, seed: UInt8, sourceLocation: SourceLocation
+) throws -> VFIOUserClient {
   let client = try serve.connect()
   #expect(try client.migrationState() == .running, sourceLocation: sourceLocation)
   #expect(
     try client.read32(region: 0, offset: scratch0) == 0x5eed_0000 | UInt32(seed),
     sourceLocation: sourceLocation)
+  return client
+}
+
+/// The device is RUNNING and holds exactly the marks.
+func expectMarked(
+  _ serve: ServeProcess, _ marks: [(UInt64, [UInt8])], seed: UInt8,
+  sourceLocation: SourceLocation = #_sourceLocation
+) throws {
+  let client = try connectRunningMarked(serve, seed: seed, sourceLocation: sourceLocation)
   for (offset, data) in marks {
     let back = try client.read(region: VFIOPCIRegion.bar2, offset: offset, count: data.count)
     #expect(back == data, "VRAM at \(offset) lost", sourceLocation: sourceLocation)

@@ -42,11 +42,7 @@ struct SparseFallbackTests {
     _ serve: ServeProcess, _ image: [UInt8], seed: UInt8,
     sourceLocation: SourceLocation = #_sourceLocation
   ) throws {
-    let client = try serve.connect()
-    #expect(try client.migrationState() == .running, sourceLocation: sourceLocation)
-    #expect(
-      try client.read32(region: 0, offset: scratch0) == 0x5eed_0000 | UInt32(seed),
-      sourceLocation: sourceLocation)
+    let client = try connectRunningMarked(serve, seed: seed, sourceLocation: sourceLocation)
     #expect(try readVRAM(client, vram) == image, sourceLocation: sourceLocation)
     waitIdle(serve)
   }
