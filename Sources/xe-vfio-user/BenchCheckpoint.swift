@@ -180,10 +180,10 @@ enum CheckpointBench {
     var crc: UInt32 = 0
     var offset: UInt64 = 0
     while offset < size {
-      let n = pread(
-        fd, buffer.baseAddress, Int(min(UInt64(buffer.count), size - offset)), off_t(offset))
-      guard n > 0 else {
-        throw CLIError("checkpoint bench: reading VRAM: \(describe(Errno(rawValue: errno)))")
+      let n = Int(min(UInt64(buffer.count), size - offset))
+      let status = cvfu_pread_all(fd, buffer.baseAddress, n, Int64(offset))
+      guard status == 0 else {
+        throw CLIError("checkpoint bench: reading VRAM: \(describe(Errno(rawValue: -status)))")
       }
       crc = cvfu_crc32c(crc, buffer.baseAddress, n)
       offset += UInt64(n)
