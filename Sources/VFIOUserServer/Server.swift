@@ -188,11 +188,17 @@ public final class VFIOUserServer: Sendable {
     let failed = startThread(name: "vfio-user-client", stackSize: 1 << 20) {
       [self, connectionLogger] in
       connectionThreadSetup?()
-      let connection = Connection(
-        fd: client, backend: slot.backend, limits: limits, logger: connectionLogger,
-        stats: statistics)
-      connection.willCloseSocket = { [self] in activeSocket.withLock { $0 = -1 } }
-      let end = connection.run()
+      let end = {
+        let connection = Connection(
+          fd: client, backend: slot.backend, limits: limits, logger: connectionLogger,
+          stats: statistics)
+        connection.willCloseSocket = { [self] in activeSocket.withLock { $0 = -1 } }
+        return connection.run()
+      }()
+      // A client's buffers (messages up to maxMessageSize, a save's packets)
+      // leave free pages scattered through malloc's heap, which glibc keeps
+      // resident; the server idles between clients, so it gives them back.
+      _ = cvfu_release_free_heap()
       statistics.update {
         $0.clientConnected = false
         $0.lastEnd = end

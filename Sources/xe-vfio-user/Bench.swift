@@ -186,6 +186,9 @@ struct Bench: ParsableCommand {
         "idle RSS of `serve`, no client (VRAM untouched)", rss.idle, floor: rss.floor,
         missingFloor: "floor not built", target: "≤ 8 MiB")
       table.memory("RSS of `serve`, one client connected", rss.connected, floor: nil, target: "")
+      table.memory(
+        "RSS of `serve` after a client saved the VF (STOP_COPY) and left", rss.afterSave,
+        floor: rss.floor, missingFloor: "floor not built", target: "≈ idle")
       if rss.floor == nil {
         print(
           "(the idle floor is xe-vfio-user-idle-floor next to this executable: swift build -c release --static-swift-stdlib --product xe-vfio-user-idle-floor)"
@@ -400,9 +403,12 @@ struct Bench: ParsableCommand {
   }
 
   /// Resident memory (VmRSS, KiB) of `serve` children of this very executable,
-  /// before any client and with one client connected, and of the idle floor
+  /// before any client, with one client connected and after a client saved
+  /// the VF and left, and of the idle floor
   /// (`xe-vfio-user-idle-floor`, built next to it) in the same run.
-  private func residentMemory() throws -> (idle: Int, connected: Int, floor: Int?) {
+  private func residentMemory() throws -> (
+    idle: Int, connected: Int, afterSave: Int, floor: Int?
+  ) {
     let executable = currentExecutable()
     let path = "/tmp/xe-vfio-user-rss-\(getpid()).sock"
     let serve = try ChildProcess(
@@ -418,9 +424,19 @@ struct Bench: ParsableCommand {
     guard let idle = settledRSS(of: serve, listeningOn: path) else {
       throw ValidationError("`serve` did not start listening on \(path)")
     }
-    let client = try VFIOUserClient.connect(path: path)
-    _ = try client.deviceInfo()
-    let connected = withExtendedLifetime(client) { settledRSS(of: serve, listeningOn: path) ?? 0 }
+    let connected: Int
+    do {
+      let client = try VFIOUserClient.connect(path: path)
+      _ = try client.deviceInfo()
+      connected = settledRSS(of: serve, listeningOn: path) ?? 0
+      // A whole save through the socket, then the client leaves: what the
+      // server keeps of it is what an idle server carries after a migration.
+      try client.setMigrationState(.stop)
+      try client.setMigrationState(.stopCopy)
+      while try !client.migDataRead(size: 1 << 20).isEmpty {}
+      try client.setMigrationState(.running)
+    }
+    let afterSave = settledRSS(of: serve, listeningOn: path) ?? 0
 
     var floor: Int?
     let floorExecutable =
@@ -434,7 +450,7 @@ struct Bench: ParsableCommand {
       child.wait()
       unlink(floorPath)
     }
-    return (idle, connected, floor)
+    return (idle, connected, afterSave, floor)
   }
 
   /// VmRSS of `child` once `socket` exists and the figure has stopped moving.

@@ -16,4 +16,8 @@ int cvfu_spawn_closefrom(posix_spawn_file_actions_t *actions, int lowfd);
 /// The real, effective and saved user and group ids (getresuid, getresgid). 0 or -errno.
 int cvfu_get_credentials(uid_t uids[3], gid_t gids[3]);
 
+/// Returns the free pages of malloc's heaps to the kernel (glibc's
+/// malloc_trim). Returns 1 if memory was released, 0 if not.
+int cvfu_release_free_heap(void);
+
 #endif
