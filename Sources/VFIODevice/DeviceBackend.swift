@@ -118,10 +118,11 @@ public protocol VFIODeviceBackend: AnyObject {
     throws(Errno)
   func write(region: UInt32, offset: UInt64, from buffer: UnsafeRawBufferPointer) throws(Errno)
 
-  /// The bytes of `region` when it is plain memory without side effects on
-  /// read (VRAM): large REGION_READ replies are then sent straight from it
-  /// with no copy. nil (the default) routes every read through `read`.
-  func directMemory(region: UInt32) -> UnsafeRawBufferPointer?
+  /// The `count` bytes at `offset` of `region` (checked by the caller) where
+  /// a large REGION_READ reply can be sent straight from, with no copy: plain
+  /// memory without side effects on read (VRAM), and only where reading it
+  /// there allocates nothing. nil (the default) routes the read through `read`.
+  func directRead(region: UInt32, offset: UInt64, count: Int) -> UnsafeRawBufferPointer?
 
   // MARK: Lifecycle
 
@@ -186,7 +187,9 @@ extension DeviceHost {
 
 extension VFIODeviceBackend {
   public var dmaLimits: DMALimits { .unrestricted }
-  public func directMemory(region: UInt32) -> UnsafeRawBufferPointer? { nil }
+  public func directRead(region: UInt32, offset: UInt64, count: Int) -> UnsafeRawBufferPointer? {
+    nil
+  }
   public func dmaMap(_ window: DMAWindow, file: consuming OwnedFileDescriptor?) throws(Errno) {}
   public func dmaUnmap(_ windows: [DMAWindow]) throws(Errno) {}
 }

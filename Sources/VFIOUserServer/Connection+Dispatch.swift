@@ -177,13 +177,10 @@ extension Connection {
     access.encode(into: out)
     let count = Int(access.count)
     if count >= Self.directReadThreshold, header.wantsReply,
-      let memory = backend.directMemory(region: access.region)
+      let memory = backend.directRead(region: access.region, offset: access.offset, count: count)
     {
       // Large reads of plain memory leave straight from it: no copy into the reply buffer.
-      let start = Int(access.offset)
-      sendReply(
-        to: header, payloadSize: RegionAccessHeader.size,
-        extra: UnsafeRawBufferPointer(rebasing: memory[start..<(start + count)]))
+      sendReply(to: header, payloadSize: RegionAccessHeader.size, extra: memory)
       return nil
     }
     try backend.read(

@@ -133,17 +133,17 @@ public final class SimulatedXeVF: VFIODeviceBackend {
       try readBAR0(offset: offset, into: buffer)
     case VFIOPCIRegion.bar2 where vramSize > 0:
       try checkVRAM(offset: offset, count: buffer.count)
-      buffer.copyMemory(
-        from: UnsafeRawBufferPointer(memory.buffer(offset: offset, length: UInt64(buffer.count))))
+      VRAMReader(memory).copy(from: offset, into: buffer)
     default:
       throw .invalidArgument
     }
   }
 
-  /// VRAM reads have no side effects, so large ones may leave straight from it.
-  public func directMemory(region: UInt32) -> UnsafeRawBufferPointer? {
+  /// VRAM reads have no side effects, so large ones may leave straight from
+  /// it, where that allocates none of its holes (`VRAMReader.span`).
+  public func directRead(region: UInt32, offset: UInt64, count: Int) -> UnsafeRawBufferPointer? {
     guard region == VFIOPCIRegion.bar2, vramSize > 0 else { return nil }
-    return UnsafeRawBufferPointer(start: memory.base, count: Int(vramSize))
+    return VRAMReader(memory).span(at: offset, count: count)
   }
 
   public func write(region: UInt32, offset: UInt64, from buffer: UnsafeRawBufferPointer)

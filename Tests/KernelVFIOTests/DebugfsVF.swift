@@ -35,7 +35,9 @@ final class DebugfsVF: VFIODeviceBackend, PFDebugfsMigratable {
   func write(region: UInt32, offset: UInt64, from buffer: UnsafeRawBufferPointer) throws(Errno) {
     try vf.write(region: region, offset: offset, from: buffer)
   }
-  func directMemory(region: UInt32) -> UnsafeRawBufferPointer? { vf.directMemory(region: region) }
+  func directRead(region: UInt32, offset: UInt64, count: Int) -> UnsafeRawBufferPointer? {
+    vf.directRead(region: region, offset: offset, count: count)
+  }
   func attach(host: DeviceHost?) { vf.attach(host: host) }
   func setIRQs(_ request: consuming IRQSetRequest) throws(Errno) { try vf.setIRQs(request) }
   var eventFDCount: Int { vf.eventFDCount }

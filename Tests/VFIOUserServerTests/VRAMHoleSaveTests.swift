@@ -5,10 +5,11 @@ import VFIOUser
 import VFIOUserClient
 import XeVF
 
-/// A save reads the holes of VRAM's memfd (pages never written) as zeros
-/// without allocating them: reading a hole through the mapping would, as
-/// shmem maps no zero page, so a save once grew the server by the whole VRAM.
-@Suite("Saving VRAM's holes")
+/// A save, and a client's REGION_READ, read the holes of VRAM's memfd (pages
+/// never written) as zeros without allocating them: reading a hole through
+/// the mapping would, as shmem maps no zero page, so a save once grew the
+/// server by the whole VRAM.
+@Suite("Reading VRAM's holes")
 struct VRAMHoleSaveTests {
   static let vram: UInt64 = 16 << 20
   static let page = 4096
@@ -85,6 +86,32 @@ struct VRAMHoleSaveTests {
         // The sparse stream's zero runs leave the destination's holes unallocated too.
         if sparse { #expect(Self.allocated(restored) < before + (1 << 20)) }
       }
+    }
+  }
+
+  /// REGION_READ of BAR2 by message (a client without mmap reads VRAM so):
+  /// small reads are copied, large ones leave in place from the mapping where
+  /// it is all data and from the zero page where it is all hole, and mixed
+  /// ones are copied. Reads below a page sample the start of every page.
+  @Test(arguments: [8, 4096, 100_000, 1 << 20])
+  func regionReadsAllocateNoHole(size: Int) throws {
+    try withServer(try Self.vf()) { server, _ in
+      let client = try server.connect()
+      try Self.fill(client)
+      let fd = try Self.vramFD(client)
+      defer { close(fd) }
+      let before = Self.allocated(fd)
+      let expected = Self.contents(fd)
+      var read = [UInt8]()
+      var sampled = [UInt8]()
+      let step = max(size, Self.page)
+      for offset in stride(from: 0, to: Int(Self.vram), by: step) {
+        let count = min(size, Int(Self.vram) - offset)
+        read += try client.read(region: 2, offset: UInt64(offset), count: count)
+        sampled += expected[offset..<(offset + count)]
+      }
+      #expect(read == sampled)
+      #expect(Self.allocated(fd) == before, "REGION_READ allocated VRAM's holes")
     }
   }
 }
