@@ -83,21 +83,29 @@ struct PFControlFileTests {
     try pf.pause(gt: 1)  // GT0 was resumed by the device-level resume
     #expect(errno { () throws(Errno) in try c.trigger(.pause) } == .staleNFSFileHandle)  // GT1: ESTALE
     #expect(errno { () throws(Errno) in try c.trigger(.pause) } == euclean)  // both paused
-    // A save that cannot finish yet: each GuC step takes a while.
-    host.vfs[0].pfTiming.gucLatency = .milliseconds(200)
+    // A save that cannot finish yet, however the threads are scheduled:
+    // GT0's 11 packets (4 MiB of VRAM in 512 KiB chunks) outnumber the PF's
+    // ring, so it waits for a reader. (A save merely slow, with a GT done
+    // before the other, would not do: finish_save completes the done GTs
+    // before it fails on the first that is not, as the kernel's loop does,
+    // and every later finish then fails.)
+    host.vfs[0].vramChunkSize = 512 << 10
     #expect(errno { () throws(Errno) in try c.trigger(.save) } == nil)
     #expect(errno { () throws(Errno) in try c.trigger(.save) } == .alreadyInProcess)  // EALREADY
     #expect(errno { () throws(Errno) in try c.trigger(.restore) } == .resourceBusy)  // EBUSY
     #expect(errno { () throws(Errno) in try c.trigger(.resume) } == euclean)  // EBUSY on both
-    #expect(errno { () throws(Errno) in try c.finish(.save) } == .ioError)  // still in progress
-    host.vfs[0].pfTiming.gucLatency = .zero
-    var finished: Errno? = .ioError
-    // Steps already queued still take their 200 ms each; under load, longer.
-    for _ in 0..<500 where finished != nil {
-      usleep(20_000)
-      finished = errno { () throws(Errno) in try c.finish(.save) }
+    #expect(errno { () throws(Errno) in try c.finish(.save) } == .ioError)  // GT0 in progress
+    // Read to the end of the stream: every GT has then produced all its data.
+    let data = try open(host, 1, .migrationData)
+    var chunk = [UInt8](repeating: 0, count: 1 << 20)
+    var streamed = 0
+    while case let n = try chunk.withUnsafeMutableBytes({ try data.pread(into: $0, at: 0).get() }),
+      n > 0
+    {
+      streamed += n
     }
-    #expect(finished == nil)
+    #expect(streamed > 4 << 20)
+    #expect(errno { () throws(Errno) in try c.finish(.save) } == nil)
     #expect(errno { () throws(Errno) in try c.trigger(.stop) } == nil)
     #expect(errno { () throws(Errno) in try c.trigger(.stop) } == euclean)  // ESTALE on both
     #expect(errno { () throws(Errno) in try c.trigger(.save) } == .notPermitted)  // stopped
@@ -121,13 +129,15 @@ struct PFControlFileTests {
     let source = try controls(bmg)
     try source.trigger(.pause)
     // Each GuC step takes 150 ms: the first read blocks until the PF has produced a buffer's worth.
+    // (Timed from the trigger: a test thread held up past the GuC step
+    // would otherwise find the data ready and time nothing.)
     bmg.vfs[0].pfTiming.gucLatency = .milliseconds(150)
+    let start = ContinuousClock.now
     try source.trigger(.save)
     let data = try open(bmg, 1, .migrationData)
     var stream: [UInt8] = []
     var counts: [Int] = []
     var buffer = [UInt8](repeating: 0, count: 1 << 20)
-    let start = ContinuousClock.now
     let first = try buffer.withUnsafeMutableBytes { try data.pread(into: $0, at: 0).get() }
     #expect(ContinuousClock.now - start >= .milliseconds(150) && first == 1 << 20)
     bmg.vfs[0].pfTiming.gucLatency = .zero

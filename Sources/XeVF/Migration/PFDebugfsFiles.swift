@@ -61,8 +61,11 @@ public final class SimulatedPFDebugfs: @unchecked Sendable {
       buffer.copyBytes(from: text[Int(offset)..<Int(offset) + n])
       return n
     case "save":
-      endStreams()
+      // The data stays readable while the save is still in progress (EIO):
+      // the kernel's migration_data reads the PF's rings, which only a
+      // finished save (or a reset) frees.
       try vf.pf.finishSaveVF()
+      endStreams()
       return 0
     case "restore":
       endStreams()
