@@ -164,9 +164,15 @@ extension SimulatedXeVF {
     if transfer.toDevice {
       host.dmaRead(address: transfer.clientAddress, into: device, completion: done)
     } else {
+      // VRAM the VF never wrote leaves from the zero page, as a save reads it,
+      // rather than being allocated by the read (a mix of data and holes is
+      // read through the mapping).
+      let source =
+        memory.fd >= 0
+        ? VRAMReader(memory).span(at: transfer.deviceOffset, count: device.count) : nil
       host.dmaWrite(
-        address: transfer.clientAddress, from: UnsafeRawBufferPointer(device), log: dirtyLog,
-        completion: done)
+        address: transfer.clientAddress, from: source ?? UnsafeRawBufferPointer(device),
+        log: dirtyLog, completion: done)
     }
   }
 

@@ -114,4 +114,35 @@ struct VRAMHoleSaveTests {
       #expect(Self.allocated(fd) == before, "REGION_READ allocated VRAM's holes")
     }
   }
+
+  /// The DMA engine copying VRAM to the client: a transfer of VRAM nobody
+  /// wrote delivers zeros without allocating it, one of written VRAM its
+  /// bytes (the mapping, all allocated, is read in place).
+  @Test func engineTransfersFromHolesAllocateNothing() throws {
+    let engine = DMALoggingTests()
+    try withServer(try Self.vf()) { server, _ in
+      let client = try server.connect()
+      try Self.fill(client)
+      try engine.enableBusMaster(client)
+      let guest = GuestFile(size: 1 << 20)
+      let guestBase: UInt64 = 0x1000_0000
+      try client.dmaMap(
+        address: guestBase, size: 1 << 20, flags: DMALoggingTests.rw, fd: guest.fd)
+      let fd = try Self.vramFD(client)
+      defer { close(fd) }
+      let before = Self.allocated(fd)
+      let expected = Self.contents(fd)
+      // A hole of 1 MiB (pages 1324..<1580), then the data of pages 300..<556.
+      for page in [1324, 300] {
+        #expect(pwrite(guest.fd, [UInt8](repeating: 0xAA, count: 1 << 20), 1 << 20, 0) == 1 << 20)
+        let status = try engine.transfer(
+          client, device: UInt64(page * Self.page), client: guestBase, length: 1 << 20)
+        #expect(status == XeSimRegisters.DMA.statusDone)
+        let offset = page * Self.page
+        #expect(
+          guest.bytes(at: 0, count: 1 << 20) == Array(expected[offset..<(offset + (1 << 20))]))
+      }
+      #expect(Self.allocated(fd) == before, "the engine's read allocated VRAM's holes")
+    }
+  }
 }
