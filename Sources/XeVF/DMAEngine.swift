@@ -166,10 +166,8 @@ extension SimulatedXeVF {
     } else {
       // VRAM the VF never wrote leaves from the zero page, as a save reads it,
       // rather than being allocated by the read (a mix of data and holes is
-      // read through the mapping).
-      let source =
-        memory.fd >= 0
-        ? VRAMReader(memory).span(at: transfer.deviceOffset, count: device.count) : nil
+      // read through the mapping; SRAM's span is its memory).
+      let source = VRAMReader(memory).span(at: transfer.deviceOffset, count: device.count)
       host.dmaWrite(
         address: transfer.clientAddress, from: source ?? UnsafeRawBufferPointer(device),
         log: dirtyLog, completion: done)

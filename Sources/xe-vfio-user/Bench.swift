@@ -120,9 +120,7 @@ struct Bench: ParsableCommand {
       let floor = LatencySummary(
         SocketFloor.roundTrips(
           requestSize: 32, replySize: 32 + size, count: count, serverCPU: serverCPU))
-      // VRAM the VF wrote: a hole would leave from the zero page, which flatters the figure.
-      try client.write(
-        region: 2, offset: 0, data: (0..<size).map { UInt8(truncatingIfNeeded: $0 % 251 + 1) })
+      try writeVRAMData(client, count: size)
       let ours = LatencySummary(
         try measure(count) { try readOnce(client, 0, UInt32(size), region: 2) })
       let copy = SocketFloor.memcpyRate(size: size, repeats: count)

@@ -137,13 +137,7 @@ enum DMABench {
     try client.write32(region: VFIOPCIRegion.config, offset: 4, 0x0006)  // memory + bus master
     try client.dmaMap(address: base, size: windowSize, flags: 3, fd: fd)
     defer { _ = try? client.dmaUnmapAll() }
-    // VRAM the VF wrote: a transfer of a hole would leave from the zero page, which flatters.
-    let pattern = (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 % 251 + 1) }
-    for chunk in stride(from: 0, to: UInt64(transfer), by: 1 << 20) {
-      try client.write(
-        region: VFIOPCIRegion.bar2, offset: chunk,
-        data: Array(pattern[0..<Int(min(1 << 20, UInt64(transfer) - chunk))]))
-    }
+    try writeVRAMData(client, count: Int(transfer))
     // 64 MiB of the window, over and over: warm pages, as a guest's DMA buffers are.
     // Each REPORT after STOP and START again starts from an empty log.
     let span: UInt64 = 64 << 20
@@ -214,5 +208,17 @@ enum DMABench {
       plain: plain, logged: logged, sealed: sealed, read: read, readSealed: readSealed,
       memcpy: SocketFloor.memcpyRate(size: Int(transfer), repeats: 400),
       reportClean: clean, reportDirty: LatencySummary(dirty), reportFloor: floor, dirtied: span)
+  }
+}
+
+/// Writes a pattern with no zero byte over the first `count` bytes of VRAM,
+/// 1 MiB a message: a bench that reads VRAM must read what the VF wrote, as
+/// a hole would leave from the zero page, which flatters the figure.
+func writeVRAMData(_ client: VFIOUserClient, count: Int) throws {
+  let pattern = (0..<min(count, 1 << 20)).map { UInt8(truncatingIfNeeded: $0 % 251 + 1) }
+  for offset in stride(from: 0, to: count, by: pattern.count) {
+    try client.write(
+      region: VFIOPCIRegion.bar2, offset: UInt64(offset),
+      data: Array(pattern.prefix(count - offset)))
   }
 }
