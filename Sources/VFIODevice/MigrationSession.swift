@@ -32,6 +32,11 @@ public struct MigrationSession {
   /// A reset or hang-up killed the stream: data commands answer ENODEV until
   /// a new one opens.
   public private(set) var streamInvalidated = false
+  /// While the device is in a save state (PRE_COPY, STOP_COPY): the state
+  /// the walk that entered it started from (RUNNING, STOP or RUNNING_P2P).
+  /// A save the client abandons returns the device there, so a device that
+  /// was stopped (its state already running elsewhere) is not resumed.
+  public private(set) var saveOrigin: MigrationState?
 
   public init() {}
 
@@ -58,6 +63,7 @@ public struct MigrationSession {
         || MigrationTransitions.nextState(from: current, to: target, flags: flags) != nil
     else { throw .invalidArgument }
     var drained: UInt64 = 0
+    let origin = current
     while current != target {
       guard let next = MigrationTransitions.nextState(from: current, to: target, flags: flags)
       else {
@@ -79,6 +85,12 @@ public struct MigrationSession {
       }
       // Leaving a data state ends its stream.
       if current == .stopCopy || current == .resuming { closeStream() }
+      if next.isSaving {
+        // A walk from RESUMING passed through STOP: that is where it was.
+        if !current.isSaving { saveOrigin = origin.isSteady ? origin : .stop }
+      } else {
+        saveOrigin = nil
+      }
       current = next
       if let opened {
         // Only the final arc may open a stream (the kernel fputs one opened mid-path).
@@ -97,6 +109,7 @@ public struct MigrationSession {
   /// server shutdown): it is RUNNING, and an open stream is dead from now on.
   public mutating func deviceWasReset() {
     if stream != nil { invalidateStream() }
+    saveOrigin = nil
   }
 
   /// Closes the stream, if any, without marking it invalidated (the client left).
@@ -182,4 +195,11 @@ public struct MigrationSession {
       total += UInt64(n)
     }
   }
+}
+
+extension MigrationState {
+  /// The states of a save in progress, which a client that leaves abandons.
+  var isSaving: Bool { self == .stopCopy || self == .preCopy || self == .preCopyP2P }
+  /// The states a device rests in between migrations, with its state whole.
+  var isSteady: Bool { self == .running || self == .stop || self == .runningP2P }
 }

@@ -246,8 +246,9 @@ final class Connection {
   }
 
   /// Under `--on-disconnect keep`: whether the device's state survives the
-  /// client that left. A source (STOP_COPY) goes back to RUNNING through its
-  /// own arcs, as a cancelled migration does: the rest of the save is drained
+  /// client that left. A source (STOP_COPY) goes back through its own arcs to
+  /// the state its save started from (RUNNING, or STOP for a device found
+  /// stopped), as a cancelled migration does: the rest of the save is drained
   /// and dropped, the save finished, the VF resumed, every byte of its state
   /// kept. A device left in STOP or RUNNING_P2P stays there until a client
   /// moves it: resuming it could run a VF whose state already runs elsewhere.
@@ -279,16 +280,18 @@ final class Connection {
       logger.notice("client left the device in \(state): it stays stopped, its state kept")
       return true
     case .stopCopy, .preCopy, .preCopyP2P:
+      // Back where the save started: a source that was stopped stays stopped.
+      let origin = migration.saveOrigin ?? .running
       do throws(Errno) {
-        let dropped = try migration.set(.running, on: migratable)
+        let dropped = try migration.set(origin, on: migratable)
         logger.warning(
-          "client left the device in \(state): migration cancelled (\(dropped) unread bytes of the save dropped), device RUNNING with its state"
+          "client left the device in \(state): migration cancelled (\(dropped) unread bytes of the save dropped), device \(origin) with its state, as before the save"
         )
         return true
       } catch {
         let at = deviceMigrationState().map { "\($0)" } ?? "an unknown state"
         logger.error(
-          "client left the device in \(state) and it could not return to RUNNING (\(error.name) at \(at)): device reset, its state lost"
+          "client left the device in \(state) and it could not return to \(origin) (\(error.name) at \(at)): device reset, its state lost"
         )
         return false
       }

@@ -91,7 +91,7 @@ enum CheckpointBench {
         writer.sparseInput = client.sparseMigration
         try out.write(
           writer.header(
-            SaveFileHeader(identity: identity, estimatedBytes: vram, created: "", source: path)))
+            SaveFileHeader(identity: identity, estimatedBytes: vram, created: nil, source: path)))
         streamBytes = try writeRecords(
           from: client, end: path, into: out, writer: writer, progress: quiet)
         try writer.finish(to: out)

@@ -38,11 +38,12 @@ struct Migrate: ParsableCommand {
     let result: (bytes: UInt64, seconds: Double, downtime: Double)
     let wire =
       source.sparseMigration ? " on the wire (sparse stream: zero VRAM pages not sent)" : ""
+    var progress = Progress()
     do {
-      result = try migrate(source, destination)
+      result = try migrate(source, destination, &progress)
     } catch {
       printError("migration failed: \(error)")
-      rollback(source, destination)
+      rollback(source, destination, progress)
       throw ExitCode.failure
     }
     print(
@@ -50,9 +51,18 @@ struct Migrate: ParsableCommand {
     )
   }
 
-  private func migrate(_ source: VFIOUserClient, _ destination: VFIOUserClient) throws -> (
-    UInt64, Double, Double
-  ) {
+  /// How far a migration got, so a failure undoes exactly what it did.
+  struct Progress {
+    /// The source's state before the migration: where a failure returns it.
+    var sourceFound: MigrationState?
+    var sourceStopped = false
+    /// The destination entered RESUMING: its own state is gone from then on.
+    var destinationResuming = false
+  }
+
+  private func migrate(
+    _ source: VFIOUserClient, _ destination: VFIOUserClient, _ progress: inout Progress
+  ) throws -> (UInt64, Double, Double) {
     let start = now()
     for (client, end) in [(source, sourceEnd), (destination, destinationEnd)] {
       let flags = try step(.probe) { try on(end) { try client.migrationFlags() } }
@@ -70,18 +80,28 @@ struct Migrate: ParsableCommand {
     if let why = a.incompatibility(with: b) {
       throw StepError(step: .identity, underlying: CLIError(why))
     }
+    let found = try step(.probe) { try on(sourceEnd) { try source.migrationState() } }
+    guard [.running, .stop, .runningP2P].contains(found) else {
+      throw StepError(
+        step: .probe,
+        underlying: CLIError(
+          "\(sourceEnd): the device is in \(found); a migration starts from RUNNING or STOP"))
+    }
+    progress.sourceFound = found
     let estimate = (try? source.stopCopySize()) ?? 0
+    progress.destinationResuming = true
     try step(.resuming) { try on(destinationEnd) { try destination.setMigrationState(.resuming) } }
     let downtimeStart = now()
+    progress.sourceStopped = true
     try step(.stopCopy) { try on(sourceEnd) { try source.setMigrationState(.stopCopy) } }
-    let progress = ProgressReporter(label: "migrating", total: estimate, options: progressOptions)
+    let reporter = ProgressReporter(label: "migrating", total: estimate, options: progressOptions)
     // A sparse stream's state bytes are not counted (the relay does not look
     // at them): its progress is the bytes on the wire.
     let sparse = source.sparseMigration
     let bytes = try step(.stream) {
-      try relay(source, destination) { progress.update(state: $0, wire: $0, sparse: sparse) }
+      try relay(source, destination) { reporter.update(state: $0, wire: $0, sparse: sparse) }
     }
-    progress.update(state: bytes, wire: bytes, final: true, sparse: sparse)
+    reporter.update(state: bytes, wire: bytes, final: true, sparse: sparse)
     // The destination proves it took the whole state before the source lets go
     // of it: a hang-up until here resumes the source (its server drains the save).
     try step(.finishRestore) { try on(destinationEnd) { try destination.setMigrationState(.stop) } }
@@ -151,33 +171,53 @@ struct Migrate: ParsableCommand {
     return wire
   }
 
-  /// The source keeps its workload; the destination must not look healthy with half a state.
-  private func rollback(_ source: VFIOUserClient, _ destination: VFIOUserClient) {
-    do {
-      try destination.reset()
-      printError("destination \(destinationEnd) reset: it holds none of the source's state")
-    } catch  where isHangUp(error) {
-      printError("destination \(destinationEnd) is gone; its server resets it on the hang-up")
-    } catch {
-      printError("warning: \(destinationEnd): could not reset the destination: \(describe(error))")
+  /// The source keeps its workload (back in the state it was found in); the
+  /// destination must not look healthy with half a state, and one the
+  /// migration never touched keeps its own.
+  private func rollback(
+    _ source: VFIOUserClient, _ destination: VFIOUserClient, _ progress: Progress
+  ) {
+    if progress.destinationResuming {
+      do {
+        try destination.reset()
+        printError("destination \(destinationEnd) reset: it holds none of the source's state")
+      } catch  where isHangUp(error) {
+        printError("destination \(destinationEnd) is gone; its server resets it on the hang-up")
+      } catch {
+        printError(
+          "warning: \(destinationEnd): could not reset the destination: \(describe(error))")
+      }
+    } else {
+      printError("destination \(destinationEnd) untouched: it keeps its own state")
     }
-    resumeSource(source, option: "--from", path: from)
+    if progress.sourceStopped, let found = progress.sourceFound {
+      returnSource(source, to: found, option: "--from", path: from)
+    } else {
+      printError("source \(sourceEnd) untouched: it is as it was, with its state")
+    }
   }
 }
 
-/// Returns a source to RUNNING after a failed or abandoned save. Its server
-/// drains what was left of the stream, so the VF resumes with all its state.
-/// A source that cannot resume is left as it is, with its state, rather than
-/// reset: the message says how to retry.
-func resumeSource(_ source: VFIOUserClient, option: String, path: String) {
+/// Returns a source to the state it was found in (RUNNING, or STOP for one
+/// whose state already runs elsewhere) after a failed or abandoned save. Its
+/// server drains what was left of the stream, so the VF keeps all its state.
+/// A source that cannot get there is left as it is, with its state, rather
+/// than reset: the message says how to retry.
+func returnSource(
+  _ source: VFIOUserClient, to found: MigrationState, option: String, path: String
+) {
   let end = "\(option) \(path)"
   do {
-    try source.setMigrationState(.running)
-    printError("source \(end) is RUNNING again, with its state")
+    try source.setMigrationState(found)
+    printError("source \(end) is \(found) again, with its state (as it was found)")
   } catch {
     let state = (try? source.migrationState()).map { "\($0)" } ?? "an unknown state"
+    let retry =
+      found == .running
+      ? "retry with `xe-vfio-user resume -s \(path)`"
+      : "it was found in \(found), so nothing runs it"
     printError(
-      "warning: \(end): the source could not return to RUNNING (\(describe(error))); it is left in \(state) with its state: retry with `xe-vfio-user resume -s \(path)`"
+      "warning: \(end): the source could not return to \(found) (\(describe(error))); it is left in \(state) with its state: \(retry)"
     )
   }
 }
@@ -188,12 +228,16 @@ struct Save: ParsableCommand {
     discussion: """
       Stops the device (STOP_COPY), writes a header that identifies the device
       and the stream in CRC-checked records sealed by an end record
-      (protocol/save-format.md), then returns the device to RUNNING (or leaves
-      it stopped with --keep-stopped). A regular file is written beside the
-      path and renamed into place only when complete; a device, FIFO or
-      symlink is written as what it names. On failure the device goes back to
-      RUNNING with its state. `save --output - | ssh host xe-vfio-user
-      restore --input -` moves a VF between hosts.
+      (protocol/save-format.md), then leaves the device in the state it found
+      it in: a RUNNING device runs again, a stopped one (after `migrate`, or
+      `save --keep-stopped`) stays stopped, so a saved source never runs
+      beside its copy. --resume or --keep-stopped choose otherwise. A regular
+      file is written beside the path and renamed into place only when
+      complete; a device, FIFO or symlink is written as what it names. On
+      failure, or on SIGINT, SIGTERM or SIGHUP, the partial file is removed
+      and the device returns to the state it was found in, with its state.
+      `save --output - | ssh host xe-vfio-user restore --input -` moves a VF
+      between hosts.
       """)
 
   @Option(
@@ -201,56 +245,81 @@ struct Save: ParsableCommand {
     help: "The server's socket.")
   var socketPath: String
   @Option(name: [.short, .long], help: "File to write, or - for stdout.") var output: String
-  @Flag(help: "Leave the device stopped after saving.") var keepStopped = false
+  @Flag(help: "Leave the device stopped (STOP) after saving.") var keepStopped = false
+  @Flag(help: "Return the device to RUNNING after saving, even if it was found stopped.")
+  var resume = false
   @Flag(help: "Store every byte: no zero-page elision, no compression (a larger, plainer file).")
   var noCompress = false
+  @Flag(
+    help:
+      "Leave the creation time out of the header, so two saves of the same state are byte for byte the same (as does SOURCE_DATE_EPOCH, which sets it)."
+  )
+  var noTimestamp = false
   @OptionGroup var progressOptions: ProgressOptions
+
+  func validate() throws {
+    if keepStopped, resume { throw ValidationError("--keep-stopped and --resume are exclusive") }
+  }
 
   func run() throws {
     ignoreSIGPIPE()
+    // First: a signal from here on waits for the command to clean up.
+    let interruption = try Interruption()
     let end = "-s \(socketPath)"
     let client = try connectServer(socketPath, option: "-s", sparse: !noCompress)
+    _ = try step(.probe) { try on(end) { try client.migrationFlags() } }
+    let found = try on(end) { try client.migrationState() }
+    guard [.running, .stop, .runningP2P].contains(found) else {
+      throw CLIError(
+        "\(end): the device is in \(found); save starts from RUNNING or STOP (a device mid-restore holds no state to save)"
+      )
+    }
+    let after: MigrationState = keepStopped ? .stop : resume ? .running : found
     let out = try SaveOutput(path: output)
+    if let partial = out.temporaryPath { interruption.setLastResort { unlink(partial) } }
     var stopped = false
     do {
-      _ = try step(.probe) { try on(end) { try client.migrationFlags() } }
       let identity = try step(.identity) { try on(end) { try DeviceIdentity.read(from: client) } }
       let estimate = (try? client.stopCopySize()) ?? 0
       let writer = SaveFileWriter()
       writer.elideZeros = !noCompress
       writer.compress = !noCompress
       writer.sparseInput = client.sparseMigration
+      try interruption.check()
       try out.write(
         try writer.header(
           SaveFileHeader(
             identity: identity, estimatedBytes: estimate,
-            created: Date.now.formatted(.iso8601), source: socketPath)))
+            created: noTimestamp ? nil : try checkpointTimestamp(), source: socketPath)))
       try step(.stopCopy) { try on(end) { try client.setMigrationState(.stopCopy) } }
       stopped = true
       let progress = ProgressReporter(label: "saving", total: estimate, options: progressOptions)
       let bytes = try step(.stream) {
-        try writeRecords(from: client, end: end, into: out, writer: writer, progress: progress)
+        try writeRecords(
+          from: client, end: end, into: out, writer: writer, progress: progress,
+          interruption: interruption)
       }
       try writer.finish(to: out)
       progress.update(state: bytes, wire: out.bytesWritten, final: true)
       // A regular file records its length, so a restore can tell a cut-short copy at once.
       if out.seekable { try out.patch(le(out.bytesWritten), at: SaveFormat.fileLengthOffset) }
+      try interruption.check()
       try out.commit()
-      try step(.finishSave) {
-        try on(end) { try client.setMigrationState(keepStopped ? .stop : .running) }
-      }
+      try step(.finishSave) { try on(end) { try client.setMigrationState(after) } }
+      let left = after == found ? "device \(after), as it was found" : "device left in \(after)"
       printError(
-        "saved \(formatRate(bytes)) of \(identity) state to \(out.name) as \(formatRate(out.bytesWritten)) (\(percent(out.bytesWritten, of: bytes)))\(keepStopped ? "; device left in STOP" : "")"
+        "saved \(formatRate(bytes)) of \(identity) state to \(out.name) as \(formatRate(out.bytesWritten)) (\(percent(out.bytesWritten, of: bytes))); \(left)"
       )
     } catch {
       out.abandon()
       printError("save failed: \(error)")
+      if out.seekable { printError("\(out.name) is as it was: the partial copy was removed") }
       if stopped {
-        resumeSource(client, option: "-s", path: socketPath)
+        returnSource(client, to: found, option: "-s", path: socketPath)
       } else {
-        printError("the device was not stopped: it is RUNNING with its state")
+        printError("the device was not stopped: it is \(found) with its state")
       }
-      throw ExitCode.failure
+      throw ExitCode(interruption.exitCode ?? ExitCode.failure.rawValue)
     }
   }
 }
@@ -259,10 +328,11 @@ struct Save: ParsableCommand {
 /// (the caller writes the end with `writer.finish`).
 func writeRecords(
   from client: VFIOUserClient, end: String, into out: SaveOutput, writer: SaveFileWriter,
-  progress: ProgressReporter
+  progress: ProgressReporter, interruption: Interruption? = nil
 ) throws -> UInt64 {
   let chunk = min(migrationChunk(client), SaveFormat.maxRecord)
   _ = try pipeline(bufferSize: chunk) { buffer in
+    try interruption?.check()
     let n = try on(end) { try client.migDataRead(into: buffer) }
     return (n, n < buffer.count)
   } consume: { data in
@@ -277,11 +347,13 @@ struct Restore: ParsableCommand {
     abstract: "Restore a saved migration stream into a VF.",
     discussion: """
       Refuses a file saved from an incompatible device (IDs, revision, VRAM
-      size), or one that is damaged or cut short, before touching the device
-      where it can tell (a regular file's length is checked first). Every
-      record's checksum is verified before it reaches the device and the end
-      record before the device may leave RESUMING; on any failure the device
-      is reset, so it never runs with half a state or a damaged one.
+      size) before touching the device. A regular file is read whole first,
+      every record's checksum and the end record checked, so a damaged or
+      cut-short file leaves the device exactly as it was, with its own state.
+      From a pipe (--input -) every record is verified before it reaches the
+      device and the end record before the device may leave RESUMING; damage
+      found on the way resets the device, so it never runs with half a state
+      or a damaged one.
       """)
 
   @Option(
@@ -313,8 +385,20 @@ struct Restore: ParsableCommand {
         "refusing to restore: the stream is from \(header.identity), this device is \(identity): \(why)"
       )
     }
+    _ = try step(.probe) { try on(end) { try client.migrationFlags() } }
+    let found = try on(end) { try client.migrationState() }
+    // A regular file can be read twice: the whole of it is checked before the
+    // device gives up its own state, so a damaged file changes nothing.
+    // A pipe can be read once, and its damage is found on the way (then reset).
+    var st = stat()
+    if input != "-", fstat(fd.rawValue, &st) == 0, st.st_mode & S_IFMT == S_IFREG {
+      do { try SaveFileReader.verifyWholeFile(at: input, name: name) } catch {
+        printError("restore refused: \(error)")
+        printError("device untouched: it is \(found) with its own state")
+        throw ExitCode.failure
+      }
+    }
     do {
-      _ = try step(.probe) { try on(end) { try client.migrationFlags() } }
       try step(.resuming) { try on(end) { try client.setMigrationState(.resuming) } }
       let progress = ProgressReporter(
         label: "restoring", total: header.estimatedBytes, options: progressOptions)

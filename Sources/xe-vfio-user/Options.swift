@@ -1,6 +1,11 @@
 import ArgumentParser
 import Logging
+import Synchronization
 import VFIOUser
+
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 /// A byte count written like 256M, 1G, 64KiB or 4096.
 struct ByteSize: ExpressibleByArgument, CustomStringConvertible {
@@ -45,9 +50,15 @@ extension Logger.Level: @retroactive ExpressibleByArgument {}
 extension DMATransferLayout: ExpressibleByArgument {}
 
 /// Logs go to standard error, one line each, at the chosen level.
+///
+/// Nothing about the log can end the process: SIGPIPE is ignored (a log
+/// reader that went away, `serve 2>&1 | head`, would otherwise kill the
+/// server and with it the VM's device), and a line that cannot be written is
+/// counted (`StandardErrorLog.failedWrites`) and dropped.
 func bootstrapLogging(level: Logger.Level) -> Logger {
+  ignoreSIGPIPE()
   LoggingSystem.bootstrap { label in
-    var handler = StreamLogHandler.standardError(label: label)
+    var handler = StreamLogHandler(label: label, stream: StandardErrorLog())
     handler.logLevel = level
     return handler
   }
@@ -58,3 +69,30 @@ func bootstrapLogging(level: Logger.Level) -> Logger {
 
 /// Where the socket goes when none is given.
 let defaultSocketPath = "/tmp/xe-vfio-user.sock"
+
+/// Log lines straight to descriptor 2 with write(2), one call a line where
+/// the kernel takes it whole. Unlike stdio's stderr it never holds a line
+/// back, and a failed write (EPIPE from a reader that left, EBADF, ENOSPC)
+/// is counted instead of reported: there is nowhere left to report it.
+struct StandardErrorLog: TextOutputStream, Sendable {
+  /// Lines (or parts of lines) that could not be written.
+  static let failedWrites = Atomic<UInt64>(0)
+
+  mutating func write(_ string: String) {
+    var line = string
+    line.withUTF8 { bytes in
+      var at = 0
+      while at < bytes.count {
+        let n = Glibc.write(2, bytes.baseAddress! + at, bytes.count - at)
+        if n > 0 {
+          at += n
+        } else if n < 0, errno == EINTR {
+          continue
+        } else {
+          Self.failedWrites.add(1, ordering: .relaxed)
+          return
+        }
+      }
+    }
+  }
+}

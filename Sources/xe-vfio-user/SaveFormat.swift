@@ -54,8 +54,25 @@ enum SaveRecordKind: UInt8 {
 struct SaveFileHeader: Codable {
   var identity: DeviceIdentity
   var estimatedBytes: UInt64
-  var created: String
+  /// ISO 8601; absent with `save --no-timestamp`.
+  var created: String?
   var source: String
+}
+
+/// When a checkpoint was made: now, or SOURCE_DATE_EPOCH when it is set
+/// (the reproducible-builds convention), so a save can be made byte for byte again.
+func checkpointTimestamp(
+  environment: String? = getenv("SOURCE_DATE_EPOCH").map { String(cString: $0) }
+)
+  throws -> String
+{
+  guard let environment else { return Date.now.formatted(.iso8601) }
+  guard let seconds = Int64(environment), seconds >= 0 else {
+    throw CLIError(
+      "SOURCE_DATE_EPOCH=\(environment) is not a number of seconds since 1970; unset it or give one"
+    )
+  }
+  return Date(timeIntervalSince1970: Double(seconds)).formatted(.iso8601)
 }
 
 /// Builds a save file around the stream: `header`, then every chunk of the
@@ -100,7 +117,10 @@ final class SaveFileWriter {
 
   /// The header's bytes; its JSON CRC seeds the record chain.
   func header(_ header: SaveFileHeader) throws -> [UInt8] {
-    let json = Array(try JSONEncoder().encode(header))
+    // Keys in one order, so two saves of one state differ only in `created`.
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.sortedKeys]
+    let json = Array(try encoder.encode(header))
     crc = json.withUnsafeBytes { cvfu_crc32c(0, $0.baseAddress, $0.count) }
     var bytes = SaveFormat.magic
     bytes += le(SaveFormat.version) + le(UInt32(json.count)) + le(crc) + le(UInt32(0))
@@ -438,6 +458,26 @@ final class SaveFileReader {
   deinit {
     body?.deallocate()
     if let decompressor { ZSTD_freeDCtx(decompressor) }
+  }
+
+  /// Reads the regular file at `path` to its end through every check a
+  /// restore makes (header, each record's chained CRC, each zstd frame, the
+  /// end record and nothing after it), without keeping what it reads: a
+  /// damaged file is refused before the device leaves its state.
+  static func verifyWholeFile(at path: String, name: String) throws {
+    let fd: FileDescriptor
+    do { fd = try FileDescriptor.open(path, .readOnly, options: [.closeOnExec]) } catch {
+      throw EndError(end: "opening \(name)", underlying: error)
+    }
+    defer { try? fd.close() }
+    _ = posix_fadvise(fd.rawValue, 0, 0, Int32(POSIX_FADV_SEQUENTIAL))
+    let reader = SaveFileReader(input: fd, name: name)
+    _ = try reader.readHeader()
+    let buffer = UnsafeMutableRawBufferPointer.allocate(
+      byteCount: SaveFormat.maxRecord + SparseMigration.segmentHeaderSize, alignment: 4096)
+    defer { buffer.deallocate() }
+    // Tagged: zero records take no room and cost no memset.
+    while try !reader.readTaggedRecords(into: buffer).last {}
   }
 
   func readHeader() throws -> SaveFileHeader {

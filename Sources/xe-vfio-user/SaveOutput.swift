@@ -48,7 +48,9 @@ final class SaveOutput {
     let directory = target.lastIndex(of: "/").map { String(target[..<$0]) } ?? "."
     let base =
       target.lastIndex(of: "/").map { String(target[target.index(after: $0)...]) } ?? target
-    let temporary = "\(directory.isEmpty ? "/" : directory)/.\(base).\(getpid()).partial"
+    let folder = directory.isEmpty ? "/" : directory
+    Self.removeLeftovers(in: folder, of: base)
+    let temporary = "\(folder)/.\(base).\(getpid()).partial"
     do {
       // The checkpoint holds the VF's memory: private to its owner, like an existing file's mode.
       let mode =
@@ -60,6 +62,35 @@ final class SaveOutput {
       throw EndError(end: "creating \(path) (as \(temporary) until complete)", underlying: error)
     }
     staging = (temporary, target)
+  }
+
+  /// The file being written until the checkpoint is complete, for a regular file.
+  var temporaryPath: String? { finished ? nil : staging?.temporary }
+
+  /// Removes what a `save` to the same file left when it was killed outright
+  /// (SIGKILL, a crash, a power cut): `.NAME.PID.partial` beside it, whose
+  /// process is gone. A partial file of a save still running is left alone.
+  private static func removeLeftovers(in directory: String, of base: String) {
+    guard let dir = opendir(directory) else { return }
+    defer { closedir(dir) }
+    let prefix = ".\(base)."
+    let suffix = ".partial"
+    while let entry = readdir(dir) {
+      let name = withUnsafeBytes(of: entry.pointee.d_name) {
+        String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self)
+      }
+      guard name.hasPrefix(prefix), name.hasSuffix(suffix),
+        name.count > prefix.count + suffix.count,
+        let pid = pid_t(name.dropFirst(prefix.count).dropLast(suffix.count)), pid > 0,
+        kill(pid, 0) != 0, errno == ESRCH
+      else { continue }
+      let path = "\(directory)/\(name)"
+      var st = stat()
+      guard lstat(path, &st) == 0, st.st_mode & S_IFMT == S_IFREG, unlink(path) == 0 else {
+        continue
+      }
+      printError("removed \(path), left by a save (pid \(pid)) that did not finish")
+    }
   }
 
   /// Follows symlinks (so the link itself is kept) without requiring the final file to exist.

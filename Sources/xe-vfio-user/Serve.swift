@@ -17,8 +17,10 @@ struct Serve: ParsableCommand {
     abstract: "Serve an Xe VF (the simulated one by default) on a vfio-user socket.",
     discussion: """
       Listens on the socket, prints the QEMU command line that attaches the
-      device, and serves one client at a time until SIGINT or SIGTERM, which
-      disconnect the client cleanly and remove the socket. A client that
+      device, and serves one client at a time until SIGINT, SIGTERM or SIGHUP,
+      which disconnect the client cleanly and remove the socket. Whatever reads
+      its log may go away (`serve 2>&1 | head`): a line it cannot write is
+      dropped, never fatal. A client that
       hangs up loses its DMA mappings and eventfds and the device is reset for
       the next one.
       """)
@@ -219,14 +221,15 @@ struct Serve: ParsableCommand {
       )
     }
     let server = VFIOUserServer(backend: backend, limits: limits, logger: logger)
-    // SIGINT and SIGTERM stay blocked in every thread and a thread of their own
-    // takes them with sigwait: one sent as soon as the socket (or the printed
-    // command line) appears waits pending instead of being lost, as it could be
-    // while a dispatch signal source is still registering.
+    // SIGINT, SIGTERM and SIGHUP (the terminal or ssh session went away) stay
+    // blocked in every thread and a thread of their own takes them with
+    // sigwait: one sent as soon as the socket (or the printed command line)
+    // appears waits pending instead of being lost, as it could be while a
+    // dispatch signal source is still registering. Each stops the server
+    // cleanly: the client disconnected, the socket removed.
     var stopSignals = sigset_t()
     sigemptyset(&stopSignals)
-    sigaddset(&stopSignals, SIGINT)
-    sigaddset(&stopSignals, SIGTERM)
+    for number in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&stopSignals, number) }
     pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
     let failed = startThread(name: "signals") { [stopSignals] in
       var set = stopSignals

@@ -460,10 +460,17 @@ struct DamagedCheckpointTests {
       let record = try #require(savedRecords(original).max { $0.bodyLength < $1.bodyLength })
       let at = record.offset + 16 + record.bodyLength / 2
       for i in 0..<4 { bytes[at + i] ^= 0xA5 }
+      // A regular file is checked whole first: the device keeps its own state.
       let result = try restore(bytes, into: destination)
       #expect(result.status == 1)
       #expect(result.stderr.contains("checksum mismatch"), "\(result.stderr)")
-      #expect(result.stderr.contains("device reset"), "\(result.stderr)")
+      #expect(result.stderr.contains("device untouched"), "\(result.stderr)")
+      try expectNotRestored(destination, untouched: true)
+      // Through a pipe the damage is met on the way: the device is reset.
+      let piped = try restore(bytes, into: destination, viaPipe: true)
+      #expect(piped.status == 1)
+      #expect(piped.stderr.contains("checksum mismatch"), "\(piped.stderr)")
+      #expect(piped.stderr.contains("device reset"), "\(piped.stderr)")
       try expectNotRestored(destination, untouched: false)
     }
   }
@@ -513,6 +520,11 @@ struct DamagedCheckpointTests {
       swapped += bytes[third...]
       let reordered = try restore(Data(swapped), into: destination)
       #expect(reordered.stderr.contains("checksum mismatch in the record"), "\(reordered.stderr)")
+      try expectNotRestored(destination, untouched: true)
+      let reorderedPiped = try restore(Data(swapped), into: destination, viaPipe: true)
+      #expect(
+        reorderedPiped.stderr.contains("checksum mismatch in the record"),
+        "\(reorderedPiped.stderr)")
       try expectNotRestored(destination, untouched: false)
       // Bytes after the end record.
       try markDestination(destination)

@@ -31,6 +31,52 @@ func withTemporaryDirectory(_ prefix: String, _ body: (String) throws -> Void) t
 /// The socket path rules, signals in every state, dropping root, and bounded waits, with `serve` as a process.
 @Suite("serve: socket rules, signals, privileges", .serialized)
 struct ServeHardeningTests {
+  // MARK: Its log
+
+  /// `serve 2>&1 | head -1`, or a `tee` or log collector that restarts: the
+  /// reader leaves, and the next log line must not kill the server (SIGPIPE),
+  /// which would take the VM's device with it and leave a stale socket.
+  @Test(arguments: [SIGTERM, SIGHUP])
+  func aLogReaderThatLeavesNeverKillsTheServer(stop signal: Int32) throws {
+    try withTemporaryDirectory("xvu-log") { directory in
+      let path = directory + "/vf0.sock"
+      var ends: [Int32] = [-1, -1]
+      #expect(pipe(&ends) == 0)
+      let serve = Process()
+      serve.executableURL = executable
+      serve.arguments = ["serve", "--socket-path", path, "--vram-size", "16M"]
+      let writer = FileHandle(fileDescriptor: ends[1], closeOnDealloc: false)
+      serve.standardOutput = writer
+      serve.standardError = writer
+      try serve.run()
+      close(ends[1])
+      defer {
+        if serve.isRunning { kill(serve.processIdentifier, SIGKILL) }
+        serve.waitUntilExit()
+      }
+      // Like `head -1`: the first line, then the reader is gone.
+      var byte: UInt8 = 0
+      while read(ends[0], &byte, 1) == 1, byte != UInt8(ascii: "\n") {}
+      close(ends[0])
+      // Each client's arrival and departure is logged: every line now meets EPIPE.
+      for round in 0..<3 {
+        waitForSocket(path)
+        var client: VFIOUserClient?
+        for _ in 0..<500 where client == nil {
+          client = try? VFIOUserClient.connect(path: path)
+          if client == nil { usleep(10_000) }
+        }
+        let served = try #require(client, "round \(round): the server is gone")
+        #expect(try served.deviceInfo().numRegions == 9)
+        #expect(serve.isRunning, "round \(round)")
+      }
+      kill(serve.processIdentifier, signal)
+      serve.waitUntilExit()
+      #expect(serve.terminationReason == .exit && serve.terminationStatus == 0)
+      #expect(!FileManager.default.fileExists(atPath: path), "the socket was left behind")
+    }
+  }
+
   // MARK: Socket rules
 
   @Test func aStaleSocketIsReplacedAndALiveOneIsNot() throws {

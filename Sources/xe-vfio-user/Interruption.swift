@@ -1,0 +1,79 @@
+import Synchronization
+import VFIODevice
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// SIGINT, SIGTERM and SIGHUP for a command that must not be cut off
+/// halfway (`save`): the signals are blocked in every thread and one thread
+/// takes them with sigwait. The first asks the command to stop at its next
+/// chunk (`check` throws `Interrupted`), so it leaves through its failure
+/// path: the partial file removed, the device back in the state it was found
+/// in. A second signal, for a command stuck on a server that no longer
+/// answers, runs `lastResort` (remove the partial file) and exits at once.
+///
+/// Made before any other thread starts, so every thread inherits the mask.
+final class Interruption: Sendable {
+  static let signals = [SIGINT, SIGTERM, SIGHUP]
+  /// The first signal taken, or 0.
+  private let received = Atomic<Int32>(0)
+  private let lastResort = Mutex<(@Sendable () -> Void)?>(nil)
+
+  init() throws {
+    var set = sigset_t()
+    sigemptyset(&set)
+    for number in Self.signals { sigaddset(&set, number) }
+    pthread_sigmask(SIG_BLOCK, &set, nil)
+    let failed = startThread(name: "signals") { [self, set] in
+      var waitSet = set
+      var number: Int32 = 0
+      while true {
+        guard sigwait(&waitSet, &number) == 0 else { continue }
+        let (first, _) = received.compareExchange(
+          expected: 0, desired: number, ordering: .sequentiallyConsistent)
+        guard first else {
+          lastResort.withLock { $0 }?()
+          printError("\(signalName(number)) again: stopping now")
+          _exit(128 + number)
+        }
+        printError(
+          "\(signalName(number)): stopping after the current chunk (again to stop at once)")
+      }
+    }
+    if let failed { throw CLIError("cannot start the signal thread: \(failed)") }
+  }
+
+  /// What a second signal does before the process exits: it must be safe
+  /// to run while the command's threads are anywhere (an unlink, not a close).
+  func setLastResort(_ action: @escaping @Sendable () -> Void) {
+    lastResort.withLock { $0 = action }
+  }
+
+  /// Throws `Interrupted` once a signal came.
+  func check() throws {
+    let number = received.load(ordering: .relaxed)
+    if number != 0 { throw Interrupted(signal: number) }
+  }
+
+  /// The exit status for a command a signal ended: 128 + its number, as a shell reports it.
+  var exitCode: Int32? {
+    let number = received.load(ordering: .relaxed)
+    return number == 0 ? nil : 128 + number
+  }
+}
+
+/// The command was asked to stop by a signal.
+struct Interrupted: Error, CustomStringConvertible {
+  var signal: Int32
+  var description: String { "interrupted by \(signalName(signal))" }
+}
+
+func signalName(_ number: Int32) -> String {
+  switch number {
+  case SIGINT: "SIGINT"
+  case SIGTERM: "SIGTERM"
+  case SIGHUP: "SIGHUP"
+  default: "signal \(number)"
+  }
+}
