@@ -18,10 +18,9 @@ struct List: ParsableCommand {
       migration path a server would take (xe-vfio-pci's data_fd, the PF's \
       debugfs controls, or none, with the reason) and whether a server serves \
       it already (its record in /run/xe-vfio-user, or XE_VFU_RUN_DIR, locked \
-      while the server lives).
-
-      --bind BDF binds an unbound VF to vfio-pci through driver_override and \
-      drivers_probe (root only); it refuses a PF, and a VF a host driver has.
+      while the server lives). With --bind BDF it binds an unbound VF to \
+      vfio-pci through driver_override and drivers_probe instead (root only); \
+      it refuses a PF, and a VF a host driver has.
       """)
 
   @Flag(help: "Also list SR-IOV devices that are not Xe (NICs, other GPUs).")

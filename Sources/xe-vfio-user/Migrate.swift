@@ -16,7 +16,7 @@ struct Migrate: ParsableCommand {
     discussion: """
       Acts as the client of both servers: puts the destination in RESUMING,
       stops the source (STOP_COPY), streams its state across, has the
-      destination validate it (RESUMING → STOP) before the source finishes its
+      destination validate it (RESUMING to STOP) before the source finishes its
       save, and only then starts the destination. On any failure the step, the
       server and the errno are reported, the destination is reset, and the
       source goes back to RUNNING with its state, so the workload keeps going.
