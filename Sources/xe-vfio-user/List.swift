@@ -184,12 +184,17 @@ struct List: ParsableCommand {
 
   // MARK: Binding
 
+  /// What --bind suggests for an argument it cannot read: the forms that name a PCI function.
+  static let bindForms =
+    "name the VF by its PCI address, DDDD:BB:DD.F or BB:DD.F (e.g. 0000:03:00.1), or its /sys/bus/pci/devices/DDDD:BB:DD.F directory; `xe-vfio-user list` shows the VFs"
+
   func bindVF(_ argument: String) throws {
     let selection: DeviceSelection
     do throws(KernelVFIOError) {
-      selection = try DeviceSelection.parse(argument, paths: paths)
+      selection = try DeviceSelection.parse(argument, paths: paths, usage: Self.bindForms)
     } catch {
-      throw CLIError("--bind \(argument): \(error.message)")
+      // The parser's message starts with the argument.
+      throw CLIError("--bind \(error.message)")
     }
     guard let address = selection.address else {
       throw CLIError(
