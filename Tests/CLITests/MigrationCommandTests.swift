@@ -147,6 +147,32 @@ struct MigrationCommandTests {
     #expect(bad.status != 0 && bad.stderr.contains("not an xe-vfio-user save file"))
   }
 
+  /// A restore from an empty file says it is empty, and one from a directory
+  /// names the errno as every other message does (EISDIR), both before any
+  /// server is asked for.
+  @Test func restoreNamesAnEmptyFileAndADirectory() throws {
+    let directory = NSTemporaryDirectory() + "xvu-restore-\(UUID().uuidString.prefix(8))"
+    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    let empty = directory + "/empty.xesave"
+    _ = FileManager.default.createFile(atPath: empty, contents: Data())
+    let socket = directory + "/no-server.sock"
+    let fromEmpty = try run(["restore", "-s", socket, "-i", empty])
+    #expect(fromEmpty.status != 0)
+    #expect(
+      fromEmpty.stderr.contains("\(empty) is empty (0 bytes), not an xe-vfio-user save file"),
+      "\(fromEmpty.stderr)")
+    #expect(!fromEmpty.stderr.contains("bad magic"))
+    let fromPipe = try run(["__shell__", "\(executable.path) restore -s \(socket) -i - </dev/null"])
+    #expect(fromPipe.stderr.contains("standard input is empty (0 bytes)"), "\(fromPipe.stderr)")
+    let fromDirectory = try run(["restore", "-s", socket, "-i", directory])
+    #expect(fromDirectory.status != 0)
+    #expect(
+      fromDirectory.stderr.contains("reading \(directory): EISDIR (Is a directory)"),
+      "\(fromDirectory.stderr)")
+    #expect(!fromDirectory.stderr.contains("errno"), "\(fromDirectory.stderr)")
+  }
+
   @Test func failedMigrationLeavesTheSourceRunning() throws {
     let source = try ServeProcess(serveArguments)
     let destination = try ServeProcess(["--vram-size", "32M"])
