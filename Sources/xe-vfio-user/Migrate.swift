@@ -98,6 +98,11 @@ struct Migrate: ParsableCommand {
   /// the bytes through as they come, or only the source does (an older
   /// destination) and `relayExpanding` writes its zero runs out.
   private func connectBoth() throws -> (VFIOUserClient, VFIOUserClient) {
+    // Else the second connection would meet the first: EBUSY, which says nothing of the mistake.
+    if sameSocket(from, to) {
+      throw CLIError(
+        "--from and --to are the same server (\(from == to ? from : "\(from) is \(to)"))")
+    }
     let source = try connectServer(from, option: "--from", sparse: true)
     let destination = try connectServer(to, option: "--to", sparse: source.sparseMigration)
     return (source, destination)

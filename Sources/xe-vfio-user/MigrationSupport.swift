@@ -205,6 +205,16 @@ func gigabytesPerSecond(_ bytes: UInt64, _ seconds: Double) -> String {
   fixed(seconds > 0 ? Double(bytes) / seconds / 1e9 : 0, 2) + " GB/s"
 }
 
+/// Whether two socket paths name one socket, however each is spelled (a
+/// symlink, a relative path): the same device and inode. Paths that do not
+/// exist are the same only when spelled the same.
+func sameSocket(_ a: String, _ b: String) -> Bool {
+  var first = stat()
+  var second = stat()
+  guard stat(a, &first) == 0, stat(b, &second) == 0 else { return a == b }
+  return first.st_dev == second.st_dev && first.st_ino == second.st_ino
+}
+
 /// `--progress` and `--quiet`, the same for save, restore and migrate.
 struct ProgressOptions: ParsableArguments {
   @Flag(help: "A progress line on stderr even when it is not a terminal.") var progress = false

@@ -173,6 +173,34 @@ struct MigrationCommandTests {
     #expect(!fromDirectory.stderr.contains("errno"), "\(fromDirectory.stderr)")
   }
 
+  /// The same server as both ends is named as the mistake it is, before
+  /// either end is touched (a second connection would only meet EBUSY),
+  /// however the paths are spelled.
+  @Test func migrateToTheSameServerSaysSo() throws {
+    let serve = try ServeProcess(serveArguments)
+    defer { _ = serve.stop() }
+    try serve.connect().write32(region: 0, offset: scratch0, 0x5a5e)
+    waitIdle(serve)
+    let same = try run(["migrate", "--from", serve.socketPath, "--to", serve.socketPath])
+    #expect(same.status != 0)
+    #expect(
+      same.stderr.contains("--from and --to are the same server (\(serve.socketPath))"),
+      "\(same.stderr)")
+    #expect(!same.stderr.contains("EBUSY"), "\(same.stderr)")
+    let link = serve.directory + "/link.sock"
+    try FileManager.default.createSymbolicLink(atPath: link, withDestinationPath: serve.socketPath)
+    let linked = try run(["migrate", "--from", link, "--to", serve.socketPath])
+    #expect(
+      linked.status != 0
+        && linked.stderr.contains(
+          "--from and --to are the same server (\(link) is \(serve.socketPath))"),
+      "\(linked.stderr)")
+    // Untouched: RUNNING, its register as it was.
+    let client = try serve.connect()
+    #expect(try client.read32(region: 0, offset: scratch0) == 0x5a5e)
+    #expect(try client.migrationState() == .running)
+  }
+
   @Test func failedMigrationLeavesTheSourceRunning() throws {
     let source = try ServeProcess(serveArguments)
     let destination = try ServeProcess(["--vram-size", "32M"])
