@@ -35,9 +35,7 @@ struct Migrate: ParsableCommand {
   func run() throws {
     ignoreSIGPIPE()
     let (source, destination) = try connectBoth()
-    let result: (bytes: UInt64, seconds: Double, downtime: Double)
-    let wire =
-      source.sparseMigration ? " on the wire (sparse stream: zero VRAM pages not sent)" : ""
+    let result: (moved: MigrationVolume, seconds: Double, downtime: Double)
     do {
       result = try migrate(source, destination)
     } catch {
@@ -46,12 +44,12 @@ struct Migrate: ParsableCommand {
       throw ExitCode.failure
     }
     print(
-      "migrated \(formatRate(result.bytes))\(wire) in \(fixed(result.seconds, 3)) s (\(gigabytesPerSecond(result.bytes, result.seconds))); downtime \(fixed(result.downtime, 3)) s; destination \(noStart ? "STOP" : "RUNNING")"
+      "migrated \(result.moved.summary(seconds: result.seconds)); downtime \(fixed(result.downtime, 3)) s; destination \(noStart ? "STOP" : "RUNNING")"
     )
   }
 
   private func migrate(_ source: VFIOUserClient, _ destination: VFIOUserClient) throws -> (
-    UInt64, Double, Double
+    MigrationVolume, Double, Double
   ) {
     let start = now()
     for (client, end) in [(source, sourceEnd), (destination, destinationEnd)] {
@@ -78,10 +76,11 @@ struct Migrate: ParsableCommand {
     // A sparse stream's state bytes are not counted (the relay does not look
     // at them): its progress is the bytes on the wire.
     let sparse = source.sparseMigration
-    let bytes = try step(.stream) {
+    let moved = try step(.stream) {
       try relay(source, destination) { progress.update(state: $0, wire: $0, sparse: sparse) }
     }
-    progress.update(state: bytes, wire: bytes, final: true, sparse: sparse)
+    progress.update(
+      state: moved.state ?? moved.wire, wire: moved.wire, final: true, sparse: moved.state == nil)
     // The destination proves it took the whole state before the source lets go
     // of it: a hang-up until here resumes the source (its server drains the save).
     try step(.finishRestore) { try on(destinationEnd) { try destination.setMigrationState(.stop) } }
@@ -90,7 +89,9 @@ struct Migrate: ParsableCommand {
       try step(.start) { try on(destinationEnd) { try destination.setMigrationState(.running) } }
     }
     let end = now()
-    return (bytes, Double(end - start) / 1e9, Double(end - downtimeStart) / 1e9)
+    let volume = MigrationVolume(
+      wire: moved.wire, state: moved.state, estimate: estimate, sparse: sparse)
+    return (volume, Double(end - start) / 1e9, Double(end - downtimeStart) / 1e9)
   }
 
   /// Both servers, with the sparse stream offered to the destination only
@@ -108,17 +109,21 @@ struct Migrate: ParsableCommand {
     return (source, destination)
   }
 
-  /// The stream, source to destination, without passing through this process (splice).
+  /// The stream, source to destination, without passing through this process
+  /// (splice). Returns the bytes read from the source, and the state they
+  /// carry where this process sees it: a sparse stream spliced through is
+  /// not looked at.
   private func relay(
     _ source: VFIOUserClient, _ destination: VFIOUserClient, progress: (UInt64) -> Void
-  ) throws -> UInt64 {
+  ) throws -> (wire: UInt64, state: UInt64?) {
     if source.sparseMigration, !destination.sparseMigration {
       return try relayExpanding(source, destination, progress: progress)
     }
     do {
-      return try VFIOUserClient.relayMigrationData(
+      let wire = try VFIOUserClient.relayMigrationData(
         from: source, to: destination, chunk: migrationChunk(source, destination),
         progress: progress)
+      return (wire, source.sparseMigration ? nil : wire)
     } catch {
       switch error {
       case .source(let e): throw EndError(end: sourceEnd, underlying: e)
@@ -129,10 +134,10 @@ struct Migrate: ParsableCommand {
 
   /// The relay for a destination that predates the sparse stream: the
   /// source's sparse stream passes through this process, its zero runs
-  /// written out as bytes. Returns the bytes read from the source.
+  /// written out as bytes. Returns the bytes read from the source and written.
   private func relayExpanding(
     _ source: VFIOUserClient, _ destination: VFIOUserClient, progress: (UInt64) -> Void
-  ) throws -> UInt64 {
+  ) throws -> (wire: UInt64, state: UInt64?) {
     let chunk = migrationChunk(source, destination)
     let input = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
     defer { input.deallocate() }
@@ -140,12 +145,17 @@ struct Migrate: ParsableCommand {
     defer { writer.collectAll() }
     var decoder = SparseStreamDecoder()
     var wire: UInt64 = 0
+    var state: UInt64 = 0
     while true {
       let n = try on(sourceEnd) { try source.migDataRead(into: input) }
       try decode(&decoder, UnsafeRawBufferPointer(rebasing: input[0..<n])) {
         switch $0 {
-        case .data(let data): try writer.send(data)
-        case .zeros(let count): try writer.sendZeros(count)
+        case .data(let data):
+          try writer.send(data)
+          state += UInt64(data.count)
+        case .zeros(let count):
+          try writer.sendZeros(count)
+          state += UInt64(count)
         }
       }
       wire += UInt64(n)
@@ -153,7 +163,7 @@ struct Migrate: ParsableCommand {
       if n < chunk { break }
     }
     try writer.flush()
-    return wire
+    return (wire, state)
   }
 
   /// The source keeps its workload; the destination must not look healthy with half a state.

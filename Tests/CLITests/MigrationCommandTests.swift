@@ -201,6 +201,74 @@ struct MigrationCommandTests {
     #expect(try client.migrationState() == .running)
   }
 
+  /// `migrate`'s summary gives the state moved and its rate apart from the
+  /// bytes on the wire: counted where the stream passes through the command
+  /// (raw, or expanded for an older destination), the source's estimate where
+  /// a sparse stream is spliced through unread, and said to be one.
+  @Test func migrateReportsTheStateAndTheWireApart() throws {
+    let a = try ServeProcess(serveArguments)
+    let b = try ServeProcess(serveArguments)
+    let older = try ServeProcess(serveArguments + ["--no-sparse-migration"])
+    defer { [a, b, older].forEach { _ = $0.stop() } }
+    // One MiB written, fifteen never: the sparse stream carries about one.
+    do {
+      let client = try a.connect()
+      try client.write(
+        region: VFIOPCIRegion.bar2, offset: 0, data: pattern(1 << 20, seed: 1))
+    }
+    _ = try b.connect()
+    _ = try older.connect()
+    waitIdle(a)
+    func migrate(_ from: ServeProcess, _ to: ServeProcess) throws -> String {
+      let result = try run(["migrate", "--from", from.socketPath, "--to", to.socketPath])
+      #expect(result.status == 0, "\(result.stderr)")
+      waitIdle(from)
+      waitIdle(to)
+      return result.stdout
+    }
+    /// The MiB in "N.N MiB <what>", and the bytes the rate and time make.
+    func mebibytes(_ line: String, _ what: String) -> Double? {
+      guard let range = line.range(of: " MiB \(what)") else { return nil }
+      return Double(
+        line[..<range.lowerBound].split(separator: " ").last!.trimmingCharacters(in: ["~"]))
+    }
+    func rateTimesTime(_ line: String) -> Double? {
+      let words = line.split(separator: " ")
+      guard let s = words.firstIndex(of: "s"), let seconds = Double(words[s - 1]),
+        let rate = Double(words[s + 1].trimmingCharacters(in: ["(", "~"]))
+      else { return nil }
+      return rate * 1e9 * seconds
+    }
+
+    // Both sparse: spliced through, so the state is the source's estimate, and so is its rate.
+    let spliced = try migrate(a, b)
+    #expect(
+      spliced.contains("of state (the source's estimate) in ")
+        && spliced.contains("on the wire (sparse stream: zero VRAM pages not sent)"), "\(spliced)")
+    let estimate = try #require(
+      mebibytes(spliced, "of state (the source's estimate)"), "\(spliced)")
+    #expect(estimate >= 16 && estimate < 17, "\(spliced)")
+    let moved = try #require(rateTimesTime(spliced), "\(spliced)")
+    #expect(moved > 8e6, "the rate is the state's (16 MiB), not the wire's (~1 MiB): \(spliced)")
+    let wire = try #require(mebibytes(spliced, "on the wire"), "\(spliced)")
+    #expect(wire >= 1 && wire < 2, "\(spliced)")
+
+    // To a destination without the sparse stream: expanded here, so counted.
+    let expanded = try migrate(b, older)
+    let state = try #require(mebibytes(expanded, "of state in"), "\(expanded)")
+    #expect(state >= 16 && state < 17 && !expanded.contains("estimate"), "\(expanded)")
+    #expect(
+      mebibytes(expanded, "on the wire (sparse stream: zero VRAM pages not sent)") == wire,
+      "\(expanded)")
+    #expect((rateTimesTime(expanded) ?? 0) > 8e6, "\(expanded)")
+
+    // The raw stream: every byte on the wire, the state is what crossed.
+    let raw = try migrate(older, a)
+    #expect(mebibytes(raw, "of state in") == state, "\(raw)")
+    #expect(mebibytes(raw, "on the wire;") == state, "\(raw)")
+    #expect(!raw.contains("zero VRAM pages"), "\(raw)")
+  }
+
   @Test func failedMigrationLeavesTheSourceRunning() throws {
     let source = try ServeProcess(serveArguments)
     let destination = try ServeProcess(["--vram-size", "32M"])
