@@ -35,10 +35,6 @@ if [ "$man" = 1 ]; then
   swift build "${flags[@]}" --product generate-manual >&2
   out=$PWD/.build/release/man
   rm -rf "$out" && mkdir -p "$out"
-  # A fixed date keeps the pages identical from one build to the next.
-  .build/release/generate-manual "$bin" --multi-page --date "$(git log -1 --format=%cs 2>/dev/null || date +%F)" \
-    --output-directory "$out" >&2
-  # `help` is argument-parser's own subcommand: no page of its own.
-  rm -f "$out/xe-vfio-user.help.1"
+  ./scripts/man-pages.sh .build/release/generate-manual "$bin" "$out"
 fi
 echo "$bin"

@@ -460,6 +460,7 @@ install_checkers() {
   command -v virt-xml-validate >/dev/null 2>&1 || need+=(libvirt-clients)
   command -v xmllint >/dev/null 2>&1 || need+=(libxml2-utils)  # virt-xml-validate runs it
   command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+  command -v groff >/dev/null 2>&1 || need+=(groff-base)  # InstallTests checks the man pages with it
   # The vIOMMU guest's test program is built on the host with gcc -static.
   command -v gcc >/dev/null 2>&1 || need+=(gcc)
   [ -f "/usr/lib/$(uname -m)-linux-gnu/libc.a" ] || need+=(libc6-dev)

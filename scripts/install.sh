@@ -114,9 +114,7 @@ work=$(mktemp -d /tmp/xe-vfio-user-install.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 if [ -n "${generator:-}" ]; then
   mkdir "$work/man"
-  "$generator" "$binary" --multi-page --date "$(git -C "$here" log -1 --format=%cs 2>/dev/null || date +%F)" \
-    --output-directory "$work/man" >&2
-  rm -f "$work/man/xe-vfio-user.help.1"
+  "$here/scripts/man-pages.sh" "$generator" "$binary" "$work/man"
   mandir=$work/man
 else
   mandir=$(dirname "$binary")/man

@@ -144,15 +144,18 @@ public struct DeviceSelection: Sendable, Equatable {
 
   public init(mdev uuid: String) { mdev = uuid }
 
+  /// The forms `parse` takes, as its errors suggest them (`serve --device`).
+  public static let forms =
+    "name the device as vfio:DDDD:BB:DD.F (e.g. vfio:0000:03:00.1), a /sys/bus/pci/devices/DDDD:BB:DD.F path, a /dev/vfio/devices/vfioN cdev, or an mdev as mdev:UUID or /sys/bus/mdev/devices/UUID"
+
   /// Accepts `vfio:0000:03:00.1` (or `vfio:03:00.1`, or the bare address), a
   /// sysfs device path (`/sys/bus/pci/devices/0000:03:00.1`, or its
   /// `/sys/devices/...` target), a VFIO cdev (`/dev/vfio/devices/vfio3`), and
   /// an mdev as `mdev:UUID` or its `/sys/bus/mdev/devices/UUID` directory.
-  public static func parse(_ argument: String, paths: SystemPaths = .live) throws(KernelVFIOError)
-    -> DeviceSelection
-  {
-    let usage =
-      "name the device as vfio:DDDD:BB:DD.F (e.g. vfio:0000:03:00.1), a /sys/bus/pci/devices/DDDD:BB:DD.F path, a /dev/vfio/devices/vfioN cdev, or an mdev as mdev:UUID or /sys/bus/mdev/devices/UUID"
+  /// `usage`: the forms an error suggests, for a caller that takes fewer.
+  public static func parse(
+    _ argument: String, paths: SystemPaths = .live, usage: String = forms
+  ) throws(KernelVFIOError) -> DeviceSelection {
     var text = argument
     if text.hasPrefix("mdev:") {
       let uuid = String(text.dropFirst(5)).lowercased()

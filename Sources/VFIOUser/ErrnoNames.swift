@@ -31,5 +31,11 @@ extension Errno {
     ("ESTALE", Glibc.ESTALE), ("ECANCELED", Glibc.ECANCELED), ("EUCLEAN", Glibc.EUCLEAN),
     ("ECONNRESET", Glibc.ECONNRESET), ("ETIME", Glibc.ETIME),
     ("ENODATA", Glibc.ENODATA), ("EOVERFLOW", Glibc.EOVERFLOW),
+    // What opening, reading and writing files and sockets meets (the commands' messages).
+    ("ENXIO", Glibc.ENXIO), ("ENOTDIR", Glibc.ENOTDIR), ("EISDIR", Glibc.EISDIR),
+    ("ENFILE", Glibc.ENFILE), ("EMFILE", Glibc.EMFILE), ("ETXTBSY", Glibc.ETXTBSY),
+    ("EFBIG", Glibc.EFBIG), ("EROFS", Glibc.EROFS), ("ENAMETOOLONG", Glibc.ENAMETOOLONG),
+    ("ELOOP", Glibc.ELOOP), ("ENOTSOCK", Glibc.ENOTSOCK), ("EADDRINUSE", Glibc.EADDRINUSE),
+    ("ECONNREFUSED", Glibc.ECONNREFUSED), ("ENOTCONN", Glibc.ENOTCONN), ("EDQUOT", Glibc.EDQUOT),
   ]
 }

@@ -18,9 +18,8 @@ struct Info: ParsableCommand {
       PBA), all decoded from the config space read through the socket; then the \
       vfio-user view: device flags, regions, IRQs, migration support and state \
       (DEVICE_FEATURE), and the limits the server advertised. With --json, the \
-      same as JSON: numbers are numbers and flags booleans.
-
-      The server serves one client at a time: run this while no VMM is attached.
+      same as JSON: numbers are numbers and flags booleans. The server serves \
+      one client at a time: run this while no VMM is attached.
       """)
 
   @Option(

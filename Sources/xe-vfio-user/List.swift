@@ -18,10 +18,9 @@ struct List: ParsableCommand {
       migration path a server would take (xe-vfio-pci's data_fd, the PF's \
       debugfs controls, or none, with the reason) and whether a server serves \
       it already (its record in /run/xe-vfio-user, or XE_VFU_RUN_DIR, locked \
-      while the server lives).
-
-      --bind BDF binds an unbound VF to vfio-pci through driver_override and \
-      drivers_probe (root only); it refuses a PF, and a VF a host driver has.
+      while the server lives). With --bind BDF it binds an unbound VF to \
+      vfio-pci through driver_override and drivers_probe instead (root only); \
+      it refuses a PF, and a VF a host driver has.
       """)
 
   @Flag(help: "Also list SR-IOV devices that are not Xe (NICs, other GPUs).")
@@ -185,12 +184,17 @@ struct List: ParsableCommand {
 
   // MARK: Binding
 
+  /// What --bind suggests for an argument it cannot read: the forms that name a PCI function.
+  static let bindForms =
+    "name the VF by its PCI address, DDDD:BB:DD.F or BB:DD.F (e.g. 0000:03:00.1), or its /sys/bus/pci/devices/DDDD:BB:DD.F directory; `xe-vfio-user list` shows the VFs"
+
   func bindVF(_ argument: String) throws {
     let selection: DeviceSelection
     do throws(KernelVFIOError) {
-      selection = try DeviceSelection.parse(argument, paths: paths)
+      selection = try DeviceSelection.parse(argument, paths: paths, usage: Self.bindForms)
     } catch {
-      throw CLIError("--bind \(argument): \(error.message)")
+      // The parser's message starts with the argument.
+      throw CLIError("--bind \(error.message)")
     }
     guard let address = selection.address else {
       throw CLIError(

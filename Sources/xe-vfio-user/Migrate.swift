@@ -16,7 +16,7 @@ struct Migrate: ParsableCommand {
     discussion: """
       Acts as the client of both servers: puts the destination in RESUMING,
       stops the source (STOP_COPY), streams its state across, has the
-      destination validate it (RESUMING → STOP) before the source finishes its
+      destination validate it (RESUMING to STOP) before the source finishes its
       save, and only then starts the destination. On any failure the step, the
       server and the errno are reported, the destination is reset, and the
       source goes back to RUNNING with its state, so the workload keeps going.
@@ -35,9 +35,7 @@ struct Migrate: ParsableCommand {
   func run() throws {
     ignoreSIGPIPE()
     let (source, destination) = try connectBoth()
-    let result: (bytes: UInt64, seconds: Double, downtime: Double)
-    let wire =
-      source.sparseMigration ? " on the wire (sparse stream: zero VRAM pages not sent)" : ""
+    let result: (moved: MigrationVolume, seconds: Double, downtime: Double)
     var progress = Progress()
     do {
       result = try migrate(source, destination, &progress)
@@ -47,7 +45,7 @@ struct Migrate: ParsableCommand {
       throw ExitCode.failure
     }
     print(
-      "migrated \(formatRate(result.bytes))\(wire) in \(fixed(result.seconds, 3)) s (\(gigabytesPerSecond(result.bytes, result.seconds))); downtime \(fixed(result.downtime, 3)) s; destination \(noStart ? "STOP" : "RUNNING")"
+      "migrated \(result.moved.summary(seconds: result.seconds)); downtime \(fixed(result.downtime, 3)) s; destination \(noStart ? "STOP" : "RUNNING")"
     )
   }
 
@@ -62,7 +60,7 @@ struct Migrate: ParsableCommand {
 
   private func migrate(
     _ source: VFIOUserClient, _ destination: VFIOUserClient, _ progress: inout Progress
-  ) throws -> (UInt64, Double, Double) {
+  ) throws -> (MigrationVolume, Double, Double) {
     let start = now()
     for (client, end) in [(source, sourceEnd), (destination, destinationEnd)] {
       let flags = try step(.probe) { try on(end) { try client.migrationFlags() } }
@@ -98,10 +96,11 @@ struct Migrate: ParsableCommand {
     // A sparse stream's state bytes are not counted (the relay does not look
     // at them): its progress is the bytes on the wire.
     let sparse = source.sparseMigration
-    let bytes = try step(.stream) {
+    let moved = try step(.stream) {
       try relay(source, destination) { reporter.update(state: $0, wire: $0, sparse: sparse) }
     }
-    reporter.update(state: bytes, wire: bytes, final: true, sparse: sparse)
+    reporter.update(
+      state: moved.state ?? moved.wire, wire: moved.wire, final: true, sparse: moved.state == nil)
     // The destination proves it took the whole state before the source lets go
     // of it: a hang-up until here resumes the source (its server drains the save).
     try step(.finishRestore) { try on(destinationEnd) { try destination.setMigrationState(.stop) } }
@@ -110,7 +109,9 @@ struct Migrate: ParsableCommand {
       try step(.start) { try on(destinationEnd) { try destination.setMigrationState(.running) } }
     }
     let end = now()
-    return (bytes, Double(end - start) / 1e9, Double(end - downtimeStart) / 1e9)
+    let volume = MigrationVolume(
+      wire: moved.wire, state: moved.state, estimate: estimate, sparse: sparse)
+    return (volume, Double(end - start) / 1e9, Double(end - downtimeStart) / 1e9)
   }
 
   /// Both servers, with the sparse stream offered to the destination only
@@ -118,22 +119,31 @@ struct Migrate: ParsableCommand {
   /// the bytes through as they come, or only the source does (an older
   /// destination) and `relayExpanding` writes its zero runs out.
   private func connectBoth() throws -> (VFIOUserClient, VFIOUserClient) {
+    // Else the second connection would meet the first: EBUSY, which says nothing of the mistake.
+    if sameSocket(from, to) {
+      throw CLIError(
+        "--from and --to are the same server (\(from == to ? from : "\(from) is \(to)"))")
+    }
     let source = try connectServer(from, option: "--from", sparse: true)
     let destination = try connectServer(to, option: "--to", sparse: source.sparseMigration)
     return (source, destination)
   }
 
-  /// The stream, source to destination, without passing through this process (splice).
+  /// The stream, source to destination, without passing through this process
+  /// (splice). Returns the bytes read from the source, and the state they
+  /// carry where this process sees it: a sparse stream spliced through is
+  /// not looked at.
   private func relay(
     _ source: VFIOUserClient, _ destination: VFIOUserClient, progress: (UInt64) -> Void
-  ) throws -> UInt64 {
+  ) throws -> (wire: UInt64, state: UInt64?) {
     if source.sparseMigration, !destination.sparseMigration {
       return try relayExpanding(source, destination, progress: progress)
     }
     do {
-      return try VFIOUserClient.relayMigrationData(
+      let wire = try VFIOUserClient.relayMigrationData(
         from: source, to: destination, chunk: migrationChunk(source, destination),
         progress: progress)
+      return (wire, source.sparseMigration ? nil : wire)
     } catch {
       switch error {
       case .source(let e): throw EndError(end: sourceEnd, underlying: e)
@@ -144,10 +154,10 @@ struct Migrate: ParsableCommand {
 
   /// The relay for a destination that predates the sparse stream: the
   /// source's sparse stream passes through this process, its zero runs
-  /// written out as bytes. Returns the bytes read from the source.
+  /// written out as bytes. Returns the bytes read from the source and written.
   private func relayExpanding(
     _ source: VFIOUserClient, _ destination: VFIOUserClient, progress: (UInt64) -> Void
-  ) throws -> UInt64 {
+  ) throws -> (wire: UInt64, state: UInt64?) {
     let chunk = migrationChunk(source, destination)
     let input = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
     defer { input.deallocate() }
@@ -155,12 +165,17 @@ struct Migrate: ParsableCommand {
     defer { writer.collectAll() }
     var decoder = SparseStreamDecoder()
     var wire: UInt64 = 0
+    var state: UInt64 = 0
     while true {
       let n = try on(sourceEnd) { try source.migDataRead(into: input) }
       try decode(&decoder, UnsafeRawBufferPointer(rebasing: input[0..<n])) {
         switch $0 {
-        case .data(let data): try writer.send(data)
-        case .zeros(let count): try writer.sendZeros(count)
+        case .data(let data):
+          try writer.send(data)
+          state += UInt64(data.count)
+        case .zeros(let count):
+          try writer.sendZeros(count)
+          state += UInt64(count)
         }
       }
       wire += UInt64(n)
@@ -168,7 +183,7 @@ struct Migrate: ParsableCommand {
       if n < chunk { break }
     }
     try writer.flush()
-    return wire
+    return (wire, state)
   }
 
   /// The source keeps its workload (back in the state it was found in); the

@@ -198,11 +198,52 @@ func fixed(_ value: Double, _ digits: Int) -> String {
 func formatRate(_ bytes: UInt64) -> String {
   if bytes >= 1 << 30 { return fixed(Double(bytes) / Double(1 << 30), 2) + " GiB" }
   if bytes >= 1 << 20 { return fixed(Double(bytes) / Double(1 << 20), 1) + " MiB" }
+  if bytes >= 1 << 10 { return fixed(Double(bytes) / Double(1 << 10), 1) + " KiB" }
   return "\(bytes) B"
 }
 
 func gigabytesPerSecond(_ bytes: UInt64, _ seconds: Double) -> String {
   fixed(seconds > 0 ? Double(bytes) / seconds / 1e9 : 0, 2) + " GB/s"
+}
+
+/// What `migrate` moved: the bytes on the wire (read from the source), and
+/// the state they carry, counted where the stream passes through this process
+/// and otherwise (a sparse stream spliced through unread) the source's
+/// estimate (MIG_DATA_SIZE, taken before STOP_COPY), said to be one.
+struct MigrationVolume {
+  var wire: UInt64
+  /// The stream's length with its zero runs written out; nil when not seen.
+  var state: UInt64?
+  var estimate: UInt64
+  /// The source sent the sparse stream: zero VRAM pages not on the wire.
+  var sparse: Bool
+
+  /// "256.1 MiB of state in 0.358 s (0.75 GB/s), 256.1 MiB on the wire"; the
+  /// rate is the state's, which is what the workload sees move.
+  func summary(seconds: Double) -> String {
+    let time = "in \(fixed(seconds, 3)) s"
+    let onTheWire =
+      "\(formatRate(wire)) on the wire\(sparse ? " (sparse stream: zero VRAM pages not sent)" : "")"
+    if let state {
+      return
+        "\(formatRate(state)) of state \(time) (\(gigabytesPerSecond(state, seconds))), \(onTheWire)"
+    }
+    guard estimate > 0 else {
+      return "state of unknown size (the source gave no estimate) \(time), \(onTheWire)"
+    }
+    return
+      "~\(formatRate(estimate)) of state (the source's estimate) \(time) (~\(gigabytesPerSecond(estimate, seconds))), \(onTheWire)"
+  }
+}
+
+/// Whether two socket paths name one socket, however each is spelled (a
+/// symlink, a relative path): the same device and inode. Paths that do not
+/// exist are the same only when spelled the same.
+func sameSocket(_ a: String, _ b: String) -> Bool {
+  var first = stat()
+  var second = stat()
+  guard stat(a, &first) == 0, stat(b, &second) == 0 else { return a == b }
+  return first.st_dev == second.st_dev && first.st_ino == second.st_ino
 }
 
 /// `--progress` and `--quiet`, the same for save, restore and migrate.
@@ -246,10 +287,11 @@ final class ProgressReporter {
   func update(state: UInt64, wire: UInt64, final: Bool = false, sparse: Bool = false) {
     guard enabled else { return }
     let rate = gigabytesPerSecond(state, Double(now() - start) / 1e9)
-    let fraction = total > 0 ? min(1, Double(state) / Double(total)) : 0
+    let fraction = final ? 1 : total > 0 ? min(1, Double(state) / Double(total)) : 0
+    // Sparse: `state` is the wire's count, and so is the rate.
     let figures =
       sparse
-      ? "\(formatRate(wire)) on the wire for ~\(formatRate(total)) of state (zero VRAM pages not sent), \(rate)"
+      ? "\(formatRate(wire)) on the wire for ~\(formatRate(total)) of state (zero VRAM pages not sent), \(rate) on the wire"
       : "\(formatRate(state))\(total > 0 ? " of ~\(formatRate(total))" : "") of state, \(formatRate(wire)) on the wire (\(percent(wire, of: state))), \(rate)"
     if tty {
       guard final || now() - lastDraw > 100_000_000 else { return }

@@ -483,6 +483,9 @@ final class SaveFileReader {
   func readHeader() throws -> SaveFileHeader {
     var fixed = [UInt8](repeating: 0, count: SaveFormat.fixedHeaderSize)
     let got = try fill(&fixed, 0, fixed.count)
+    guard got > 0 else {
+      throw SaveFileError("\(name) is empty (0 bytes), not an xe-vfio-user save file")
+    }
     guard got >= 8, Array(fixed[0..<8]) == SaveFormat.magic else {
       throw SaveFileError("\(name) is not an xe-vfio-user save file (bad magic)")
     }

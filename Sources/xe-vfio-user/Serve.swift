@@ -25,7 +25,9 @@ struct Serve: ParsableCommand {
       the next one.
       """)
 
-  @Option(name: [.customLong("socket-path"), .customShort("s")], help: "Unix socket to listen on.")
+  @Option(
+    name: [.customLong("socket-path"), .customShort("s")],
+    help: "Unix socket to listen on (default: \(defaultSocketPath)).")
   var socketPath: String?
 
   @Option(help: "Serve on this already-listening socket descriptor instead (vfio-user convention).")

@@ -178,6 +178,54 @@ struct InstallTests {
     #expect(tree(base).isEmpty, "left behind: \(tree(base))")
   }
 
+  /// The man pages install.sh puts in place format without a single warning
+  /// (`groff -mandoc -ww -z` prints nothing for each), every page a SEE ALSO
+  /// names is one of them (no xe-vfio-user.help(1)), the top page's examples
+  /// stand on lines of their own, and no text the pages come from has a
+  /// character generate-manual would drop (it keeps only ASCII).
+  @Test func manPagesFormatCleanlyAndTheirSeeAlsoResolves() throws {
+    let tool = try #require(generateManual, "swift build --product generate-manual")
+    let groff = try #require(findTool("groff"), "groff missing: apt-get install groff-base")
+    let base = NSTemporaryDirectory() + "xvu-man-\(UUID().uuidString.prefix(8))"
+    defer { try? FileManager.default.removeItem(atPath: base) }
+    let install = try shell(
+      "'\(script)' --destdir '\(base)' --prefix /usr --binary '\(executable.path)'",
+      environment: ["XE_VFU_GENERATE_MANUAL": tool])
+    #expect(install.status == 0, "\(install.stderr)")
+    let directory = base + "/usr/share/man/man1"
+    let pages = tree(directory)
+    #expect(pages.contains("xe-vfio-user.1") && pages.contains("xe-vfio-user.serve.1"), "\(pages)")
+    var references: [String] = []
+    for page in pages {
+      let path = directory + "/" + page
+      let check = try shell("'\(groff)' -mandoc -ww -z '\(path)' 2>&1")
+      #expect(check.status == 0 && check.stdout.isEmpty, "\(page): \(check.stdout)")
+      let source = try String(contentsOfFile: path, encoding: .utf8)
+      for line in source.split(separator: "\n") where line.hasPrefix(".Xr ") {
+        let words = line.split(separator: " ")
+        let reference = "\(words[1]).\(words[2])"
+        references.append(reference)
+        #expect(
+          pages.contains(reference), "\(page): SEE ALSO \(words[1])(\(words[2])) is not a page")
+      }
+    }
+    #expect(
+      Set(references) == Set(pages).subtracting(["xe-vfio-user.1"]),
+      "the top page's SEE ALSO names every other page")
+    // The top page's examples, each a line of its own (a sentence once ran on after the first).
+    let top = try shell("'\(groff)' -mandoc -Tascii -P-cbou '\(directory)/xe-vfio-user.1'")
+    let lines = top.stdout.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }
+    for example in ["serve", "info"] {
+      #expect(
+        lines.contains("xe-vfio-user \(example) --socket-path /tmp/xe-vf0.sock"), "\(top.stdout)")
+    }
+    // What the pages are made from: ASCII only (generate-manual drops every other character).
+    let dump = try run(["--experimental-dump-help"])
+    let outside = dump.stdout.unicodeScalars.filter { !$0.isASCII }
+    #expect(
+      outside.isEmpty, "dropped from the man pages: \(String(String.UnicodeScalarView(outside)))")
+  }
+
   @Test func refusesNonsense() throws {
     let relative = try shell("'\(script)' --prefix usr/local --binary /bin/true")
     #expect(relative.status != 0 && relative.stderr.contains("--prefix must be absolute"))

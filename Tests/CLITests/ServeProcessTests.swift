@@ -209,6 +209,19 @@ struct ServeProcessTests {
     #expect(second.stderr.contains("another server is listening there"))
   }
 
+  /// Where `serve` listens without --socket-path is in its --help (the option has no default
+  /// value of its own, so argument-parser shows none), next to the option.
+  @Test func serveHelpShowsTheDefaultSocketPath() throws {
+    let help = try run(["serve", "--help"])
+    #expect(help.status == 0)
+    let lines = help.stdout.split(separator: "\n")
+    let option = try #require(lines.firstIndex { $0.contains("--socket-path <socket-path>") })
+    // As wrapped to the terminal's width, read as words.
+    let text = lines[option...].prefix(3).joined(separator: " ").split(separator: " ")
+      .joined(separator: " ")
+    #expect(text.contains("Unix socket to listen on (default: /tmp/xe-vfio-user.sock)"), "\(text)")
+  }
+
   @Test func helpListsEveryCommand() throws {
     let help = try run(["--help"])
     for command in ["serve", "info", "bench"] { #expect(help.stdout.contains(command)) }

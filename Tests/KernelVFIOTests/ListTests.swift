@@ -132,6 +132,33 @@ struct ListTests {
     #expect(try JSONDecoder().decode(Listing.self, from: Data(json.stdout.utf8)).pfs.isEmpty)
   }
 
+  /// An argument --bind cannot read is answered with the forms --bind takes
+  /// (a VF's PCI address or sysfs directory), not those of `serve --device`
+  /// (cdev, mdev, vfio: prefix), and names the argument once.
+  @Test func bindSuggestsOnlyTheFormsItTakes() throws {
+    let (system, run, lock) = try host()
+    defer { withExtendedLifetime(lock) {} }
+    for argument in ["banana", "/dev/vfio/14", "mdev:banana"] {
+      let result = try list(system, run: run, ["--bind", argument])
+      #expect(result.status != 0)
+      #expect(
+        result.stderr.contains(
+          "name the VF by its PCI address, DDDD:BB:DD.F or BB:DD.F (e.g. 0000:03:00.1), or its /sys/bus/pci/devices/DDDD:BB:DD.F directory"
+        ), "\(result.stderr)")
+      for form in ["mdev:UUID", "/dev/vfio/devices/vfioN", "vfio:DDDD"] {
+        #expect(!result.stderr.contains(form), "\(argument): \(result.stderr)")
+      }
+      #expect(result.stderr.components(separatedBy: argument).count == 2, "\(result.stderr)")
+    }
+    let banana = try list(system, run: run, ["--bind", "banana"])
+    #expect(banana.stderr.hasPrefix("Error: --bind banana: name the VF"), "\(banana.stderr)")
+    // The forms it suggests are the ones it takes.
+    let sysfs = try list(system, run: run, ["--bind", "/sys/bus/pci/devices/0000:03:00.3"])
+    #expect(sysfs.stderr.contains("the host driver xe-vfio-pci is using it"), "\(sysfs.stderr)")
+    let short = try list(system, run: run, ["--bind", "03:00.1"])
+    #expect(short.status == 0 && short.stdout.contains("already bound to vfio-pci"))
+  }
+
   @Test func bindRefusesAPFAndAVFInUseAndBindsAnUnboundVF() throws {
     let (system, run, lock) = try host()
     defer { withExtendedLifetime(lock) {} }
