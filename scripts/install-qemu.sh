@@ -153,17 +153,19 @@ remove_tree() {
   rm -rf --one-file-system "$path"
 }
 
-# Puts the finished staging directory $1 in the place of $2. An old $2 is renamed
-# aside first and removed after, so that $2 is never seen half-deleted.
+# Removes $1 by renaming it aside first (to a .trash.* name that the next run
+# removes if this one is killed meanwhile), so that $1 is never seen half-deleted.
+discard() {
+  [ -e "$1" ] || return 0
+  local trash=$CACHE/.trash.${1##*/}.$$
+  mv "$1" "$trash"
+  remove_tree "$trash"
+}
+
+# Puts the finished staging directory $1 in the place of $2.
 replace_dir() {
-  local old=""
-  if [ -e "$2" ]; then
-    old=$CACHE/.trash.$(basename "$2").$$
-    remove_tree "$old"
-    mv "$2" "$old"
-  fi
+  discard "$2"
   mv "$1" "$2"
-  remove_tree "$old"
 }
 
 # What a run killed midway leaves: staging names only, whose part has no
@@ -558,10 +560,7 @@ lock_cache
 remove_leftovers
 if [ "$force" = 1 ]; then
   say "--force: removing what is installed in $CACHE"
-  # Renamed aside first: a --force killed midway leaves no part half-deleted.
-  for part in qemu guest env; do
-    if [ -e "$CACHE/$part" ]; then mv "$CACHE/$part" "$CACHE/.trash.$part.$$" && remove_tree "$CACHE/.trash.$part.$$"; fi
-  done
+  for part in qemu guest env; do discard "$CACHE/$part"; done
 fi
 
 find_qemu

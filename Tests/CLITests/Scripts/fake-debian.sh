@@ -42,31 +42,29 @@ module() { # file depends
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-kernel=$work/cloud release=$version-cloud-amd64
-mkdir -p "$kernel/boot"
-echo "cloud vmlinuz $version" >"$kernel/boot/vmlinuz-$release"
-echo "CONFIG_VFIO=m" >"$kernel/boot/config-$release"
-m=$kernel/usr/lib/modules/$release/kernel
-module "$m/virt/lib/irqbypass.ko.xz" ""
-module "$m/drivers/vfio/vfio.ko.xz" ""
-module "$m/drivers/vfio/vfio_iommu_type1.ko.xz" vfio
-module "$m/drivers/vfio/pci/vfio-pci-core.ko.xz" vfio,irqbypass
-module "$m/drivers/vfio/pci/vfio-pci.ko.xz" vfio-pci-core,vfio
-deb "linux-image-$release" "$version-1" "$kernel"
+# linux-image-6.12.99-FLAVOUR: vmlinuz, its config and the VFIO modules where
+# Debian puts them; the generic amd64 flavour also has mdev and igb.
+kernel_package() { # flavour
+  local release=$version-$1 tree=$work/$1 m
+  m=$tree/usr/lib/modules/$release/kernel
+  mkdir -p "$tree/boot"
+  echo "$1 vmlinuz $version" >"$tree/boot/vmlinuz-$release"
+  echo "CONFIG_VFIO=m" >"$tree/boot/config-$release"
+  module "$m/virt/lib/irqbypass.ko.xz" ""
+  module "$m/drivers/vfio/vfio.ko.xz" ""
+  module "$m/drivers/vfio/vfio_iommu_type1.ko.xz" vfio
+  module "$m/drivers/vfio/pci/vfio-pci-core.ko.xz" vfio,irqbypass
+  module "$m/drivers/vfio/pci/vfio-pci.ko.xz" vfio-pci-core,vfio
+  if [ "$1" = amd64 ]; then
+    module "$m/drivers/vfio/mdev/mdev.ko.xz" vfio
+    module "$m/drivers/net/ethernet/intel/igb/igb.ko.xz" ""
+  fi
+  deb "linux-image-$release" "$version-1" "$tree"
+}
+kernel_package cloud-amd64
+kernel_package amd64
 
-kernel=$work/amd64 release=$version-amd64
-mkdir -p "$kernel/boot"
-echo "amd64 vmlinuz $version" >"$kernel/boot/vmlinuz-$release"
-m=$kernel/usr/lib/modules/$release/kernel
-module "$m/virt/lib/irqbypass.ko.xz" ""
-module "$m/drivers/vfio/vfio.ko.xz" ""
-module "$m/drivers/vfio/vfio_iommu_type1.ko.xz" vfio
-module "$m/drivers/vfio/pci/vfio-pci-core.ko.xz" vfio,irqbypass
-module "$m/drivers/vfio/pci/vfio-pci.ko.xz" vfio-pci-core,vfio
-module "$m/drivers/vfio/mdev/mdev.ko.xz" vfio
-module "$m/drivers/net/ethernet/intel/igb/igb.ko.xz" ""
-deb "linux-image-$release" "$version-1" "$kernel"
-
+release=$version-amd64
 mkdir -p "$work/busybox/usr/bin"
 printf '#!/bin/sh\necho busybox\n' >"$work/busybox/usr/bin/busybox"
 deb busybox-static 1:1.37.0-1 "$work/busybox"
