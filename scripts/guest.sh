@@ -13,7 +13,8 @@
 # terminal); --shell keeps it (the default on a terminal).
 #
 # The first run installs QEMU and downloads the guest kernel and busybox through
-# scripts/install-qemu.sh (about 131 MB, cached in /opt/xe-vfio-user), and builds
+# `scripts/install-qemu.sh --guest-only` (about 127 MB, cached in /opt/xe-vfio-user: only
+# what this guest needs, not what the test suite adds), and builds
 # the server with scripts/build.sh. The initramfs is rebuilt each run (a second),
 # in the cache's guest directory, or under /tmp when that is not writable.
 #
@@ -37,8 +38,8 @@ setting() { sed -n "s/^$1=//p" "$cache/env" 2>/dev/null || true; }
 kernel=${XE_VFU_GUEST_KERNEL:-$(setting XE_VFU_GUEST_KERNEL)}
 busybox=${XE_VFU_GUEST_BUSYBOX:-$(setting XE_VFU_GUEST_BUSYBOX)}
 if [ ! -s "$kernel" ] || [ ! -x "$busybox" ]; then
-  echo "guest: no guest kernel and busybox yet: running scripts/install-qemu.sh" >&2
-  "$here/scripts/install-qemu.sh"
+  echo "guest: no guest kernel and busybox yet: running scripts/install-qemu.sh --guest-only" >&2
+  "$here/scripts/install-qemu.sh" --guest-only
   kernel=$(setting XE_VFU_GUEST_KERNEL)
   busybox=$(setting XE_VFU_GUEST_BUSYBOX)
 fi

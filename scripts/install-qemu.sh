@@ -15,7 +15,13 @@
 #     libvirt and systemd examples.
 #
 # Idempotent and cached: a second run only checks what is there (well under a
-# second). Everything lives in one directory, /opt/xe-vfio-user by default:
+# second). Safe to run twice at once: a run holds a lock on $XE_VFU_CACHE/.lock
+# (flock) for all its work, and another run says that it waits for it, then finds
+# the finished cache. Each part is made under a staging name (qemu/root.partial,
+# guest/download*, mtty-build, *.new), renamed into place and then marked
+# .complete; what a killed run left half-made is removed by the next run, which
+# makes that part again. The lock goes when the run and all it started have ended.
+# Everything lives in one directory, /opt/xe-vfio-user by default:
 #
 #   qemu/root/                  the Debian 13 root (only when the host QEMU is too old)
 #   qemu/bin/qemu-system-x86_64 the wrapper (only then)
@@ -29,9 +35,13 @@
 #                               linux-source, and mdev.ko from the amd64 package
 #   env                         XE_VFU_QEMU=... and friends, for scripts/test.sh and the tests
 #
-# Usage: scripts/install-qemu.sh [--force] [--env]
-#   --force  wipe the cache and install again
-#   --env    print the env file of a finished install and exit (nothing is installed)
+# Usage: scripts/install-qemu.sh [--force] [--guest-only] | --env
+#   --guest-only  only what scripts/guest.sh needs: QEMU, the cloud guest kernel (vmlinuz,
+#                 its VFIO modules) and busybox, about 127 MB the first time (everything:
+#                 about 460 MB). The SR-IOV guest's kernel, the mtty build and the example
+#                 checkers are left for a run without it (scripts/test.sh)
+#   --force       remove what is installed in the cache and install again
+#   --env         print the env file of a finished install and exit (nothing is installed)
 #
 # Environment: XE_VFU_CACHE (cache directory), XE_VFU_MIRROR (Debian mirror; default
 # the one in the host's apt sources), XE_VFU_QEMU (use this QEMU, skip the lookup),
@@ -54,13 +64,17 @@ ENVFILE=$CACHE/env
 say() { printf '[install-qemu] %s\n' "$*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
 
-force=0
-case "${1:-}" in
-  --force) force=1 ;;
-  --env) [ -f "$ENVFILE" ] || die "nothing installed yet in $CACHE; run $0"; cat "$ENVFILE"; exit 0 ;;
-  "") ;;
-  *) echo "usage: $0 [--force|--env]" >&2; exit 2 ;;
-esac
+force=0 guest_only=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --force) force=1 ;;
+    --guest-only) guest_only=1 ;;
+    --env) [ -f "$ENVFILE" ] || die "nothing installed yet in $CACHE; run $0"; cat "$ENVFILE"; exit 0 ;;
+    -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "usage: $0 [--force] [--guest-only] | --env" >&2; exit 2 ;;
+  esac
+  shift
+done
 
 started=$(date +%s.%N)
 # Bytes received by the machine, to report what a step really downloaded.
@@ -107,6 +121,66 @@ host_mirror() {
     awk '/^URIs:/ { for (i = 2; i <= NF; i++) print $i }
          /^deb[ \t]/ { for (i = 2; i <= NF; i++) if ($i ~ /:\/\//) { print $i; break } }' "$file"
   done | sed 's:/*$::' | grep -E '/debian$' | head -n1
+}
+
+# ---------------------------------------------------------------- the cache: lock, staging, leftovers
+
+LOCK=$CACHE/.lock
+# Holds the cache for this run: a second run waits here until the first is done.
+# The lock is on the open file (fd 9, inherited by what the run starts), so a
+# run that dies, killed or not, never leaves it behind. The holder's PID is the
+# file's first line.
+lock_cache() {
+  { exec 9<>"$LOCK"; } 2>/dev/null || die "cannot create $LOCK (set XE_VFU_CACHE, or run as root)"
+  if ! flock -n 9; then
+    local holder
+    holder=$(head -n1 "$LOCK" 2>/dev/null | tr -cd 0-9)
+    say "waiting for another install-qemu.sh (pid ${holder:-unknown}) to finish with $CACHE ..."
+    flock 9
+    say "        the other run has finished; checking what it installed"
+  fi
+  printf '%s\n' "$$" >&9
+}
+
+# rm -rf for what a run stages: first unmounts what a killed debootstrap left
+# mounted inside (its proc and sys), and never crosses into another file system.
+remove_tree() {
+  local path=$1 real mount
+  [ -e "$path" ] || [ -L "$path" ] || return 0
+  real=$(realpath -m "$path")
+  findmnt -rn -o TARGET | awk -v p="$real/" 'index($0 "/", p) == 1' | sort -r |
+    while read -r mount; do umount -l "$mount" || die "cannot unmount $mount, left mounted by an interrupted run"; done
+  rm -rf --one-file-system "$path"
+}
+
+# Removes $1 by renaming it aside first (to a .trash.* name that the next run
+# removes if this one is killed meanwhile), so that $1 is never seen half-deleted.
+discard() {
+  [ -e "$1" ] || return 0
+  local trash=$CACHE/.trash.${1##*/}.$$
+  mv "$1" "$trash"
+  remove_tree "$trash"
+}
+
+# Puts the finished staging directory $1 in the place of $2.
+replace_dir() {
+  discard "$2"
+  mv "$1" "$2"
+}
+
+# What a run killed midway leaves: staging names only, whose part has no
+# .complete marker yet (it is made again) or was complete before they were
+# cleaned up. Under the lock no other run is using them.
+remove_leftovers() {
+  local path found=()
+  for path in "$CACHE"/qemu/root.partial "$CACHE"/qemu/*.new "$CACHE"/qemu/bin/*.new \
+    "$QROOT"/var/cache/xe-vfio-user-download "$GUEST"/download "$GUEST"/download-* "$GUEST"/*.new \
+    "$CACHE"/mtty-build "$ENVFILE".new "$CACHE"/.trash.*; do
+    [ -e "$path" ] || [ -L "$path" ] || continue
+    found+=("${path#"$CACHE"/}")
+    remove_tree "$path"
+  done
+  [ ${#found[@]} -eq 0 ] || say "removed what an interrupted run left: ${found[*]}"
 }
 
 # ---------------------------------------------------------------- QEMU
@@ -163,12 +237,14 @@ install_qemu_root() {
   esac
   if ! command -v debootstrap >/dev/null 2>&1; then
     say "installing debootstrap on the host from Debian 12 (about 0.1 MB)"
-    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends debootstrap >/dev/null ||
-      { apt-get -o DPkg::Lock::Timeout=300 update -qq &&
-        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends debootstrap >/dev/null; }
+    # 9>&-: nothing the host's dpkg starts keeps this script's lock.
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends debootstrap >/dev/null 9>&- ||
+      { apt-get -o DPkg::Lock::Timeout=300 update -qq 9>&- &&
+        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends debootstrap >/dev/null 9>&-; }
   fi
+  rm -f "$CACHE/qemu/.complete"
   local staging=$CACHE/qemu/root.partial rx
-  rm -rf "$staging"
+  remove_tree "$staging"
   mkdir -p "$staging"
   say "step 1/2: bootstrapping a minimal Debian 13 ($base) root into $QROOT from $mirror (downloads about 40 MB)"
   rx=$(rx_bytes)
@@ -201,10 +277,10 @@ EOF
   version=$(qemu_version "$staging/usr/bin/qemu-system-x86_64" 2>/dev/null || true)
   [ -n "$version" ] || version=$(chroot "$staging" /usr/bin/qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \([0-9.]*\).*/\1/p')
   version_at_least "$version" "$MIN_QEMU" || die "$SUITE has QEMU $version, older than $MIN_QEMU"
-  rm -rf "$QROOT"
-  mv "$staging" "$QROOT"
+  chroot "$staging" dpkg-query -W -f='${Version}\n' qemu-system-x86 >"$CACHE/qemu/package-version.new"
+  replace_dir "$staging" "$QROOT"
   write_wrapper
-  chroot "$QROOT" dpkg-query -W -f='${Version}\n' qemu-system-x86 >"$CACHE/qemu/package-version"
+  mv -f "$CACHE/qemu/package-version.new" "$CACHE/qemu/package-version"
   touch "$CACHE/qemu/.complete"
 }
 
@@ -260,6 +336,7 @@ install_guest() {
   if [ -f "$GUEST/.complete" ] && [ -s "$GUEST/vmlinuz" ] && [ -x "$GUEST/busybox" ] &&
     [ -f "$GUEST/modules/.complete" ]; then return; fi
   mkdir -p "$GUEST"
+  rm -f "$GUEST/.complete"
   local work=$GUEST/download rx kernel
   rm -rf "$work" && mkdir -p "$work"
   # Resolve the cloud kernel meta-package to its image package. PCI, the serial
@@ -278,7 +355,7 @@ install_guest() {
   local deb
   for deb in "$work"/*.deb; do dpkg-deb -x "$deb" "$work/x"; done
   cp "$(ls "$work"/x/boot/vmlinuz-* | head -n1)" "$GUEST/vmlinuz.new"
-  cp "$(ls "$work"/x/boot/config-* | head -n1)" "$GUEST/kernel-config"
+  cp "$(ls "$work"/x/boot/config-* | head -n1)" "$GUEST/kernel-config.new"
   cp "$(ls "$work"/x/usr/bin/busybox "$work"/x/bin/busybox 2>/dev/null | head -n1)" "$GUEST/busybox.new"
   chmod 0644 "$GUEST/vmlinuz.new" && chmod 0755 "$GUEST/busybox.new"
   # Busybox insmod takes plain .ko files: decompress the kernel's .ko.xz here.
@@ -294,9 +371,10 @@ install_guest() {
     esac
   done
   touch "$GUEST/modules.new/.complete"
-  mv -f "$GUEST/vmlinuz.new" "$GUEST/vmlinuz" && mv -f "$GUEST/busybox.new" "$GUEST/busybox"
-  rm -rf "$GUEST/modules" && mv "$GUEST/modules.new" "$GUEST/modules"
-  echo "$kernel" >"$GUEST/kernel-package"
+  echo "$kernel" >"$GUEST/kernel-package.new"
+  local file
+  for file in vmlinuz busybox kernel-config kernel-package; do mv -f "$GUEST/$file.new" "$GUEST/$file"; done
+  replace_dir "$GUEST/modules.new" "$GUEST/modules"
   rm -rf "$work"
   touch "$GUEST/.complete"
   say "        done, $(mb $(($(rx_bytes) - rx))) received"
@@ -369,7 +447,7 @@ install_guest_amd64() {
   printf '%s\n' "${order[@]}" >"$dir.new/modules/order"
   echo "$kernel" >"$dir.new/kernel-package"
   touch "$dir.new/.complete"
-  rm -rf "$dir" && mv "$dir.new" "$dir"
+  replace_dir "$dir.new" "$dir"
   rm -rf "$work"
   say "        done, $(mb $(($(rx_bytes) - rx))) received"
 }
@@ -440,7 +518,7 @@ install_guest_mtty() {
   [ -s "$dir.new/mdev.ko" ] || die "$kernel has no mdev module"
   echo "$kernel" >"$dir.new/kernel-package"
   touch "$dir.new/.complete"
-  rm -rf "$dir" && mv "$dir.new" "$dir"
+  replace_dir "$dir.new" "$dir"
   rm -rf "$build"
   trap - EXIT
   say "        done, $(mb $(($(rx_bytes) - rx))) received"
@@ -469,29 +547,38 @@ install_checkers() {
   bytes=$(apt-get install --print-uris -qq --no-install-recommends "${need[@]}" 2>/dev/null | awk '{ s += $3 } END { print s + 0 }')
   say "installing ${need[*]} from Debian 12 for the example checks and the guest program (virt-xml-validate, xmllint, systemd-analyze, gcc -static; $(mb "$bytes"))"
   export DEBIAN_FRONTEND=noninteractive
-  as_root apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need[@]}" >/dev/null 2>&1 ||
-    { as_root apt-get -o DPkg::Lock::Timeout=300 update -qq &&
-      as_root apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need[@]}" >/dev/null; } ||
+  # 9>&-: nothing the host's dpkg starts (a daemon) keeps this script's lock.
+  as_root apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need[@]}" >/dev/null 2>&1 9>&- ||
+    { as_root apt-get -o DPkg::Lock::Timeout=300 update -qq 9>&- &&
+      as_root apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need[@]}" >/dev/null 9>&-; } ||
     die "installing ${need[*]} failed"
 }
 
 # ---------------------------------------------------------------- main
 
-if [ "$force" = 1 ]; then
-  say "--force: removing $CACHE"
-  rm -rf "${CACHE:?}/qemu" "${CACHE:?}/guest" "$ENVFILE"
-fi
 mkdir -p "$CACHE" 2>/dev/null || die "cannot create $CACHE (set XE_VFU_CACHE, or run as root)"
+lock_cache
+remove_leftovers
+if [ "$force" = 1 ]; then
+  say "--force: removing what is installed in $CACHE"
+  for part in qemu guest env; do discard "$CACHE/$part"; done
+fi
 
 find_qemu
 smoke_test "$QEMU" || die "the QEMU at $QEMU does not run"
 version=$(qemu_version "$QEMU")
 say "QEMU $version with vfio-user-pci: $QEMU ($QEMU_KIND)"
 install_guest
-install_guest_amd64
-install_guest_mtty
+if [ "$guest_only" = 0 ]; then
+  install_guest_amd64
+  install_guest_mtty
+fi
 clean_root_apt
-install_checkers
+if [ "$guest_only" = 0 ]; then
+  install_checkers
+else
+  say "--guest-only: the SR-IOV and mtty guests and the example checkers are left for a full run (scripts/test.sh)"
+fi
 
 cat >"$ENVFILE.new" <<EOF
 XE_VFU_QEMU=$QEMU

@@ -2,7 +2,7 @@
 # Installs xe-vfio-user under a prefix, and uninstalls exactly what it installed.
 #
 #   sudo scripts/install.sh [--prefix /usr/local] [--destdir DIR] [--unitdir DIR]
-#                           [--binary FILE] [--no-group] [--uninstall]
+#                           [--binary FILE] [--with-group | --no-group] [--uninstall]
 #
 # What goes where (PREFIX defaults to /usr/local):
 #   PREFIX/bin/xe-vfio-user                                  the binary (scripts/build.sh, stripped)
@@ -15,11 +15,15 @@
 #                                                            (UNITDIR defaults to PREFIX/lib/systemd/system)
 #   PREFIX/share/xe-vfio-user/installed                      what this install made, for --uninstall
 #
-# On the live system (no --destdir) as root it also creates the system group
-# xe-vfio-user, which owns the unit's sockets (see the unit), unless it exists or
-# --no-group is given, and runs `systemctl daemon-reload` when systemd runs.
-# --uninstall removes the files and the directories the install created (when
-# empty), and the group only if the install created it.
+# On the live system (no --destdir) as root, with the prefix /usr or /usr/local,
+# it also creates the system group xe-vfio-user, which owns the unit's sockets
+# (see the unit), unless it exists or --no-group is given. Any other prefix gets
+# the group only with --with-group. It runs `systemctl daemon-reload` when
+# systemd runs, and ends with the next steps, written for where it installed
+# (the binary's path, MANPATH, `systemctl link` for a unit directory systemd does
+# not read). --uninstall removes the files and the directories the install
+# created (when empty), a `systemctl link` of its units, and the group only if
+# the install created it.
 #
 # --binary FILE installs that build instead of running scripts/build.sh; its man
 # pages then come from a generate-manual tool in .build/{release,debug} (build it
@@ -33,7 +37,7 @@ say() { printf '[install] %s\n' "$*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
 usage() { sed -n '4,5p' "$0" | sed 's/^# \{0,3\}//' >&2; exit 2; }
 
-prefix=/usr/local destdir="" unitdir="" binary="" group=xe-vfio-user make_group=1 uninstall=0
+prefix=/usr/local destdir="" unitdir="" binary="" group=xe-vfio-user make_group="" uninstall=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --prefix) prefix=${2:?--prefix needs a directory}; shift 2 ;;
@@ -41,6 +45,7 @@ while [ $# -gt 0 ]; do
     --unitdir) unitdir=${2:?--unitdir needs a directory}; shift 2 ;;
     --binary) binary=${2:?--binary needs a file}; shift 2 ;;
     --no-group) make_group=0; shift ;;
+    --with-group) make_group=1; shift ;;
     --uninstall) uninstall=1; shift ;;
     -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) say "unknown argument: $1"; usage ;;
@@ -53,6 +58,12 @@ case "$unitdir" in /*) ;; *) die "--unitdir must be absolute: $unitdir" ;; esac
 [ -z "$destdir" ] || destdir=$(mkdir -p "$destdir" && cd "$destdir" && pwd)
 manifest=$prefix/share/xe-vfio-user/installed
 live() { [ -z "$destdir" ]; }
+# The prefixes a system's PATH, man and systemd look in: the group is made only
+# for these unless --with-group, and the hints use bare names only for these.
+system_prefix() { case "$prefix" in /usr | /usr/local) return 0 ;; esac; return 1; }
+if [ -z "$make_group" ]; then
+  if system_prefix; then make_group=1; else make_group=0; fi
+fi
 systemd_runs() { live && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; }
 # Only the directories systemd reads units from get a daemon-reload.
 systemd_dir() {
@@ -65,10 +76,17 @@ systemd_dir() {
 # Removes what the manifest lists: files first, then the directories (deepest
 # first) that are empty. The group goes too, unless $1 is "keep-group".
 remove_installed() {
-  local keep=${1:-} line kind path dirs=()
+  local keep=${1:-} kind path dirs=() link
   while IFS=' ' read -r kind path; do
     case "$kind" in
-      file) rm -f "$destdir$path" ;;
+      file)
+        rm -f "$destdir$path"
+        # The unit linked into /etc/systemd/system as the install's hints say.
+        link=/etc/systemd/system/$(basename "$path")
+        if live && [ "${path%.service}" != "$path" ] && [ -L "$link" ] && [ "$(readlink "$link")" = "$path" ]; then
+          rm -f "$link"
+        fi
+        ;;
       dir) dirs=("$path" "${dirs[@]}") ;;
       group)
         if [ "$keep" != keep-group ] && live && getent group "$path" >/dev/null; then
@@ -183,12 +201,21 @@ printf '%s\n' "${entries[@]}" >"$destdir$manifest"
 systemd_runs && systemd_dir && systemctl daemon-reload
 say "installed xe-vfio-user $("$destdir$prefix/bin/xe-vfio-user" --version) under ${destdir}$prefix ($(grep -c '^file' "$destdir$manifest") files)"
 if live; then
-  systemd_dir || say "note: systemd does not read units from $unitdir; use --unitdir /etc/systemd/system, or 'systemctl link' the unit"
-  cat >&2 <<EOF
-[install] next:
-  xe-vfio-user --help; man xe-vfio-user
-  systemctl enable --now xe-vfio-user@vf0      # serves /run/xe-vfio-user/vf0.sock
-  usermod -aG $group USER                      # USER: whoever runs QEMU (libvirt-qemu for libvirt)
-  $0 --uninstall --prefix $prefix   # removes all of it
-EOF
+  # The next steps, each a command that works for this prefix and unit directory.
+  next=()
+  if system_prefix; then
+    next+=("xe-vfio-user --help" "man xe-vfio-user")
+  else
+    next+=("$prefix/bin/xe-vfio-user --help" "MANPATH=$prefix/share/man man xe-vfio-user")
+  fi
+  systemd_dir || next+=("systemctl link $unitdir/xe-vfio-user@.service  # systemd does not read units from $unitdir")
+  next+=("systemctl enable --now xe-vfio-user@vf0  # serves /run/xe-vfio-user/vf0.sock")
+  if getent group "$group" >/dev/null; then
+    next+=("usermod -aG $group USER  # USER: whoever runs QEMU (libvirt-qemu for libvirt)")
+  else
+    next+=("groupadd --system $group  # the unit's sockets' group (--with-group makes it); without it only root connects")
+  fi
+  next+=("$0 --uninstall --prefix $prefix  # removes all of it")
+  say "next:"
+  printf '  %s\n' "${next[@]}" >&2
 fi

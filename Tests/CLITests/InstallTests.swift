@@ -226,6 +226,99 @@ struct InstallTests {
       outside.isEmpty, "dropped from the man pages: \(String(String.UnicodeScalarView(outside)))")
   }
 
+  /// The issue's report: `--prefix DIR` created the system group anyway, and
+  /// its hints (`man xe-vfio-user`, `systemctl enable`) did not work for DIR. A
+  /// prefix outside /usr and /usr/local makes no group (groupadd, mocked, is
+  /// not run), and each next step it prints works as printed: the binary by
+  /// its path, the man page through MANPATH, the unit linked and enabled
+  /// (systemctl on a scratch root), the uninstall.
+  @Test func aPrefixOutsideUsrMakesNoGroupAndPrintsStepsThatWork() throws {
+    let tool = try #require(generateManual, "swift build --product generate-manual")
+    let base = NSTemporaryDirectory() + "xvu-prefix-\(UUID().uuidString.prefix(8))"
+    defer { try? FileManager.default.removeItem(atPath: base) }
+    let prefix = base + "/opt/xe-vfio-user"
+    let groups = try GroupMocks(in: base)
+    let install = try shell(
+      "PATH='\(groups.directory)':\"$PATH\" '\(script)' --prefix '\(prefix)' --binary '\(executable.path)'",
+      environment: ["XE_VFU_GENERATE_MANUAL": tool])
+    #expect(install.status == 0, "\(install.stderr)")
+    #expect(groups.calls.isEmpty, "\(groups.calls)")
+    #expect(!install.stderr.contains("created the system group"), "\(install.stderr)")
+
+    let steps = nextSteps(install.stderr)
+    let unitDirectory = prefix + "/lib/systemd/system"
+    #expect(
+      steps == [
+        "\(prefix)/bin/xe-vfio-user --help", "MANPATH=\(prefix)/share/man man xe-vfio-user",
+        "systemctl link \(unitDirectory)/xe-vfio-user@.service",
+        "systemctl enable --now xe-vfio-user@vf0", "groupadd --system xe-vfio-user",
+        "\(script) --uninstall --prefix \(prefix)",
+      ], "\(install.stderr)")
+    guard steps.count == 6 else { return }
+    let help = try shell(steps[0])
+    #expect(help.status == 0 && help.stdout.contains("USAGE: xe-vfio-user <subcommand>"), "\(help)")
+    let man = try shell(steps[1].replacingOccurrences(of: " man ", with: " man -w "))
+    #expect(man.stdout == prefix + "/share/man/man1/xe-vfio-user.1\n", "\(man)")
+    // systemd is not running here: the two systemctl steps on a scratch root
+    // that holds the unit at the same path, --now (starting it) left out.
+    if findTool("systemctl") != nil {
+      let root = base + "/root"
+      try FileManager.default.createDirectory(
+        atPath: root + unitDirectory, withIntermediateDirectories: true)
+      try FileManager.default.copyItem(
+        atPath: unitDirectory + "/xe-vfio-user@.service",
+        toPath: root + unitDirectory + "/xe-vfio-user@.service")
+      for step in steps[2...3] {
+        let offline = step.replacingOccurrences(of: "systemctl", with: "systemctl --root='\(root)'")
+          .replacingOccurrences(of: " --now", with: "")
+        let result = try shell(offline)
+        #expect(result.status == 0, "\(offline): \(result)")
+      }
+      let wanted = root + "/etc/systemd/system/multi-user.target.wants/xe-vfio-user@vf0.service"
+      #expect(
+        (try? FileManager.default.destinationOfSymbolicLink(atPath: wanted))
+          == unitDirectory + "/xe-vfio-user@.service")
+    }
+    let uninstall = try shell("PATH='\(groups.directory)':\"$PATH\" " + steps[5])
+    #expect(uninstall.status == 0, "\(uninstall.stderr)")
+    #expect(!FileManager.default.fileExists(atPath: prefix), "left behind: \(tree(prefix))")
+    #expect(groups.calls.isEmpty, "\(groups.calls)")
+  }
+
+  /// --with-group makes the group for any prefix (groupadd mocked), the steps
+  /// then say to add a user to it, and the uninstall removes it.
+  @Test(.enabled(if: getuid() == 0, "groupadd is run as root only"))
+  func withGroupMakesTheGroupForAnyPrefix() throws {
+    let tool = try #require(generateManual, "swift build --product generate-manual")
+    let base = NSTemporaryDirectory() + "xvu-prefix-\(UUID().uuidString.prefix(8))"
+    defer { try? FileManager.default.removeItem(atPath: base) }
+    let prefix = base + "/opt/xe-vfio-user"
+    let groups = try GroupMocks(in: base)
+    let path = "PATH='\(groups.directory)':\"$PATH\" "
+    let install = try shell(
+      path + "'\(script)' --prefix '\(prefix)' --binary '\(executable.path)' --with-group",
+      environment: ["XE_VFU_GENERATE_MANUAL": tool])
+    #expect(install.status == 0, "\(install.stderr)")
+    #expect(groups.calls == ["groupadd --system xe-vfio-user"])
+    #expect(install.stderr.contains("created the system group xe-vfio-user"), "\(install.stderr)")
+    let steps = nextSteps(install.stderr)
+    #expect(steps.contains("usermod -aG xe-vfio-user USER"), "\(steps)")
+    #expect(!steps.contains("groupadd --system xe-vfio-user"), "\(steps)")
+    let uninstall = try shell(path + "'\(script)' --uninstall --prefix '\(prefix)'")
+    #expect(uninstall.status == 0, "\(uninstall.stderr)")
+    #expect(groups.calls == ["groupadd --system xe-vfio-user", "groupdel xe-vfio-user"])
+  }
+
+  /// The commands of install.sh's closing "next:" lines, without their comments.
+  func nextSteps(_ stderr: String) -> [String] {
+    let lines = stderr.split(separator: "\n").map(String.init)
+    guard let start = lines.firstIndex(of: "[install] next:") else { return [] }
+    return lines[(start + 1)...].prefix { $0.hasPrefix("  ") }.map { line in
+      let command = line.range(of: "  #").map { String(line[..<$0.lowerBound]) } ?? line
+      return command.trimmingCharacters(in: .whitespaces)
+    }
+  }
+
   @Test func refusesNonsense() throws {
     let relative = try shell("'\(script)' --prefix usr/local --binary /bin/true")
     #expect(relative.status != 0 && relative.stderr.contains("--prefix must be absolute"))
@@ -233,5 +326,37 @@ struct InstallTests {
     #expect(missing.status != 0 && missing.stderr.contains("is not an executable file"))
     let unknown = try shell("'\(script)' --frobnicate")
     #expect(unknown.status == 2 && unknown.stderr.contains("unknown argument: --frobnicate"))
+  }
+}
+
+/// groupadd, groupdel and `getent group xe-vfio-user` as stand-ins in a
+/// directory to put first on PATH: the host's groups stay as they are, and the
+/// calls are recorded.
+struct GroupMocks {
+  let directory: String
+  var calls: [String] {
+    ((try? String(contentsOfFile: directory + "/calls", encoding: .utf8)) ?? "")
+      .split(separator: "\n").map(String.init)
+  }
+
+  init(in base: String) throws {
+    directory = base + "/group-mocks"
+    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    let scripts = [
+      "groupadd": "echo \"groupadd $*\" >>'\(directory)/calls'; touch '\(directory)/made'",
+      "groupdel": "echo \"groupdel $*\" >>'\(directory)/calls'; rm -f '\(directory)/made'",
+      "getent": """
+      if [ "$1 $2" = "group xe-vfio-user" ]; then
+        [ -f '\(directory)/made' ] && echo xe-vfio-user:x:999: && exit 0
+        exit 2
+      fi
+      exec /usr/bin/getent "$@"
+      """,
+    ]
+    for (name, body) in scripts {
+      let path = directory + "/" + name
+      try ("#!/bin/sh\n" + body + "\n").write(toFile: path, atomically: true, encoding: .utf8)
+      chmod(path, 0o755)
+    }
   }
 }
