@@ -172,7 +172,8 @@ let package = Package(
       swiftSettings: strict),
     // Runs the built `xe-vfio-user` as a process, as a user would.
     .testTarget(
-      name: "CLITests", dependencies: ["VFIOUser", "VFIOUserClient", "CVFIOUser", "XeVF"],
+      name: "CLITests",
+      dependencies: ["VFIOUser", "VFIODevice", "VFIOUserClient", "CVFIOUser", "XeVF"],
       swiftSettings: strict),
     // libFuzzer targets (scripts/fuzz.sh builds them with -sanitize=fuzzer,address
     // and -D XE_VFU_LIBFUZZER, in .build/fuzz). A normal build makes each a

@@ -1,6 +1,5 @@
 import CVFIOUser
 import Foundation
-import Synchronization
 import SystemPackage
 import VFIODevice
 import VFIOUser
@@ -35,7 +34,7 @@ class TestDevice: VFIODeviceBackend {
     get { refuseUnmapKnob.withLock { $0 } }
     set { refuseUnmapKnob.withLock { $0 = newValue } }
   }
-  private let refuseUnmapKnob = Mutex<Errno?>(nil)
+  private let refuseUnmapKnob = Locked<Errno?>(nil)
   /// When set, SET_IRQS is refused with it, before the emulation sees the request.
   var refuseSetIRQs: Errno?
   /// Every SET_IRQS the device was handed: index, count and VFIO_IRQ_SET_* flags.
