@@ -173,7 +173,8 @@ let package = Package(
     // Runs the built `xe-vfio-user` as a process, as a user would, and the scripts.
     // Scripts/ holds the stand-ins InstallQEMUTests runs scripts/install-qemu.sh with.
     .testTarget(
-      name: "CLITests", dependencies: ["VFIOUser", "VFIOUserClient", "CVFIOUser", "XeVF"],
+      name: "CLITests",
+      dependencies: ["VFIOUser", "VFIODevice", "VFIOUserClient", "CVFIOUser", "XeVF"],
       exclude: ["Scripts"], swiftSettings: strict),
     // libFuzzer targets (scripts/fuzz.sh builds them with -sanitize=fuzzer,address
     // and -D XE_VFU_LIBFUZZER, in .build/fuzz). A normal build makes each a

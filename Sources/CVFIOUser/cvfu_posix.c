@@ -25,3 +25,23 @@ int cvfu_get_credentials(uid_t uids[3], gid_t gids[3]) {
 }
 
 int cvfu_release_free_heap(void) { return malloc_trim(0); }
+
+#if defined(__SANITIZE_THREAD__)
+#define CVFU_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define CVFU_TSAN 1
+#endif
+#endif
+
+#ifdef CVFU_TSAN
+// The ThreadSanitizer runtime's annotations (sanitizer/tsan_interface.h).
+void __tsan_acquire(void *addr);
+void __tsan_release(void *addr);
+static char hang_up;
+void cvfu_tsan_hang_up(void) { __tsan_release(&hang_up); }
+void cvfu_tsan_saw_hang_up(void) { __tsan_acquire(&hang_up); }
+#else
+void cvfu_tsan_hang_up(void) {}
+void cvfu_tsan_saw_hang_up(void) {}
+#endif

@@ -5,10 +5,18 @@ import SystemPackage
   import Glibc
 #endif
 
-// Threads, a condition variable and a semaphore on pthreads, so the server,
-// the device model and the CLI need neither Foundation (`Thread`,
-// `NSCondition`) nor Dispatch (`DispatchSemaphore`). Linking Foundation
-// statically costs the `serve` process megabytes of resident pages.
+// Threads, a lock, a condition variable and a semaphore on pthreads, so the
+// server, the device model and the CLI need neither Foundation (`Thread`,
+// `NSLock`, `NSCondition`) nor Dispatch (`DispatchSemaphore`). Linking
+// Foundation statically costs the `serve` process megabytes of resident pages.
+//
+// Every lock in the project is a pthread mutex (`Locked`, `ConditionLock`),
+// not `Synchronization.Mutex`: ThreadSanitizer intercepts pthread_mutex_lock
+// and pthread_mutex_unlock and so sees the order a lock imposes. `Mutex` on
+// Linux takes and releases its futex inline with atomics TSan does see, but
+// when contended goes through the standard library's uninstrumented slow path
+// (a priority-inheriting futex whose owner the kernel hands over), so two
+// accesses under one contended `Mutex` look like a race to TSan.
 
 /// Starts a detached thread that runs `body`, as Foundation's `Thread` does.
 ///
@@ -73,15 +81,53 @@ extension timespec {
   }
 }
 
+/// The pthread mutex behind both of the project's locks (`Locked`,
+/// `ConditionLock`), on the heap: its address must not change while in use.
+struct PthreadMutex: ~Copyable {
+  let pointer = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+
+  init() { pthread_mutex_init(pointer, nil) }
+
+  deinit {
+    pthread_mutex_destroy(pointer)
+    pointer.deallocate()
+  }
+
+  func lock() { pthread_mutex_lock(pointer) }
+  func unlock() { pthread_mutex_unlock(pointer) }
+}
+
+/// A value reachable only under a lock, as with `Synchronization.Mutex` (the
+/// same `withLock`), on a pthread mutex that ThreadSanitizer understands
+/// (see the top of this file). The value goes in and results come out as
+/// `sending`, as with `Mutex`, so a non-`Sendable` value can be shared safely.
+public final class Locked<Value>: @unchecked Sendable {
+  private let mutex = PthreadMutex()
+  /// Guarded by `mutex`.
+  private var value: Value
+
+  public init(_ initialValue: consuming sending Value) { value = initialValue }
+
+  /// Runs `body` with the value, the lock held (not reentrant: `body` must
+  /// not take this lock again).
+  public func withLock<Result, E: Error>(
+    _ body: (inout sending Value) throws(E) -> sending Result
+  ) throws(E) -> sending Result {
+    mutex.lock()
+    defer { mutex.unlock() }
+    return try body(&value)
+  }
+}
+
 /// A mutex with a condition variable, like Foundation's `NSCondition`: lock,
 /// wait (which unlocks while waiting), signal or broadcast. Timed waits use
 /// the monotonic clock, so a change of wall-clock time never fires or delays them.
 public final class ConditionLock: @unchecked Sendable {
-  private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+  private let mutexStorage = PthreadMutex()
+  private var mutex: UnsafeMutablePointer<pthread_mutex_t> { mutexStorage.pointer }
   private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
 
   public init() {
-    pthread_mutex_init(mutex, nil)
     var attributes = pthread_condattr_t()
     pthread_condattr_init(&attributes)
     pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
@@ -91,13 +137,11 @@ public final class ConditionLock: @unchecked Sendable {
 
   deinit {
     pthread_cond_destroy(condition)
-    pthread_mutex_destroy(mutex)
     condition.deallocate()
-    mutex.deallocate()
   }
 
-  public func lock() { pthread_mutex_lock(mutex) }
-  public func unlock() { pthread_mutex_unlock(mutex) }
+  public func lock() { mutexStorage.lock() }
+  public func unlock() { mutexStorage.unlock() }
 
   public func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
     lock()

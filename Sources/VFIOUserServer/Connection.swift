@@ -1,3 +1,4 @@
+import CVFIOUser
 import Logging
 import SystemPackage
 import VFIODevice
@@ -185,6 +186,9 @@ final class Connection {
   /// then resets the device so the next client finds it clean, unless
   /// configured to keep its state and that state is whole.
   private func teardown() {
+    // What the client did before it hung up comes before this, as the
+    // kernel orders it; ThreadSanitizer needs telling (nothing in other builds).
+    cvfu_tsan_saw_hang_up()
     abortDMAJobs()
     let windows = dma.windows
     if !windows.isEmpty {

@@ -1,6 +1,5 @@
 import CVFIOUser
 import Logging
-import Synchronization
 import SystemPackage
 import VFIODevice
 import VFIOUser
@@ -25,7 +24,7 @@ public struct ServerSnapshot: Sendable, Equatable {
 
 /// Shared counters, updated by the connection thread and read anywhere.
 public final class ServerStatistics: Sendable {
-  private let state = Mutex(ServerSnapshot())
+  private let state = Locked(ServerSnapshot())
   public init() {}
   public var snapshot: ServerSnapshot { state.withLock { $0 } }
   func update(_ body: (inout ServerSnapshot) -> Void) { state.withLock { body(&$0) } }
@@ -50,9 +49,9 @@ public final class VFIOUserServer: Sendable {
   public let limits: ServerLimits
   private let slot: DeviceSlot
   private let logger: Logger
-  private let listener = Mutex<Int32>(-1)
-  private let activeSocket = Mutex<Int32>(-1)
-  private let path = Mutex<String?>(nil)
+  private let listener = Locked<Int32>(-1)
+  private let activeSocket = Locked<Int32>(-1)
+  private let path = Locked<String?>(nil)
   private let finished = VFIODevice.Semaphore(value: 0)
   private let connectionThreadSetup: (@Sendable () -> Void)?
 

@@ -18,7 +18,7 @@ final class Interruption: Sendable {
   static let signals = [SIGINT, SIGTERM, SIGHUP]
   /// The first signal taken, or 0.
   private let received = Atomic<Int32>(0)
-  private let lastResort = Mutex<(@Sendable () -> Void)?>(nil)
+  private let lastResort = Locked<(@Sendable () -> Void)?>(nil)
 
   init() throws {
     var set = sigset_t()

@@ -334,8 +334,8 @@ func pipeline(
   for _ in 0..<slots { free.signal() }
   let filled = DispatchSemaphore(value: 0)
   let producerDone = DispatchSemaphore(value: 0)
-  let results = Mutex([(count: Int, last: Bool)](repeating: (0, false), count: slots))
-  let producerError = Mutex<Error?>(nil)
+  let results = Locked([(count: Int, last: Bool)](repeating: (0, false), count: slots))
+  let producerError = Locked<Error?>(nil)
   let cancelled = Atomic<Bool>(false)
   let job = Handoff((produce, pool))
   DispatchQueue.global().async {

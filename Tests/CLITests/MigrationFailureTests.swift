@@ -1,7 +1,7 @@
 import CVFIOUser
 import Foundation
-import Synchronization
 import Testing
+import VFIODevice
 import VFIOUser
 import VFIOUserClient
 
@@ -9,7 +9,7 @@ import VFIOUserClient
 final class Background: @unchecked Sendable {
   let process = Process()
   private let errors = Pipe()
-  private let collected = Mutex("")
+  private let collected = Locked("")
 
   init(_ arguments: [String], stdout: Any? = nil) throws {
     process.executableURL = executable

@@ -1,6 +1,7 @@
 import Foundation
 import KernelVFIO
 import SystemPackage
+import VFIODevice
 import XeVF
 
 /// A fake /sys, /dev and /proc in a temporary directory, laid out like the
@@ -142,18 +143,22 @@ extension FakeSystem {
 /// files' reads and writes go to the simulated PF of the VF a directory is
 /// attached to (`SimulatedPFDebugfs`), which gives them the PF's semantics:
 /// blocking reads, short reads at the end, its errnos.
-final class FakeDebugfs: PFControlFileSystem, @unchecked Sendable {
-  private let lock = NSLock()
-  private var attached: [String: SimulatedPFDebugfs] = [:]
+final class FakeDebugfs: PFControlFileSystem, Sendable {
+  private let attached = Locked<[String: SimulatedPFDebugfs]>([:])
+  private let deniedPaths = Locked<[String: Errno]>([:])
   /// Paths whose listing or opening fails with this errno (EACCES for a non-root user).
-  var denied: [String: Errno] = [:]
+  var denied: [String: Errno] {
+    get { deniedPaths.withLock { $0 } }
+    set { deniedPaths.withLock { $0 = newValue } }
+  }
 
   func attach(_ directory: String, _ vf: SimulatedXeVF) {
-    lock.withLock { attached[directory] = SimulatedPFDebugfs(vf: vf) }
+    let files = SimulatedPFDebugfs(vf: vf)
+    attached.withLock { $0[directory] = files }
   }
 
   private func denial(_ path: String) -> Errno? {
-    lock.withLock { denied.first { path.hasPrefix($0.key) }?.value }
+    deniedPaths.withLock { denied in denied.first { path.hasPrefix($0.key) }?.value }
   }
 
   func open(_ path: String, _ control: PFControl) -> Result<any PFControlFile, Errno> {
@@ -162,7 +167,7 @@ final class FakeDebugfs: PFControlFileSystem, @unchecked Sendable {
       return .failure(.noSuchFileOrDirectory)
     }
     let directory = (path as NSString).deletingLastPathComponent
-    guard let files = lock.withLock({ attached[directory] }) else {
+    guard let files = attached.withLock({ $0[directory] }) else {
       return .failure(.operationNotSupportedByDevice)
     }
     return .success(

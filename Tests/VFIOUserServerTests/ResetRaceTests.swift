@@ -56,7 +56,7 @@ struct ResetRaceTests {
             try StreamCorruptionTests.save(a), try StreamCorruptionTests.snapshot(a, vram: vram)
           )
         }()
-        let problems = Mutex<[String]>([])
+        let problems = Locked<[String]>([])
         let finished = Atomic<Int>(0)
         @Sendable func note(_ problem: String) { problems.withLock { $0.append(problem) } }
 

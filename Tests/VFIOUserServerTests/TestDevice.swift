@@ -1,6 +1,5 @@
 import CVFIOUser
 import Foundation
-import Synchronization
 import SystemPackage
 import VFIODevice
 import VFIOUser
@@ -28,14 +27,8 @@ class TestDevice: VFIODeviceBackend {
   var mappedWindows = 0
   /// The limits the device reports (`dmaLimits`).
   var limits = DMALimits.unrestricted
-  /// When set, DMA_UNMAP (a range or all) is refused with it. Locked: a test
-  /// sets it while the connection thread reads it, ordered only through the
-  /// socket, which ThreadSanitizer does not count as synchronisation.
-  var refuseUnmap: Errno? {
-    get { refuseUnmapKnob.withLock { $0 } }
-    set { refuseUnmapKnob.withLock { $0 = newValue } }
-  }
-  private let refuseUnmapKnob = Mutex<Errno?>(nil)
+  /// When set, DMA_UNMAP (a range or all) is refused with it.
+  var refuseUnmap: Errno?
   /// When set, SET_IRQS is refused with it, before the emulation sees the request.
   var refuseSetIRQs: Errno?
   /// Every SET_IRQS the device was handed: index, count and VFIO_IRQ_SET_* flags.

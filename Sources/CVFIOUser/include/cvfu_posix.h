@@ -20,4 +20,15 @@ int cvfu_get_credentials(uid_t uids[3], gid_t gids[3]);
 /// malloc_trim). Returns 1 if memory was released, 0 if not.
 int cvfu_release_free_heap(void);
 
+/// A hang-up for ThreadSanitizer, which orders what one thread sends on a
+/// socket before what another receives from it, but not a close before the
+/// end of stream the peer then reads: what a client did before hanging up
+/// would look unordered with the server's clean-up after it. A socket's owner
+/// calls `cvfu_tsan_hang_up` just before closing it, and whoever cleans up
+/// after a peer that may have hung up calls `cvfu_tsan_saw_hang_up` first.
+/// Like TSan's own ordering of sockets, one order covers every socket. They do
+/// nothing in a build without ThreadSanitizer.
+void cvfu_tsan_hang_up(void);
+void cvfu_tsan_saw_hang_up(void);
+
 #endif
