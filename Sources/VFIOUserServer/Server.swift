@@ -10,14 +10,49 @@ import VFIOUserSocket
   import Glibc
 #endif
 
-/// What the server is doing, for logs, tests and `info`.
+/// What the server is doing, for logs, tests, `info` and the control channel.
+/// The connection thread records each field where it changes (a client
+/// attaching or leaving, a migration state set, a DMA map or unmap, a
+/// SET_IRQS, a reset), never per REGION_READ or REGION_WRITE; the device
+/// itself is only ever asked on the connection thread.
 public struct ServerSnapshot: Sendable, Equatable {
+  /// The client being served: who it is (SO_PEERCRED) and since when.
+  public struct Client: Sendable, Equatable {
+    public var pid: Int32
+    public var uid: UInt32
+    public var gid: UInt32
+    /// Wall clock (seconds since the epoch) and CLOCK_MONOTONIC milliseconds at accept.
+    public var since: Int64
+    public var sinceMonotonicMilliseconds: Int64
+    /// VERSION was answered.
+    public var negotiated = false
+  }
+  /// Something that went wrong, with when (seconds since the epoch).
+  public struct Event: Sendable, Equatable {
+    public var description: String
+    public var at: Int64
+  }
+
   public var clientConnected = false
+  public var client: Client?
   public var connectionsServed = 0
   public var clientsRefused = 0
   public var dmaRegions = 0
+  /// Bytes of guest memory the DMA windows cover.
+  public var dmaBytes: UInt64 = 0
   public var irqFDs = 0
+  /// Vectors with an eventfd the client wired, per interrupt index.
+  public var irqVectorsWired: [Int] = []
+  /// The client started DMA (dirty page) logging and has not stopped it.
+  public var dirtyLogging = false
+  /// Whether the device migrates, and its state as last recorded by the
+  /// thread that owns it (nil when the device could not tell).
+  public var migratable = false
+  public var migrationState: MigrationState?
   public var lastEnd: ConnectionEnd?
+  public var lastEndAt: Int64?
+  /// The last request refused with an error, or connection broken.
+  public var lastError: Event?
   public var stopping = false
   /// MIG_DATA_WRITE data received straight into device memory, never buffered (all clients).
   public var migrationBytesPlaced: UInt64 = 0
@@ -26,9 +61,17 @@ public struct ServerSnapshot: Sendable, Equatable {
 /// Shared counters, updated by the connection thread and read anywhere.
 public final class ServerStatistics: Sendable {
   private let state = Mutex(ServerSnapshot())
+  /// The per message type counters, kept without a lock.
+  public let counters = ServerCounters()
   public init() {}
   public var snapshot: ServerSnapshot { state.withLock { $0 } }
   func update(_ body: (inout ServerSnapshot) -> Void) { state.withLock { body(&$0) } }
+
+  /// Records `description` as the last error, now.
+  func recordError(_ description: String) {
+    let now = Int64(time(nil))
+    update { $0.lastError = .init(description: description, at: now) }
+  }
 }
 
 /// Hands the (non-Sendable) device from one connection thread to the next.
@@ -66,6 +109,18 @@ public final class VFIOUserServer: Sendable {
     self.limits = limits
     self.logger = logger
     self.connectionThreadSetup = connectionThreadSetup
+    // No connection thread owns the device yet: its first state is read here.
+    let migrationState: MigrationState?
+    if let migratable = backend as? MigrationCapable {
+      migrationState = try? migratable.migrationState
+    } else {
+      migrationState = .running
+    }
+    statistics.update {
+      $0.migratable = backend is MigrationCapable
+      $0.migrationState = migrationState
+      $0.irqVectorsWired = Array(repeating: 0, count: Int(backend.irqCount))
+    }
   }
 
   /// The socket path when the server created its own socket.
@@ -175,8 +230,12 @@ public final class VFIOUserServer: Sendable {
     var connectionLogger = logger
     connectionLogger[metadataKey: "client"] = "pid \(pid)"
     logger.info("client connected (pid \(pid), uid \(uid), gid \(gid))")
+    let since = Int64(time(nil))
+    let monotonic = cvfu_monotonic_ms()
     statistics.update {
       $0.clientConnected = true
+      $0.client = .init(
+        pid: pid, uid: uid, gid: gid, since: since, sinceMonotonicMilliseconds: monotonic)
       $0.connectionsServed += 1
     }
     activeSocket.withLock { $0 = client }
@@ -199,9 +258,12 @@ public final class VFIOUserServer: Sendable {
       // leave free pages scattered through malloc's heap, which glibc keeps
       // resident; the server idles between clients, so it gives them back.
       _ = cvfu_release_free_heap()
+      let endedAt = Int64(time(nil))
       statistics.update {
         $0.clientConnected = false
+        $0.client = nil
         $0.lastEnd = end
+        $0.lastEndAt = endedAt
       }
       connectionLogger.info(
         "client disconnected (\(end)); DMA and eventfds released\(limits.resetOnDisconnect ? ", device reset" : "")"
@@ -212,7 +274,10 @@ public final class VFIOUserServer: Sendable {
       logger.error("cannot start a thread for the client: \(failed); disconnecting it")
       activeSocket.withLock { $0 = -1 }
       _ = close(client)
-      statistics.update { $0.clientConnected = false }
+      statistics.update {
+        $0.clientConnected = false
+        $0.client = nil
+      }
       done.signal()
     }
     return done
