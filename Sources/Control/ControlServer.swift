@@ -103,21 +103,10 @@ public final class ControlServer: Sendable {
   private func acceptLoop() {
     let fd = listener.withLock { $0 }
     guard fd >= 0 else { return }
-    while true {
-      let client = cvfu_accept(fd)
-      if stopping.load(ordering: .acquiring) {
-        if client >= 0 { _ = close(client) }
-        break
-      }
-      guard client >= 0 else {
-        if -client == EMFILE || -client == ENFILE || -client == ENOMEM {
-          logger.error("control accept failed: \(Errno(rawValue: -client)); retrying")
-          usleep(100_000)
-          continue
-        }
-        logger.error("control accept failed: \(Errno(rawValue: -client)); no longer accepting")
-        break
-      }
+    while let client = acceptNext(
+      fd, stopping: { stopping.load(ordering: .acquiring) }, logger: logger,
+      what: "control accept")
+    {
       admit(client)
     }
     // Every client's blocking recv or send ends with its socket shut down.
@@ -131,14 +120,9 @@ public final class ControlServer: Sendable {
   /// Applies the device socket's peer policy and the client cap, then serves the client.
   private func admit(_ client: Int32) {
     _ = cvfu_set_send_timeout_ms(client, sendTimeoutMilliseconds)
-    var pid: Int32 = 0
-    var uid = UInt32.max
-    var gid = UInt32.max
-    _ = cvfu_peer_cred(client, &pid, &uid, &gid)
-    guard server.limits.allows(uid: uid, gid: gid) else {
-      logger.warning(
-        "refusing control client pid \(pid) uid \(uid) gid \(gid): not an allowed uid or gid (--allow-uid, --allow-gid)"
-      )
+    let peer = Peer(socket: client)
+    let (pid, uid, gid) = (peer.pid, peer.uid, peer.gid)
+    guard server.limits.admits(peer, logger: logger, as: "control client") else {
       refuse(
         client, "permission denied: uid \(uid) gid \(gid) is not allowed (--allow-uid, --allow-gid)"
       )

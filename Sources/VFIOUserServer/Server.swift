@@ -74,6 +74,55 @@ public final class ServerStatistics: Sendable {
   }
 }
 
+/// Who is at the other end of a connected Unix socket (SO_PEERCRED).
+public struct Peer: Sendable, Equatable {
+  public var pid: Int32 = 0
+  public var uid = UInt32.max
+  public var gid = UInt32.max
+
+  public init(socket: Int32) {
+    _ = cvfu_peer_cred(socket, &pid, &uid, &gid)
+  }
+}
+
+extension ServerLimits {
+  /// Whether --allow-uid and --allow-gid let `peer` in; a refusal is logged.
+  /// The device socket and the control socket apply it alike.
+  public func admits(_ peer: Peer, logger: Logger, as what: String) -> Bool {
+    guard allows(uid: peer.uid, gid: peer.gid) else {
+      logger.warning(
+        "refusing \(what) pid \(peer.pid) uid \(peer.uid) gid \(peer.gid): not an allowed uid or gid (--allow-uid, --allow-gid)"
+      )
+      return false
+    }
+    return true
+  }
+}
+
+/// The next client accepted on `listener`, retrying after a pause while the
+/// process is out of descriptors or memory; nil once `stopping` (a client
+/// accepted meanwhile is closed) or when accepting failed for good (logged).
+/// The device socket's accept loop and the control socket's share it.
+public func acceptNext(
+  _ listener: Int32, stopping: () -> Bool, logger: Logger, what: String
+) -> Int32? {
+  while true {
+    let client = cvfu_accept(listener)
+    if stopping() {
+      if client >= 0 { _ = close(client) }
+      return nil
+    }
+    if client >= 0 { return client }
+    if -client == EMFILE || -client == ENFILE || -client == ENOMEM {
+      logger.error("\(what) failed: \(Errno(rawValue: -client)); retrying")
+      usleep(100_000)
+      continue
+    }
+    logger.error("\(what) failed: \(Errno(rawValue: -client)); no longer accepting")
+    return nil
+  }
+}
+
 /// Hands the (non-Sendable) device from one connection thread to the next.
 /// Only one connection runs at a time and thread start/join order the
 /// hand-over, so the device is never touched by two threads at once. Nothing
@@ -174,29 +223,12 @@ public final class VFIOUserServer: Sendable {
   private func acceptLoop() {
     let fd = listener.withLock { $0 }
     var connectionDone: VFIODevice.Semaphore?
-    while true {
-      let client = cvfu_accept(fd)
-      if statistics.snapshot.stopping {
-        if client >= 0 { _ = close(client) }
-        break
-      }
-      guard client >= 0 else {
-        if -client == EMFILE || -client == ENFILE || -client == ENOMEM {
-          logger.error("accept failed: \(Errno(rawValue: -client)); retrying")
-          usleep(100_000)
-          continue
-        }
-        logger.error("accept failed: \(Errno(rawValue: -client)); no longer accepting")
-        break
-      }
-      var pid: Int32 = 0
-      var uid: UInt32 = UInt32.max
-      var gid: UInt32 = UInt32.max
-      _ = cvfu_peer_cred(client, &pid, &uid, &gid)
-      guard limits.allows(uid: uid, gid: gid) else {
-        logger.warning(
-          "refusing client pid \(pid) uid \(uid) gid \(gid): not an allowed uid or gid (--allow-uid, --allow-gid)"
-        )
+    while let client = acceptNext(
+      fd, stopping: { statistics.snapshot.stopping }, logger: logger, what: "accept")
+    {
+      let peer = Peer(socket: client)
+      let (pid, uid, gid) = (peer.pid, peer.uid, peer.gid)
+      guard limits.admits(peer, logger: logger, as: "client") else {
         refuse(client, .permissionDenied)
         continue
       }
