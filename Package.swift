@@ -87,6 +87,17 @@ let package = Package(
         .product(name: "SystemPackage", package: "swift-system"),
       ],
       swiftSettings: hotPath),
+    // The control channel beside the engine (protocol/control.md): a QMP-like
+    // JSON socket, through json-c, that reads what the engine publishes. The
+    // engine knows nothing of it.
+    .target(
+      name: "Control",
+      dependencies: [
+        "VFIOUserServer", "VFIODevice", "VFIOUser", "CJSONC", "CVFIOUser",
+        .product(name: "Logging", package: "swift-log"),
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
+      swiftSettings: strict),
     .target(
       name: "VFIOUserClient",
       dependencies: [
@@ -127,7 +138,7 @@ let package = Package(
       name: "xe-vfio-user",
       dependencies: [
         "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF", "CVFIOUser",
-        "KernelVFIO", "KernelVFIOBackend", "CZstd",
+        "KernelVFIO", "KernelVFIOBackend", "CZstd", "Control",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Logging", package: "swift-log"),
         .product(name: "SystemPackage", package: "swift-system"),
@@ -167,6 +178,14 @@ let package = Package(
         .product(name: "Logging", package: "swift-log"),
       ],
       swiftSettings: strict),
+    // The control channel over real sockets, in-process with the simulated VF.
+    .testTarget(
+      name: "ControlTests",
+      dependencies: [
+        "Control", "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF",
+        "CVFIOUser", .product(name: "Logging", package: "swift-log"),
+      ],
+      swiftSettings: strict),
     .testTarget(
       name: "XeVFTests", dependencies: ["XeVF", "VFIOUser", "VFIODevice"],
       swiftSettings: strict),
@@ -174,7 +193,7 @@ let package = Package(
     // Scripts/ holds the stand-ins InstallQEMUTests runs scripts/install-qemu.sh with.
     .testTarget(
       name: "CLITests",
-      dependencies: ["VFIOUser", "VFIODevice", "VFIOUserClient", "CVFIOUser", "XeVF"],
+      dependencies: ["VFIOUser", "VFIODevice", "VFIOUserClient", "CVFIOUser", "XeVF", "Control"],
       exclude: ["Scripts"], swiftSettings: strict),
     // libFuzzer targets (scripts/fuzz.sh builds them with -sanitize=fuzzer,address
     // and -D XE_VFU_LIBFUZZER, in .build/fuzz). A normal build makes each a

@@ -32,6 +32,7 @@ extension Connection {
       } else {
         try logging.startDMALogging(pageSize: start.pageSize, ranges: ranges)
         dmaLogging = DMALoggingSession(pageSize: start.pageSize, ranges: ranges)
+        stats.update { $0.dirtyLogging = true }
         let total = ranges.reduce(0) { $0 + $1.length }
         logger.info(
           "DMA logging started: \(ranges.count) ranges, \(total) bytes, \(start.pageSize)-byte pages (\(logging.dmaLoggingMethod))"
@@ -74,6 +75,7 @@ extension Connection {
     guard dmaLogging != nil else { return }
     logging.stopDMALogging()
     dmaLogging = nil
+    stats.update { $0.dirtyLogging = false }
     logger.info("DMA logging stopped \(why)")
   }
 }

@@ -79,6 +79,8 @@ extension Connection {
         sendError(to: header, error)
       } else {
         logger.warning("posted \(command) id=\(header.messageID) failed: \(error.name)")
+        stats.counters.failed(header.command)
+        stats.recordError("posted \(command) id=\(header.messageID): \(error.name)")
       }
     }
     return nil
@@ -143,12 +145,14 @@ extension Connection {
     logger.info(
       "client negotiated protocol 0.\(proposal.minor) → 0.0: max_msg_fds=\(caps.effectiveMaxMsgFDs) max_data_xfer_size=\(caps.effectiveMaxDataXferSize) write_multiple=\(writeMultipleNegotiated) sparse_migration=\(sparseMigration) dma_layout=\(dmaLayout)"
     )
+    stats.update { $0.client?.negotiated = true }
     sendReply(to: header, payloadSize: size)
     return nil
   }
 
   private func refuseVersion(_ header: MessageHeader, _ why: String) -> ConnectionEnd {
     logger.error("VERSION refused, closing: \(why)")
+    stats.recordError("VERSION refused: \(why)")
     if header.wantsReply { sendError(to: header, .invalidArgument) }
     return .protocolError(why)
   }
@@ -307,14 +311,35 @@ extension Connection {
   func setIRQs(_ payload: UnsafeRawBufferPointer, fds: inout FDList) throws(Errno) -> Int {
     let descriptors = OwnedFileDescriptors(
       taking: fds.take().map { FileDescriptor(rawValue: $0) })
+    let descriptorCount = descriptors.count
     let payload = try IRQSetPayload(decoding: payload)  // the descriptors close on a throw
     let irq =
       payload.index < UInt32(irqDescriptions.count) ? irqDescriptions[Int(payload.index)] : nil
     try backend.setIRQs(IRQSetRequest(payload, descriptors: descriptors, irq: irq))
     // Checked by IRQSetRequest: the index exists. A disable (count 0) undoes the rest.
     irqIndexesSet[Int(payload.index)] = payload.count > 0
-    stats.update { $0.irqFDs = backend.eventFDCount }
+    noteWiring(payload, eventFDs: descriptorCount)
+    let wired = irqVectorsWired.map { $0.count { $0 } }
+    stats.update {
+      $0.irqFDs = backend.eventFDCount
+      $0.irqVectorsWired = wired
+    }
     return 0
+  }
+
+  /// What a SET_IRQS the device accepted did to the wiring: TRIGGER with
+  /// eventfds wires its vectors, without any unwires them, a disable (count 0)
+  /// unwires the index; masks and the other data types leave it alone.
+  private func noteWiring(_ payload: IRQSetPayload, eventFDs: Int) {
+    let index = Int(payload.index)
+    guard payload.action == VFIOIRQSetFlags.actionTrigger else { return }
+    if payload.count == 0 {
+      for vector in irqVectorsWired[index].indices { irqVectorsWired[index][vector] = false }
+    } else if payload.dataType == VFIOIRQSetFlags.dataEventfd {
+      for vector in Int(payload.start)..<Int(payload.start + payload.count) {
+        irqVectorsWired[index][vector] = eventFDs > 0
+      }
+    }
   }
 
   func deviceReset(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
@@ -322,6 +347,7 @@ extension Connection {
     abortDMAJobs()
     deferred = []
     let before = migratable != nil ? deviceMigrationState() : nil
+    defer { recordMigrationState() }
     try backend.reset()
     migration.deviceWasReset()
     dropStaleSparseStream()
@@ -389,7 +415,10 @@ extension Connection {
         let asked = try MigDeviceStateData(decoding: request.data)
         guard let target = asked.state else { throw .invalidArgument }
         let from = try migratable!.migrationState
-        defer { dropStaleSparseStream() }
+        defer {
+          dropStaleSparseStream()
+          recordMigrationState()
+        }
         do throws(Errno) {
           let dropped = try migration.set(target, on: migratable!)
           logger.info(
@@ -433,6 +462,7 @@ extension Connection {
         rebasing: out[MigDataHeader.size..<(MigDataHeader.size + Int(request.size))]),
       from: source, while: { !channel.peerHasHungUp })
     let total = n + (span?.count ?? 0)
+    stats.counters.migrationRead(total)
     MigDataHeader(argsz: UInt32(MigDataHeader.size + total), size: UInt32(total)).encode(into: out)
     if let span, header.wantsReply {
       sendReply(to: header, payloadSize: MigDataHeader.size + n, extra: span)
@@ -446,6 +476,7 @@ extension Connection {
   func migDataWrite(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
     let sink = try migDataWriteSink(head: payload, payloadSize: payload.count)
     try Self.writeAll(UnsafeRawBufferPointer(rebasing: payload[MigDataHeader.size...]), to: sink)
+    stats.counters.migrationWritten(payload.count - MigDataHeader.size)
     return 0
   }
 
@@ -531,7 +562,13 @@ extension Connection {
       dma.remove(inside: window.address, size: window.size)
       throw error
     }
-    stats.update { $0.dmaRegions = dma.count }
+    stats.counters.dmaMapped()
+    dmaBytes += window.size
+    let (count, bytes) = (dma.count, dmaBytes)
+    stats.update {
+      $0.dmaRegions = count
+      $0.dmaBytes = bytes
+    }
     return 0
   }
 
@@ -598,7 +635,13 @@ extension Connection {
       logger.trace(
         "DMA_UNMAP \(all ? "all" : range(request)): \(windows.count) windows removed")
     }
-    stats.update { $0.dmaRegions = dma.count }
+    stats.counters.dmaUnmapped()
+    dmaBytes = all ? 0 : dmaBytes - windows.reduce(0) { $0 + $1.size }
+    let (count, bytes) = (dma.count, dmaBytes)
+    stats.update {
+      $0.dmaRegions = count
+      $0.dmaBytes = bytes
+    }
     request.encode(into: replyArea)
     return DMAUnmapPayload.size
   }

@@ -36,6 +36,8 @@ final class Connection {
   var dmaLayout: DMATransferLayout = .spec
   var writeMultipleNegotiated = false
   var dma: DMATable
+  /// Bytes the DMA windows cover (for the control channel).
+  var dmaBytes: UInt64 = 0
   /// What the device and the server allow together, offered in VERSION.
   let dmaLimits: DMALimits
   let regions: [RegionDescription?]
@@ -44,6 +46,8 @@ final class Connection {
   /// the ones disabled when it leaves. (A kernel refuses to disable an index
   /// that is not enabled, so the others are left alone.)
   var irqIndexesSet: [Bool]
+  /// Per index, the vectors the client gave an eventfd (for the control channel).
+  var irqVectorsWired: [[Bool]]
   /// Present when the device migrates. The device owns the migration state;
   /// the session holds this client's stream.
   let migratable: MigrationCapable?
@@ -102,6 +106,7 @@ final class Connection {
       backend.irq($0) ?? IRQDescription(index: $0, count: 0, flags: 0)
     }
     irqIndexesSet = Array(repeating: false, count: irqDescriptions.count)
+    irqVectorsWired = irqDescriptions.map { Array(repeating: false, count: Int($0.count)) }
     regions = (0..<backend.regionCount).map { backend.region($0) }
     migratable = backend as? MigrationCapable
     dmaLoggingDevice = backend as? any DMALoggingCapable
@@ -113,6 +118,7 @@ final class Connection {
   /// Serves until the client hangs up, breaks the protocol, or the server stops.
   func run() -> ConnectionEnd {
     backend.attach(host: self)
+    recordMigrationState()
     defer { teardown() }
     while true {
       if let brokenEnd { return brokenEnd }
@@ -132,15 +138,19 @@ final class Connection {
           flush()
           return end
         case .served:
+          stats.counters.received(header.command, bytes: header.size)
+          stats.counters.migrationWritten(Int(header.payloadSize) - MigDataHeader.size)
           runDeferredWork()
           if txUsed > Self.coalesceLimit || !channel.hasBufferedMessage { flush() }
         }
       case .oversized(let header):
+        stats.counters.received(header.command, bytes: header.size)
         logger.warning(
           "message \(header.messageID) (\(commandName(header.command))) of \(header.size) bytes exceeds the limit \(channel.maxMessageSize); discarded"
         )
         if header.isCommand, header.wantsReply { sendError(to: header, .argListTooLong) }
       case .message(var message):
+        stats.counters.received(message.header.command, bytes: message.header.size)
         if message.header.isReply {
           message.fds.closeAll()
           handleReply(message)
@@ -166,9 +176,11 @@ final class Connection {
       let why =
         "the client sent part of a message and nothing more for \(limits.partialMessageTimeoutMilliseconds) ms"
       logger.warning("\(why): disconnecting it")
+      stats.recordError(why)
       return .timedOut(why)
     }
     logger.error("unframeable message or socket error, closing: \(error)")
+    stats.recordError("unframeable message or socket error: \(error.name)")
     return .protocolError("\(error)")
   }
 
@@ -200,6 +212,7 @@ final class Connection {
       }
     }
     dma.removeAll()
+    dmaBytes = 0
     if let dmaLoggingDevice { stopDMALogging(dmaLoggingDevice, why: "as the client left") }
     for irq in irqDescriptions where irqIndexesSet[Int(irq.index)] {
       do throws(Errno) { try backend.setIRQs(.disable(irq.index)) } catch {
@@ -231,12 +244,25 @@ final class Connection {
       )
     }
     backend.attach(host: nil)
+    let stateAfter = deviceMigrationState()
     stats.update {
       $0.dmaRegions = 0
+      $0.dmaBytes = 0
       $0.irqFDs = backend.eventFDCount
+      $0.irqVectorsWired = irqDescriptions.map { _ in 0 }
+      $0.dirtyLogging = false
+      $0.migrationState = stateAfter
     }
     willCloseSocket?()
     channel.close()
+  }
+
+  /// Records the device's migration state for the control channel (after
+  /// anything that may have changed it: a SET, a reset, the client leaving).
+  func recordMigrationState() {
+    guard migratable != nil else { return }
+    let state = deviceMigrationState()
+    stats.update { $0.migrationState = state }
   }
 
   /// The device's migration state (RUNNING for a device without migration),
@@ -353,6 +379,7 @@ final class Connection {
     let why =
       "the client has not read its replies for \(limits.sendTimeoutMilliseconds) ms (\(what) not sent)"
     logger.warning("\(why): disconnecting it")
+    stats.recordError(why)
     brokenEnd = .timedOut(why)
     channel.shutdown()
   }
@@ -370,6 +397,9 @@ final class Connection {
   }
 
   func sendError(to request: MessageHeader, _ errno: Errno) {
+    // Counted and recorded here, where every error reply passes: never on a request that succeeds.
+    stats.counters.failed(request.command)
+    stats.recordError("\(commandName(request.command)) id=\(request.messageID): \(errno.name)")
     flush()
     var header = [UInt8](repeating: 0, count: MessageHeader.size)
     header.withUnsafeMutableBytes { request.errorReply(errno).encode(into: $0) }

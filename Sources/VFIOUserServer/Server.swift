@@ -9,14 +9,49 @@ import VFIOUserSocket
   import Glibc
 #endif
 
-/// What the server is doing, for logs, tests and `info`.
+/// What the server is doing, for logs, tests, `info` and the control channel.
+/// The connection thread records each field where it changes (a client
+/// attaching or leaving, a migration state set, a DMA map or unmap, a
+/// SET_IRQS, a reset), never per REGION_READ or REGION_WRITE; the device
+/// itself is only ever asked on the connection thread.
 public struct ServerSnapshot: Sendable, Equatable {
+  /// The client being served: who it is (SO_PEERCRED) and since when.
+  public struct Client: Sendable, Equatable {
+    public var pid: Int32
+    public var uid: UInt32
+    public var gid: UInt32
+    /// Wall clock (seconds since the epoch) and CLOCK_MONOTONIC milliseconds at accept.
+    public var since: Int64
+    public var sinceMonotonicMilliseconds: Int64
+    /// VERSION was answered.
+    public var negotiated = false
+  }
+  /// Something that went wrong, with when (seconds since the epoch).
+  public struct Event: Sendable, Equatable {
+    public var description: String
+    public var at: Int64
+  }
+
   public var clientConnected = false
+  public var client: Client?
   public var connectionsServed = 0
   public var clientsRefused = 0
   public var dmaRegions = 0
+  /// Bytes of guest memory the DMA windows cover.
+  public var dmaBytes: UInt64 = 0
   public var irqFDs = 0
+  /// Vectors with an eventfd the client wired, per interrupt index.
+  public var irqVectorsWired: [Int] = []
+  /// The client started DMA (dirty page) logging and has not stopped it.
+  public var dirtyLogging = false
+  /// Whether the device migrates, and its state as last recorded by the
+  /// thread that owns it (nil when the device could not tell).
+  public var migratable = false
+  public var migrationState: MigrationState?
   public var lastEnd: ConnectionEnd?
+  public var lastEndAt: Int64?
+  /// The last request refused with an error, or connection broken.
+  public var lastError: Event?
   public var stopping = false
   /// MIG_DATA_WRITE data received straight into device memory, never buffered (all clients).
   public var migrationBytesPlaced: UInt64 = 0
@@ -25,9 +60,66 @@ public struct ServerSnapshot: Sendable, Equatable {
 /// Shared counters, updated by the connection thread and read anywhere.
 public final class ServerStatistics: Sendable {
   private let state = Locked(ServerSnapshot())
+  /// The per message type counters, kept without a lock.
+  public let counters = ServerCounters()
   public init() {}
   public var snapshot: ServerSnapshot { state.withLock { $0 } }
   func update(_ body: (inout ServerSnapshot) -> Void) { state.withLock { body(&$0) } }
+
+  /// Records `description` as the last error, now.
+  func recordError(_ description: String) {
+    let now = Int64(time(nil))
+    update { $0.lastError = .init(description: description, at: now) }
+  }
+}
+
+/// Who is at the other end of a connected Unix socket (SO_PEERCRED).
+public struct Peer: Sendable, Equatable {
+  public var pid: Int32 = 0
+  public var uid = UInt32.max
+  public var gid = UInt32.max
+
+  public init(socket: Int32) {
+    _ = cvfu_peer_cred(socket, &pid, &uid, &gid)
+  }
+}
+
+extension ServerLimits {
+  /// Whether --allow-uid and --allow-gid let `peer` in; a refusal is logged.
+  /// The device socket and the control socket apply it alike.
+  public func admits(_ peer: Peer, logger: Logger, as what: String) -> Bool {
+    guard allows(uid: peer.uid, gid: peer.gid) else {
+      logger.warning(
+        "refusing \(what) pid \(peer.pid) uid \(peer.uid) gid \(peer.gid): not an allowed uid or gid (--allow-uid, --allow-gid)"
+      )
+      return false
+    }
+    return true
+  }
+}
+
+/// The next client accepted on `listener`, retrying after a pause while the
+/// process is out of descriptors or memory; nil once `stopping` (a client
+/// accepted meanwhile is closed) or when accepting failed for good (logged).
+/// The device socket's accept loop and the control socket's share it.
+public func acceptNext(
+  _ listener: Int32, stopping: () -> Bool, logger: Logger, what: String
+) -> Int32? {
+  while true {
+    let client = cvfu_accept(listener)
+    if stopping() {
+      if client >= 0 { _ = close(client) }
+      return nil
+    }
+    if client >= 0 { return client }
+    if -client == EMFILE || -client == ENFILE || -client == ENOMEM {
+      logger.error("\(what) failed: \(Errno(rawValue: -client)); retrying")
+      usleep(100_000)
+      continue
+    }
+    logger.error("\(what) failed: \(Errno(rawValue: -client)); no longer accepting")
+    return nil
+  }
 }
 
 /// Hands the (non-Sendable) device from one connection thread to the next.
@@ -65,6 +157,18 @@ public final class VFIOUserServer: Sendable {
     self.limits = limits
     self.logger = logger
     self.connectionThreadSetup = connectionThreadSetup
+    // No connection thread owns the device yet: its first state is read here.
+    let migrationState: MigrationState?
+    if let migratable = backend as? MigrationCapable {
+      migrationState = try? migratable.migrationState
+    } else {
+      migrationState = .running
+    }
+    statistics.update {
+      $0.migratable = backend is MigrationCapable
+      $0.migrationState = migrationState
+      $0.irqVectorsWired = Array(repeating: 0, count: Int(backend.irqCount))
+    }
   }
 
   /// The socket path when the server created its own socket.
@@ -118,29 +222,12 @@ public final class VFIOUserServer: Sendable {
   private func acceptLoop() {
     let fd = listener.withLock { $0 }
     var connectionDone: VFIODevice.Semaphore?
-    while true {
-      let client = cvfu_accept(fd)
-      if statistics.snapshot.stopping {
-        if client >= 0 { _ = close(client) }
-        break
-      }
-      guard client >= 0 else {
-        if -client == EMFILE || -client == ENFILE || -client == ENOMEM {
-          logger.error("accept failed: \(Errno(rawValue: -client)); retrying")
-          usleep(100_000)
-          continue
-        }
-        logger.error("accept failed: \(Errno(rawValue: -client)); no longer accepting")
-        break
-      }
-      var pid: Int32 = 0
-      var uid: UInt32 = UInt32.max
-      var gid: UInt32 = UInt32.max
-      _ = cvfu_peer_cred(client, &pid, &uid, &gid)
-      guard limits.allows(uid: uid, gid: gid) else {
-        logger.warning(
-          "refusing client pid \(pid) uid \(uid) gid \(gid): not an allowed uid or gid (--allow-uid, --allow-gid)"
-        )
+    while let client = acceptNext(
+      fd, stopping: { statistics.snapshot.stopping }, logger: logger, what: "accept")
+    {
+      let peer = Peer(socket: client)
+      let (pid, uid, gid) = (peer.pid, peer.uid, peer.gid)
+      guard limits.admits(peer, logger: logger, as: "client") else {
         refuse(client, .permissionDenied)
         continue
       }
@@ -174,8 +261,12 @@ public final class VFIOUserServer: Sendable {
     var connectionLogger = logger
     connectionLogger[metadataKey: "client"] = "pid \(pid)"
     logger.info("client connected (pid \(pid), uid \(uid), gid \(gid))")
+    let since = Int64(time(nil))
+    let monotonic = cvfu_monotonic_ms()
     statistics.update {
       $0.clientConnected = true
+      $0.client = .init(
+        pid: pid, uid: uid, gid: gid, since: since, sinceMonotonicMilliseconds: monotonic)
       $0.connectionsServed += 1
     }
     activeSocket.withLock { $0 = client }
@@ -198,9 +289,12 @@ public final class VFIOUserServer: Sendable {
       // leave free pages scattered through malloc's heap, which glibc keeps
       // resident; the server idles between clients, so it gives them back.
       _ = cvfu_release_free_heap()
+      let endedAt = Int64(time(nil))
       statistics.update {
         $0.clientConnected = false
+        $0.client = nil
         $0.lastEnd = end
+        $0.lastEndAt = endedAt
       }
       connectionLogger.info(
         "client disconnected (\(end)); DMA and eventfds released\(limits.resetOnDisconnect ? ", device reset" : "")"
@@ -211,7 +305,10 @@ public final class VFIOUserServer: Sendable {
       logger.error("cannot start a thread for the client: \(failed); disconnecting it")
       activeSocket.withLock { $0 = -1 }
       _ = close(client)
-      statistics.update { $0.clientConnected = false }
+      statistics.update {
+        $0.clientConnected = false
+        $0.client = nil
+      }
       done.signal()
     }
     return done

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Control
 import FoundationEssentials
 import SystemPackage
 import VFIOUser
@@ -19,7 +20,9 @@ struct Info: ParsableCommand {
       vfio-user view: device flags, regions, IRQs, migration support and state \
       (DEVICE_FEATURE), and the limits the server advertised. With --json, the \
       same as JSON: numbers are numbers and flags booleans. The server serves \
-      one client at a time: run this while no VMM is attached.
+      one client at a time: while a VMM is attached, this asks the server's \
+      control socket instead and prints the live state (the client's pid, \
+      the device's migration state, DMA windows, interrupts, errors).
       """)
 
   @Option(
@@ -27,11 +30,23 @@ struct Info: ParsableCommand {
     help: "The server's socket.")
   var socketPath: String = defaultSocketPath
 
+  @Option(
+    help: ArgumentHelp(
+      "The server's control socket, asked while a client is attached (default: the socket path with .control appended).",
+      valueName: "path"))
+  var controlSocket: String?
+
   @Flag(help: "Print JSON instead of text.")
   var json = false
 
   func run() throws {
-    let client = try connectServer(socketPath, option: "-s")
+    let client: VFIOUserClient
+    do {
+      client = try connectServer(socketPath, option: "-s")
+    } catch let busy as BusyServerError {
+      try showLive(busy)
+      return
+    }
     let report: DeviceReport
     do throws(VFIOUserClientError) {
       report = try Self.gather(client, socketPath: socketPath)

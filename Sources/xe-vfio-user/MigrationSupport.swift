@@ -64,6 +64,15 @@ final class Handoff<T>: @unchecked Sendable {
 // MARK: Errors a person can act on
 
 /// A failure at run time (not a usage mistake): printed as "Error: …" without the usage text.
+/// A server that refused the connection with EBUSY: it serves another client
+/// (`info` then asks its control socket instead).
+struct BusyServerError: Error, CustomStringConvertible {
+  var end: String
+  var description: String {
+    "\(end): the server is busy with another client (EBUSY); it serves one client at a time, so stop the VMM or command using it first"
+  }
+}
+
 struct CLIError: Error, CustomStringConvertible {
   var description: String
   init(_ description: String) { self.description = description }
@@ -154,9 +163,7 @@ func connectServer(_ path: String, option: String, sparse: Bool = false) throws 
     let end = "\(option) \(path)"
     switch error {
     case .server(.resourceBusy, _):
-      throw CLIError(
-        "\(end): the server is busy with another client (EBUSY); it serves one client at a time, so stop the VMM or command using it first"
-      )
+      throw BusyServerError(end: end)
     case .server(.permissionDenied, _):
       throw CLIError(
         "\(end): the server does not serve this user (EACCES); see its --allow-uid and --allow-gid")

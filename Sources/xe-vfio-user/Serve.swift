@@ -1,5 +1,6 @@
 import ArgumentParser
 import CVFIOUser
+import Control
 import KernelVFIO
 import Logging
 import SystemPackage
@@ -32,6 +33,12 @@ struct Serve: ParsableCommand {
 
   @Option(help: "Serve on this already-listening socket descriptor instead (vfio-user convention).")
   var fd: Int32?
+
+  @Option(
+    help: ArgumentHelp(
+      "The control socket (protocol/control.md), with the socket's mode, group and --allow-uid/--allow-gid: default the socket path with .control appended (none with --fd); none for no control socket.",
+      valueName: "path|none"))
+  var controlSocket: String?
 
   @Option(
     name: .customLong("device"),
@@ -176,6 +183,18 @@ struct Serve: ParsableCommand {
     guard UInt32(socketMode, radix: 8) != nil else {
       throw ValidationError("--socket-mode must be octal, e.g. 0660")
     }
+    if let controlPath, controlPath == (socketPath ?? defaultSocketPath) {
+      throw ValidationError("--control-socket must differ from the device socket")
+    }
+  }
+
+  /// Where the control socket listens, or nil for none.
+  var controlPath: String? {
+    switch controlSocket {
+    case "none": nil
+    case let path?: path
+    case nil: fd == nil ? (socketPath ?? defaultSocketPath) + ".control" : nil
+    }
   }
 
   func run() throws {
@@ -245,33 +264,24 @@ struct Serve: ParsableCommand {
     if let fd {
       server.listen(fd: fd)
     } else {
-      // Created owner-only, so no one else can connect before its mode and group are set.
-      let mask = umask(0o177)
-      defer { umask(mask) }
+      try makeSocket(path) { path throws(Errno) in try server.listen(socketPath: path) }
+    }
+    let control = controlPath.map { _ in
+      ControlServer(
+        server: server,
+        identity: ControlIdentity(
+          device: served, backend: kernelDevice == nil ? "simulated" : "kernel",
+          socket: fd.map { "fd \($0)" } ?? ServedRecord.absolutePath(path),
+          version: XeVFIOUser.configuration.version),
+        logger: logger)
+    }
+    if let control, let controlPath {
       do {
-        try server.listen(socketPath: path)
+        try makeSocket(controlPath) { path throws(Errno) in try control.listen(socketPath: path) }
       } catch {
-        switch error {
-        case .addressInUse:
-          throw CLIError("\(path): another server is listening there (EADDRINUSE)")
-        case .isDirectory:
-          throw CLIError("\(path) is a directory; name a socket path such as \(path)/vf0.sock")
-        case .tooManySymbolicLinkLevels:
-          throw CLIError(
-            "\(path) is a symbolic link; a socket path is never followed through one: remove it or choose another path"
-          )
-        case .notSocket:
-          throw CLIError(
-            "\(path) exists and is not a socket; refusing to replace it: remove it or choose another path"
-          )
-        default: throw CLIError("cannot listen on \(path): \(describe(error))")
-        }
+        if fd == nil { unlink(path) }
+        throw error
       }
-      if let group = socketGroup.flatMap(groupID), chown(path, UInt32.max, group) != 0 {
-        throw CLIError(
-          "cannot give \(path) to group \(socketGroup!): \(describe(Errno(rawValue: errno)))")
-      }
-      chmod(path, mode_t(UInt32(socketMode, radix: 8)!))
     }
     // Everything that needs root is open by now: the device (with a kernel
     // backend, its VFIO and IOMMU descriptors, and for the pf-debugfs path
@@ -280,8 +290,9 @@ struct Serve: ParsableCommand {
     if let user {
       let identity = try unprivilegedIdentity(user: user, group: group)
       // The socket becomes the server's, so it can still remove it at exit.
-      if fd == nil, chown(path, identity.uid, socketGroup.flatMap(groupID) ?? identity.gid) != 0 {
-        throw CLIError("cannot give \(path) to \(user): \(describe(Errno(rawValue: errno)))")
+      for owned in (fd == nil ? [path] : []) + (controlPath.map { [$0] } ?? [])
+      where chown(owned, identity.uid, socketGroup.flatMap(groupID) ?? identity.gid) != 0 {
+        throw CLIError("cannot give \(owned) to \(user): \(describe(Errno(rawValue: errno)))")
       }
       try dropPrivileges(to: identity)
       logger.info("running as uid \(identity.uid) gid \(identity.gid) (--user, --group)")
@@ -291,6 +302,7 @@ struct Serve: ParsableCommand {
         "serving only uids \(limits.allowedUIDs.sorted()) and gids \(limits.allowedGIDs.sorted())")
     }
     logger.info("serving \(served) on \(fd.map { "fd \($0)" } ?? path)")
+    if let controlPath { logger.info("control socket: \(controlPath)") }
     if let logging = backend as? any DMALoggingCapable {
       logger.info("DMA logging: \(logging.dmaLoggingMethod)")
     }
@@ -298,9 +310,44 @@ struct Serve: ParsableCommand {
       print("Attach it to QEMU (10.1 or later) with:\n\n\(qemuCommandLine(socketPath: path))\n")
       fflush(nil)
     }
+    control?.start()
     server.start()
     server.wait()
+    control?.stop()
     record?.release()
+  }
+
+  /// Creates a socket at `path` with `listen`, owner-only so that no one
+  /// else can connect before its mode and group are set, then gives it
+  /// --socket-group and --socket-mode: the device socket and the control
+  /// socket alike.
+  func makeSocket(_ path: String, listen: (String) throws(Errno) -> Void) throws {
+    do {
+      let mask = umask(0o177)
+      defer { umask(mask) }
+      try listen(path)
+    } catch {
+      switch error {
+      case .addressInUse:
+        throw CLIError("\(path): another server is listening there (EADDRINUSE)")
+      case .isDirectory:
+        throw CLIError("\(path) is a directory; name a socket path such as \(path)/vf0.sock")
+      case .tooManySymbolicLinkLevels:
+        throw CLIError(
+          "\(path) is a symbolic link; a socket path is never followed through one: remove it or choose another path"
+        )
+      case .notSocket:
+        throw CLIError(
+          "\(path) exists and is not a socket; refusing to replace it: remove it or choose another path"
+        )
+      default: throw CLIError("cannot listen on \(path): \(describe(error))")
+      }
+    }
+    if let group = socketGroup.flatMap(groupID), chown(path, UInt32.max, group) != 0 {
+      throw CLIError(
+        "cannot give \(path) to group \(socketGroup!): \(describe(Errno(rawValue: errno)))")
+    }
+    chmod(path, mode_t(UInt32(socketMode, radix: 8)!))
   }
 }
 

@@ -155,7 +155,9 @@ struct DeviceAsFoundTests {
     #expect(save.wait() == 128 + signal, "\(save.stderr)")
     #expect(save.stderr.contains("is RUNNING again, with its state"), "\(save.stderr)")
     #expect(
-      try FileManager.default.contentsOfDirectory(atPath: source.directory) == ["vf0.sock"])
+      try FileManager.default.contentsOfDirectory(atPath: source.directory).sorted() == [
+        "vf0.sock", "vf0.sock.control",
+      ])
     waitIdle(source)
     try expectMarked(source, marks, seed: 0x27)
   }

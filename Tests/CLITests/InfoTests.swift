@@ -291,13 +291,15 @@ struct InfoTests {
     #expect(json.regions.first { $0.name == "BAR2" }?.size == 0)
   }
 
+  /// Without a control socket, a busy server can only say it is busy.
   @Test func busyServerAndMissingSocketGiveClearErrors() throws {
-    let serve = try ServeProcess()
+    let serve = try ServeProcess(["--control-socket", "none"])
     defer { _ = serve.stop() }
     let holder = try serve.connect()
     let busy = try run(["info", "--socket-path", serve.socketPath])
     #expect(busy.status != 0)
     #expect(busy.stderr.contains("the server is busy with another client (EBUSY)"), "\(busy)")
+    #expect(busy.stderr.contains("--control-socket none"), "\(busy)")
     _ = holder
     let nobody = try run(["info", "--socket-path", "/tmp/xvu-nobody-\(getpid()).sock"])
     #expect(nobody.status != 0 && nobody.stderr.contains("xvu-nobody"))
