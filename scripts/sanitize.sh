@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 sanitizers=("$@")
 [ ${#sanitizers[@]} -gt 0 ] || sanitizers=(thread address)
-suites='VFIOUserServerTests|VFIODeviceTests|XeVFTests'
+suites='VFIOUserServerTests|VFIODeviceTests|XeVFTests|ControlTests'
 status=0
 for sanitizer in "${sanitizers[@]}"; do
   case "$sanitizer" in
