@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the tests with ThreadSanitizer or AddressSanitizer (each in its own
 # scratch directory, so the normal build is untouched) and runs the
-# integration suites under it: the server over real sockets, the device
-# interface's helpers, and the simulated VF and PF; under TSan also the
+# integration suites under it: the server over real sockets, the control
+# channel, the device interface's helpers, and the simulated VF and PF; under TSan also the
 # kernel backend over its fakes (its data_fd threads, the PF's debugfs). The
 # QEMU/guest suites and the CLI, which run the normal build as a process, are
 # not included. Any report fails the run (TSan reports every race, then the
