@@ -1,0 +1,158 @@
+import ArgumentParser
+import SystemPackage
+import VFIODevice
+import VFIOUser
+import VFIOUserClient
+import VFIOUserServer
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+struct Restore: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    abstract: "Restore a saved migration stream into a VF.",
+    discussion: """
+      Refuses a file saved from an incompatible device (IDs, revision, VRAM
+      size) before touching the device. A regular file is read whole first,
+      every record's checksum and the end record checked, so a damaged or
+      cut-short file leaves the device exactly as it was, with its own state.
+      From a pipe (--input -) every record is verified before it reaches the
+      device and the end record before the device may leave RESUMING; damage
+      found on the way resets the device, so it never runs with half a state
+      or a damaged one.
+      """)
+
+  @Option(
+    name: [.customLong("socket-path"), .customShort("s"), .customLong("socket")],
+    help: "The server's socket.")
+  var socketPath: String
+  @Option(name: [.short, .long], help: "File to read, or - for stdin.") var input: String
+  @Flag(help: "Leave the device stopped (STOP) instead of RUNNING.") var noStart = false
+  @OptionGroup var progressOptions: ProgressOptions
+
+  func run() throws {
+    let end = "-s \(socketPath)"
+    let name = input == "-" ? "standard input" : input
+    let fd: FileDescriptor
+    if input == "-" {
+      fd = .standardInput
+    } else {
+      do { fd = try FileDescriptor.open(input, .readOnly, options: [.closeOnExec]) } catch {
+        throw CLIError("opening \(input): \(describe(error))")
+      }
+    }
+    let reader = SaveFileReader(input: fd, name: name)
+    let header: SaveFileHeader
+    do { header = try reader.readHeader() } catch { throw CLIError("\(error)") }
+    let client = try connectServer(socketPath, option: "-s", sparse: true)
+    let identity = try step(.identity) { try on(end) { try DeviceIdentity.read(from: client) } }
+    if let why = header.identity.incompatibility(with: identity) {
+      throw CLIError(
+        "refusing to restore: the stream is from \(header.identity), this device is \(identity): \(why)"
+      )
+    }
+    _ = try step(.probe) { try on(end) { try client.migrationFlags() } }
+    let found = try on(end) { try client.migrationState() }
+    // A regular file can be read twice: the whole of it is checked before the
+    // device gives up its own state, so a damaged file changes nothing.
+    // A pipe can be read once, and its damage is found on the way (then reset).
+    var st = stat()
+    if input != "-", fstat(fd.rawValue, &st) == 0, st.st_mode & S_IFMT == S_IFREG {
+      do { try SaveFileReader.verifyWholeFile(at: input, name: name) } catch {
+        printError("restore refused: \(error)")
+        printError("device untouched: it is \(found) with its own state")
+        throw ExitCode.failure
+      }
+    }
+    do {
+      try step(.resuming) { try on(end) { try client.setMigrationState(.resuming) } }
+      let progress = ProgressReporter(
+        label: "restoring", total: header.estimatedBytes, options: progressOptions)
+      let total = try step(.restoreStream) {
+        try restoreRecords(from: reader, into: client, end: end, progress: progress)
+      }
+      progress.update(state: total, wire: reader.position, final: true)
+      try step(.finishRestore) {
+        try on(end) { try client.setMigrationState(noStart ? .stop : .running) }
+      }
+      printError(
+        "restored \(formatRate(total)) of state from \(formatRate(reader.position)) of \(name); device \(noStart ? "STOP" : "RUNNING")"
+      )
+    } catch {
+      printError("restore failed: \(error)")
+      do {
+        try client.reset()
+        printError("device reset: it holds none of the restored state")
+      } catch {
+        printError("warning: \(end): could not reset the device: \(describe(error))")
+      }
+      throw ExitCode.failure
+    }
+  }
+}
+
+/// Streams a save file's records, expanded and verified, into a device in
+/// RESUMING; returns the stream bytes written. The file is read on a thread
+/// of its own while the previous record is being written.
+func restoreRecords(
+  from reader: SaveFileReader, into client: VFIOUserClient, end: String,
+  progress: ProgressReporter
+) throws -> UInt64 {
+  let chunk = migrationChunk(client)
+  let job = Handoff(reader)
+  var total: UInt64 = 0
+  if client.sparseMigration {
+    return try restoreSparse(from: job, into: client, end: end, chunk: chunk) {
+      total += UInt64($0)
+      progress.update(state: total, wire: reader.bytesRead.load(ordering: .relaxed))
+    }
+  }
+  return try pipeline(bufferSize: SaveFormat.maxRecord) { buffer in
+    try job.value.readRecords(into: buffer)
+  } consume: { data in
+    try on(end) { try client.migDataWrite(from: data, chunk: chunk, depth: 2) }
+    total += UInt64(data.count)
+    progress.update(state: total, wire: reader.bytesRead.load(ordering: .relaxed))
+  }
+}
+
+/// `restoreRecords` on a connection that negotiated the sparse stream: the
+/// file's zero records cross the socket as zero segments, never as bytes.
+/// The reader thread tags each record (`readTaggedRecords`); this thread
+/// builds the sparse stream from them and sends it in `chunk`-byte writes.
+/// Returns the expanded stream bytes restored.
+private func restoreSparse(
+  from job: Handoff<SaveFileReader>, into client: VFIOUserClient, end: String, chunk: Int,
+  progress: (Int) -> Void
+) throws -> UInt64 {
+  let writer = BufferedMigDataWriter(client, end: end, chunk: chunk)
+  let send = writer.send
+  var builder = SparseStreamBuilder()
+  var total: UInt64 = 0
+  // On a failure the acknowledgements still due are read, so the reset that follows gets its own.
+  defer { writer.collectAll() }
+  _ = try pipeline(bufferSize: SaveFormat.maxRecord + SparseMigration.segmentHeaderSize) {
+    buffer in
+    try job.value.readTaggedRecords(into: buffer)
+  } consume: { tagged in
+    var at = 0
+    while at < tagged.count {
+      let word = UInt64(
+        littleEndian: tagged.loadUnaligned(fromByteOffset: at, as: UInt64.self))
+      let length = Int(word >> 32)
+      at += SparseMigration.segmentHeaderSize
+      if UInt8(truncatingIfNeeded: word) == SparseMigration.SegmentKind.zeros.rawValue {
+        try builder.append(.zeros(length), send)
+      } else {
+        try builder.append(
+          .data(UnsafeRawBufferPointer(rebasing: tagged[at..<(at + length)])), send)
+        at += length
+      }
+      total += UInt64(length)
+      progress(length)
+    }
+  }
+  try writer.flush()
+  return total
+}
