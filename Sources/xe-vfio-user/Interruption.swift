@@ -21,27 +21,17 @@ final class Interruption: Sendable {
   private let lastResort = Locked<(@Sendable () -> Void)?>(nil)
 
   init() throws {
-    var set = sigset_t()
-    sigemptyset(&set)
-    for number in Self.signals { sigaddset(&set, number) }
-    pthread_sigmask(SIG_BLOCK, &set, nil)
-    let failed = startThread(name: "signals") { [self, set] in
-      var waitSet = set
-      var number: Int32 = 0
-      while true {
-        guard sigwait(&waitSet, &number) == 0 else { continue }
-        let (first, _) = received.compareExchange(
-          expected: 0, desired: number, ordering: .sequentiallyConsistent)
-        guard first else {
-          lastResort.withLock { $0 }?()
-          printError("\(signalName(number)) again: stopping now")
-          _exit(128 + number)
-        }
-        printError(
-          "\(signalName(number)): stopping after the current chunk (again to stop at once)")
+    try takeSignals(Self.signals) { [self] number in
+      let (first, _) = received.compareExchange(
+        expected: 0, desired: number, ordering: .sequentiallyConsistent)
+      guard first else {
+        lastResort.withLock { $0 }?()
+        printError("\(signalName(number)) again: stopping now")
+        _exit(128 + number)
       }
+      printError(
+        "\(signalName(number)): stopping after the current chunk (again to stop at once)")
     }
-    if let failed { throw CLIError("cannot start the signal thread: \(failed)") }
   }
 
   /// What a second signal does before the process exits: it must be safe
@@ -61,6 +51,26 @@ final class Interruption: Sendable {
     let number = received.load(ordering: .relaxed)
     return number == 0 ? nil : 128 + number
   }
+}
+
+/// Blocks `signals` in the calling thread, and so in every thread started
+/// after it, and takes them on a thread of their own with sigwait, calling
+/// `handle` with each: a signal sent at any moment waits pending for it,
+/// never killing the process or getting lost. Call it before starting threads.
+func takeSignals(_ signals: [Int32], _ handle: @escaping @Sendable (Int32) -> Void) throws {
+  var set = sigset_t()
+  sigemptyset(&set)
+  for number in signals { sigaddset(&set, number) }
+  pthread_sigmask(SIG_BLOCK, &set, nil)
+  let failed = startThread(name: "signals") { [set] in
+    var waitSet = set
+    var number: Int32 = 0
+    while true {
+      guard sigwait(&waitSet, &number) == 0 else { continue }
+      handle(number)
+    }
+  }
+  if let failed { throw CLIError("cannot start the signal thread: \(failed)") }
 }
 
 /// The command was asked to stop by a signal.

@@ -242,24 +242,15 @@ struct Serve: ParsableCommand {
       )
     }
     let server = VFIOUserServer(backend: backend, limits: limits, logger: logger)
-    // SIGINT, SIGTERM and SIGHUP (the terminal or ssh session went away) stay
-    // blocked in every thread and a thread of their own takes them with
-    // sigwait: one sent as soon as the socket (or the printed command line)
-    // appears waits pending instead of being lost, as it could be while a
-    // dispatch signal source is still registering. Each stops the server
-    // cleanly: the client disconnected, the socket removed.
-    var stopSignals = sigset_t()
-    sigemptyset(&stopSignals)
-    for number in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&stopSignals, number) }
-    pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
-    let failed = startThread(name: "signals") { [stopSignals] in
-      var set = stopSignals
-      var number: Int32 = 0
-      while sigwait(&set, &number) != 0 {}
+    // SIGINT, SIGTERM and SIGHUP (the terminal or ssh session went away):
+    // one sent as soon as the socket (or the printed command line) appears
+    // waits pending instead of being lost, as it could be while a dispatch
+    // signal source is still registering. Each stops the server cleanly: the
+    // client disconnected, the socket removed (a repeated one finds it stopping).
+    try takeSignals(Interruption.signals) { number in
       logger.info("signal \(number): shutting down")
       server.stop()
     }
-    if let failed { throw CLIError("cannot start the signal thread: \(failed)") }
     let path = socketPath ?? defaultSocketPath
     if let fd {
       server.listen(fd: fd)
