@@ -17,8 +17,10 @@ struct Migrate: ParsableCommand {
       stops the source (STOP_COPY), streams its state across, has the
       destination validate it (RESUMING to STOP) before the source finishes its
       save, and only then starts the destination. On any failure the step, the
-      server and the errno are reported, the destination is reset, and the
-      source goes back to RUNNING with its state, so the workload keeps going.
+      server and the errno are reported, the destination is reset if it had
+      begun to take the state (one refused before keeps its own), and the
+      source goes back to the state it was found in (RUNNING, or STOP for a
+      source an earlier migration stopped) with its state.
       Neither server may have another client; run both with
       `--on-disconnect keep`, or the state is reset when this command leaves.
       """)

@@ -63,7 +63,6 @@ final class Handoff<T>: @unchecked Sendable {
 
 // MARK: Errors a person can act on
 
-/// A failure at run time (not a usage mistake): printed as "Error: …" without the usage text.
 /// A server that refused the connection with EBUSY: it serves another client
 /// (`info` then asks its control socket instead).
 struct BusyServerError: Error, CustomStringConvertible {
@@ -73,6 +72,7 @@ struct BusyServerError: Error, CustomStringConvertible {
   }
 }
 
+/// A failure at run time (not a usage mistake): printed as "Error: …" without the usage text.
 struct CLIError: Error, CustomStringConvertible {
   var description: String
   init(_ description: String) { self.description = description }
@@ -128,7 +128,7 @@ enum MigrationStep: String {
   case probe = "check migration support"
   case identity = "compare devices"
   case resuming = "destination RUNNING → RESUMING"
-  case stopCopy = "source RUNNING → STOP_COPY"
+  case stopCopy = "source → STOP_COPY"
   case stream = "stream STOP_COPY data"
   case restoreStream = "stream the saved state into the device"
   case finishSave = "source STOP_COPY → STOP"

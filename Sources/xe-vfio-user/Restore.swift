@@ -59,7 +59,11 @@ struct Restore: ParsableCommand {
     // A pipe can be read once, and its damage is found on the way (then reset).
     var st = stat()
     if input != "-", fstat(fd.rawValue, &st) == 0, st.st_mode & S_IFMT == S_IFREG {
-      do { try SaveFileReader.verifyWholeFile(at: input, name: name) } catch {
+      // Through the descriptor already open: the file checked is the file restored,
+      // even if the path is renamed over meanwhile.
+      do {
+        try SaveFileReader.verifyWholeFile(at: "/proc/self/fd/\(fd.rawValue)", name: name)
+      } catch {
         printError("restore refused: \(error)")
         printError("device untouched: it is \(found) with its own state")
         throw ExitCode.failure

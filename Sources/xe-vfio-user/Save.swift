@@ -100,7 +100,13 @@ struct Save: ParsableCommand {
     } catch {
       out.abandon()
       printError("save failed: \(error)")
-      if out.seekable { printError("\(out.name) is as it was: the partial copy was removed") }
+      if out.seekable {
+        // Committed: only the device's return failed, and the checkpoint is whole.
+        printError(
+          out.committed
+            ? "\(out.name) holds the complete checkpoint"
+            : "\(out.name) is as it was: the partial copy was removed")
+      }
       if stopped {
         returnSource(client, to: found, option: "-s", path: socketPath)
       } else {

@@ -19,6 +19,8 @@ final class SaveOutput {
   /// The file being written and the path it becomes, for a regular file.
   private let staging: (temporary: String, final: String)?
   private var finished = false
+  /// The checkpoint is in place under its name (a regular file renamed over it).
+  private(set) var committed = false
   private(set) var bytesWritten: UInt64 = 0
 
   /// "-" is standard output.
@@ -150,6 +152,7 @@ final class SaveOutput {
       unlink(staging.temporary)
       throw EndError(end: "renaming \(staging.temporary) to \(staging.final)", underlying: error)
     }
+    committed = true
   }
 
   /// Drops a checkpoint that did not complete: the staged file is removed; a
