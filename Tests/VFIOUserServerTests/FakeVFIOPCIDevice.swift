@@ -320,7 +320,7 @@ final class FakeVFIOPCIDevice: VFIODeviceFile {
       let link = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)"),
       link == "anon_inode:[eventfd]"
     else { return .failure(.invalidArgument) }
-    let info = (try? String(contentsOfFile: "/proc/self/fdinfo/\(fd)", encoding: .utf8)) ?? ""
+    let info = ProcFiles.text("/proc/self/fdinfo/\(fd)") ?? ""
     return .success(
       info.split(separator: "\n").first { $0.hasPrefix("eventfd-id:") }.map(String.init)
         ?? "eventfd \(fd)")
