@@ -12,7 +12,9 @@
 #     tests build the initramfs); gcc and libc6-dev if missing, for the static
 #     program the vIOMMU guest runs;
 #   * virt-xml-validate (libvirt-clients) and systemd-analyze, which check the
-#     libvirt and systemd examples.
+#     libvirt and systemd examples;
+#   * libvirt 12.9 in a copy of the Debian 13 root, for the test that starts the
+#     libvirt example under a real daemon (scripts/libvirt.sh runs it; about 17 MB).
 #
 # Idempotent and cached: a second run only checks what is there (well under a
 # second). Safe to run twice at once: a run holds a lock on $XE_VFU_CACHE/.lock
@@ -33,6 +35,7 @@
 #   guest/amd64/extra/mdev.ko   mdev.ko of that package, for the mtty build (not inserted there)
 #   guest/mtty/mtty.ko, mdev.ko the Linux sample mdev driver mtty, built for that kernel from its
 #                               linux-source, and mdev.ko from the amd64 package
+#   libvirt/root/               the Debian 13 root again, with libvirt added (only with qemu/root)
 #   env                         XE_VFU_QEMU=... and friends, for scripts/test.sh and the tests
 #
 # Usage: scripts/install-qemu.sh [--force] [--guest-only] | --env
@@ -58,6 +61,7 @@ SUITE=${XE_VFU_QEMU_SUITE:-trixie-backports}
 MIN_QEMU=10.1
 QROOT=$CACHE/qemu/root
 WRAPPER=$CACHE/qemu/bin/qemu-system-x86_64
+LROOT=$CACHE/libvirt/root
 GUEST=$CACHE/guest
 ENVFILE=$CACHE/env
 
@@ -175,7 +179,7 @@ remove_leftovers() {
   local path found=()
   for path in "$CACHE"/qemu/root.partial "$CACHE"/qemu/*.new "$CACHE"/qemu/bin/*.new \
     "$QROOT"/var/cache/xe-vfio-user-download "$GUEST"/download "$GUEST"/download-* "$GUEST"/*.new \
-    "$CACHE"/mtty-build "$ENVFILE".new "$CACHE"/.trash.*; do
+    "$CACHE"/mtty-build "$CACHE"/libvirt/root.partial "$ENVFILE".new "$CACHE"/.trash.*; do
     [ -e "$path" ] || [ -L "$path" ] || continue
     found+=("${path#"$CACHE"/}")
     remove_tree "$path"
@@ -531,6 +535,47 @@ clean_root_apt() {
   fi
 }
 
+# ---------------------------------------------------------------- libvirt
+
+# A real libvirt daemon for the test that runs the libvirt example (scripts/libvirt.sh
+# runs it): libvirt 12.9 from $SUITE, installed in a copy of the QEMU root so that it
+# starts that QEMU. Debian 12's libvirt 9.0 is too old for QEMU 11.1 (`virsh save`
+# fails: its migrate command has no 'detach'), and trixie's 11.3 restores from a file
+# only with --bypass-cache; 12.9 saves and restores as is. A copy, not the QEMU root
+# itself, so that a run killed while installing never leaves that root half-changed;
+# made again when the QEMU package it was copied with changes.
+install_libvirt() {
+  local dir=$CACHE/libvirt qemu_package
+  qemu_package=$(cat "$CACHE/qemu/package-version" 2>/dev/null || true)
+  if [ -f "$dir/.complete" ] && [ -x "$LROOT/usr/sbin/libvirtd" ] &&
+    [ "$(cat "$dir/qemu-package-version" 2>/dev/null)" = "$qemu_package" ]; then return; fi
+  if ! { [ -f "$CACHE/qemu/.complete" ] && [ "$QEMU" = "$WRAPPER" ]; }; then
+    say "libvirt: skipped (it is installed beside the Debian 13 root's QEMU, which this host does without)"
+    return
+  fi
+  rm -f "$dir/.complete"
+  local staging=$dir/root.partial rx bytes target=()
+  [ "$SUITE" = trixie-backports ] && target=(-t trixie-backports)
+  mkdir -p "$dir"
+  remove_tree "$staging"
+  cp -a "$QROOT" "$staging"
+  in_lroot() { chroot "$staging" env DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 "$@"; }
+  in_lroot apt-get update -qq >>"$dir/apt.log" 2>&1 || { tail -n 20 "$dir/apt.log" >&2; die "apt-get update in the libvirt root failed (log: $dir/apt.log)"; }
+  local packages=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
+  bytes=$(in_lroot apt-get install --print-uris -qq --no-install-recommends "${target[@]}" "${packages[@]}" | awk '{ s += $3 } END { print s + 0 }')
+  say "libvirt: installing libvirt from $SUITE in a copy of the QEMU root, for the libvirt test ($(mb "$bytes") of packages)"
+  rx=$(rx_bytes)
+  in_lroot apt-get install -y -qq --no-install-recommends "${target[@]}" "${packages[@]}" >>"$dir/apt.log" 2>&1 ||
+    { tail -n 20 "$dir/apt.log" >&2; die "installing libvirt failed (log: $dir/apt.log)"; }
+  [ -x "$staging/usr/sbin/libvirtd" ] || die "libvirt's packages installed no /usr/sbin/libvirtd (log: $dir/apt.log)"
+  in_lroot apt-get clean
+  rm -rf "$staging"/var/lib/apt/lists/* "$staging"/var/cache/apt/*.bin
+  say "        done, $(mb $(($(rx_bytes) - rx))) received"
+  replace_dir "$staging" "$LROOT"
+  printf '%s\n' "$qemu_package" >"$dir/qemu-package-version"
+  touch "$dir/.complete"
+}
+
 # ---------------------------------------------------------------- example checkers
 
 install_checkers() {
@@ -561,7 +606,7 @@ lock_cache
 remove_leftovers
 if [ "$force" = 1 ]; then
   say "--force: removing what is installed in $CACHE"
-  for part in qemu guest env; do discard "$CACHE/$part"; done
+  for part in qemu guest libvirt env; do discard "$CACHE/$part"; done
 fi
 
 find_qemu
@@ -572,6 +617,7 @@ install_guest
 if [ "$guest_only" = 0 ]; then
   install_guest_amd64
   install_guest_mtty
+  install_libvirt
 fi
 clean_root_apt
 if [ "$guest_only" = 0 ]; then
@@ -589,6 +635,7 @@ XE_VFU_GUEST_MODULES=$GUEST/modules
 XE_VFU_GUEST_AMD64=$GUEST/amd64
 XE_VFU_GUEST_MTTY=$GUEST/mtty
 EOF
+[ -f "$CACHE/libvirt/.complete" ] && echo "XE_VFU_LIBVIRT_ROOT=$LROOT" >>"$ENVFILE.new"
 mv -f "$ENVFILE.new" "$ENVFILE"
 elapsed=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
 say "ready in $elapsed s ($(mb $(($(rx_bytes) - rx_start))) received; cache $CACHE uses $(du -sh "$CACHE" 2>/dev/null | cut -f1)); settings in $ENVFILE"

@@ -2,7 +2,8 @@
 # Installs xe-vfio-user under a prefix, and uninstalls exactly what it installed.
 #
 #   sudo scripts/install.sh [--prefix /usr/local] [--destdir DIR] [--unitdir DIR]
-#                           [--binary FILE] [--with-group | --no-group] [--uninstall]
+#                           [--hookdir DIR|none] [--binary FILE]
+#                           [--with-group | --no-group] [--uninstall]
 #
 # What goes where (PREFIX defaults to /usr/local):
 #   PREFIX/bin/xe-vfio-user                                  the binary (scripts/build.sh, stripped)
@@ -13,6 +14,12 @@
 #   UNITDIR/xe-vfio-user@.service                            the systemd unit, ExecStart pointing at the binary
 #   UNITDIR/xe-vfio-user-vf@.service                         the unit for a real VF (instance: its BDF)
 #                                                            (UNITDIR defaults to PREFIX/lib/systemd/system)
+#   HOOKDIR/xe-vfio-user                                     the libvirt qemu hook (examples/libvirt-qemu-hook)
+#                                                            that refuses restoring or migrating in a domain
+#                                                            whose vfio-user VF would lose its state
+#                                                            (HOOKDIR defaults to /etc/libvirt/hooks/qemu.d
+#                                                            for the prefixes /usr and /usr/local, else none)
+#   PREFIX/share/xe-vfio-user/libvirt-qemu-hook              the same hook, for any other libvirt
 #   PREFIX/share/xe-vfio-user/installed                      what this install made, for --uninstall
 #
 # On the live system (no --destdir) as root, with the prefix /usr or /usr/local,
@@ -35,14 +42,15 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 
 say() { printf '[install] %s\n' "$*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
-usage() { sed -n '4,5p' "$0" | sed 's/^# \{0,3\}//' >&2; exit 2; }
+usage() { sed -n '4,6p' "$0" | sed 's/^# \{0,3\}//' >&2; exit 2; }
 
-prefix=/usr/local destdir="" unitdir="" binary="" group=xe-vfio-user make_group="" uninstall=0
+prefix=/usr/local destdir="" unitdir="" hookdir="" binary="" group=xe-vfio-user make_group="" uninstall=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --prefix) prefix=${2:?--prefix needs a directory}; shift 2 ;;
     --destdir) destdir=${2:?--destdir needs a directory}; shift 2 ;;
     --unitdir) unitdir=${2:?--unitdir needs a directory}; shift 2 ;;
+    --hookdir) hookdir=${2:?--hookdir needs a directory, or none}; shift 2 ;;
     --binary) binary=${2:?--binary needs a file}; shift 2 ;;
     --no-group) make_group=0; shift ;;
     --with-group) make_group=1; shift ;;
@@ -61,6 +69,11 @@ live() { [ -z "$destdir" ]; }
 # The prefixes a system's PATH, man and systemd look in: the group is made only
 # for these unless --with-group, and the hints use bare names only for these.
 system_prefix() { case "$prefix" in /usr | /usr/local) return 0 ;; esac; return 1; }
+if [ -z "$hookdir" ]; then
+  if system_prefix; then hookdir=/etc/libvirt/hooks/qemu.d; else hookdir=none; fi
+fi
+case "$hookdir" in /* | none) ;; *) die "--hookdir must be absolute, or none: $hookdir" ;; esac
+hookdir=${hookdir%/}
 if [ -z "$make_group" ]; then
   if system_prefix; then make_group=1; else make_group=0; fi
 fi
@@ -182,6 +195,8 @@ put 0644 "$work/completion.zsh" "$prefix/share/zsh/site-functions/_xe-vfio-user"
 put 0644 "$work/completion.fish" "$prefix/share/fish/vendor_completions.d/xe-vfio-user.fish"
 put 0644 "$work/unit" "$unitdir/xe-vfio-user@.service"
 put 0644 "$work/unit-vf" "$unitdir/xe-vfio-user-vf@.service"
+put 0755 "$here/examples/libvirt-qemu-hook" "$prefix/share/xe-vfio-user/libvirt-qemu-hook"
+[ "$hookdir" = none ] || put 0755 "$here/examples/libvirt-qemu-hook" "$hookdir/xe-vfio-user"
 
 if [ -n "$had_group" ]; then
   entries+=("group $group")
@@ -214,6 +229,9 @@ if live; then
     next+=("usermod -aG $group USER  # USER: whoever runs QEMU (libvirt-qemu for libvirt)")
   else
     next+=("groupadd --system $group  # the unit's sockets' group (--with-group makes it); without it only root connects")
+  fi
+  if [ "$hookdir" != none ]; then
+    next+=("systemctl try-restart libvirtd virtqemud  # libvirt finds the hook $hookdir/xe-vfio-user when it starts")
   fi
   next+=("$0 --uninstall --prefix $prefix  # removes all of it")
   say "next:"

@@ -60,10 +60,10 @@ else
 fi
 
 # How long the QEMU part took, and whether any of it was skipped.
-interop=$(grep -E 'Suite "(QEMU interop|Examples \(QEMU)[^"]*" (passed|failed) after' "$log" |
+interop=$(grep -E 'Suite "(QEMU interop|Examples \(QEMU|libvirt)[^"]*" (passed|failed) after' "$log" |
   sed -E 's/^.* Suite "(.*)" (passed|failed) after ([0-9.]+) seconds(.*)/  \1: \2 after \3 s\4/' || true)
 [ -n "$interop" ] && printf 'QEMU interop suites:\n%s\n' "$interop" >&2
-skipped=$(grep -E 'skipped: "?(QEMU interop|guest boot) skipped' "$log" | head -n 3 || true)
+skipped=$(grep -E 'skipped: "?(QEMU interop|guest boot|libvirt) skipped' "$log" | head -n 3 || true)
 if [ -n "$skipped" ] || [ -n "$qemu_skip" ]; then
   banner "QEMU interop tests were SKIPPED: ${qemu_skip:-$(printf '%s' "$skipped" | head -n1)}"
   [ "${CI:-}" = true ] && status=1

@@ -43,6 +43,7 @@ struct InstallQEMUTests {
     (step: "guest-download", leftover: "guest/download", partFrom: "guest-download"),
     (step: "amd64-download", leftover: "guest/download-amd64", partFrom: "amd64-download"),
     (step: "mtty-make", leftover: "mtty-build", partFrom: "mtty-download"),
+    (step: "libvirt-install", leftover: "libvirt/root.partial", partFrom: "libvirt-install"),
   ])
   func aRunKilledInAPartLeavesItToTheNext(step: String, leftover: String, partFrom: String)
     throws
@@ -112,6 +113,7 @@ final class FakeDebian {
   /// The steps of a full install, in order, as the stand-ins log them.
   static let allSteps = [
     "debootstrap", "guest-download", "amd64-download", "mtty-download", "mtty-make",
+    "libvirt-install",
   ]
   let base = NSTemporaryDirectory() + "xvu-install-qemu-\(UUID().uuidString.prefix(8))"
   var cache: String { base + "/cache" }
@@ -215,6 +217,8 @@ final class FakeDebian {
       (settings["XE_VFU_GUEST_AMD64"] ?? "") + "/modules/igb.ko",
       (settings["XE_VFU_GUEST_MTTY"] ?? "") + "/mtty.ko",
       (settings["XE_VFU_GUEST_MTTY"] ?? "") + "/mdev.ko",
+      (settings["XE_VFU_LIBVIRT_ROOT"] ?? "") + "/usr/sbin/libvirtd",
+      cache + "/libvirt/.complete",
     ]
     for path in made + (full ? more : []) {
       #expect(files.fileExists(atPath: path), "\(path) missing", sourceLocation: sourceLocation)
@@ -227,7 +231,7 @@ final class FakeDebian {
     let staging = [
       "qemu/root.partial", "qemu/package-version.new", "qemu/bin/qemu-system-x86_64.new",
       "guest/download", "guest/download-amd64", "guest/vmlinuz.new", "guest/modules.new",
-      "guest/amd64.new", "guest/mtty.new", "mtty-build", "env.new",
+      "guest/amd64.new", "guest/mtty.new", "mtty-build", "libvirt/root.partial", "env.new",
     ]
     let left =
       staging.filter { files.fileExists(atPath: cache + "/" + $0) }

@@ -74,7 +74,7 @@ struct InstallTests {
     let pages = ([""] + subcommands.map { "." + $0 }).map { "share/man/man1/xe-vfio-user\($0).1" }
     #expect(
       install.stderr.contains(
-        "installed xe-vfio-user 0.1.0 under \(prefix) (\(pages.count + 6) files)"),
+        "installed xe-vfio-user 0.1.0 under \(prefix) (\(pages.count + 7) files)"),
       "\(install.stderr)")
     let expected = Set(
       [
@@ -83,6 +83,8 @@ struct InstallTests {
         "share/fish/vendor_completions.d/xe-vfio-user.fish",
         "lib/systemd/system/xe-vfio-user@.service", "lib/systemd/system/xe-vfio-user-vf@.service",
         "share/xe-vfio-user/installed",
+        // A prefix outside /usr and /usr/local puts no hook in /etc/libvirt, only this copy.
+        "share/xe-vfio-user/libvirt-qemu-hook",
       ] + pages)
     let files = Set(
       tree(prefix).filter {
@@ -173,6 +175,13 @@ struct InstallTests {
     let manifest = try String(
       contentsOfFile: base + "/usr/share/xe-vfio-user/installed", encoding: .utf8)
     #expect(manifest.contains("file /usr/bin/xe-vfio-user\n") && !manifest.contains(base))
+    // The libvirt hook: where libvirt looks for it (a system prefix), and beside the docs.
+    let hook = "/etc/libvirt/hooks/qemu.d/xe-vfio-user"
+    #expect(FileManager.default.isExecutableFile(atPath: base + hook))
+    #expect(
+      FileManager.default.isExecutableFile(
+        atPath: base + "/usr/share/xe-vfio-user/libvirt-qemu-hook"))
+    #expect(manifest.contains("file \(hook)\n"))
     let uninstall = try shell("'\(script)' --uninstall --destdir '\(base)' --prefix /usr")
     #expect(uninstall.status == 0, "\(uninstall.stderr)")
     #expect(tree(base).isEmpty, "left behind: \(tree(base))")

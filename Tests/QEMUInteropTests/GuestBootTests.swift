@@ -39,14 +39,14 @@ struct GuestBootTests {
     poweroff -f
     """
 
-  /// The initramfs: busybox, /init and a console node.
-  static func initramfs(busybox: String) throws -> [UInt8] {
+  /// The initramfs: busybox, /init (this suite's by default) and a console node.
+  static func initramfs(busybox: String, init script: String = initScript) throws -> [UInt8] {
     var archive = CPIOArchive()
     for dir in ["bin", "dev", "proc", "sys"] { archive.directory(dir) }
     archive.characterDevice("dev/console", major: 5, minor: 1)
     archive.file(
       "bin/busybox", [UInt8](try Data(contentsOf: URL(fileURLWithPath: busybox))), mode: 0o100755)
-    archive.file("init", Array(initScript.utf8), mode: 0o100755)
+    archive.file("init", Array(script.utf8), mode: 0o100755)
     return archive.finish()
   }
 

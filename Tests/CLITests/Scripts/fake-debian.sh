@@ -149,6 +149,11 @@ case "$command" in
     elif [[ " ${packages[*]} " == *" qemu-system-x86 "* ]]; then
       mkdir -p "$FAKE_CHROOT/usr/bin"
       cp "$(dirname "$0")/qemu" "$FAKE_CHROOT/usr/bin/qemu-system-x86_64"
+    elif [[ " ${packages[*]} " == *" libvirt-daemon "* ]]; then
+      step libvirt-install
+      mkdir -p "$FAKE_CHROOT/usr/sbin"
+      printf '#!/bin/sh\n' >"$FAKE_CHROOT/usr/sbin/libvirtd"
+      chmod +x "$FAKE_CHROOT/usr/sbin/libvirtd"
     fi
     ;;
   download)

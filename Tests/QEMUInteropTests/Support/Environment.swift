@@ -17,6 +17,8 @@ struct InteropEnvironment: Sendable {
   var amd64: String?
   /// The mtty sample mdev driver built for that kernel: `mtty.ko` and `mdev.ko`.
   var mtty: String?
+  /// The Debian 13 root with libvirt that scripts/libvirt.sh runs a daemon from.
+  var libvirtRoot: String?
   /// A C compiler that links statically, for the vIOMMU guest's program.
   var compiler: String?
   /// The built `xe-vfio-user`.
@@ -29,6 +31,7 @@ struct InteropEnvironment: Sendable {
   var viommuMissing: String?
   var amd64Missing: String?
   var mttyMissing: String?
+  var libvirtMissing: String?
 
   static let current = InteropEnvironment.load()
 
@@ -66,6 +69,7 @@ struct InteropEnvironment: Sendable {
         ?? settings["XE_VFU_GUEST_KERNEL"].map {
           URL(fileURLWithPath: $0).deletingLastPathComponent().path + "/mtty"
         },
+      libvirtRoot: settings["XE_VFU_LIBVIRT_ROOT"],
       compiler: settings["XE_VFU_CC"] ?? findInPath("gcc"),
       server: locateServer(root: root), root: root)
     if let qemu = env.qemu {
@@ -110,6 +114,15 @@ struct InteropEnvironment: Sendable {
     } ?? false) {
       env.mttyMissing =
         "no mtty.ko built for the guest kernel (Debian ships none): run scripts/install-qemu.sh"
+    }
+    if env.guestMissing != nil {
+      env.libvirtMissing = env.guestMissing
+    } else if !(env.libvirtRoot.map { files.isExecutableFile(atPath: $0 + "/usr/sbin/libvirtd") }
+      ?? false)
+    {
+      env.libvirtMissing = "no libvirt beside the QEMU: run scripts/install-qemu.sh"
+    } else if getuid() != 0 {
+      env.libvirtMissing = "scripts/libvirt.sh needs root (a mount namespace, chroot)"
     }
     return env
   }
