@@ -9,7 +9,7 @@
 // SIGBUS anywhere else goes on to the handler that was there before (Swift's
 // backtracer, a sanitizer) or to the default action.
 #define _GNU_SOURCE
-#include "cvfiouser.h"
+#include "cvfu_memory.h"
 
 #include <errno.h>
 #include <fcntl.h>

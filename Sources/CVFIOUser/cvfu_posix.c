@@ -2,6 +2,8 @@
 #include "cvfu_posix.h"
 
 #include <pthread.h>
+#include <sched.h>
+#include <time.h>
 #include <errno.h>
 #include <malloc.h>
 #include <string.h>
@@ -45,3 +47,23 @@ void cvfu_tsan_saw_hang_up(void) { __tsan_acquire(&hang_up); }
 void cvfu_tsan_hang_up(void) {}
 void cvfu_tsan_saw_hang_up(void) {}
 #endif
+
+int cvfu_pin_to_cpu(int cpu) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  return sched_setaffinity(0, sizeof(set), &set) < 0 ? -errno : 0;
+}
+
+int cvfu_unpin(void) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  for (int cpu = 0; cpu < CPU_SETSIZE; cpu++) CPU_SET(cpu, &set);
+  return sched_setaffinity(0, sizeof(set), &set) < 0 ? -errno : 0;
+}
+
+int64_t cvfu_monotonic_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}

@@ -4,6 +4,7 @@
 #define CVFU_POSIX_H
 
 #include <spawn.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 /// Names the calling thread for `top`, `ps -L` and debuggers. The kernel keeps
@@ -30,5 +31,11 @@ int cvfu_release_free_heap(void);
 /// nothing in a build without ThreadSanitizer.
 void cvfu_tsan_hang_up(void);
 void cvfu_tsan_saw_hang_up(void);
+
+int cvfu_pin_to_cpu(int cpu);
+/// Lets the calling thread run on every CPU again.
+int cvfu_unpin(void);
+/// Milliseconds on CLOCK_MONOTONIC.
+int64_t cvfu_monotonic_ms(void);
 
 #endif
