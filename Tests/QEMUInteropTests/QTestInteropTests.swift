@@ -358,6 +358,36 @@ struct QTestInteropTests {
     #expect(try qt.readl(qemu.bar0(Reg.DMA.completed)) == 2)
   }
 
+  /// `info` on a server QEMU holds: the device socket answers EBUSY, so it reads
+  /// the control socket, and names QEMU (its pid) as the client, with the DMA
+  /// windows it mapped and the MSI-X vectors it wired.
+  @Test func infoShowsQEMUAsTheLiveClient() throws {
+    let rig = try Rig("info")
+    defer { rig.close() }
+    let qemu = rig.qemu!
+    try qemu.enableDevice()
+    try qemu.programMSIX(vector: 3, address: 0x0030_0000, data: 0x4403)
+    try qemu.enableMSIX()
+    let server = InteropEnvironment.current.server
+    let info = try runTool(server, ["info", "-s", rig.server.socketPath])
+    #expect(info.status == 0, "\(info)")
+    let text = info.stdout
+    #expect(text.contains("a client is attached; live state from the control socket"), "\(text)")
+    #expect(text.contains("Client: pid \(qemu.process.pid),"), "\(text)")
+    #expect(text.contains("Migration: state RUNNING"), "\(text)")
+    let windows = text.split(separator: "\n").first { $0.contains("DMA: ") }.flatMap {
+      Int($0.split(separator: " ").dropFirst().first { Int($0) != nil } ?? "")
+    }
+    #expect((windows ?? 0) > 0, "QEMU maps guest RAM at realize: \(text)")
+    #expect(text.contains("vectors wired: MSI-X"), "\(text)")
+
+    let json = try runTool(server, ["info", "-s", rig.server.socketPath, "--json"])
+    let object = try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any]
+    #expect(object?["clientAttached"] as? Bool == true, "\(json.stdout)")
+    let client = (object?["live"] as? [String: Any])?["client"] as? [String: Any]
+    #expect(client?["pid"] as? Int == Int(qemu.process.pid), "\(json.stdout)")
+  }
+
   @Test func systemResetReachesTheServerAsDeviceReset() throws {
     let rig = try Rig("reset")
     defer { rig.close() }
