@@ -5,7 +5,7 @@ import SystemPackage
 #endif
 
 /// The per-VF control files of the Xe PF's debugfs tree,
-/// `/sys/kernel/debug/dri/<PF>/sriov/vf<N>/` (reference §3.1).
+/// `/sys/kernel/debug/dri/<PF>/sriov/vf<N>/` (protocol/xe-kernel-facts.md §8).
 public enum PFControl: String, CaseIterable, Sendable {
   case pause, resume, stop, reset, save, restore
   case migrationData = "migration_data"

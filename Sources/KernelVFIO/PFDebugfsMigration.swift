@@ -3,7 +3,7 @@ import VFIODevice
 import VFIOUser
 
 /// VFIO migration of a VF on plain vfio-pci through its PF's debugfs controls,
-/// arc for arc as `xe-vfio-pci` drives the same PF functions (reference §1.3):
+/// arc for arc as `xe-vfio-pci` drives the same PF functions (protocol/xe-kernel-facts.md §2.2):
 ///
 /// | arc | control |
 /// |---|---|

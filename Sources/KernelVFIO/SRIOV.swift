@@ -4,7 +4,7 @@ import SystemPackage
   import Glibc
 #endif
 
-/// An SR-IOV PF and its VFs as sysfs shows them (reference §3.2, §3.3).
+/// An SR-IOV PF and its VFs as sysfs shows them (protocol/xe-kernel-facts.md §9).
 public struct SRIOVPF: Sendable, Equatable {
   public var device: SysfsPCIDevice
   public var totalVFs: Int

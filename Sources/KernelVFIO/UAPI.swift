@@ -1,5 +1,5 @@
 // The Linux VFIO and iommufd uAPI this layer speaks, as numbers and byte
-// layouts (reference/xe-vf-migration.md §4). Every structure is built and
+// layouts (protocol/xe-kernel-facts.md §10). Every structure is built and
 // parsed here by offset rather than through <linux/vfio.h>: the build host's
 // headers may predate the cdev and iommufd ioctls (Debian 12 ships 6.1), and
 // byte-level codecs are what the unit tests feed raw kernel replies to.

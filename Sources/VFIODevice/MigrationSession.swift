@@ -18,7 +18,7 @@ import VFIOUser
 ///
 /// Used on the connection's thread only, like the device. That is also why
 /// the kernel's lock cycle (state mutex → migration file lock → mmap_lock →
-/// memory_lock → state mutex, reference §1.5) has no equivalent here: the
+/// memory_lock → state mutex, protocol/xe-kernel-facts.md §3) has no equivalent here: the
 /// migration state, the stream, the DMA table and reset are all touched on
 /// that one thread, one request at a time, so no lock orders exist between
 /// them. A MIG_DATA_READ runs to completion (bounded by the device's

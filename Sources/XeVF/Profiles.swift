@@ -1,7 +1,7 @@
 /// The identity and provisioning of one simulated Xe VF flavour.
 ///
 /// The VF reports the PF's device id (the xe-vfio-pci id table lists PF ids,
-/// reference section 6.1). No `lspci` dump of a real VF was available, so the
+/// protocol/xe-kernel-facts.md §12). No `lspci` dump of a real VF was available, so the
 /// subsystem id simply mirrors the device id and the revision defaults to 0;
 /// both are plain fields so a test or the CLI can change them.
 public struct XeProfile: Sendable, Equatable {

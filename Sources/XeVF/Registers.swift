@@ -1,7 +1,7 @@
 /// The BAR0 layout of the simulated VF.
 ///
 /// BAR0 is 16 MiB: registers at 0–4 MiB, reserved at 4–8 MiB and the GGTT
-/// window at 8–16 MiB (reference section 6.2). GMD_ID and the VF scratch
+/// window at 8–16 MiB (protocol/xe-kernel-facts.md §13). GMD_ID and the VF scratch
 /// registers sit at their xe driver offsets. The DMA engine, the MSI-X table
 /// and PBA and the SRAM window are the simulator's own (real VFs submit work
 /// through GuC, which is not modelled); they live in the top of the register

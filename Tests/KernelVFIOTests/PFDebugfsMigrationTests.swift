@@ -10,7 +10,7 @@ import VFIOUserServer
 import XeVF
 
 /// The PF's control files as the backend meets them: each errno of the
-/// reference's tables (§2.3, §3.1), the boolean writes, the position rules.
+/// tables of protocol/xe-kernel-facts.md (§5.4, §8), the boolean writes, the position rules.
 @Suite("PF debugfs: the control files' semantics")
 struct PFControlFileTests {
   func open(_ host: FakeXeHost, _ n: Int, _ control: PFControl) throws -> any PFControlFile {

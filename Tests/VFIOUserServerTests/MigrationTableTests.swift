@@ -3,7 +3,7 @@ import VFIODevice
 import VFIOUser
 import VFIOUserServer
 
-/// `vfio_mig_get_next_state` against the table of reference §4.4, transcribed here as text.
+/// `vfio_mig_get_next_state` against the table of protocol/xe-kernel-facts.md §11, transcribed here as text.
 @Suite("Migration state machine table")
 struct MigrationTableTests {
   static let columns: [MigrationState] = [

@@ -5,7 +5,7 @@ import VFIODevice
 
 @testable import XeVF
 
-/// The PF control state machine: the errno table of reference §2.3 / §8.2,
+/// The PF control state machine: the errno table of protocol/xe-kernel-facts.md §5.4 / §15,
 /// the device-level aggregation, GuC faults and the FLR flow.
 @Suite struct MigrationControlTests {
   // MARK: The GT-level errno table

@@ -6,7 +6,7 @@ import VFIOUser
 @testable import XeVF
 
 /// A paused VF (RUNNING_P2P and beyond) keeps BAR accesses but runs no work:
-/// no DMA, no interrupts, until it is resumed (reference §1.3, §8.4).
+/// no DMA, no interrupts, until it is resumed (protocol/xe-kernel-facts.md §2.2, §15).
 @Suite struct MigrationPauseTests {
   typealias D = XeSimRegisters.DMA
 

@@ -6,7 +6,7 @@ import VFIOUser
 
 @testable import XeVF
 
-/// Restore validation (reference §2.5, §2.6, §8.3) against the malformed
+/// Restore validation (protocol/xe-kernel-facts.md §6.3, §7.3, §15) against the malformed
 /// packets of protocol/xe-packets.json, and what a failed restore leaves.
 @Suite struct MigrationRestoreTests {
   /// The fixtures' destination: a bmg VF with 8 MiB of VRAM, with state of

@@ -69,7 +69,7 @@ struct GuCVFState: Equatable, Sendable {
   /// What the GuC answers to the size query (`GUC_PF_OPCODE_VF_SAVE` with
   /// size 0): room for every record the GT can hold, rounded up to 4 KiB.
   /// The saved blob is smaller, which is one reason the stop-copy estimate
-  /// differs from the bytes produced (reference §2.6).
+  /// differs from the bytes produced (protocol/xe-kernel-facts.md §7.4).
   static func querySize(gt: Int, sramSize: Int?) -> Int {
     var size = 4 * 5
     if gt == 0 {

@@ -3,7 +3,7 @@ import VFIODevice
 
 /// The simulated PF's per-VF debugfs files, `sriov/vf<N>/{pause, resume,
 /// stop, reset, save, restore, migration_data, migration_size}`, with the
-/// kernel's semantics (reference §3.1, §8.5): the controls take a boolean
+/// kernel's semantics (protocol/xe-kernel-facts.md §8, §15): the controls take a boolean
 /// (`kstrtobool`) at position 0 (EINVAL otherwise, a false value does
 /// nothing); `save` and `restore` are read to finish; `migration_data`
 /// answers ESPIPE away from position 0, blocks until the PF's workers have

@@ -56,14 +56,14 @@ public struct PFTiming: Sendable, Equatable {
 /// (`SimulatedXeVF.pfFaults`) or the PF; they take effect at the next
 /// matching event.
 public struct PFFaults: Sendable, Equatable {
-  /// The PF→GuC requests of reference §2.3 and §2.6.
+  /// The PF→GuC requests of protocol/xe-kernel-facts.md §5.2 and §7.2.
   public enum Command: Sendable, Hashable, CaseIterable {
     case pause, resume, stop, flrStart, flrFinish
     /// PF2GUC_SAVE_RESTORE_VF: the size query, the save and the restore.
     case query, save, restore
   }
 
-  /// How the GuC answers, with the PF's reaction (reference §2.3).
+  /// How the GuC answers, with the PF's reaction (protocol/xe-kernel-facts.md §5.2).
   public enum GuCFault: Sendable, Equatable {
     /// -EBUSY this many times, then success: the PF requeues and retries.
     case busy(times: Int)
@@ -90,7 +90,7 @@ public struct PFFaults: Sendable, Equatable {
   /// One-shot, taken by the next `read()`: after copying this many bytes
   /// (if it asked for more) a signal interrupts it and it fails with EINTR.
   /// The copied bytes are consumed from the stream and lost, as on the PF
-  /// (reference §2.5); the stream goes on after them, corrupt.
+  /// (protocol/xe-kernel-facts.md §6.2); the stream goes on after them, corrupt.
   public var interruptRead: Int?
   /// The GuC's FLR notification reaches the PF this long after the hardware FLR.
   public var flrNotificationDelay: Duration = .zero

@@ -1,6 +1,6 @@
 import SystemPackage
 
-/// The reader's side of a save: `xe_sriov_pf_migration_read` (reference §2.5).
+/// The reader's side of a save: `xe_sriov_pf_migration_read` (protocol/xe-kernel-facts.md §6.2).
 struct SaveCursor {
   enum Stage { case descriptor, body, end }
 
@@ -90,7 +90,7 @@ extension SimulatedPF {
   /// `xe_sriov_pf_migration_size`: per GT and type, size + one header when
   /// non-zero. It counts the GuC's size query rather than the saved blob,
   /// one VRAM header for all chunks, and no descriptor or trailer, so it is
-  /// not the stream's length (reference §2.6).
+  /// not the stream's length (protocol/xe-kernel-facts.md §7.4).
   public func stopCopySize() throws(Errno) -> UInt64 {
     try locked { () throws(Errno) in
       var total: UInt64 = 0

@@ -4,7 +4,7 @@ import VFIODevice
 
 /// The PF side of one simulated VF: the per-GT control state machine of
 /// `xe_gt_sriov_pf_control.c`, the migration rings and the GuC it talks to
-/// (reference §2.2–2.6, §6.4, §8.2).
+/// (protocol/xe-kernel-facts.md §4–§7, §14, §15).
 ///
 /// Threads and locking. Each GT has a worker thread, as each GT has a work
 /// item on the PF's workqueue; it advances the GT's state bits, talks to the

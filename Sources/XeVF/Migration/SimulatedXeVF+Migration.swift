@@ -20,7 +20,7 @@ struct VFMigration {
   var vramChunkSize: UInt64 = 512 << 20
 }
 
-/// `xe-vfio-pci`'s migration ops (reference §1.3) over the simulated PF.
+/// `xe-vfio-pci`'s migration ops (protocol/xe-kernel-facts.md §2) over the simulated PF.
 ///
 /// Each call comes from the connection thread, one direct arc at a time.
 /// Blocking: RUNNING→RUNNING_P2P and RUNNING_P2P→RUNNING wait for the GuC up
@@ -182,7 +182,7 @@ extension SimulatedXeVF {
 
   // MARK: FLR
 
-  /// The FLR flow of reference §6.4: reset_prepare (FLR_PREPARE on every
+  /// The FLR flow of protocol/xe-kernel-facts.md §14: reset_prepare (FLR_PREPARE on every
   /// GT), the hardware reset, the GuC's FLR notification, then reset_done
   /// waiting for the PF to finish. PF errors are logged, as the VFIO driver
   /// does; the open stream is invalidated and the device is RUNNING again.
@@ -245,7 +245,7 @@ extension SimulatedXeVF {
   }
 }
 
-/// The provisioning a migration destination must match (reference §2.6):
+/// The provisioning a migration destination must match (protocol/xe-kernel-facts.md §7.5):
 /// same device and revision, same GGTT quota, at least the VRAM.
 public struct XeMigrationIdentity: Sendable, Equatable, Codable {
   public var profile: String
