@@ -1,6 +1,7 @@
 import Logging
 import SystemPackage
 import VFIODevice
+import XeStream
 
 /// The PF side of one simulated VF: the per-GT control state machine of
 /// `xe_gt_sriov_pf_control.c`, the migration rings and the GuC it talks to
