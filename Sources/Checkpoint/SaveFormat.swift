@@ -1,3 +1,4 @@
+import CVFIOUser
 import SystemPackage
 import VFIOUser
 
@@ -60,6 +61,29 @@ extension SaveFormat {
   /// The file-length field's bytes, patched in at `fileLengthOffset` once a
   /// seekable output is complete.
   public static func fileLengthField(_ length: UInt64) -> [UInt8] { le(length) }
+}
+
+extension SaveFormat {
+  /// `file`, a version 3 checkpoint of stored records only, in format 2, as
+  /// saved before version 3 (8-byte record headers, the CRC chained over the
+  /// data only, no file length): for the package's tests and fuzz seeds,
+  /// which check that version 2 still reads. `save` writes version 3 only.
+  package static func versionTwo(of file: [UInt8]) throws(SaveFileError) -> [UInt8] {
+    let records = try SaveRecordHeader.records(of: file)
+    guard let first = records.first, records.allSatisfy({ $0.kind == .stored || $0.kind == .end })
+    else { throw SaveFileError("versionTwo: not a version 3 checkpoint of stored records") }
+    var v2 = Array(file[..<Int(first.start)])
+    v2[8] = 2
+    v2.replaceSubrange(24..<32, with: le(UInt64(0)))
+    var crc: UInt32 = load(file, 16)
+    for record in records {
+      let start = Int(record.start) + recordHeaderSize
+      let body = file[start..<(start + record.bodyLength)]
+      crc = body.withUnsafeBytes { cvfu_crc32c(crc, $0.baseAddress, $0.count) }
+      v2 += le(UInt32(record.kind == .end ? 0 : record.bodyLength)) + le(crc) + body
+    }
+    return v2
+  }
 }
 
 /// One record's header as the file states it (its CRC is the one it

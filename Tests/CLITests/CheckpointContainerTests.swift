@@ -154,29 +154,7 @@ struct CheckpointContainerTests {
   /// A version 2 checkpoint (8-byte record headers, no kinds), as saved before
   /// version 3, built from a stored-only version 3 file: it still restores.
   @Test func versionTwoFilesStillRestore() throws {
-    try withStoredCheckpoint { try versionTwo(of: $0) }
-  }
-
-  /// The same checkpoint in format 2: version field 2, 8-byte record headers, the CRC over data only.
-  func versionTwo(of v3: Data) throws -> Data {
-    let records = try savedRecords(v3)
-    let jsonEnd = Int(try #require(records.first).start)
-    var v2 = Data(v3.prefix(jsonEnd))
-    v2[8] = 2
-    for i in 24..<32 { v2[i] = 0 }  // file length: unknown, as from a pipe
-    var crc = v3[16..<20].withUnsafeBytes {
-      UInt32(littleEndian: $0.loadUnaligned(as: UInt32.self))
-    }
-    for record in records {
-      let start = Int(record.start) + SaveFormat.recordHeaderSize
-      let body = Data(v3[start..<(start + record.bodyLength)])
-      crc = body.withUnsafeBytes { cvfu_crc32c(crc, $0.baseAddress, $0.count) }
-      let length = record.kind == .end ? 0 : UInt32(record.bodyLength)
-      v2 += withUnsafeBytes(of: length.littleEndian) { Data($0) }
-      v2 += withUnsafeBytes(of: crc.littleEndian) { Data($0) }
-      v2 += body
-    }
-    return v2
+    try withStoredCheckpoint { Data(try SaveFormat.versionTwo(of: Array($0))) }
   }
 }
 

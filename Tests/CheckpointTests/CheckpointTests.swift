@@ -228,29 +228,13 @@ import XeStream
 /// Version 2 (8-byte record headers, the CRC over the data only), as saved
 /// before version 3: still read, with the same checks.
 @Suite struct CheckpointVersionTwoTests {
-  /// The stored-only version 3 `file` in format 2.
-  static func versionTwo(of file: [UInt8]) throws -> [UInt8] {
-    let jsonEnd = SaveFormat.fixedHeaderSize + Int(file[12]) + Int(file[13]) << 8
-    var v2 = Array(file[..<jsonEnd])
-    v2[8] = 2
-    v2.replaceSubrange(24..<32, with: [UInt8](repeating: 0, count: 8))
-    var crc = file[16..<20].withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }
-    for record in try SaveRecordHeader.records(of: file) {
-      let start = Int(record.start) + SaveFormat.recordHeaderSize
-      let body = Array(file[start..<(start + record.bodyLength)])
-      crc = body.withUnsafeBytes { cvfu_crc32c(crc, $0.baseAddress, $0.count) }
-      v2 += le32(record.kind == .end ? 0 : UInt32(record.bodyLength)) + le32(crc) + body
-    }
-    return v2
-  }
-
   @Test func versionTwoFilesReadBackTheirStream() throws {
     let stream = xeStream()
     let v3 = try checkpoint(stream) {
       $0.elideZeros = false
       $0.compress = false
     }
-    let v2 = try Self.versionTwo(of: v3)
+    let v2 = try SaveFormat.versionTwo(of: v3)
     for pipe in [false, true] {
       #expect(try readBack(v2, pipe: pipe).stream == stream)
       #expect(try readBack(v2, tagged: true, pipe: pipe).stream == stream)

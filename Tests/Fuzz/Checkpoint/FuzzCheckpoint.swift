@@ -167,29 +167,9 @@ func checkpointSeeds(_ protocolDirectory: String) -> [[UInt8]] {
     }
     seeds.append(out.bytes)
   }
-  if let v2 = try? versionTwo(of: seeds[1]) { seeds.append(v2) }
+  if let v2 = try? SaveFormat.versionTwo(of: seeds[1]) { seeds.append(v2) }
   seeds += regressionInputs(protocolDirectory, target: "checkpoint")
   return seeds
-}
-
-/// A stored-only version 3 checkpoint in format 2 (8-byte record headers, the CRC over data only).
-func versionTwo(of file: [UInt8]) throws -> [UInt8] {
-  let jsonEnd =
-    SaveFormat.fixedHeaderSize
-    + Int(file[12..<16].withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) })
-  var v2 = Array(file[..<jsonEnd])
-  v2[8] = 2
-  v2.replaceSubrange(24..<32, with: [UInt8](repeating: 0, count: 8))
-  var crc = file[16..<20].withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }
-  for record in try SaveRecordHeader.records(of: file) {
-    let start = Int(record.start) + SaveFormat.recordHeaderSize
-    let body = Array(file[start..<(start + record.bodyLength)])
-    crc = body.withUnsafeBytes { cvfu_crc32c(crc, $0.baseAddress, $0.count) }
-    let length = UInt32(record.kind == .end ? 0 : record.bodyLength)
-    v2 += withUnsafeBytes(of: length.littleEndian) { Array($0) }
-    v2 += withUnsafeBytes(of: crc.littleEndian) { Array($0) } + body
-  }
-  return v2
 }
 
 @main
