@@ -39,6 +39,7 @@ let package = Package(
     .library(name: "VFIOUserServer", targets: ["VFIOUserServer"]),
     .library(name: "VFIOUserClient", targets: ["VFIOUserClient"]),
     .library(name: "XeVF", targets: ["XeVF"]),
+    .library(name: "XeStream", targets: ["XeStream"]),
   ],
   dependencies: [
     .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -77,6 +78,15 @@ let package = Package(
         "VFIOUser", "CVFIOUser", .product(name: "SystemPackage", package: "swift-system"),
       ],
       swiftSettings: hotPath),
+    // The Xe migration stream, no I/O: packet header and framing, the sparse form's
+    // encoder and decoder, the zero-page scan; devices offer its transform to the engine.
+    .target(
+      name: "XeStream",
+      dependencies: [
+        "VFIOUser", "VFIODevice", "CVFIOUser",
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
+      swiftSettings: hotPath),
     // The engine: accept loop, connection dispatcher, DMA table, limits; it walks migrations
     // with VFIODevice's MigrationSession.
     .target(
@@ -109,7 +119,7 @@ let package = Package(
     .target(
       name: "XeVF",
       dependencies: [
-        "VFIOUser", "VFIODevice", "CVFIOUser",
+        "VFIOUser", "VFIODevice", "XeStream", "CVFIOUser",
         .product(name: "Logging", package: "swift-log"),
         .product(name: "SystemPackage", package: "swift-system"),
       ],
@@ -120,7 +130,7 @@ let package = Package(
     .target(
       name: "KernelVFIO",
       dependencies: [
-        "VFIOUser", "CVFIOUser", "VFIODevice",
+        "VFIOUser", "CVFIOUser", "VFIODevice", "XeStream",
         .product(name: "SystemPackage", package: "swift-system"),
       ],
       swiftSettings: strict),
@@ -129,16 +139,25 @@ let package = Package(
     .target(
       name: "KernelVFIOBackend",
       dependencies: [
-        "KernelVFIO", "VFIOUser", "VFIODevice",
+        "KernelVFIO", "VFIOUser", "VFIODevice", "XeStream",
         .product(name: "Logging", package: "swift-log"),
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
+      swiftSettings: strict),
+    // The checkpoint file (protocol/save-format.md): CRC-chained records of the stream, zero
+    // runs and zstd frames; its writer and its reader, which verifies before it hands on.
+    .target(
+      name: "Checkpoint",
+      dependencies: [
+        "XeStream", "VFIOUser", "CVFIOUser", "CZstd",
         .product(name: "SystemPackage", package: "swift-system"),
       ],
       swiftSettings: strict),
     .executableTarget(
       name: "xe-vfio-user",
       dependencies: [
-        "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF", "CVFIOUser",
-        "KernelVFIO", "KernelVFIOBackend", "CZstd", "Control",
+        "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF", "XeStream",
+        "CVFIOUser", "KernelVFIO", "KernelVFIOBackend", "CZstd", "Control", "Checkpoint",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Logging", package: "swift-log"),
         .product(name: "SystemPackage", package: "swift-system"),
@@ -173,8 +192,8 @@ let package = Package(
     .testTarget(
       name: "VFIOUserServerTests",
       dependencies: [
-        "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF", "CVFIOUser",
-        "VFIOUserSocket", "KernelVFIO", "KernelVFIOBackend",
+        "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF", "XeStream",
+        "CVFIOUser", "VFIOUserSocket", "KernelVFIO", "KernelVFIOBackend",
         .product(name: "Logging", package: "swift-log"),
       ],
       swiftSettings: strict),
@@ -187,13 +206,20 @@ let package = Package(
       ],
       swiftSettings: strict),
     .testTarget(
-      name: "XeVFTests", dependencies: ["XeVF", "VFIOUser", "VFIODevice"],
+      name: "XeVFTests", dependencies: ["XeVF", "XeStream", "VFIOUser", "VFIODevice"],
+      swiftSettings: strict),
+    // The checkpoint format in-process: writer and reader round trips, every refusal.
+    .testTarget(
+      name: "CheckpointTests",
+      dependencies: ["Checkpoint", "XeStream", "CVFIOUser", "CZstd"],
       swiftSettings: strict),
     // Runs the built `xe-vfio-user` as a process, as a user would, and the scripts.
     // Scripts/ holds the stand-ins InstallQEMUTests runs scripts/install-qemu.sh with.
     .testTarget(
       name: "CLITests",
-      dependencies: ["VFIOUser", "VFIODevice", "VFIOUserClient", "CVFIOUser", "XeVF", "Control"],
+      dependencies: [
+        "VFIOUser", "VFIODevice", "VFIOUserClient", "CVFIOUser", "XeVF", "Control", "Checkpoint",
+      ],
       exclude: ["Scripts"], swiftSettings: strict),
     // libFuzzer targets (scripts/fuzz.sh builds them with -sanitize=fuzzer,address
     // and -D XE_VFU_LIBFUZZER, in .build/fuzz). A normal build makes each a
@@ -215,11 +241,18 @@ let package = Package(
     .executableTarget(
       name: "fuzz-xe-stream",
       dependencies: [
-        "FuzzSupport", "VFIOUser", "VFIODevice", "XeVF",
+        "FuzzSupport", "VFIOUser", "VFIODevice", "XeVF", "XeStream",
         .product(name: "Logging", package: "swift-log"),
         .product(name: "SystemPackage", package: "swift-system"),
       ],
       path: "Tests/Fuzz/XeStream", swiftSettings: strict),
+    .executableTarget(
+      name: "fuzz-checkpoint",
+      dependencies: [
+        "FuzzSupport", "Checkpoint", "XeStream", "CVFIOUser",
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
+      path: "Tests/Fuzz/Checkpoint", swiftSettings: strict),
     // Real QEMU (qtest, and a Linux guest under TCG) attached to the built `xe-vfio-user`.
     // Guest/ holds the C program the vIOMMU guest runs; the tests build it with gcc -static.
     .testTarget(

@@ -13,7 +13,8 @@
 #       3 h for dispatch)
 #
 # Targets: wire (the wire decoder), dispatch (the whole dispatcher with the
-# simulated VF), xe-stream (the Xe migration stream's restore side).
+# simulated VF), xe-stream (the Xe migration stream's restore side),
+# checkpoint (the save-file reader, expanded and tagged).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,12 +25,12 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) seconds="$2"; shift 2 ;;
     --runs) runs="$2"; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
-    wire|dispatch|xe-stream) targets+=("$1"); shift ;;
-    *) echo "fuzz.sh: unknown argument $1 (targets: wire dispatch xe-stream)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    wire|dispatch|xe-stream|checkpoint) targets+=("$1"); shift ;;
+    *) echo "fuzz.sh: unknown argument $1 (targets: wire dispatch xe-stream checkpoint)" >&2; exit 2 ;;
   esac
 done
-[ ${#targets[@]} -gt 0 ] || targets=(wire dispatch xe-stream)
+[ ${#targets[@]} -gt 0 ] || targets=(wire dispatch xe-stream checkpoint)
 
 scratch=.build/fuzz
 # Optimised (-c release): at -Onone the instrumented Swift code runs about ten

@@ -1,6 +1,7 @@
 import SystemPackage
 import VFIODevice
 import VFIOUser
+import XeStream
 
 /// VFIO migration of a VF on plain vfio-pci through its PF's debugfs controls,
 /// arc for arc as `xe-vfio-pci` drives the same PF functions (protocol/xe-kernel-facts.md §2.2):
@@ -118,7 +119,9 @@ public protocol PFDebugfsMigratable: MigrationCapable {
 
 extension PFDebugfsMigratable {
   /// The Xe PF's debugfs `migration_data` is its packet stream.
-  public var streamIsXePackets: Bool { true }
+  public var sparseStreamTransform: (any MigrationStreamTransform)? {
+    SparseMigration.transform
+  }
 
   public var migrationFlags: MigrationFlags { pfMigration.flags }
 

@@ -3,6 +3,7 @@ import Logging
 import SystemPackage
 import VFIODevice
 import VFIOUser
+import XeStream
 
 /// The adapter between the device interface (`VFIODevice`) and a kernel VFIO
 /// device (`KernelVFIO`). It is the only code that knows both sides, so it is
@@ -270,7 +271,9 @@ public final class MigratableKernelVFIOBackend: KernelVFIOBackend, MigrationCapa
   public var migrationFlags: MigrationFlags { migration!.flags }
 
   /// xe-vfio-pci's data_fd carries the Xe PF's packet stream; another driver's is its own.
-  public var streamIsXePackets: Bool { device.sysfs?.driver == "xe-vfio-pci" }
+  public var sparseStreamTransform: (any MigrationStreamTransform)? {
+    device.sysfs?.driver == "xe-vfio-pci" ? SparseMigration.transform : nil
+  }
 
   /// The kernel's MIG_DEVICE_STATE (GET), or ERROR after `migrationFailed`.
   public var migrationState: MigrationState {

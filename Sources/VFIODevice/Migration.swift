@@ -63,9 +63,8 @@ public protocol MigrationSink: AnyObject {
   /// Throws ENODEV once a reset invalidated the stream.
   func write(_ bytes: UnsafeRawBufferPointer) throws(Errno) -> Int
 
-  /// `write` of `count` zero bytes, for the zero runs of the sparse form
-  /// (`SparseMigrationSink`); the default (`SparseMigration.swift`) writes
-  /// them out as bytes.
+  /// `write` of `count` zero bytes, for the zero runs of a decoded stream
+  /// (`DecodingMigrationSink`); the default writes them out as bytes.
   func writeZeros(_ count: Int) throws(Errno) -> Int
 
   /// Where the next of `count` stream bytes go, so a server can receive them
@@ -86,6 +85,18 @@ public protocol MigrationSink: AnyObject {
 
 extension MigrationSink {
   public func placement(ofNext count: Int) -> MigrationPlacement { .write(count) }
+
+  /// Hands the device `count` zero bytes of the stream; returns how many it
+  /// took (at least 1 unless it throws), as `write` does. The default writes
+  /// them out (a kernel `data_fd` takes bytes); a device that can zero its
+  /// memory without them (the simulated VF's memfd VRAM) does that instead.
+  public func writeZeros(_ count: Int) throws(Errno) -> Int { try writeZerosAsBytes(count) }
+
+  /// `writeZeros` as bytes: for a sink that zeroes some runs itself and writes the rest.
+  public func writeZerosAsBytes(_ count: Int) throws(Errno) -> Int {
+    try write(
+      UnsafeRawBufferPointer(rebasing: ZeroMemory.chunk[0..<min(count, ZeroMemory.chunk.count)]))
+  }
 
   /// A sink that never offers memory has nothing placed in it.
   public func placed(_ count: Int) throws(Errno) { throw .invalidArgument }
@@ -150,15 +161,38 @@ public protocol MigrationCapable: AnyObject {
   /// there; a kernel backend keeps that ERROR in its own state.)
   func migrationFailed()
 
-  /// The stream is the Xe PF's packet stream (an Xe VF, simulated or through
-  /// xe-vfio-pci or the PF's debugfs): only then may a connection carry it in
-  /// the sparse form, which cuts VRAM packets into segments. Any other
-  /// device's stream (mtty's, say) passes as it is.
-  var streamIsXePackets: Bool { get }
+  /// How a connection that negotiated the sparse migration stream
+  /// (protocol/sparse-migration.md) carries this device's stream, or nil
+  /// where the stream must pass as it is and the form is not offered. The
+  /// device knows its stream's framing (an Xe VF's is the PF's packet
+  /// stream, whose VRAM packets the form cuts into segments); the engine
+  /// only applies the transform. Any other device's stream (mtty's, say) has none.
+  var sparseStreamTransform: (any MigrationStreamTransform)? { get }
 }
 
 extension MigrationCapable {
-  public var streamIsXePackets: Bool { false }
+  public var sparseStreamTransform: (any MigrationStreamTransform)? { nil }
+}
+
+/// Another form of a device's migration stream that a connection may carry
+/// instead of its bytes: the engine reads the device's save stream through
+/// `encoding` and writes its restore stream through `decoding`, knowing
+/// nothing of the form. The device's streams see exactly their own bytes.
+public protocol MigrationStreamTransform: Sendable {
+  /// `source` read in the transformed form.
+  func encoding(_ source: any MigrationSource) -> any EncodingMigrationSource
+  /// A sink taking the transformed form, handing `sink` the device's bytes.
+  func decoding(into sink: any MigrationSink) -> any DecodingMigrationSink
+}
+
+/// A save stream in a transformed form; `inner` is the device's own.
+public protocol EncodingMigrationSource: MigrationSource {
+  var inner: any MigrationSource { get }
+}
+
+/// A restore stream taking a transformed form; `inner` is the device's own.
+public protocol DecodingMigrationSink: MigrationSink {
+  var inner: any MigrationSink { get }
 }
 
 /// The kernel's migration state machine: `vfio_mig_get_next_state()` and the

@@ -20,6 +20,11 @@ public enum ZeroMemory {
     return UnsafeRawBufferPointer(start: pointer, count: size)
   }()
 
+  /// Zeros for writing a zero run out as bytes, 64 KiB a write.
+  public static var chunk: UnsafeRawBufferPointer {
+    UnsafeRawBufferPointer(rebasing: bytes[0..<(64 << 10)])
+  }
+
   /// Whether `span` lies inside `bytes`, so is all zeros.
   public static func holds(_ span: UnsafeRawBufferPointer) -> Bool {
     guard let start = span.baseAddress, let base = bytes.baseAddress else { return false }

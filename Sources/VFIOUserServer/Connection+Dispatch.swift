@@ -126,7 +126,7 @@ extension Connection {
     clientCapabilities = caps
     writeMultipleNegotiated = caps.writeMultiple == true
     let offer = limits.offer(
-      to: caps, dma: dmaLimits, xeStream: migratable?.streamIsXePackets == true)
+      to: caps, dma: dmaLimits, sparseStream: migratable?.sparseStreamTransform != nil)
     // Spoken exactly when the reply echoes it.
     sparseMigration = offer.sparseMigration != nil
     // The spec's layout, which QEMU 11.1 uses too; `--dma-layout qemu` serves QEMU builds
@@ -482,24 +482,27 @@ extension Connection {
 
   /// On a connection that negotiated the sparse stream, the session's save
   /// stream in that form (one encoder per stream, kept across requests).
+  /// The device's transform makes it (VERSION offered the form only to a device with one).
   private func sparse(source: any MigrationSource) -> any MigrationSource {
-    guard sparseMigration else { return source }
-    if case .source(let wrapper as SparseMigrationSource)? = sparseStream, wrapper.inner === source
+    guard sparseMigration, let transform = migratable?.sparseStreamTransform else { return source }
+    if case .source(let wrapper as any EncodingMigrationSource)? = sparseStream,
+      wrapper.inner === source
     {
       return wrapper
     }
-    let wrapper = SparseMigrationSource(source)
+    let wrapper = transform.encoding(source)
     sparseStream = .source(wrapper)
     return wrapper
   }
 
   /// The restore stream's counterpart of `sparse(source:)`.
   func sparse(sink: any MigrationSink) -> any MigrationSink {
-    guard sparseMigration else { return sink }
-    if case .sink(let wrapper as SparseMigrationSink)? = sparseStream, wrapper.inner === sink {
+    guard sparseMigration, let transform = migratable?.sparseStreamTransform else { return sink }
+    if case .sink(let wrapper as any DecodingMigrationSink)? = sparseStream, wrapper.inner === sink
+    {
       return wrapper
     }
-    let wrapper = SparseMigrationSink(sink)
+    let wrapper = transform.decoding(into: sink)
     sparseStream = .sink(wrapper)
     return wrapper
   }
@@ -507,10 +510,10 @@ extension Connection {
   /// Forgets the sparse form of a stream the session no longer holds (and its buffer).
   func dropStaleSparseStream() {
     switch (sparseStream, migration.stream) {
-    case (.source(let wrapper as SparseMigrationSource)?, .source(let stream)?)
+    case (.source(let wrapper as any EncodingMigrationSource)?, .source(let stream)?)
     where wrapper.inner === stream:
       return
-    case (.sink(let wrapper as SparseMigrationSink)?, .sink(let stream)?)
+    case (.sink(let wrapper as any DecodingMigrationSink)?, .sink(let stream)?)
     where wrapper.inner === stream:
       return
     default: sparseStream = nil

@@ -83,9 +83,9 @@ public struct ServerLimits: Sendable, Equatable {
 
   /// The capabilities object of the VERSION reply for a client that proposed
   /// `client`, with the connection's DMA limits `dma`.
-  /// `xeStream`: the device's migration stream is the Xe packet stream, the
-  /// only one the sparse form applies to.
-  func offer(to client: Capabilities, dma: DMALimits, xeStream: Bool) -> Capabilities {
+  /// `sparseStream`: the device has a transform for the sparse form
+  /// (`MigrationCapable.sparseStreamTransform`); without one it is not offered.
+  func offer(to client: Capabilities, dma: DMALimits, sparseStream: Bool) -> Capabilities {
     var caps = Capabilities(
       maxMsgFDs: maxMsgFDs, maxDataXferSize: maxDataXferSize, maxDMAMaps: dma.maxWindows,
       pgsizes: dma.pageSizes)
@@ -94,10 +94,10 @@ public struct ServerLimits: Sendable, Equatable {
     if client.twinSocket?.supported == true { caps.twinSocket = .init(supported: false) }
     // Echoed only when offered (QEMU's client refuses keys it does not know),
     // at the version both sides speak.
-    if sparseMigration, xeStream, let offered = client.sparseMigration,
-      offered >= SparseMigration.version
+    if sparseMigration, sparseStream, let offered = client.sparseMigration,
+      offered >= Capabilities.sparseMigrationVersion
     {
-      caps.sparseMigration = SparseMigration.version
+      caps.sparseMigration = Capabilities.sparseMigrationVersion
     }
     return caps
   }

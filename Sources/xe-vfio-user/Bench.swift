@@ -12,6 +12,12 @@ import XeVF
   import Glibc
 #endif
 
+/// `bench --cpus`: where the server's and the client's threads run.
+enum CPUPlacement: String, CaseIterable, ExpressibleByArgument {
+  case same, split
+  case unpinned = "none"
+}
+
 struct Bench: ParsableCommand {
   static let configuration = CommandConfiguration(
     abstract: "Measure the server against the raw Unix-socket limit, in one run.",
@@ -28,7 +34,7 @@ struct Bench: ParsableCommand {
   @Option(
     help:
       "CPU placement: same (server and client on CPU 0), split (server CPU 1, client CPU 0), none.")
-  var cpus: String = "same"
+  var cpus: CPUPlacement = .same
 
   @Option(help: "VRAM of the simulated VF.")
   var vramSize: ByteSize = ByteSize(256 << 20)
@@ -48,15 +54,9 @@ struct Bench: ParsableCommand {
   @Option(help: "VRAM sizes for the migration figures.")
   var migrationVRAM: [ByteSize] = [ByteSize(256 << 20), ByteSize(1 << 30), ByteSize(4 << 30)]
 
-  func validate() throws {
-    guard ["same", "split", "none"].contains(cpus) else {
-      throw ValidationError("--cpus is same, split or none")
-    }
-  }
-
   func run() throws {
-    let clientCPU: Int32? = cpus == "none" ? nil : 0
-    let serverCPU: Int32? = cpus == "none" ? nil : (cpus == "split" ? 1 : 0)
+    let clientCPU: Int32? = cpus == .unpinned ? nil : 0
+    let serverCPU: Int32? = cpus == .unpinned ? nil : (cpus == .split ? 1 : 0)
     if let clientCPU { _ = cvfu_pin_to_cpu(clientCPU) }
     let selected = Set(
       (only ?? "read,write,inflight,large,dma,dmalog,rss,migration,save,checkpoint").split(
@@ -78,9 +78,11 @@ struct Bench: ParsableCommand {
     _ = cvfu_socket_buffers(client.channel.fd, 8 << 20)
 
     let placement =
-      cpus == "same"
-      ? "server and client both pinned to CPU 0"
-      : cpus == "split" ? "server on CPU 1, client on CPU 0" : "not pinned"
+      switch cpus {
+      case .same: "server and client both pinned to CPU 0"
+      case .split: "server on CPU 1, client on CPU 0"
+      case .unpinned: "not pinned"
+      }
     print(
       "xe-vfio-user bench: simulated bmg VF, \(formatBytes(vramSize.bytes)) VRAM, \(placement), \(iterations) round trips per figure\n"
     )

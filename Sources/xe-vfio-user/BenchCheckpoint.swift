@@ -1,4 +1,5 @@
 import CVFIOUser
+import Checkpoint
 import Logging
 import SystemPackage
 import VFIODevice
@@ -91,7 +92,9 @@ enum CheckpointBench {
         writer.sparseInput = client.sparseMigration
         try out.write(
           writer.header(
-            SaveFileHeader(identity: identity, estimatedBytes: vram, created: nil, source: path)))
+            json: try SaveFileHeader(
+              identity: identity, estimatedBytes: vram, created: nil, source: path
+            ).json()))
         streamBytes = try writeRecords(
           from: client, end: path, into: out, writer: writer, progress: quiet)
         try writer.finish(to: out)

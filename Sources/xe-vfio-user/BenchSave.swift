@@ -1,4 +1,5 @@
 import CVFIOUser
+import Checkpoint
 import Logging
 import VFIODevice
 import VFIOUser

@@ -87,3 +87,7 @@ func signalName(_ number: Int32) -> String {
   default: "signal \(number)"
   }
 }
+
+/// Writes to a closed pipe fail with EPIPE (reported, then rolled back)
+/// instead of killing the command with SIGPIPE halfway through.
+func ignoreSIGPIPE() { signal(SIGPIPE, SIG_IGN) }

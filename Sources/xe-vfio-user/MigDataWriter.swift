@@ -2,6 +2,7 @@ import SystemPackage
 import VFIODevice
 import VFIOUser
 import VFIOUserClient
+import XeStream
 
 #if canImport(Glibc)
   import Glibc
@@ -61,8 +62,8 @@ final class BufferedMigDataWriter {
   func sendZeros(_ count: Int) throws {
     var left = count
     while left > 0 {
-      let n = min(left, SparseMigration.zeroPage.count)
-      try send(UnsafeRawBufferPointer(rebasing: SparseMigration.zeroPage[0..<n]))
+      let n = min(left, ZeroMemory.chunk.count)
+      try send(UnsafeRawBufferPointer(rebasing: ZeroMemory.chunk[0..<n]))
       left -= n
     }
   }
@@ -105,24 +106,5 @@ final class BufferedMigDataWriter {
     let id = inFlight[oldest]
     oldest += 1
     _ = try on(end) { try client.receiveAck(id: id) }
-  }
-}
-
-/// `SparseStreamDecoder.decode` for a caller whose `emit` throws any error:
-/// that error comes out as it was; a malformed stream is a `CLIError`.
-func decode(
-  _ decoder: inout SparseStreamDecoder, _ bytes: UnsafeRawBufferPointer,
-  _ emit: (SparseMigration.Segment) throws -> Void
-) throws {
-  var failure: Error?
-  do throws(Errno) {
-    try decoder.decode(bytes) { segment throws(Errno) in
-      do { try emit(segment) } catch {
-        failure = error
-        throw .ioError
-      }
-    }
-  } catch {
-    throw failure ?? CLIError("the sparse migration stream is malformed (\(error.name))")
   }
 }

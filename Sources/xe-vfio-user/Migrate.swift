@@ -4,6 +4,7 @@ import VFIODevice
 import VFIOUser
 import VFIOUserClient
 import VFIOUserServer
+import XeStream
 
 #if canImport(Glibc)
   import Glibc
@@ -169,8 +170,9 @@ struct Migrate: ParsableCommand {
     var state: UInt64 = 0
     while true {
       let n = try on(sourceEnd) { try source.migDataRead(into: input) }
-      try decode(&decoder, UnsafeRawBufferPointer(rebasing: input[0..<n])) {
-        switch $0 {
+      try decoder.decode(UnsafeRawBufferPointer(rebasing: input[0..<n])) {
+        (segment: XeStreamSegment) throws in
+        switch segment {
         case .data(let data):
           try writer.send(data)
           state += UInt64(data.count)

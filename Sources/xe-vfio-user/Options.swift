@@ -1,7 +1,9 @@
 import ArgumentParser
+import KernelVFIO
 import Logging
 import Synchronization
 import VFIOUser
+import XeVF
 
 #if canImport(Glibc)
   import Glibc
@@ -48,6 +50,23 @@ func formatBytes(_ bytes: UInt64) -> String {
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
 extension DMATransferLayout: ExpressibleByArgument {}
+extension MigrationChoice: ExpressibleByArgument {}
+
+/// `serve --profile`: a profile by its name, in any case (`XeProfile.named`).
+extension XeProfile: ExpressibleByArgument {
+  public init?(argument: String) {
+    guard let profile = XeProfile.named(argument) else { return nil }
+    self = profile
+  }
+
+  public static var allValueStrings: [String] { allProfiles.map(\.name) }
+  public var defaultValueDescription: String { name }
+}
+
+/// `serve --on-disconnect`: what a client's hang-up does to the device.
+enum DisconnectPolicy: String, CaseIterable, ExpressibleByArgument {
+  case reset, keep
+}
 
 /// Logs go to standard error, one line each, at the chosen level.
 ///

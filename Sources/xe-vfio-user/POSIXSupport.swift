@@ -123,3 +123,13 @@ extension String {
     }
   }
 }
+
+/// Whether two socket paths name one socket, however each is spelled (a
+/// symlink, a relative path): the same device and inode. Paths that do not
+/// exist are the same only when spelled the same.
+func sameSocket(_ a: String, _ b: String) -> Bool {
+  var first = stat()
+  var second = stat()
+  guard stat(a, &first) == 0, stat(b, &second) == 0 else { return a == b }
+  return first.st_dev == second.st_dev && first.st_ino == second.st_ino
+}

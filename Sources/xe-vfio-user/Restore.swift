@@ -1,9 +1,11 @@
 import ArgumentParser
+import Checkpoint
 import SystemPackage
 import VFIODevice
 import VFIOUser
 import VFIOUserClient
 import VFIOUserServer
+import XeStream
 
 #if canImport(Glibc)
   import Glibc
@@ -44,7 +46,9 @@ struct Restore: ParsableCommand {
     }
     let reader = SaveFileReader(input: fd, name: name)
     let header: SaveFileHeader
-    do { header = try reader.readHeader() } catch { throw CLIError("\(error)") }
+    do { header = try SaveFileHeader(json: reader.readHeader(), name: name) } catch {
+      throw CLIError("\(error)")
+    }
     let client = try connectServer(socketPath, option: "-s", sparse: true)
     let identity = try step(.identity) { try on(end) { try DeviceIdentity.read(from: client) } }
     if let why = header.identity.incompatibility(with: identity) {

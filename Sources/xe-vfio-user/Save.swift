@@ -1,4 +1,5 @@
 import ArgumentParser
+import Checkpoint
 import SystemPackage
 import VFIODevice
 import VFIOUser
@@ -74,10 +75,11 @@ struct Save: ParsableCommand {
       writer.sparseInput = client.sparseMigration
       try interruption.check()
       try out.write(
-        try writer.header(
-          SaveFileHeader(
+        writer.header(
+          json: try SaveFileHeader(
             identity: identity, estimatedBytes: estimate,
-            created: noTimestamp ? nil : try checkpointTimestamp(), source: socketPath)))
+            created: noTimestamp ? nil : try checkpointTimestamp(), source: socketPath
+          ).json()))
       try step(.stopCopy) { try on(end) { try client.setMigrationState(.stopCopy) } }
       stopped = true
       let progress = ProgressReporter(label: "saving", total: estimate, options: progressOptions)
@@ -89,7 +91,10 @@ struct Save: ParsableCommand {
       try writer.finish(to: out)
       progress.update(state: bytes, wire: out.bytesWritten, final: true)
       // A regular file records its length, so a restore can tell a cut-short copy at once.
-      if out.seekable { try out.patch(le(out.bytesWritten), at: SaveFormat.fileLengthOffset) }
+      if out.seekable {
+        try out.patch(
+          SaveFormat.fileLengthField(out.bytesWritten), at: SaveFormat.fileLengthOffset)
+      }
       try interruption.check()
       try out.commit()
       try step(.finishSave) { try on(end) { try client.setMigrationState(after) } }

@@ -1,3 +1,4 @@
+import Checkpoint
 import SystemPackage
 
 #if canImport(Glibc)
@@ -13,7 +14,7 @@ import SystemPackage
 /// replaced and the link stays. Anything else (a device such as /dev/null, a
 /// FIFO, a socket, stdout) is opened and written in place: it is never
 /// created, truncated, renamed over or removed.
-final class SaveOutput {
+final class SaveOutput: SaveFileSink {
   let name: String
   let fd: FileDescriptor
   /// The file being written and the path it becomes, for a regular file.

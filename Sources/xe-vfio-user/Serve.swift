@@ -51,10 +51,10 @@ struct Serve: ParsableCommand {
     help: ArgumentHelp(
       "How --device migrates: auto (the VF driver's data_fd if it has one, else the PF's debugfs controls), vfio, pf-debugfs or none.",
       valueName: "auto|vfio|pf-debugfs|none"))
-  var migration: String = "auto"
+  var migration: MigrationChoice = .auto
 
   @Option(help: "Device profile: bmg (discrete, with VRAM), ptl or wcl (integrated).")
-  var profile: String = "bmg"
+  var profile: XeProfile = .bmg
 
   @Option(help: "VRAM (BAR2) size for bmg: a power of two such as 256M or 4G.")
   var vramSize: ByteSize?
@@ -78,7 +78,7 @@ struct Serve: ParsableCommand {
     help: ArgumentHelp(
       "What a client's hang-up does to the device: reset (an FLR: a clean device, VRAM cleared, for the next client) or keep (its state stays, e.g. after `restore`: a source left in STOP_COPY is resumed, a device left in STOP stays stopped, only an incomplete restore is reset).",
       valueName: "reset|keep"))
-  var onDisconnect: String = "reset"
+  var onDisconnect: DisconnectPolicy = .reset
 
   @Option(help: "Permissions of the socket file, in octal (created 0600, then widened to this).")
   var socketMode: String = "0600"
@@ -133,20 +133,12 @@ struct Serve: ParsableCommand {
     if socketPath != nil, fd != nil {
       throw ValidationError("--socket-path and --fd are exclusive")
     }
-    guard XeProfile.named(profile) != nil else {
-      throw ValidationError(
-        "unknown profile '\(profile)'; choose \(XeProfile.allProfiles.map(\.name).joined(separator: ", "))"
-      )
-    }
     guard maxDataXferSize.bytes >= 4096,
       maxDataXferSize.bytes <= UInt64(ServerLimits.largestDataXferSize)
     else {
       throw ValidationError("--max-data-xfer-size must be between 4K and 64M")
     }
-    guard let choice = MigrationChoice(rawValue: migration) else {
-      throw ValidationError("--migration is auto, vfio, pf-debugfs or none")
-    }
-    if kernelDevice == nil, choice != .auto {
+    if kernelDevice == nil, migration != .auto {
       throw ValidationError(
         "--migration is for --device: the simulated VF migrates through its simulated PF")
     }
@@ -154,16 +146,13 @@ struct Serve: ParsableCommand {
       throw ValidationError("--vram-size is for the simulated VF; --device serves a real one")
     }
     if let vramSize {
-      guard profile == "bmg" else {
-        throw ValidationError("--vram-size is for bmg only (\(profile) has no VRAM)")
+      guard profile == .bmg else {
+        throw ValidationError("--vram-size is for bmg only (\(profile.name) has no VRAM)")
       }
       guard vramSize.bytes >= 1 << 20, vramSize.bytes & (vramSize.bytes - 1) == 0 else {
         throw ValidationError(
           "--vram-size must be a power of two of at least 1M, such as 256M or 4G")
       }
-    }
-    guard ["reset", "keep"].contains(onDisconnect) else {
-      throw ValidationError("--on-disconnect is reset or keep")
     }
     for user in allowUID where userID(user) == nil {
       throw ValidationError("--allow-uid: no user '\(user)'")
@@ -204,7 +193,7 @@ struct Serve: ParsableCommand {
     limits.maxDMAMaps = maxDMAMaps
     limits.maxMsgFDs = maxMsgFDs
     limits.dmaLayout = dmaLayout
-    limits.resetOnDisconnect = onDisconnect == "reset"
+    limits.resetOnDisconnect = onDisconnect == .reset
     limits.sparseMigration = !noSparseMigration
     limits.allowedUIDs = Set(allowUID.compactMap(userID))
     limits.allowedGIDs = Set(allowGID.compactMap(groupID))
@@ -215,7 +204,7 @@ struct Serve: ParsableCommand {
     var record: ServedRecord?
     if let kernelDevice {
       let opened = try openKernelDevice(
-        kernelDevice, migration: MigrationChoice(rawValue: migration)!, logger: logger,
+        kernelDevice, migration: migration, logger: logger,
         limits: limits)
       (backend, served) = (opened.backend, opened.description)
       record = ServedRecord(
@@ -226,7 +215,6 @@ struct Serve: ParsableCommand {
       // Before listening: a second server of the device stops here.
       if let warning = try record!.claim() { logger.warning("\(warning)") }
     } else {
-      let profile = XeProfile.named(profile)!
       let device: SimulatedXeVF
       do {
         device = try SimulatedXeVF(profile: profile, vramSize: vramSize?.bytes, logger: logger)

@@ -1,34 +1,13 @@
 import CVFIOUser
+import Checkpoint
 import Foundation
 import Testing
 import VFIOUser
 import VFIOUserClient
 
-/// The records of a save file (format 3): where each starts, its kind, body
-/// length and stream length, as protocol/save-format.md lays them out.
-struct SavedRecord {
-  var offset: Int
-  var kind: UInt8
-  var bodyLength: Int
-  var streamLength: Int
-}
-
-func u32(_ bytes: Data, _ at: Int) -> Int {
-  (0..<4).reduce(0) { $0 | Int(bytes[bytes.startIndex + at + $1]) << (8 * $1) }
-}
-
-func savedRecords(_ bytes: Data) -> [SavedRecord] {
-  var at = 32 + u32(bytes, 12)
-  var records: [SavedRecord] = []
-  while at + 16 <= bytes.count {
-    let record = SavedRecord(
-      offset: at, kind: bytes[bytes.startIndex + at + 12], bodyLength: u32(bytes, at),
-      streamLength: u32(bytes, at + 8))
-    records.append(record)
-    if record.kind == 4 { break }
-    at += 16 + record.bodyLength
-  }
-  return records
+/// The records of a save file, where each starts and what it holds.
+func savedRecords(_ bytes: Data) throws -> [SaveRecordHeader] {
+  try SaveRecordHeader.records(of: Array(bytes))
 }
 
 @Suite("checkpoints skip empty VRAM and compress what pays", .serialized)
@@ -112,22 +91,22 @@ struct CheckpointContainerTests {
     #expect(save.stderr.contains("on the wire"), "\(save.stderr)")
     let bytes = try Data(contentsOf: URL(fileURLWithPath: file))
     #expect(bytes[8] == 3)
-    let records = savedRecords(bytes)
+    let records = try savedRecords(bytes)
     let stream = records.reduce(0) { $0 + $1.streamLength }
     #expect(stream > vram)
     switch content {
     case .empty:
       // Only the non-VRAM packets (GuC, GGTT, ...) are left, and they compress.
       #expect(bytes.count < 64 << 10, "\(bytes.count) bytes")
-      #expect(records.contains { $0.kind == 2 })
+      #expect(records.contains { $0.kind == .zeros })
     case .sparse:
       // The random MiB is stored; the pattern pages compress; the rest is zero records.
       #expect(bytes.count < (1 << 20) + (256 << 10), "\(bytes.count) bytes")
-      #expect(records.contains { $0.kind == 1 } && records.contains { $0.kind == 3 })
+      #expect(records.contains { $0.kind == .stored } && records.contains { $0.kind == .zstd })
     case .random:
       // Nothing to skip and nothing that compresses: the container costs only its headers.
       #expect(bytes.count < stream + stream / 100, "\(bytes.count) of \(stream)")
-      #expect(!records.contains { $0.kind == 2 })
+      #expect(!records.contains { $0.kind == .zeros })
     }
     waitIdle(source)
     let restore = try run(["restore", "-s", first.socketPath, "-i", file, "--progress"])
@@ -166,7 +145,8 @@ struct CheckpointContainerTests {
 
   @Test func noCompressStoresEveryByte() throws {
     try withStoredCheckpoint { bytes in
-      #expect(savedRecords(bytes).dropLast().allSatisfy { $0.kind == 1 })
+      let records = try savedRecords(bytes)
+      #expect(records.dropLast().allSatisfy { $0.kind == .stored })
       return bytes
     }
   }
@@ -174,25 +154,7 @@ struct CheckpointContainerTests {
   /// A version 2 checkpoint (8-byte record headers, no kinds), as saved before
   /// version 3, built from a stored-only version 3 file: it still restores.
   @Test func versionTwoFilesStillRestore() throws {
-    try withStoredCheckpoint { versionTwo(of: $0) }
-  }
-
-  /// The same checkpoint in format 2: version field 2, 8-byte record headers, the CRC over data only.
-  func versionTwo(of v3: Data) -> Data {
-    let jsonEnd = 32 + u32(v3, 12)
-    var v2 = Data(v3.prefix(jsonEnd))
-    v2[8] = 2
-    for i in 24..<32 { v2[i] = 0 }  // file length: unknown, as from a pipe
-    var crc = UInt32(u32(v3, 16))
-    for record in savedRecords(v3) {
-      let body = Data(v3[(record.offset + 16)..<(record.offset + 16 + record.bodyLength)])
-      crc = body.withUnsafeBytes { cvfu_crc32c(crc, $0.baseAddress, $0.count) }
-      let length = record.kind == 4 ? 0 : UInt32(record.bodyLength)
-      v2 += withUnsafeBytes(of: length.littleEndian) { Data($0) }
-      v2 += withUnsafeBytes(of: crc.littleEndian) { Data($0) }
-      v2 += body
-    }
-    return v2
+    try withStoredCheckpoint { Data(try SaveFormat.versionTwo(of: Array($0))) }
   }
 }
 
@@ -216,25 +178,25 @@ struct DamagedContainerTests {
 
   @Test func eachKindOfRecordIsCoveredByTheChain() throws {
     try damaged.withCheckpoint { bytes, destination in
-      let records = savedRecords(bytes)
-      let zstd = try #require(records.first { $0.kind == 3 && $0.bodyLength > 8 })
-      let zeros = try #require(records.first { $0.kind == 2 })
+      let records = try savedRecords(bytes)
+      let zstd = try #require(records.first { $0.kind == .zstd && $0.bodyLength > 8 })
+      let zeros = try #require(records.first { $0.kind == .zeros })
       // A bit flipped inside a compressed frame: caught before it is expanded.
       var frame = bytes
-      frame[zstd.offset + 16 + zstd.bodyLength / 2] ^= 0x10
+      frame[Int(zstd.start) + 16 + zstd.bodyLength / 2] ^= 0x10
       try expectRefused(frame, "checksum mismatch in the record", into: destination)
       // A zero run made longer: its stream length is under the CRC too.
       var longer = bytes
-      longer[zeros.offset + 9] ^= 0x01
+      longer[Int(zeros.start) + 9] ^= 0x01
       try expectRefused(longer, "checksum mismatch in the record", into: destination)
       // A record of a kind this version does not know.
       var unknown = bytes
-      unknown[zeros.offset + 12] = 9
+      unknown[Int(zeros.start) + 12] = 9
       try expectRefused(unknown, "damaged record header", into: destination)
       // A stored record that claims to be compressed: its CRC no longer matches.
       var relabelled = bytes
-      let stored = try #require(records.first { $0.kind == 1 })
-      relabelled[stored.offset + 12] = 3
+      let stored = try #require(records.first { $0.kind == .stored })
+      relabelled[Int(stored.start) + 12] = 3
       try expectRefused(relabelled, "checksum mismatch in the record", into: destination)
     }
   }

@@ -1,4 +1,5 @@
 import CVFIOUser
+import Checkpoint
 import Foundation
 import Testing
 import VFIODevice
@@ -458,8 +459,8 @@ struct DamagedCheckpointTests {
     try withCheckpoint { original, destination in
       var bytes = original
       // Inside the largest record's body (a damaged header is a different message).
-      let record = try #require(savedRecords(original).max { $0.bodyLength < $1.bodyLength })
-      let at = record.offset + 16 + record.bodyLength / 2
+      let record = try #require(try savedRecords(original).max { $0.bodyLength < $1.bodyLength })
+      let at = Int(record.start) + 16 + record.bodyLength / 2
       for i in 0..<4 { bytes[at + i] ^= 0xA5 }
       // A regular file is checked whole first: the device keeps its own state.
       let result = try restore(bytes, into: destination)
@@ -507,14 +508,10 @@ struct DamagedCheckpointTests {
       #expect(badHeader.stderr.contains("header checksum mismatch"), "\(badHeader.stderr)")
       try expectNotRestored(destination, untouched: true)
       // Two records swapped: each is intact, but the chain is not.
-      let jsonLength = Int(bytes[12]) | Int(bytes[13]) << 8 | Int(bytes[14]) << 16
-      let first = 32 + jsonLength
-      func recordLength(_ at: Int) -> Int {
-        Int(bytes[at]) | Int(bytes[at + 1]) << 8 | Int(bytes[at + 2]) << 16 | Int(bytes[at + 3])
-          << 24
-      }
-      let second = first + 16 + recordLength(first)
-      let third = second + 16 + recordLength(second)
+      let records = try savedRecords(bytes)
+      let (first, second, third) = (
+        Int(records[0].start), Int(records[1].start), Int(records[2].start)
+      )
       var swapped = bytes.prefix(first)
       swapped += bytes[second..<third]
       swapped += bytes[first..<second]

@@ -191,7 +191,9 @@ struct ServeProcessTests {
   @Test func badArgumentsGiveAClearError() throws {
     let profile = try run(["serve", "--profile", "xyz"])
     #expect(profile.status != 0)
-    #expect(profile.stderr.contains("unknown profile 'xyz'"))
+    // The parser names the value, the option and every profile.
+    #expect(profile.stderr.contains("The value 'xyz' is invalid for '--profile <profile>'"))
+    #expect(profile.stderr.contains("Please provide one of 'bmg', 'ptl' or 'wcl'"))
     let vram = try run(["serve", "--socket-path", "/tmp/xvu-bad.sock", "--vram-size", "300M"])
     #expect(vram.status != 0)
     #expect(vram.stderr.contains("power of two"))

@@ -7,6 +7,7 @@ import VFIOUser
 import VFIOUserClient
 import VFIOUserServer
 import VFIOUserSocket
+import XeStream
 import XeVF
 
 /// MIG_DATA_WRITE's VRAM payload is received straight into VRAM

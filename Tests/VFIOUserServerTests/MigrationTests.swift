@@ -5,6 +5,7 @@ import VFIODevice
 import VFIOUser
 import VFIOUserClient
 import VFIOUserServer
+import XeStream
 
 /// A byte stream over an array: the "save" side hands out `data` (at most
 /// `maxRead` per call), the "restore" side collects what it is given (at most
@@ -57,7 +58,7 @@ final class MigratingTestDevice: TestDevice, MigrationCapable {
   var flags: MigrationFlags = [.stopCopy, .p2p]
   /// Stands for an Xe VF's data_fd (a sink that takes any bytes), so a
   /// connection may negotiate the sparse form with it.
-  var streamIsXePackets: Bool { true }
+  var sparseStreamTransform: (any MigrationStreamTransform)? { SparseMigration.transform }
   /// Where the last arc left the device.
   var state = MigrationState.running
   /// `migrationFailed` stopped the device: ERROR until a reset.

@@ -6,6 +6,7 @@ import VFIODevice
 import VFIOUser
 import VFIOUserClient
 import VFIOUserServer
+import XeStream
 import XeVF
 
 /// The sparse migration stream (protocol/sparse-migration.md) over the real

@@ -5,6 +5,7 @@ import VFIODevice
 import VFIOUser
 import VFIOUserClient
 import VFIOUserServer
+import XeStream
 import XeVF
 
 /// Issue 10, migration-stream corruption: a real save of a simulated BMG VF,

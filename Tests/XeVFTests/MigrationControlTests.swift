@@ -2,6 +2,7 @@ import Foundation
 import SystemPackage
 import Testing
 import VFIODevice
+import XeStream
 
 @testable import XeVF
 

@@ -1,5 +1,6 @@
 import SystemPackage
 import Testing
+import XeStream
 
 @testable import XeVF
 

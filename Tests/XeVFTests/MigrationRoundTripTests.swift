@@ -4,6 +4,7 @@ import SystemPackage
 import Testing
 import VFIODevice
 import VFIOUser
+import XeStream
 
 @testable import XeVF
 

@@ -1,6 +1,7 @@
 import SystemPackage
 import VFIODevice
 import VFIOUser
+import XeStream
 
 /// The save `data_fd` of STOP_COPY: reads the PF's packet stream
 /// (`xe_sriov_pf_migration_read`). Used on the device's thread only.
@@ -180,8 +181,7 @@ final class XeRestoreStream: MigrationSink {
     guard let header, header.type == .vram, count > 0, !closed, error == nil,
       unproduced == nil
     else {
-      let zeros = SparseMigration.zeroPage
-      return try write(UnsafeRawBufferPointer(rebasing: zeros[0..<min(count, zeros.count)]))
+      return try writeZerosAsBytes(count)
     }
     try pf.locked { () throws(Errno) in try pf.check(stream: id) }
     let n = Int(min(UInt64(count), header.size - received))

@@ -1,3 +1,5 @@
+import XeStream
+
 /// One packet as the PF holds it in a ring: the header and its payload.
 struct PFPacket: Sendable {
   enum Payload: Sendable {

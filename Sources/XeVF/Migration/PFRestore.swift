@@ -1,4 +1,5 @@
 import SystemPackage
+import XeStream
 
 extension SimulatedPF {
   // MARK: Control

@@ -1,4 +1,5 @@
 import SystemPackage
+import XeStream
 
 /// The reader's side of a save: `xe_sriov_pf_migration_read` (protocol/xe-kernel-facts.md §6.2).
 struct SaveCursor {

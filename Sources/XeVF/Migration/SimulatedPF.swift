@@ -1,6 +1,7 @@
 import Logging
 import SystemPackage
 import VFIODevice
+import XeStream
 
 /// The PF side of one simulated VF: the per-GT control state machine of
 /// `xe_gt_sriov_pf_control.c`, the migration rings and the GuC it talks to
@@ -473,7 +474,7 @@ public final class SimulatedPF: @unchecked Sendable {
 
   /// The kernel's reaction to a failed H2G: EBUSY requeues, EIO means the
   /// GuC rejected it (MISMATCH, then failed), anything else just fails.
-  private func sendFailed(_ g: Int, _ error: Errno, retry: PFState, failed: PFState) {
+  func sendFailed(_ g: Int, _ error: Errno, retry: PFState, failed: PFState) {
     switch error {
     case .resourceBusy:
       enterExpecting(g, retry)
@@ -482,102 +483,6 @@ public final class SimulatedPF: @unchecked Sendable {
       if error == .ioError { enterMismatch(g) }
       enter(g, failed)
       exitWIP(g)
-    }
-  }
-
-  // MARK: FLR
-
-  /// `xe_gt_sriov_pf_control_prepare_flr`: the VFIO driver's reset_prepare,
-  /// before the hardware FLR, so `wait_flr` cannot miss a late notification.
-  public func prepareFLR(gt g: Int) throws(Errno) {
-    try locked { () throws(Errno) in
-      startWorkers()
-      guard enter(g, .flrWIP) else { throw .alreadyInProcess }
-      enterWIP(g)
-      enter(g, .flrPrepare)
-    }
-  }
-
-  /// `pf_begin_vf_flr`, on the GuC's NOTIFY_VF_FLR.
-  func beginFLR(_ g: Int) -> Errno? {
-    if enter(g, .flrWIP) {
-      enterWIP(g)
-    } else if !exit(g, .flrPrepare) {
-      return .alreadyInProcess
-    }
-    enterExpecting(g, .flrSendStart)
-    queue(g)
-    return nil
-  }
-
-  /// `xe_gt_sriov_pf_control_wait_flr`.
-  public func waitFLR(gt g: Int) throws(Errno) {
-    try locked { () throws(Errno) in
-      if has(g, .flrFailed) { throw .ioError }
-      guard has(g, .flrWIP) else { return }
-      guard waitDone(g, timingValue.flr) else { throw .timedOut }
-      if has(g, .flrFailed) { throw .ioError }
-    }
-  }
-
-  private func exitFLRWIP(_ g: Int) {
-    guard exit(g, .flrWIP) else { return }
-    gts[g].state.subtract([
-      .flrPrepare, .flrSendFinish, .flrResetMMIO, .flrResetData, .flrResetConfig, .flrGuCDone,
-      .flrWaitGuC, .flrSendStart,
-    ])
-    syncFLR()
-  }
-
-  private func exitFLRSendStart(_ g: Int) -> Bool {
-    guard exit(g, .flrSendStart) else { return false }
-    enterExpecting(g, .flrWaitGuC)
-    if let error = guc(.flrStart, gt: g) {
-      exit(g, .flrWaitGuC)
-      sendFailed(g, error, retry: .flrSendStart, failed: .flrFailed)
-    } else {
-      exitMismatch(g)
-      if !gucSilent(.flrStart, gt: g) { schedule(.flrDone, gt: g, after: timingValue.gucLatency) }
-    }
-    return true
-  }
-
-  private func exitFLRGuCDone(_ g: Int) -> Bool {
-    guard exit(g, .flrGuCDone) else { return false }
-    enterExpecting(g, .flrSync)
-    syncFLR()
-    return true
-  }
-
-  /// RESET_CONFIG → RESET_DATA → RESET_MMIO → SEND_FINISH. The device itself
-  /// cleared its registers at the hardware FLR; these steps are bookkeeping.
-  private func exitFLRStep(_ g: Int, _ step: PFState, next: PFState) -> Bool {
-    guard exit(g, step) else { return false }
-    enterExpecting(g, next)
-    queue(g)
-    return true
-  }
-
-  private func exitFLRSendFinish(_ g: Int) -> Bool {
-    guard exit(g, .flrSendFinish) else { return false }
-    if let error = guc(.flrFinish, gt: g) {
-      sendFailed(g, error, retry: .flrSendFinish, failed: .flrFailed)
-    } else {
-      enterReady(g)
-    }
-    return true
-  }
-
-  /// `xe_sriov_pf_control_sync_flr`: the checkpoint every GT reaches before
-  /// any leaves FLR_SYNC.
-  private func syncFLR() {
-    for g in gts.indices {
-      if has(g, .flrSync) { continue }
-      if has(g, .flrWIP) || has(g, .flrFailed) { return }
-    }
-    for g in gts.indices where exit(g, .flrSync) {
-      enterExpecting(g, .flrResetConfig)
-      queue(g)
     }
   }
 

@@ -1,6 +1,7 @@
 import SystemPackage
 import VFIODevice
 import VFIOUser
+import XeStream
 
 /// The device's side of migration: where its VFIO migration state is, and
 /// the knobs a save reads.
@@ -34,7 +35,9 @@ extension SimulatedXeVF: MigrationCapable {
   /// xe has no PRE_COPY: no dirty tracking in the hardware.
   public var migrationFlags: MigrationFlags { [.stopCopy, .p2p] }
 
-  public var streamIsXePackets: Bool { true }
+  public var sparseStreamTransform: (any MigrationStreamTransform)? {
+    SparseMigration.transform
+  }
 
   public func migrationStep(from: MigrationState, to: MigrationState) throws(Errno)
     -> MigrationStream?

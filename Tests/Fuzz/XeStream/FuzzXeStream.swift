@@ -3,6 +3,7 @@ import Logging
 import SystemPackage
 import VFIODevice
 import VFIOUser
+import XeStream
 import XeVF
 
 #if canImport(Glibc)

@@ -1,5 +1,6 @@
 import CVFIOUser
 import SystemPackage
+import VFIODevice
 import VFIOUser
 
 /// The sparse form of the Xe migration stream (protocol/sparse-migration.md),
@@ -23,58 +24,24 @@ public enum SparseMigration {
     case zeros = 2
   }
 
-  /// A piece of the expanded stream.
-  public enum Segment {
-    case data(UnsafeRawBufferPointer)
-    case zeros(Int)
-  }
-
   /// The 8 bytes of a segment header.
   public static func segmentHeader(_ kind: SegmentKind, length: Int) -> UInt64 {
     UInt64(kind.rawValue) | UInt64(UInt32(length)) << 32
   }
 
-  /// Zeros for writing zero runs out as bytes (64 KiB a write).
-  public static var zeroPage: UnsafeRawBufferPointer {
-    UnsafeRawBufferPointer(rebasing: ZeroMemory.bytes[0..<(64 << 10)])
-  }
-}
+  /// How the engine carries a device's Xe packet stream in this form: the
+  /// transform the simulated VF and the kernel backends with an Xe PF offer.
+  public static let transform: any MigrationStreamTransform = Transform()
 
-/// Follows the Xe packet headers (24 bytes: type u8 at 1, payload size u64 at
-/// 16) of a stream going by in pieces of any size.
-struct XePacketFraming {
-  static let headerSize = 24
-  static let vramType: UInt8 = 6
-  private var header = (UInt64(0), UInt64(0), UInt64(0))
-  private var headerCount = 0
-  /// Payload bytes of the current packet still to come (0 between packets).
-  private(set) var payloadLeft: UInt64 = 0
-  /// The current packet is a VRAM packet.
-  private(set) var inVRAM = false
-
-  var inPayload: Bool { payloadLeft > 0 }
-  /// Bytes of the current packet header still to come (between packets).
-  var headerBytesLeft: Int { Self.headerSize - headerCount }
-  /// Nothing of a packet is cut: the stream may end here.
-  var atBoundary: Bool { payloadLeft == 0 && headerCount == 0 }
-
-  /// Takes header bytes from the front of `bytes`; returns how many.
-  mutating func takeHeader(_ bytes: UnsafeRawBufferPointer) -> Int {
-    let n = min(Self.headerSize - headerCount, bytes.count)
-    withUnsafeMutableBytes(of: &header) {
-      UnsafeMutableRawBufferPointer(rebasing: $0[headerCount..<(headerCount + n)]).copyMemory(
-        from: UnsafeRawBufferPointer(rebasing: bytes[0..<n]))
+  private struct Transform: MigrationStreamTransform {
+    func encoding(_ source: any MigrationSource) -> any EncodingMigrationSource {
+      SparseMigrationSource(source)
     }
-    headerCount += n
-    if headerCount == Self.headerSize {
-      headerCount = 0
-      payloadLeft = UInt64(littleEndian: header.2)
-      inVRAM = UInt8(truncatingIfNeeded: UInt64(littleEndian: header.0) >> 8) == Self.vramType
-    }
-    return n
-  }
 
-  mutating func consumePayload(_ count: Int) { payloadLeft -= UInt64(count) }
+    func decoding(into sink: any MigrationSink) -> any DecodingMigrationSink {
+      SparseMigrationSink(sink)
+    }
+  }
 }
 
 /// Reads the sparse form: hands on the expanded stream as data pieces and
@@ -120,7 +87,7 @@ public struct SparseStreamDecoder {
   /// calling `emit` with the expanded stream in order. An error from `emit`
   /// also ends the stream.
   public mutating func decode(
-    _ bytes: UnsafeRawBufferPointer, _ emit: (SparseMigration.Segment) throws(Errno) -> Void
+    _ bytes: UnsafeRawBufferPointer, _ emit: (XeStreamSegment) throws(Errno) -> Void
   ) throws(Errno) {
     if let failure { throw failure }
     do throws(Errno) {
@@ -157,7 +124,25 @@ public struct SparseStreamDecoder {
     }
   }
 
-  private mutating func beginSegment(_ emit: (SparseMigration.Segment) throws(Errno) -> Void)
+  /// `decode` for a caller whose `emit` throws any error: that error comes
+  /// out as it was; a malformed stream is `MalformedSparseStream`.
+  public mutating func decode(
+    _ bytes: UnsafeRawBufferPointer, _ emit: (XeStreamSegment) throws -> Void
+  ) throws {
+    var failure: (any Error)?
+    do throws(Errno) {
+      try decode(bytes) { segment throws(Errno) in
+        do { try emit(segment) } catch {
+          failure = error
+          throw .ioError
+        }
+      }
+    } catch {
+      throw failure ?? MalformedSparseStream(errno: error)
+    }
+  }
+
+  private mutating func beginSegment(_ emit: (XeStreamSegment) throws(Errno) -> Void)
     throws(Errno)
   {
     let word = UInt64(littleEndian: segmentHeader)
@@ -176,6 +161,12 @@ public struct SparseStreamDecoder {
   }
 }
 
+/// A sparse stream that breaks the form's rules (EINVAL): it cannot be resynchronised.
+public struct MalformedSparseStream: Error, CustomStringConvertible {
+  public var errno: Errno
+  public var description: String { "the sparse migration stream is malformed (\(errno.name))" }
+}
+
 /// Writes the sparse form from the expanded stream given as data pieces and
 /// zero runs (a checkpoint's records): data inside a VRAM payload gets a
 /// data segment header, a zero run inside one becomes a zero segment, and
@@ -191,7 +182,7 @@ public struct SparseStreamBuilder {
 
   /// Appends `segment`, calling `write` with the sparse bytes in order.
   public mutating func append(
-    _ segment: SparseMigration.Segment, _ write: (UnsafeRawBufferPointer) throws -> Void
+    _ segment: XeStreamSegment, _ write: (UnsafeRawBufferPointer) throws -> Void
   ) rethrows {
     switch segment {
     case .data(var rest):
@@ -215,9 +206,9 @@ public struct SparseStreamBuilder {
           framing.consumePayload(n)
           left -= n
         } else {
-          let n = min(left, SparseMigration.zeroPage.count)
+          let n = min(left, ZeroMemory.chunk.count)
           try append(
-            .data(UnsafeRawBufferPointer(rebasing: SparseMigration.zeroPage[0..<n])), write)
+            .data(UnsafeRawBufferPointer(rebasing: ZeroMemory.chunk[0..<n])), write)
           left -= n
         }
       }
@@ -238,7 +229,7 @@ public struct SparseStreamBuilder {
 /// is, zero runs through `MigrationSink.writeZeros`, so a device that can
 /// zero its memory cheaply never sees the zero bytes. The device's stream
 /// sees exactly the Xe packets the source's PF produced.
-public final class SparseMigrationSink: MigrationSink {
+public final class SparseMigrationSink: DecodingMigrationSink {
   public let inner: any MigrationSink
   private var decoder = SparseStreamDecoder()
 
@@ -299,7 +290,7 @@ public final class SparseMigrationSink: MigrationSink {
 ///
 /// Every reply is filled, as the raw stream's are, so a short one still
 /// means the end.
-public final class SparseMigrationSource: MigrationSource {
+public final class SparseMigrationSource: EncodingMigrationSource {
   public let inner: any MigrationSource
   private var framing = XePacketFraming()
   private let staging: UnsafeMutableRawBufferPointer
@@ -429,16 +420,5 @@ public final class SparseMigrationSource: MigrationSource {
     } else {
       dataLeft = length
     }
-  }
-}
-
-extension MigrationSink {
-  /// Hands the device `count` zero bytes of the stream; returns how many it
-  /// took (at least 1 unless it throws), as `write` does. The default writes
-  /// them out (a kernel `data_fd` takes bytes); a device that can zero its
-  /// memory without them (the simulated VF's memfd VRAM) does that instead.
-  public func writeZeros(_ count: Int) throws(Errno) -> Int {
-    let zeros = SparseMigration.zeroPage
-    return try write(UnsafeRawBufferPointer(rebasing: zeros[0..<min(count, zeros.count)]))
   }
 }
