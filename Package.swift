@@ -152,6 +152,14 @@ let package = Package(
     .testTarget(
       name: "VFIOUserTests", dependencies: ["VFIOUser"],
       swiftSettings: strict),
+    // The framer on byte arrays and the channel over memory: no sockets, no threads.
+    .testTarget(
+      name: "VFIOUserSocketTests",
+      dependencies: [
+        "VFIOUserSocket", "VFIOUser", "CVFIOUser",
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
+      swiftSettings: strict),
     // The device interface's helpers on their own: interrupt emulation, SET_IRQS
     // checks, the migration walk and its stream handling.
     .testTarget(
