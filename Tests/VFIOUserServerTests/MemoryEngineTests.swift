@@ -10,28 +10,6 @@ import VFIOUserSocket
   import Glibc
 #endif
 
-/// A pipe whose write end the test gives the server: `writerClosed` says
-/// whether every copy of it is closed, whatever number it had.
-final class WriterProbe: @unchecked Sendable {
-  let reader: Int32
-  let writer: FileDescriptor
-
-  init() {
-    var ends: [Int32] = [-1, -1]
-    precondition(pipe(&ends) == 0)
-    reader = ends[0]
-    writer = FileDescriptor(rawValue: ends[1])
-    _ = fcntl(reader, F_SETFL, O_NONBLOCK)
-  }
-
-  var writerClosed: Bool {
-    var byte: UInt8 = 0
-    return read(reader, &byte, 1) == 0
-  }
-
-  deinit { _ = close(reader) }
-}
-
 /// The engine over `MemoryTransport`: a whole connection served on the
 /// test's thread, with no socket, what the client sends queued up front
 /// and the replies read back from memory.
@@ -61,6 +39,11 @@ struct MemoryEngineTests {
       RegionAccessHeader(offset: offset, region: region, count: count).encode(into: $0)
     }
     return bytes
+  }
+
+  /// A copy of the file's descriptor, as the client's kernel would pass it.
+  static func copy(of file: GuestFile) -> OwnedFileDescriptors {
+    OwnedFileDescriptors(taking: [FileDescriptor(rawValue: dup(file.fd))])
   }
 
   /// Splits what the server sent into (header, payload) pairs.
@@ -103,7 +86,7 @@ struct MemoryEngineTests {
   /// request that is refused gets no reply.
   @Test func admissionRefusesInOrder() throws {
     let memory = MemoryTransport()
-    let probe = WriterProbe()
+    let file = GuestFile(size: 4096)
     let info: [UInt8] = [16] + [UInt8](repeating: 0, count: 15)  // argsz 16
     memory.deliver(Self.message(1, .deviceGetInfo, info))  // before VERSION
     memory.deliver(encodeMessage(id: 2, command: 99, payload: []))  // unknown
@@ -112,7 +95,7 @@ struct MemoryEngineTests {
     memory.deliver(Self.message(5, .deviceGetInfo, flags: 0x7, info))  // type bits 7
     memory.deliver(
       Self.message(6, .deviceGetInfo, info),
-      descriptors: OwnedFileDescriptors(taking: [probe.writer]))
+      descriptors: Self.copy(of: file))
     memory.deliver(Self.message(7, .deviceGetInfo, flags: MessageHeader.noReplyFlag | 0x20, info))
     memory.deliver(Self.message(8, .deviceGetInfo, info))
     memory.hangUp()
@@ -124,7 +107,7 @@ struct MemoryEngineTests {
         .invalidArgument, .noFunction, nil, .invalidArgument, .invalidArgument, .invalidArgument,
         nil,
       ])
-    #expect(probe.writerClosed, "the descriptor DEVICE_GET_INFO does not take was closed")
+    #expect(file.openDescriptors == 1, "the descriptor DEVICE_GET_INFO does not take was closed")
   }
 
   /// Half a message and then silence disconnects the client once the bound
@@ -147,7 +130,7 @@ struct MemoryEngineTests {
   /// when the window is unmapped; a refused one is closed before the reply.
   @Test func dmaMapDescriptorsAreOwnedOnce() throws {
     let memory = MemoryTransport()
-    let refused = WriterProbe()  // a pipe is no memory file: EBADF
+    let refused = GuestFile(size: 0x800)  // shorter than the window: EINVAL
     memory.deliver(Self.version)
     var map = [UInt8](repeating: 0, count: DMAMapRequest.size)
     map.withUnsafeMutableBytes {
@@ -155,14 +138,14 @@ struct MemoryEngineTests {
         .encode(into: $0)
     }
     memory.deliver(
-      Self.message(2, .dmaMap, map), descriptors: OwnedFileDescriptors(taking: [refused.writer]))
+      Self.message(2, .dmaMap, map), descriptors: Self.copy(of: refused))
     memory.whenIdle = { memory in
       // Answered only once the refusal is out: the descriptor must be closed by then.
-      #expect(refused.writerClosed)
+      #expect(refused.openDescriptors == 1)
       memory.hangUp()
     }
     #expect(Self.server().serve(memory: memory) == .clientClosed)
     let replies = try Self.replies(memory.sent)
-    #expect(replies.map(\.0.error) == [0, UInt32(EBADF)])
+    #expect(replies.map(\.0.error) == [0, UInt32(EINVAL)])
   }
 }
