@@ -59,7 +59,8 @@ public final class MessageChannel {
   /// When the message now partly buffered began to be waited for (ms, monotonic), or 0.
   private var partialSince: Int64 = 0
   /// Where one recvmsg puts the descriptors it brings, until they are owned.
-  private var scratchFDs = [Int32](repeating: -1, count: Int(CVFU_SCM_MAX_FD))
+  private let scratchFDs = UnsafeMutableBufferPointer<Int32>.allocate(
+    capacity: Int(CVFU_SCM_MAX_FD))
 
   /// - Parameters:
   ///   - capacity: receive buffer bytes; must hold the largest accepted message.
@@ -74,6 +75,8 @@ public final class MessageChannel {
     framer = MessageFramer(capacity: capacity, maxMessageSize: maxMessageSize)
     transport = .memory(memory)
   }
+
+  deinit { scratchFDs.deallocate() }
 
   /// The socket, lent (nil over memory); it stays the number it was after `close()`.
   public var descriptor: FileDescriptor? {
@@ -268,15 +271,12 @@ public final class MessageChannel {
     let bounded = partialMessageTimeoutMilliseconds > 0 && partial
     if !bounded { partialSince = 0 }
     var count: Int32 = 0
-    let n = scratchFDs.withUnsafeMutableBufferPointer { fds in
-      var n = transport.receive(
-        into: space, descriptors: fds, descriptorCount: &count, dontWait: bounded)
-      if bounded, -n == EAGAIN {
-        do throws(Errno) { try waitForRestOfMessage() } catch { return -Int(error.rawValue) }
-        n = transport.receive(
-          into: space, descriptors: fds, descriptorCount: &count, dontWait: false)
-      }
-      return n
+    var n = transport.receive(
+      into: space, descriptors: scratchFDs, descriptorCount: &count, dontWait: bounded)
+    if bounded, -n == EAGAIN {
+      try waitForRestOfMessage()
+      n = transport.receive(
+        into: space, descriptors: scratchFDs, descriptorCount: &count, dontWait: false)
     }
     if n < 0 {
       if -n == ECONNRESET || -n == EPIPE { return false }

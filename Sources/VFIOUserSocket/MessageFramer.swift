@@ -345,6 +345,7 @@ public struct MessageFramer: ~Copyable {
   }
 
   /// The free tail of the buffer a read may fill, up to `limit` bytes.
+  @inline(__always)
   private mutating func readSpace(limit: Int = .max) -> (
     space: UnsafeMutableRawBufferPointer, partial: Bool
   ) {
@@ -364,6 +365,7 @@ public struct MessageFramer: ~Copyable {
   /// with `partedReceive` set, what completes the message being assembled
   /// and `readAhead` more, so that a parted message's payload is not
   /// swallowed into the buffer with the messages before it.
+  @inline(__always)
   private var readLimit: Int {
     guard let parted = partedReceive else { return .max }
     guard state.discardRemaining == 0,
@@ -379,6 +381,7 @@ public struct MessageFramer: ~Copyable {
 
   /// Whether the message with `header` at stream `position` is one to offer
   /// parted (unless it was offered already and declined).
+  @inline(__always)
   private func offersParted(_ header: MessageHeader, at position: UInt64) -> Bool {
     guard let parted = partedReceive else { return false }
     return header.command == parted.command && header.isCommand
