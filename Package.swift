@@ -56,12 +56,15 @@ let package = Package(
     .systemLibrary(
       name: "CZstd", pkgConfig: "libzstd",
       providers: [.apt(["libzstd-dev"])]),
-    // Wire format only: header, commands, payload codecs, capability JSON. No I/O.
+    // Wire format only: header, commands, payload codecs, capability JSON. No I/O
+    // but closing: the owning descriptor types live here, below both the socket
+    // layer and the device interface.
     .target(
       name: "VFIOUser",
       dependencies: ["CJSONC", .product(name: "SystemPackage", package: "swift-system")],
       swiftSettings: hotPath),
-    // Unix stream socket framing with fd passing, shared by server and client.
+    // The message framer (no I/O) and the transports it is fed by: a Unix stream
+    // socket with fd passing, or memory for tests. Shared by server and client.
     .target(
       name: "VFIOUserSocket",
       dependencies: [
