@@ -40,8 +40,6 @@ public final class MemoryTransport {
   public private(set) var sentDescriptors: [(offset: Int, descriptors: [Int32])] = []
   /// Runs when the channel would wait for input, before it does.
   public var whenIdle: ((MemoryTransport) -> Void)?
-  /// Waits for input the channel made, answered or not (`whenIdle` runs on each).
-  public private(set) var waits = 0
 
   public init() {}
 
@@ -53,33 +51,17 @@ public final class MemoryTransport {
   /// Queues one send of the client's: `bytes` with `descriptors` (which the
   /// transport owns until the channel reads them).
   public func deliver(_ bytes: [UInt8], descriptors: consuming OwnedFileDescriptors = .init()) {
-    var raw: [Int32] = []
-    for i in 0..<descriptors.count {
-      if let descriptor = descriptors.take(i) { raw.append(descriptor.release().rawValue) }
-    }
-    inbound.append(Segment(bytes: bytes, descriptors: raw))
+    inbound.append(Segment(bytes: bytes, descriptors: descriptors.release().map(\.rawValue)))
   }
 
   /// The client closes its end.
   public func hangUp() { peerHasHungUp = true }
-
-  /// Takes what the channel sent so far.
-  public func takeSent() -> [UInt8] {
-    defer { sent = [] }
-    return sent
-  }
-
-  /// Bytes queued and not yet read.
-  public var queuedByteCount: Int {
-    inbound[inboundHead...].reduce(0) { $0 + $1.bytes.count - $1.offset }
-  }
 
   private var hasInput: Bool { inboundHead < inbound.count }
 
   /// Gives `whenIdle` its turn when there is nothing to read.
   private func idle() {
     guard !hasInput, !peerHasHungUp, !isShutDown else { return }
-    waits += 1
     whenIdle?(self)
   }
 

@@ -78,12 +78,6 @@ public final class MessageChannel {
 
   deinit { scratchFDs.deallocate() }
 
-  /// The socket, lent (nil over memory); it stays the number it was after `close()`.
-  public var descriptor: FileDescriptor? {
-    if case .socket(let socket) = transport { return socket }
-    return nil
-  }
-
   /// Capacity of the receive buffer.
   public var capacity: Int { framer.capacity }
 
