@@ -57,12 +57,15 @@ let package = Package(
     .systemLibrary(
       name: "CZstd", pkgConfig: "libzstd",
       providers: [.apt(["libzstd-dev"])]),
-    // Wire format only: header, commands, payload codecs, capability JSON. No I/O.
+    // Wire format only: header, commands, payload codecs, capability JSON. No I/O
+    // but closing: the owning descriptor types live here, below both the socket
+    // layer and the device interface.
     .target(
       name: "VFIOUser",
       dependencies: ["CJSONC", .product(name: "SystemPackage", package: "swift-system")],
       swiftSettings: hotPath),
-    // Unix stream socket framing with fd passing, shared by server and client.
+    // The message framer (no I/O) and the transports it is fed by: a Unix stream
+    // socket with fd passing, or memory for tests. Shared by server and client.
     .target(
       name: "VFIOUserSocket",
       dependencies: [
@@ -170,6 +173,14 @@ let package = Package(
       linkerSettings: leanExecutable),
     .testTarget(
       name: "VFIOUserTests", dependencies: ["VFIOUser"],
+      swiftSettings: strict),
+    // The framer on byte arrays and the channel over memory: no sockets, no threads.
+    .testTarget(
+      name: "VFIOUserSocketTests",
+      dependencies: [
+        "VFIOUserSocket", "VFIOUser", "CVFIOUser",
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
       swiftSettings: strict),
     // The device interface's helpers on their own: interrupt emulation, SET_IRQS
     // checks, the migration walk and its stream handling.

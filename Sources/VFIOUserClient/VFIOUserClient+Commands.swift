@@ -153,7 +153,8 @@ extension VFIOUserClient {
       into: UnsafeMutableRawBufferPointer(rebasing: request[16...]))
     do throws(Errno) {
       try channel.send(
-        UnsafeRawBufferPointer(request), UnsafeRawBufferPointer(start: nil, count: 0), fd: fd ?? -1)
+        UnsafeRawBufferPointer(request), UnsafeRawBufferPointer(start: nil, count: 0),
+        fd: fd.map { FileDescriptor(rawValue: $0) })
     } catch { throw .system(error) }
     try receiveAck(id: id)
   }
@@ -249,8 +250,7 @@ extension VFIOUserClient {
     if into.count >= 64 * 1024 { return try receiveLargeRegionRead(id: id, into: into) }
     let result: ReceiveResult
     do throws(Errno) { result = try channel.receive() } catch { throw .system(error) }
-    guard case .message(var message) = result else { throw .disconnected }
-    message.fds.closeAll()
+    guard let message = result.wholeMessage() else { throw .disconnected }
     let h = message.header
     guard h.messageID == id, h.command == Command.regionRead.rawValue, h.isReply else {
       throw .protocolViolation("reply id \(h.messageID) for \(id)")
@@ -398,21 +398,22 @@ extension VFIOUserClient {
   public func receiveAck(id: UInt16, payload: Int = -1) throws(VFIOUserClientError)
     -> UnsafeRawBufferPointer
   {
-    var received: ReceivedMessage
+    var message: ReceivedMessage
     while true {
       let result: ReceiveResult
       do throws(Errno) { result = try channel.receive() } catch { throw .system(error) }
-      guard case .message(let message) = result else { throw .disconnected }
-      received = message
-      guard received.header.isCommand else { break }
+      guard var received = result.wholeMessage() else { throw .disconnected }
+      guard received.header.isCommand else {
+        message = received
+        break
+      }
       // A DMA request the server sent before this reply (a transfer racing a
       // DMA_MAP or DMA_UNMAP): answered first, as `awaitReply` does.
       try serve(
         ClientMessage(
-          header: received.header, payload: Array(received.payload), fds: received.fds.take()))
+          header: received.header, payload: Array(received.payload),
+          fds: received.fds.takeAll().release().map(\.rawValue)))
     }
-    var message = received
-    message.fds.closeAll()
     guard message.header.messageID == id, message.header.isReply else {
       throw .protocolViolation("reply id \(message.header.messageID) for \(id)")
     }

@@ -61,7 +61,7 @@ extension VFIOUserClient {
   /// Reads the 24-byte head of the MIG_DATA_READ reply to `id` and nothing
   /// more: its data, the count returned, is left in the socket.
   func receiveMigDataReadHead(id: UInt16, chunk: Int) throws(VFIOUserClientError) -> Int {
-    let ready = cvfu_wait_readable(channel.fd, timeoutMilliseconds)
+    let ready = cvfu_wait_readable(socket.rawValue, timeoutMilliseconds)
     if ready == 0 { throw .timedOut }
     if ready < 0 { throw .system(Errno(rawValue: -ready)) }
     let head = UnsafeMutableRawBufferPointer(rebasing: requestScratch[32..<56])
@@ -224,7 +224,7 @@ private final class MigrationRelay {
     var moved = 0
     var taken = 0
     let result = cvfu_splice_exact(
-      source.channel.fd, destination.channel.fd, pipe, count, &side, &moved, &taken)
+      source.socket.rawValue, destination.socket.rawValue, pipe, count, &side, &moved, &taken)
     // What was taken from the source but did not reach the destination is gone
     // with it; what was not taken yet is still in the source's socket, for
     // `resynchronise` to drop so the source stays in step for the rollback.
@@ -247,7 +247,7 @@ private final class MigrationRelay {
       var left = count
       while left > 0 {
         let n = scratch.withUnsafeMutableBytes {
-          recv(source.channel.fd, $0.baseAddress, min(left, $0.count), 0)
+          recv(source.socket.rawValue, $0.baseAddress, min(left, $0.count), 0)
         }
         if n < 0, errno == EINTR { continue }
         if n <= 0 { return false }

@@ -19,6 +19,8 @@ public struct ClientMessage: Sendable {
 /// One thread at a time.
 public final class VFIOUserClient {
   public let channel: MessageChannel
+  /// The connected socket, lent: the channel owns it.
+  public let socket: FileDescriptor
   public private(set) var serverCapabilities = Capabilities()
   public private(set) var serverVersion: (major: UInt16, minor: UInt16) = (0, 0)
   /// This client offered the sparse migration stream and the server echoed
@@ -33,9 +35,12 @@ public final class VFIOUserClient {
   private var nextID: UInt16 = 1
   let requestScratch: UnsafeMutableRawBufferPointer
 
-  /// Wraps a connected socket without negotiating (for raw protocol tests).
+  /// Wraps a connected socket, which it owns from then on, without
+  /// negotiating (for raw protocol tests).
   public init(fd: Int32, dmaLayout: DMATransferLayout = .spec, capacity: Int = (1 << 20) + 4096) {
-    channel = MessageChannel(fd: fd, capacity: max(capacity, 64 * 1024 + 64))
+    socket = FileDescriptor(rawValue: fd)
+    channel = MessageChannel(
+      socket: OwnedFileDescriptor(taking: socket), capacity: max(capacity, 64 * 1024 + 64))
     self.dmaLayout = dmaLayout
     requestScratch = .allocate(byteCount: 64, alignment: 16)
   }
@@ -123,7 +128,8 @@ public final class VFIOUserClient {
     -> ClientMessage?
   {
     if !channel.hasBufferedMessage {
-      let ready = cvfu_wait_readable(channel.fd, timeoutMilliseconds ?? self.timeoutMilliseconds)
+      let ready = cvfu_wait_readable(
+        socket.rawValue, timeoutMilliseconds ?? self.timeoutMilliseconds)
       if ready == 0 { return nil }
       if ready < 0 { throw .system(Errno(rawValue: -ready)) }
     }
@@ -131,12 +137,15 @@ public final class VFIOUserClient {
     do throws(Errno) { result = try channel.receive() } catch {
       throw .protocolViolation("unframeable message: \(error)")
     }
-    switch result {
+    switch consume result {
     case .closed: throw .disconnected
     case .oversized(let h): throw .protocolViolation("oversized message \(h.size)")
     case .parted: preconditionFailure("a client's channel receives every message whole")
     case .message(var m):
-      return ClientMessage(header: m.header, payload: Array(m.payload), fds: m.fds.take())
+      // The caller owns them from here.
+      return ClientMessage(
+        header: m.header, payload: Array(m.payload),
+        fds: m.fds.takeAll().release().map(\.rawValue))
     }
   }
 

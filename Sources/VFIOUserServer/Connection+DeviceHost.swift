@@ -146,8 +146,7 @@ extension Connection: DeviceHost {
   }
 
   /// A reply from the client to one of our DMA requests.
-  func handleReply(_ message: ReceivedMessage) {
-    let header = message.header
+  func handleReply(header: MessageHeader, payload: UnsafeRawBufferPointer) {
     guard let job = outstanding.removeValue(forKey: header.messageID) else {
       if abandoned.remove(header.messageID) == nil {
         logger.warning(
@@ -166,7 +165,6 @@ extension Connection: DeviceHost {
       return finish(
         job, header.error == 0 ? .ioError : Errno(rawValue: Int32(bitPattern: header.error)))
     }
-    let payload = message.payload
     switch job.direction {
     case .fromClient:
       guard payload.count == 16 + job.chunk,

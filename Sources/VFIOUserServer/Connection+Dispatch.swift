@@ -13,42 +13,44 @@ extension Connection {
   /// and writes its reply payload in `replyArea`; errors become error replies.
   func dispatch(_ message: inout ReceivedMessage) -> ConnectionEnd? {
     let header = message.header
-    guard header.hasValidType else {
+    let command: Command
+    switch admission(of: header, descriptors: message.fds.count) {
+    case .admitted(let admitted):
+      command = admitted
+      traceRequest(header, command, descriptors: message.fds.count)
+    case .version:
+      traceRequest(header, .version, descriptors: message.fds.count)
+      return handleVersion(header, message.payload, fds: message.fds.takeAll())
+    case .invalidType:
       logger.warning(
         "message \(header.messageID) has invalid type bits \(header.flags & MessageHeader.typeMask): EINVAL"
       )
       if header.wantsReply { sendError(to: header, .invalidArgument) }
       return nil
-    }
-    guard let command = header.knownCommand else {
+    case .unknownCommand:
       logger.warning("unknown command \(header.command) (message \(header.messageID)): ENOSYS")
       if header.wantsReply { sendError(to: header, .noFunction) }
       return nil
-    }
-    guard header.hasOnlyCommandFlags else {
+    case .invalidFlags(let command):
       logger.warning(
         "\(command) id=\(header.messageID) with flags 0x\(String(header.flags, radix: 16)) error \(header.error): only NO_REPLY may be set on a command; EINVAL"
       )
       if header.wantsReply { sendError(to: header, .invalidArgument) }
       return nil
-    }
-    if traceEnabled {
-      logger.trace(
-        "<- \(command) id=\(header.messageID) size=\(header.size) fds=\(message.fds.count)")
-    }
-    if command == .version { return handleVersion(header, message.payload, fds: &message.fds) }
-    guard negotiated else {
+    case .beforeVersion(let command):
+      traceRequest(header, command, descriptors: message.fds.count)
       logger.warning("\(command) before VERSION: EINVAL")
       if header.wantsReply { sendError(to: header, .invalidArgument) }
       return nil
+    case .unexpectedDescriptors(let command):
+      // Closed unread, after the refusal, as a handler's failure is.
+      traceRequest(header, command, descriptors: message.fds.count)
+      refuse(header, command, .invalidArgument)
+      return nil
     }
-    var replyFD: Int32 = -1
+    var replyFD: FileDescriptor? = nil
     do throws(Errno) {
       let payload = message.payload
-      // Only these commands take descriptors; any sent with another are closed unread.
-      if !message.fds.isEmpty, command != .dmaMap, command != .deviceSetIRQs {
-        throw .invalidArgument
-      }
       let size: Int
       switch command {
       case .regionRead:
@@ -56,13 +58,13 @@ extension Connection {
         size = n
       case .regionWrite: size = try regionWrite(payload)
       case .regionWriteMulti: size = try regionWriteMulti(payload)
-      case .dmaMap: size = try dmaMap(payload, fds: &message.fds)
+      case .dmaMap: size = try dmaMap(payload, fds: message.fds.takeAll())
       case .dmaUnmap: size = try dmaUnmap(payload)
       case .deviceGetInfo: size = try deviceInfo(payload)
       case .deviceGetRegionInfo: size = try regionInfo(payload, fd: &replyFD)
       case .deviceGetRegionIOFDs: size = try regionIOFDs(payload)
       case .deviceGetIRQInfo: size = try irqInfo(payload)
-      case .deviceSetIRQs: size = try setIRQs(payload, fds: &message.fds)
+      case .deviceSetIRQs: size = try setIRQs(payload, fds: message.fds.takeAll())
       case .deviceReset: size = try deviceReset(payload)
       case .deviceFeature: size = try deviceFeature(payload)
       case .migDataRead:
@@ -74,27 +76,41 @@ extension Connection {
       }
       if header.wantsReply { sendReply(to: header, payloadSize: size, fd: replyFD) }
     } catch {
-      if header.wantsReply {
-        logger.debug("\(command) id=\(header.messageID) failed: \(error.name)")
-        sendError(to: header, error)
-      } else {
-        logger.warning("posted \(command) id=\(header.messageID) failed: \(error.name)")
-        stats.counters.failed(header.command)
-        stats.recordError("posted \(command) id=\(header.messageID): \(error.name)")
-      }
+      refuse(header, command, error)
     }
     return nil
+  }
+
+  @inline(__always)
+  private func traceRequest(_ header: MessageHeader, _ command: Command, descriptors: Int) {
+    if traceEnabled {
+      logger.trace("<- \(command) id=\(header.messageID) size=\(header.size) fds=\(descriptors)")
+    }
+  }
+
+  /// A request refused with `error`: the error reply, or for a posted one
+  /// (NO_REPLY) a warning and the error recorded, since nobody else hears of it.
+  private func refuse(_ header: MessageHeader, _ command: Command, _ error: Errno) {
+    if header.wantsReply {
+      logger.debug("\(command) id=\(header.messageID) failed: \(error.name)")
+      sendError(to: header, error)
+    } else {
+      logger.warning("posted \(command) id=\(header.messageID) failed: \(error.name)")
+      stats.counters.failed(header.command)
+      stats.recordError("posted \(command) id=\(header.messageID): \(error.name)")
+    }
   }
 
   // MARK: VERSION
 
   private func handleVersion(
-    _ header: MessageHeader, _ payload: UnsafeRawBufferPointer, fds: inout FDList
+    _ header: MessageHeader, _ payload: UnsafeRawBufferPointer,
+    fds: consuming OwnedFileDescriptors
   )
     -> ConnectionEnd?
   {
     let brought = fds.count
-    fds.closeAll()
+    _ = consume fds  // VERSION takes none: closed before the reply
     if negotiated {
       logger.warning("second VERSION refused: EINVAL")
       if header.wantsReply { sendError(to: header, .invalidArgument) }
@@ -222,7 +238,9 @@ extension Connection {
     return WriteMultiReply.size
   }
 
-  func regionInfo(_ payload: UnsafeRawBufferPointer, fd: inout Int32) throws(Errno) -> Int {
+  func regionInfo(_ payload: UnsafeRawBufferPointer, fd: inout FileDescriptor?) throws(Errno)
+    -> Int
+  {
     let request = try RegionInfoPayload(decoding: payload)
     guard payload.count == RegionInfoPayload.fixedSize else { throw .invalidArgument }
     guard request.argsz >= UInt32(RegionInfoPayload.fixedSize) else { throw .invalidArgument }
@@ -262,7 +280,7 @@ extension Connection {
     }
     info.encode(into: out)
     if info.flags & VFIORegionFlags.mmap != 0, let mmap = regions[Int(request.index)]?.mmap {
-      fd = mmap.fd.rawValue  // lent: sent, not closed
+      fd = mmap.fd  // lent: sent, not closed
     }
     return full
   }
@@ -308,14 +326,14 @@ extension Connection {
 
   /// DEVICE_SET_IRQS: decoded, checked against the index it names, and handed
   /// to the device with its eventfds (which the device keeps or lets go).
-  func setIRQs(_ payload: UnsafeRawBufferPointer, fds: inout FDList) throws(Errno) -> Int {
-    let descriptors = OwnedFileDescriptors(
-      taking: fds.take().map { FileDescriptor(rawValue: $0) })
-    let descriptorCount = descriptors.count
+  func setIRQs(_ payload: UnsafeRawBufferPointer, fds: consuming OwnedFileDescriptors)
+    throws(Errno) -> Int
+  {
+    let descriptorCount = fds.count
     let payload = try IRQSetPayload(decoding: payload)  // the descriptors close on a throw
     let irq =
       payload.index < UInt32(irqDescriptions.count) ? irqDescriptions[Int(payload.index)] : nil
-    try backend.setIRQs(IRQSetRequest(payload, descriptors: descriptors, irq: irq))
+    try backend.setIRQs(IRQSetRequest(payload, descriptors: fds, irq: irq))
     // Checked by IRQSetRequest: the index exists. A disable (count 0) undoes the rest.
     irqIndexesSet[Int(payload.index)] = payload.count > 0
     noteWiring(payload, eventFDs: descriptorCount)
@@ -471,15 +489,6 @@ extension Connection {
     return MigDataHeader.size + n
   }
 
-  /// MIG_DATA_WRITE: valid in RESUMING; every byte is handed over (partial writes retried).
-  /// Large ones with data for VRAM are taken in place instead (`migDataWriteInPlace`).
-  func migDataWrite(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
-    let sink = try migDataWriteSink(head: payload, payloadSize: payload.count)
-    try Self.writeAll(UnsafeRawBufferPointer(rebasing: payload[MigDataHeader.size...]), to: sink)
-    stats.counters.migrationWritten(payload.count - MigDataHeader.size)
-    return 0
-  }
-
   /// On a connection that negotiated the sparse stream, the session's save
   /// stream in that form (one encoder per stream, kept across requests).
   /// The device's transform makes it (VERSION offered the form only to a device with one).
@@ -518,139 +527,5 @@ extension Connection {
       return
     default: sparseStream = nil
     }
-  }
-
-  // MARK: DMA windows
-
-  /// DMA_MAP: checked (alignment, room, overlap, the device's IOVA ranges),
-  /// mapped, added, then the device is told, with the client's descriptor,
-  /// which becomes the device's. A refusal removes the window again.
-  func dmaMap(_ payload: UnsafeRawBufferPointer, fds: inout FDList) throws(Errno) -> Int {
-    // At most one descriptor; every other path closes what came.
-    let request: DMAMapRequest
-    do throws(Errno) {
-      request = try DMAMapRequest(decoding: payload)
-      guard fds.count <= 1 else { throw .invalidArgument }
-      if !fds.isEmpty { try checkDMAFile(FileDescriptor(rawValue: fds[0]), for: request) }
-    } catch {
-      fds.closeAll()
-      throw error
-    }
-    // Owned here until the device takes it; closed on any path that throws first.
-    let lent: FileDescriptor? = fds.isEmpty ? nil : FileDescriptor(rawValue: fds[0])
-    fds = FDList()
-    var file: OwnedFileDescriptor? = nil
-    if let lent { file = OwnedFileDescriptor(taking: lent) }
-    let entry: DMATable.Entry
-    do throws(Errno) {
-      entry = try dma.prepare(request, file: lent)
-    } catch {
-      if error == .outOfRange {
-        logger.warning(
-          "DMA_MAP [0x\(String(request.address, radix: 16)), +0x\(String(request.size, radix: 16))) refused (ERANGE): outside the IOVA ranges the device can reach"
-        )
-      }
-      throw error
-    }
-    if let backing = entry.backing, !backing.mayShrink {
-      logger.debug(
-        "DMA_MAP [0x\(String(request.address, radix: 16)), +0x\(String(request.size, radix: 16))): the file is sealed against shrinking (F_SEAL_SHRINK), so copies through it need no SIGBUS guard"
-      )
-    }
-    try dma.insert(entry)
-    let window = entry.window
-    do throws(Errno) {
-      try backend.dmaMap(window, file: file)
-    } catch {
-      dma.remove(inside: window.address, size: window.size)
-      throw error
-    }
-    stats.counters.dmaMapped()
-    dmaBytes += window.size
-    let (count, bytes) = (dma.count, dmaBytes)
-    stats.update {
-      $0.dmaRegions = count
-      $0.dmaBytes = bytes
-    }
-    return 0
-  }
-
-  /// A DMA window's file must be memory the server can map: a regular file
-  /// (EBADF for a socket, pipe, eventfd, directory or device) that reaches
-  /// the window's end (EINVAL: touching a mapping past the end of its file
-  /// would kill the server with SIGBUS).
-  private func checkDMAFile(_ fd: FileDescriptor, for request: DMAMapRequest) throws(Errno) {
-    let kind = try DescriptorKind(of: fd)
-    guard case .regularFile(let size) = kind else {
-      logger.warning(
-        "DMA_MAP with a descriptor that is not a memory file (\(kind)): EBADF")
-      throw .badFileDescriptor
-    }
-    guard request.offset <= UInt64(size), UInt64(size) - request.offset >= request.size else {
-      logger.warning(
-        "DMA_MAP of 0x\(String(request.size, radix: 16)) bytes at file offset 0x\(String(request.offset, radix: 16)) beyond the end of a file of 0x\(String(size, radix: 16)) bytes: EINVAL"
-      )
-      throw .invalidArgument
-    }
-  }
-
-  /// Removes the windows inside the range (the kernel's type1v2 rules, see
-  /// `DMATable.windows(inside:size:)`), or every window with UNMAP_ALL. The
-  /// device is told first and may refuse, all or nothing: then the reply is
-  /// its errno and no window is removed (a range over many windows included).
-  /// Otherwise transfers in flight to the windows are cancelled and their
-  /// memory released before the reply, which echoes the request.
-  func dmaUnmap(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
-    let request = try DMAUnmapPayload(decoding: payload)
-    let all = request.flags & VFIODMAUnmapFlags.all != 0
-    let windows: [DMAWindow]
-    if all {
-      windows = dma.windows
-    } else {
-      do throws(Errno) {
-        windows = try dma.windows(inside: request.address, size: request.size)
-      } catch {
-        // The client believes this memory is no longer the device's; it still is.
-        logger.warning(
-          "DMA_UNMAP \(range(request)) refused (\(error.name)): it cuts through a window or is not page-aligned; nothing removed"
-        )
-        throw error
-      }
-    }
-    if !windows.isEmpty {
-      do throws(Errno) {
-        try backend.dmaUnmap(windows)
-      } catch {
-        logger.warning(
-          "DMA_UNMAP \(all ? "all" : range(request)) refused by the device (\(error.name)): none of its \(windows.count) windows removed"
-        )
-        throw error
-      }
-    }
-    if all {
-      abortDMAJobs()
-      dma.removeAll()
-    } else {
-      for window in windows { abortDMAJobs(touching: window) }
-      dma.remove(inside: request.address, size: request.size)
-    }
-    if traceEnabled {
-      logger.trace(
-        "DMA_UNMAP \(all ? "all" : range(request)): \(windows.count) windows removed")
-    }
-    stats.counters.dmaUnmapped()
-    dmaBytes = all ? 0 : dmaBytes - windows.reduce(0) { $0 + $1.size }
-    let (count, bytes) = (dma.count, dmaBytes)
-    stats.update {
-      $0.dmaRegions = count
-      $0.dmaBytes = bytes
-    }
-    request.encode(into: replyArea)
-    return DMAUnmapPayload.size
-  }
-
-  /// The range with its last byte: it may end at 2^64.
-  private func range(_ request: DMAUnmapPayload) -> String {
-    "[0x\(String(request.address, radix: 16)), 0x\(String(request.address + (request.size - 1), radix: 16))]"
   }
 }

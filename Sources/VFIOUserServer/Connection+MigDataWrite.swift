@@ -34,8 +34,8 @@ extension Connection {
   /// written. Once taken, a refusal by the stream drops the rest of the data
   /// unread (the stream refuses everything after its first error anyway).
   func migDataWriteInPlace(_ header: MessageHeader, head: UnsafeRawBufferPointer) -> InPlaceWrite {
-    // `dispatch`'s checks of every command, then `migDataWrite`'s own.
-    guard negotiated, header.hasValidType, header.hasOnlyCommandFlags,
+    // The admission of every request, then `migDataWrite`'s own checks.
+    guard admission(of: header, descriptors: 0) == .admitted(.migDataWrite),
       let sink = try? migDataWriteSink(head: head, payloadSize: header.payloadSize)
     else { return .declined }
     channel.takeParted()
@@ -74,6 +74,15 @@ extension Connection {
     }
     if header.wantsReply { sendReply(to: header, payloadSize: 0) }
     return .served
+  }
+
+  /// MIG_DATA_WRITE: valid in RESUMING; every byte is handed over (partial writes retried).
+  /// Large ones with data for VRAM are taken in place instead (`migDataWriteInPlace`).
+  func migDataWrite(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
+    let sink = try migDataWriteSink(head: payload, payloadSize: payload.count)
+    try Self.writeAll(UnsafeRawBufferPointer(rebasing: payload[MigDataHeader.size...]), to: sink)
+    stats.counters.migrationWritten(payload.count - MigDataHeader.size)
+    return 0
   }
 
   /// Where a MIG_DATA_WRITE with MIG_DATA head `head` and `payloadSize`

@@ -83,8 +83,10 @@ final class Connection {
   var outstanding: [UInt16: DMAJob] = [:]
   var abandoned: Set<UInt16> = []
 
+  /// Serves the client at the other end of `channel`, whose receive buffer
+  /// `Connection.receiveCapacity(limits)` sized.
   init(
-    fd: Int32, backend: any VFIODeviceBackend, limits: ServerLimits, logger: Logger,
+    channel: MessageChannel, backend: any VFIODeviceBackend, limits: ServerLimits, logger: Logger,
     stats: ServerStatistics
   ) {
     self.backend = backend
@@ -92,9 +94,9 @@ final class Connection {
     self.logger = logger
     self.stats = stats
     traceEnabled = logger.logLevel <= .trace
-    channel = MessageChannel(
-      fd: fd, capacity: limits.maxMessageSize + 64 * 1024,
-      maxMessageSize: ServerLimits.maxVersionMessage)
+    self.channel = channel
+    // Until VERSION: a client that has not negotiated sends nothing larger.
+    channel.maxMessageSize = ServerLimits.maxVersionMessage
     channel.maxFDs = Int(limits.maxMsgFDs)
     channel.partialMessageTimeoutMilliseconds = limits.partialMessageTimeoutMilliseconds
     tx = .allocate(byteCount: limits.maxMessageSize + Self.coalesceLimit + 64, alignment: 16)
@@ -115,6 +117,9 @@ final class Connection {
 
   deinit { tx.deallocate() }
 
+  /// Receive buffer bytes of a connection's channel: the largest message and room to read ahead.
+  static func receiveCapacity(_ limits: ServerLimits) -> Int { limits.maxMessageSize + 64 * 1024 }
+
   /// Serves until the client hangs up, breaks the protocol, or the server stops.
   func run() -> ConnectionEnd {
     backend.attach(host: self)
@@ -128,7 +133,7 @@ final class Connection {
       } catch {
         return receiveFailed(error)
       }
-      switch result {
+      switch consume result {
       case .closed:
         return closedEnd
       case .parted(let header, let head):
@@ -151,15 +156,13 @@ final class Connection {
         if header.isCommand, header.wantsReply { sendError(to: header, .argListTooLong) }
       case .message(var message):
         stats.counters.received(message.header.command, bytes: message.header.size)
+        // Descriptors no handler took close with the message.
         if message.header.isReply {
-          message.fds.closeAll()
-          handleReply(message)
+          handleReply(header: message.header, payload: message.payload)
         } else if let end = dispatch(&message) {
-          message.fds.closeAll()
           flush()
           return end
         }
-        message.fds.closeAll()
         runDeferredWork()
         if txUsed > Self.coalesceLimit || !channel.hasBufferedMessage { flush() }
       }
@@ -346,7 +349,7 @@ final class Connection {
   /// `replyArea`. A reply with a descriptor or with `extra` bytes goes out at
   /// once, after the queue.
   func sendReply(
-    to request: MessageHeader, payloadSize: Int, fd: Int32 = -1,
+    to request: MessageHeader, payloadSize: Int, fd: FileDescriptor? = nil,
     extra: UnsafeRawBufferPointer? = nil
   ) {
     let length = MessageHeader.size + payloadSize
@@ -355,7 +358,7 @@ final class Connection {
       size: UInt32(length + (extra?.count ?? 0)),
       flags: MessageHeader.typeReply
     ).encode(into: UnsafeMutableRawBufferPointer(rebasing: tx[txUsed...]))
-    guard fd >= 0 || extra != nil else {
+    guard fd != nil || extra != nil else {
       txUsed += length
       return
     }

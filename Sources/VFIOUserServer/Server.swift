@@ -279,8 +279,11 @@ public final class VFIOUserServer: Sendable {
       [self, connectionLogger] in
       connectionThreadSetup?()
       let end = {
+        let channel = MessageChannel(
+          socket: OwnedFileDescriptor(taking: FileDescriptor(rawValue: client)),
+          capacity: Connection.receiveCapacity(limits))
         let connection = Connection(
-          fd: client, backend: slot.backend, limits: limits, logger: connectionLogger,
+          channel: channel, backend: slot.backend, limits: limits, logger: connectionLogger,
           stats: statistics)
         connection.willCloseSocket = { [self] in activeSocket.withLock { $0 = -1 } }
         return connection.run()
@@ -319,8 +322,23 @@ public final class VFIOUserServer: Sendable {
   /// dispatcher's fuzz target (Tests/Fuzz/Dispatch) drives a whole
   /// connection in-process this way. The socket is closed on return.
   package func serve(connected fd: Int32) -> ConnectionEnd {
-    Connection(fd: fd, backend: slot.backend, limits: limits, logger: logger, stats: statistics)
-      .run()
+    serve(
+      MessageChannel(
+        socket: OwnedFileDescriptor(taking: FileDescriptor(rawValue: fd)),
+        capacity: Connection.receiveCapacity(limits)))
+  }
+
+  /// Serves a client over memory on the calling thread until it leaves, as
+  /// `serve(connected:)` does: engine tests run this way without sockets
+  /// or threads (`MemoryTransport`).
+  package func serve(memory: MemoryTransport) -> ConnectionEnd {
+    serve(MessageChannel(memory: memory, capacity: Connection.receiveCapacity(limits)))
+  }
+
+  private func serve(_ channel: MessageChannel) -> ConnectionEnd {
+    Connection(
+      channel: channel, backend: slot.backend, limits: limits, logger: logger, stats: statistics
+    ).run()
   }
 
   /// A client not served: answer its first message with `errno` and hang up,
@@ -329,14 +347,15 @@ public final class VFIOUserServer: Sendable {
     statistics.update { $0.clientsRefused += 1 }
     let timeout = limits.refusalTimeoutMilliseconds
     let failed = startThread(name: "vfio-user-busy") {
-      let channel = MessageChannel(fd: client, capacity: ServerLimits.maxVersionMessage)
+      let channel = MessageChannel(
+        socket: OwnedFileDescriptor(taking: FileDescriptor(rawValue: client)),
+        capacity: ServerLimits.maxVersionMessage)
       channel.maxFDs = 0
       if cvfu_wait_readable(client, timeout) > 0,
-        case .message(let message)? = try? channel.receive(),
-        message.header.isCommand
+        let request = try? channel.receive().commandHeader
       {
         var header = [UInt8](repeating: 0, count: MessageHeader.size)
-        header.withUnsafeMutableBytes { message.header.errorReply(errno).encode(into: $0) }
+        header.withUnsafeMutableBytes { request.errorReply(errno).encode(into: $0) }
         try? channel.send(bytes: header)
       }
       channel.close()

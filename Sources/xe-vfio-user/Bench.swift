@@ -75,7 +75,7 @@ struct Bench: ParsableCommand {
     server.start()
     defer { server.stop() }
     let client = try VFIOUserClient.connect(path: path)
-    _ = cvfu_socket_buffers(client.channel.fd, 8 << 20)
+    _ = cvfu_socket_buffers(client.socket.rawValue, 8 << 20)
 
     let placement =
       switch cpus {

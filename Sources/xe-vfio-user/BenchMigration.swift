@@ -70,8 +70,8 @@ enum MigrationBench {
     }
     let src = try VFIOUserClient.connect(path: a)
     let dst = try VFIOUserClient.connect(path: b)
-    _ = cvfu_socket_buffers(src.channel.fd, 4 << 20)
-    _ = cvfu_socket_buffers(dst.channel.fd, 4 << 20)
+    _ = cvfu_socket_buffers(src.socket.rawValue, 4 << 20)
+    _ = cvfu_socket_buffers(dst.socket.rawValue, 4 << 20)
     let chunk = migrationChunk(src, dst)
 
     let capacity = Int(vram) + (64 << 20)

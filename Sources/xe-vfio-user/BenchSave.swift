@@ -104,7 +104,7 @@ func benchClient(_ path: String, sparse: Bool = false) throws -> VFIOUserClient 
   let client = try VFIOUserClient.connect(
     path: path,
     capabilities: sparse ? VFIOUserClient.sparseCapabilities : VFIOUserClient.defaultCapabilities)
-  _ = cvfu_socket_buffers(client.channel.fd, 4 << 20)
+  _ = cvfu_socket_buffers(client.socket.rawValue, 4 << 20)
   return client
 }
 

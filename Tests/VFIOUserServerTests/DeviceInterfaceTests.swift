@@ -334,7 +334,7 @@ struct DeviceInterfaceTests {
       let client = try server.connect()
       try client.setMigrationState(.stopCopy)
       let stream = try #require(device.open)
-      let socket = client.channel.fd
+      let socket = client.socket.rawValue
       stream.beforeRead = { read in
         if read == 3 { _ = shutdown(socket, Int32(SHUT_RDWR)) }
       }

@@ -176,7 +176,7 @@ struct InPlaceWriteTests {
         #expect(timedOut, "ended \(String(describing: end))")
         #expect(Date().timeIntervalSince(start) >= 0.25)
       } else {
-        shutdown(b.channel.fd, Int32(SHUT_RDWR))
+        shutdown(b.socket.rawValue, Int32(SHUT_RDWR))
         #expect(dst.waitFor({ !$0.clientConnected && $0.lastEnd == .clientClosed }))
       }
       b.channel.close()

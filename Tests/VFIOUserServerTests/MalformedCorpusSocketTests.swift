@@ -517,7 +517,7 @@ struct MalformedCorpusSocketTests {
         if clientCloses {
           // The client stops mid-message and closes its side; the server must
           // notice, send nothing, and close too.
-          _ = shutdown(client.channel.fd, Int32(SHUT_WR))
+          _ = shutdown(client.socket.rawValue, Int32(SHUT_WR))
         }
         expectHangUp(client, "\(name): expected a hang-up without a reply")
         #expect(
