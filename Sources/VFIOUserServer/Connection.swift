@@ -30,6 +30,8 @@ final class Connection {
   let stats: ServerStatistics
 
   var negotiated = false
+  /// A reset left the device disabled and the guest has not enabled it again (Connection+Events).
+  var awaitingEnable = false
   /// Read once: asking the log handler per message costs more than the request itself.
   let traceEnabled: Bool
   var clientCapabilities = Capabilities()
@@ -119,6 +121,7 @@ final class Connection {
   func run() -> ConnectionEnd {
     backend.attach(host: self)
     recordMigrationState()
+    awaitingEnable = stats.events.awaitingEnable
     defer { teardown() }
     while true {
       if let brokenEnd { return brokenEnd }
@@ -142,6 +145,7 @@ final class Connection {
           stats.counters.migrationWritten(Int(header.payloadSize) - MigDataHeader.size)
           runDeferredWork()
           if txUsed > Self.coalesceLimit || !channel.hasBufferedMessage { flush() }
+          messageServed()
         }
       case .oversized(let header):
         stats.counters.received(header.command, bytes: header.size)
@@ -162,6 +166,7 @@ final class Connection {
         message.fds.closeAll()
         runDeferredWork()
         if txUsed > Self.coalesceLimit || !channel.hasBufferedMessage { flush() }
+        messageServed()
       }
     }
   }
@@ -229,6 +234,7 @@ final class Connection {
       do {
         try backend.reset()
         migration.deviceWasReset()
+        noteReset(.clientLeft)
       } catch {
         logger.warning("device reset after hang-up failed: \(error)")
         returnToRunningWithoutReset()
@@ -253,6 +259,7 @@ final class Connection {
       $0.dirtyLogging = false
       $0.migrationState = stateAfter
     }
+    noteMigrationState(stateAfter)
     willCloseSocket?()
     channel.close()
   }
@@ -263,6 +270,7 @@ final class Connection {
     guard migratable != nil else { return }
     let state = deviceMigrationState()
     stats.update { $0.migrationState = state }
+    noteMigrationState(state)
   }
 
   /// The device's migration state (RUNNING for a device without migration),
