@@ -33,25 +33,21 @@ struct Metrics: ParsableCommand {
   /// The exposition text: each family's HELP and TYPE, then its samples, server by server.
   static func exposition(_ servers: [LiveServer]) -> String {
     var families: [Family] = []
+    func sample(
+      _ name: String, _ type: String, _ help: String, _ server: LiveServer,
+      _ labels: [(String, String)], _ value: String
+    ) {
+      if !families.contains(where: { $0.name == name }) {
+        families.append(Family(name: name, type: type, help: help))
+      }
+      let index = families.firstIndex { $0.name == name }!
+      families[index].samples.append(([("server", server.name)] + labels, value))
+    }
     func add(
       _ name: String, _ type: String, _ help: String, _ server: LiveServer,
       _ labels: [(String, String)] = [], _ value: UInt64
     ) {
-      if families.last?.name != name, !families.contains(where: { $0.name == name }) {
-        families.append(Family(name: name, type: type, help: help))
-      }
-      let index = families.firstIndex { $0.name == name }!
-      families[index].samples.append(([("server", server.name)] + labels, "\(value)"))
-    }
-    func addDouble(
-      _ name: String, _ help: String, _ server: LiveServer, _ labels: [(String, String)],
-      _ value: Double
-    ) {
-      if !families.contains(where: { $0.name == name }) {
-        families.append(Family(name: name, type: "gauge", help: help))
-      }
-      let index = families.firstIndex { $0.name == name }!
-      families[index].samples.append(([("server", server.name)] + labels, "\(value)"))
+      sample(name, type, help, server, labels, "\(value)")
     }
     for server in servers {
       let up: UInt64 = server.status != nil && server.stats != nil ? 1 : 0
@@ -107,11 +103,11 @@ struct Metrics: ParsableCommand {
           count("bytes"))
         guard let latency = message["latency-ns"], latency != .null else { continue }
         for (quantile, key) in [("0.5", "p50"), ("0.99", "p99")] {
-          addDouble(
-            "xe_vfio_user_message_latency_seconds",
+          sample(
+            "xe_vfio_user_message_latency_seconds", "gauge",
             "Service time per command, at a quantile since the start (log buckets of at most 12.5%).",
             server, command + [("quantile", quantile)],
-            Double(latency[key]?.integer ?? 0) / 1e9)
+            "\(Double(latency[key]?.integer ?? 0) / 1e9)")
         }
       }
       let counters: [(String, String, [String])] = [
