@@ -14,10 +14,12 @@ need=()
 pkg-config --exists json-c 2>/dev/null || need+=(libjson-c-dev)
 pkg-config --exists libzstd 2>/dev/null || need+=(libzstd-dev)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+# The test that drives `xe-vfio-user top` as a person sees it runs it under tmux.
+command -v tmux >/dev/null 2>&1 || need+=(tmux)
 if [ "${1:-}" = "--with-valgrind" ] && ! command -v valgrind >/dev/null 2>&1; then need+=(valgrind); fi
 
 if [ ${#need[@]} -eq 0 ]; then
-  say "build dependencies present (json-c $(pkg-config --modversion json-c), zstd $(pkg-config --modversion libzstd))"
+  say "build and test dependencies present (json-c $(pkg-config --modversion json-c), zstd $(pkg-config --modversion libzstd))"
   exit 0
 fi
 

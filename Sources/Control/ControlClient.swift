@@ -33,6 +33,8 @@ public final class ControlClient {
   public private(set) var greeting: JSON = .null
   private var pending: [UInt8] = []
   private var nextID: Int64 = 1
+  /// Events that arrived while a reply was awaited, oldest first (`nextEvent` takes them).
+  public private(set) var events: [JSON] = []
 
   /// Connects and reads the greeting (an error line in its place is thrown as `.refused`).
   public init(path: String, timeoutMilliseconds: Int32 = 5000) throws(ControlClientError) {
@@ -76,12 +78,32 @@ public final class ControlClient {
     if let arguments { request.append(("arguments", arguments)) }
     request.append(("id", id))
     try send(line: Array(JSON.object(request).serialized().utf8))
-    let reply = try readMessage()
+    var reply = try readMessage()
+    while reply["event"] != nil {
+      events.append(reply)
+      reply = try readMessage()
+    }
     if let failure = Self.failure(reply) { throw failure }
     guard reply["id"] == id, let value = reply["return"] else {
       throw .malformed("unexpected reply: \(reply.serialized())")
     }
     return value
+  }
+
+  /// The next event: one that came with a reply, else the next line the
+  /// server sends (within the receive timeout), which must be an event.
+  public func nextEvent() throws(ControlClientError) -> JSON {
+    if !events.isEmpty { return events.removeFirst() }
+    let message = try readMessage()
+    guard message["event"] != nil else {
+      throw .malformed("expected an event: \(message.serialized())")
+    }
+    return message
+  }
+
+  /// Sets how long a read waits for the server (5 s unless told otherwise).
+  public func setReceiveTimeout(milliseconds: Int32) {
+    _ = cvfu_set_recv_timeout_ms(fd, milliseconds)
   }
 
   /// Sends `line` and a newline as they are.

@@ -12,8 +12,18 @@ public enum ControlProtocol {
 
   /// The commands a server answers, as `query-commands` lists them.
   public static let commands = [
-    "qmp_capabilities", "query-commands", "query-status", "query-stats",
+    "qmp_capabilities", "query-commands", "query-status", "query-stats", "resume",
+    "set-log-level",
   ]
+
+  /// The arguments each command takes (all of them required); none for the others.
+  public static let parameters: [String: [String]] = ["set-log-level": ["level"]]
+
+  /// What a command's execution gave: a return value or an error.
+  public enum Answer {
+    case value(JSON)
+    case failure(ErrorClass, String)
+  }
 
   /// The first line a control client reads.
   public static func greeting(version: String) -> JSON {
@@ -36,9 +46,11 @@ public enum ControlProtocol {
     return .object(members)
   }
 
-  /// The reply to one request line: `answer` gives a command's return
-  /// value, or nil when there is no such command.
-  public static func reply(to line: some Collection<UInt8>, answer: (String) -> JSON?) -> JSON {
+  /// The reply to one request line: `answer` executes a command with its
+  /// (checked) arguments, or gives nil when there is no such command.
+  public static func reply(
+    to line: some Collection<UInt8>, answer: (String, JSON) -> Answer?
+  ) -> JSON {
     let request: JSON
     do throws(JSON.ParseError) {
       request = try JSON.parse(line)
@@ -56,17 +68,27 @@ public enum ControlProtocol {
       return Self.error(
         .genericError, "a request names its command in 'execute' (a string)", id: id)
     }
-    if let arguments = request["arguments"] {
-      guard case .object(let given) = arguments else {
-        return Self.error(.genericError, "'arguments' must be an object", id: id)
-      }
-      // No command of this version takes arguments.
-      if let first = given.first, commands.contains(command) {
+    let arguments = request["arguments"] ?? .object([])
+    guard case .object(let given) = arguments else {
+      return Self.error(.genericError, "'arguments' must be an object", id: id)
+    }
+    if commands.contains(command) {
+      let taken = parameters[command] ?? []
+      if let first = given.first(where: { !taken.contains($0.0) }) {
         return Self.error(.genericError, "parameter '\(first.0)' is unexpected", id: id)
       }
+      if let missing = taken.first(where: { arguments[$0] == nil }) {
+        return Self.error(.genericError, "parameter '\(missing)' is missing", id: id)
+      }
     }
-    guard let value = answer(command) else {
+    let value: JSON
+    switch answer(command, arguments) {
+    case nil:
       return Self.error(.commandNotFound, "the command \(command) has not been found", id: id)
+    case .failure(let errorClass, let why)?:
+      return Self.error(errorClass, why, id: id)
+    case .value(let returned)?:
+      value = returned
     }
     var reply: [(String, JSON)] = [("return", value)]
     if let id { reply.append(("id", id)) }
@@ -157,25 +179,123 @@ public enum ControlProtocol {
   }
 
   /// `query-stats`'s return value.
-  public static func stats(_ counters: ServerCounters, _ s: ServerSnapshot) -> JSON {
+  public static func stats(_ statistics: ServerStatistics) -> JSON {
+    let counters = statistics.counters
     let messages: [JSON] = counters.messages.map { m in
-      .object([
+      let latency: JSON =
+        m.latency.map {
+          .object([
+            ("samples", .uint($0.samples)), ("p50", .uint($0.p50)), ("p99", .uint($0.p99)),
+            ("max", .uint($0.max)),
+          ])
+        } ?? .null
+      return .object([
         ("command", .string(m.command?.description ?? "unknown")), ("count", .uint(m.count)),
-        ("errors", .uint(m.errors)), ("bytes", .uint(m.bytes)),
+        ("errors", .uint(m.errors)), ("bytes", .uint(m.bytes)), ("latency-ns", latency),
+      ])
+    }
+    let events = statistics.events
+    let listeners: [JSON] = events.subscriptions.map {
+      .object([
+        ("pid", .int(Int64($0.pid))), ("queued", .int(Int64($0.queued))),
+        ("dropped", .uint($0.dropped)),
       ])
     }
     return .object([
+      ("counting", .bool(counters.counting)),
       ("messages", .array(messages)),
       ("dma", .object([("maps", .uint(counters.dmaMaps)), ("unmaps", .uint(counters.dmaUnmaps))])),
+      ("interrupts", .object([("signalled", .uint(counters.interruptsSignalled))])),
       (
         "migration",
         .object([
           ("bytes-read", .uint(counters.migrationBytesRead)),
           ("bytes-written", .uint(counters.migrationBytesWritten)),
-          ("bytes-placed", .uint(s.migrationBytesPlaced)),
+          ("bytes-placed", .uint(statistics.snapshot.migrationBytesPlaced)),
+        ])
+      ),
+      (
+        "device",
+        .object([
+          ("resets", .uint(counters.deviceResets)),
+          ("used-without-enable", .uint(counters.usesWithoutEnable)),
+        ])
+      ),
+      (
+        "events",
+        .object([
+          ("posted", .uint(events.posted)), ("dropped", .uint(events.dropped)),
+          ("listeners", .array(listeners)),
         ])
       ),
     ])
+  }
+
+  /// An event line (QMP's form): its name, data and when it was posted.
+  public static func event(_ stamped: StampedEvent) -> JSON {
+    let (name, data) = describe(stamped.event)
+    return event(name, data, seconds: stamped.seconds, microseconds: stamped.microseconds)
+  }
+
+  public static func event(_ name: String, _ data: JSON, seconds: Int64, microseconds: Int64)
+    -> JSON
+  {
+    .object([
+      ("event", .string(name)), ("data", data),
+      ("timestamp", .object([("seconds", .int(seconds)), ("microseconds", .int(microseconds))])),
+    ])
+  }
+
+  /// Every event's name and data (protocol/control.md, "Events").
+  static func describe(_ event: ServerEvent) -> (String, JSON) {
+    func state(_ s: MigrationState?) -> JSON { s.map { .string("\($0)") } ?? .string("unknown") }
+    switch event {
+    case .clientConnected(let pid, let uid, let gid):
+      return (
+        "CLIENT_CONNECTED",
+        .object([("pid", .int(Int64(pid))), ("uid", .int(Int64(uid))), ("gid", .int(Int64(gid)))])
+      )
+    case .clientDisconnected(let pid, let end):
+      return (
+        "CLIENT_DISCONNECTED",
+        .object([
+          ("pid", .int(Int64(pid))), ("reason", .string(reason(end))),
+          ("detail", detail(end).map(JSON.string) ?? .null),
+        ])
+      )
+    case .deviceStateChanged(let from, let to):
+      return ("DEVICE_STATE_CHANGED", .object([("from", state(from)), ("to", state(to))]))
+    case .migrationStarted(let direction):
+      return ("MIGRATION_STARTED", .object([("direction", .string(direction.rawValue))]))
+    case .migrationFinished(let direction, let bytes):
+      return (
+        "MIGRATION_FINISHED",
+        .object([("direction", .string(direction.rawValue)), ("bytes", .uint(bytes))])
+      )
+    case .migrationFailed(let direction, let s, let why):
+      return (
+        "MIGRATION_FAILED",
+        .object([
+          ("direction", .string(direction.rawValue)), ("state", state(s)),
+          ("reason", .string(why)),
+        ])
+      )
+    case .deviceReset(let cause):
+      return ("DEVICE_RESET", .object([("cause", .string(cause.rawValue))]))
+    case .usedWithoutEnable(let access):
+      return (
+        "DEVICE_USED_WITHOUT_ENABLE",
+        .object([
+          ("access", .string(access)),
+          (
+            "likely-cause",
+            .string(
+              "the VM was restored or migrated by a VMM that does not carry vfio-user device state, so the guest's driver thinks the VF is still programmed"
+            )
+          ),
+        ])
+      )
+    }
   }
 
   static func reason(_ end: ConnectionEnd) -> String {

@@ -36,15 +36,22 @@ public struct ControlIdentity: Sendable, Equatable {
 /// thread published (`ServerStatistics`) and never touches the device: a
 /// control client that is slow, never reads or sends garbage holds only its
 /// own thread, and a send it does not read for `sendTimeoutMilliseconds`
-/// disconnects it.
+/// disconnects it. After `qmp_capabilities` a client also gets the server's
+/// events, from a bounded queue of its own (`ServerEvents`): one that falls
+/// behind loses events (counted), never the device's time.
 public final class ControlServer: Sendable {
   /// The protocol's version, in the greeting.
-  public static let protocolVersion = 1
+  public static let protocolVersion = 2
   /// The longest request line; a longer one gets an error and a hang-up.
   public static let maxLineBytes = 64 * 1024
 
   public let maxClients: Int
   public let sendTimeoutMilliseconds: Int32
+  /// Events a client's queue holds before new ones are dropped.
+  public let eventQueueCapacity: Int
+  /// How long `resume` waits for the attached client's next message.
+  public let requestTimeoutMilliseconds: Int
+  private let logLevel: RuntimeLogLevel?
   private let server: VFIOUserServer
   private let identity: ControlIdentity
   private let logger: Logger
@@ -56,10 +63,15 @@ public final class ControlServer: Sendable {
   private let refusedClients = Atomic<Int>(0)
   private let servedClients = Atomic<Int>(0)
 
+  /// - Parameter logLevel: what `set-log-level` changes; without it the command is refused.
   public init(
     server: VFIOUserServer, identity: ControlIdentity, logger: Logger, maxClients: Int = 128,
-    sendTimeoutMilliseconds: Int32 = 5000
+    sendTimeoutMilliseconds: Int32 = 5000, eventQueueCapacity: Int = 256,
+    requestTimeoutMilliseconds: Int = 5000, logLevel: RuntimeLogLevel? = nil
   ) {
+    self.eventQueueCapacity = eventQueueCapacity
+    self.requestTimeoutMilliseconds = requestTimeoutMilliseconds
+    self.logLevel = logLevel
     self.server = server
     self.identity = identity
     self.logger = logger
@@ -140,7 +152,7 @@ public final class ControlServer: Sendable {
     }
     servedClients.add(1, ordering: .relaxed)
     let failed = startThread(name: "control-client", stackSize: 256 << 10) { [self] in
-      serve(client)
+      serve(client, pid: pid)
       clients.withLock { _ = $0.remove(client) }
       _ = close(client)
     }
@@ -160,12 +172,26 @@ public final class ControlServer: Sendable {
     _ = close(client)
   }
 
-  /// One control client: the greeting, then a reply to each request line.
-  private func serve(_ client: Int32) {
+  /// One control client: the greeting, then a reply to each request line,
+  /// and once it asked (`qmp_capabilities`) the server's events between them.
+  private func serve(_ client: Int32, pid: Int32) {
     guard Self.send(client, ControlProtocol.greeting(version: identity.version)) else { return }
+    var subscription: EventSubscription?
+    defer { if let subscription { server.statistics.events.unsubscribe(subscription) } }
     var pending: [UInt8] = []
     var chunk = [UInt8](repeating: 0, count: 16 << 10)
     while !stopping.load(ordering: .relaxed) {
+      var ready = [
+        pollfd(fd: client, events: Int16(POLLIN), revents: 0),
+        pollfd(fd: subscription?.wakeFD ?? -1, events: Int16(POLLIN), revents: 0),
+      ]
+      let polled = poll(&ready, 2, -1)
+      if polled < 0, errno == EINTR { continue }
+      guard polled > 0 else { return }
+      if let subscription, ready[1].revents != 0 {
+        guard sendEvents(client, subscription) else { return }
+      }
+      guard ready[0].revents != 0 else { continue }
       let n = chunk.withUnsafeMutableBytes { recv(client, $0.baseAddress, $0.count, 0) }
       if n < 0, errno == EINTR { continue }
       guard n > 0 else { return }
@@ -177,12 +203,34 @@ public final class ControlServer: Sendable {
         guard line.count <= Self.maxLineBytes else { return tooLong(client) }
         if line.last == 0x0D { line = line.dropLast() }
         if line.allSatisfy({ $0 == 0x20 || $0 == 0x09 }) { continue }
-        let reply = ControlProtocol.reply(to: line) { [self] command in answer(command) }
+        let reply = ControlProtocol.reply(to: line) { [self] command, arguments in
+          // Subscribed before the reply leaves: every event after it reaches the client.
+          if command == "qmp_capabilities", subscription == nil {
+            subscription = server.statistics.events.subscribe(
+              capacity: eventQueueCapacity, pid: pid)
+          }
+          return answer(command, arguments)
+        }
         guard Self.send(client, reply) else { return }
       }
       pending.removeFirst(start)
       guard pending.count <= Self.maxLineBytes else { return tooLong(client) }
     }
+  }
+
+  /// Sends the events waiting in `subscription`, and after them how many
+  /// were dropped since the last send (EVENTS_DROPPED).
+  private func sendEvents(_ client: Int32, _ subscription: EventSubscription) -> Bool {
+    let (events, dropped) = subscription.take()
+    for event in events where !Self.send(client, ControlProtocol.event(event)) { return false }
+    guard dropped > 0 else { return true }
+    var now = timespec()
+    clock_gettime(CLOCK_REALTIME, &now)
+    return Self.send(
+      client,
+      ControlProtocol.event(
+        "EVENTS_DROPPED", .object([("count", .uint(dropped))]), seconds: Int64(now.tv_sec),
+        microseconds: Int64(now.tv_nsec / 1000)))
   }
 
   private func tooLong(_ client: Int32) {
@@ -193,24 +241,72 @@ public final class ControlServer: Sendable {
         id: nil))
   }
 
-  /// The reply to a known command's execution, or nil for an unknown one.
-  private func answer(_ command: String) -> JSON? {
+  /// A command's execution, or nil for an unknown one.
+  private func answer(_ command: String, _ arguments: JSON) -> ControlProtocol.Answer? {
     switch command {
-    case "qmp_capabilities": return .object([])
+    case "qmp_capabilities": return .value(.object([]))
     case "query-commands":
-      return .array(ControlProtocol.commands.map { .object([("name", .string($0))]) })
+      return .value(.array(ControlProtocol.commands.map { .object([("name", .string($0))]) }))
     case "query-status":
-      return ControlProtocol.status(
-        server.statistics.snapshot, identity: identity, serverPID: getpid(),
-        now: cvfu_monotonic_ms(),
-        control: .init(
-          socket: socketPath, clients: clients.withLock { $0.count },
-          served: servedClients.load(ordering: .relaxed),
-          refused: refusedClients.load(ordering: .relaxed)))
+      return .value(
+        ControlProtocol.status(
+          server.statistics.snapshot, identity: identity, serverPID: getpid(),
+          now: cvfu_monotonic_ms(),
+          control: .init(
+            socket: socketPath, clients: clients.withLock { $0.count },
+            served: servedClients.load(ordering: .relaxed),
+            refused: refusedClients.load(ordering: .relaxed))))
     case "query-stats":
-      return ControlProtocol.stats(server.statistics.counters, server.statistics.snapshot)
+      return .value(ControlProtocol.stats(server.statistics))
+    case "resume": return resume()
+    case "set-log-level": return setLogLevel(arguments["level"])
     default: return nil
     }
+  }
+
+  /// `resume`: carried out by the connection thread, between two messages
+  /// of the attached client (it alone touches the device).
+  private func resume() -> ControlProtocol.Answer {
+    guard server.statistics.snapshot.clientConnected else {
+      return .failure(
+        .genericError,
+        "no client is attached: resume through the device socket (xe-vfio-user resume -s \(identity.socket))"
+      )
+    }
+    switch server.statistics.requests.submit(
+      .resume, timeoutMilliseconds: requestTimeoutMilliseconds)
+    {
+    case nil:
+      return .failure(
+        .genericError,
+        "the attached client sent no message for \(requestTimeoutMilliseconds) ms: the device is served only between its messages; nothing was done"
+      )
+    case .done(let from, let to)?:
+      logger.notice("resume (control socket): device \(from) → \(to)")
+      return .value(
+        .object([("from", .string("\(from)")), ("to", .string("\(to)")), ("changed", .bool(true))]))
+    case .unchanged(let state)?:
+      return .value(
+        .object([
+          ("from", .string("\(state)")), ("to", .string("\(state)")), ("changed", .bool(false)),
+        ]))
+    case .refused(let why)?:
+      return .failure(.genericError, why)
+    }
+  }
+
+  private func setLogLevel(_ argument: JSON?) -> ControlProtocol.Answer {
+    let names = Logger.Level.allCases.map(\.rawValue)
+    guard let name = argument?.string, let level = Logger.Level(rawValue: name) else {
+      return .failure(.genericError, "'level' is one of \(names.joined(separator: ", "))")
+    }
+    guard let logLevel else {
+      return .failure(.genericError, "this server's log level cannot be changed while it runs")
+    }
+    let before = logLevel.level
+    logLevel.level = level
+    logger.notice("log level \(before) → \(level) (set-log-level)")
+    return .value(.object([("from", .string(before.rawValue)), ("to", .string(level.rawValue))]))
   }
 
   /// Sends `value` and a newline, all of it: false when the client is gone

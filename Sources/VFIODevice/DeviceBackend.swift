@@ -80,6 +80,10 @@ public protocol DeviceHost: AnyObject {
     completion: @escaping (Result<Void, Errno>) -> Void)
   /// Runs `work` after the reply to the message being handled is sent.
   func deferWork(_ work: @escaping () -> Void)
+  /// The device signalled (or latched, while masked) `vector` of `index`:
+  /// counted for the control channel. A device whose interrupts the kernel
+  /// delivers never calls it. Default: nothing.
+  func interruptSignalled(index: UInt32, vector: UInt32)
 }
 
 /// A device behind the server: the simulated Xe VF, or a VF behind the
@@ -177,6 +181,8 @@ public protocol VFIODeviceBackend: AnyObject {
 }
 
 extension DeviceHost {
+  public func interruptSignalled(index: UInt32, vector: UInt32) {}
+
   public func dmaWrite(
     address: UInt64, from buffer: UnsafeRawBufferPointer, log: DirtyPageLog?,
     completion: @escaping (Result<Void, Errno>) -> Void

@@ -193,6 +193,9 @@ extension Connection {
     guard payload.count == RegionAccessHeader.size else { throw .invalidArgument }
     let access = try RegionAccessHeader(decoding: payload)
     try checkAccess(region: access.region, offset: access.offset, count: access.count, write: false)
+    if awaitingEnable {
+      noteAccessAwaitingEnable(region: access.region, offset: access.offset, write: false)
+    }
     let out = replyArea
     access.encode(into: out)
     let count = Int(access.count)
@@ -216,9 +219,12 @@ extension Connection {
       throw .invalidArgument
     }
     try checkAccess(region: access.region, offset: access.offset, count: access.count, write: true)
-    try backend.write(
-      region: access.region, offset: access.offset,
-      from: UnsafeRawBufferPointer(rebasing: payload[RegionAccessHeader.size...]))
+    let data = UnsafeRawBufferPointer(rebasing: payload[RegionAccessHeader.size...])
+    if awaitingEnable {
+      noteAccessAwaitingEnable(region: access.region, offset: access.offset, write: true)
+    }
+    try backend.write(region: access.region, offset: access.offset, from: data)
+    if access.region == VFIOPCIRegion.config { noteConfigWrite(offset: access.offset, data) }
     access.encode(into: replyArea)
     return RegionAccessHeader.size
   }
@@ -230,8 +236,12 @@ extension Connection {
     for i in 0..<count {
       let entry = WriteMultiPayload.entry(i, in: payload)
       try checkAccess(region: entry.region, offset: entry.offset, count: entry.count, write: true)
+      if awaitingEnable {
+        noteAccessAwaitingEnable(region: entry.region, offset: entry.offset, write: true)
+      }
       try entry.withData { data throws(Errno) in
         try backend.write(region: entry.region, offset: entry.offset, from: data)
+        if entry.region == VFIOPCIRegion.config { noteConfigWrite(offset: entry.offset, data) }
       }
     }
     WriteMultiReply(wrCnt: UInt64(count)).encode(into: replyArea)
@@ -368,6 +378,7 @@ extension Connection {
     defer { recordMigrationState() }
     try backend.reset()
     migration.deviceWasReset()
+    noteReset(.clientRequest)
     dropStaleSparseStream()
     if let before, before != .running {
       logger.info("device reset (migration state \(before) → RUNNING, stream invalidated)")

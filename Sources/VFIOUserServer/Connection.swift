@@ -30,6 +30,8 @@ final class Connection {
   let stats: ServerStatistics
 
   var negotiated = false
+  /// A reset left the device disabled and the guest has not enabled it again (Connection+Events).
+  var awaitingEnable = false
   /// Read once: asking the log handler per message costs more than the request itself.
   let traceEnabled: Bool
   var clientCapabilities = Capabilities()
@@ -124,6 +126,7 @@ final class Connection {
   func run() -> ConnectionEnd {
     backend.attach(host: self)
     recordMigrationState()
+    awaitingEnable = stats.events.awaitingEnable
     defer { teardown() }
     while true {
       if let brokenEnd { return brokenEnd }
@@ -147,6 +150,7 @@ final class Connection {
           stats.counters.migrationWritten(Int(header.payloadSize) - MigDataHeader.size)
           runDeferredWork()
           if txUsed > Self.coalesceLimit || !channel.hasBufferedMessage { flush() }
+          messageServed()
         }
       case .oversized(let header):
         stats.counters.received(header.command, bytes: header.size)
@@ -165,6 +169,7 @@ final class Connection {
         }
         runDeferredWork()
         if txUsed > Self.coalesceLimit || !channel.hasBufferedMessage { flush() }
+        messageServed()
       }
     }
   }
@@ -232,6 +237,7 @@ final class Connection {
       do {
         try backend.reset()
         migration.deviceWasReset()
+        noteReset(.clientLeft)
       } catch {
         logger.warning("device reset after hang-up failed: \(error)")
         returnToRunningWithoutReset()
@@ -256,6 +262,7 @@ final class Connection {
       $0.dirtyLogging = false
       $0.migrationState = stateAfter
     }
+    noteMigrationState(stateAfter)
     willCloseSocket?()
     channel.close()
   }
@@ -266,6 +273,7 @@ final class Connection {
     guard migratable != nil else { return }
     let state = deviceMigrationState()
     stats.update { $0.migrationState = state }
+    noteMigrationState(state)
   }
 
   /// The device's migration state (RUNNING for a device without migration),

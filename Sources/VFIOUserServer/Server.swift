@@ -61,8 +61,12 @@ public struct ServerSnapshot: Sendable, Equatable {
 public final class ServerStatistics: Sendable {
   private let state = Locked(ServerSnapshot())
   /// The per message type counters, kept without a lock.
-  public let counters = ServerCounters()
-  public init() {}
+  public let counters: ServerCounters
+  /// What changed, for the control channel's listeners.
+  public let events = ServerEvents()
+  /// What the control channel asks of the connection thread.
+  public let requests = DeviceRequests()
+  public init(counting: Bool = true) { counters = ServerCounters(counting: counting) }
   public var snapshot: ServerSnapshot { state.withLock { $0 } }
   func update(_ body: (inout ServerSnapshot) -> Void) { state.withLock { body(&$0) } }
 
@@ -137,7 +141,7 @@ private final class DeviceSlot: @unchecked Sendable {
 /// disconnected; when the client leaves, its mappings and eventfds are released,
 /// the device is reset, and the next client is accepted.
 public final class VFIOUserServer: Sendable {
-  public let statistics = ServerStatistics()
+  public let statistics: ServerStatistics
   public let limits: ServerLimits
   private let slot: DeviceSlot
   private let logger: Logger
@@ -149,10 +153,12 @@ public final class VFIOUserServer: Sendable {
 
   /// - Parameter connectionThreadSetup: runs first on each client's thread
   ///   (the benchmark pins it to a CPU with it).
+  /// - Parameter counting: count and time every message (`bench` turns it off for its baseline).
   public init(
     backend: any VFIODeviceBackend, limits: ServerLimits = ServerLimits(), logger: Logger,
-    connectionThreadSetup: (@Sendable () -> Void)? = nil
+    connectionThreadSetup: (@Sendable () -> Void)? = nil, counting: Bool = true
   ) {
+    statistics = ServerStatistics(counting: counting)
     slot = DeviceSlot(backend)
     self.limits = limits
     self.logger = logger
@@ -169,6 +175,7 @@ public final class VFIOUserServer: Sendable {
       $0.migrationState = migrationState
       $0.irqVectorsWired = Array(repeating: 0, count: Int(backend.irqCount))
     }
+    statistics.events.tracker.withLock { $0.state = migrationState }
   }
 
   /// The socket path when the server created its own socket.
@@ -269,6 +276,7 @@ public final class VFIOUserServer: Sendable {
         pid: pid, uid: uid, gid: gid, since: since, sinceMonotonicMilliseconds: monotonic)
       $0.connectionsServed += 1
     }
+    statistics.events.post(.clientConnected(pid: pid, uid: uid, gid: gid))
     activeSocket.withLock { $0 = client }
     // Room for two of the largest messages each way, so a 1 MiB reply is one
     // sendmsg rather than a dozen wake-ups (the kernel caps it at wmem_max).
@@ -299,6 +307,7 @@ public final class VFIOUserServer: Sendable {
         $0.lastEnd = end
         $0.lastEndAt = endedAt
       }
+      statistics.events.post(.clientDisconnected(pid: pid, end: end))
       connectionLogger.info(
         "client disconnected (\(end)); DMA and eventfds released\(limits.resetOnDisconnect ? ", device reset" : "")"
       )

@@ -112,6 +112,7 @@ extension SimulatedXeVF {
       return
     }
     interruptTap?(VFIOPCIIRQ.msix, vector)
+    host?.interruptSignalled(index: VFIOPCIIRQ.msix, vector: vector)
     irqs.trigger(index: VFIOPCIIRQ.msix, vector: vector)
   }
 }

@@ -47,7 +47,7 @@ struct Bench: ParsableCommand {
 
   @Option(
     help:
-      "Comma-separated subset: read,write,inflight,large,dma,dmalog,rss,migration,save,checkpoint (default all)."
+      "Comma-separated subset: read,write,inflight,large,dma,dmalog,rss,migration,save,checkpoint,counters (default all)."
   )
   var only: String?
 
@@ -59,7 +59,7 @@ struct Bench: ParsableCommand {
     let serverCPU: Int32? = cpus == .unpinned ? nil : (cpus == .split ? 1 : 0)
     if let clientCPU { _ = cvfu_pin_to_cpu(clientCPU) }
     let selected = Set(
-      (only ?? "read,write,inflight,large,dma,dmalog,rss,migration,save,checkpoint").split(
+      (only ?? "read,write,inflight,large,dma,dmalog,rss,migration,save,checkpoint,counters").split(
         separator: ","
       )
       .map(String.init)
@@ -183,6 +183,9 @@ struct Bench: ParsableCommand {
         "DMA_LOGGING_REPORT, 4 GiB window, \(f.dirtied >> 20) MiB dirty", f.reportDirty,
         f.reportFloor)
     }
+    if selected.contains("counters") {
+      try countersFigures(&table, logger: logger, count: n, serverCPU: serverCPU)
+    }
     if selected.contains("rss") {
       let rss = try residentMemory()
       table.memory(
@@ -289,7 +292,7 @@ struct Bench: ParsableCommand {
     print(ReportTable(rows: rows).render())
   }
 
-  private func readOnce(
+  func readOnce(
     _ client: VFIOUserClient, _ offset: UInt64, _ count: UInt32, region: UInt32 = 0
   ) throws {
     let id = try client.sendRegionRead(region: region, offset: offset, count: count)
@@ -312,7 +315,7 @@ struct Bench: ParsableCommand {
     return (LatencySummary(ours), LatencySummary(floor))
   }
 
-  private func measure(_ count: Int, _ body: () throws -> Void) throws -> [UInt64] {
+  func measure(_ count: Int, _ body: () throws -> Void) throws -> [UInt64] {
     for _ in 0..<min(2000, count) { try body() }
     var samples = [UInt64](repeating: 0, count: count)
     for i in 0..<count {

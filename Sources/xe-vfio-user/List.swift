@@ -20,7 +20,11 @@ struct List: ParsableCommand {
       it already (its record in /run/xe-vfio-user, or XE_VFU_RUN_DIR, locked \
       while the server lives). With --bind BDF it binds an unbound VF to \
       vfio-pci through driver_override and drivers_probe instead (root only); \
-      it refuses a PF, and a VF a host driver has.
+      it refuses a PF, and a VF a host driver has. Then every server on the \
+      host, the simulated VF's too, from the same records: its pid, socket, \
+      and from its control socket (half a second at most each) the attached \
+      client's pid and the device's state. A record whose server is gone is \
+      removed and named.
       """)
 
   @Flag(help: "Also list SR-IOV devices that are not Xe (NICs, other GPUs).")
@@ -57,6 +61,22 @@ struct List: ParsableCommand {
     var pfs: [PF]
     /// Where server records are looked for.
     var runDirectory: String
+    /// Every live server, kernel and simulated.
+    var servers: [ServerEntry] = []
+    /// Records of servers that are gone, removed now.
+    var staleRecordsRemoved: [String] = []
+  }
+
+  struct ServerEntry: Codable, Equatable {
+    var name: String
+    var pid: Int
+    var socket: String
+    var control: String?
+    var served: String?
+    /// From the control socket: the attached client's pid (nil: none) and the device's state.
+    var clientPID: Int64?
+    var state: String?
+    var unreachable: String?
   }
 
   struct PF: Codable, Equatable {
@@ -119,7 +139,16 @@ struct List: ParsableCommand {
         iommuGroup: pf.device.iommuGroup, totalVFs: pf.totalVFs, numVFs: pf.numVFs,
         vfs: pf.vfs.map { entry($0, paths: paths) })
     }
-    return Listing(pfs: pfs, runDirectory: ServedRecord.directory)
+    let stale = ServedRecord.removeStale()
+    let servers = LiveServer.gather(stats: false).map { live in
+      ServerEntry(
+        name: live.name, pid: live.record.pid, socket: live.record.socket,
+        control: live.record.control, served: live.record.served, clientPID: live.clientPID,
+        state: live.state, unreachable: live.unreachable)
+    }
+    return Listing(
+      pfs: pfs, runDirectory: ServedRecord.directory, servers: servers,
+      staleRecordsRemoved: stale)
   }
 
   static func entry(_ vf: SRIOVVF, paths: SystemPaths) -> VF {
@@ -160,6 +189,30 @@ struct List: ParsableCommand {
   // MARK: Text
 
   static func render(_ listing: Listing, all: Bool) -> String {
+    renderPFs(listing, all: all) + renderServers(listing)
+  }
+
+  /// Every server, one line for what it serves and one for its client.
+  static func renderServers(_ listing: Listing) -> String {
+    var out = ""
+    if !listing.servers.isEmpty { out += "Servers (records in \(listing.runDirectory)):\n" }
+    for server in listing.servers {
+      out +=
+        "\t\(server.name): pid \(server.pid), \(server.served ?? "a device") on \(server.socket)\n"
+      if let why = server.unreachable {
+        out += "\t\tControl: \(why)\n"
+      } else {
+        out +=
+          "\t\tClient: \(server.clientPID.map { "pid \($0)" } ?? "none"), device \(server.state ?? "not migratable")\n"
+      }
+    }
+    for name in listing.staleRecordsRemoved {
+      out += "Removed the record \(name): its server is gone\n"
+    }
+    return out
+  }
+
+  static func renderPFs(_ listing: Listing, all: Bool) -> String {
     guard !listing.pfs.isEmpty else {
       return all
         ? "No SR-IOV device on this host (no sriov_totalvfs under /sys/bus/pci/devices).\n"

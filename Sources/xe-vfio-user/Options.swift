@@ -1,5 +1,6 @@
 import ArgumentParser
 import KernelVFIO
+import Control
 import Logging
 import Synchronization
 import VFIOUser
@@ -74,17 +75,18 @@ enum DisconnectPolicy: String, CaseIterable, ExpressibleByArgument {
 /// reader that went away, `serve 2>&1 | head`, would otherwise kill the
 /// server and with it the VM's device), and a line that cannot be written is
 /// counted (`StandardErrorLog.failedWrites`) and dropped.
+/// The level is `runtimeLogLevel`'s, which serve's `set-log-level` changes.
 func bootstrapLogging(level: Logger.Level) -> Logger {
   ignoreSIGPIPE()
+  runtimeLogLevel.level = level
   LoggingSystem.bootstrap { label in
-    var handler = StreamLogHandler(label: label, stream: StandardErrorLog())
-    handler.logLevel = level
-    return handler
+    runtimeLogLevel.handler(StreamLogHandler(label: label, stream: StandardErrorLog()))
   }
-  var logger = Logger(label: "xe-vfio-user")
-  logger.logLevel = level
-  return logger
+  return Logger(label: "xe-vfio-user")
 }
+
+/// The level every logger of the process reads on each log call.
+let runtimeLogLevel = RuntimeLogLevel(.info)
 
 /// Where the socket goes when none is given.
 let defaultSocketPath = "/tmp/xe-vfio-user.sock"

@@ -211,7 +211,8 @@ struct Serve: ParsableCommand {
         device: opened.backend.device.name, pid: Int(getpid()),
         socket: fd.map { "fd \($0)" } ?? ServedRecord.absolutePath(socketPath ?? defaultSocketPath),
         migration: opened.plan.summary,
-        opened: opened.backend.device.reach)
+        opened: opened.backend.device.reach, control: controlPath.map(ServedRecord.absolutePath),
+        served: opened.description)
       // Before listening: a second server of the device stops here.
       if let warning = try record!.claim() { logger.warning("\(warning)") }
     } else {
@@ -252,7 +253,7 @@ struct Serve: ParsableCommand {
           device: served, backend: kernelDevice == nil ? "simulated" : "kernel",
           socket: fd.map { "fd \($0)" } ?? ServedRecord.absolutePath(path),
           version: XeVFIOUser.configuration.version),
-        logger: logger)
+        logger: logger, logLevel: runtimeLogLevel)
     }
     if let control, let controlPath {
       do {
@@ -266,6 +267,16 @@ struct Serve: ParsableCommand {
     // backend, its VFIO and IOMMU descriptors, and for the pf-debugfs path
     // the PF's control files, which openKernelDevice opens up front and keeps)
     // and the socket.
+    if record == nil {
+      // A record for the simulated VF too, so that `list`, `top` and `metrics` find it.
+      record = ServedRecord(
+        device: ServedRecord.simulatedName(pid: getpid()), pid: Int(getpid()),
+        socket: fd.map { "fd \($0)" } ?? ServedRecord.absolutePath(path),
+        migration: "simulated: the simulated PF's stream",
+        control: controlPath.map(ServedRecord.absolutePath), served: served)
+      // Only `list`, `top` and `metrics` miss it (a user who may not write /run).
+      if let warning = try record!.claim() { logger.notice("\(warning)") }
+    }
     if let user {
       let identity = try unprivilegedIdentity(user: user, group: group)
       // The socket becomes the server's, so it can still remove it at exit.

@@ -4,10 +4,12 @@ import SystemPackage
   import Glibc
 #endif
 
-/// How `list` and `info` learn that a server serves a kernel device, and
-/// which migration path it took: the vfio-user protocol has no field for
-/// either. A server of `--device` writes `<run dir>/<BDF>` (pid, socket,
-/// migration path) and holds an exclusive `flock` on it for its life. A
+/// How `list`, `info`, `top` and `metrics` learn which servers run, which
+/// device each serves and which migration path it took: the vfio-user
+/// protocol has no field for any of it. A server of `--device` writes
+/// `<run dir>/<BDF>`, a server of the simulated VF `<run dir>/simulated-<pid>`
+/// (pid, socket, control socket, migration path), and holds an exclusive
+/// `flock` on it for its life. A
 /// record counts only while that lock is held, so a server that died (or
 /// could not remove the file after dropping privileges) leaves nothing that
 /// looks served. The lock also keeps a second server off the same device.
@@ -24,6 +26,14 @@ struct ServedRecord: Codable, Equatable {
   /// How the server reached the device: identity, driver and IOMMU path
   /// (`KernelVFIODevice.reach`); absent in older records.
   var opened: String?
+  /// The control socket's absolute path; absent without one, and in older records.
+  var control: String?
+  /// What is served, as `serve` logs it; absent in older records.
+  var served: String?
+
+  /// A simulated VF's record name: the server's pid keeps it unique.
+  static func simulatedName(pid: Int32) -> String { "simulated-\(pid)" }
+  var simulated: Bool { device.hasPrefix("simulated-") }
 
   static var directory: String {
     getenv("XE_VFU_RUN_DIR").map { String(cString: $0) } ?? "/run/xe-vfio-user"
@@ -31,15 +41,21 @@ struct ServedRecord: Codable, Equatable {
 
   var text: String {
     "device=\(device)\npid=\(pid)\nsocket=\(socket)\nmigration=\(migration)\n"
-      + (opened.map { "opened=\($0)\n" } ?? "")
+      + (opened.map { "opened=\($0)\n" } ?? "") + (control.map { "control=\($0)\n" } ?? "")
+      + (served.map { "served=\($0)\n" } ?? "")
   }
 
-  init(device: String, pid: Int, socket: String, migration: String, opened: String? = nil) {
+  init(
+    device: String, pid: Int, socket: String, migration: String, opened: String? = nil,
+    control: String? = nil, served: String? = nil
+  ) {
     self.device = device
     self.pid = pid
     self.socket = socket
     self.migration = migration
     self.opened = opened
+    self.control = control
+    self.served = served
   }
 
   init?(parsing text: String) {
@@ -52,7 +68,8 @@ struct ServedRecord: Codable, Equatable {
       let socket = fields["socket"], let migration = fields["migration"]
     else { return nil }
     self.init(
-      device: device, pid: pid, socket: socket, migration: migration, opened: fields["opened"])
+      device: device, pid: pid, socket: socket, migration: migration, opened: fields["opened"],
+      control: fields["control"], served: fields["served"])
   }
 
   /// Writes the record and takes its lock; the descriptor stays open (and
@@ -101,7 +118,26 @@ struct ServedRecord: Codable, Equatable {
   }
 
   /// Every live server's record.
-  static func all() -> [ServedRecord] {
+  static func all() -> [ServedRecord] { names().compactMap(read) }
+
+  /// Records no live server holds (it died, or could not remove its file),
+  /// removed once older than a few seconds (a server writes its record
+  /// before it locks it); their names.
+  static func removeStale() -> [String] {
+    names().filter { name in
+      let path = "\(directory)/\(name)"
+      let fd = open(path, O_RDONLY | O_CLOEXEC)
+      guard fd >= 0 else { return false }
+      defer { close(fd) }
+      var info = stat()
+      guard flock(fd, LOCK_EX | LOCK_NB) == 0, fstat(fd, &info) == 0,
+        time(nil) - info.st_mtim.tv_sec > 5
+      else { return false }
+      return unlink(path) == 0
+    }
+  }
+
+  private static func names() -> [String] {
     guard let dir = opendir(directory) else { return [] }
     var names: [String] = []
     while let entry = readdir(dir) {
@@ -111,7 +147,7 @@ struct ServedRecord: Codable, Equatable {
       if !name.hasPrefix(".") { names.append(name) }
     }
     closedir(dir)
-    return names.sorted().compactMap(read)
+    return names.sorted()
   }
 
   /// The live record of the server listening on `socketPath`.

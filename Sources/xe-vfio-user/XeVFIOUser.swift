@@ -15,8 +15,8 @@ struct XeVFIOUser: ParsableCommand {
       """,
     version: "0.1.0",
     subcommands: [
-      Serve.self, Info.self, List.self, Migrate.self, Save.self, Restore.self, Resume.self,
-      Bench.self,
+      Serve.self, Info.self, List.self, Top.self, Metrics.self, Migrate.self, Save.self,
+      Restore.self, Resume.self, Bench.self,
     ],
     defaultSubcommand: Serve.self)
 }

@@ -18,7 +18,9 @@ final class ControlledServer: @unchecked Sendable {
 
   init(
     limits: ServerLimits = ServerLimits(), maxControlClients: Int = 128,
-    sendTimeoutMilliseconds: Int32 = 5000
+    sendTimeoutMilliseconds: Int32 = 5000, eventQueueCapacity: Int = 256,
+    requestTimeoutMilliseconds: Int = 5000, logLevel: RuntimeLogLevel? = nil,
+    counting: Bool = true
   ) throws {
     directory = NSTemporaryDirectory() + "xvu-ctl-\(UUID().uuidString.prefix(8))"
     try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -27,14 +29,15 @@ final class ControlledServer: @unchecked Sendable {
     logger.logLevel =
       ProcessInfo.processInfo.environment["XVU_TEST_LOG"] != nil ? .trace : .critical
     let vf = try SimulatedXeVF(profile: .bmg, vramSize: 4 << 20, logger: logger)
-    server = VFIOUserServer(backend: vf, limits: limits, logger: logger)
+    server = VFIOUserServer(backend: vf, limits: limits, logger: logger, counting: counting)
     control = ControlServer(
       server: server,
       identity: ControlIdentity(
         device: "simulated Xe VF bmg (test)", backend: "simulated", socket: path,
         version: "test"),
       logger: logger, maxClients: maxControlClients,
-      sendTimeoutMilliseconds: sendTimeoutMilliseconds)
+      sendTimeoutMilliseconds: sendTimeoutMilliseconds, eventQueueCapacity: eventQueueCapacity,
+      requestTimeoutMilliseconds: requestTimeoutMilliseconds, logLevel: logLevel)
     try server.listen(socketPath: path)
     try control.listen(socketPath: controlPath)
     control.start()
@@ -43,6 +46,13 @@ final class ControlledServer: @unchecked Sendable {
 
   func connect() throws -> VFIOUserClient { try VFIOUserClient.connect(path: path) }
   func controlClient() throws -> ControlClient { try ControlClient(path: controlPath) }
+
+  /// A control client that asked for events (`qmp_capabilities`).
+  func listener() throws -> ControlClient {
+    let client = try controlClient()
+    _ = try client.execute("qmp_capabilities")
+    return client
+  }
 
   /// Polls query-status until `condition` holds (or `timeout` seconds pass).
   func waitForStatus(timeout: Double = 5, _ condition: (JSON) -> Bool) throws -> JSON {

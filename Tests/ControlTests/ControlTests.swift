@@ -39,11 +39,15 @@ struct ControlChannelTests {
     defer { running.close() }
     let control = try running.controlClient()
     #expect(control.greeting["version"] == .string("test"))
-    #expect(control.greeting["protocol"] == .int(1))
+    #expect(control.greeting["protocol"] == .int(2))
     #expect(control.greeting["capabilities"] == .array([]))
     #expect(try control.execute("qmp_capabilities") == .object([]))
     let commands = try control.execute("query-commands").array?.compactMap { $0["name"]?.string }
-    #expect(commands == ["qmp_capabilities", "query-commands", "query-status", "query-stats"])
+    #expect(
+      commands == [
+        "qmp_capabilities", "query-commands", "query-status", "query-stats", "resume",
+        "set-log-level",
+      ])
 
     let status = try control.execute("query-status")
     #expect(status["device"]?["description"] == .string("simulated Xe VF bmg (test)"))
@@ -65,6 +69,10 @@ struct ControlChannelTests {
     #expect(messages.allSatisfy { $0["count"] == .int(0) && $0["errors"] == .int(0) })
     #expect(stats["dma"] == .object([("maps", .int(0)), ("unmaps", .int(0))]))
     #expect(stats["migration"]?["bytes-read"] == .int(0))
+    #expect(messages.allSatisfy { $0["latency-ns"] == .null }, "no sample yet")
+    #expect(stats["interrupts"]?["signalled"] == .int(0))
+    #expect(stats["events"]?["posted"] == .int(0) && stats["events"]?["dropped"] == .int(0))
+    #expect(stats["counting"] == .bool(true))
   }
 
   /// Everything query-status reports follows the data client: who it is,

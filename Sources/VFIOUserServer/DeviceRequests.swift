@@ -1,0 +1,79 @@
+import Synchronization
+import VFIODevice
+import VFIOUser
+
+/// A request from the control channel that only the connection thread may
+/// carry out, since it alone touches the device: `resume` while a client is
+/// attached. The control thread leaves it here; the connection thread
+/// checks one flag after each message it serves (a relaxed load) and runs
+/// it there, between two of the client's messages, never inside one.
+public final class DeviceRequests: Sendable {
+  public enum Request: Sendable { case resume }
+  /// What became of a request.
+  public enum Outcome: Sendable, Equatable {
+    /// Done: the state before and after.
+    case done(from: MigrationState, to: MigrationState)
+    /// Nothing to do (the device already runs).
+    case unchanged(MigrationState)
+    case refused(String)
+  }
+  private enum Slot {
+    case empty
+    case waiting(Request)
+    case running
+    case finished(Outcome)
+  }
+  private let slot = Locked<Slot>(.empty)
+  private let flag = Atomic<Bool>(false)
+  private let answered = VFIODevice.Semaphore(value: 0)
+
+  /// Whether a request waits: the connection thread's per-message check.
+  @inline(__always)
+  var pending: Bool { flag.load(ordering: .relaxed) }
+
+  /// Hands `request` to the connection thread and waits up to `timeout`
+  /// milliseconds for it to be picked up; nil when it was not (the client
+  /// sent nothing meanwhile: the request is withdrawn), or when another
+  /// request is under way.
+  public func submit(_ request: Request, timeoutMilliseconds: Int) -> Outcome? {
+    let placed = slot.withLock { s -> Bool in
+      guard case .empty = s else { return false }
+      s = .waiting(request)
+      return true
+    }
+    guard placed else { return .refused("another request is under way") }
+    flag.store(true, ordering: .releasing)
+    let picked = answered.wait(timeout: .milliseconds(timeoutMilliseconds))
+    if !picked {
+      let withdrawn = slot.withLock { s -> Bool in
+        guard case .waiting = s else { return false }
+        s = .empty
+        return true
+      }
+      flag.store(false, ordering: .relaxed)
+      // Taken meanwhile: it is running, and its answer follows.
+      if withdrawn { return nil }
+      answered.wait()
+    }
+    return slot.withLock { s -> Outcome? in
+      defer { s = .empty }
+      if case .finished(let outcome) = s { return outcome }
+      return nil
+    }
+  }
+
+  /// The waiting request, taken by the connection thread.
+  func take() -> Request? {
+    flag.store(false, ordering: .relaxed)
+    return slot.withLock { s -> Request? in
+      guard case .waiting(let request) = s else { return nil }
+      s = .running
+      return request
+    }
+  }
+
+  func finish(_ outcome: Outcome) {
+    slot.withLock { $0 = .finished(outcome) }
+    answered.signal()
+  }
+}
