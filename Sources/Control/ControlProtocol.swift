@@ -246,6 +246,10 @@ public enum ControlProtocol {
     ])
   }
 
+  /// What the two lost-state events name as the likely cause.
+  static let lostStateCause =
+    "the VM was restored or migrated by a VMM that does not carry vfio-user device state, so the guest's driver thinks the VF is still programmed"
+
   /// Every event's name and data (protocol/control.md, "Events").
   static func describe(_ event: ServerEvent) -> (String, JSON) {
     func state(_ s: MigrationState?) -> JSON { s.map { .string("\($0)") } ?? .string("unknown") }
@@ -285,15 +289,12 @@ public enum ControlProtocol {
     case .usedWithoutEnable(let access):
       return (
         "DEVICE_USED_WITHOUT_ENABLE",
-        .object([
-          ("access", .string(access)),
-          (
-            "likely-cause",
-            .string(
-              "the VM was restored or migrated by a VMM that does not carry vfio-user device state, so the guest's driver thinks the VF is still programmed"
-            )
-          ),
-        ])
+        .object([("access", .string(access)), ("likely-cause", .string(Self.lostStateCause))])
+      )
+    case .leftDisabled(let seconds):
+      return (
+        "DEVICE_LEFT_DISABLED",
+        .object([("seconds", .int(Int64(seconds))), ("likely-cause", .string(Self.lostStateCause))])
       )
     }
   }

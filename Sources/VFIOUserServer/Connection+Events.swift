@@ -24,7 +24,34 @@ extension Connection {
   /// The device was reset (its state follows through `noteMigrationState`).
   func noteReset(_ cause: ResetCause) {
     stats.counters.deviceReset()
-    awaitingEnable = stats.events.noteReset(cause)
+    let (awaiting, arming) = stats.events.noteResetArming(cause)
+    awaitingEnable = awaiting
+    if awaiting { watchForEnable(arming: arming) }
+  }
+
+  /// A guest restored or migrated in by a VMM that does not carry vfio-user
+  /// device state (QEMU 11.1 included) mostly never reaches the server: with
+  /// PCI COMMAND cleared, its VMM maps no BAR, and its driver's MMIO goes
+  /// nowhere. What the server does see is the device left disabled under an
+  /// attached client long after a reset, which a booting guest's firmware
+  /// never does. A short-lived thread per arming (a reset is rare) checks
+  /// once, `enableGraceMilliseconds` later.
+  private func watchForEnable(arming: UInt64) {
+    let (stats, logger, grace) = (stats, logger, limits.enableGraceMilliseconds)
+    let failed = startThread(name: "vfio-user-watch", stackSize: 64 << 10) {
+      // Woken early by nothing: it only times the grace.
+      _ = VFIODevice.Semaphore(value: 0).wait(timeout: .milliseconds(grace))
+      let now = stats.snapshot
+      guard !now.stopping, now.clientConnected, stats.events.takeLeftDisabled(arming: arming)
+      else { return }
+      let seconds = (grace + 999) / 1000
+      logger.error(
+        "the device is still disabled \(seconds) s after a reset cleared it under a guest that had enabled it (PCI COMMAND memory and bus master off, no BAR access): if this VM was restored from a save or arrived by migration, its VF state is lost: QEMU does not carry vfio-user device state, and the guest's driver believes the VF is still programmed (a VM left paused also looks like this)"
+      )
+      stats.counters.deviceUsedWithoutEnable()
+      stats.events.noteLeftDisabled(seconds: seconds)
+    }
+    if let failed { logger.warning("cannot watch for the device being enabled again: \(failed)") }
   }
 
   /// A REGION_WRITE (or one of WRITE_MULTI's) to config space: PCI COMMAND
@@ -44,6 +71,8 @@ extension Connection {
   func noteAccessAwaitingEnable(region: UInt32, offset: UInt64, write: Bool) {
     guard region <= VFIOPCIRegion.bar5 else { return }
     awaitingEnable = false
+    // The grace's watch may have named this reset already.
+    guard stats.events.takeAwaitingEnable() else { return }
     let access =
       "\(write ? "REGION_WRITE" : "REGION_READ") BAR\(region) +0x\(String(offset, radix: 16))"
     logger.error(

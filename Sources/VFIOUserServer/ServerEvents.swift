@@ -21,6 +21,8 @@ public enum ServerEvent: Sendable, Equatable {
   case deviceReset(cause: ResetCause)
   /// The guest reached a BAR after a reset without enabling the device again.
   case usedWithoutEnable(access: String)
+  /// A client left the device disabled this long after a reset cleared it.
+  case leftDisabled(seconds: Int)
 }
 
 /// A save leaves through MIG_DATA_READ, a load arrives through MIG_DATA_WRITE.
@@ -116,6 +118,8 @@ public final class ServerEvents: Sendable {
     var awaitingEnable = false
     /// A reset came before the state the next `noteMigrationState` records.
     var resetPending = false
+    /// Counts the resets that arm the check; a watch acts only on its own.
+    var armings: UInt64 = 0
   }
   private let subscribers = Locked<[EventSubscription]>([])
   private let postedCount = Atomic<UInt64>(0)
@@ -204,14 +208,30 @@ public final class ServerEvents: Sendable {
   /// The device was reset: DEVICE_RESET, and a device the guest had enabled
   /// now waits to be enabled again. Returns whether it does.
   func noteReset(_ cause: ResetCause) -> Bool {
-    let awaiting = tracker.withLock { t -> Bool in
+    noteResetArming(cause).awaiting
+  }
+
+  /// `noteReset`, and which arming of the check this reset is (for a watch).
+  func noteResetArming(_ cause: ResetCause) -> (awaiting: Bool, arming: UInt64) {
+    let result = tracker.withLock { t -> (Bool, UInt64) in
       t.resetPending = true
       if t.enabled { t.awaitingEnable = true }
       t.enabled = false
-      return t.awaitingEnable
+      if t.awaitingEnable { t.armings &+= 1 }
+      return (t.awaitingEnable, t.armings)
     }
     post(.deviceReset(cause: cause))
-    return awaiting
+    return result
+  }
+
+  /// The watch of `arming` ends: true (and disarmed, said once) when the
+  /// device still waits to be enabled since that very reset.
+  func takeLeftDisabled(arming: UInt64) -> Bool {
+    tracker.withLock { t in
+      guard t.awaitingEnable, t.armings == arming else { return false }
+      t.awaitingEnable = false
+      return true
+    }
   }
 
   /// The client wrote PCI COMMAND: memory space or bus master on enables the
@@ -227,9 +247,22 @@ public final class ServerEvents: Sendable {
   /// The device waits to be enabled since a reset (read when a client arrives).
   var awaitingEnable: Bool { tracker.withLock { $0.awaitingEnable } }
 
-  /// The guest used the device without enabling it: said once per reset.
+  /// A client left the device disabled after a reset (`takeLeftDisabled` disarmed it).
+  func noteLeftDisabled(seconds: Int) {
+    post(.leftDisabled(seconds: seconds))
+  }
+
+  /// Disarms the check: true when it was still armed (so this is the once).
+  func takeAwaitingEnable() -> Bool {
+    tracker.withLock { t in
+      defer { t.awaitingEnable = false }
+      return t.awaitingEnable
+    }
+  }
+
+  /// The guest used the device without enabling it (`takeAwaitingEnable`
+  /// disarmed the check): said once per reset.
   func noteUsedWithoutEnable(_ access: String) {
-    tracker.withLock { $0.awaitingEnable = false }
     post(.usedWithoutEnable(access: access))
   }
 }

@@ -48,6 +48,12 @@ public struct ServerLimits: Sendable, Equatable {
   /// disconnected (0: no bound). The socket buffer holds two of the largest
   /// messages, so a client that reads at all never gets near it.
   public var sendTimeoutMilliseconds: Int32 = 60_000
+  /// How long a client may leave disabled a device that a reset cleared after
+  /// the guest had enabled it. A booting guest's firmware enables it within
+  /// seconds; a guest restored by a VMM that does not carry the device's state
+  /// never does, since its driver believes the VF is still programmed
+  /// (Connection+Events, `DEVICE_LEFT_DISABLED`).
+  public var enableGraceMilliseconds: Int = 15_000
 
   /// QEMU refuses a larger max_data_xfer_size (VFIO_USER_MAX_MAX_XFER).
   public static let largestDataXferSize: UInt32 = 64 << 20

@@ -136,4 +136,48 @@ struct ControlListenerTests {
     stats = try running.controlClient().execute("query-stats")
     #expect(stats["device"]?["used-without-enable"] == .int(2))
   }
+
+  /// What a guest restored by a VMM that drops vfio-user state looks like from
+  /// here (QEMU 11.1 under `virsh restore`): COMMAND cleared, so its driver's
+  /// MMIO never arrives; the device just stays disabled under the client. Once
+  /// the grace has passed: one error event and one count, and none when the
+  /// guest enables the device in time (a boot) or no client is attached.
+  @Test func aDeviceLeftDisabledAfterAResetIsNamedOnceTheGraceHasPassed() throws {
+    var limits = ServerLimits()
+    limits.enableGraceMilliseconds = 300
+    let running = try ControlledServer(limits: limits)
+    defer { running.close() }
+    let control = try running.listener()
+    let client = try running.connect()
+    try enable(client)
+    try client.reset()
+    // Config reads are what such a guest still does; they change nothing.
+    _ = try client.read32(region: VFIOPCIRegion.config, offset: 4)
+    var names: [String] = []
+    var data: JSON = .null
+    while data == .null {
+      let event = try control.nextEvent()
+      names.append(event["event"]?.string ?? "?")
+      if event["event"] == .string("DEVICE_LEFT_DISABLED") { data = event["data"] ?? .null }
+    }
+    #expect(names == ["CLIENT_CONNECTED", "DEVICE_RESET", "DEVICE_LEFT_DISABLED"], "\(names)")
+    #expect(data["seconds"] == .int(1))
+    #expect(data["likely-cause"]?.string?.contains("does not carry vfio-user device state") == true)
+    var stats = try running.controlClient().execute("query-stats")
+    #expect(stats["device"]?["used-without-enable"] == .int(1))
+
+    // A boot: the reset is followed by the firmware enabling the device in time.
+    try enable(client)
+    try client.reset()
+    try enable(client)
+    usleep(600_000)
+    stats = try running.controlClient().execute("query-stats")
+    #expect(stats["device"]?["used-without-enable"] == .int(1), "enabled in time: not named")
+    // Once named, BAR accesses under the same reset are not named again.
+    try client.reset()
+    usleep(600_000)
+    _ = try client.read32(region: VFIOPCIRegion.bar0, offset: 0x10)
+    stats = try running.controlClient().execute("query-stats")
+    #expect(stats["device"]?["used-without-enable"] == .int(2), "one per reset")
+  }
 }

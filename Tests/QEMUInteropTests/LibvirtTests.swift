@@ -70,6 +70,11 @@ struct LibvirtTests {
     #expect(
       tick?.scratch == "0x00000000" && tick?.command == 0,
       "the restored guest reads a reset VF: scratch 0, COMMAND 0 (\(tick.debugDescription))")
+    // The server cannot see the guest's MMIO (COMMAND is 0, so QEMU maps no BAR),
+    // but it sees the device left disabled under a client long after the reset,
+    // which a booting guest never does, and says so.
+    let named = "the device is still disabled 15 s after a reset cleared it"
+    #expect(rig.server.waitForLog(named, timeout: 45), "\(rig.logs)")
 
     // 3. destroy leaves the server listening, its device clean.
     try libvirt.virsh("destroy", Self.domain)
@@ -97,6 +102,8 @@ struct LibvirtTests {
         && refused.contains("QEMU does not carry a vfio-user device's state"), "\(refused)")
     let state = try libvirt.virsh("domstate", Self.domain)
     #expect(state.contains("shut off"), "\(state)")
+    // The fresh boots enabled the device in time: only the restore was named.
+    #expect(rig.server.log.components(separatedBy: named).count == 2, "\(rig.logs)")
   }
 
   /// One report of the guest's loop.
