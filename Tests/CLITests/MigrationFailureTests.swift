@@ -1,5 +1,6 @@
 import CVFIOUser
 import Checkpoint
+import Control
 import Foundation
 import Testing
 import VFIODevice
@@ -130,7 +131,10 @@ struct MigrationFailureTests {
     let source = try ServeProcess(keep)
     let destination = try ServeProcess(keep)
     defer { [source, destination].forEach { _ = $0.stop() } }
-    let marks = try markDevice(try source.connect(), vram: vram, seed: 2)
+    // Data in every page, so the stream lasts; and the kill lands while the
+    // destination is seen to be RESUMING (a loaded machine could otherwise
+    // notice the progress line only after the destination had the whole state).
+    let marks = try fillAndMarkDevice(try source.connect(), vram: vram, seed: 2)
     do {
       let marker = try destination.connect()
       try marker.write32(region: 0, offset: scratch0, 0xdead)
@@ -140,6 +144,10 @@ struct MigrationFailureTests {
       "migrate", "--from", source.socketPath, "--to", destination.socketPath, "--progress",
     ])
     #expect(migrate.waitFor("migrating: "))
+    kill(migrate.process.processIdentifier, SIGSTOP)
+    let status = try ControlClient(path: destination.socketPath + ".control").execute(
+      "query-status")
+    #expect(status["migration"]?["state"] == .string("RESUMING"), "\(status)")
     kill(migrate.process.processIdentifier, SIGKILL)
     _ = migrate.wait()
     // The source's server drains the abandoned save and resumes the VF itself.
