@@ -1,0 +1,97 @@
+import SystemPackage
+
+// Interrupt payloads (offsets from the end of the header).
+
+/// DEVICE_GET_IRQ_INFO request and reply.
+public struct IRQInfoPayload: WirePayload {
+  public static let size = 16
+  public var argsz: UInt32
+  public var flags: UInt32
+  public var index: UInt32
+  public var count: UInt32
+
+  public init(argsz: UInt32 = 16, flags: UInt32 = 0, index: UInt32, count: UInt32 = 0) {
+    self.argsz = argsz
+    self.flags = flags
+    self.index = index
+    self.count = count
+  }
+
+  public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    guard bytes.count == Self.size else { throw .invalidArgument }
+    argsz = bytes.u32(0)
+    flags = bytes.u32(4)
+    index = bytes.u32(8)
+    count = bytes.u32(12)
+  }
+
+  public var encodedSize: Int { Self.size }
+  public func encode(into bytes: UnsafeMutableRawBufferPointer) {
+    bytes.put(argsz, at: 0)
+    bytes.put(flags, at: 4)
+    bytes.put(index, at: 8)
+    bytes.put(count, at: 12)
+  }
+}
+
+/// DEVICE_SET_IRQS request (the reply has no payload). Eventfds travel as SCM_RIGHTS.
+public struct IRQSetPayload: WirePayload {
+  public static let fixedSize = 20
+  public var argsz: UInt32
+  public var flags: UInt32
+  public var index: UInt32
+  public var start: UInt32
+  public var count: UInt32
+  /// The DATA_BOOL array, one byte per vector; empty for the other data types.
+  public var bools: [UInt8]
+
+  public init(
+    argsz: UInt32? = nil, flags: UInt32, index: UInt32, start: UInt32, count: UInt32,
+    bools: [UInt8] = []
+  ) {
+    self.argsz = argsz ?? UInt32(Self.fixedSize + bools.count)
+    self.flags = flags
+    self.index = index
+    self.start = start
+    self.count = count
+    self.bools = bools
+  }
+
+  public var dataType: UInt32 { flags & VFIOIRQSetFlags.dataTypeMask }
+  public var action: UInt32 { flags & VFIOIRQSetFlags.actionTypeMask }
+
+  public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    guard bytes.count >= Self.fixedSize else { throw .invalidArgument }
+    argsz = bytes.u32(0)
+    flags = bytes.u32(4)
+    index = bytes.u32(8)
+    start = bytes.u32(12)
+    count = bytes.u32(16)
+    guard argsz >= UInt32(Self.fixedSize) else { throw .invalidArgument }
+    // Exactly one data type and one action, nothing else.
+    let data = flags & VFIOIRQSetFlags.dataTypeMask
+    let action = flags & VFIOIRQSetFlags.actionTypeMask
+    guard flags & ~(VFIOIRQSetFlags.dataTypeMask | VFIOIRQSetFlags.actionTypeMask) == 0,
+      data.nonzeroBitCount == 1, action.nonzeroBitCount == 1
+    else { throw .invalidArgument }
+    guard start.addingReportingOverflow(count).overflow == false else { throw .invalidArgument }
+    let extra = bytes.count - Self.fixedSize
+    if data == VFIOIRQSetFlags.dataBool {
+      guard extra == Int(count) else { throw .invalidArgument }
+      bools = Array(UnsafeRawBufferPointer(rebasing: bytes[Self.fixedSize...]))
+    } else {
+      guard extra == 0 else { throw .invalidArgument }
+      bools = []
+    }
+  }
+
+  public var encodedSize: Int { Self.fixedSize + bools.count }
+  public func encode(into bytes: UnsafeMutableRawBufferPointer) {
+    bytes.put(argsz, at: 0)
+    bytes.put(flags, at: 4)
+    bytes.put(index, at: 8)
+    bytes.put(start, at: 12)
+    bytes.put(count, at: 16)
+    for (i, b) in bools.enumerated() { bytes[Self.fixedSize + i] = b }
+  }
+}
