@@ -1,26 +1,6 @@
-// Little-endian field access on raw message bytes. The protocol is host-endian
-// and this project builds for little-endian Linux only.
+// Payload encoding and whole-message helpers; the byte codec is ByteCursor.swift.
 
 import SystemPackage
-
-extension UnsafeRawBufferPointer {
-  @inlinable public func u8(_ offset: Int) -> UInt8 { self[offset] }
-  @inlinable public func u16(_ offset: Int) -> UInt16 {
-    loadUnaligned(fromByteOffset: offset, as: UInt16.self)
-  }
-  @inlinable public func u32(_ offset: Int) -> UInt32 {
-    loadUnaligned(fromByteOffset: offset, as: UInt32.self)
-  }
-  @inlinable public func u64(_ offset: Int) -> UInt64 {
-    loadUnaligned(fromByteOffset: offset, as: UInt64.self)
-  }
-}
-
-extension UnsafeMutableRawBufferPointer {
-  @inlinable public func put<T: FixedWidthInteger>(_ value: T, at offset: Int) {
-    storeBytes(of: value, toByteOffset: offset, as: T.self)
-  }
-}
 
 /// A payload with a fixed wire layout. Decoding validates everything the
 /// layout alone can tell (sizes, reserved bits); semantic checks against the

@@ -97,11 +97,12 @@ public struct MessageHeader: Equatable, Sendable {
   @inlinable
   public init(framing bytes: UnsafeRawBufferPointer) throws(Errno) {
     guard bytes.count >= Self.size else { throw .invalidArgument }
-    messageID = bytes.loadUnaligned(fromByteOffset: 0, as: UInt16.self)
-    command = bytes.loadUnaligned(fromByteOffset: 2, as: UInt16.self)
-    size = bytes.loadUnaligned(fromByteOffset: 4, as: UInt32.self)
-    flags = bytes.loadUnaligned(fromByteOffset: 8, as: UInt32.self)
-    error = bytes.loadUnaligned(fromByteOffset: 12, as: UInt32.self)
+    let r = ByteReader(bytes)
+    messageID = try r.u16(at: 0)
+    command = try r.u16(at: 2)
+    size = try r.u32(at: 4)
+    flags = try r.u32(at: 8)
+    error = try r.u32(at: 12)
     guard size >= Self.size else { throw .invalidArgument }
   }
 

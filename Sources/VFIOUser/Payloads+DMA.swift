@@ -20,12 +20,13 @@ public struct DMAMapRequest: WirePayload {
   }
 
   public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    let r = ByteReader(bytes)
     guard bytes.count == Self.size else { throw .invalidArgument }
-    argsz = bytes.u32(0)
-    flags = bytes.u32(4)
-    offset = bytes.u64(8)
-    address = bytes.u64(16)
-    size = bytes.u64(24)
+    argsz = try r.u32(at: 0)
+    flags = try r.u32(at: 4)
+    offset = try r.u64(at: 8)
+    address = try r.u64(at: 16)
+    size = try r.u64(at: 24)
     guard argsz == UInt32(Self.size) else { throw .invalidArgument }
     guard flags & ~(VFIODMAMapFlags.read | VFIODMAMapFlags.write) == 0 else {
       throw .invalidArgument
@@ -61,11 +62,12 @@ public struct DMAUnmapPayload: WirePayload {
   }
 
   public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    let r = ByteReader(bytes)
     guard bytes.count == Self.size else { throw .invalidArgument }
-    argsz = bytes.u32(0)
-    flags = bytes.u32(4)
-    address = bytes.u64(8)
-    size = bytes.u64(16)
+    argsz = try r.u32(at: 0)
+    flags = try r.u32(at: 4)
+    address = try r.u64(at: 8)
+    size = try r.u64(at: 16)
     guard argsz >= UInt32(Self.size) else { throw .invalidArgument }
     // Only UNMAP_ALL exists in this protocol; the dirty-bitmap flag belonged to v1 migration.
     guard flags & ~VFIODMAUnmapFlags.all == 0 else { throw .invalidArgument }
@@ -114,9 +116,10 @@ public struct DMAAccessHeader: Equatable, Sendable {
   }
 
   public init(decoding bytes: UnsafeRawBufferPointer, layout: DMATransferLayout) throws(Errno) {
+    let r = ByteReader(bytes)
     guard bytes.count >= 16 else { throw .invalidArgument }
-    address = bytes.u64(0)
-    count = layout == .spec ? bytes.u64(8) : UInt64(bytes.u32(8))
+    address = try r.u64(at: 0)
+    count = layout == .spec ? try r.u64(at: 8) : UInt64(try r.u32(at: 8))
   }
 
   public func encode(into bytes: UnsafeMutableRawBufferPointer, layout: DMATransferLayout) {

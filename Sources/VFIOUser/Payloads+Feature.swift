@@ -18,10 +18,11 @@ public struct DeviceFeaturePayload: WirePayload {
   public var feature: UInt32 { flags & VFIODeviceFeatureFlags.mask }
 
   public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    let r = ByteReader(bytes)
     guard bytes.count >= Self.fixedSize else { throw .invalidArgument }
-    argsz = bytes.u32(0)
-    flags = bytes.u32(4)
-    data = Array(UnsafeRawBufferPointer(rebasing: bytes[Self.fixedSize...]))
+    argsz = try r.u32(at: 0)
+    flags = try r.u32(at: 4)
+    data = Array(try r.rest(from: Self.fixedSize))
     guard argsz >= UInt32(Self.fixedSize) else { throw .invalidArgument }
     let known =
       VFIODeviceFeatureFlags.mask | VFIODeviceFeatureFlags.get | VFIODeviceFeatureFlags.set
@@ -54,8 +55,9 @@ public struct MigrationFeatureData: WirePayload {
   public init(flags: MigrationFlags) { self.flags = flags }
 
   public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    let r = ByteReader(bytes)
     guard bytes.count >= Self.size else { throw .invalidArgument }
-    flags = MigrationFlags(rawValue: bytes.u64(0))
+    flags = MigrationFlags(rawValue: try r.u64(at: 0))
   }
 
   public var encodedSize: Int { Self.size }
@@ -84,9 +86,10 @@ public struct MigDeviceStateData: WirePayload {
   public var state: MigrationState? { MigrationState(rawValue: deviceState) }
 
   public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    let r = ByteReader(bytes)
     guard bytes.count >= Self.size else { throw .invalidArgument }
-    deviceState = bytes.u32(0)
-    dataFD = Int32(bitPattern: bytes.u32(4))
+    deviceState = try r.u32(at: 0)
+    dataFD = try r.s32(at: 4)
   }
 
   public var encodedSize: Int { Self.size }
@@ -105,8 +108,9 @@ public struct MigDataSizeData: WirePayload {
   public init(stopCopyLength: UInt64) { self.stopCopyLength = stopCopyLength }
 
   public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    let r = ByteReader(bytes)
     guard bytes.count >= Self.size else { throw .invalidArgument }
-    stopCopyLength = bytes.u64(0)
+    stopCopyLength = try r.u64(at: 0)
   }
 
   public var encodedSize: Int { Self.size }
@@ -125,9 +129,10 @@ public struct MigDataHeader: Equatable, Sendable {
   }
 
   public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    let r = ByteReader(bytes)
     guard bytes.count >= Self.size else { throw .invalidArgument }
-    argsz = bytes.u32(0)
-    size = bytes.u32(4)
+    argsz = try r.u32(at: 0)
+    size = try r.u32(at: 4)
     // argsz counts at least this head, as every other argsz of the protocol does.
     guard argsz >= UInt32(Self.size) else { throw .invalidArgument }
   }
@@ -169,15 +174,18 @@ public struct DMALoggingStartData: WirePayload {
 
   /// Needs every range num_ranges announces; bytes beyond them are ignored.
   public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    let r = ByteReader(bytes)
     guard bytes.count >= Self.fixedSize else { throw .invalidArgument }
-    pageSize = bytes.u64(0)
-    let count = Int(bytes.u32(8))
+    pageSize = try r.u64(at: 0)
+    let count = Int(try r.u32(at: 8))
     guard count <= (bytes.count - Self.fixedSize) / DMALoggingRange.size else {
       throw .invalidArgument
     }
-    ranges = (0..<count).map { i in
+    ranges = []
+    ranges.reserveCapacity(count)
+    for i in 0..<count {
       let at = Self.fixedSize + DMALoggingRange.size * i
-      return DMALoggingRange(iova: bytes.u64(at), length: bytes.u64(at + 8))
+      ranges.append(DMALoggingRange(iova: try r.u64(at: at), length: try r.u64(at: at + 8)))
     }
   }
 
@@ -214,11 +222,12 @@ public struct DMALoggingReportData: WirePayload {
   }
 
   public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    let r = ByteReader(bytes)
     guard bytes.count >= Self.fixedSize else { throw .invalidArgument }
-    iova = bytes.u64(0)
-    length = bytes.u64(8)
-    pageSize = bytes.u64(16)
-    bitmap = Array(UnsafeRawBufferPointer(rebasing: bytes[Self.fixedSize...]))
+    iova = try r.u64(at: 0)
+    length = try r.u64(at: 8)
+    pageSize = try r.u64(at: 16)
+    bitmap = Array(try r.rest(from: Self.fixedSize))
   }
 
   /// The bitmap's bytes for `length` bytes of `pageSize` pages: whole u64

@@ -18,11 +18,12 @@ public struct IRQInfoPayload: WirePayload {
   }
 
   public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    let r = ByteReader(bytes)
     guard bytes.count == Self.size else { throw .invalidArgument }
-    argsz = bytes.u32(0)
-    flags = bytes.u32(4)
-    index = bytes.u32(8)
-    count = bytes.u32(12)
+    argsz = try r.u32(at: 0)
+    flags = try r.u32(at: 4)
+    index = try r.u32(at: 8)
+    count = try r.u32(at: 12)
   }
 
   public var encodedSize: Int { Self.size }
@@ -61,12 +62,13 @@ public struct IRQSetPayload: WirePayload {
   public var action: UInt32 { flags & VFIOIRQSetFlags.actionTypeMask }
 
   public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    let r = ByteReader(bytes)
     guard bytes.count >= Self.fixedSize else { throw .invalidArgument }
-    argsz = bytes.u32(0)
-    flags = bytes.u32(4)
-    index = bytes.u32(8)
-    start = bytes.u32(12)
-    count = bytes.u32(16)
+    argsz = try r.u32(at: 0)
+    flags = try r.u32(at: 4)
+    index = try r.u32(at: 8)
+    start = try r.u32(at: 12)
+    count = try r.u32(at: 16)
     guard argsz >= UInt32(Self.fixedSize) else { throw .invalidArgument }
     // Exactly one data type and one action, nothing else.
     let data = flags & VFIOIRQSetFlags.dataTypeMask
@@ -78,7 +80,7 @@ public struct IRQSetPayload: WirePayload {
     let extra = bytes.count - Self.fixedSize
     if data == VFIOIRQSetFlags.dataBool {
       guard extra == Int(count) else { throw .invalidArgument }
-      bools = Array(UnsafeRawBufferPointer(rebasing: bytes[Self.fixedSize...]))
+      bools = Array(try r.rest(from: Self.fixedSize))
     } else {
       guard extra == 0 else { throw .invalidArgument }
       bools = []

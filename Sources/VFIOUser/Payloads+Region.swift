@@ -56,13 +56,14 @@ public struct RegionInfoPayload: WirePayload {
   public var fullSize: Int { Self.fixedSize + capabilities.reduce(0) { $0 + $1.encodedSize } }
 
   public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    let r = ByteReader(bytes)
     guard bytes.count >= Self.fixedSize else { throw .invalidArgument }
-    argsz = bytes.u32(0)
-    flags = bytes.u32(4)
-    index = bytes.u32(8)
-    capOffset = bytes.u32(12)
-    size = bytes.u64(16)
-    offset = bytes.u64(24)
+    argsz = try r.u32(at: 0)
+    flags = try r.u32(at: 4)
+    index = try r.u32(at: 8)
+    capOffset = try r.u32(at: 12)
+    size = try r.u64(at: 16)
+    offset = try r.u64(at: 24)
     capabilities = []
     guard flags & VFIORegionFlags.caps != 0, bytes.count > Self.fixedSize else { return }
     var next = Int(capOffset)
@@ -73,22 +74,22 @@ public struct RegionInfoPayload: WirePayload {
         throw .invalidArgument
       }
       seen += 1
-      let id = bytes.u16(next)
-      let following = Int(bytes.u32(next + 4))
+      let id = try r.u16(at: next)
+      let following = Int(try r.u32(at: next + 4))
       switch id {
       case VFIORegionCapID.sparseMmap:
         guard next + 16 <= bytes.count else { throw .invalidArgument }
-        let count = Int(bytes.u32(next + 8))
+        let count = Int(try r.u32(at: next + 8))
         guard count <= 1024, next + 16 + 16 * count <= bytes.count else { throw .invalidArgument }
         var areas: [SparseMmapArea] = []
         for i in 0..<count {
           let base = next + 16 + 16 * i
-          areas.append(SparseMmapArea(offset: bytes.u64(base), size: bytes.u64(base + 8)))
+          areas.append(SparseMmapArea(offset: try r.u64(at: base), size: try r.u64(at: base + 8)))
         }
         capabilities.append(.sparseMmap(areas))
       case VFIORegionCapID.type:
         guard next + 16 <= bytes.count else { throw .invalidArgument }
-        capabilities.append(.type(type: bytes.u32(next + 8), subtype: bytes.u32(next + 12)))
+        capabilities.append(.type(type: try r.u32(at: next + 8), subtype: try r.u32(at: next + 12)))
       case VFIORegionCapID.msixMappable:
         capabilities.append(.msixMappable)
       default:
@@ -184,19 +185,22 @@ public struct RegionIOFDsPayload: WirePayload {
   }
 
   public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    let r = ByteReader(bytes)
     guard bytes.count >= Self.fixedSize else { throw .invalidArgument }
-    argsz = bytes.u32(0)
-    flags = bytes.u32(4)
-    index = bytes.u32(8)
-    count = bytes.u32(12)
+    argsz = try r.u32(at: 0)
+    flags = try r.u32(at: 4)
+    index = try r.u32(at: 8)
+    count = try r.u32(at: 12)
     subRegions = []
     let available = (bytes.count - Self.fixedSize) / IOFDSubRegion.size
     for i in 0..<min(Int(count), available) {
       let base = Self.fixedSize + IOFDSubRegion.size * i
       subRegions.append(
         IOFDSubRegion(
-          offset: bytes.u64(base), size: bytes.u64(base + 8), fdIndex: bytes.u32(base + 16),
-          type: bytes.u32(base + 20), flags: bytes.u32(base + 24), value: bytes.u64(base + 32)))
+          offset: try r.u64(at: base), size: try r.u64(at: base + 8),
+          fdIndex: try r.u32(at: base + 16),
+          type: try r.u32(at: base + 20), flags: try r.u32(at: base + 24),
+          value: try r.u64(at: base + 32)))
     }
   }
 
@@ -235,10 +239,11 @@ public struct RegionAccessHeader: Equatable, Sendable {
 
   @inlinable
   public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    let r = ByteReader(bytes)
     guard bytes.count >= Self.size else { throw .invalidArgument }
-    offset = bytes.u64(0)
-    region = bytes.u32(8)
-    count = bytes.u32(12)
+    offset = try r.u64(at: 0)
+    region = try r.u32(at: 8)
+    count = try r.u32(at: 12)
   }
 
   @inlinable
@@ -272,13 +277,14 @@ public struct WriteMultiEntry: Equatable, Sendable {
     self.data = data
   }
 
-  /// The entry at byte `offset` of `bytes` (the caller has checked the length).
+  /// The entry at byte `offset` of `bytes`.
   @inlinable
-  public init(decoding bytes: UnsafeRawBufferPointer, at offset: Int) {
-    self.offset = bytes.u64(offset)
-    region = bytes.u32(offset + 8)
-    count = bytes.u32(offset + 12)
-    data = bytes.u64(offset + 16)
+  public init(decoding bytes: UnsafeRawBufferPointer, at offset: Int) throws(Errno) {
+    let r = ByteReader(bytes)
+    self.offset = try r.u64(at: offset)
+    region = try r.u32(at: offset + 8)
+    count = try r.u32(at: offset + 12)
+    data = try r.u64(at: offset + 16)
   }
 
   @inlinable
@@ -311,12 +317,13 @@ public struct WriteMultiPayload: WirePayload {
   /// Validates the layout without building an array (the server's path).
   @inlinable
   public static func validate(_ bytes: UnsafeRawBufferPointer) throws(Errno) -> Int {
+    let r = ByteReader(bytes)
     guard bytes.count >= 8 else { throw .invalidArgument }
-    let count = bytes.u64(0)
+    let count = try r.u64(at: 0)
     guard count >= 1, count <= UInt64(WriteMultiLimits.maxWrites) else { throw .invalidArgument }
     guard bytes.count == 8 + WriteMultiEntry.size * Int(count) else { throw .invalidArgument }
     for i in 0..<Int(count) {
-      let n = bytes.u32(8 + WriteMultiEntry.size * i + 12)
+      let n = try r.u32(at: 8 + WriteMultiEntry.size * i + 12)
       guard n >= 1, n <= UInt32(WriteMultiLimits.maxDataPerWrite) else { throw .invalidArgument }
     }
     return Int(count)
@@ -325,13 +332,17 @@ public struct WriteMultiPayload: WirePayload {
   /// Entry `i` of a payload that `validate` accepted, without building the
   /// array (the server's path).
   @inlinable
-  public static func entry(_ i: Int, in bytes: UnsafeRawBufferPointer) -> WriteMultiEntry {
-    WriteMultiEntry(decoding: bytes, at: 8 + WriteMultiEntry.size * i)
+  public static func entry(_ i: Int, in bytes: UnsafeRawBufferPointer) throws(Errno)
+    -> WriteMultiEntry
+  {
+    try WriteMultiEntry(decoding: bytes, at: 8 + WriteMultiEntry.size * i)
   }
 
   public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
     let count = try Self.validate(bytes)
-    entries = (0..<count).map { Self.entry($0, in: bytes) }
+    entries = []
+    entries.reserveCapacity(count)
+    for i in 0..<count { entries.append(try Self.entry(i, in: bytes)) }
   }
 
   public var encodedSize: Int { 8 + WriteMultiEntry.size * entries.count }
@@ -351,8 +362,9 @@ public struct WriteMultiReply: WirePayload {
   public init(wrCnt: UInt64) { self.wrCnt = wrCnt }
 
   public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    let r = ByteReader(bytes)
     guard bytes.count == Self.size else { throw .invalidArgument }
-    wrCnt = bytes.u64(0)
+    wrCnt = try r.u64(at: 0)
   }
 
   public var encodedSize: Int { Self.size }

@@ -17,14 +17,15 @@ public struct VersionPayload: WirePayload {
   }
 
   public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    let r = ByteReader(bytes)
     guard bytes.count >= 4 else { throw .invalidArgument }
-    major = bytes.u16(0)
-    minor = bytes.u16(2)
+    major = try r.u16(at: 0)
+    minor = try r.u16(at: 2)
     guard bytes.count > 4 else {
       json = nil
       return
     }
-    let text = UnsafeRawBufferPointer(rebasing: bytes[4...])
+    let text = try r.rest(from: 4)
     // The JSON must end with its NUL and hold no other.
     guard text.last == 0, text.firstIndex(of: 0) == text.count - 1 else { throw .invalidArgument }
     guard let string = String(validating: text.dropLast(), as: UTF8.self) else {
@@ -65,11 +66,12 @@ public struct DeviceInfoPayload: WirePayload {
   }
 
   public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
+    let r = ByteReader(bytes)
     guard bytes.count == Self.size else { throw .invalidArgument }
-    argsz = bytes.u32(0)
-    flags = bytes.u32(4)
-    numRegions = bytes.u32(8)
-    numIRQs = bytes.u32(12)
+    argsz = try r.u32(at: 0)
+    flags = try r.u32(at: 4)
+    numRegions = try r.u32(at: 8)
+    numIRQs = try r.u32(at: 12)
   }
 
   public var encodedSize: Int { Self.size }

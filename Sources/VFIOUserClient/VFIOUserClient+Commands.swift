@@ -102,8 +102,9 @@ extension VFIOUserClient {
   }
 
   public func read32(region: UInt32, offset: UInt64) throws(VFIOUserClientError) -> UInt32 {
-    let bytes = try read(region: region, offset: offset, count: 4)
-    return bytes.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }
+    try Self.decodeReply("REGION_READ", try read(region: region, offset: offset, count: 4)) {
+      r throws(Errno) in try r.u32(at: 0)
+    }
   }
 
   public func write32(region: UInt32, offset: UInt64, _ value: UInt32, posted: Bool = false)
@@ -115,8 +116,9 @@ extension VFIOUserClient {
   }
 
   public func read64(region: UInt32, offset: UInt64) throws(VFIOUserClientError) -> UInt64 {
-    let bytes = try read(region: region, offset: offset, count: 8)
-    return bytes.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+    try Self.decodeReply("REGION_READ", try read(region: region, offset: offset, count: 8)) {
+      r throws(Errno) in try r.u64(at: 0)
+    }
   }
 
   public func write64(region: UInt32, offset: UInt64, _ value: UInt64, posted: Bool = false)
@@ -172,8 +174,9 @@ extension VFIOUserClient {
       throw .system(error)
     }
     let echoed = try receiveAck(id: id, payload: DMAUnmapPayload.size)
-    return DMAUnmapPayload(
-      flags: echoed.u32(4), address: echoed.u64(8), size: echoed.u64(16), argsz: echoed.u32(0))
+    do throws(Errno) { return try DMAUnmapPayload(decoding: echoed) } catch {
+      throw .protocolViolation("DMA_UNMAP reply does not echo a valid entry")
+    }
   }
 
   @discardableResult
@@ -305,7 +308,7 @@ extension VFIOUserClient {
     let (_, count) = try receiveDirect(
       id: id, command: .migDataRead, head: MigDataHeader.size, data: buffer)
     let head = UnsafeRawBufferPointer(rebasing: requestScratch[32..<40])
-    guard head.loadUnaligned(fromByteOffset: 4, as: UInt32.self) == UInt32(count) else {
+    guard (try? MigDataHeader(decoding: head))?.size == UInt32(count) else {
       throw .protocolViolation("MIG_DATA_READ size field disagrees with its data")
     }
     return count
@@ -430,5 +433,17 @@ extension VFIOUserClient {
       rebasing: requestScratch[32..<(32 + min(32, message.payload.count))])
     area.copyMemory(from: UnsafeRawBufferPointer(rebasing: message.payload[0..<area.count]))
     return UnsafeRawBufferPointer(area)
+  }
+}
+
+extension VFIOUserClient {
+  /// Decodes a reply's bytes with the byte cursor; bytes too short for it are
+  /// the server's protocol violation.
+  static func decodeReply<T>(
+    _ command: String, _ bytes: [UInt8], _ body: (inout ByteReader) throws(Errno) -> T
+  ) throws(VFIOUserClientError) -> T {
+    do throws(Errno) { return try ByteReader.reading(bytes, body) } catch {
+      throw .protocolViolation("\(command) reply is cut short")
+    }
   }
 }

@@ -54,9 +54,13 @@ extension VFIOUserClient {
         "DMA_LOGGING_REPORT reply carries \(data.count) data bytes, not \(DMALoggingReportData.fixedSize + size)"
       )
     }
-    let words: [UInt64]? = data.withUnsafeBytes { raw in
-      guard raw.u64(0) == iova, raw.u64(8) == length, raw.u64(16) == pageSize else { return nil }
-      return (0..<(size / 8)).map { raw.u64(DMALoggingReportData.fixedSize + $0 * 8) }
+    let words: [UInt64]? = try Self.decodeReply("DMA_LOGGING_REPORT", data) {
+      r throws(Errno) in
+      guard try r.u64(at: 0) == iova, try r.u64(at: 8) == length, try r.u64(at: 16) == pageSize
+      else { return nil }
+      var words = [UInt64](repeating: 0, count: size / 8)
+      for i in words.indices { words[i] = try r.u64(at: DMALoggingReportData.fixedSize + i * 8) }
+      return words
     }
     guard let words else {
       throw .protocolViolation("DMA_LOGGING_REPORT reply names another range")

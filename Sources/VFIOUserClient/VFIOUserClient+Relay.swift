@@ -87,7 +87,8 @@ extension VFIOUserClient {
     }
     try readExactly(UnsafeMutableRawBufferPointer(rebasing: head[16..<24]))
     let count = size - 24
-    guard head.loadUnaligned(fromByteOffset: 20, as: UInt32.self) == UInt32(count) else {
+    let migHead = UnsafeRawBufferPointer(rebasing: head[16..<24])
+    guard (try? MigDataHeader(decoding: migHead))?.size == UInt32(count) else {
       throw .protocolViolation("MIG_DATA_READ size field disagrees with its data")
     }
     return count

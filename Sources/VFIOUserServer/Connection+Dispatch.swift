@@ -234,7 +234,7 @@ extension Connection {
     let count = try WriteMultiPayload.validate(payload)
     // Writes apply in order; the first failure stops the batch and is reported.
     for i in 0..<count {
-      let entry = WriteMultiPayload.entry(i, in: payload)
+      let entry = try WriteMultiPayload.entry(i, in: payload)
       try checkAccess(region: entry.region, offset: entry.offset, count: entry.count, write: true)
       if awaitingEnable {
         noteAccessAwaitingEnable(region: entry.region, offset: entry.offset, write: true)

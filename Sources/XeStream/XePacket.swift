@@ -1,4 +1,5 @@
 import SystemPackage
+import VFIOUser
 
 /// `enum xe_sriov_packet_type`: what a packet of the Xe migration stream
 /// carries. A struct over the raw byte, not an enum, because the stream may
@@ -71,25 +72,21 @@ public struct XePacketHeader: Sendable, Equatable, CustomStringConvertible {
   /// - Throws: EINVAL when `bytes` is not 24 bytes long.
   public init(decoding bytes: [UInt8]) throws(Errno) {
     guard bytes.count == Self.size else { throw .invalidArgument }
-    func load<T: FixedWidthInteger>(_ at: Int, _: T.Type) -> T {
-      bytes.withUnsafeBytes { T(littleEndian: $0.loadUnaligned(fromByteOffset: at, as: T.self)) }
+    self = try ByteReader.reading(bytes) { r throws(Errno) in
+      XePacketHeader(
+        version: try r.u8(at: 0), type: XePacketType(rawValue: try r.u8(at: 1)),
+        tile: try r.u8(at: 2), gt: try r.u8(at: 3), flags: try r.u32(at: 4),
+        offset: try r.u64(at: 8), size: try r.u64(at: 16))
     }
-    version = bytes[0]
-    type = XePacketType(rawValue: bytes[1])
-    tile = bytes[2]
-    gt = bytes[3]
-    flags = load(4, UInt32.self)
-    offset = load(8, UInt64.self)
-    size = load(16, UInt64.self)
   }
 
   public var encoded: [UInt8] {
-    var bytes = [version, type.rawValue, tile, gt]
-    bytes.reserveCapacity(Self.size)
-    withUnsafeBytes(of: flags.littleEndian) { bytes += $0 }
-    withUnsafeBytes(of: offset.littleEndian) { bytes += $0 }
-    withUnsafeBytes(of: size.littleEndian) { bytes += $0 }
-    return bytes
+    var writer = ByteWriter(capacity: Self.size)
+    for byte in [version, type.rawValue, tile, gt] { writer.append(byte) }
+    writer.append(flags)
+    writer.append(offset)
+    writer.append(size)
+    return writer.bytes
   }
 
   public var description: String {

@@ -1,4 +1,5 @@
 import SystemPackage
+import VFIOUser
 
 /// The simulated GuC's opaque per-VF state, the GUC packet's payload.
 ///
@@ -102,12 +103,12 @@ struct GuCVFState: Equatable, Sendable {
 
     var writer = ByteWriter()
     for word in [Self.magic, Self.version, UInt32(gt), gmdID, UInt32(records.count)] {
-      writer.put(word)
+      writer.append(word)
     }
     for (tag, words) in records {
-      writer.put(tag.rawValue)
-      writer.put(UInt32(words.count))
-      for word in words { writer.put(word) }
+      writer.append(tag.rawValue)
+      writer.append(UInt32(words.count))
+      for word in words { writer.append(word) }
     }
     return writer.bytes
   }
@@ -116,19 +117,25 @@ struct GuCVFState: Equatable, Sendable {
   /// - Throws: EIO when the GuC would reject it.
   init(decoding bytes: [UInt8], gt: Int, gmdID: UInt32, sramSize: Int?) throws(Errno) {
     do throws(Errno) {
-      var reader = ByteReader(bytes)
-      guard bytes.count % 4 == 0, try reader.get(UInt32.self) == Self.magic,
-        try reader.get(UInt32.self) == Self.version, try reader.get(UInt32.self) == UInt32(gt),
-        try reader.get(UInt32.self) == gmdID
-      else { throw Errno.ioError }
+      guard bytes.count % 4 == 0 else { throw Errno.ioError }
+      let records = try ByteReader.reading(bytes) { reader throws(Errno) in
+        guard try reader.read(UInt32.self) == Self.magic,
+          try reader.read(UInt32.self) == Self.version, try reader.read(UInt32.self) == UInt32(gt),
+          try reader.read(UInt32.self) == gmdID
+        else { throw Errno.ioError }
+        var records: [(tag: UInt32, words: [UInt32])] = []
+        for _ in 0..<(try reader.read(UInt32.self)) {
+          let tag = try reader.read(UInt32.self)
+          let length = Int(try reader.read(UInt32.self))
+          guard length <= reader.remaining / 4 else { throw Errno.ioError }
+          records.append((tag, Array(try reader.read(count: 4 * length)).littleEndianWords()))
+        }
+        return records
+      }
       self.gt = gt
       self.gmdID = gmdID
-      let count = try reader.get(UInt32.self)
-      for _ in 0..<count {
-        let tag = try reader.get(UInt32.self)
-        let length = Int(try reader.get(UInt32.self))
-        guard length <= reader.remaining / 4 else { throw Errno.ioError }
-        var words = try reader.take(4 * length).littleEndianWords(UInt32.self)
+      for (tag, record) in records {
+        var words = record
         switch Tag(rawValue: tag) {
         case .engine:
           guard words.count == 17 else { throw Errno.ioError }

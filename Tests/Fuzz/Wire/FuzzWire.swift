@@ -73,7 +73,9 @@ func fuzzWire(_ input: UnsafeRawBufferPointer) {
       roundTrip(WriteMultiReply.self, payload)
     } else if let count = try? WriteMultiPayload.validate(payload) {
       for i in 0..<count {
-        let entry = WriteMultiPayload.entry(i, in: payload)
+        guard let entry = try? WriteMultiPayload.entry(i, in: payload) else {
+          fuzzFailure("a validated entry does not decode")
+        }
         let n = entry.withData { $0.count }
         guard n == min(Int(entry.count), 8) else { fuzzFailure("write-multi data length") }
       }
