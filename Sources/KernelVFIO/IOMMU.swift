@@ -18,7 +18,7 @@ private func retryingEINTR(_ call: () -> Int32) throws(Errno) -> Int32 {
 
 /// ioctl with a structure, retrying EINTR. Returns the ioctl's value.
 @discardableResult
-func kernelIoctl(_ fd: Int32, _ request: UInt, _ bytes: inout KernelBytes) throws(Errno) -> Int32 {
+func kernelIoctl(_ fd: Int32, _ request: UInt, _ bytes: inout ByteWriter) throws(Errno) -> Int32 {
   try retryingEINTR {
     bytes.bytes.withUnsafeMutableBytes { cvfu_ioctl(fd, request, $0.baseAddress) }
   }
@@ -26,7 +26,7 @@ func kernelIoctl(_ fd: Int32, _ request: UInt, _ bytes: inout KernelBytes) throw
 
 /// ioctl with a structure on a device file, retrying EINTR.
 @discardableResult
-func kernelIoctl(_ file: any VFIODeviceFile, _ request: UInt, _ bytes: inout KernelBytes)
+func kernelIoctl(_ file: any VFIODeviceFile, _ request: UInt, _ bytes: inout ByteWriter)
   throws(Errno) -> Int32
 {
   try retryingEINTR { bytes.bytes.withUnsafeMutableBytes { file.ioctl(request, $0.baseAddress) } }
@@ -34,12 +34,12 @@ func kernelIoctl(_ file: any VFIODeviceFile, _ request: UInt, _ bytes: inout Ker
 
 /// ioctl with a structure whose u64 at `pointerAt` points to `buffer`, which the kernel fills.
 func kernelIoctl(
-  _ fd: Int32, _ request: UInt, _ bytes: inout KernelBytes, buffer: inout [UInt64],
+  _ fd: Int32, _ request: UInt, _ bytes: inout ByteWriter, buffer: inout [UInt64],
   pointerAt offset: Int
 ) throws(Errno) {
   let result: Result<Void, Errno> = buffer.withUnsafeMutableBytes { raw in
-    bytes.put(UInt64(UInt(bitPattern: raw.baseAddress)), at: offset)
     do throws(Errno) {
+      try bytes.put(UInt64(UInt(bitPattern: raw.baseAddress)), at: offset)
       try kernelIoctl(fd, request, &bytes)
       return .success(())
     } catch { return .failure(error) }
@@ -139,12 +139,12 @@ public final class Type1Container: IOMMUDomain {
       }
       let groupPath = "\(paths.dev)/vfio/\(number)"
       group = try openNode(groupPath, group: number, paths: paths)
-      var status = KernelBytes(count: 8)
-      status.put(UInt32(8), at: 0)
-      try kernelCall("VFIO_GROUP_GET_STATUS") { () throws(Errno) in
+      let flags = try kernelCall("VFIO_GROUP_GET_STATUS") { () throws(Errno) in
+        var status = try kernelStruct(size: Int(CVFU_GROUP_STATUS_SIZE))
         try kernelIoctl(group, VFIOIoctl.groupGetStatus, &status)
+        return try status.reading { r throws(Errno) in try r.u32(at: KernelLayout.flags) }
       }
-      guard status.u32(4) & VFIOKernel.groupViable != 0 else {
+      guard flags & VFIOKernel.groupViable != 0 else {
         guard let device else {
           throw KernelVFIOError(.groupNotViable, "IOMMU group \(number) is not viable")
         }
@@ -157,9 +157,9 @@ public final class Type1Container: IOMMUDomain {
         }
         throw OpenDiagnostics.groupNotViable(device, group: number, members: members, paths: paths)
       }
-      var containerFD = KernelBytes(count: 4)
-      containerFD.put(container, at: 0)
       try kernelCall("VFIO_GROUP_SET_CONTAINER") { () throws(Errno) in
+        var containerFD = ByteWriter(capacity: 4)
+        containerFD.append(container)
         try kernelIoctl(group, VFIOIoctl.groupSetContainer, &containerFD)
       }
       try kernelCall("VFIO_SET_IOMMU(type1v2)") { () throws(Errno) in
@@ -184,9 +184,10 @@ public final class Type1Container: IOMMUDomain {
   static func queryInfo(_ container: Int32) throws(KernelVFIOError) -> Type1Info {
     var size = Type1Info.fixedSize
     for _ in 0..<4 {
-      var request = Type1Info.request(argsz: size)
-      try kernelCall("VFIO_IOMMU_GET_INFO") { () throws(Errno) in
+      let request = try kernelCall("VFIO_IOMMU_GET_INFO") { () throws(Errno) in
+        var request = try Type1Info.request(argsz: size)
         try kernelIoctl(container, VFIOIoctl.iommuGetInfo, &request)
+        return request
       }
       let needed = Type1Info.neededSize(request.bytes)
       if needed > size {
@@ -204,7 +205,8 @@ public final class Type1Container: IOMMUDomain {
 
   /// VFIO_GROUP_GET_DEVICE_FD. VFIO names a PCI function by its address and an mdev by its UUID.
   func deviceFD(_ name: String) throws(KernelVFIOError) -> Int32 {
-    var bytes = KernelBytes(Array(name.utf8CString).map { UInt8(bitPattern: $0) })
+    var bytes = ByteWriter(capacity: name.utf8.count + 1)
+    bytes.append(name.utf8CString.map { UInt8(bitPattern: $0) })
     return try kernelCall("VFIO_GROUP_GET_DEVICE_FD(\(name))") { () throws(Errno) in
       try kernelIoctl(group, VFIOIoctl.groupGetDeviceFD, &bytes)
     }
@@ -222,22 +224,16 @@ public final class Type1Container: IOMMUDomain {
   public func map(
     vaddr: UnsafeRawPointer, iova: UInt64, size: UInt64, readable: Bool, writable: Bool
   ) throws(Errno) {
-    var m = KernelBytes(count: 32)
-    m.put(UInt32(32), at: 0)
-    m.put((readable ? VFIOKernel.dmaMapRead : 0) | (writable ? VFIOKernel.dmaMapWrite : 0), at: 4)
-    m.put(UInt64(UInt(bitPattern: vaddr)), at: 8)
-    m.put(iova, at: 16)
-    m.put(size, at: 24)
+    var m = try KernelDMA.map(
+      vaddr: UInt64(UInt(bitPattern: vaddr)), iova: iova, size: size, readable: readable,
+      writable: writable)
     try kernelIoctl(container, VFIOIoctl.iommuMapDMA, &m)
   }
 
   public func unmap(iova: UInt64, size: UInt64) throws(Errno) -> UInt64 {
-    var u = KernelBytes(count: 24)
-    u.put(UInt32(24), at: 0)
-    u.put(iova, at: 8)
-    u.put(size, at: 16)
+    var u = try KernelDMA.unmap(iova: iova, size: size)
     try kernelIoctl(container, VFIOIoctl.iommuUnmapDMA, &u)
-    return u.u64(16)
+    return try KernelDMA.unmappedSize(u)
   }
 
   /// Present when VFIO_IOMMU_GET_INFO has the migration capability.
@@ -254,9 +250,7 @@ extension Type1Container: IOMMUDirtyTracking {
   public func stopDirtyTracking() throws(Errno) { try dirtyPages(VFIOKernel.dirtyPagesStop) }
 
   private func dirtyPages(_ flag: UInt32) throws(Errno) {
-    var request = KernelBytes(count: 8)
-    request.put(UInt32(8), at: 0)
-    request.put(flag, at: 4)
+    var request = try kernelStruct(size: Int(CVFU_DIRTY_BITMAP_SIZE), flags: flag)
     try kernelIoctl(container, VFIOIoctl.iommuDirtyPages, &request)
   }
 
@@ -278,14 +272,17 @@ extension Type1Container: IOMMUDirtyTracking {
   {
     let page = dirtyPageSize
     var words = [UInt64](repeating: 0, count: Int((size / page + 63) / 64))
-    var request = KernelBytes(count: 48)
-    request.put(UInt32(48), at: 0)
-    request.put(flag, at: 4)
-    request.put(iova, at: 8)
-    request.put(size, at: 16)
-    request.put(page, at: 24)
-    request.put(UInt64(words.count * 8), at: 32)
-    try kernelIoctl(container, ioctl, &request, buffer: &words, pointerAt: 40)
+    // The range after the 8-byte head: dirty_bitmap_get's iova, size and vfio_bitmap, which
+    // the unmap's iova, size (@8, @16) and trailing vfio_bitmap (@24) match.
+    let head = Int(CVFU_DIRTY_BITMAP_SIZE)
+    let bitmap = head + Int(CVFU_DIRTY_BITMAP_GET_BITMAP_OFFSET)
+    var request = try kernelStruct(size: head + Int(CVFU_DIRTY_BITMAP_GET_SIZE), flags: flag)
+    try request.put(iova, at: head + Int(CVFU_DIRTY_BITMAP_GET_IOVA_OFFSET))
+    try request.put(size, at: head + Int(CVFU_DIRTY_BITMAP_GET_SIZE_OFFSET))
+    try request.put(page, at: bitmap + Int(CVFU_BITMAP_PGSIZE_OFFSET))
+    try request.put(UInt64(words.count * 8), at: bitmap + Int(CVFU_BITMAP_SIZE_OFFSET))
+    try kernelIoctl(
+      container, ioctl, &request, buffer: &words, pointerAt: bitmap + Int(CVFU_BITMAP_DATA_OFFSET))
     return words.map { UInt64(littleEndian: $0) }
   }
 }
@@ -303,22 +300,22 @@ public final class IOMMUFDDomain: IOMMUDomain {
     let iommuPath = "\(paths.dev)/iommu"
     let iommufd = try openNode(iommuPath, paths: paths)
     do throws(KernelVFIOError) {
-      var bind = KernelBytes(count: 16)
-      bind.put(UInt32(16), at: 0)
-      bind.put(iommufd, at: 8)
       try kernelCall("VFIO_DEVICE_BIND_IOMMUFD") { () throws(Errno) in
+        var bind = try kernelStruct(size: Int(CVFU_BIND_IOMMUFD_SIZE))
+        try bind.put(iommufd, at: Int(CVFU_BIND_IOMMUFD_IOMMUFD_OFFSET))
         try kernelIoctl(device, VFIOIoctl.deviceBindIOMMUFD, &bind)
       }
-      var alloc = KernelBytes(count: 12)
-      alloc.put(UInt32(12), at: 0)
-      try kernelCall("IOMMU_IOAS_ALLOC") { () throws(Errno) in
+      let ioas = try kernelCall("IOMMU_IOAS_ALLOC") { () throws(Errno) in
+        var alloc = try kernelStruct(size: Int(CVFU_IOAS_ALLOC_SIZE))
         try kernelIoctl(iommufd, IOMMUFDIoctl.ioasAlloc, &alloc)
+        return try alloc.reading { r throws(Errno) in
+          try r.u32(at: Int(CVFU_IOAS_ALLOC_OUT_IOAS_ID_OFFSET))
+        }
       }
-      ioas = alloc.u32(8)
-      var attach = KernelBytes(count: 12)
-      attach.put(UInt32(12), at: 0)
-      attach.put(ioas, at: 8)
+      self.ioas = ioas
       try kernelCall("VFIO_DEVICE_ATTACH_IOMMUFD_PT") { () throws(Errno) in
+        var attach = try kernelStruct(size: Int(CVFU_ATTACH_IOMMUFD_PT_SIZE))
+        try attach.put(ioas, at: Int(CVFU_ATTACH_IOMMUFD_PT_PT_ID_OFFSET))
         try kernelIoctl(device, VFIOIoctl.deviceAttachIOMMUFDPT, &attach)
       }
     } catch {
@@ -337,24 +334,29 @@ public final class IOMMUFDDomain: IOMMUDomain {
     var count = 0
     for _ in 0..<4 {
       var table = [UInt64](repeating: 0, count: 2 * max(count, 1))
-      var request = KernelBytes(count: 32)
-      request.put(UInt32(32), at: 0)
-      request.put(ioas, at: 4)
-      request.put(UInt32(count), at: 8)
+      var request = try kernelStruct(size: Int(CVFU_IOAS_IOVA_RANGES_SIZE))
+      try request.put(ioas, at: Int(CVFU_IOAS_IOVA_RANGES_IOAS_ID_OFFSET))
+      try request.put(UInt32(count), at: Int(CVFU_IOAS_IOVA_RANGES_NUM_IOVAS_OFFSET))
       let result: Result<Void, Errno>
       do throws(Errno) {
         try kernelIoctl(
-          iommufd, IOMMUFDIoctl.ioasIOVARanges, &request, buffer: &table, pointerAt: 16)
+          iommufd, IOMMUFDIoctl.ioasIOVARanges, &request, buffer: &table,
+          pointerAt: Int(CVFU_IOAS_IOVA_RANGES_ALLOWED_IOVAS_OFFSET))
         result = .success(())
       } catch { result = .failure(error) }
-      let reported = Int(request.u32(8))
+      let (reported, alignment) = try request.reading { r throws(Errno) in
+        (
+          Int(try r.u32(at: Int(CVFU_IOAS_IOVA_RANGES_NUM_IOVAS_OFFSET))),
+          try r.u64(at: Int(CVFU_IOAS_IOVA_RANGES_OUT_IOVA_ALIGNMENT_OFFSET))
+        )
+      }
       if case .failure(let error) = result {
         guard error == .messageTooLong, reported > count else { throw error }
         count = reported
         continue
       }
       let ranges = (0..<reported).map { table[2 * $0]...table[2 * $0 + 1] }
-      return (ranges, max(request.u64(24), 4096))
+      return (ranges, max(alignment, 4096))
     }
     throw .messageTooLong
   }
@@ -365,26 +367,25 @@ public final class IOMMUFDDomain: IOMMUDomain {
   public func map(
     vaddr: UnsafeRawPointer, iova: UInt64, size: UInt64, readable: Bool, writable: Bool
   ) throws(Errno) {
-    var m = KernelBytes(count: 40)
-    m.put(UInt32(40), at: 0)
-    m.put(
-      VFIOKernel.ioasMapFixedIOVA | (readable ? VFIOKernel.ioasMapReadable : 0)
-        | (writable ? VFIOKernel.ioasMapWriteable : 0), at: 4)
-    m.put(ioas, at: 8)
-    m.put(UInt64(UInt(bitPattern: vaddr)), at: 16)
-    m.put(size, at: 24)
-    m.put(iova, at: 32)
+    var m = try kernelStruct(
+      size: Int(CVFU_IOAS_MAP_SIZE),
+      flags: VFIOKernel.ioasMapFixedIOVA | (readable ? VFIOKernel.ioasMapReadable : 0)
+        | (writable ? VFIOKernel.ioasMapWriteable : 0))
+    try m.put(ioas, at: Int(CVFU_IOAS_MAP_IOAS_ID_OFFSET))
+    try m.put(UInt64(UInt(bitPattern: vaddr)), at: Int(CVFU_IOAS_MAP_USER_VA_OFFSET))
+    try m.put(size, at: Int(CVFU_IOAS_MAP_LENGTH_OFFSET))
+    try m.put(iova, at: Int(CVFU_IOAS_MAP_IOVA_OFFSET))
     try kernelIoctl(iommufd, IOMMUFDIoctl.ioasMap, &m)
   }
 
   public func unmap(iova: UInt64, size: UInt64) throws(Errno) -> UInt64 {
-    var u = KernelBytes(count: 24)
-    u.put(UInt32(24), at: 0)
-    u.put(ioas, at: 4)
-    u.put(iova, at: 8)
-    u.put(size, at: 16)
+    var u = ByteWriter(count: Int(CVFU_IOAS_UNMAP_SIZE))
+    try u.put(UInt32(u.count), at: KernelLayout.argsz)
+    try u.put(ioas, at: Int(CVFU_IOAS_UNMAP_IOAS_ID_OFFSET))
+    try u.put(iova, at: Int(CVFU_IOAS_UNMAP_IOVA_OFFSET))
+    try u.put(size, at: Int(CVFU_IOAS_UNMAP_LENGTH_OFFSET))
     try kernelIoctl(iommufd, IOMMUFDIoctl.ioasUnmap, &u)
-    return u.u64(16)
+    return try u.reading { r throws(Errno) in try r.u64(at: Int(CVFU_IOAS_UNMAP_LENGTH_OFFSET)) }
   }
 }
 
@@ -395,5 +396,32 @@ func kernelCall<T>(_ what: String, _ body: () throws(Errno) -> T) throws(KernelV
     return try body()
   } catch {
     throw KernelVFIOError(.kernel, "\(what) failed: \(error.name) (\(error))", errno: error)
+  }
+}
+
+/// `struct vfio_iommu_type1_dma_map` and `vfio_iommu_type1_dma_unmap`.
+enum KernelDMA {
+  static func map(vaddr: UInt64, iova: UInt64, size: UInt64, readable: Bool, writable: Bool)
+    throws(Errno) -> ByteWriter
+  {
+    var m = try kernelStruct(
+      size: Int(CVFU_DMA_MAP_SIZE),
+      flags: (readable ? VFIOKernel.dmaMapRead : 0) | (writable ? VFIOKernel.dmaMapWrite : 0))
+    try m.put(vaddr, at: Int(CVFU_DMA_MAP_VADDR_OFFSET))
+    try m.put(iova, at: Int(CVFU_DMA_MAP_IOVA_OFFSET))
+    try m.put(size, at: Int(CVFU_DMA_MAP_SIZE_OFFSET))
+    return m
+  }
+
+  static func unmap(iova: UInt64, size: UInt64) throws(Errno) -> ByteWriter {
+    var u = try kernelStruct(size: Int(CVFU_DMA_UNMAP_SIZE))
+    try u.put(iova, at: Int(CVFU_DMA_UNMAP_IOVA_OFFSET))
+    try u.put(size, at: Int(CVFU_DMA_UNMAP_SIZE_OFFSET))
+    return u
+  }
+
+  /// The bytes the kernel unmapped, which it writes back into `size`.
+  static func unmappedSize(_ u: ByteWriter) throws(Errno) -> UInt64 {
+    try u.reading { r throws(Errno) in try r.u64(at: Int(CVFU_DMA_UNMAP_SIZE_OFFSET)) }
   }
 }

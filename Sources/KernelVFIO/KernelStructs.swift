@@ -1,3 +1,5 @@
+import CVFIOUser
+import SystemPackage
 import VFIOUser
 
 /// A kernel reply that does not parse: a capability chain that leaves the
@@ -9,7 +11,7 @@ public struct KernelStructError: Error, Equatable, CustomStringConvertible {
 
 /// `struct vfio_device_info` (24 bytes).
 public struct KernelDeviceInfo: Sendable, Equatable {
-  public static let size = 24
+  public static let size = Int(CVFU_DEVICE_INFO_SIZE)
   public var flags: UInt32
   public var numRegions: UInt32
   public var numIRQs: UInt32
@@ -21,21 +23,21 @@ public struct KernelDeviceInfo: Sendable, Equatable {
   }
 
   public init(parsing raw: [UInt8]) throws(KernelStructError) {
-    let b = KernelBytes(raw)
-    guard b.count >= Self.size else { throw KernelStructError("vfio_device_info is short") }
-    self.init(flags: b.u32(4), numRegions: b.u32(8), numIRQs: b.u32(12))
+    guard raw.count >= Self.size else { throw KernelStructError("vfio_device_info is short") }
+    self = try parseKernel(raw, "vfio_device_info") { b in
+      KernelDeviceInfo(
+        flags: try b.u32(at: KernelLayout.flags),
+        numRegions: try b.u32(at: Int(CVFU_DEVICE_INFO_NUM_REGIONS_OFFSET)),
+        numIRQs: try b.u32(at: Int(CVFU_DEVICE_INFO_NUM_IRQS_OFFSET)))
+    }
   }
 
-  static func request() -> KernelBytes {
-    var b = KernelBytes(count: size)
-    b.put(UInt32(size), at: 0)
-    return b
-  }
+  static func request() throws(Errno) -> ByteWriter { try kernelStruct(size: size) }
 }
 
 /// `struct vfio_region_info` (32 bytes) with its capability chain decoded.
 public struct KernelRegionInfo: Sendable, Equatable {
-  public static let fixedSize = 32
+  public static let fixedSize = Int(CVFU_REGION_INFO_SIZE)
   public var index: UInt32
   /// VFIO_REGION_INFO_FLAG_* (READ, WRITE, MMAP, CAPS).
   public var flags: UInt32
@@ -72,16 +74,13 @@ public struct KernelRegionInfo: Sendable, Equatable {
 
   /// The argsz the kernel asked for when the capabilities did not fit (0 when they did).
   static func neededSize(_ raw: [UInt8]) -> Int {
-    let b = KernelBytes(raw)
-    guard b.count >= fixedSize else { return 0 }
-    let argsz = Int(b.u32(0))
-    return argsz > raw.count ? argsz : 0
+    guard raw.count >= fixedSize else { return 0 }
+    return kernelNeededSize(raw)
   }
 
-  static func request(index: UInt32, argsz: Int) -> KernelBytes {
-    var b = KernelBytes(count: max(argsz, fixedSize))
-    b.put(UInt32(b.count), at: 0)
-    b.put(index, at: 8)
+  static func request(index: UInt32, argsz: Int) throws(Errno) -> ByteWriter {
+    var b = try kernelStruct(size: max(argsz, fixedSize))
+    try b.put(index, at: Int(CVFU_REGION_INFO_INDEX_OFFSET))
     return b
   }
 
@@ -89,16 +88,26 @@ public struct KernelRegionInfo: Sendable, Equatable {
   /// capability of the chain. Offsets in the chain count from the start of the
   /// structure; each must lie after the fixed part and past the one before it.
   public init(parsing raw: [UInt8]) throws(KernelStructError) {
-    let b = KernelBytes(raw)
-    guard b.count >= Self.fixedSize else { throw KernelStructError("vfio_region_info is short") }
-    self.init(index: b.u32(8), flags: b.u32(4), size: b.u64(16), offset: b.u64(24))
-    guard flags & VFIORegionFlags.caps != 0 else { return }
-    let argsz = min(Int(b.u32(0)), b.count)
-    var next = Int(b.u32(12))
+    guard raw.count >= Self.fixedSize else { throw KernelStructError("vfio_region_info is short") }
+    self = try parseKernel(raw, "vfio_region_info") { b in try Self.decode(b) }
+  }
+
+  private static func decode(_ b: ByteReader) throws -> KernelRegionInfo {
+    var info = KernelRegionInfo(
+      index: try b.u32(at: Int(CVFU_REGION_INFO_INDEX_OFFSET)),
+      flags: try b.u32(at: KernelLayout.flags),
+      size: try b.u64(at: Int(CVFU_REGION_INFO_SIZE_OFFSET)),
+      offset: try b.u64(at: Int(CVFU_REGION_INFO_OFFSET_OFFSET)))
+    let (index, size) = (info.index, info.size)
+    guard info.flags & VFIORegionFlags.caps != 0 else { return info }
+    let argsz = min(Int(try b.u32(at: KernelLayout.argsz)), b.count)
+    var next = Int(try b.u32(at: Int(CVFU_REGION_INFO_CAP_OFFSET_OFFSET)))
     var previous = Self.fixedSize - 1
     var seen = 0
     while next != 0 {
-      guard next > previous, b.contains(next, 8), next + 8 <= argsz else {
+      guard next > previous, b.contains(next, KernelLayout.CapHeader.size),
+        next + KernelLayout.CapHeader.size <= argsz
+      else {
         throw KernelStructError(
           "region \(index): capability at \(next) lies outside the \(argsz)-byte reply or loops")
       }
@@ -106,20 +115,24 @@ public struct KernelRegionInfo: Sendable, Equatable {
       guard seen <= 64 else {
         throw KernelStructError("region \(index): more than 64 capabilities")
       }
-      let id = b.u16(next)
+      let id = try b.u16(at: next + KernelLayout.CapHeader.id)
       switch id {
       case VFIORegionCapID.sparseMmap:
-        guard next + 16 <= argsz else {
+        let areasAt = next + Int(CVFU_SPARSE_MMAP_AREAS_OFFSET)
+        guard areasAt <= argsz else {
           throw KernelStructError("region \(index): sparse mmap capability cut short")
         }
-        let count = Int(b.u32(next + 8))
-        guard count <= 4096, next + 16 + 16 * count <= argsz else {
+        let count = Int(try b.u32(at: next + Int(CVFU_SPARSE_MMAP_NR_AREAS_OFFSET)))
+        let areaSize = Int(CVFU_SPARSE_MMAP_AREA_SIZE)
+        guard count <= 4096, areasAt + areaSize * count <= argsz else {
           throw KernelStructError("region \(index): sparse mmap capability claims \(count) areas")
         }
         var areas: [SparseMmapArea] = []
         for i in 0..<count {
-          let at = next + 16 + 16 * i
-          let area = SparseMmapArea(offset: b.u64(at), size: b.u64(at + 8))
+          let at = areasAt + areaSize * i
+          let area = SparseMmapArea(
+            offset: try b.u64(at: at + Int(CVFU_SPARSE_MMAP_AREA_OFFSET_OFFSET)),
+            size: try b.u64(at: at + Int(CVFU_SPARSE_MMAP_AREA_SIZE_OFFSET)))
           guard area.offset <= size, area.size <= size - area.offset else {
             throw KernelStructError(
               "region \(index): sparse mmap area [0x\(String(area.offset, radix: 16)) +0x\(String(area.size, radix: 16))] exceeds the region"
@@ -127,20 +140,24 @@ public struct KernelRegionInfo: Sendable, Equatable {
           }
           areas.append(area)
         }
-        sparseAreas = (sparseAreas ?? []) + areas
+        info.sparseAreas = (info.sparseAreas ?? []) + areas
       case VFIORegionCapID.type:
-        guard next + 16 <= argsz else {
+        guard next + Int(CVFU_CAP_TYPE_SIZE) <= argsz else {
           throw KernelStructError("region \(index): type capability cut short")
         }
-        type = (b.u32(next + 8), b.u32(next + 12))
+        info.type = (
+          try b.u32(at: next + Int(CVFU_CAP_TYPE_TYPE_OFFSET)),
+          try b.u32(at: next + Int(CVFU_CAP_TYPE_SUBTYPE_OFFSET))
+        )
       case VFIORegionCapID.msixMappable:
-        msixMappable = true
+        info.msixMappable = true
       default:
-        unknownCapabilities.append(id)
+        info.unknownCapabilities.append(id)
       }
       previous = next
-      next = Int(b.u32(next + 4))
+      next = Int(try b.u32(at: next + KernelLayout.CapHeader.next))
     }
+    return info
   }
 
   public static func == (a: Self, b: Self) -> Bool {
@@ -153,7 +170,7 @@ public struct KernelRegionInfo: Sendable, Equatable {
 
 /// `struct vfio_irq_info` (16 bytes).
 public struct KernelIRQInfo: Sendable, Equatable {
-  public static let size = 16
+  public static let size = Int(CVFU_IRQ_INFO_SIZE)
   public var index: UInt32
   /// VFIO_IRQ_INFO_* (EVENTFD, MASKABLE, AUTOMASKED, NORESIZE).
   public var flags: UInt32
@@ -166,15 +183,18 @@ public struct KernelIRQInfo: Sendable, Equatable {
   }
 
   public init(parsing raw: [UInt8]) throws(KernelStructError) {
-    let b = KernelBytes(raw)
-    guard b.count >= Self.size else { throw KernelStructError("vfio_irq_info is short") }
-    self.init(index: b.u32(8), flags: b.u32(4), count: b.u32(12))
+    guard raw.count >= Self.size else { throw KernelStructError("vfio_irq_info is short") }
+    self = try parseKernel(raw, "vfio_irq_info") { b in
+      KernelIRQInfo(
+        index: try b.u32(at: Int(CVFU_IRQ_INFO_INDEX_OFFSET)),
+        flags: try b.u32(at: KernelLayout.flags),
+        count: try b.u32(at: Int(CVFU_IRQ_INFO_COUNT_OFFSET)))
+    }
   }
 
-  static func request(index: UInt32) -> KernelBytes {
-    var b = KernelBytes(count: size)
-    b.put(UInt32(size), at: 0)
-    b.put(index, at: 8)
+  static func request(index: UInt32) throws(Errno) -> ByteWriter {
+    var b = try kernelStruct(size: size)
+    try b.put(index, at: Int(CVFU_IRQ_INFO_INDEX_OFFSET))
     return b
   }
 
@@ -219,15 +239,15 @@ public struct KernelIRQSet: Sendable, Equatable, CustomStringConvertible {
       flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger, fds: fds)
   }
 
-  var encoded: KernelBytes {
-    var b = KernelBytes(count: 20 + 4 * fds.count + bools.count)
-    b.put(UInt32(b.count), at: 0)
-    b.put(flags, at: 4)
-    b.put(index, at: 8)
-    b.put(start, at: 12)
-    b.put(count, at: 16)
-    for (i, fd) in fds.enumerated() { b.put(fd, at: 20 + 4 * i) }
-    for (i, bool) in bools.enumerated() { b.put(bool, at: 20 + 4 * fds.count + i) }
+  /// `struct vfio_irq_set` followed by its data (eventfds as s32, or bools).
+  func encoded() throws(Errno) -> ByteWriter {
+    let data = Int(CVFU_IRQ_SET_DATA_OFFSET)
+    var b = try kernelStruct(size: data + 4 * fds.count + bools.count, flags: flags)
+    try b.put(index, at: Int(CVFU_IRQ_SET_INDEX_OFFSET))
+    try b.put(start, at: Int(CVFU_IRQ_SET_START_OFFSET))
+    try b.put(count, at: Int(CVFU_IRQ_SET_COUNT_OFFSET))
+    for (i, fd) in fds.enumerated() { try b.put(fd, at: data + 4 * i) }
+    try b.put(bools, at: data + 4 * fds.count)
     return b
   }
 
@@ -250,7 +270,7 @@ public struct KernelIRQSet: Sendable, Equatable, CustomStringConvertible {
 
 /// What VFIO_IOMMU_GET_INFO reports for a type1 container.
 public struct Type1Info: Sendable, Equatable {
-  public static let fixedSize = 24
+  public static let fixedSize = Int(CVFU_IOMMU_INFO_SIZE)
   /// Supported IOMMU page sizes (a bitmap).
   public var pageSizes: UInt64
   /// VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE: where mappings may go (inclusive ends); nil if absent.
@@ -269,66 +289,82 @@ public struct Type1Info: Sendable, Equatable {
     self.dmaAvailable = dmaAvailable
   }
 
-  static func request(argsz: Int) -> KernelBytes {
-    var b = KernelBytes(count: max(argsz, fixedSize))
-    b.put(UInt32(b.count), at: 0)
-    return b
+  static func request(argsz: Int) throws(Errno) -> ByteWriter {
+    try kernelStruct(size: max(argsz, fixedSize))
   }
 
-  static func neededSize(_ raw: [UInt8]) -> Int {
-    let b = KernelBytes(raw)
-    guard b.count >= 4 else { return 0 }
-    let argsz = Int(b.u32(0))
-    return argsz > raw.count ? argsz : 0
-  }
+  static func neededSize(_ raw: [UInt8]) -> Int { kernelNeededSize(raw) }
 
   public init(parsing raw: [UInt8]) throws(KernelStructError) {
-    let b = KernelBytes(raw)
-    guard b.count >= Self.fixedSize else {
+    guard raw.count >= Self.fixedSize else {
       throw KernelStructError("vfio_iommu_type1_info is short")
     }
-    let flags = b.u32(4)
-    self.init(pageSizes: flags & VFIOKernel.iommuInfoPageSizes != 0 ? b.u64(8) : 0)
-    guard flags & VFIOKernel.iommuInfoCaps != 0 else { return }
-    let argsz = min(Int(b.u32(0)), b.count)
-    var next = Int(b.u32(16))
+    self = try parseKernel(raw, "vfio_iommu_type1_info") { b in try Self.decode(b) }
+  }
+
+  private static func decode(_ b: ByteReader) throws -> Type1Info {
+    let flags = try b.u32(at: KernelLayout.flags)
+    var info = Type1Info(
+      pageSizes: flags & VFIOKernel.iommuInfoPageSizes != 0
+        ? try b.u64(at: Int(CVFU_IOMMU_INFO_PGSIZES_OFFSET)) : 0)
+    guard flags & VFIOKernel.iommuInfoCaps != 0 else { return info }
+    let argsz = min(Int(try b.u32(at: KernelLayout.argsz)), b.count)
+    var next = Int(try b.u32(at: Int(CVFU_IOMMU_INFO_CAP_OFFSET_OFFSET)))
     var previous = Self.fixedSize - 1
     var seen = 0
     while next != 0 {
-      guard next > previous, b.contains(next, 8), next + 8 <= argsz, seen < 64 else {
+      guard next > previous, b.contains(next, KernelLayout.CapHeader.size),
+        next + KernelLayout.CapHeader.size <= argsz, seen < 64
+      else {
         throw KernelStructError("IOMMU info capability at \(next) lies outside the reply or loops")
       }
       seen += 1
-      switch b.u16(next) {
+      switch try b.u16(at: next + KernelLayout.CapHeader.id) {
       case VFIOKernel.iommuCapIOVARange:
-        guard next + 16 <= argsz else { throw KernelStructError("IOVA range capability cut short") }
-        let count = Int(b.u32(next + 8))
-        guard count <= 4096, next + 16 + 16 * count <= argsz else {
+        let rangesAt = next + Int(CVFU_IOVA_RANGE_CAP_RANGES_OFFSET)
+        guard rangesAt <= argsz else { throw KernelStructError("IOVA range capability cut short") }
+        let count = Int(try b.u32(at: next + Int(CVFU_IOVA_RANGE_CAP_NR_IOVAS_OFFSET)))
+        let rangeSize = Int(CVFU_IOVA_RANGE_SIZE)
+        guard count <= 4096, rangesAt + rangeSize * count <= argsz else {
           throw KernelStructError("IOVA range capability claims \(count) ranges")
         }
         var ranges: [ClosedRange<UInt64>] = []
         for i in 0..<count {
-          let start = b.u64(next + 16 + 16 * i)
-          let end = b.u64(next + 24 + 16 * i)
+          let at = rangesAt + rangeSize * i
+          let start = try b.u64(at: at + Int(CVFU_IOVA_RANGE_START_OFFSET))
+          let end = try b.u64(at: at + Int(CVFU_IOVA_RANGE_END_OFFSET))
           guard start <= end else {
             throw KernelStructError("IOVA range \(i) ends before it starts")
           }
           ranges.append(start...end)
         }
-        iovaRanges = ranges
+        info.iovaRanges = ranges
       case VFIOKernel.iommuCapDMAAvail:
-        guard next + 12 <= argsz else { throw KernelStructError("DMA avail capability cut short") }
-        dmaAvailable = b.u32(next + 8)
+        guard next + Int(CVFU_DMA_AVAIL_CAP_SIZE) <= argsz else {
+          throw KernelStructError("DMA avail capability cut short")
+        }
+        info.dmaAvailable = try b.u32(at: next + Int(CVFU_DMA_AVAIL_CAP_AVAIL_OFFSET))
       case VFIOKernel.iommuCapMigration:
-        guard next + 32 <= argsz else { throw KernelStructError("migration capability cut short") }
-        dirtyPageSizes = b.u64(next + 16)
+        guard next + Int(CVFU_MIGRATION_CAP_SIZE) <= argsz else {
+          throw KernelStructError("migration capability cut short")
+        }
+        info.dirtyPageSizes = try b.u64(at: next + Int(CVFU_MIGRATION_CAP_PGSIZE_BITMAP_OFFSET))
       default:
         break  // anything newer: not needed here
       }
       previous = next
-      next = Int(b.u32(next + 4))
+      next = Int(try b.u32(at: next + KernelLayout.CapHeader.next))
     }
+    return info
   }
+}
+
+/// The argsz a kernel reply asks for when what it has to say did not fit (0 when it did).
+func kernelNeededSize(_ raw: [UInt8]) -> Int {
+  let argsz =
+    (try? ByteReader.reading(raw) { b throws(Errno) in try b.u32(at: KernelLayout.argsz) })
+    .map(Int.init) ?? 0
+  return argsz > raw.count ? argsz : 0
 }
 
 extension [ClosedRange<UInt64>] {

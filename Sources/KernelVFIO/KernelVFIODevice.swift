@@ -1,3 +1,4 @@
+import CVFIOUser
 import SystemPackage
 import VFIOUser
 
@@ -88,9 +89,10 @@ public final class KernelVFIODevice {
     self.iommu = iommu
     iommuPath = path
     let name = device.map { "\($0.address)" } ?? "mdev \(mdev?.uuid ?? "?")"
-    var request = KernelDeviceInfo.request()
-    try kernelCall("VFIO_DEVICE_GET_INFO") { () throws(Errno) in
+    let request = try kernelCall("VFIO_DEVICE_GET_INFO") { () throws(Errno) in
+      var request = try KernelDeviceInfo.request()
       try kernelIoctl(file, VFIOIoctl.deviceGetInfo, &request)
+      return request
     }
     do throws(KernelStructError) {
       info = try KernelDeviceInfo(parsing: request.bytes)
@@ -106,8 +108,9 @@ public final class KernelVFIODevice {
       try Self.regionInfo(file, index)
     }
     irqs = try (0..<info.numIRQs).map { (index) throws(KernelVFIOError) in
-      var request = KernelIRQInfo.request(index: index)
+      var request = ByteWriter()
       do throws(Errno) {
+        request = try KernelIRQInfo.request(index: index)
         try kernelIoctl(file, VFIOIoctl.deviceGetIRQInfo, &request)
       } catch {
         // An index the device does not have: vfio-pci reports it with count 0,
@@ -126,11 +129,9 @@ public final class KernelVFIODevice {
       }
     }
     do throws(Errno) {
-      let flags = try Self.feature(file, get: VFIODeviceFeature.migration, size: 8).withUnsafeBytes
-      {
-        $0.loadUnaligned(as: UInt64.self)
-      }
-      migrationFlags = MigrationFlags(rawValue: flags)
+      let data = try Self.feature(
+        file, get: VFIODeviceFeature.migration, size: Int(CVFU_FEATURE_MIGRATION_SIZE))
+      migrationFlags = try MigrationFeatureData(decoding: data).flags
       migrationAbsence = nil
     } catch {
       migrationFlags = nil
@@ -149,8 +150,9 @@ public final class KernelVFIODevice {
   {
     var size = KernelRegionInfo.fixedSize
     for _ in 0..<4 {
-      var request = KernelRegionInfo.request(index: index, argsz: size)
+      var request = ByteWriter()
       do throws(Errno) {
+        request = try KernelRegionInfo.request(index: index, argsz: size)
         try kernelIoctl(file, VFIOIoctl.deviceGetRegionInfo, &request)
       } catch {
         guard error == .invalidArgument else {
@@ -215,7 +217,7 @@ public final class KernelVFIODevice {
   // MARK: Interrupts and reset
 
   public func setIRQs(_ set: KernelIRQSet) throws(Errno) {
-    var bytes = set.encoded
+    var bytes = try set.encoded()
     try kernelIoctl(file, VFIOIoctl.deviceSetIRQs, &bytes)
   }
 
@@ -229,38 +231,38 @@ public final class KernelVFIODevice {
   static func feature(_ file: any VFIODeviceFile, get feature: UInt32, size: Int) throws(Errno)
     -> [UInt8]
   {
-    var request = KernelBytes(count: 8 + size)
-    request.put(UInt32(8 + size), at: 0)
-    request.put(feature | VFIODeviceFeatureFlags.get, at: 4)
+    let data = Int(CVFU_DEVICE_FEATURE_DATA_OFFSET)
+    var request = try kernelStruct(size: data + size, flags: feature | VFIODeviceFeatureFlags.get)
     try kernelIoctl(file, VFIOIoctl.deviceFeature, &request)
-    return Array(request.bytes[8...])
+    return Array(request.bytes[data...])
   }
 
   /// MIG_DEVICE_STATE SET: the kernel performs the arc; returns the new
   /// data_fd (owned by the caller) or -1. See `KernelMigration`.
   public func setMigrationState(_ state: MigrationState) throws(Errno) -> Int32 {
-    var request = KernelBytes(count: 16)
-    request.put(UInt32(16), at: 0)
-    request.put(VFIODeviceFeature.migDeviceState | VFIODeviceFeatureFlags.set, at: 4)
-    request.put(state.rawValue, at: 8)
-    request.put(Int32(-1), at: 12)
+    let data = Int(CVFU_DEVICE_FEATURE_DATA_OFFSET)
+    let stateData = MigDeviceStateData(state: state)
+    var request = try kernelStruct(
+      size: data + MigDeviceStateData.size,
+      flags: VFIODeviceFeature.migDeviceState | VFIODeviceFeatureFlags.set)
+    try request.put(stateData.encoded(), at: data)
     try kernelIoctl(file, VFIOIoctl.deviceFeature, &request)
-    return request.s32(12)
+    return try MigDeviceStateData(decoding: Array(request.bytes[data...])).dataFD
   }
 
   /// MIG_DEVICE_STATE GET.
   public func migrationState() throws(Errno) -> MigrationState {
-    let data = try Self.feature(file, get: VFIODeviceFeature.migDeviceState, size: 8)
-    let raw = data.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }
-    guard let state = MigrationState(rawValue: raw) else { throw .ioError }
+    let data = try Self.feature(
+      file, get: VFIODeviceFeature.migDeviceState, size: MigDeviceStateData.size)
+    guard let state = try MigDeviceStateData(decoding: data).state else { throw .ioError }
     return state
   }
 
   /// MIG_DATA_SIZE GET: the device's estimate of the STOP_COPY bytes.
   public func stopCopySize() throws(Errno) -> UInt64 {
-    try Self.feature(file, get: VFIODeviceFeature.migDataSize, size: 8).withUnsafeBytes {
-      $0.loadUnaligned(as: UInt64.self)
-    }
+    let data = try Self.feature(
+      file, get: VFIODeviceFeature.migDataSize, size: Int(CVFU_FEATURE_MIG_DATA_SIZE_SIZE))
+    return try MigDataSizeData(decoding: data).stopCopyLength
   }
 
   // MARK: Description

@@ -1,8 +1,13 @@
 // The Linux VFIO and iommufd uAPI this layer speaks, as numbers and byte
 // layouts (protocol/xe-kernel-facts.md §10). Every structure is built and
-// parsed here by offset rather than through <linux/vfio.h>: the build host's
-// headers may predate the cdev and iommufd ioctls (Debian 12 ships 6.1), and
-// byte-level codecs are what the unit tests feed raw kernel replies to.
+// parsed by offset with VFIOUser's byte cursor rather than through the C
+// structs: the build host's headers may predate the cdev and iommufd ioctls
+// (Debian 12 ships 6.1), and byte-level codecs are what the unit tests feed raw
+// kernel replies to. The offsets come from cvfu_kernel.h, checked there.
+
+import CVFIOUser
+import SystemPackage
+import VFIOUser
 
 /// ioctl numbers: `_IO(';', n)`, so the value is `0x3B00 | n`; no size is encoded.
 public enum VFIOIoctl {
@@ -71,32 +76,39 @@ public enum VFIOKernel {
   public static let ioasMapReadable: UInt32 = 1 << 2
 }
 
-/// Little-endian field access on a byte array holding one kernel structure.
-struct KernelBytes {
-  var bytes: [UInt8]
+/// The layouts of the structures above, from cvfu_kernel.h, where each is
+/// checked against linux/vfio.h and linux/iommufd.h by offsetof and sizeof at
+/// compile time (on hosts whose headers define it): the codecs in
+/// KernelStructs.swift and IOMMU.swift use these numbers, never their own.
+enum KernelLayout {
+  static let argsz = Int(CVFU_ARGSZ_OFFSET)
+  static let flags = Int(CVFU_FLAGS_OFFSET)
 
-  init(count: Int) { bytes = [UInt8](repeating: 0, count: count) }
-  init(_ bytes: [UInt8]) { self.bytes = bytes }
-
-  var count: Int { bytes.count }
-
-  func u16(_ at: Int) -> UInt16 { load(at, UInt16.self) }
-  func u32(_ at: Int) -> UInt32 { load(at, UInt32.self) }
-  func u64(_ at: Int) -> UInt64 { load(at, UInt64.self) }
-  func s32(_ at: Int) -> Int32 { Int32(bitPattern: u32(at)) }
-
-  mutating func put<T: FixedWidthInteger>(_ value: T, at offset: Int) {
-    bytes.withUnsafeMutableBytes {
-      $0.storeBytes(of: value.littleEndian, toByteOffset: offset, as: T.self)
-    }
+  enum CapHeader {
+    static let size = Int(CVFU_CAP_HEADER_SIZE)
+    static let id = Int(CVFU_CAP_HEADER_ID_OFFSET)
+    static let next = Int(CVFU_CAP_HEADER_NEXT_OFFSET)
   }
+}
 
-  private func load<T: FixedWidthInteger>(_ at: Int, _: T.Type) -> T {
-    bytes.withUnsafeBytes { T(littleEndian: $0.loadUnaligned(fromByteOffset: at, as: T.self)) }
-  }
+/// A zero-filled kernel structure of `size` bytes with its argsz (or size) and flags set.
+func kernelStruct(size: Int, argsz: Int? = nil, flags: UInt32 = 0) throws(Errno) -> ByteWriter {
+  var b = ByteWriter(count: size)
+  try b.put(UInt32(argsz ?? size), at: KernelLayout.argsz)
+  try b.put(flags, at: KernelLayout.flags)
+  return b
+}
 
-  /// Whether `[at, at + length)` lies inside the bytes.
-  func contains(_ at: Int, _ length: Int) -> Bool {
-    at >= 0 && length >= 0 && at <= bytes.count && length <= bytes.count - at
+/// Parses a kernel reply with a checked reader: a read past its end is a reply
+/// cut short, and the structure's own errors pass through.
+func parseKernel<R>(_ raw: [UInt8], _ what: String, _ body: (ByteReader) throws -> R)
+  throws(KernelStructError) -> R
+{
+  do {
+    return try raw.withUnsafeBytes { try body(ByteReader($0)) }
+  } catch let error as KernelStructError {
+    throw error
+  } catch {
+    throw KernelStructError("\(what) is cut short")
   }
 }
