@@ -197,7 +197,7 @@ let package = Package(
     .testTarget(
       name: "KernelVFIOTests",
       dependencies: [
-        "KernelVFIO", "KernelVFIOBackend", "VFIOUser", "VFIODevice", "XeVF", "VFIOUserServer",
+        "KernelVFIO", "KernelVFIOBackend", "CVFIOUser", "VFIOUser", "VFIODevice", "XeVF", "VFIOUserServer",
         "VFIOUserClient", .product(name: "Logging", package: "swift-log"),
       ],
       swiftSettings: strict),

@@ -9,7 +9,7 @@ import CVFIOUser
 // and this layer does not depend on the server, whose Threads.swift has the
 // same kind of helpers.
 
-enum POSIX {
+package enum POSIX {
   /// The target of a symbolic link, or nil when `path` is none.
   static func readLink(_ path: String) -> String? {
     var buffer = [UInt8](repeating: 0, count: 4096)
@@ -25,8 +25,10 @@ enum POSIX {
     readLink(path)?.split(separator: "/").last.map(String.init)
   }
 
-  /// A whole (small) file as text, or nil when it cannot be read.
-  static func readText(_ path: String) -> String? {
+  /// A whole (small) file as text, or nil when it cannot be read: with read(2),
+  /// which the tests use too (Foundation's `String(contentsOfFile:)` leaks its
+  /// buffer when the read fails, as a /proc file of a closed descriptor does).
+  package static func readText(_ path: String) -> String? {
     let fd = open(path, O_RDONLY | O_CLOEXEC)
     guard fd >= 0 else { return nil }
     defer { close(fd) }

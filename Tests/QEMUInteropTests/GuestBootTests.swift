@@ -13,10 +13,7 @@ import XeVF
 struct GuestBootTests {
   static let initScript = """
     \(GuestRun.initPreamble())
-    dev=""
-    for d in /sys/bus/pci/devices/*; do
-      [ "$(cat $d/vendor)" = 0x8086 ] && [ "$(cat $d/device)" = 0xe211 ] && dev=$d
-    done
+    \(GuestRun.findVF)
     if [ -z "$dev" ]; then
       echo "XEVF: no device"; echo "XEVF: done"; poweroff -f
     fi

@@ -16,10 +16,7 @@ struct LibvirtTests {
   /// restored from a save file goes on reporting what it finds after the restore.
   static let initScript = """
     \(GuestRun.initPreamble())
-    dev=""
-    for d in /sys/bus/pci/devices/*; do
-      [ "$(cat $d/vendor)" = 0x8086 ] && [ "$(cat $d/device)" = 0xe211 ] && dev=$d
-    done
+    \(GuestRun.findVF)
     [ -n "$dev" ] || { echo "XEVF: no device"; sleep 600; }
     echo 1 > $dev/enable
     bar0=$(sed -n 1p $dev/resource | cut -d' ' -f1)

@@ -320,7 +320,7 @@ final class FakeVFIOPCIDevice: VFIODeviceFile {
       let link = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)"),
       link == "anon_inode:[eventfd]"
     else { return .failure(.invalidArgument) }
-    let info = ProcFiles.text("/proc/self/fdinfo/\(fd)") ?? ""
+    let info = POSIX.readText("/proc/self/fdinfo/\(fd)") ?? ""
     return .success(
       info.split(separator: "\n").first { $0.hasPrefix("eventfd-id:") }.map(String.init)
         ?? "eventfd \(fd)")

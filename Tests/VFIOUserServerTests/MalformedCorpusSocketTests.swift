@@ -1,5 +1,6 @@
 import CVFIOUser
 import Foundation
+import KernelVFIO
 import SystemPackage
 import Testing
 import VFIODevice
@@ -286,7 +287,7 @@ struct SentDescriptors {
   /// the link target of a memfd, directory, pipe or socket (unique). Nil when the descriptor has gone,
   /// or has nothing unique (an eventfd on an older kernel is not tracked).
   static func fingerprint(of fd: Int32) -> String? {
-    if let info = ProcFiles.text("/proc/self/fdinfo/\(fd)"),
+    if let info = POSIX.readText("/proc/self/fdinfo/\(fd)"),
       let id = info.split(separator: "\n").first(where: { $0.hasPrefix("eventfd-id:") })
     {
       return String(id.filter { !$0.isWhitespace })

@@ -50,6 +50,15 @@ struct GuestRun {
     return script
   }
 
+  /// Sets `dev` to the simulated BMG VF's sysfs directory (empty when absent).
+  static let findVF = """
+    dev=""
+    for d in /sys/bus/pci/devices/*; do
+      [ "$(cat $d/vendor)" = 0x8086 ] && [ "$(cat $d/device)" = 0xe211 ] && dev=$d
+    done
+
+    """
+
   /// The guest's uptime at `done`, or -1.
   var uptime: Double { lines["done"]?.first.flatMap { Double($0) } ?? -1 }
 
