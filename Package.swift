@@ -197,7 +197,8 @@ let package = Package(
     .testTarget(
       name: "KernelVFIOTests",
       dependencies: [
-        "KernelVFIO", "KernelVFIOBackend", "CVFIOUser", "VFIOUser", "VFIODevice", "XeVF", "VFIOUserServer",
+        "KernelVFIO", "KernelVFIOBackend", "CVFIOUser", "VFIOUser", "VFIODevice", "XeVF",
+        "VFIOUserServer",
         "VFIOUserClient", .product(name: "Logging", package: "swift-log"),
       ],
       swiftSettings: strict),
