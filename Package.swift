@@ -161,6 +161,7 @@ let package = Package(
       name: "xe-vfio-user",
       dependencies: [
         "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF", "XeStream",
+        "TestSupport",
         "CVFIOUser", "KernelVFIO", "KernelVFIOBackend", "CZstd", "Control", "Checkpoint",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Logging", package: "swift-log"),
@@ -172,8 +173,11 @@ let package = Package(
     .executableTarget(
       name: "IdleFloor", dependencies: ["CVFIOUser"], swiftSettings: strict,
       linkerSettings: leanExecutable),
+    // What the test suites share: the protocol/ files, the malformed corpus's one
+    // schema, the one hex decoder.
+    .target(name: "TestSupport", path: "Tests/TestSupport", swiftSettings: strict),
     .testTarget(
-      name: "VFIOUserTests", dependencies: ["VFIOUser"],
+      name: "VFIOUserTests", dependencies: ["VFIOUser", "TestSupport"],
       swiftSettings: strict),
     // The framer on byte arrays and the channel over memory: no sockets, no threads.
     .testTarget(
@@ -206,6 +210,7 @@ let package = Package(
       name: "VFIOUserServerTests",
       dependencies: [
         "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF", "XeStream",
+        "TestSupport",
         "CVFIOUser", "VFIOUserSocket", "KernelVFIO", "KernelVFIOBackend",
         .product(name: "Logging", package: "swift-log"),
       ],
@@ -219,7 +224,8 @@ let package = Package(
       ],
       swiftSettings: strict),
     .testTarget(
-      name: "XeVFTests", dependencies: ["XeVF", "XeStream", "VFIOUser", "VFIODevice"],
+      name: "XeVFTests",
+      dependencies: ["XeVF", "XeStream", "VFIOUser", "VFIODevice", "TestSupport"],
       swiftSettings: strict),
     // The checkpoint format in-process: writer and reader round trips, every refusal.
     .testTarget(

@@ -1,6 +1,7 @@
 import KernelVFIO
 import KernelVFIOBackend
 import Logging
+import TestSupport
 import Testing
 import VFIOUser
 import VFIOUserClient

@@ -2,6 +2,7 @@ import CVFIOUser
 import Foundation
 import KernelVFIO
 import SystemPackage
+import TestSupport
 import Testing
 import VFIODevice
 import VFIOUser
@@ -19,139 +20,21 @@ import XeVF
 // a client actually sees on the wire: the error reply, the hang-up, or silence,
 // and that the server keeps serving afterwards without leaking state.
 
-struct SocketCorpusError: Error, CustomStringConvertible {
-  var description: String
-  init(_ description: String) { self.description = description }
-}
+/// The corpus case of TestSupport, with what replaying it over a socket needs.
+typealias SocketCorpusCase = MalformedCase
+typealias SocketCorpusError = CorpusError
 
-/// Parses lowercase or uppercase hex without separators.
-func socketCorpusBytes(hex: String) throws -> [UInt8] {
-  func nibble(_ digit: UInt8) -> UInt8? {
-    switch digit {
-    case UInt8(ascii: "0")...UInt8(ascii: "9"): digit - UInt8(ascii: "0")
-    case UInt8(ascii: "a")...UInt8(ascii: "f"): digit - UInt8(ascii: "a") + 10
-    case UInt8(ascii: "A")...UInt8(ascii: "F"): digit - UInt8(ascii: "A") + 10
-    default: nil
-    }
-  }
-  let digits = Array(hex.utf8)
-  guard digits.count.isMultiple(of: 2) else { throw SocketCorpusError("odd number of hex digits") }
-  var bytes: [UInt8] = []
-  bytes.reserveCapacity(digits.count / 2)
-  var index = 0
-  while index < digits.count {
-    guard let high = nibble(digits[index]), let low = nibble(digits[index + 1]) else {
-      throw SocketCorpusError("not hex: \(hex.prefix(32))")
-    }
-    bytes.append(high << 4 | low)
-    index += 2
-  }
+/// `hex` as bytes, or a failure naming it.
+func corpusBytes(hex: String) throws -> [UInt8] {
+  guard let bytes = [UInt8](hex: hex) else { throw CorpusError("not hex: \(hex.prefix(32))") }
   return bytes
 }
 
-/// The header fields of raw message bytes, as far as the bytes reach.
-struct RawHeader: Sendable {
-  var messageID: UInt16
-  var command: UInt16
-  /// The size the header declares, or nil when fewer than 8 bytes are present.
-  var declaredSize: UInt32?
-
-  init(_ bytes: [UInt8]) {
-    func byte(_ i: Int) -> UInt32 { i < bytes.count ? UInt32(bytes[i]) : 0 }
-    messageID = UInt16(byte(0) | byte(1) << 8)
-    command = UInt16(byte(2) | byte(3) << 8)
-    declaredSize = bytes.count >= 8 ? byte(4) | byte(5) << 8 | byte(6) << 16 | byte(7) << 24 : nil
-  }
-}
-
-/// One entry of protocol/malformed.json (see protocol/README.md for the format).
-struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
-  var name: String
-  var hex: String
-  var expect: String
-  var layer: String
-  var afterVersion: Bool
-  var note: String
-  var parseError: String?
-  /// Valid messages to send first; each must succeed.
-  var setup: [String]?
-  /// Descriptors to send with the message (SCM_RIGHTS).
-  var fds: Int?
-  /// Eventfds to send with each setup message (by position; none when absent).
-  var setupFDs: [Int]?
-  /// `hex` is only the head: pad with zeros up to the header's size.
-  var fillToSize: Bool?
-  /// The reaction of a device without migration support, where it differs.
-  var expectNoMigration: String?
-  /// The reaction of a device without DMA logging, where it differs.
-  var expectNoDMALogging: String?
-  /// The kind of each descriptor, comma-separated (memfd, eventfd, pipe,
-  /// socket, directory, device); by default memfds for DMA_MAP, eventfds otherwise.
-  var fdKind: String?
-  /// "xe": served by the simulated Xe VF (it migrates), not the test device.
-  var device: String?
-  /// The reaction of the kernel backend (a fake vfio-pci device behind
-  /// `KernelVFIOBackend`), where it differs from `expect`.
-  var expectKernel: String?
-  /// Kernel-backend cases only: not replayed against the simulated devices.
-  var kernelOnly: Bool?
-  /// The fake vfio-pci device's reset: "no_reset" or "reset_busy" (default: it works).
-  var kernelDevice: String?
-  /// Which backend this replay serves the case with (not in the file).
-  var backend = CorpusBackend.simulated
-
-  enum CorpusBackend: Sendable { case simulated, kernel }
-  /// Server limits other than the defaults.
-  var limits: CorpusLimits?
-  /// VERSION offers the sparse migration stream (protocol/sparse-migration.md).
-  var sparseMigration: Bool?
-
-  struct CorpusLimits: Decodable, Sendable {
-    var maxDMAMaps: UInt32?
-    enum CodingKeys: String, CodingKey { case maxDMAMaps = "max_dma_maps" }
-  }
-
-  enum CodingKeys: String, CodingKey {
-    case name, hex, expect, layer, note, setup, fds, device, limits
-    case afterVersion = "after_version"
-    case parseError = "parse_error"
-    case fillToSize = "fill_to_size"
-    case expectNoMigration = "expect_no_migration"
-    case expectNoDMALogging = "expect_no_dma_logging"
-    case fdKind = "fd_kind"
-    case expectKernel = "expect_kernel"
-    case kernelOnly = "kernel_only"
-    case setupFDs = "setup_fds"
-    case kernelDevice = "kernel_device"
-    case sparseMigration = "sparse_migration"
-  }
-
-  /// This case as replayed against the kernel backend.
-  var onKernel: SocketCorpusCase {
-    var copy = self
-    copy.backend = .kernel
-    return copy
-  }
-
-  /// Replayed against the default server and test device (the pipelined burst takes only these).
-  var runsOnDefaultServer: Bool {
-    device == nil && limits == nil && kernelOnly != true && sparseMigration == nil
-  }
-
+extension MalformedCase {
   var serverLimits: ServerLimits {
     var serverLimits = ServerLimits()
     if let maxDMAMaps = limits?.maxDMAMaps { serverLimits.maxDMAMaps = maxDMAMaps }
     return serverLimits
-  }
-
-  var testDescription: String { backend == .kernel ? "\(name) (kernel)" : name }
-
-  /// What this server must do: the test device has neither migration nor DMA
-  /// logging; the simulated Xe VF and the kernel backend have both.
-  var expectation: String {
-    if backend == .kernel { return expectKernel ?? expect }
-    return device == "xe" || device == "migrating"
-      ? expect : expectNoMigration ?? expectNoDMALogging ?? expect
   }
 
   /// The errno of the expected error reply, or nil for "disconnect" and "no-reply".
@@ -160,18 +43,6 @@ struct SocketCorpusCase: Decodable, Sendable, CustomTestStringConvertible {
       expectation.hasSuffix("+disconnect")
       ? String(expectation.dropLast("+disconnect".count)) : expectation
     return name == "ok" ? nil : Errno(name: name)
-  }
-
-  /// "EINVAL+disconnect": an error reply, then the server hangs up.
-  var disconnectsAfterError: Bool { expectation.hasSuffix("+disconnect") }
-
-  /// The message as sent: `hex`, zero-padded to the header's size for `fill_to_size`.
-  func message() throws -> [UInt8] {
-    var bytes = try socketCorpusBytes(hex: hex)
-    if fillToSize == true, let size = RawHeader(bytes).declaredSize, Int(size) > bytes.count {
-      bytes += [UInt8](repeating: 0, count: Int(size) - bytes.count)
-    }
-    return bytes
   }
 
   /// True when the bytes stop before the header says the message ends, so the
@@ -304,21 +175,12 @@ struct SentDescriptors {
 }
 
 enum SocketCorpus {
-  /// `<repo>/protocol`, found from this file's path (`<repo>/Tests/VFIOUserServerTests/`).
-  static let directory: URL = URL(fileURLWithPath: #filePath)
-    .deletingLastPathComponent()
-    .deletingLastPathComponent()
-    .deletingLastPathComponent()
-    .appendingPathComponent("protocol", isDirectory: true)
-
   static func load<T: Decodable>(_ file: String, as type: T.Type) throws -> T {
-    let data = try Data(contentsOf: directory.appendingPathComponent(file))
-    return try JSONDecoder().decode(T.self, from: data)
+    try ProtocolFiles.load(file, as: type)
   }
 
   /// Empty when the file is missing or unreadable; `corpusLoads` reports why.
-  static let all: [SocketCorpusCase] =
-    (try? load("malformed.json", as: [SocketCorpusCase].self)) ?? []
+  static let all: [SocketCorpusCase] = ProtocolFiles.malformed
 
   /// The cases the simulated devices replay.
   static let cases: [SocketCorpusCase] = all.filter { $0.kernelOnly != true }
@@ -334,7 +196,7 @@ enum SocketCorpus {
     guard let vector = vectors.first(where: { $0.name == "version-request-qemu" }) else {
       throw SocketCorpusError("messages.json has no version-request-qemu")
     }
-    return try socketCorpusBytes(hex: vector.hex)
+    return try corpusBytes(hex: vector.hex)
   }
 
   /// Entries where the corpus is right and the server is not, by name. Their
@@ -362,7 +224,7 @@ struct MalformedCorpusSocketTests {
         #expect(known, "\(entry.name): unknown expectation \(replay.expectation)")
       }
       _ = try entry.message()
-      for hex in entry.setup ?? [] { _ = try socketCorpusBytes(hex: hex) }
+      for hex in entry.setup ?? [] { _ = try corpusBytes(hex: hex) }
       // The pipelined burst sends setups without descriptors.
       #expect(
         entry.setupFDs == nil || entry.kernelOnly == true,
@@ -407,7 +269,7 @@ struct MalformedCorpusSocketTests {
       var setupsSent: Set<String> = []
       for entry in burst {
         for (i, hex) in (entry.setup ?? []).enumerated() where setupsSent.insert(hex).inserted {
-          let bytes = try socketCorpusBytes(hex: hex)
+          let bytes = try corpusBytes(hex: hex)
           try client.sendRaw(bytes)
           let header = RawHeader(bytes)
           if header.command == Command.dmaMap.rawValue { mappedBySetup += 1 }
@@ -485,7 +347,7 @@ struct MalformedCorpusSocketTests {
 
       var mappedBySetup = 0
       for (i, hex) in (entry.setup ?? []).enumerated() {
-        let bytes = try socketCorpusBytes(hex: hex)
+        let bytes = try corpusBytes(hex: hex)
         var fds = try entry.setupMemory(for: bytes).map { [$0] } ?? []
         let eventFDs = i < (entry.setupFDs?.count ?? 0) ? entry.setupFDs![i] : 0
         fds += (0..<eventFDs).map { _ in cvfu_eventfd(0, O_NONBLOCK | O_CLOEXEC) }

@@ -1,4 +1,5 @@
 import SystemPackage
+import TestSupport
 import Testing
 import VFIOUser
 
@@ -31,7 +32,7 @@ func malformedMessage(_ entry: MalformedCase) throws {
   if let other = entry.expectNoDMALogging { #expect(knownExpectations.contains(other)) }
   if let other = entry.expectKernel { #expect(knownExpectations.contains(other)) }
   #expect((entry.fds ?? 0) >= 0)
-  let bytes = try #require(entry.message)
+  let bytes = try entry.message()
 
   switch entry.layer {
   case "header":

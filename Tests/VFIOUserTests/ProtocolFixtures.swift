@@ -1,5 +1,6 @@
 import Foundation
 import SystemPackage
+import TestSupport
 import Testing
 import VFIOUser
 
@@ -130,69 +131,9 @@ struct Vector: Decodable, Sendable, CustomTestStringConvertible {
   var bytes: [UInt8]? { [UInt8](hex: hex) }
 }
 
-/// One entry of protocol/malformed.json.
-struct MalformedCase: Decodable, Sendable, CustomTestStringConvertible {
-  var name: String
-  var hex: String
-  var expect: String
-  var layer: String
-  var afterVersion: Bool
-  var note: String
-  var parseError: String?
-  var setup: [String]?
-  /// Descriptors to send with the message (SCM_RIGHTS).
-  var fds: Int?
-  /// `hex` is only the head: the sender pads with zeros up to the header's size.
-  var fillToSize: Bool?
-  /// The reaction of a device without migration support, where it differs.
-  var expectNoMigration: String?
-  /// The reaction of a device without DMA logging, where it differs.
-  var expectNoDMALogging: String?
-  /// The reaction of the kernel backend, where it differs.
-  var expectKernel: String?
-
-  enum CodingKeys: String, CodingKey {
-    case name, hex, expect, layer, note, setup, fds
-    case afterVersion = "after_version"
-    case parseError = "parse_error"
-    case fillToSize = "fill_to_size"
-    case expectNoMigration = "expect_no_migration"
-    case expectNoDMALogging = "expect_no_dma_logging"
-    case expectKernel = "expect_kernel"
-  }
-
-  var testDescription: String { name }
-  var bytes: [UInt8]? { [UInt8](hex: hex) }
-
-  /// The message as sent: `hex`, padded with zeros to the header's size when `fill_to_size` is set.
-  var message: [UInt8]? {
-    guard var bytes else { return nil }
-    if fillToSize == true, bytes.count >= 8 {
-      let size = Int(
-        UInt32(bytes[4]) | UInt32(bytes[5]) << 8 | UInt32(bytes[6]) << 16 | UInt32(bytes[7]) << 24)
-      if size > bytes.count { bytes += [UInt8](repeating: 0, count: size - bytes.count) }
-    }
-    return bytes
-  }
-}
-
-enum ProtocolFiles {
-  /// `<repo>/protocol`, found from this file's path (`<repo>/Tests/VFIOUserTests/`).
-  static let directory: URL = URL(fileURLWithPath: #filePath)
-    .deletingLastPathComponent()
-    .deletingLastPathComponent()
-    .deletingLastPathComponent()
-    .appendingPathComponent("protocol", isDirectory: true)
-
-  static func load<T: Decodable>(_ file: String, as type: T.Type) throws -> T {
-    let data = try Data(contentsOf: directory.appendingPathComponent(file))
-    return try JSONDecoder().decode(T.self, from: data)
-  }
-
+extension ProtocolFiles {
   /// Empty when the file is missing or unreadable; `fixtureFilesLoad` reports why.
   static let vectors: [Vector] = (try? load("messages.json", as: [Vector].self)) ?? []
-  static let malformed: [MalformedCase] =
-    (try? load("malformed.json", as: [MalformedCase].self)) ?? []
 
   static func vector(_ name: String) throws -> Vector {
     guard let vector = vectors.first(where: { $0.name == name }) else {
@@ -203,32 +144,6 @@ enum ProtocolFiles {
 }
 
 extension Array where Element == UInt8 {
-  /// Parses lowercase or uppercase hex without separators.
-  init?(hex: String) {
-    let digits = Array(hex.utf8)
-    guard digits.count.isMultiple(of: 2) else { return nil }
-    var bytes: [UInt8] = []
-    bytes.reserveCapacity(digits.count / 2)
-    var index = 0
-    while index < digits.count {
-      guard let high = Self.nibble(digits[index]), let low = Self.nibble(digits[index + 1]) else {
-        return nil
-      }
-      bytes.append(high << 4 | low)
-      index += 2
-    }
-    self = bytes
-  }
-
-  private static func nibble(_ digit: UInt8) -> UInt8? {
-    switch digit {
-    case UInt8(ascii: "0")...UInt8(ascii: "9"): digit - UInt8(ascii: "0")
-    case UInt8(ascii: "a")...UInt8(ascii: "f"): digit - UInt8(ascii: "a") + 10
-    case UInt8(ascii: "A")...UInt8(ascii: "F"): digit - UInt8(ascii: "A") + 10
-    default: nil
-    }
-  }
-
   var hexString: String {
     let digits = Array("0123456789abcdef".utf8)
     var out: [UInt8] = []

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import SystemPackage
+import TestSupport
 import Testing
 import VFIODevice
 import VFIOUser
@@ -249,11 +250,10 @@ struct XePacketFixtures: Decodable, Sendable {
   }()
 }
 
+/// The fixture's hex (TestSupport's decoder); a malformed fixture stops the run.
 func hexBytes(_ hex: String) -> [UInt8] {
-  var out: [UInt8] = []
-  var iterator = hex.makeIterator()
-  while let high = iterator.next(), let low = iterator.next() {
-    out.append(UInt8(String([high, low]), radix: 16)!)
+  guard let bytes = [UInt8](hex: hex) else {
+    fatalError("not hex in xe-packets.json: \(hex.prefix(32))")
   }
-  return out
+  return bytes
 }
