@@ -257,6 +257,11 @@ let package = Package(
         .product(name: "SystemPackage", package: "swift-system"),
       ],
       swiftSettings: strict),
+    // bench's table and summaries, and its checkpoint figures on a small VF in-process.
+    .testTarget(
+      name: "BenchTests",
+      dependencies: ["Bench", .product(name: "Logging", package: "swift-log")],
+      swiftSettings: strict),
     // Runs the built `xe-vfio-user` as a process, as a user would, and the scripts.
     // Scripts/ holds the stand-ins InstallQEMUTests runs scripts/install-qemu.sh with.
     .testTarget(
