@@ -1,4 +1,6 @@
 import Checkpoint
+// The one file of MigrationTools with Foundation (its essentials): JSONEncoder and
+// JSONDecoder for the header, and the ISO 8601 timestamp, as the CLI had them.
 import FoundationEssentials
 
 #if canImport(Glibc)
