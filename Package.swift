@@ -157,12 +157,35 @@ let package = Package(
         .product(name: "SystemPackage", package: "swift-system"),
       ],
       swiftSettings: strict),
+    // The client side of save, restore and migrate, below both the CLI and bench: device
+    // identity, the checkpoint header (its JSON through Foundation's encoder), the copy
+    // pipeline, progress, the MIG_DATA writer, the save output file, the records between a
+    // device and a checkpoint, the commands' errors and signals, and the POSIX helpers (files,
+    // child processes, printf) the CLI uses instead of Foundation.
+    .target(
+      name: "MigrationTools",
+      dependencies: [
+        "VFIOUser", "VFIODevice", "VFIOUserClient", "XeStream", "Checkpoint", "CVFIOUser",
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
+      swiftSettings: strict),
+    // `bench`'s measurements, each beside its raw limit taken in the same run (BENCHMARKS.md):
+    // in-process servers, the socket floor, DMA, migration, save and checkpoint figures.
+    .target(
+      name: "Bench",
+      dependencies: [
+        "MigrationTools", "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF",
+        "Control", "Checkpoint", "CVFIOUser", .product(name: "Logging", package: "swift-log"),
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
+      swiftSettings: strict),
     .executableTarget(
       name: "xe-vfio-user",
       dependencies: [
         "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF", "XeStream",
         "TestSupport",
         "CVFIOUser", "KernelVFIO", "KernelVFIOBackend", "CZstd", "Control", "Checkpoint",
+        "MigrationTools", "Bench",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Logging", package: "swift-log"),
         .product(name: "SystemPackage", package: "swift-system"),
@@ -231,6 +254,20 @@ let package = Package(
     .testTarget(
       name: "CheckpointTests",
       dependencies: ["Checkpoint", "XeStream", "CVFIOUser", "CZstd"],
+      swiftSettings: strict),
+    // The migration commands' plumbing in-process: the save output file's staging, the copy
+    // pipeline, the figures and the header's JSON.
+    .testTarget(
+      name: "MigrationToolsTests",
+      dependencies: [
+        "MigrationTools", "Checkpoint", "VFIODevice",
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
+      swiftSettings: strict),
+    // bench's table and summaries, and its checkpoint figures on a small VF in-process.
+    .testTarget(
+      name: "BenchTests",
+      dependencies: ["Bench", .product(name: "Logging", package: "swift-log")],
       swiftSettings: strict),
     // Runs the built `xe-vfio-user` as a process, as a user would, and the scripts.
     // Scripts/ holds the stand-ins InstallQEMUTests runs scripts/install-qemu.sh with.

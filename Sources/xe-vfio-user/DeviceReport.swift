@@ -1,3 +1,5 @@
+import MigrationTools
+
 /// What `info` reports: a vfio-user device as a client sees it. The PCI part is
 /// decoded from the config space read through the socket; only the names of
 /// classes and capabilities come from tables. Encoded as JSON with numbers as

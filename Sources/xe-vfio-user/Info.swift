@@ -1,6 +1,7 @@
 import ArgumentParser
 import Control
 import FoundationEssentials
+import MigrationTools
 import SystemPackage
 import VFIOUser
 import VFIOUserClient
@@ -305,11 +306,6 @@ struct Info: ParsableCommand {
     }
     return "\(bytes)"
   }
-}
-
-func hex<T: BinaryInteger>(_ value: T, _ width: Int) -> String {
-  let s = String(value, radix: 16)
-  return String(repeating: "0", count: max(0, width - s.count)) + s
 }
 
 /// `text` padded with spaces to `width` characters (Foundation's `padding` would link it whole).

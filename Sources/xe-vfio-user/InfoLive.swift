@@ -1,4 +1,5 @@
 import Control
+import MigrationTools
 import SystemPackage
 
 #if canImport(Glibc)

@@ -1,6 +1,7 @@
 import ArgumentParser
 import FoundationEssentials
 import KernelVFIO
+import MigrationTools
 import SystemPackage
 import VFIOUser
 import XeVF

@@ -1,4 +1,5 @@
 import ArgumentParser
+import MigrationTools
 import SystemPackage
 import VFIODevice
 import VFIOUser

@@ -1,7 +1,8 @@
 import ArgumentParser
-import KernelVFIO
 import Control
+import KernelVFIO
 import Logging
+import MigrationTools
 import Synchronization
 import VFIOUser
 import XeVF
@@ -40,13 +41,6 @@ struct ByteSize: ExpressibleByArgument, CustomStringConvertible {
   }
 
   var description: String { formatBytes(bytes) }
-}
-
-func formatBytes(_ bytes: UInt64) -> String {
-  if bytes >= 1 << 30, bytes % (1 << 30) == 0 { return "\(bytes >> 30) GiB" }
-  if bytes >= 1 << 20, bytes % (1 << 20) == 0 { return "\(bytes >> 20) MiB" }
-  if bytes >= 1 << 10, bytes % (1 << 10) == 0 { return "\(bytes >> 10) KiB" }
-  return "\(bytes) bytes"
 }
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
@@ -115,5 +109,20 @@ struct StandardErrorLog: TextOutputStream, Sendable {
         }
       }
     }
+  }
+}
+
+/// `--progress` and `--quiet`, the same for save, restore and migrate.
+struct ProgressOptions: ParsableArguments {
+  @Flag(help: "A progress line on stderr even when it is not a terminal.") var progress = false
+  @Flag(help: "No progress output.") var quiet = false
+
+  /// On a terminal unless `--quiet`; elsewhere only with `--progress`.
+  var enabled: Bool { !quiet && (progress || isatty(2) != 0) }
+}
+
+extension ProgressReporter {
+  convenience init(label: String, total: UInt64, options: ProgressOptions) {
+    self.init(label: label, total: total, enabled: options.enabled)
   }
 }

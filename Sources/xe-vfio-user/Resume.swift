@@ -1,5 +1,6 @@
 import ArgumentParser
 import Control
+import MigrationTools
 import SystemPackage
 import VFIODevice
 import VFIOUser

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Checkpoint
+import MigrationTools
 import SystemPackage
 import VFIODevice
 import VFIOUser
@@ -120,22 +121,4 @@ struct Save: ParsableCommand {
       throw ExitCode(interruption.exitCode ?? ExitCode.failure.rawValue)
     }
   }
-}
-
-/// Streams the device's STOP_COPY data into `out` as checksummed records
-/// (the caller writes the end with `writer.finish`).
-func writeRecords(
-  from client: VFIOUserClient, end: String, into out: SaveOutput, writer: SaveFileWriter,
-  progress: ProgressReporter, interruption: Interruption? = nil
-) throws -> UInt64 {
-  let chunk = min(migrationChunk(client), SaveFormat.maxRecord)
-  _ = try pipeline(bufferSize: chunk) { buffer in
-    try interruption?.check()
-    let n = try on(end) { try client.migDataRead(into: buffer) }
-    return (n, n < buffer.count)
-  } consume: { data in
-    try writer.append(data, to: out)
-    progress.update(state: writer.appendedBytes, wire: out.bytesWritten)
-  }
-  return writer.appendedBytes
 }

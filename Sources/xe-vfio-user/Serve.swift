@@ -3,6 +3,7 @@ import CVFIOUser
 import Control
 import KernelVFIO
 import Logging
+import MigrationTools
 import SystemPackage
 import VFIODevice
 import VFIOUser

@@ -1,6 +1,7 @@
 import KernelVFIO
 import KernelVFIOBackend
 import Logging
+import MigrationTools
 import VFIODevice
 import VFIOUserServer
 

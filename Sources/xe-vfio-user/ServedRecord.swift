@@ -1,3 +1,4 @@
+import MigrationTools
 import SystemPackage
 
 #if canImport(Glibc)

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Control
+import MigrationTools
 
 #if canImport(Glibc)
   import Glibc

@@ -1,4 +1,5 @@
 import CVFIOUser
+import MigrationTools
 import VFIODevice
 import VFIOUserServer
 
@@ -93,13 +94,6 @@ enum SocketFloor {
     for _ in 0..<repeats { b.baseAddress!.copyMemory(from: a.baseAddress!, byteCount: size) }
     return Double(size * repeats) / (Double(now() - start) / 1e9)
   }
-}
-
-@inline(__always)
-func now() -> UInt64 {
-  var ts = timespec()
-  clock_gettime(CLOCK_MONOTONIC, &ts)
-  return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
 }
 
 struct LatencySummary {

@@ -1,6 +1,7 @@
 import CVFIOUser
 import Control
 import Logging
+import MigrationTools
 import VFIODevice
 import VFIOUserClient
 import VFIOUserServer
@@ -10,7 +11,7 @@ import XeVF
   import Glibc
 #endif
 
-extension Bench {
+extension BenchConfiguration {
   /// What the per-message counters and latency histogram cost on the request
   /// path: 4-byte REGION_READs against a server that counts nothing, one that
   /// counts, and one that counts with a control client listening for events

@@ -14,13 +14,13 @@ import VFIODevice
 /// answers, runs `lastResort` (remove the partial file) and exits at once.
 ///
 /// Made before any other thread starts, so every thread inherits the mask.
-final class Interruption: Sendable {
-  static let signals = [SIGINT, SIGTERM, SIGHUP]
+public final class Interruption: Sendable {
+  public static let signals = [SIGINT, SIGTERM, SIGHUP]
   /// The first signal taken, or 0.
   private let received = Atomic<Int32>(0)
   private let lastResort = Locked<(@Sendable () -> Void)?>(nil)
 
-  init() throws {
+  public init() throws {
     try takeSignals(Self.signals) { [self] number in
       let (first, _) = received.compareExchange(
         expected: 0, desired: number, ordering: .sequentiallyConsistent)
@@ -36,18 +36,18 @@ final class Interruption: Sendable {
 
   /// What a second signal does before the process exits: it must be safe
   /// to run while the command's threads are anywhere (an unlink, not a close).
-  func setLastResort(_ action: @escaping @Sendable () -> Void) {
+  public func setLastResort(_ action: @escaping @Sendable () -> Void) {
     lastResort.withLock { $0 = action }
   }
 
   /// Throws `Interrupted` once a signal came.
-  func check() throws {
+  public func check() throws {
     let number = received.load(ordering: .relaxed)
     if number != 0 { throw Interrupted(signal: number) }
   }
 
   /// The exit status for a command a signal ended: 128 + its number, as a shell reports it.
-  var exitCode: Int32? {
+  public var exitCode: Int32? {
     let number = received.load(ordering: .relaxed)
     return number == 0 ? nil : 128 + number
   }
@@ -57,7 +57,7 @@ final class Interruption: Sendable {
 /// after it, and takes them on a thread of their own with sigwait, calling
 /// `handle` with each: a signal sent at any moment waits pending for it,
 /// never killing the process or getting lost. Call it before starting threads.
-func takeSignals(_ signals: [Int32], _ handle: @escaping @Sendable (Int32) -> Void) throws {
+public func takeSignals(_ signals: [Int32], _ handle: @escaping @Sendable (Int32) -> Void) throws {
   var set = sigset_t()
   sigemptyset(&set)
   for number in signals { sigaddset(&set, number) }
@@ -74,12 +74,12 @@ func takeSignals(_ signals: [Int32], _ handle: @escaping @Sendable (Int32) -> Vo
 }
 
 /// The command was asked to stop by a signal.
-struct Interrupted: Error, CustomStringConvertible {
-  var signal: Int32
-  var description: String { "interrupted by \(signalName(signal))" }
+public struct Interrupted: Error, CustomStringConvertible {
+  public var signal: Int32
+  public var description: String { "interrupted by \(signalName(signal))" }
 }
 
-func signalName(_ number: Int32) -> String {
+public func signalName(_ number: Int32) -> String {
   switch number {
   case SIGINT: "SIGINT"
   case SIGTERM: "SIGTERM"
@@ -90,4 +90,4 @@ func signalName(_ number: Int32) -> String {
 
 /// Writes to a closed pipe fail with EPIPE (reported, then rolled back)
 /// instead of killing the command with SIGPIPE halfway through.
-func ignoreSIGPIPE() { signal(SIGPIPE, SIG_IGN) }
+public func ignoreSIGPIPE() { signal(SIGPIPE, SIG_IGN) }

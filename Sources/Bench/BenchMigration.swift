@@ -1,5 +1,6 @@
 import CVFIOUser
 import Logging
+import MigrationTools
 import Synchronization
 import VFIODevice
 import VFIOUser

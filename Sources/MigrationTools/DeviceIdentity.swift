@@ -6,15 +6,27 @@ import VFIOUserClient
 #endif
 
 /// What must match between a saved stream and the device it is restored into.
-struct DeviceIdentity: Codable, Equatable, CustomStringConvertible {
-  var vendorID: UInt16
-  var deviceID: UInt16
-  var revision: UInt8
-  var subsystemVendorID: UInt16
-  var subsystemID: UInt16
-  var vramSize: UInt64
+public struct DeviceIdentity: Codable, Equatable, CustomStringConvertible {
+  public var vendorID: UInt16
+  public var deviceID: UInt16
+  public var revision: UInt8
+  public var subsystemVendorID: UInt16
+  public var subsystemID: UInt16
+  public var vramSize: UInt64
 
-  static func read(from client: VFIOUserClient) throws -> DeviceIdentity {
+  public init(
+    vendorID: UInt16, deviceID: UInt16, revision: UInt8, subsystemVendorID: UInt16,
+    subsystemID: UInt16, vramSize: UInt64
+  ) {
+    self.vendorID = vendorID
+    self.deviceID = deviceID
+    self.revision = revision
+    self.subsystemVendorID = subsystemVendorID
+    self.subsystemID = subsystemID
+    self.vramSize = vramSize
+  }
+
+  public static func read(from client: VFIOUserClient) throws -> DeviceIdentity {
     let ids = try client.read32(region: VFIOPCIRegion.config, offset: 0)
     let classRev = try client.read32(region: VFIOPCIRegion.config, offset: 8)
     let subsystem = try client.read32(region: VFIOPCIRegion.config, offset: 0x2C)
@@ -27,12 +39,12 @@ struct DeviceIdentity: Codable, Equatable, CustomStringConvertible {
       subsystemID: UInt16(truncatingIfNeeded: subsystem >> 16), vramSize: bar2.info.size)
   }
 
-  var description: String {
+  public var description: String {
     "[\(hex(vendorID, 4)):\(hex(deviceID, 4))] rev \(hex(revision, 2)), subsystem \(hex(subsystemVendorID, 4)):\(hex(subsystemID, 4)), VRAM \(vramSize == 0 ? "none" : formatBytes(vramSize))"
   }
 
   /// Why a stream from `self` cannot go into `other`, or nil when it can.
-  func incompatibility(with other: DeviceIdentity) -> String? {
+  public func incompatibility(with other: DeviceIdentity) -> String? {
     if vendorID != other.vendorID || deviceID != other.deviceID {
       return
         "device id \(hex(vendorID, 4)):\(hex(deviceID, 4)) ≠ \(hex(other.vendorID, 4)):\(hex(other.deviceID, 4)) (the PF would refuse it with ENODEV)"

@@ -9,7 +9,7 @@ import SystemPackage
 // it makes every process of this binary, `serve` included, megabytes larger.
 
 /// The whole of a small file (such as one under /proc) as text.
-func readTextFile(_ path: String) throws -> String {
+public func readTextFile(_ path: String) throws -> String {
   let fd = try FileDescriptor.open(FilePath(path), .readOnly)
   defer { try? fd.close() }
   var bytes: [UInt8] = []
@@ -23,14 +23,15 @@ func readTextFile(_ path: String) throws -> String {
 }
 
 /// Replaces the contents of `path` (created if missing) with `text`.
-func writeTextFile(_ path: String, _ text: String) throws {
+public func writeTextFile(_ path: String, _ text: String) throws {
   let fd = try FileDescriptor.open(
     FilePath(path), .writeOnly, options: [.create, .truncate], permissions: [.ownerReadWrite])
   try fd.closeAfter { _ = try fd.writeAll(text.utf8) }
 }
 
 /// Copies the file at `source` to `destination` (replaced), with `permissions`.
-func copyFile(_ source: String, to destination: String, permissions: FilePermissions) throws {
+public func copyFile(_ source: String, to destination: String, permissions: FilePermissions) throws
+{
   let input = try FileDescriptor.open(FilePath(source), .readOnly)
   defer { try? input.close() }
   let output = try FileDescriptor.open(
@@ -47,7 +48,7 @@ func copyFile(_ source: String, to destination: String, permissions: FilePermiss
 }
 
 /// The value of the `field` line of /proc/`pid`/status in KiB (VmRSS, RssAnon...).
-func procStatusKiB(_ field: String, pid: String = "self") -> Int? {
+public func procStatusKiB(_ field: String, pid: String = "self") -> Int? {
   guard let status = try? readTextFile("/proc/\(pid)/status"),
     let line = status.split(separator: "\n").first(where: { $0.hasPrefix("\(field):") })
   else { return nil }
@@ -56,7 +57,7 @@ func procStatusKiB(_ field: String, pid: String = "self") -> Int? {
 }
 
 /// The path of the running executable.
-func currentExecutable() -> String {
+public func currentExecutable() -> String {
   var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
   let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
   guard n > 0 else { return CommandLine.arguments[0] }
@@ -65,10 +66,10 @@ func currentExecutable() -> String {
 
 /// A child process started with posix_spawn: no descriptors but standard
 /// input, output and error are inherited, and no signal is blocked in it.
-struct ChildProcess {
-  let pid: pid_t
+public struct ChildProcess {
+  public let pid: pid_t
 
-  init(_ executable: String, _ arguments: [String], silenceStandardError: Bool = false)
+  public init(_ executable: String, _ arguments: [String], silenceStandardError: Bool = false)
     throws(Errno)
   {
     var actions = posix_spawn_file_actions_t()
@@ -93,10 +94,10 @@ struct ChildProcess {
     self.pid = pid
   }
 
-  func interrupt() { kill(pid, SIGINT) }
+  public func interrupt() { kill(pid, SIGINT) }
 
   /// Waits for the child to end; returns its wait status.
-  @discardableResult func wait() -> Int32 {
+  @discardableResult public func wait() -> Int32 {
     var status: Int32 = 0
     while waitpid(pid, &status, 0) < 0, errno == EINTR {}
     return status
@@ -106,7 +107,7 @@ struct ChildProcess {
 extension String {
   /// printf-style formatting of numbers (`%.2f`, `%d`...), like Foundation's
   /// `String(format:)` in the C locale; `%@` is not supported.
-  init(printf format: String, _ arguments: CVarArg...) {
+  public init(printf format: String, _ arguments: CVarArg...) {
     var capacity = 64
     while true {
       var buffer = [CChar](repeating: 0, count: capacity)
@@ -127,7 +128,7 @@ extension String {
 /// Whether two socket paths name one socket, however each is spelled (a
 /// symlink, a relative path): the same device and inode. Paths that do not
 /// exist are the same only when spelled the same.
-func sameSocket(_ a: String, _ b: String) -> Bool {
+public func sameSocket(_ a: String, _ b: String) -> Bool {
   var first = stat()
   var second = stat()
   guard stat(a, &first) == 0, stat(b, &second) == 0 else { return a == b }

@@ -11,10 +11,10 @@ import XeStream
 /// MIG_DATA_WRITEs of a stream given in pieces of any size, up to `depth`
 /// in flight: small pieces (segment headers, pages of data) are gathered into
 /// `chunk`-byte messages, large ones sent from where they are.
-final class BufferedMigDataWriter {
-  let client: VFIOUserClient
-  let end: String
-  let chunk: Int
+public final class BufferedMigDataWriter {
+  public let client: VFIOUserClient
+  public let end: String
+  public let chunk: Int
   let depth = 4
   private let out: UnsafeMutableRawBufferPointer
   private var pending = 0
@@ -23,7 +23,7 @@ final class BufferedMigDataWriter {
   /// Pieces at least this long are sent without being copied.
   static let direct = 64 << 10
 
-  init(_ client: VFIOUserClient, end: String, chunk: Int) {
+  public init(_ client: VFIOUserClient, end: String, chunk: Int) {
     self.client = client
     self.end = end
     self.chunk = chunk
@@ -32,7 +32,7 @@ final class BufferedMigDataWriter {
 
   deinit { out.deallocate() }
 
-  func send(_ bytes: UnsafeRawBufferPointer) throws {
+  public func send(_ bytes: UnsafeRawBufferPointer) throws {
     if bytes.count >= Self.direct {
       // A few bytes gathered (a segment header) travel in the same message.
       let prefix = pending <= 32 ? pending : 0
@@ -59,7 +59,7 @@ final class BufferedMigDataWriter {
     }
   }
 
-  func sendZeros(_ count: Int) throws {
+  public func sendZeros(_ count: Int) throws {
     var left = count
     while left > 0 {
       let n = min(left, ZeroMemory.chunk.count)
@@ -69,13 +69,13 @@ final class BufferedMigDataWriter {
   }
 
   /// Sends what is gathered and waits for every acknowledgement.
-  func flush() throws {
+  public func flush() throws {
     try sendPending()
     while oldest < inFlight.count { try collect() }
   }
 
   /// Reads the acknowledgements still due, whatever they say (after a failure).
-  func collectAll() {
+  public func collectAll() {
     while oldest < inFlight.count {
       let id = inFlight[oldest]
       oldest += 1

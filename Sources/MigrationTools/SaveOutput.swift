@@ -14,18 +14,18 @@ import SystemPackage
 /// replaced and the link stays. Anything else (a device such as /dev/null, a
 /// FIFO, a socket, stdout) is opened and written in place: it is never
 /// created, truncated, renamed over or removed.
-final class SaveOutput: SaveFileSink {
-  let name: String
-  let fd: FileDescriptor
+public final class SaveOutput: SaveFileSink {
+  public let name: String
+  public let fd: FileDescriptor
   /// The file being written and the path it becomes, for a regular file.
   private let staging: (temporary: String, final: String)?
   private var finished = false
   /// The checkpoint is in place under its name (a regular file renamed over it).
-  private(set) var committed = false
-  private(set) var bytesWritten: UInt64 = 0
+  public private(set) var committed = false
+  public private(set) var bytesWritten: UInt64 = 0
 
   /// "-" is standard output.
-  init(path: String) throws {
+  public init(path: String) throws {
     if path == "-" {
       name = "standard output"
       fd = .standardOutput
@@ -68,7 +68,7 @@ final class SaveOutput: SaveFileSink {
   }
 
   /// The file being written until the checkpoint is complete, for a regular file.
-  var temporaryPath: String? { finished ? nil : staging?.temporary }
+  public var temporaryPath: String? { finished ? nil : staging?.temporary }
 
   /// Removes what a `save` to the same file left when it was killed outright
   /// (SIGKILL, a crash, a power cut): `.NAME.PID.partial` beside it, whose
@@ -117,20 +117,20 @@ final class SaveOutput: SaveFileSink {
     return current
   }
 
-  func write(_ bytes: UnsafeRawBufferPointer) throws {
+  public func write(_ bytes: UnsafeRawBufferPointer) throws {
     do { _ = try fd.writeAll(bytes) } catch {
       throw EndError(end: "writing \(name)", underlying: error)
     }
     bytesWritten += UInt64(bytes.count)
   }
 
-  func write(_ bytes: [UInt8]) throws { try bytes.withUnsafeBytes { try write($0) } }
+  public func write(_ bytes: [UInt8]) throws { try bytes.withUnsafeBytes { try write($0) } }
 
   /// Whether the header can be revisited to record the file's length.
-  var seekable: Bool { staging != nil }
+  public var seekable: Bool { staging != nil }
 
   /// Patches `bytes` in at `offset` (only for a staged regular file).
-  func patch(_ bytes: [UInt8], at offset: Int64) throws {
+  public func patch(_ bytes: [UInt8], at offset: Int64) throws {
     do {
       _ = try bytes.withUnsafeBytes { try fd.writeAll(toAbsoluteOffset: offset, $0) }
     } catch {
@@ -139,7 +139,7 @@ final class SaveOutput: SaveFileSink {
   }
 
   /// Makes the checkpoint durable and puts it in place.
-  func commit() throws {
+  public func commit() throws {
     guard let staging else { return }
     do {
       guard fsync(fd.rawValue) == 0 else { throw Errno(rawValue: errno) }
@@ -158,7 +158,7 @@ final class SaveOutput: SaveFileSink {
 
   /// Drops a checkpoint that did not complete: the staged file is removed; a
   /// device, FIFO or stdout is left as it is.
-  func abandon() {
+  public func abandon() {
     guard let staging, !finished else { return }
     finished = true
     try? fd.close()

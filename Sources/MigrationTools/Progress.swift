@@ -1,24 +1,14 @@
-import ArgumentParser
 import SystemPackage
 
 #if canImport(Glibc)
   import Glibc
 #endif
 
-/// `--progress` and `--quiet`, the same for save, restore and migrate.
-struct ProgressOptions: ParsableArguments {
-  @Flag(help: "A progress line on stderr even when it is not a terminal.") var progress = false
-  @Flag(help: "No progress output.") var quiet = false
-
-  /// On a terminal unless `--quiet`; elsewhere only with `--progress`.
-  var enabled: Bool { !quiet && (progress || isatty(2) != 0) }
-}
-
 /// Progress on stderr: the bytes of state moved and the bytes on the wire
 /// (the file or pipe a checkpoint goes through, the socket of a migration),
 /// so a person sees what skipping empty VRAM saved. Redrawn in place on a
 /// terminal, a line every 10% otherwise.
-final class ProgressReporter {
+public final class ProgressReporter {
   let total: UInt64
   let label: String
   let tty = isatty(2) != 0
@@ -27,18 +17,14 @@ final class ProgressReporter {
   var lastDraw: UInt64 = 0
   let enabled: Bool
 
-  init(label: String, total: UInt64, enabled: Bool) {
+  public init(label: String, total: UInt64, enabled: Bool) {
     self.label = label
     self.total = total
     self.enabled = enabled
   }
 
-  convenience init(label: String, total: UInt64, options: ProgressOptions) {
-    self.init(label: label, total: total, enabled: options.enabled)
-  }
-
   /// `sparse`: the state bytes are not known (a relayed sparse stream), only the wire's.
-  func update(state: UInt64, wire: UInt64, final: Bool = false, sparse: Bool = false) {
+  public func update(state: UInt64, wire: UInt64, final: Bool = false, sparse: Bool = false) {
     guard enabled else { return }
     let rate = gigabytesPerSecond(state, Double(now() - start) / 1e9)
     let fraction = final ? 1 : total > 0 ? min(1, Double(state) / Double(total)) : 0

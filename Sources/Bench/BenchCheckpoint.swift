@@ -1,6 +1,7 @@
 import CVFIOUser
 import Checkpoint
 import Logging
+import MigrationTools
 import SystemPackage
 import VFIODevice
 import VFIOUser

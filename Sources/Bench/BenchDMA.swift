@@ -1,4 +1,5 @@
 import CVFIOUser
+import MigrationTools
 import VFIODevice
 import VFIOUser
 import VFIOUserClient

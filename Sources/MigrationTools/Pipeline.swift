@@ -10,9 +10,9 @@ import VFIOUserClient
 // The copy pipeline the migration commands move their streams through.
 
 /// Lets a value be handed to one other thread that becomes its only user.
-final class Handoff<T>: @unchecked Sendable {
-  let value: T
-  init(_ value: T) { self.value = value }
+public final class Handoff<T>: @unchecked Sendable {
+  public let value: T
+  public init(_ value: T) { self.value = value }
 }
 
 /// Moves a stream in buffers of `bufferSize` bytes from `produce`, run on a
@@ -22,7 +22,7 @@ final class Handoff<T>: @unchecked Sendable {
 /// bytes it holds and whether the stream ended. The first error on either side
 /// stops both and is rethrown once the producer's thread has finished, so no
 /// buffer is freed under it.
-func pipeline(
+public func pipeline(
   bufferSize: Int, slots: Int = 4,
   produce: @escaping (UnsafeMutableRawBufferPointer) throws -> (count: Int, last: Bool),
   consume: (UnsafeRawBufferPointer) throws -> Void
@@ -85,10 +85,10 @@ func pipeline(
 }
 
 /// A chunk both ends accept.
-func migrationChunk(_ clients: VFIOUserClient...) -> Int {
+public func migrationChunk(_ clients: VFIOUserClient...) -> Int {
   Int(clients.map { $0.serverCapabilities.effectiveMaxDataXferSize }.min() ?? 1 << 20)
 }
 
 /// How long a migration command waits for one reply: longer than the PF's
 /// slowest bounded step (restore completion, 20 s for each of two GTs).
-let migrationTimeout: Int32 = 60_000
+public let migrationTimeout: Int32 = 60_000

@@ -10,24 +10,25 @@ import VFIOUserClient
 
 /// A server that refused the connection with EBUSY: it serves another client
 /// (`info` then asks its control socket instead).
-struct BusyServerError: Error, CustomStringConvertible {
-  var end: String
-  var description: String {
+public struct BusyServerError: Error, CustomStringConvertible {
+  public var end: String
+  public init(end: String) { self.end = end }
+  public var description: String {
     "\(end): the server is busy with another client (EBUSY); it serves one client at a time, so stop the VMM or command using it first"
   }
 }
 
 /// A failure at run time (not a usage mistake): printed as "Error: …" without the usage text.
-struct CLIError: Error, CustomStringConvertible {
-  var description: String
-  init(_ description: String) { self.description = description }
+public struct CLIError: Error, CustomStringConvertible {
+  public var description: String
+  public init(_ description: String) { self.description = description }
 }
 
 /// "ENOSPC (No space left on device)": the name to search for and the text to read.
-func describe(_ errno: Errno) -> String { "\(errno.name) (\(errno))" }
+public func describe(_ errno: Errno) -> String { "\(errno.name) (\(errno))" }
 
 /// One line for any error the migration commands meet.
-func describe(_ error: Error) -> String {
+public func describe(_ error: Error) -> String {
   switch error {
   case let e as VFIOUserClientError:
     switch e {
@@ -44,14 +45,18 @@ func describe(_ error: Error) -> String {
 }
 
 /// An error on one named end: a server socket (`--from /tmp/a.sock`) or a file.
-struct EndError: Error, CustomStringConvertible {
-  var end: String
-  var underlying: Error
-  var description: String { "\(end): \(describe(underlying))" }
+public struct EndError: Error, CustomStringConvertible {
+  public var end: String
+  public var underlying: Error
+  public init(end: String, underlying: Error) {
+    self.end = end
+    self.underlying = underlying
+  }
+  public var description: String { "\(end): \(describe(underlying))" }
 }
 
 /// Whether `error` says the peer is gone (nothing more can be asked of it).
-func isHangUp(_ error: Error) -> Bool {
+public func isHangUp(_ error: Error) -> Bool {
   guard let e = error as? VFIOUserClientError else { return false }
   switch e {
   case .disconnected: return true
@@ -61,14 +66,14 @@ func isHangUp(_ error: Error) -> Bool {
 }
 
 /// Runs `body`, naming `end` in whatever it throws.
-func on<T>(_ end: String, _ body: () throws -> T) throws -> T {
+public func on<T>(_ end: String, _ body: () throws -> T) throws -> T {
   do { return try body() } catch let e as EndError { throw e } catch {
     throw EndError(end: end, underlying: error)
   }
 }
 
 /// Migration steps a command takes, for error reports that say where it failed.
-enum MigrationStep: String {
+public enum MigrationStep: String, Sendable {
   case connect = "connect"
   case probe = "check migration support"
   case identity = "compare devices"
@@ -81,13 +86,17 @@ enum MigrationStep: String {
   case start = "destination STOP → RUNNING"
 }
 
-struct StepError: Error, CustomStringConvertible {
-  var step: MigrationStep
-  var underlying: Error
-  var description: String { "\(step.rawValue) failed: \(describe(underlying))" }
+public struct StepError: Error, CustomStringConvertible {
+  public var step: MigrationStep
+  public var underlying: Error
+  public init(step: MigrationStep, underlying: Error) {
+    self.step = step
+    self.underlying = underlying
+  }
+  public var description: String { "\(step.rawValue) failed: \(describe(underlying))" }
 }
 
-func step<T>(_ step: MigrationStep, _ body: () throws -> T) throws -> T {
+public func step<T>(_ step: MigrationStep, _ body: () throws -> T) throws -> T {
   do { return try body() } catch let e as StepError { throw e } catch {
     throw StepError(step: step, underlying: error)
   }
@@ -97,7 +106,9 @@ func step<T>(_ step: MigrationStep, _ body: () throws -> T) throws -> T {
 /// that says what to do when it is absent or busy, the same for every command.
 /// `sparse` offers the sparse migration stream (the client's
 /// `sparseMigration` says whether the server took it).
-func connectServer(_ path: String, option: String, sparse: Bool = false) throws -> VFIOUserClient {
+public func connectServer(_ path: String, option: String, sparse: Bool = false) throws
+  -> VFIOUserClient
+{
   do {
     let client = try VFIOUserClient.connect(
       path: path,

@@ -1,4 +1,6 @@
 import Checkpoint
+// The one file of MigrationTools with Foundation (its essentials): JSONEncoder and
+// JSONDecoder for the header, and the ISO 8601 timestamp, as the CLI had them.
 import FoundationEssentials
 
 #if canImport(Glibc)
@@ -7,14 +9,14 @@ import FoundationEssentials
 
 /// The header's JSON part (protocol/save-format.md): what identifies the
 /// device, for the checkpoint container (`Checkpoint`) to carry.
-struct SaveFileHeader: Codable {
-  var identity: DeviceIdentity
-  var estimatedBytes: UInt64
+public struct SaveFileHeader: Codable {
+  public var identity: DeviceIdentity
+  public var estimatedBytes: UInt64
   /// ISO 8601; absent with `save --no-timestamp`.
-  var created: String?
-  var source: String
+  public var created: String?
+  public var source: String
 
-  init(identity: DeviceIdentity, estimatedBytes: UInt64, created: String?, source: String) {
+  public init(identity: DeviceIdentity, estimatedBytes: UInt64, created: String?, source: String) {
     self.identity = identity
     self.estimatedBytes = estimatedBytes
     self.created = created
@@ -22,7 +24,7 @@ struct SaveFileHeader: Codable {
   }
 
   /// Decodes the JSON a `SaveFileReader` verified, from the file `name`.
-  init(json: [UInt8], name: String) throws {
+  public init(json: [UInt8], name: String) throws {
     do {
       self = try JSONDecoder().decode(SaveFileHeader.self, from: Data(json))
     } catch {
@@ -32,7 +34,7 @@ struct SaveFileHeader: Codable {
 
   /// The JSON for `SaveFileWriter.header(json:)`: keys in one order, so two
   /// saves of one state differ only in `created`.
-  func json() throws -> [UInt8] {
+  public func json() throws -> [UInt8] {
     let encoder = JSONEncoder()
     encoder.outputFormatting = [.sortedKeys]
     return Array(try encoder.encode(self))
@@ -41,7 +43,7 @@ struct SaveFileHeader: Codable {
 
 /// When a checkpoint was made: now, or SOURCE_DATE_EPOCH when it is set
 /// (the reproducible-builds convention), so a save can be made byte for byte again.
-func checkpointTimestamp(
+public func checkpointTimestamp(
   environment: String? = getenv("SOURCE_DATE_EPOCH").map { String(cString: $0) }
 )
   throws -> String
