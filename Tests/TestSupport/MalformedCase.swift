@@ -1,10 +1,8 @@
-import Testing
-
 /// One entry of protocol/malformed.json (protocol/README.md has the format),
 /// the one schema of every suite that replays the corpus: the codecs'
 /// (VFIOUserTests), the server's over a real socket, with the test device,
 /// the simulated VF and the kernel backend (VFIOUserServerTests).
-public struct MalformedCase: Decodable, Sendable, CustomTestStringConvertible {
+public struct MalformedCase: Decodable, Sendable {
   public var name: String
   public var hex: String
   public var expect: String
@@ -102,3 +100,11 @@ public struct MalformedCase: Decodable, Sendable, CustomTestStringConvertible {
     return bytes
   }
 }
+
+// A release build of the whole package (scripts/test.sh makes one) compiles
+// this target without the testing library; the test builds have it.
+#if canImport(Testing)
+  import Testing
+
+  extension MalformedCase: CustomTestStringConvertible {}
+#endif
