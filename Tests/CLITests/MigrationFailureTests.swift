@@ -67,9 +67,10 @@ func markDevice(_ client: VFIOUserClient, vram: Int, seed: UInt8) throws -> [(UI
 func fillAndMarkDevice(_ client: VFIOUserClient, vram: Int, seed: UInt8) throws -> [(
   UInt64, [UInt8]
 )] {
+  // One MiB of pattern, made once: a debug build takes seconds to make each.
+  let data = pattern(1 << 20, seed: seed &+ 99)
   for offset in stride(from: 0, to: vram, by: 1 << 20) {
-    try client.write(
-      region: VFIOPCIRegion.bar2, offset: UInt64(offset), data: pattern(1 << 20, seed: seed &+ 99))
+    try client.write(region: VFIOPCIRegion.bar2, offset: UInt64(offset), data: data)
   }
   return try markDevice(client, vram: vram, seed: seed)
 }
@@ -164,14 +165,21 @@ struct MigrationFailureTests {
     let source = try ServeProcess(keep)
     let destination = try ServeProcess(keep)
     defer { [source, destination].forEach { _ = $0.stop() } }
-    _ = try markDevice(try source.connect(), vram: vram, seed: 3)
+    // As in the test above: a stream that lasts, and the source killed while
+    // the destination is seen RESUMING with part of it.
+    _ = try fillAndMarkDevice(try source.connect(), vram: vram, seed: 3)
     _ = try destination.connect()
     waitIdle(source)
     let migrate = try Background([
       "migrate", "--from", source.socketPath, "--to", destination.socketPath, "--progress",
     ])
     #expect(migrate.waitFor("migrating: "))
+    kill(migrate.process.processIdentifier, SIGSTOP)
+    let status = try ControlClient(path: destination.socketPath + ".control").execute(
+      "query-status")
+    #expect(status["migration"]?["state"] == .string("RESUMING"), "\(status)")
     kill(source.process.processIdentifier, SIGKILL)
+    kill(migrate.process.processIdentifier, SIGCONT)
     #expect(migrate.wait() == 1)
     #expect(migrate.stderr.contains("--from \(source.socketPath)"), "\(migrate.stderr)")
     #expect(
