@@ -58,6 +58,18 @@ struct LibvirtTests {
     ).trimmingCharacters(in: .whitespacesAndNewlines)
     let info = try runTool(env.server, ["info", "-s", rig.server.socketPath])
     #expect(info.status == 0 && info.stdout.contains("Client: pid \(qemuPID),"), "\(info)")
+    // top and metrics find the server by its record and show the same client.
+    let name = "simulated-\(rig.server.pid)"
+    let top = try runTool(env.server, ["top", "--once"])
+    let row = top.stdout.split(separator: "\n").first { $0.hasPrefix(name + " ") }
+    let columns = row?.split(separator: " ").map(String.init) ?? []
+    #expect(
+      columns.count > 3 && columns[1] == "\(rig.server.pid)" && columns[2] == qemuPID
+        && columns[3] == "RUNNING", "\(top)")
+    let metrics = try runTool(env.server, ["metrics"])
+    #expect(
+      metrics.stdout.contains("xe_vfio_user_client_pid{server=\"\(name)\"} \(qemuPID)\n"),
+      "\(metrics.stdout.prefix(2000))")
 
     // 2. Without the hook, save and restore both succeed and the restored guest
     //    finds its VF reset: the loss this project exists to prevent.
