@@ -183,7 +183,6 @@ let package = Package(
       name: "xe-vfio-user",
       dependencies: [
         "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF", "XeStream",
-        "TestSupport",
         "CVFIOUser", "KernelVFIO", "KernelVFIOBackend", "CZstd", "Control", "Checkpoint",
         "MigrationTools", "Bench",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
