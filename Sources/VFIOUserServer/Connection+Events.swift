@@ -2,6 +2,10 @@ import SystemPackage
 import VFIODevice
 import VFIOUser
 
+#if canImport(Glibc)
+  import Glibc
+#endif
+
 /// The connection thread's side of the control channel: events where state
 /// changes, the check for a guest that uses a device it never enabled again
 /// after a reset, and the requests the control channel hands over. The
@@ -24,7 +28,7 @@ extension Connection {
   /// The device was reset (its state follows through `noteMigrationState`).
   func noteReset(_ cause: ResetCause) {
     stats.counters.deviceReset()
-    let (awaiting, arming) = stats.events.noteResetArming(cause)
+    let (awaiting, arming) = stats.events.noteReset(cause)
     awaitingEnable = awaiting
     if awaiting { watchForEnable(arming: arming) }
   }
@@ -39,8 +43,7 @@ extension Connection {
   private func watchForEnable(arming: UInt64) {
     let (stats, logger, grace) = (stats, logger, limits.enableGraceMilliseconds)
     let failed = startThread(name: "vfio-user-watch", stackSize: 64 << 10) {
-      // Woken early by nothing: it only times the grace.
-      _ = VFIODevice.Semaphore(value: 0).wait(timeout: .milliseconds(grace))
+      usleep(UInt32(clamping: grace * 1000))
       let now = stats.snapshot
       guard !now.stopping, now.clientConnected, stats.events.takeLeftDisabled(arming: arming)
       else { return }

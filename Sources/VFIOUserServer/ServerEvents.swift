@@ -206,13 +206,9 @@ public final class ServerEvents: Sendable {
   }
 
   /// The device was reset: DEVICE_RESET, and a device the guest had enabled
-  /// now waits to be enabled again. Returns whether it does.
-  func noteReset(_ cause: ResetCause) -> Bool {
-    noteResetArming(cause).awaiting
-  }
-
-  /// `noteReset`, and which arming of the check this reset is (for a watch).
-  func noteResetArming(_ cause: ResetCause) -> (awaiting: Bool, arming: UInt64) {
+  /// now waits to be enabled again. Returns whether it does, and which arming
+  /// of the check this reset is (a watch acts only on its own).
+  func noteReset(_ cause: ResetCause) -> (awaiting: Bool, arming: UInt64) {
     let result = tracker.withLock { t -> (Bool, UInt64) in
       t.resetPending = true
       if t.enabled { t.awaitingEnable = true }
