@@ -1,0 +1,38 @@
+import SystemPackage
+import VFIOUser
+
+/// Why a live update cannot carry some state over to the new server
+/// process. Said to the operator as it is; the old server keeps serving.
+public struct HandoverRefusal: Error, Sendable, Equatable, CustomStringConvertible {
+  public var reason: String
+  public init(_ reason: String) { self.reason = reason }
+  public var description: String { reason }
+}
+
+/// State one server process hands to the next in a live update: bytes in a
+/// format their owner versions and checks, and the descriptors those bytes
+/// refer to by their index in `descriptors`.
+///
+/// Exported, the descriptors are lent: the exporter still owns them, and
+/// keeps them until its process exits (the handover is done) or it carries
+/// on serving (the handover was called off). Imported, they arrive owned.
+public struct HandoverState {
+  public var bytes: [UInt8]
+  public var descriptors: [FileDescriptor]
+  public init(bytes: [UInt8] = [], descriptors: [FileDescriptor] = []) {
+    self.bytes = bytes
+    self.descriptors = descriptors
+  }
+}
+
+/// A device a live update can hand to a new server process with all its
+/// state. Both calls come on the connection thread (or with no client
+/// attached, from the thread running the update), between two messages.
+public protocol HandoverCapable: AnyObject {
+  /// Why the device's state cannot be handed over now (a migration stream
+  /// open, work in flight), or nil when it can.
+  var handoverRefusal: String? { get }
+  /// The device's whole state now. Until the process exits or the update is
+  /// called off, the device is not called again.
+  func exportHandover() throws(HandoverRefusal) -> HandoverState
+}
