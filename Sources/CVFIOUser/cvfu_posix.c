@@ -2,6 +2,7 @@
 #include "cvfu_posix.h"
 
 #include <pthread.h>
+#include <signal.h>
 #include <sched.h>
 #include <time.h>
 #include <errno.h>
@@ -66,4 +67,70 @@ int64_t cvfu_monotonic_ms(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+// The wake signal: SIGURG, whose default action is to ignore it, so one that
+// arrives before the handler is installed harms nothing; the kernel sends it
+// only for TCP urgent data, which a Unix socket never has.
+#define CVFU_WAKE_SIGNAL SIGURG
+enum { WAKE_BUSY, WAKE_WAITING, WAKE_SENDING, WAKE_SENT };
+
+static void cvfu_wake_handler(int signal) { (void)signal; }
+
+static void cvfu_wake_install(void) {
+  struct sigaction action;
+  memset(&action, 0, sizeof action);
+  action.sa_handler = cvfu_wake_handler;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = 0;  // no SA_RESTART: the blocked call returns EINTR
+  sigaction(CVFU_WAKE_SIGNAL, &action, NULL);
+}
+
+void cvfu_wake_init(cvfu_wake *wake) {
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+  pthread_once(&once, cvfu_wake_install);
+  wake->thread = pthread_self();
+  __atomic_store_n(&wake->state, WAKE_BUSY, __ATOMIC_RELEASE);
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, CVFU_WAKE_SIGNAL);
+  pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+}
+
+void cvfu_wake_enter(cvfu_wake *wake) {
+  __atomic_store_n(&wake->state, WAKE_WAITING, __ATOMIC_SEQ_CST);
+}
+
+void cvfu_wake_leave(cvfu_wake *wake) {
+  int expected = WAKE_WAITING;
+  if (__atomic_compare_exchange_n(&wake->state, &expected, WAKE_BUSY, 0, __ATOMIC_SEQ_CST,
+                                  __ATOMIC_SEQ_CST))
+    return;
+  // A waker is sending or has sent the signal: wait until it is sent, then
+  // let it be delivered now (any return to user space delivers it), where it
+  // interrupts nothing.
+  for (;;) {
+    expected = WAKE_SENT;
+    if (__atomic_compare_exchange_n(&wake->state, &expected, WAKE_BUSY, 0, __ATOMIC_SEQ_CST,
+                                    __ATOMIC_SEQ_CST))
+      break;
+    sched_yield();
+  }
+  sched_yield();
+}
+
+int cvfu_wake_up(cvfu_wake *wake) {
+  int expected = WAKE_WAITING;
+  if (!__atomic_compare_exchange_n(&wake->state, &expected, WAKE_SENDING, 0, __ATOMIC_SEQ_CST,
+                                   __ATOMIC_SEQ_CST)) {
+    // A signal sent earlier may have landed before the call began, and been
+    // lost: the thread is still WAITING under SENT. Send again.
+    expected = WAKE_SENT;
+    if (!__atomic_compare_exchange_n(&wake->state, &expected, WAKE_SENDING, 0, __ATOMIC_SEQ_CST,
+                                     __ATOMIC_SEQ_CST))
+      return 0;
+  }
+  pthread_kill(wake->thread, CVFU_WAKE_SIGNAL);
+  __atomic_store_n(&wake->state, WAKE_SENT, __ATOMIC_SEQ_CST);
+  return 1;
 }

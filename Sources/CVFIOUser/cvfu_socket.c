@@ -42,6 +42,11 @@ ssize_t cvfu_sendmsg(int sock, const struct iovec *iov, int iovcnt,
 
 ssize_t cvfu_recvmsg(int sock, void *buf, size_t len, int *fds, int maxfds,
                      int *nfds, int flags) {
+  return cvfu_recvmsg_wakeable(sock, buf, len, fds, maxfds, nfds, flags, 0);
+}
+
+ssize_t cvfu_recvmsg_wakeable(int sock, void *buf, size_t len, int *fds, int maxfds,
+                              int *nfds, int flags, int wakeable) {
   struct iovec iov = {.iov_base = buf, .iov_len = len};
   union {
     char buf[CMSG_SPACE(sizeof(int) * CVFU_SCM_MAX_FD)];
@@ -57,7 +62,7 @@ ssize_t cvfu_recvmsg(int sock, void *buf, size_t len, int *fds, int maxfds,
   for (;;) {
     n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | flags);
     if (n >= 0) break;
-    if (errno != EINTR) return -errno;
+    if (errno != EINTR || wakeable) return -errno;
   }
   int got = 0;
   for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {

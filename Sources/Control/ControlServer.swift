@@ -279,7 +279,7 @@ public final class ControlServer: Sendable {
     case nil:
       return .failure(
         .genericError,
-        "the attached client sent no message for \(requestTimeoutMilliseconds) ms: the device is served only between its messages; nothing was done"
+        "the connection did not come between two of its client's messages within \(requestTimeoutMilliseconds) ms (a long request under way): the device is served only there; nothing was done"
       )
     case .done(let from, let to)?:
       logger.notice("resume (control socket): device \(from) → \(to)")

@@ -141,6 +141,7 @@ public final class VFIOUserClient {
     case .closed: throw .disconnected
     case .oversized(let h): throw .protocolViolation("oversized message \(h.size)")
     case .parted: preconditionFailure("a client's channel receives every message whole")
+    case .interrupted: preconditionFailure("a client's channel has no wake")
     case .message(var m):
       // The caller owns them from here.
       return ClientMessage(

@@ -127,7 +127,14 @@ final class Connection {
     backend.attach(host: self)
     recordMigrationState()
     awaitingEnable = stats.events.awaitingEnable
-    defer { teardown() }
+    let wake = ThreadWake()
+    channel.wake = wake
+    stats.requests.setWake(wake)
+    defer {
+      stats.requests.setWake(nil)
+      channel.wake = nil
+      teardown()
+    }
     while true {
       if let brokenEnd { return brokenEnd }
       let result: ReceiveResult
@@ -139,6 +146,9 @@ final class Connection {
       switch consume result {
       case .closed:
         return closedEnd
+      case .interrupted:
+        // Woken between two messages for a control request.
+        if stats.requests.pending { serveControlRequest() }
       case .parted(let header, let head):
         switch migDataWriteInPlace(header, head: head) {
         case .declined: continue  // received whole next

@@ -1,12 +1,15 @@
 import Synchronization
 import VFIODevice
 import VFIOUser
+import VFIOUserSocket
 
 /// A request from the control channel that only the connection thread may
 /// carry out, since it alone touches the device: `resume` while a client is
 /// attached. The control thread leaves it here; the connection thread
 /// checks one flag after each message it serves (a relaxed load) and runs
-/// it there, between two of the client's messages, never inside one.
+/// it there, between two of the client's messages, never inside one. A
+/// connection waiting for a client that sends nothing is woken (`ThreadWake`)
+/// to take it.
 public final class DeviceRequests: Sendable {
   public enum Request: Sendable { case resume }
   /// What became of a request.
@@ -26,6 +29,11 @@ public final class DeviceRequests: Sendable {
   private let slot = Locked<Slot>(.empty)
   private let flag = Atomic<Bool>(false)
   private let answered = VFIODevice.Semaphore(value: 0)
+  /// The connection thread's wake, while it has one (`Connection.run`).
+  private let waker = Locked<ThreadWake?>(nil)
+
+  /// The connection thread offers its wake (nil: it is going away).
+  func setWake(_ wake: ThreadWake?) { waker.withLock { $0 = wake } }
 
   /// Whether a request waits: the connection thread's per-message check.
   @inline(__always)
@@ -43,7 +51,16 @@ public final class DeviceRequests: Sendable {
     }
     guard placed else { return .refused("another request is under way") }
     flag.store(true, ordering: .releasing)
-    let picked = answered.wait(timeout: .milliseconds(timeoutMilliseconds))
+    // Woken every few milliseconds until taken: a wake that lands just before
+    // the connection begins to wait is lost, and the next one finds it waiting.
+    var picked = false
+    var left = timeoutMilliseconds
+    while !picked, left > 0 {
+      waker.withLock { _ = $0?.wakeUp() }
+      let slice = min(left, 10)
+      picked = answered.wait(timeout: .milliseconds(slice))
+      left -= slice
+    }
     if !picked {
       let withdrawn = slot.withLock { s -> Bool in
         guard case .waiting = s else { return false }

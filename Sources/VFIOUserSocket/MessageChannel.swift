@@ -20,6 +20,9 @@ public enum ReceiveResult: ~Copyable {
   /// then `receivePayload`/`nextPayload`) or calls `receive()` again, which
   /// then returns it whole like any other message.
   case parted(MessageHeader, head: UnsafeRawBufferPointer)
+  /// Woken between two messages (`MessageChannel.wake`): nothing was read,
+  /// and nothing of a message is buffered.
+  case interrupted
 }
 
 /// A vfio-user message stream: a `MessageFramer` fed by a transport, a
@@ -56,6 +59,11 @@ public final class MessageChannel {
   /// milliseconds, before `receive()` throws ETIMEDOUT (0: no bound). Waiting
   /// between messages is never bounded: a VMM may be idle for hours.
   public var partialMessageTimeoutMilliseconds: Int32 = 0
+  /// Set by the thread that receives, so that another thread can wake it
+  /// while it waits for the next message (`cvfu_wake`); `receive()` then
+  /// returns `.interrupted`. Only that wait is woken, never one for the rest
+  /// of a message.
+  public var wake: ThreadWake?
   /// When the message now partly buffered began to be waited for (ms, monotonic), or 0.
   private var partialSince: Int64 = 0
   /// Where one recvmsg puts the descriptors it brings, until they are owned.
@@ -118,7 +126,11 @@ public final class MessageChannel {
     while true {
       switch try framer.next() {
       case .read(let space, let partial):
-        guard try fill(space, partial: partial) else { return .closed }
+        do {
+          guard try fill(space, partial: partial) else { return .closed }
+        } catch  where error == .interrupted && wake != nil && !partial {
+          return .interrupted
+        }
       case .message(let message):
         partialSince = 0
         return .message(message)
@@ -265,8 +277,12 @@ public final class MessageChannel {
     let bounded = partialMessageTimeoutMilliseconds > 0 && partial
     if !bounded { partialSince = 0 }
     var count: Int32 = 0
+    let wakeable = partial ? nil : wake?.state
+    if let wakeable { cvfu_wake_enter(wakeable) }
     var n = transport.receive(
-      into: space, descriptors: scratchFDs, descriptorCount: &count, dontWait: bounded)
+      into: space, descriptors: scratchFDs, descriptorCount: &count, dontWait: bounded,
+      wakeable: wakeable != nil)
+    if let wakeable { cvfu_wake_leave(wakeable) }
     if bounded, -n == EAGAIN {
       try waitForRestOfMessage()
       n = transport.receive(

@@ -18,17 +18,18 @@ public enum MessageTransport {
 
   /// One recvmsg of up to `space.count` bytes, with SCM_RIGHTS descriptors
   /// into `descriptors` (their number in `descriptorCount`); each is owned
-  /// by the caller.
+  /// by the caller. `wakeable`: an interrupted wait returns -EINTR (`ThreadWake`).
   @inline(__always)
   func receive(
     into space: UnsafeMutableRawBufferPointer, descriptors: UnsafeMutableBufferPointer<Int32>,
-    descriptorCount: inout Int32, dontWait: Bool
+    descriptorCount: inout Int32, dontWait: Bool, wakeable: Bool = false
   ) -> Int {
     switch self {
     case .socket(let socket):
-      return cvfu_recvmsg(
+      return cvfu_recvmsg_wakeable(
         socket.rawValue, space.baseAddress, space.count, descriptors.baseAddress,
-        Int32(descriptors.count), &descriptorCount, dontWait ? Int32(MSG_DONTWAIT) : 0)
+        Int32(descriptors.count), &descriptorCount, dontWait ? Int32(MSG_DONTWAIT) : 0,
+        wakeable ? 1 : 0)
     case .memory(let memory):
       return memory.receive(
         into: space, descriptors: descriptors, descriptorCount: &descriptorCount,

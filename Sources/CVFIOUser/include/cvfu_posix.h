@@ -3,6 +3,7 @@
 #ifndef CVFU_POSIX_H
 #define CVFU_POSIX_H
 
+#include <pthread.h>
 #include <spawn.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -37,5 +38,30 @@ int cvfu_pin_to_cpu(int cpu);
 int cvfu_unpin(void);
 /// Milliseconds on CLOCK_MONOTONIC.
 int64_t cvfu_monotonic_ms(void);
+
+/// A thread that waits in a blocking system call where it may be woken (a
+/// connection between two of its client's messages), and the way another
+/// thread wakes it: a signal without SA_RESTART, so the call returns EINTR.
+/// The signal is sent only while the thread is inside its wait, and a wake
+/// that races with the wait's end is taken before the thread goes on
+/// (`cvfu_wake_leave`), so no other system call of that thread sees EINTR
+/// from it. Costs two atomic operations per wait, no system call.
+typedef struct cvfu_wake {
+  int state;  // CVFU_WAKE_*, accessed with atomic builtins only
+  pthread_t thread;
+} cvfu_wake;
+
+/// Binds `wake` to the calling thread; installs the signal's handler once per process.
+void cvfu_wake_init(cvfu_wake *wake);
+/// Just before the blocking call.
+void cvfu_wake_enter(cvfu_wake *wake);
+/// Just after it: waits out a wake being sent and takes its signal, so it
+/// cannot interrupt a later call.
+void cvfu_wake_leave(cvfu_wake *wake);
+/// From another thread: interrupts the wait if the thread is in one.
+/// Returns 1 when a signal was sent, 0 when the thread was not waiting (the
+/// caller tries again later: a wait entered just after this returns is not
+/// interrupted).
+int cvfu_wake_up(cvfu_wake *wake);
 
 #endif

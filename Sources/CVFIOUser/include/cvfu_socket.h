@@ -22,6 +22,10 @@ ssize_t cvfu_sendmsg(int sock, const struct iovec *iov, int iovcnt,
 /// `maxfds` are closed here. Returns bytes read, 0 on EOF, or -errno.
 ssize_t cvfu_recvmsg(int sock, void *buf, size_t len, int *fds, int maxfds,
                      int *nfds, int flags);
+/// cvfu_recvmsg, except that with `wakeable` set an interrupted wait
+/// returns -EINTR instead of waiting again (`cvfu_wake`).
+ssize_t cvfu_recvmsg_wakeable(int sock, void *buf, size_t len, int *fds, int maxfds,
+                              int *nfds, int flags, int wakeable);
 
 int cvfu_socket_buffers(int sock, int bytes);
 int cvfu_socketpair(int fds[2]);
