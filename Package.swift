@@ -91,12 +91,22 @@ let package = Package(
         .product(name: "SystemPackage", package: "swift-system"),
       ],
       swiftSettings: hotPath),
+    // Live update's handover (protocol/live-update.md): the private socket
+    // between an old server and its successor, the versioned state record,
+    // starting the successor. No knowledge of the engine or the device.
+    .target(
+      name: "LiveUpdate",
+      dependencies: [
+        "VFIOUser", "VFIODevice", "CVFIOUser",
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
+      swiftSettings: strict),
     // The engine: accept loop, connection dispatcher, DMA table, limits; it walks migrations
     // with VFIODevice's MigrationSession.
     .target(
       name: "VFIOUserServer",
       dependencies: [
-        "VFIOUser", "VFIODevice", "VFIOUserSocket", "CVFIOUser",
+        "VFIOUser", "VFIODevice", "VFIOUserSocket", "CVFIOUser", "LiveUpdate",
         .product(name: "Logging", package: "swift-log"),
         .product(name: "SystemPackage", package: "swift-system"),
       ],
@@ -184,7 +194,7 @@ let package = Package(
       dependencies: [
         "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF", "XeStream",
         "CVFIOUser", "KernelVFIO", "KernelVFIOBackend", "CZstd", "Control", "Checkpoint",
-        "MigrationTools", "Bench",
+        "MigrationTools", "Bench", "LiveUpdate",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Logging", package: "swift-log"),
         .product(name: "SystemPackage", package: "swift-system"),

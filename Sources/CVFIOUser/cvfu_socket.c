@@ -167,11 +167,13 @@ int cvfu_listen_unix(const char *path, int backlog) {
   return -e;
 }
 
-int cvfu_accept(int listener) {
+int cvfu_accept(int listener) { return cvfu_accept_wakeable(listener, 0); }
+
+int cvfu_accept_wakeable(int listener, int wakeable) {
   for (;;) {
     int fd = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
     if (fd >= 0) return fd;
-    if (errno != EINTR) return -errno;
+    if (errno != EINTR || wakeable) return -errno;
   }
 }
 

@@ -13,11 +13,13 @@ public enum ControlProtocol {
   /// The commands a server answers, as `query-commands` lists them.
   public static let commands = [
     "qmp_capabilities", "query-commands", "query-status", "query-stats", "resume",
-    "set-log-level",
+    "set-log-level", "live-update",
   ]
 
-  /// The arguments each command takes (all of them required); none for the others.
+  /// The arguments each command requires; none for the others.
   public static let parameters: [String: [String]] = ["set-log-level": ["level"]]
+  /// The arguments a command may be given.
+  public static let optionalParameters: [String: [String]] = ["live-update": ["binary"]]
 
   /// What a command's execution gave: a return value or an error.
   public enum Answer {
@@ -74,7 +76,8 @@ public enum ControlProtocol {
     }
     if commands.contains(command) {
       let taken = parameters[command] ?? []
-      if let first = given.first(where: { !taken.contains($0.0) }) {
+      let allowed = taken + (optionalParameters[command] ?? [])
+      if let first = given.first(where: { !allowed.contains($0.0) }) {
         return Self.error(.genericError, "parameter '\(first.0)' is unexpected", id: id)
       }
       if let missing = taken.first(where: { arguments[$0] == nil }) {
@@ -151,6 +154,17 @@ public enum ControlProtocol {
           ("stopping", .bool(s.stopping)),
           ("connections-served", .int(Int64(s.connectionsServed))),
           ("clients-refused", .int(Int64(s.clientsRefused))),
+          (
+            "live-update",
+            s.liveUpdate.map { u in
+              .object([
+                ("count", .int(Int64(u.count))), ("at", .int(u.at)),
+                ("first-started", .int(u.firstStarted)),
+                ("previous-pid", .int(Int64(u.previousPID))),
+                ("pause-ms", .int(u.pauseMilliseconds)),
+              ])
+            } ?? .null
+          ),
         ])
       ),
       ("migration", .object([("supported", .bool(s.migratable)), ("state", migrationState)])),

@@ -62,13 +62,22 @@ public final class ControlServer: Sendable {
   private let finished = VFIODevice.Semaphore(value: 0)
   private let refusedClients = Atomic<Int>(0)
   private let servedClients = Atomic<Int>(0)
+  /// `live-update`: the serve process hands itself to a new binary (the
+  /// argument, or its own). Returns the answer, and whether the process must
+  /// end right after the reply is sent (the update succeeded). Without it the
+  /// command is refused.
+  private let liveUpdate: (@Sendable (String?) -> (ControlProtocol.Answer, exit: Bool))?
+  /// Set once a live update succeeded: this process only sends its reply.
+  private let handedOver = Atomic<Bool>(false)
 
   /// - Parameter logLevel: what `set-log-level` changes; without it the command is refused.
   public init(
     server: VFIOUserServer, identity: ControlIdentity, logger: Logger, maxClients: Int = 128,
     sendTimeoutMilliseconds: Int32 = 5000, eventQueueCapacity: Int = 256,
-    requestTimeoutMilliseconds: Int = 5000, logLevel: RuntimeLogLevel? = nil
+    requestTimeoutMilliseconds: Int = 5000, logLevel: RuntimeLogLevel? = nil,
+    liveUpdate: (@Sendable (String?) -> (ControlProtocol.Answer, exit: Bool))? = nil
   ) {
+    self.liveUpdate = liveUpdate
     self.eventQueueCapacity = eventQueueCapacity
     self.requestTimeoutMilliseconds = requestTimeoutMilliseconds
     self.logLevel = logLevel
@@ -89,6 +98,15 @@ public final class ControlServer: Sendable {
     listener.withLock { $0 = fd }
     path.withLock { $0 = socketPath }
   }
+
+  /// Serves on an already listening socket (a live update's successor).
+  public func listen(fd: Int32, socketPath: String?) {
+    listener.withLock { $0 = fd }
+    path.withLock { $0 = socketPath }
+  }
+
+  /// The listening socket (lent), to hand to a live update's successor.
+  public var listeningDescriptor: Int32 { listener.withLock { $0 } }
 
   /// Starts accepting control clients on a thread of its own.
   public func start() {
@@ -211,7 +229,10 @@ public final class ControlServer: Sendable {
           }
           return answer(command, arguments)
         }
-        guard Self.send(client, reply) else { return }
+        let sent = Self.send(client, reply)
+        // Handed over: the successor owns everything; nothing here may run on.
+        if handedOver.load(ordering: .acquiring) { _exit(0) }
+        guard sent else { return }
       }
       pending.removeFirst(start)
       guard pending.count <= Self.maxLineBytes else { return tooLong(client) }
@@ -260,6 +281,16 @@ public final class ControlServer: Sendable {
       return .value(ControlProtocol.stats(server.statistics))
     case "resume": return resume()
     case "set-log-level": return setLogLevel(arguments["level"])
+    case "live-update":
+      guard let liveUpdate else {
+        return .failure(.genericError, "this server cannot be live-updated")
+      }
+      if let binary = arguments["binary"], binary.string == nil {
+        return .failure(.genericError, "'binary' must be a string (a path)")
+      }
+      let (answer, exit) = liveUpdate(arguments["binary"]?.string)
+      if exit { handedOver.store(true, ordering: .releasing) }
+      return answer
     default: return nil
     }
   }
@@ -292,6 +323,8 @@ public final class ControlServer: Sendable {
         ]))
     case .refused(let why)?:
       return .failure(.genericError, why)
+    case .handedOver?:
+      return .failure(.genericError, "the connection answered a live update")
     }
   }
 

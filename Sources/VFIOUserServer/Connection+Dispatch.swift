@@ -140,6 +140,7 @@ extension Connection {
       logger.warning("ignoring unknown capabilities: \(caps.unknownKeys.joined(separator: ", "))")
     }
     clientCapabilities = caps
+    clientCapabilityJSON = proposal.json
     writeMultipleNegotiated = caps.writeMultiple == true
     let offer = limits.offer(
       to: caps, dma: dmaLimits, sparseStream: migratable?.sparseStreamTransform != nil)

@@ -90,6 +90,13 @@ extension Connection {
     guard let request = stats.requests.take() else { return }
     switch request {
     case .resume: stats.requests.finish(resume())
+    case .handover(let job):
+      let result = job.body(self)
+      job.result.withLock { $0 = result }
+      stats.requests.finish(.handedOver)
+      // Handed over: everything this connection holds is the successor's,
+      // and this process is about to exit. Touch nothing.
+      if case .success = result { while true { pause() } }
     }
   }
 

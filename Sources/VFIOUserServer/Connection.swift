@@ -35,6 +35,8 @@ final class Connection {
   /// Read once: asking the log handler per message costs more than the request itself.
   let traceEnabled: Bool
   var clientCapabilities = Capabilities()
+  /// The capabilities JSON of the client's VERSION, as sent (live update re-reads it).
+  var clientCapabilityJSON: String?
   var dmaLayout: DMATransferLayout = .spec
   var writeMultipleNegotiated = false
   var dma: DMATable

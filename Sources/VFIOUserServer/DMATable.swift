@@ -1,4 +1,5 @@
 import CVFIOUser
+import LiveUpdate
 import SystemPackage
 import VFIODevice
 import VFIOUser
@@ -12,7 +13,8 @@ import VFIOUser
 /// DMA_UNMAP per I/O, all of one guest-RAM file, and an mmap + munmap (a TLB
 /// shootdown) for each would cost more than the messages. It goes when its
 /// last window goes, so the client's memory is let go as soon as no window
-/// holds it.
+/// holds it. It keeps a copy of the client's descriptor (one per mapping,
+/// not per window), so that a live update can hand the file on.
 final class FileMapping {
   struct Key: Hashable {
     var device: UInt64
@@ -28,13 +30,30 @@ final class FileMapping {
   /// F_SEAL_SHRINK): a page past the file's new end raises SIGBUS, so every
   /// copy through this mapping is a guarded one (`cvfu_guarded_copy`).
   let mayShrink: Bool
+  /// The server's copy of the client's descriptor, closed with the mapping.
+  let file: FileDescriptor
+  /// Where in the file the mapping starts, and with what protection.
+  let fileOffset: UInt64
+  let protection: Int32
   var windows = 0
 
-  init(base: UnsafeMutableRawPointer, length: Int, key: Key?, mayShrink: Bool) {
+  init(
+    base: UnsafeMutableRawPointer, length: Int, key: Key?, mayShrink: Bool, file: FileDescriptor,
+    fileOffset: UInt64, protection: Int32
+  ) {
     self.base = base
     self.length = length
     self.key = key
     self.mayShrink = mayShrink
+    self.file = file
+    self.fileOffset = fileOffset
+    self.protection = protection
+  }
+
+  /// Unmaps it and closes the file.
+  func release() {
+    munmap(base, length)
+    _ = close(file.rawValue)
   }
 }
 
@@ -128,9 +147,12 @@ struct DMATable {
     }
     guard status.st_mode & S_IFMT == S_IFREG else {
       // A device or other special file: its own mapping, as mmap allows it.
-      return FileMapping(
-        base: try Self.map(file, protection, offset: offset, length: size), length: Int(size),
-        key: nil, mayShrink: mayShrink)
+      let base = try Self.map(file, protection, offset: offset, length: size)
+      return try Self.keeping(file, unmapping: base, length: Int(size)) { kept in
+        FileMapping(
+          base: base, length: Int(size), key: nil, mayShrink: mayShrink, file: kept,
+          fileOffset: offset, protection: protection)
+      }
     }
     // What mmap would refuse: a shared writable mapping of a file not open
     // for writing, or any mapping of one not open for reading (EACCES). A
@@ -147,11 +169,28 @@ struct DMATable {
     let page = block.nonzeroBitCount == 1 ? max(Self.systemPage, block) : Self.systemPage
     let fileSize = (UInt64(max(status.st_size, 0)) + page - 1) / page * page
     let length = max(fileSize, end)
-    let mapping = FileMapping(
-      base: try Self.map(file, protection, offset: 0, length: length), length: Int(length),
-      key: key, mayShrink: mayShrink)
+    let base = try Self.map(file, protection, offset: 0, length: length)
+    let mapping = try Self.keeping(file, unmapping: base, length: Int(length)) { kept in
+      FileMapping(
+        base: base, length: Int(length), key: key, mayShrink: mayShrink, file: kept,
+        fileOffset: 0, protection: protection)
+    }
     files[key] = mapping  // a smaller one before it lives on in its windows
     return mapping
+  }
+
+  /// A copy of `file` for a new mapping at `base` (unmapped again if no copy can be made).
+  private static func keeping(
+    _ file: FileDescriptor, unmapping base: UnsafeMutableRawPointer, length: Int,
+    _ make: (FileDescriptor) -> FileMapping
+  ) throws(Errno) -> FileMapping {
+    let kept = fcntl(file.rawValue, F_DUPFD_CLOEXEC, 0)
+    guard kept >= 0 else {
+      let error = Errno(rawValue: errno)
+      munmap(base, length)
+      throw error
+    }
+    return make(FileDescriptor(rawValue: kept))
   }
 
   private static func map(
@@ -204,11 +243,127 @@ struct DMATable {
     guard let backing = entry.backing else { return }
     backing.windows -= 1
     guard backing.windows == 0 else { return }
-    munmap(backing.base, backing.length)
+    backing.release()
     if let key = backing.key, files[key] === backing { files[key] = nil }
   }
 
   /// The window holding `address`, with its mapping.
   @inline(__always)
   func lookup(_ address: UInt64) -> Entry? { map.lookup(address)?.value }
+
+  // MARK: Live update
+
+  /// Writes every mapping (its file as a descriptor) and every window.
+  func exportHandover(into out: inout HandoverEncoder) {
+    var mappings: [ObjectIdentifier: Int] = [:]
+    var ordered: [FileMapping] = []
+    for entry in map.entries {
+      guard let backing = entry.value.backing, mappings[ObjectIdentifier(backing)] == nil else {
+        continue
+      }
+      mappings[ObjectIdentifier(backing)] = ordered.count
+      ordered.append(backing)
+    }
+    out.int(ordered.count)
+    for backing in ordered {
+      out.descriptor(backing.file)
+      out.u64(backing.fileOffset)
+      out.int(backing.length)
+      out.u32(UInt32(bitPattern: backing.protection))
+      out.optional(backing.key) { out, key in
+        out.u64(key.device)
+        out.u64(key.inode)
+      }
+      out.bool(backing.key.map { files[$0] === backing } ?? false)
+      out.bool(backing.mayShrink)
+    }
+    out.int(map.count)
+    for entry in map.entries {
+      let window = entry.value.window
+      out.u64(window.address)
+      out.u64(window.size)
+      out.bool(window.readable)
+      out.bool(window.writable)
+      out.u64(window.fileOffset)
+      if let backing = entry.value.backing, let index = mappings[ObjectIdentifier(backing)],
+        let pointer = window.mapping
+      {
+        out.u32(UInt32(index))
+        out.int(pointer - backing.base)
+      } else {
+        out.u32(.max)
+        out.int(0)
+      }
+    }
+  }
+
+  /// Rebuilds the table `exportHandover` wrote: each file mapped again
+  /// (taking its descriptor from `descriptors`), each window checked and
+  /// inserted. The table must be empty.
+  mutating func importHandover(
+    from input: inout HandoverDecoder, descriptors: inout OwnedFileDescriptors
+  ) throws(HandoverRefusal) {
+    var mappings: [FileMapping] = []
+    defer {
+      // Mappings no window took (a corrupt record) go again.
+      for mapping in mappings where mapping.windows == 0 { mapping.release() }
+    }
+    for _ in 0..<(try input.count(itemBytes: 30)) {
+      let index = try input.descriptor(count: descriptors.count)
+      let fileOffset = try input.u64()
+      let length = try input.int()
+      let protection = Int32(bitPattern: try input.u32())
+      let key = try input.optional { input throws(HandoverRefusal) in
+        (try input.u64(), try input.u64())
+      }
+      let current = try input.bool()
+      let mayShrink = try input.bool()
+      guard let file = descriptors.take(index), length > 0,
+        protection & ~(PROT_READ | PROT_WRITE) == 0
+      else { throw input.corrupt }
+      if mayShrink, cvfu_guard_install() != 0 {
+        throw HandoverRefusal("cannot install the SIGBUS guard for a client file that may shrink")
+      }
+      let base: UnsafeMutableRawPointer
+      do throws(Errno) {
+        base = try Self.map(
+          file.descriptor, protection, offset: fileOffset, length: UInt64(length))
+      } catch {
+        throw HandoverRefusal("cannot map a DMA window's file again: \(error)")
+      }
+      let mapping = FileMapping(
+        base: base, length: length,
+        key: key.map { FileMapping.Key(device: $0.0, inode: $0.1, protection: protection) },
+        mayShrink: mayShrink, file: file.release(), fileOffset: fileOffset,
+        protection: protection)
+      mappings.append(mapping)
+      if current, let key = mapping.key { files[key] = mapping }
+    }
+    for _ in 0..<(try input.count(itemBytes: 42)) {
+      var window = DMAWindow(
+        address: try input.u64(), size: try input.u64(), readable: try input.bool(),
+        writable: try input.bool(), fileOffset: try input.u64())
+      let index = try input.u32()
+      let offset = try input.int()
+      var entry = Entry(window: window, backing: nil)
+      if index != .max {
+        guard Int(index) < mappings.count, offset >= 0,
+          UInt64(offset) <= UInt64(mappings[Int(index)].length),
+          window.size <= UInt64(mappings[Int(index)].length - offset)
+        else { throw input.corrupt }
+        let backing = mappings[Int(index)]
+        window.mapping = backing.base + offset
+        entry = Entry(window: window, backing: backing)
+        backing.windows += 1
+      }
+      let mask = pageSize - 1
+      guard window.size > 0, window.address & mask == 0, window.size & mask == 0,
+        window.address <= UInt64.max - window.size, map.count < limit,
+        map.insert(start: window.address, end: window.end, value: entry)
+      else {
+        release(entry)
+        throw input.corrupt
+      }
+    }
+  }
 }

@@ -11,7 +11,11 @@ import VFIOUserSocket
 /// connection waiting for a client that sends nothing is woken (`ThreadWake`)
 /// to take it.
 public final class DeviceRequests: Sendable {
-  public enum Request: Sendable { case resume }
+  public enum Request: Sendable {
+    case resume
+    /// A live update's handover (Server+LiveUpdate).
+    case handover(HandoverJob)
+  }
   /// What became of a request.
   public enum Outcome: Sendable, Equatable {
     /// Done: the state before and after.
@@ -19,6 +23,8 @@ public final class DeviceRequests: Sendable {
     /// Nothing to do (the device already runs).
     case unchanged(MigrationState)
     case refused(String)
+    /// The live update's handover ran (its result is in the job).
+    case handedOver
   }
   private enum Slot {
     case empty

@@ -55,6 +55,35 @@ public struct ServerSnapshot: Sendable, Equatable {
   public var stopping = false
   /// MIG_DATA_WRITE data received straight into device memory, never buffered (all clients).
   public var migrationBytesPlaced: UInt64 = 0
+  /// This process took over from another (live update): the last handover.
+  public var liveUpdate: LiveUpdateInfo?
+}
+
+/// The last live update that made this process the server.
+public struct LiveUpdateInfo: Sendable, Equatable {
+  /// Updates since the server was first started (this one included).
+  public var count: Int
+  /// Wall clock (seconds since the epoch) of this update, and of the first start.
+  public var at: Int64
+  public var firstStarted: Int64
+  /// The process this one took over from.
+  public var previousPID: Int32
+  /// From the old process's last served message to this one's first wait.
+  public var pauseMilliseconds: Int64
+  public init(
+    count: Int, at: Int64, firstStarted: Int64, previousPID: Int32, pauseMilliseconds: Int64
+  ) {
+    self.count = count
+    self.at = at
+    self.firstStarted = firstStarted
+    self.previousPID = previousPID
+    self.pauseMilliseconds = pauseMilliseconds
+  }
+}
+
+extension ServerStatistics {
+  /// Records the live update that made this process the server.
+  public func recordLiveUpdate(_ info: LiveUpdateInfo) { update { $0.liveUpdate = info } }
 }
 
 /// Shared counters, updated by the connection thread and read anywhere.
@@ -105,12 +134,16 @@ extension ServerLimits {
 /// The next client accepted on `listener`, retrying after a pause while the
 /// process is out of descriptors or memory; nil once `stopping` (a client
 /// accepted meanwhile is closed) or when accepting failed for good (logged).
-/// The device socket's accept loop and the control socket's share it.
+/// The device socket's accept loop and the control socket's share it. With
+/// `wake`, a woken wait returns -EINTR (no client).
 public func acceptNext(
-  _ listener: Int32, stopping: () -> Bool, logger: Logger, what: String
+  _ listener: Int32, stopping: () -> Bool, logger: Logger, what: String, wake: ThreadWake? = nil
 ) -> Int32? {
   while true {
-    let client = cvfu_accept(listener)
+    wake?.enter()
+    let client = cvfu_accept_wakeable(listener, wake != nil ? 1 : 0)
+    wake?.leave()
+    if client == -EINTR, wake != nil, !stopping() { return client }
     if stopping() {
       if client >= 0 { _ = close(client) }
       return nil
@@ -131,7 +164,7 @@ public func acceptNext(
 /// hand-over, so the device is never touched by two threads at once. Nothing
 /// else passes between clients: what outlives one (a device left in STOP, its
 /// registers and memory) is the device's own state.
-private final class DeviceSlot: @unchecked Sendable {
+final class DeviceSlot: @unchecked Sendable {
   let backend: any VFIODeviceBackend
   init(_ backend: any VFIODeviceBackend) { self.backend = backend }
 }
@@ -143,12 +176,16 @@ private final class DeviceSlot: @unchecked Sendable {
 public final class VFIOUserServer: Sendable {
   public let statistics: ServerStatistics
   public let limits: ServerLimits
-  private let slot: DeviceSlot
-  private let logger: Logger
-  private let listener = Locked<Int32>(-1)
-  private let activeSocket = Locked<Int32>(-1)
-  private let path = Locked<String?>(nil)
+  let slot: DeviceSlot
+  let logger: Logger
+  let listener = Locked<Int32>(-1)
+  let activeSocket = Locked<Int32>(-1)
+  let path = Locked<String?>(nil)
   private let finished = VFIODevice.Semaphore(value: 0)
+  /// Holds the accept loop still during a live update (Server+LiveUpdate).
+  let hold = AcceptHold()
+  /// A connection a live update brought, served first (Server+LiveUpdate).
+  let adopted = Locked<AdoptedConnection?>(nil)
   private let connectionThreadSetup: (@Sendable () -> Void)?
 
   /// - Parameter connectionThreadSetup: runs first on each client's thread
@@ -229,9 +266,24 @@ public final class VFIOUserServer: Sendable {
   private func acceptLoop() {
     let fd = listener.withLock { $0 }
     var connectionDone: VFIODevice.Semaphore?
-    while let client = acceptNext(
-      fd, stopping: { statistics.snapshot.stopping }, logger: logger, what: "accept")
-    {
+    if let connection = adopted.withLock({ $0.take() }) {
+      connectionDone = serve(adopted: connection)
+    }
+    let wake = ThreadWake()
+    hold.setWake(wake)
+    defer { hold.setWake(nil) }
+    while true {
+      if hold.isRequested {
+        hold.park()
+        continue
+      }
+      guard
+        let client = acceptNext(
+          fd, stopping: { statistics.snapshot.stopping }, logger: logger, what: "accept",
+          wake: wake)
+      else { break }
+      if client < 0 { continue }  // woken: a hold asked for
+
       let peer = Peer(socket: client)
       let (pid, uid, gid) = (peer.pid, peer.uid, peer.gid)
       guard limits.admits(peer, logger: logger, as: "client") else {
@@ -282,17 +334,35 @@ public final class VFIOUserServer: Sendable {
     // sendmsg rather than a dozen wake-ups (the kernel caps it at wmem_max).
     _ = cvfu_socket_buffers(client, Int32(clamping: 2 * limits.maxMessageSize))
     _ = cvfu_set_send_timeout_ms(client, limits.sendTimeoutMilliseconds)
+    return serve(client, pid: pid, logger: connectionLogger) { [self, connectionLogger] in
+      let channel = MessageChannel(
+        socket: OwnedFileDescriptor(taking: FileDescriptor(rawValue: client)),
+        capacity: Connection.receiveCapacity(limits))
+      return Connection(
+        channel: channel, backend: slot.backend, limits: limits, logger: connectionLogger,
+        stats: statistics)
+    }
+  }
+
+  /// Serves the connection a live update brought, as `serve` serves a new one.
+  private func serve(adopted: AdoptedConnection) -> VFIODevice.Semaphore {
+    activeSocket.withLock { $0 = adopted.socket }
+    return serve(adopted.socket, pid: adopted.pid, logger: adopted.connection.logger) {
+      adopted.connection
+    }
+  }
+
+  /// Runs the connection `make` gives on a thread of its own until it ends.
+  private func serve(
+    _ client: Int32, pid: Int32, logger connectionLogger: Logger,
+    make: @escaping @Sendable () -> Connection
+  ) -> VFIODevice.Semaphore {
     let done = VFIODevice.Semaphore(value: 0)
     let failed = startThread(name: "vfio-user-client", stackSize: 1 << 20) {
       [self, connectionLogger] in
       connectionThreadSetup?()
       let end = {
-        let channel = MessageChannel(
-          socket: OwnedFileDescriptor(taking: FileDescriptor(rawValue: client)),
-          capacity: Connection.receiveCapacity(limits))
-        let connection = Connection(
-          channel: channel, backend: slot.backend, limits: limits, logger: connectionLogger,
-          stats: statistics)
+        let connection = make()
         connection.willCloseSocket = { [self] in activeSocket.withLock { $0 = -1 } }
         return connection.run()
       }()

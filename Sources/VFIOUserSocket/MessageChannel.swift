@@ -86,6 +86,14 @@ public final class MessageChannel {
 
   deinit { scratchFDs.deallocate() }
 
+  /// Live update: takes over the bytes and descriptors another channel's
+  /// framer held at a message boundary (`MessageFramer.adopt`).
+  public func adopt(
+    buffered bytes: [UInt8], held: consuming OwnedFileDescriptors, chunkEnd: Int
+  ) throws(Errno) {
+    try framer.adopt(buffered: bytes, held: held, chunkEnd: chunkEnd)
+  }
+
   /// Capacity of the receive buffer.
   public var capacity: Int { framer.capacity }
 

@@ -328,6 +328,45 @@ public struct MessageFramer: ~Copyable {
     return OwnedFileDescriptors()
   }
 
+  // MARK: Live update
+
+  /// Whether the framer stands between two messages: nothing of a message
+  /// being dropped or placed in parts. Its buffered bytes (whole messages or
+  /// the start of one) and held descriptors can then be handed on.
+  public var isAtMessageBoundary: Bool {
+    state.payloadLeft == 0 && state.discardRemaining == 0 && state.offeredAt == nil
+  }
+
+  /// The descriptors held for a message not framed yet (lent), and where the
+  /// read that brought them ended, counted from the first buffered byte.
+  public var heldDescriptors: (descriptors: [FileDescriptor], chunkEnd: Int) {
+    var lent: [FileDescriptor] = []
+    for i in 0..<fdBatch.count { if let fd = fdBatch[i] { lent.append(fd) } }
+    let first = state.streamBase + UInt64(state.start)
+    let chunkEnd = state.fdChunkEnd > first ? Int(state.fdChunkEnd - first) : 0
+    return (lent, chunkEnd)
+  }
+
+  /// Takes over what another framer held (`bufferedBytes`, `heldDescriptors`)
+  /// at a message boundary. The framer must be new.
+  public mutating func adopt(
+    buffered bytes: [UInt8], held: consuming OwnedFileDescriptors, chunkEnd: Int
+  ) throws(Errno) {
+    guard state == FramerState(), bytes.count <= buffer.count, chunkEnd >= 0,
+      chunkEnd <= bytes.count
+    else { throw .invalidArgument }
+    if !bytes.isEmpty {
+      bytes.withUnsafeBytes {
+        buffer.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: $0.count)
+      }
+    }
+    state.end = bytes.count
+    if !held.isEmpty {
+      fdBatch = held
+      state.fdChunkEnd = UInt64(chunkEnd)
+    }
+  }
+
   private mutating func rebase() {
     state.streamBase += UInt64(state.start)
     state.start = 0

@@ -16,6 +16,11 @@ public final class ThreadWake: @unchecked Sendable {
 
   deinit { state.deallocate() }
 
+  /// Just before a wait that may be woken, on the bound thread.
+  @inline(__always) public func enter() { cvfu_wake_enter(state) }
+  /// Just after it.
+  @inline(__always) public func leave() { cvfu_wake_leave(state) }
+
   /// Interrupts the thread's wait if it is in one; false when it was not
   /// waiting (try again later).
   @discardableResult

@@ -130,6 +130,11 @@ struct Serve: ParsableCommand {
   @Flag(help: "Do not print the QEMU command line.")
   var quiet = false
 
+  /// A live update's successor: take over from the server at the other end
+  /// of this descriptor (`xe-vfio-user live-update` starts it so).
+  @Option(help: .hidden)
+  var handoverFd: Int32?
+
   func validate() throws {
     if socketPath != nil, fd != nil {
       throw ValidationError("--socket-path and --fd are exclusive")
@@ -178,17 +183,8 @@ struct Serve: ParsableCommand {
     }
   }
 
-  /// Where the control socket listens, or nil for none.
-  var controlPath: String? {
-    switch controlSocket {
-    case "none": nil
-    case let path?: path
-    case nil: fd == nil ? (socketPath ?? defaultSocketPath) + ".control" : nil
-    }
-  }
-
-  func run() throws {
-    let logger = bootstrapLogging(level: logLevel)
+  /// The engine's limits, from the options.
+  func makeLimits() -> ServerLimits {
     var limits = ServerLimits()
     limits.maxDataXferSize = UInt32(maxDataXferSize.bytes)
     limits.maxDMAMaps = maxDMAMaps
@@ -200,6 +196,22 @@ struct Serve: ParsableCommand {
     limits.allowedGIDs = Set(allowGID.compactMap(groupID))
     limits.partialMessageTimeoutMilliseconds = Int32((partialMessageTimeout * 1000).rounded(.up))
     limits.sendTimeoutMilliseconds = Int32((sendTimeout * 1000).rounded(.up))
+    return limits
+  }
+
+  /// Where the control socket listens, or nil for none.
+  var controlPath: String? {
+    switch controlSocket {
+    case "none": nil
+    case let path?: path
+    case nil: fd == nil ? (socketPath ?? defaultSocketPath) + ".control" : nil
+    }
+  }
+
+  func run() throws {
+    if let handoverFd { return try TakeOver.run(fd: handoverFd) }
+    let logger = bootstrapLogging(level: logLevel)
+    let limits = makeLimits()
     let backend: any VFIODeviceBackend
     let served: String
     var record: ServedRecord?
@@ -247,6 +259,9 @@ struct Serve: ParsableCommand {
     } else {
       try makeSocket(path) { path throws(Errno) in try server.listen(socketPath: path) }
     }
+    let updater = LiveUpdater(
+      server: server, logger: logger,
+      history: ServeHistory(arguments: Array(CommandLine.arguments.drop { $0 != "serve" }.dropFirst())))
     let control = controlPath.map { _ in
       ControlServer(
         server: server,
@@ -254,7 +269,7 @@ struct Serve: ParsableCommand {
           device: served, backend: kernelDevice == nil ? "simulated" : "kernel",
           socket: fd.map { "fd \($0)" } ?? ServedRecord.absolutePath(path),
           version: XeVFIOUser.configuration.version),
-        logger: logger, logLevel: runtimeLogLevel)
+        logger: logger, logLevel: runtimeLogLevel, liveUpdate: updater.handle)
     }
     if let control, let controlPath {
       do {
@@ -263,6 +278,7 @@ struct Serve: ParsableCommand {
         if fd == nil { unlink(path) }
         throw error
       }
+      updater.control.withLock { $0 = (control.listeningDescriptor, controlPath) }
     }
     // Everything that needs root is open by now: the device (with a kernel
     // backend, its VFIO and IOMMU descriptors, and for the pf-debugfs path

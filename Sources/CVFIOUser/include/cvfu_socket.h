@@ -42,6 +42,9 @@ int cvfu_listen_unix(const char *path, int backlog);
 int cvfu_connect_unix(const char *path);
 /// accept4 with SOCK_CLOEXEC, retrying EINTR.
 int cvfu_accept(int listener);
+/// cvfu_accept, except that with `wakeable` set an interrupted wait returns
+/// -EINTR instead of waiting again (`cvfu_wake`).
+int cvfu_accept_wakeable(int listener, int wakeable);
 /// Waits up to `ms` for `fd` to become readable: 1 ready, 0 timeout, -errno.
 int cvfu_wait_readable(int fd, int ms);
 /// Sets SO_SNDTIMEO: a send that makes no progress for `ms` fails with EAGAIN (0: never).
