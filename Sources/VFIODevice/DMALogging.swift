@@ -258,3 +258,148 @@ public final class DirtyPageLog {
     bitmap.storeBytes(of: (old | value).littleEndian, toByteOffset: at, as: UInt64.self)
   }
 }
+
+// MARK: Live update
+
+/// The dirty page log's section of a live update's handover state
+/// (protocol/live-update-device.md, "Dirty page log"): a device that logs
+/// its DMA embeds it, so pages dirtied before the update are still reported
+/// after it.
+extension DirtyPageLog {
+  /// The section's format version.
+  public static let handoverVersion: UInt32 = 1
+
+  /// The logged ranges, in address order.
+  public var loggedRanges: [DMALoggingRange] {
+    ranges.map { DMALoggingRange(iova: $0.iova, length: $0.last - $0.iova + 1) }
+  }
+
+  /// Appends the log to `writer`: its page size, and per range its bounds and
+  /// the runs of non-zero bitmap words (the rest is zero, and a large idle
+  /// log costs a few bytes).
+  public func exportHandover(into writer: inout ByteWriter) {
+    writer.append(Self.handoverVersion)
+    writer.append(pageSize)
+    writer.append(UInt32(ranges.count))
+    for range in ranges {
+      writer.append(range.iova)
+      writer.append(range.last - range.iova + 1)  // a length that fit in a u64 once
+      var runs: [Swift.Range<Int>] = []
+      var w = 0
+      while w < range.wordCount {
+        guard range.words[w] != 0 else {
+          w += 1
+          continue
+        }
+        let start = w
+        while w < range.wordCount, range.words[w] != 0 { w += 1 }
+        runs.append(start..<w)
+      }
+      writer.append(UInt32(runs.count))
+      for run in runs {
+        writer.append(UInt64(run.lowerBound))
+        writer.append(UInt32(run.count))
+        for k in run { writer.append(range.words[k]) }
+      }
+    }
+  }
+
+  /// Reads the section `exportHandover` wrote: the ranges are checked as a
+  /// DMA_LOGGING_START's are (`DMALogRules.checkStart`, any power-of-two page
+  /// size), and every run must lie inside its range's bitmap.
+  public static func importHandover(from reader: inout ByteReader) throws(HandoverRefusal)
+    -> DirtyPageLog
+  {
+    let version: UInt32 = try reader.handoverField("the dirty page log's format version")
+    guard version == handoverVersion else {
+      throw HandoverRefusal(
+        "the dirty page log is format version \(version); this server reads version \(handoverVersion)"
+      )
+    }
+    let pageSizeAt = reader.offset
+    let pageSize: UInt64 = try reader.handoverField("the dirty page log's page size")
+    guard pageSize > 0, pageSize & (pageSize - 1) == 0 else {
+      throw HandoverRefusal.corrupt(
+        "the dirty page log's page size", at: pageSizeAt, "\(pageSize) is not a power of two")
+    }
+    let shift = UInt64(pageSize.trailingZeroBitCount)
+    let countAt = reader.offset
+    let count: UInt32 = try reader.handoverField("the dirty page log's range count")
+    guard count > 0, count <= DMALogRules.maxRanges else {
+      throw HandoverRefusal.corrupt(
+        "the dirty page log's range count", at: countAt,
+        "\(count) ranges (1 to \(DMALogRules.maxRanges) are logged)")
+    }
+    // First the whole section, checked; then the log, filled from it.
+    var ranges: [DMALoggingRange] = []
+    var runs: [[(start: Int, words: UnsafeRawBufferPointer)]] = []
+    for r in 0..<Int(count) {
+      let field = "dirty page log range \(r)"
+      let rangeAt = reader.offset
+      let range = DMALoggingRange(
+        iova: try reader.handoverField("\(field)'s IOVA"),
+        length: try reader.handoverField("\(field)'s length"))
+      guard range.length > 0, range.length & (pageSize - 1) == 0 else {
+        throw HandoverRefusal.corrupt(
+          field, at: rangeAt,
+          "length \(range.length) is not a whole number of \(pageSize)-byte pages")
+      }
+      let pages = range.length >> shift
+      let wordCount = (pages + 63) / 64
+      let runCount: UInt32 = try reader.handoverField("\(field)'s run count")
+      var rangeRuns: [(start: Int, words: UnsafeRawBufferPointer)] = []
+      var end: UInt64 = 0
+      for k in 0..<Int(runCount) {
+        let runAt = reader.offset
+        let start: UInt64 = try reader.handoverField("\(field) run \(k)'s first word")
+        let length: UInt32 = try reader.handoverField("\(field) run \(k)'s word count")
+        guard length > 0, start >= end, start < wordCount, UInt64(length) <= wordCount - start
+        else {
+          throw HandoverRefusal.corrupt(
+            "\(field) run \(k)", at: runAt,
+            "words \(start)..<\(start &+ UInt64(length)) of a \(wordCount)-word bitmap, after word \(end)"
+          )
+        }
+        let wordsAt = reader.offset
+        let words = try reader.handoverBytes(8 * Int(length), "\(field) run \(k)'s words")
+        end = start + UInt64(length)
+        if end == wordCount, pages % 64 != 0 {
+          let last = UInt64(
+            littleEndian: words.loadUnaligned(fromByteOffset: words.count - 8, as: UInt64.self))
+          guard last >> (pages % 64) == 0 else {
+            throw HandoverRefusal.corrupt(
+              "\(field) run \(k)'s last word", at: wordsAt + words.count - 8,
+              "bits set past the range's \(pages) pages")
+          }
+        }
+        rangeRuns.append((Int(start), words))
+      }
+      ranges.append(range)
+      runs.append(rangeRuns)
+    }
+    do throws(Errno) {
+      guard
+        try DMALogRules.checkStart(pageSize: pageSize, ranges: ranges, minimumPageSize: 1)
+          == ranges
+      else { throw Errno.invalidArgument }
+    } catch {
+      throw HandoverRefusal(
+        "the handover state is corrupt: the dirty page log's ranges are not ranges a DMA_LOGGING_START accepts (\(error))"
+      )
+    }
+    let log: DirtyPageLog
+    do throws(Errno) { log = try DirtyPageLog(pageSize: pageSize, ranges: ranges) } catch {
+      throw HandoverRefusal("cannot allocate the dirty page log's bitmaps: \(error)")
+    }
+    for (r, rangeRuns) in runs.enumerated() {
+      let words = log.ranges[r].words
+      for run in rangeRuns {
+        for k in 0..<run.words.count / 8 {
+          words[run.start + k] = UInt64(
+            littleEndian: run.words.loadUnaligned(fromByteOffset: 8 * k, as: UInt64.self))
+        }
+      }
+    }
+    return log
+  }
+}

@@ -166,3 +166,109 @@ public struct IRQEmulation: ~Copyable {
     }
   }
 }
+
+// MARK: Live update
+
+/// The interrupt section of a live update's handover state
+/// (protocol/live-update-device.md, "Interrupts"): a software device that
+/// signals its client's eventfds with `IRQEmulation` embeds it in its own
+/// state, and the new process carries on signalling the same eventfds.
+extension IRQEmulation {
+  /// The section's format version.
+  public static let handoverVersion: UInt32 = 1
+
+  /// Appends the state to `writer`: each index's description, then per
+  /// vector its trigger eventfd, mask and pending bit, then the index's
+  /// unmask eventfd. Each eventfd is appended to `descriptors` (lent: this
+  /// emulation still owns it) and named by its position there.
+  public func exportHandover(into writer: inout ByteWriter, descriptors: inout [FileDescriptor]) {
+    func lend(_ fd: Int32) -> UInt32 {
+      guard fd >= 0 else { return HandoverState.noDescriptor }
+      descriptors.append(FileDescriptor(rawValue: fd))
+      return UInt32(descriptors.count - 1)
+    }
+    writer.append(Self.handoverVersion)
+    writer.append(UInt32(indexes.count))
+    for index in indexes {
+      writer.append(index.description.index)
+      writer.append(index.description.count)
+      writer.append(index.description.flags)
+      for v in index.triggerFDs.indices {
+        writer.append(lend(index.triggerFDs[v]))
+        writer.append(UInt8((index.masked[v] ? 1 : 0) | (index.pending[v] ? 2 : 0)))
+      }
+      writer.append(lend(index.unmaskFD))
+    }
+  }
+
+  /// Reads the section `exportHandover` wrote into an emulation of the
+  /// indexes `descriptions` describes (the importing device's own: they must
+  /// be the ones exported, or the client's view of the device would be
+  /// wrong). Takes the eventfds it names from `descriptors`, each checked to
+  /// be an eventfd. On a refusal everything it took is closed.
+  public static func importHandover(
+    from reader: inout ByteReader, descriptors: inout OwnedFileDescriptors,
+    describedAs descriptions: [IRQDescription]
+  ) throws(HandoverRefusal) -> IRQEmulation {
+    var irqs = IRQEmulation(descriptions)
+    let version: UInt32 = try reader.handoverField("the interrupt state's format version")
+    guard version == handoverVersion else {
+      throw HandoverRefusal(
+        "the interrupt state is format version \(version); this server reads version \(handoverVersion)"
+      )
+    }
+    let countAt = reader.offset
+    let count: UInt32 = try reader.handoverField("the interrupt index count")
+    guard count == descriptions.count else {
+      throw HandoverRefusal.corrupt(
+        "the interrupt index count", at: countAt,
+        "\(count) indexes, where this device has \(descriptions.count)")
+    }
+    for i in descriptions.indices {
+      let field = "interrupt index \(i)"
+      let exported = IRQDescription(
+        index: try reader.handoverField("\(field)'s number"),
+        count: try reader.handoverField("\(field)'s vector count"),
+        flags: try reader.handoverField("\(field)'s flags"))
+      guard exported == descriptions[i] else {
+        throw HandoverRefusal(
+          "\(field) was \(exported) in the exporting server, and is \(descriptions[i]) here: the client's view of the device would be wrong"
+        )
+      }
+      for v in 0..<Int(exported.count) {
+        let fd: UInt32 = try reader.handoverField("\(field) vector \(v)'s eventfd")
+        let bitsAt = reader.offset
+        let bits: UInt8 = try reader.handoverField("\(field) vector \(v)'s mask and pending bits")
+        guard bits & ~3 == 0 else {
+          throw HandoverRefusal.corrupt(
+            "\(field) vector \(v)'s mask and pending bits", at: bitsAt, "unknown bits \(bits)")
+        }
+        if fd != HandoverState.noDescriptor {
+          irqs.indexes[i].triggerFDs[v] = try takeEventFD(
+            fd, &descriptors, "\(field) vector \(v)'s trigger")
+        }
+        irqs.indexes[i].masked[v] = bits & 1 != 0
+        irqs.indexes[i].pending[v] = bits & 2 != 0
+      }
+      let unmask: UInt32 = try reader.handoverField("\(field)'s unmask eventfd")
+      if unmask != HandoverState.noDescriptor {
+        irqs.indexes[i].unmaskFD = try takeEventFD(unmask, &descriptors, "\(field)'s unmask")
+      }
+    }
+    return irqs
+  }
+
+  /// Takes descriptor `index` as the eventfd `field` names, with its ownership.
+  private static func takeEventFD(
+    _ index: UInt32, _ descriptors: inout OwnedFileDescriptors, _ field: String
+  ) throws(HandoverRefusal) -> Int32 {
+    let owned = try descriptors.takeHandover(index, for: field)
+    let kind = try? DescriptorKind(of: owned.descriptor)
+    guard kind == .eventFD else {
+      throw HandoverRefusal(
+        "descriptor \(index), the handover's \(field) eventfd, is \(kind.map { "\($0)" } ?? "not open"), not an eventfd"
+      )
+    }
+    return owned.release().rawValue
+  }
+}

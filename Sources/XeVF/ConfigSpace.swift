@@ -100,6 +100,17 @@ struct ConfigSpace {
 
   mutating func reset() { bytes = initial }
 
+  /// Takes the bytes a live update carried over and returns nil; or, when
+  /// they cannot be this function's, leaves the space alone and returns the
+  /// first offset whose read-only bits differ from its image (only writes
+  /// change bytes, and writes change only writable bits).
+  mutating func load(handover saved: UnsafeRawBufferPointer) -> Int? {
+    guard saved.count == bytes.count else { return min(saved.count, bytes.count) }
+    for i in 0..<saved.count where (saved[i] ^ initial[i]) & ~writable[i] != 0 { return i }
+    bytes = Array(saved)
+    return nil
+  }
+
   func u16(_ offset: Int) -> UInt16 { UInt16(bytes[offset]) | UInt16(bytes[offset + 1]) << 8 }
 
   var command: UInt16 { u16(0x04) }

@@ -44,6 +44,23 @@ struct DMAEngine {
   private init(generation: UInt64) { self.generation = generation }
   init() {}
 
+  /// An engine as a live update carries it: the registers, the generation,
+  /// and the transfer a paused VF holds (accepted, and run on resume).
+  init(
+    src: UInt64, dst: UInt64, len: UInt32, ctrl: UInt32, status: UInt32, completed: UInt32,
+    generation: UInt64, held: Transfer?
+  ) {
+    self.src = src
+    self.dst = dst
+    self.len = len
+    self.ctrl = ctrl
+    self.status = status
+    self.completed = completed
+    self.generation = generation
+    self.held = held
+    accepted = held
+  }
+
   /// Reads the dword at byte offset `offset` from the block's base.
   func read(offset: UInt64) -> UInt32 {
     switch offset + R.base {

@@ -2,6 +2,7 @@ import CVFIOUser
 import Glibc
 import SystemPackage
 import VFIODevice
+import VFIOUser
 
 /// The memory the DMA engine copies to and from: VRAM (BAR2) or, on profiles
 /// without VRAM, a small SRAM block reached through BAR0.
@@ -40,6 +41,20 @@ final class DeviceMemory {
       throw error
     }
     return DeviceMemory(base: pointer, size: size, fd: fd)
+  }
+
+  /// The VRAM memfd `fd` (`size` bytes, checked by the caller), mapped
+  /// MAP_SHARED: the same pages as every other mapping of the file (a live
+  /// update's old process, the client's BAR2 mmap).
+  static func vram(adopting fd: consuming OwnedFileDescriptor, size: UInt64) throws(Errno)
+    -> DeviceMemory
+  {
+    let pointer = mmap(
+      nil, Int(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd.descriptor.rawValue, 0)
+    guard let pointer, pointer != UnsafeMutableRawPointer(bitPattern: -1) else {
+      throw Errno(rawValue: errno)  // `fd` closes as it goes
+    }
+    return DeviceMemory(base: pointer, size: size, fd: fd.release().rawValue)
   }
 
   /// `size` bytes of zeroed private memory.

@@ -39,7 +39,7 @@ public final class SimulatedXeVF: VFIODeviceBackend {
   var host: DeviceHost?
   /// The pages the DMA engine wrote into fd-backed windows, while the client logs them.
   var dirtyLog: DirtyPageLog?
-  public private(set) var resetCount = 0
+  public internal(set) var resetCount = 0
 
   public let deviceFlags = VFIODeviceFlags.pci | VFIODeviceFlags.reset
   public let regionCount = VFIOPCIRegion.count
@@ -51,28 +51,37 @@ public final class SimulatedXeVF: VFIODeviceBackend {
   ///     profiles without VRAM.
   ///   - vfid: the PF's number for the VF, 1 or more.
   /// - Throws: EINVAL for a bad size, or the errno of memfd_create, ftruncate or mmap.
-  public init(
+  public convenience init(
     profile: XeProfile = .bmg, vramSize: UInt64? = nil, vfid: UInt16 = 1,
     logger: Logger = Logger(label: "xe-vfio-user.xe-vf")
   ) throws(Errno) {
     guard vfid > 0, vfid < 1 << 10 else { throw .invalidArgument }  // the PTE's VFID field is 10 bits
+    if profile.hasVRAM {
+      let size = vramSize ?? profile.defaultVRAMSize
+      guard size >= 1 << 20, size.nonzeroBitCount == 1 else { throw .invalidArgument }
+      self.init(
+        profile: profile, vfid: vfid, logger: logger,
+        memory: try DeviceMemory.vram(size: size, name: "xe-vf-\(profile.name)-vram"))
+    } else {
+      guard vramSize ?? 0 == 0 else { throw .invalidArgument }
+      self.init(
+        profile: profile, vfid: vfid, logger: logger,
+        memory: DeviceMemory.sram(size: XeSimRegisters.sramSize))
+    }
+  }
+
+  /// A device in its reset state over `memory` (checked by the caller: VRAM
+  /// of a valid size, or SRAM on a profile without VRAM).
+  init(profile: XeProfile, vfid: UInt16, logger: Logger, memory: DeviceMemory) {
     self.profile = profile
     self.vfid = vfid
     self.logger = logger
     self.logger[metadataKey: "xe-vf"] = "\(profile.name)"
-    if profile.hasVRAM {
-      let size = vramSize ?? profile.defaultVRAMSize
-      guard size >= 1 << 20, size.nonzeroBitCount == 1 else { throw .invalidArgument }
-      self.vramSize = size
-      memory = try DeviceMemory.vram(size: size, name: "xe-vf-\(profile.name)-vram")
-    } else {
-      guard vramSize ?? 0 == 0 else { throw .invalidArgument }
-      self.vramSize = 0
-      memory = DeviceMemory.sram(size: XeSimRegisters.sramSize)
-    }
-    config = ConfigSpace(profile: profile, bar2Size: self.vramSize)
+    self.memory = memory
+    vramSize = memory.fd >= 0 ? memory.size : 0
+    config = ConfigSpace(profile: profile, bar2Size: vramSize)
     registers = RegisterFile(profile: profile)
-    pf = SimulatedPF(profile: profile, vramSize: self.vramSize, logger: self.logger)
+    pf = SimulatedPF(profile: profile, vramSize: vramSize, logger: self.logger)
   }
 
   deinit { pf.shutdown() }

@@ -77,6 +77,17 @@ final class FakeHost: DeviceHost {
       completion(.success(()))
     }
   }
+
+  /// As the server's mappings do: the pages a write lands on are marked in `log`.
+  func dmaWrite(
+    address: UInt64, from buffer: UnsafeRawBufferPointer, log: DirtyPageLog?,
+    completion: @escaping (Result<Void, Errno>) -> Void
+  ) {
+    dmaWrite(address: address, from: buffer) { result in
+      if case .success = result { log?.mark(address: address, length: UInt64(buffer.count)) }
+      completion(result)
+    }
+  }
 }
 
 extension SimulatedXeVF {

@@ -1,0 +1,81 @@
+import SystemPackage
+import VFIOUser
+
+// Reading a handover blob: every read is checked, and a blob that ends early
+// or names a descriptor it did not bring is refused with a sentence that says
+// which field, never a trap. Devices and the shared pieces (`IRQEmulation`,
+// `DirtyPageLog`) read their parts with these.
+
+extension ByteReader {
+  /// The next `T` of a handover blob; a refusal naming `field` when the blob ends first.
+  public mutating func handoverField<T: FixedWidthInteger>(
+    _ field: @autoclosure () -> String, as _: T.Type = T.self
+  ) throws(HandoverRefusal) -> T {
+    do throws(Errno) { return try read(T.self) } catch {
+      throw HandoverRefusal.truncated(field(), at: offset, size: MemoryLayout<T>.size, of: count)
+    }
+  }
+
+  /// The next `length` bytes of a handover blob, borrowed; a refusal naming
+  /// `field` when the blob ends first.
+  public mutating func handoverBytes(_ length: Int, _ field: @autoclosure () -> String)
+    throws(HandoverRefusal) -> UnsafeRawBufferPointer
+  {
+    do throws(Errno) { return try read(count: length) } catch {
+      throw HandoverRefusal.truncated(field(), at: offset, size: length, of: count)
+    }
+  }
+
+  /// A boolean byte (0 or 1) of a handover blob.
+  public mutating func handoverFlag(_ field: @autoclosure () -> String)
+    throws(HandoverRefusal) -> Bool
+  {
+    let at = offset
+    switch try handoverField(field(), as: UInt8.self) {
+    case 0: return false
+    case 1: return true
+    case let value: throw HandoverRefusal.corrupt(field(), at: at, "\(value) is neither 0 nor 1")
+    }
+  }
+}
+
+extension OwnedFileDescriptors {
+  /// Takes descriptor `index` of an imported handover for `field`: refused when
+  /// the handover brought no such descriptor, or another field took it already.
+  public mutating func takeHandover(_ index: UInt32, for field: @autoclosure () -> String)
+    throws(HandoverRefusal) -> OwnedFileDescriptor
+  {
+    guard Int(index) < count else {
+      throw HandoverRefusal(
+        "the handover state names descriptor \(index) for \(field()), but only \(count) came with it"
+      )
+    }
+    guard let descriptor = take(Int(index)) else {
+      throw HandoverRefusal(
+        "the handover state names descriptor \(index) for \(field()), which another field already took"
+      )
+    }
+    return descriptor
+  }
+}
+
+extension HandoverRefusal {
+  /// The blob ends inside `field`.
+  public static func truncated(_ field: String, at offset: Int, size: Int, of count: Int)
+    -> HandoverRefusal
+  {
+    HandoverRefusal(
+      "the handover state is truncated: \(field) (\(size) bytes at byte \(offset)) runs past its end (\(count) bytes)"
+    )
+  }
+
+  /// `field` at byte `offset` holds a value no exporter writes.
+  public static func corrupt(_ field: String, at offset: Int, _ why: String) -> HandoverRefusal {
+    HandoverRefusal("the handover state is corrupt: \(field) at byte \(offset): \(why)")
+  }
+}
+
+extension HandoverState {
+  /// Where a blob names a descriptor: none (every other value indexes `descriptors`).
+  public static let noDescriptor = UInt32.max
+}
