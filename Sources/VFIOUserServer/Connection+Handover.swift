@@ -14,10 +14,12 @@ extension Connection {
   /// Why this connection cannot be handed over now, or nil.
   var handoverRefusal: String? {
     if migration.stream != nil {
-      return "a migration stream is open (the device is mid-save or mid-restore): finish or cancel the migration first"
+      return
+        "a migration stream is open (the device is mid-save or mid-restore): finish or cancel the migration first"
     }
     if !outstanding.isEmpty {
-      return "the device waits on \(outstanding.count) DMA transfers through the client (DMA_READ/DMA_WRITE): try again"
+      return
+        "the device waits on \(outstanding.count) DMA transfers through the client (DMA_READ/DMA_WRITE): try again"
     }
     if !channel.framer.isAtMessageBoundary {
       return "the connection is inside a message being placed in parts: try again"

@@ -261,7 +261,8 @@ struct Serve: ParsableCommand {
     }
     let updater = LiveUpdater(
       server: server, logger: logger,
-      history: ServeHistory(arguments: Array(CommandLine.arguments.drop { $0 != "serve" }.dropFirst())))
+      history: ServeHistory(
+        arguments: Array(CommandLine.arguments.drop { $0 != "serve" }.dropFirst())))
     let control = controlPath.map { _ in
       ControlServer(
         server: server,

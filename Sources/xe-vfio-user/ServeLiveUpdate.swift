@@ -102,7 +102,7 @@ enum TakeOver {
           minimumVersion: HandoverRecord.version, maximumVersion: HandoverRecord.version,
           pid: getpid(), version: XeVFIOUser.configuration.version
         ).encoded())
-      let message = try link.receive(timeoutMilliseconds: 60_000)
+      var message = try link.receive(timeoutMilliseconds: 60_000)
       guard message.kind == .state else {
         if message.kind == .abort { _exit(1) }
         throw HandoverRefusal("expected the state, got \(message.kind)")
@@ -118,8 +118,10 @@ enum TakeOver {
       let firstStarted = try process.i64()
       let previous = Int32(bitPattern: try process.u32())
       let controlSocket = try process.optional { input throws(HandoverRefusal) in
-        (try input.descriptor(count: descriptors.count),
-         try input.optional { input throws(HandoverRefusal) in try input.string() })
+        (
+          try input.descriptor(count: descriptors.count),
+          try input.optional { input throws(HandoverRefusal) in try input.string() }
+        )
       }
       try process.finish()
       let options: Serve

@@ -16,7 +16,7 @@ struct XeVFIOUser: ParsableCommand {
     version: "0.1.0",
     subcommands: [
       Serve.self, Info.self, List.self, Top.self, Metrics.self, Migrate.self, Save.self,
-      Restore.self, Resume.self, Bench.self,
+      Restore.self, Resume.self, LiveUpdateCommand.self, Bench.self,
     ],
     defaultSubcommand: Serve.self)
 }
