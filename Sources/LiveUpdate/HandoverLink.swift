@@ -42,11 +42,15 @@ public final class HandoverLink: @unchecked Sendable {
   /// A state record larger than this is refused (60,000 DMA windows take 3 MB).
   public static let maxPayload = 256 << 20
   private var socket: OwnedFileDescriptor?
-  public let descriptor: FileDescriptor
+  private let raw: FileDescriptor
+  /// The socket (lent), or -1 once closed: nothing is ever sent to a number reused since.
+  public var descriptor: FileDescriptor {
+    socket != nil ? raw : FileDescriptor(rawValue: -1)
+  }
 
   /// Takes `socket`, a connected stream socket.
   public init(_ socket: consuming OwnedFileDescriptor) {
-    descriptor = socket.descriptor
+    raw = socket.descriptor
     self.socket = consume socket
   }
 

@@ -95,15 +95,18 @@ extension VFIOUserServer {
     requestTimeoutMilliseconds: Int = 5000, readyTimeoutMilliseconds: Int32 = 30_000
   ) -> Result<LiveUpdateReport, HandoverRefusal> {
     guard slot.backend is HandoverCapable else {
+      successor.abandon("the device cannot be handed over")
       return .failure(
         HandoverRefusal(
           "this device cannot be handed to a new process yet (only the simulated VF can): the server carries on"
         ))
     }
     guard !statistics.snapshot.stopping else {
+      successor.abandon("the server is stopping")
       return .failure(HandoverRefusal("the server is stopping"))
     }
     guard hold.hold(timeoutMilliseconds: 2000) else {
+      successor.abandon("the accept loop did not pause")
       return .failure(HandoverRefusal("the accept loop did not pause"))
     }
     let job = HandoverJob { [self] connection in
@@ -127,7 +130,11 @@ extension VFIOUserServer {
     } else {
       result = job.body(nil)
     }
-    if case .failure = result { hold.release() }
+    if case .failure(let refusal) = result {
+      hold.release()
+      let exit = successor.abandon(refusal.reason)
+      return .failure(HandoverRefusal(refusal.reason + exit))
+    }
     return result
   }
 
@@ -184,8 +191,7 @@ extension VFIOUserServer {
         throw HandoverRefusal("the new binary answered \(answer.kind) instead of ready")
       }
     } catch {
-      let exit = successor.abandon(error.reason)
-      return .failure(HandoverRefusal(error.reason + exit))
+      return .failure(error)
     }
     let report = LiveUpdateReport(
       successorPID: successor.pid, successorVersion: successor.hello?.version ?? "",

@@ -1,0 +1,260 @@
+import CVFIOUser
+import Control
+import Foundation
+import Testing
+import VFIODevice
+import VFIOUser
+import VFIOUserClient
+import XeVF
+
+/// Live update through real processes and sockets: a client in the middle
+/// of its work sees the server replaced under it and carries on.
+@Suite("Live update", .serialized)
+struct LiveUpdateTests {
+  typealias Reg = XeSimRegisters
+
+  /// The pid serving now, as its control socket says.
+  static func servingPID(_ control: String) throws -> Int32 {
+    Int32(try ControlClient(path: control).execute("query-status")["server"]?["pid"]?.integer ?? -1)
+  }
+
+  static func liveUpdate(_ control: String, binary: String? = nil) throws -> JSON {
+    try ControlClient(path: control, timeoutMilliseconds: 60_000).execute(
+      "live-update", arguments: binary.map { .object([("binary", .string($0))]) })
+  }
+
+  /// Descriptors of `pid`, by what they are (sockets, memfds, eventfds...), for leak checks.
+  static func descriptorCount(_ pid: Int32) -> Int {
+    (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd").count) ?? -1
+  }
+
+  /// Whether `pid` comes back to `count` descriptors (a control connection
+  /// just closed by the test may still be open on the server's side a moment).
+  static func settles(_ pid: Int32, at count: Int) -> Bool {
+    for _ in 0..<200 {
+      if descriptorCount(pid) == count { return true }
+      usleep(10_000)
+    }
+    return false
+  }
+
+  static func waitGone(_ pid: Int32) -> Bool {
+    for _ in 0..<500 {
+      if kill(pid, 0) != 0 { return true }
+      usleep(10_000)
+    }
+    return false
+  }
+
+  /// Runs the VF's copy engine from VRAM to client memory at `address`, raising MSI-X `vector`.
+  static func copyToClient(
+    _ client: VFIOUserClient, deviceOffset: UInt64, address: UInt64, length: UInt32,
+    vector: UInt8
+  ) throws {
+    try client.write64(region: VFIOPCIRegion.bar0, offset: Reg.DMA.src, deviceOffset)
+    try client.write64(region: VFIOPCIRegion.bar0, offset: Reg.DMA.dst, address)
+    try client.write32(region: VFIOPCIRegion.bar0, offset: Reg.DMA.len, length)
+    try client.write32(
+      region: VFIOPCIRegion.bar0, offset: Reg.DMA.ctrl,
+      Reg.DMA.control(toDevice: false, vector: vector, interrupt: true))
+    try client.write32(region: VFIOPCIRegion.bar0, offset: Reg.DMA.doorbell, 1)
+    for _ in 0..<2000 {
+      let status = try client.read32(region: VFIOPCIRegion.bar0, offset: Reg.DMA.status)
+      if status & Reg.DMA.statusBusy == 0, status & Reg.DMA.statusDone != 0 {
+        try client.write32(
+          region: VFIOPCIRegion.bar0, offset: Reg.DMA.status,
+          Reg.DMA.statusDone | Reg.DMA.statusError)
+        return
+      }
+      usleep(1000)
+    }
+    Issue.record("the copy engine did not finish")
+  }
+
+  @Test func aClientMidWorkCarriesOnAcrossAHundredUpdates() throws {
+    let server = try ServeProcess(["--vram-size", "16M", "--quiet"])
+    let control = server.socketPath + ".control"
+    var pid = server.process.processIdentifier
+    defer {
+      if kill(pid, 0) == 0 { kill(pid, SIGTERM) }
+      _ = server.stop()
+    }
+    let client = try server.connect()
+    // Guest memory the device reaches through a DMA window with its file.
+    let memfd = cvfu_memfd_create("guest", 0)
+    defer { close(memfd) }
+    ftruncate(memfd, 1 << 20)
+    let guest = mmap(nil, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0)!
+    defer { munmap(guest, 1 << 20) }
+    try client.dmaMap(address: 1 << 30, size: 1 << 20, flags: 3, fd: memfd)
+    try client.dmaMap(address: 2 << 30, size: 1 << 20, flags: 3)  // reached by messages
+    let eventfds = (0..<4).map { _ in cvfu_eventfd(0, 0o4000) }
+    defer { eventfds.forEach { close($0) } }
+    try client.setIRQEventfds(index: VFIOPCIIRQ.msix, start: 0, fds: eventfds, chunk: 4)
+    try client.startDMALogging(
+      pageSize: 4096, ranges: [DMALoggingRange(iova: 1 << 30, length: 1 << 20)])
+    // Enable memory and bus mastering, and MSI-X, as a guest driver does.
+    try client.write(region: VFIOPCIRegion.config, offset: 4, data: [0x06, 0x00])
+    let msixControl = UInt64(XePCIConfig.msixCap + 2)
+    let control16 = try client.read(region: VFIOPCIRegion.config, offset: msixControl, count: 2)
+    let enabled = (UInt16(control16[0]) | UInt16(control16[1]) << 8) | 0x8000
+    try client.write(
+      region: VFIOPCIRegion.config, offset: msixControl,
+      data: [UInt8(enabled & 0xFF), UInt8(enabled >> 8)])
+    let vram = (0..<65536).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) }
+    try client.write(region: VFIOPCIRegion.bar2, offset: 0x1000, data: vram)
+    var before = -1
+
+    // Requests keep coming from the client while the updates happen.
+    let stop = Locked(false)
+    let counted = Locked(0)
+    let failure = Locked<String?>(nil)
+    let lent = LentClient(client)
+    let worker = Thread {
+      let client = lent.client
+      var i: UInt32 = 0
+      while !stop.withLock({ $0 }) {
+        i &+= 1
+        do {
+          try client.write32(
+            region: VFIOPCIRegion.bar0, offset: Reg.scratch(gt: 0, index: 1), i)
+          let read = try client.read32(
+            region: VFIOPCIRegion.bar0, offset: Reg.scratch(gt: 0, index: 1))
+          guard read == i else {
+            failure.withLock { $0 = "scratch read \(read) after writing \(i)" }
+            return
+          }
+          counted.withLock { $0 += 1 }
+        } catch {
+          failure.withLock { $0 = "request \(i) failed: \(error)" }
+          return
+        }
+      }
+    }
+    worker.start()
+    var pauses: [Int64] = []
+    for update in 1...100 {
+      let answer = try LiveUpdateTests.liveUpdate(control)
+      let next = Int32(answer["pid"]?.integer ?? -1)
+      #expect(next > 0 && next != pid, "update \(update): \(answer.serialized())")
+      #expect(LiveUpdateTests.waitGone(pid), "update \(update): pid \(pid) still runs")
+      pid = next
+      let status = try ControlClient(path: control).execute("query-status")
+      // Counted in the first successor, once it serves: what it holds must not grow with updates.
+      if update == 1 {
+        usleep(100_000)
+        before = LiveUpdateTests.descriptorCount(pid)
+      }
+      #expect(status["server"]?["pid"]?.integer == Int64(pid))
+      #expect(status["server"]?["live-update"]?["count"]?.integer == Int64(update))
+      pauses.append(status["server"]?["live-update"]?["pause-ms"]?.integer ?? -1)
+      if let failure = failure.withLock({ $0 }) {
+        Issue.record("update \(update): \(failure)")
+        break
+      }
+    }
+    stop.withLock { $0 = true }
+    while !worker.isFinished { usleep(1000) }
+    #expect(failure.withLock { $0 } == nil)
+    #expect(counted.withLock { $0 } > 100, "the client kept working")
+    print("live update pauses (ms): \(pauses)")
+
+    // Everything the client set up is still there, in the last process.
+    #expect(try client.read(region: VFIOPCIRegion.bar2, offset: 0x1000, count: vram.count) == vram)
+    try LiveUpdateTests.copyToClient(
+      client, deviceOffset: 0x1000, address: 1 << 30, length: 4096, vector: 2)
+    #expect(
+      Array(UnsafeRawBufferPointer(start: guest, count: 4096)) == Array(vram[0..<4096]))
+    var count: UInt64 = 0
+    #expect(read(eventfds[2], &count, 8) == 8 && count >= 1, "MSI-X vector 2 reached its eventfd")
+    let report = try client.dmaLoggingReport(iova: 1 << 30, length: 1 << 20, pageSize: 4096)
+    #expect(report.first.map { $0 & 1 == 1 } == true, "the copy's page is logged dirty")
+    let status = try ControlClient(path: control).execute("query-status")
+    #expect(status["dma"]?["windows"] == .int(2))
+    #expect(status["dma"]?["dirty-logging"] == .bool(true))
+    #expect(
+      status["interrupts"]?["indexes"]?.array?.first { $0["name"] == .string("MSI-X") }?[
+        "vectors-wired"] == .int(4))
+    #expect(before > 0 && LiveUpdateTests.settles(pid, at: before), "no descriptor leaked")
+  }
+
+  @Test func refusalsLeaveTheServerServing() throws {
+    let server = try ServeProcess(["--vram-size", "16M", "--quiet"])
+    let control = server.socketPath + ".control"
+    let pid = server.process.processIdentifier
+    defer { _ = server.stop() }
+    let client = try server.connect()
+    try client.write32(region: VFIOPCIRegion.bar0, offset: Reg.scratch(gt: 0, index: 0), 0xC0FFEE)
+    let before = LiveUpdateTests.descriptorCount(pid)
+    let directory = server.directory
+    // A binary that is missing, one that crashes at start, one that speaks nonsense.
+    let crashing = directory + "/crashing"
+    try "#!/bin/sh\nexit 3\n".write(toFile: crashing, atomically: true, encoding: .utf8)
+    chmod(crashing, 0o755)
+    let silent = directory + "/silent"
+    try "#!/bin/sh\necho garbage >&3\nsleep 30\n".write(
+      toFile: silent, atomically: true, encoding: .utf8)
+    chmod(silent, 0o755)
+    for (binary, why) in [
+      (directory + "/missing", "cannot be run"), (crashing, "closed the handover socket"),
+      (silent, "did not take over"),
+    ] {
+      do {
+        _ = try LiveUpdateTests.liveUpdate(control, binary: binary)
+        Issue.record("\(binary) was accepted")
+      } catch {
+        #expect("\(error)".contains(why), "\(binary): \(error)")
+      }
+      #expect(try LiveUpdateTests.servingPID(control) == pid)
+      #expect(
+        try client.read32(region: VFIOPCIRegion.bar0, offset: Reg.scratch(gt: 0, index: 0))
+          == 0xC0FFEE)
+    }
+    // Mid-migration: the open stream cannot be carried yet; the server carries on.
+    try client.setMigrationState(.stop)
+    try client.setMigrationState(.stopCopy)
+    do {
+      _ = try LiveUpdateTests.liveUpdate(control)
+      Issue.record("an update mid-save was accepted")
+    } catch {
+      #expect("\(error)".contains("migration stream is open"), "\(error)")
+    }
+    try client.setMigrationState(.stop)
+    try client.setMigrationState(.running)
+    #expect(try LiveUpdateTests.servingPID(control) == pid)
+    #expect(LiveUpdateTests.settles(pid, at: before), "no descriptor leaked")
+    // And then a good one goes through.
+    let answer = try LiveUpdateTests.liveUpdate(control)
+    let next = Int32(answer["pid"]?.integer ?? -1)
+    #expect(LiveUpdateTests.waitGone(pid))
+    #expect(
+      try client.read32(region: VFIOPCIRegion.bar0, offset: Reg.scratch(gt: 0, index: 0))
+        == 0xC0FFEE)
+    kill(next, SIGTERM)
+    _ = LiveUpdateTests.waitGone(next)
+  }
+
+  @Test func anIdleServerIsUpdatedByTheCommand() throws {
+    let server = try ServeProcess(["--quiet"])
+    defer { _ = server.stop() }
+    do { _ = try server.connect() }
+    let result = try run(["live-update", "-s", server.socketPath])
+    #expect(result.status == 0, "\(result.stderr)")
+    #expect(result.stdout.contains("serves \(server.socketPath) now"), "\(result.stdout)")
+    #expect(result.stdout.contains("requests paused"), "\(result.stdout)")
+    let pid = try LiveUpdateTests.servingPID(server.socketPath + ".control")
+    #expect(pid != server.process.processIdentifier)
+    // A new client is served by the successor.
+    let client = try server.connect()
+    #expect(try client.read32(region: VFIOPCIRegion.config, offset: 0) & 0xFFFF == 0x8086)
+    kill(pid, SIGTERM)
+    _ = LiveUpdateTests.waitGone(pid)
+    #expect(!FileManager.default.fileExists(atPath: server.socketPath), "the successor removed its socket")
+  }
+}
+
+/// The client, used by one thread at a time: the worker until it finishes, then the test.
+private final class LentClient: @unchecked Sendable {
+  let client: VFIOUserClient
+  init(_ client: VFIOUserClient) { self.client = client }
+}
