@@ -117,7 +117,7 @@ let package = Package(
     .target(
       name: "Control",
       dependencies: [
-        "VFIOUserServer", "VFIODevice", "VFIOUser", "CJSONC", "CVFIOUser",
+        "VFIOUserServer", "VFIOUserSocket", "VFIODevice", "VFIOUser", "CJSONC", "CVFIOUser",
         .product(name: "Logging", package: "swift-log"),
         .product(name: "SystemPackage", package: "swift-system"),
       ],

@@ -5,6 +5,7 @@ import SystemPackage
 import VFIODevice
 import VFIOUser
 import VFIOUserServer
+import VFIOUserSocket
 
 #if canImport(Glibc)
   import Glibc
@@ -69,6 +70,8 @@ public final class ControlServer: Sendable {
   private let liveUpdate: (@Sendable (String?) -> (ControlProtocol.Answer, exit: Bool))?
   /// Set once a live update succeeded: this process only sends its reply.
   private let handedOver = Atomic<Bool>(false)
+  /// Parks the accept loop while a live update hands the listener on.
+  public let acceptHold = AcceptHold()
 
   /// - Parameter logLevel: what `set-log-level` changes; without it the command is refused.
   public init(
@@ -133,11 +136,20 @@ public final class ControlServer: Sendable {
   private func acceptLoop() {
     let fd = listener.withLock { $0 }
     guard fd >= 0 else { return }
-    while let client = acceptNext(
-      fd, stopping: { stopping.load(ordering: .acquiring) }, logger: logger,
-      what: "control accept")
-    {
-      admit(client)
+    let wake = ThreadWake()
+    acceptHold.setWake(wake)
+    defer { acceptHold.setWake(nil) }
+    while true {
+      if acceptHold.isRequested {
+        acceptHold.park()
+        continue
+      }
+      guard
+        let client = acceptNext(
+          fd, stopping: { stopping.load(ordering: .acquiring) }, logger: logger,
+          what: "control accept", wake: wake)
+      else { break }
+      if client >= 0 { admit(client) }
     }
     // Every client's blocking recv or send ends with its socket shut down.
     clients.withLock { for client in $0 { _ = shutdown(client, Int32(SHUT_RDWR)) } }

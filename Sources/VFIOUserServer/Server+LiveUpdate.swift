@@ -11,27 +11,31 @@ import VFIOUserSocket
   import Glibc
 #endif
 
-/// Keeps the accept loop still while a live update runs, so no client is
+/// Keeps an accept loop still while a live update runs, so no client is
 /// accepted by a process that is handing its listener on. The accept thread
-/// waits in a wakeable accept and parks when asked.
-final class AcceptHold: Sendable {
+/// waits in a wakeable accept (`acceptNext(wake:)`) and parks when asked.
+/// The device socket's loop and the control socket's each have one.
+public final class AcceptHold: Sendable {
   private let requested = Atomic<Bool>(false)
   private let parked = VFIODevice.Semaphore(value: 0)
   private let released = VFIODevice.Semaphore(value: 0)
   private let wake = Locked<ThreadWake?>(nil)
 
-  var isRequested: Bool { requested.load(ordering: .acquiring) }
-  func setWake(_ thread: ThreadWake?) { wake.withLock { $0 = thread } }
+  public init() {}
+
+  public var isRequested: Bool { requested.load(ordering: .acquiring) }
+  /// The accept thread offers its wake (nil: it is going away).
+  public func setWake(_ thread: ThreadWake?) { wake.withLock { $0 = thread } }
 
   /// On the accept thread: waits until released.
-  func park() {
+  public func park() {
     parked.signal()
     released.wait()
   }
 
   /// Asks the accept loop to park and waits for it; false when it did not
   /// within the time (it is not running).
-  func hold(timeoutMilliseconds: Int) -> Bool {
+  public func hold(timeoutMilliseconds: Int) -> Bool {
     requested.store(true, ordering: .releasing)
     var left = timeoutMilliseconds
     while left > 0 {
@@ -43,7 +47,7 @@ final class AcceptHold: Sendable {
     return false
   }
 
-  func release() {
+  public func release() {
     requested.store(false, ordering: .releasing)
     released.signal()
   }

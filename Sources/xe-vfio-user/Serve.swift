@@ -280,6 +280,7 @@ struct Serve: ParsableCommand {
         throw error
       }
       updater.control.withLock { $0 = (control.listeningDescriptor, controlPath) }
+      updater.controlServer.withLock { $0 = control }
     }
     // Everything that needs root is open by now: the device (with a kernel
     // backend, its VFIO and IOMMU descriptors, and for the pf-debugfs path

@@ -32,8 +32,11 @@ final class LiveUpdater: Sendable {
   let server: VFIOUserServer
   let logger: Logger
   let history: ServeHistory
-  /// The control socket, handed on too.
+  /// The control socket, handed on too, and its server (whose accept loop
+  /// parks first: a control client accepted by this process after the commit
+  /// would be lost with it).
   let control = Locked<(fd: Int32, path: String?)?>(nil)
+  let controlServer = Locked<ControlServer?>(nil)
   private let busy = Atomic<Bool>(false)
 
   init(server: VFIOUserServer, logger: Logger, history: ServeHistory) {
@@ -62,7 +65,13 @@ final class LiveUpdater: Sendable {
         out.descriptor(FileDescriptor(rawValue: control.fd))
         out.optional(control.path) { $0.string($1) }
       }
+      let controlServer = controlServer.withLock { $0 }
+      if let controlServer, !controlServer.acceptHold.hold(timeoutMilliseconds: 2000) {
+        successor.abandon("the control socket's accept loop did not pause")
+        throw HandoverRefusal("the control socket's accept loop did not pause")
+      }
       result = server.handOver(to: successor, process: process)
+      if case .failure = result { controlServer?.acceptHold.release() }
     } catch {
       result = .failure(error)
     }
@@ -188,6 +197,7 @@ extension Serve {
         logger: logger, logLevel: runtimeLogLevel, liveUpdate: updater.handle)
       made.listen(fd: controlSocket.fd, socketPath: controlSocket.path)
       updater.control.withLock { $0 = controlSocket }
+      updater.controlServer.withLock { $0 = made }
       control = made
     }
     do {
