@@ -3,10 +3,14 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sched.h>
 #include <time.h>
 #include <errno.h>
 #include <malloc.h>
+#include <stddef.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -133,4 +137,23 @@ int cvfu_wake_up(cvfu_wake *wake) {
   pthread_kill(wake->thread, CVFU_WAKE_SIGNAL);
   __atomic_store_n(&wake->state, WAKE_SENT, __ATOMIC_SEQ_CST);
   return 1;
+}
+
+int cvfu_sd_notify(const char *state) {
+  const char *path = getenv("NOTIFY_SOCKET");
+  if (!path || !*path) return 0;
+  struct sockaddr_un address;
+  memset(&address, 0, sizeof address);
+  address.sun_family = AF_UNIX;
+  size_t length = strlen(path);
+  if (length >= sizeof address.sun_path) return -ENAMETOOLONG;
+  memcpy(address.sun_path, path, length);
+  if (address.sun_path[0] == '@') address.sun_path[0] = 0;
+  int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -errno;
+  ssize_t n = sendto(fd, state, strlen(state), MSG_NOSIGNAL, (struct sockaddr *)&address,
+                     (socklen_t)(offsetof(struct sockaddr_un, sun_path) + length));
+  int error = errno;
+  close(fd);
+  return n < 0 ? -error : 1;
 }

@@ -45,12 +45,21 @@ final class LiveUpdater: Sendable {
     self.history = history
   }
 
+  /// This server's executable as installed now: after an upgrade replaced
+  /// the file, /proc/self/exe names the old one "(deleted)", and the path is
+  /// the new binary's.
+  static func installedExecutable() -> String {
+    let path = currentExecutable()
+    let deleted = " (deleted)"
+    return path.hasSuffix(deleted) ? String(path.dropLast(deleted.count)) : path
+  }
+
   func handle(_ binary: String?) -> (ControlProtocol.Answer, exit: Bool) {
     guard !busy.exchange(true, ordering: .acquiringAndReleasing) else {
       return (.failure(.genericError, "a live update is already under way"), false)
     }
     defer { busy.store(false, ordering: .releasing) }
-    let path = binary ?? currentExecutable()
+    let path = binary ?? Self.installedExecutable()
     logger.notice("live update: starting \(path)")
     let result: Result<LiveUpdateReport, HandoverRefusal>
     do throws(HandoverRefusal) {
@@ -77,6 +86,13 @@ final class LiveUpdater: Sendable {
     }
     switch result {
     case .success(let report):
+      // Under systemd the successor becomes the service's main process
+      // before this one exits (the unit's NotifyAccess=main).
+      let notified = cvfu_sd_notify("MAINPID=\(report.successorPID)")
+      if notified < 0 {
+        logger.warning(
+          "cannot tell the service manager the new main pid: \(Errno(rawValue: -notified))")
+      }
       return (
         .value(
           .object([

@@ -265,6 +265,59 @@ struct LiveUpdateTests {
       !FileManager.default.fileExists(atPath: server.socketPath), "the successor removed its socket"
     )
   }
+
+  /// Under systemd (ExecReload=... live-update): the old process names the
+  /// successor the service's main process through $NOTIFY_SOCKET before it
+  /// exits; and after an upgrade replaced the binary, the new file is run.
+  @Test func theServiceManagerLearnsTheNewMainPIDAndAnUpgradedBinaryIsRun() throws {
+    let directory = NSTemporaryDirectory() + "xvu-notify-\(UUID().uuidString.prefix(8))"
+    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    // The service manager's socket.
+    let notify = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
+    defer { close(notify) }
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    let notifyPath = directory + "/notify"
+    withUnsafeMutableBytes(of: &address.sun_path) { raw in
+      for (i, byte) in notifyPath.utf8.enumerated() { raw[i] = byte }
+    }
+    let bound = withUnsafePointer(to: &address) {
+      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+        bind(notify, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+      }
+    }
+    #expect(bound == 0)
+    // A copy of the binary, replaced by another copy once serving (an upgrade).
+    let installed = directory + "/xe-vfio-user"
+    try FileManager.default.copyItem(atPath: executable.path, toPath: installed)
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: installed)
+    let socketPath = directory + "/vf0.sock"
+    process.arguments = ["serve", "-s", socketPath, "--quiet"]
+    process.environment = ProcessInfo.processInfo.environment.merging(["NOTIFY_SOCKET": notifyPath])
+    { $1 }
+    process.standardError = FileHandle.nullDevice
+    try process.run()
+    let control = socketPath + ".control"
+    for _ in 0..<500 where !FileManager.default.fileExists(atPath: control) { usleep(10_000) }
+    try FileManager.default.removeItem(atPath: installed)
+    try FileManager.default.copyItem(atPath: executable.path, toPath: installed)
+    let answer = try LiveUpdateTests.liveUpdate(control)
+    let next = Int32(answer["pid"]?.integer ?? -1)
+    defer { kill(next, SIGTERM) }
+    var message = [UInt8](repeating: 0, count: 256)
+    let n = recv(notify, &message, message.count, Int32(MSG_DONTWAIT))
+    #expect(n > 0 && String(decoding: message[0..<max(n, 0)], as: UTF8.self) == "MAINPID=\(next)")
+    process.waitUntilExit()
+    #expect(process.terminationStatus == 0, "the old process exits cleanly")
+    // The successor runs the file installed now, not the deleted one.
+    var link = [UInt8](repeating: 0, count: 4096)
+    let length = link.withUnsafeMutableBytes {
+      readlink("/proc/\(next)/exe", $0.baseAddress!.assumingMemoryBound(to: CChar.self), 4095)
+    }
+    #expect(length > 0 && String(decoding: link[0..<max(length, 0)], as: UTF8.self) == installed)
+  }
 }
 
 /// The client, used by one thread at a time: the worker until it finishes, then the test.

@@ -370,6 +370,11 @@ struct ExampleTests {
     #expect(settings["Restart"] == "on-failure")
     #expect(settings["RuntimeDirectory"] == "xe-vfio-user")
     #expect(settings["KillSignal"] == "SIGTERM")
+    // reload is a live update, and the successor may become the main process.
+    #expect(
+      settings["ExecReload"]
+        == "/usr/local/bin/xe-vfio-user live-update --socket-path /run/xe-vfio-user/%i.sock")
+    #expect(settings["NotifyAccess"] == "main")
     // No group the host may lack (Debian has kvm, others do not): one of the unit's own.
     #expect(settings["Group"] == "xe-vfio-user" && settings["DynamicUser"] == "yes")
     let profile = try #require(environment["XE_VFU_ARGS"])

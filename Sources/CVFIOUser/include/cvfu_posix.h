@@ -64,4 +64,10 @@ void cvfu_wake_leave(cvfu_wake *wake);
 /// interrupted).
 int cvfu_wake_up(cvfu_wake *wake);
 
+/// Sends `state` (e.g. "MAINPID=1234") to the service manager's notification
+/// socket ($NOTIFY_SOCKET, sd_notify(3)'s protocol: one datagram; a leading @
+/// names an abstract socket). Returns 1 when sent, 0 without $NOTIFY_SOCKET,
+/// or -errno.
+int cvfu_sd_notify(const char *state);
+
 #endif
