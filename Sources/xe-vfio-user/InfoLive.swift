@@ -60,6 +60,10 @@ extension Info {
     let server = s["server"]
     out +=
       "\tServer: pid \(int(server?["pid"])), version \(server?["version"]?.string ?? "?"), \(plural(int(server?["connections-served"]), "connection")) served, \(plural(int(server?["clients-refused"]), "client")) refused\n"
+    if let update = server?["live-update"], update != .null {
+      out +=
+        "\tLive update: \(plural(int(update["count"]), "update")) since the first start at \(utcTime(int(update["first-started"]))); the last at \(utcTime(int(update["at"]))) from pid \(int(update["previous-pid"])), requests paused \(int(update["pause-ms"])) ms\n"
+    }
     if let client = s["client"], client != .null {
       let since = int(client["since"])
       out +=

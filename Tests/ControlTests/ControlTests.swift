@@ -46,14 +46,21 @@ struct ControlChannelTests {
     #expect(
       commands == [
         "qmp_capabilities", "query-commands", "query-status", "query-stats", "resume",
-        "set-log-level",
+        "set-log-level", "live-update",
       ])
+    // This server was built without a live-update handler: refused, with the reason.
+    #expect(throws: ControlClientError.self) { _ = try control.execute("live-update") }
+    #expect(
+      throws: ControlClientError.self,
+      "an unknown argument is refused before the handler runs"
+    ) { _ = try control.execute("live-update", arguments: .object([("bin", .string("/x"))])) }
 
     let status = try control.execute("query-status")
     #expect(status["device"]?["description"] == .string("simulated Xe VF bmg (test)"))
     #expect(status["device"]?["backend"] == .string("simulated"))
     #expect(status["device"]?["socket"] == .string(running.path))
     #expect(status["server"]?["pid"] == .int(Int64(getpid())))
+    #expect(status["server"]?["live-update"] == .null, "never updated")
     #expect(status["client-attached"] == .bool(false) && status["client"] == .null)
     #expect(status["migration"]?["supported"] == .bool(true))
     #expect(status["migration"]?["state"] == .string("RUNNING"))

@@ -78,6 +78,18 @@ struct LiveUpdateQEMUTests {
       #expect(try qt.readl(qemu.bar0(Reg.DMA.completed)) == completedBefore + UInt32(round))
     }
     #expect(qemu.process.isRunning, "QEMU runs on")
+    // info names the last server, its updates and QEMU as the client still.
+    let info = Process()
+    let output = Pipe()
+    info.executableURL = URL(fileURLWithPath: InteropEnvironment.current.server)
+    info.arguments = ["info", "-s", rig.server.socketPath]
+    info.standardOutput = output
+    try info.run()
+    let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    info.waitUntilExit()
+    #expect(text.contains("Server: pid \(serving),"), "\(text)")
+    #expect(text.contains("Live update: 10 updates since the first start"), "\(text)")
+    #expect(text.contains("Client: pid \(qemu.process.pid),"), "\(text)")
     let log = rig.server.log
     #expect(log.components(separatedBy: "live update: took over").count - 1 == 10, "\(rig.logs)")
     #expect(!log.contains("client disconnected"), "QEMU's connection was never dropped")
