@@ -62,10 +62,12 @@ extension BenchConfiguration {
     let serverCPU: Int32? = cpus == .unpinned ? nil : (cpus == .split ? 1 : 0)
     if let clientCPU { _ = cvfu_pin_to_cpu(clientCPU) }
     let selected = Set(
-      (only ?? "read,write,inflight,large,dma,dmalog,rss,migration,save,checkpoint,counters").split(
-        separator: ","
-      )
-      .map(String.init)
+      (only
+        ?? "read,write,inflight,large,dma,dmalog,rss,liveupdate,migration,save,checkpoint,counters")
+        .split(
+          separator: ","
+        )
+        .map(String.init)
     )
     var logger = Logger(label: "bench")
     logger.logLevel = .error
@@ -216,6 +218,34 @@ extension BenchConfiguration {
       }
     }
     print(table.render())
+    if selected.contains("liveupdate") {
+      _ = cvfu_unpin()
+      let floor = LatencySummary(
+        SocketFloor.roundTrips(requestSize: 32, replySize: 36, count: 20_000, serverCPU: nil))
+      var rows: [[String]] = [
+        [
+          "live update of", "client's longest wait", "successor's pause", "old server's handover",
+          "raw socket round trip p50", "wait ÷ round trip",
+        ]
+      ]
+      let largest = migrationVRAM.max() ?? 4 << 30
+      for (name, vram, windows, data) in [
+        ("idle device, 256 MiB VRAM", UInt64(256 << 20), 0, UInt64(0)),
+        ("60,000 DMA windows", UInt64(256 << 20), min(liveMappings, 60_000), UInt64(0)),
+        ("\(formatBytes(largest)) VRAM, 1 GiB of it data", largest, 0, min(largest, 1 << 30)),
+      ] {
+        let f = try LiveUpdateBench.run(vram: vram, windows: windows, dataBytes: data, name: name)
+        rows.append([
+          f.name, String(printf: "%.1f ms", f.clientPause), "\(f.successorPause) ms",
+          "\(f.handover) ms", String(printf: "%.2f µs", floor.p50),
+          String(printf: "%.0f×", f.clientPause * 1000 / floor.p50),
+        ])
+      }
+      print(
+        "\nLive update: a serve child updated to this executable while a client thread sends 4-byte REGION_READs back to back; each figure the best of \(LiveUpdateBench.rounds) updates (target: milliseconds)"
+      )
+      print(ReportTable(rows: rows).render())
+    }
     if selected.contains("migration") {
       var rows: [[String]] = [
         [

@@ -54,18 +54,18 @@ public struct HandoverRecord {
         "the old server's state is version \(version); this binary reads version \(Self.version)")
     }
     let count = try input.u32()
-    guard count <= 64 else { throw input.corrupt }
+    guard count <= 64 else { throw input.corrupt() }
     for _ in 0..<count {
       let tag = try input.u32()
       guard let section = Section(rawValue: tag) else {
         throw HandoverRefusal("the handover state has a section this binary does not know (\(tag))")
       }
-      guard self.section(section) == nil else { throw input.corrupt }
+      guard self.section(section) == nil else { throw input.corrupt() }
       let length = try input.u64()
-      guard length <= UInt64(input.remaining) else { throw input.corrupt }
+      guard length <= UInt64(input.remaining) else { throw input.corrupt() }
       sections.append((section, try input.raw(Int(length))))
     }
-    guard input.remaining == 0 else { throw input.corrupt }
+    guard input.remaining == 0 else { throw input.corrupt() }
   }
 }
 
@@ -116,19 +116,22 @@ public struct HandoverDecoder {
   }
 
   public var remaining: Int { input.count - offset }
-  public var corrupt: HandoverRefusal {
-    HandoverRefusal("the handover state is truncated or corrupt (\(what), byte \(offset))")
+  /// The refusal for a short or inconsistent field, naming the section, the
+  /// byte and the reader's source line (which field it was).
+  public func corrupt(_ file: StaticString = #fileID, _ line: UInt = #line) -> HandoverRefusal {
+    HandoverRefusal(
+      "the handover state is truncated or corrupt (\(what), byte \(offset); \(file):\(line))")
   }
 
   public mutating func raw(_ count: Int) throws(HandoverRefusal) -> [UInt8] {
-    guard count >= 0, count <= remaining else { throw corrupt }
+    guard count >= 0, count <= remaining else { throw corrupt() }
     defer { offset += count }
     return Array(input[offset..<(offset + count)])
   }
 
   private mutating func load<T: FixedWidthInteger>(_: T.Type) throws(HandoverRefusal) -> T {
     let size = MemoryLayout<T>.size
-    guard size <= remaining else { throw corrupt }
+    guard size <= remaining else { throw corrupt() }
     var value: T = 0
     for i in 0..<size { value |= T(truncatingIfNeeded: input[offset + i]) << (8 * i) }
     offset += size
@@ -140,7 +143,7 @@ public struct HandoverDecoder {
     switch try u8() {
     case 0: return false
     case 1: return true
-    default: throw corrupt
+    default: throw corrupt()
     }
   }
   public mutating func u16() throws(HandoverRefusal) -> UInt16 { try load(UInt16.self) }
@@ -151,27 +154,31 @@ public struct HandoverDecoder {
   }
   public mutating func int() throws(HandoverRefusal) -> Int {
     let v = try i64()
-    guard let i = Int(exactly: v) else { throw corrupt }
+    guard let i = Int(exactly: v) else { throw corrupt() }
     return i
   }
   /// A count of items each at least `itemBytes` long: bounded by what is left.
-  public mutating func count(itemBytes: Int) throws(HandoverRefusal) -> Int {
+  public mutating func count(
+    itemBytes: Int, _ file: StaticString = #fileID, _ line: UInt = #line
+  ) throws(HandoverRefusal) -> Int {
     let n = try u64()
-    guard n <= UInt64(remaining / max(itemBytes, 1)) else { throw corrupt }
+    guard n <= UInt64(remaining / max(itemBytes, 1)) else { throw corrupt(file, line) }
     return Int(n)
   }
-  public mutating func bytes() throws(HandoverRefusal) -> [UInt8] {
-    try raw(try count(itemBytes: 1))
+  public mutating func bytes(_ file: StaticString = #fileID, _ line: UInt = #line)
+    throws(HandoverRefusal) -> [UInt8]
+  {
+    try raw(try count(itemBytes: 1, file, line))
   }
   public mutating func string() throws(HandoverRefusal) -> String {
     let raw = try bytes()
-    guard let s = String(validating: raw, as: UTF8.self) else { throw corrupt }
+    guard let s = String(validating: raw, as: UTF8.self) else { throw corrupt() }
     return s
   }
   /// A descriptor's index, checked against the `count` that travelled.
   public mutating func descriptor(count: Int) throws(HandoverRefusal) -> Int {
     let i = try u32()
-    guard Int(i) < count else { throw corrupt }
+    guard Int(i) < count else { throw corrupt() }
     return Int(i)
   }
   public mutating func optional<T>(_ body: (inout Self) throws(HandoverRefusal) -> T)
@@ -181,7 +188,7 @@ public struct HandoverDecoder {
   }
   /// The section was read to its end: trailing bytes mean a format mismatch.
   public func finish() throws(HandoverRefusal) {
-    guard remaining == 0 else { throw corrupt }
+    guard remaining == 0 else { throw corrupt() }
   }
 }
 
@@ -205,7 +212,7 @@ extension HandoverRecord {
     var owned = OwnedFileDescriptors()
     for _ in 0..<(try input.count(itemBytes: 4)) {
       let index = try input.descriptor(count: descriptors.count)
-      guard let fd = descriptors.take(index) else { throw input.corrupt }
+      guard let fd = descriptors.take(index) else { throw input.corrupt() }
       owned.append(fd)
     }
     try input.finish()

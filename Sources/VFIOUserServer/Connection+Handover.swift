@@ -72,7 +72,7 @@ extension Connection {
     backend: any VFIODeviceBackend, limits: ServerLimits, logger: Logger, stats: ServerStatistics
   ) throws(HandoverRefusal) -> Connection {
     let socketIndex = try input.descriptor(count: descriptors.count)
-    guard let socket = descriptors.take(socketIndex) else { throw input.corrupt }
+    guard let socket = descriptors.take(socketIndex) else { throw input.corrupt() }
     let channel = MessageChannel(socket: socket, capacity: receiveCapacity(limits))
     let connection = Connection(
       channel: channel, backend: backend, limits: limits, logger: logger, stats: stats)
@@ -95,7 +95,7 @@ extension Connection {
       }
     }
     guard let layout = DMATransferLayout(rawValue: try input.string()) else {
-      throw input.corrupt
+      throw input.corrupt()
     }
     dmaLayout = layout
     writeMultipleNegotiated = try input.bool()
@@ -108,7 +108,7 @@ extension Connection {
       throw HandoverRefusal("the device has a different number of interrupt indexes here")
     }
     for i in irqIndexesSet.indices { irqIndexesSet[i] = try input.bool() }
-    guard try input.int() == irqVectorsWired.count else { throw input.corrupt }
+    guard try input.int() == irqVectorsWired.count else { throw input.corrupt() }
     for i in irqVectorsWired.indices {
       guard try input.int() == irqVectorsWired[i].count else {
         throw HandoverRefusal("interrupt index \(i) has a different number of vectors here")
@@ -126,12 +126,12 @@ extension Connection {
       }
       return DMALoggingSession(pageSize: pageSize, ranges: ranges)
     }
-    if dmaLogging != nil, dmaLoggingDevice == nil { throw input.corrupt }
+    if dmaLogging != nil, dmaLoggingDevice == nil { throw input.corrupt() }
     let buffered = try input.bytes()
     var held = OwnedFileDescriptors()
     for _ in 0..<(try input.count(itemBytes: 4)) {
       let index = try input.descriptor(count: descriptors.count)
-      guard let fd = descriptors.take(index) else { throw input.corrupt }
+      guard let fd = descriptors.take(index) else { throw input.corrupt() }
       held.append(fd)
     }
     let chunkEnd = try input.int()

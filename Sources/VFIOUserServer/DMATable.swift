@@ -308,7 +308,7 @@ struct DMATable {
       // Mappings no window took (a corrupt record) go again.
       for mapping in mappings where mapping.windows == 0 { mapping.release() }
     }
-    for _ in 0..<(try input.count(itemBytes: 30)) {
+    for _ in 0..<(try input.count(itemBytes: 27)) {
       let index = try input.descriptor(count: descriptors.count)
       let fileOffset = try input.u64()
       let length = try input.int()
@@ -320,7 +320,7 @@ struct DMATable {
       let mayShrink = try input.bool()
       guard let file = descriptors.take(index), length > 0,
         protection & ~(PROT_READ | PROT_WRITE) == 0
-      else { throw input.corrupt }
+      else { throw input.corrupt() }
       if mayShrink, cvfu_guard_install() != 0 {
         throw HandoverRefusal("cannot install the SIGBUS guard for a client file that may shrink")
       }
@@ -339,7 +339,7 @@ struct DMATable {
       mappings.append(mapping)
       if current, let key = mapping.key { files[key] = mapping }
     }
-    for _ in 0..<(try input.count(itemBytes: 42)) {
+    for _ in 0..<(try input.count(itemBytes: 38)) {
       var window = DMAWindow(
         address: try input.u64(), size: try input.u64(), readable: try input.bool(),
         writable: try input.bool(), fileOffset: try input.u64())
@@ -350,7 +350,7 @@ struct DMATable {
         guard Int(index) < mappings.count, offset >= 0,
           UInt64(offset) <= UInt64(mappings[Int(index)].length),
           window.size <= UInt64(mappings[Int(index)].length - offset)
-        else { throw input.corrupt }
+        else { throw input.corrupt() }
         let backing = mappings[Int(index)]
         window.mapping = backing.base + offset
         entry = Entry(window: window, backing: backing)
@@ -362,7 +362,7 @@ struct DMATable {
         map.insert(start: window.address, end: window.end, value: entry)
       else {
         release(entry)
-        throw input.corrupt
+        throw input.corrupt()
       }
     }
   }

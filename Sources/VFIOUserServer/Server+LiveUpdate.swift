@@ -218,7 +218,7 @@ extension VFIOUserServer {
     }
     var input = HandoverDecoder(bytes, what: "listeners")
     let index = try input.descriptor(count: descriptors.count)
-    guard let socket = descriptors.take(index) else { throw input.corrupt }
+    guard let socket = descriptors.take(index) else { throw input.corrupt() }
     let socketPath = try input.optional { input throws(HandoverRefusal) in try input.string() }
     let pausedAt = try input.i64()
     try input.finish()

@@ -157,7 +157,7 @@ enum TakeOver {
       }
       var control: (fd: Int32, path: String?)?
       if let controlSocket {
-        guard let socket = descriptors.take(controlSocket.0) else { throw process.corrupt }
+        guard let socket = descriptors.take(controlSocket.0) else { throw process.corrupt() }
         control = (socket.release().rawValue, controlSocket.1)
       }
       try options.takeOver(
