@@ -154,6 +154,19 @@ struct LiveUpdateTests {
             failure.withLock { $0 = "scratch read \(read) after writing \(i)" }
             return
           }
+          // A burst of posted writes (no replies) that may still be in flight
+          // when the update comes: the last one is what the next read sees.
+          for k in 0..<8 {
+            try client.write32(
+              region: VFIOPCIRegion.bar0, offset: Reg.scratch(gt: 0, index: 3), i &+ UInt32(k),
+              posted: true)
+          }
+          let posted = try client.read32(
+            region: VFIOPCIRegion.bar0, offset: Reg.scratch(gt: 0, index: 3))
+          guard posted == i &+ 7 else {
+            failure.withLock { $0 = "posted writes lost: read \(posted), last posted \(i &+ 7)" }
+            return
+          }
           counted.withLock { $0 += 1 }
         } catch {
           failure.withLock { $0 = "request \(i) failed: \(error)" }
@@ -225,9 +238,35 @@ struct LiveUpdateTests {
     try "#!/bin/sh\necho garbage >&3\nsleep 30\n".write(
       toFile: silent, atomically: true, encoding: .utf8)
     chmod(silent, 0o755)
+    // Successors that speak the handover but fail it, as a newer or broken
+    // binary would: another state version; a refusal of the state; a crash
+    // once the state (and its descriptors) arrived.
+    func fake(_ name: String, _ body: String) throws -> String {
+      let path = directory + "/" + name
+      // bash and coreutils only: the handover's frames by hand (protocol/live-update.md).
+      let script = """
+        #!/bin/bash
+        le() { local v=$1 n=$2 out=""; for ((i = 0; i < n; i++)); do out+=$(printf '\\\\x%02x' $(( (v >> (8 * i)) & 255 ))); done; printf "$out"; }
+        send() { { le $1 4; le 0 4; le ${#2} 8; printf '%s' "$2"; } >&3; }
+        hello() { { le 1 4; le 0 4; le 25 8; le $1 4; le $2 4; le $$ 4; le 5 8; printf 9.9.9; } >&3; }
+        receive() {
+          local length=$(dd bs=16 count=1 iflag=fullblock <&3 2>/dev/null | od -An -tu8 -j8 | tr -d ' ')
+          dd bs=$length count=1 iflag=fullblock <&3 >/dev/null 2>&1
+        }
+
+        """ + body
+      try script.write(toFile: path, atomically: true, encoding: .utf8)
+      chmod(path, 0o755)
+      return path
+    }
+    let newer = try fake("newer", "hello 2 2\nsleep 30\n")
+    let refusing = try fake(
+      "refusing", "hello 1 1\nreceive\nsend 4 'a check failed'\nsleep 30\n")
+    let dying = try fake("dying", "hello 1 1\nreceive\nexit 9\n")
     for (binary, why) in [
       (directory + "/missing", "cannot be run"), (crashing, "closed the handover socket"),
-      (silent, "did not take over"),
+      (silent, "did not take over"), (newer, "reads state versions 2–2, not 1"),
+      (refusing, "refused the state: a check failed"), (dying, "exited with status 9"),
     ] {
       do {
         _ = try LiveUpdateTests.liveUpdate(control, binary: binary)
@@ -239,6 +278,7 @@ struct LiveUpdateTests {
       #expect(
         try client.read32(region: VFIOPCIRegion.bar0, offset: Reg.scratch(gt: 0, index: 0))
           == 0xC0FFEE)
+      #expect(LiveUpdateTests.settles(pid, at: before), "\(binary): no descriptor leaked")
     }
     // Mid-migration: the open stream cannot be carried yet; the server carries on.
     try client.setMigrationState(.stop)
