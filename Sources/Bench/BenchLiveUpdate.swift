@@ -32,7 +32,7 @@ enum LiveUpdateBench {
 
   static func run(vram: UInt64, windows: Int, dataBytes: UInt64, name: String) throws -> Figures {
     let executable = currentExecutable()
-    let path = "/tmp/xe-vfio-user-lu-\(getpid()).sock"
+    let path = "/tmp/xe-vfio-user-lu-\(getpid())-\(windows)-\(vram >> 20).sock"
     let serve = try ChildProcess(
       executable,
       [
@@ -43,7 +43,8 @@ enum LiveUpdateBench {
     defer {
       kill(serving, SIGTERM)
       serve.wait()
-      unlink(path)
+      // The last successor is not this process's child: wait for its socket to go.
+      for _ in 0..<500 where access(path, F_OK) == 0 { usleep(10_000) }
     }
     var client: VFIOUserClient?
     for _ in 0..<500 where client == nil {
