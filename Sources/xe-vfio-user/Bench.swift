@@ -32,7 +32,7 @@ struct Bench: ParsableCommand {
 
   @Option(
     help:
-      "Comma-separated subset: read,write,inflight,large,dma,dmalog,rss,migration,save,checkpoint,counters (default all)."
+      "Comma-separated subset: read,write,inflight,large,dma,dmalog,rss,liveupdate,migration,save,checkpoint,counters (default all)."
   )
   var only: String?
 
