@@ -42,19 +42,25 @@ public struct OwnedFileDescriptor: ~Copyable {
 /// simulated VF takes the ones it signals, a kernel backend passes them to
 /// VFIO_DEVICE_SET_IRQS (which holds its own reference) and lets them go.
 ///
-/// Up to 16 are held inline, so receiving a message with a few descriptors
-/// (a DMA_MAP's file, a SET_IRQS's eventfds) allocates nothing.
+/// The first four are held inline, so receiving a message with a few
+/// descriptors (a DMA_MAP's file) allocates nothing; more go to memory this
+/// value allocates and frees itself. No stored property is reference-counted
+/// and the whole value is 32 bytes, so making, moving and dropping one (every
+/// message the server receives carries one, most of them empty, through the
+/// framer's step, the channel's result and the handler) is a few plain
+/// register moves: a larger inline array, or an Array for the rest, cost
+/// each message a memcpy or a release per move.
 public struct OwnedFileDescriptors: ~Copyable {
   /// How many came, taken ones included.
-  public private(set) var count = 0
+  private var held: Int32 = 0
+  /// Places at `overflow`.
+  private var overflowCapacity: Int32 = 0
   /// -1 where a descriptor was taken.
-  private var inline:
-    (
-      Int32, Int32, Int32, Int32, Int32, Int32, Int32, Int32,
-      Int32, Int32, Int32, Int32, Int32, Int32, Int32, Int32
-    ) = (-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1)
-  private var overflow: [Int32] = []
-  private static let inlineCount = 16
+  private var inline: (Int32, Int32, Int32, Int32) = (-1, -1, -1, -1)
+  /// Descriptors past the inline ones (-1 where taken); allocated for the
+  /// first of them, freed with the value.
+  private var overflow: UnsafeMutablePointer<Int32>? = nil
+  private static let inlineCount = 4
 
   /// None.
   public init() {}
@@ -64,12 +70,15 @@ public struct OwnedFileDescriptors: ~Copyable {
     for descriptor in descriptors { append(OwnedFileDescriptor(taking: descriptor)) }
   }
 
-  public var isEmpty: Bool { count == 0 }
+  /// How many came, taken ones included.
+  public var count: Int { Int(held) }
+
+  public var isEmpty: Bool { held == 0 }
 
   /// Adds `descriptor` at the end, with its ownership.
   public mutating func append(_ descriptor: consuming OwnedFileDescriptor) {
     store(descriptor.release().rawValue, at: count)
-    count += 1
+    held += 1
   }
 
   /// Descriptor `i`, lent for as long as this value holds it; nil once taken.
@@ -93,6 +102,24 @@ public struct OwnedFileDescriptors: ~Copyable {
     return all
   }
 
+  /// Keeps the descriptors of the first `limit` places, in order and without
+  /// the places taken before, and closes those after them: what a receiver
+  /// that accepts at most `limit` per message keeps, in place.
+  public mutating func keepFirst(_ limit: Int) {
+    var kept = 0
+    for i in 0..<count {
+      let raw = load(i)
+      guard raw >= 0 else { continue }
+      if i < limit {
+        if kept != i { store(raw, at: kept) }
+        kept += 1
+      } else {
+        _ = Glibc.close(raw)
+      }
+    }
+    held = Int32(kept)
+  }
+
   /// Hands every descriptor still here over, with the duty to close it.
   public consuming func release() -> [FileDescriptor] {
     var all: [FileDescriptor] = []
@@ -105,26 +132,36 @@ public struct OwnedFileDescriptors: ~Copyable {
     if i < Self.inlineCount {
       return withUnsafeBytes(of: inline) { $0.load(fromByteOffset: i * 4, as: Int32.self) }
     }
-    return overflow[i - Self.inlineCount]
+    return overflow![i - Self.inlineCount]
   }
 
+  /// Stores at a place up to `count` (one past the end appends).
   private mutating func store(_ raw: Int32, at i: Int) {
     if i < Self.inlineCount {
       withUnsafeMutableBytes(of: &inline) {
         $0.storeBytes(of: raw, toByteOffset: i * 4, as: Int32.self)
       }
-    } else if i - Self.inlineCount < overflow.count {
-      overflow[i - Self.inlineCount] = raw
-    } else {
-      overflow.append(raw)
+      return
     }
+    let place = i - Self.inlineCount
+    if place == Int(overflowCapacity) {
+      let capacity = max(16, Int(overflowCapacity) * 2)
+      let grown = UnsafeMutablePointer<Int32>.allocate(capacity: capacity)
+      if let overflow {
+        grown.initialize(from: overflow, count: Int(overflowCapacity))
+        overflow.deallocate()
+      }
+      overflow = grown
+      overflowCapacity = Int32(capacity)
+    }
+    overflow![place] = raw
   }
 
   deinit {
-    guard count > 0 else { return }
     for i in 0..<count {
       let raw = load(i)
       if raw >= 0 { _ = Glibc.close(raw) }
     }
+    overflow?.deallocate()
   }
 }

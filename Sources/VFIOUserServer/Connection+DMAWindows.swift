@@ -15,12 +15,14 @@ extension Connection {
     let request = try DMAMapRequest(decoding: payload)
     guard fds.count <= 1 else { throw .invalidArgument }
     let lent = fds.isEmpty ? nil : fds[0]
-    if let lent { try checkDMAFile(lent, for: request) }
+    // The file's status, from the one fstat a DMA_MAP makes.
+    var status: FileStatus? = nil
+    if let lent { status = try checkDMAFile(lent, for: request) }
     // Owned here until the device takes it.
     let file = lent != nil ? fds.take(0) : nil
     let entry: DMATable.Entry
     do throws(Errno) {
-      entry = try dma.prepare(request, file: lent)
+      entry = try dma.prepare(request, file: lent, status: status)
     } catch {
       if error == .outOfRange {
         logger.warning(
@@ -55,20 +57,27 @@ extension Connection {
   /// A DMA window's file must be memory the server can map: a regular file
   /// (EBADF for a socket, pipe, eventfd, directory or device) that reaches
   /// the window's end (EINVAL: touching a mapping past the end of its file
-  /// would kill the server with SIGBUS).
-  private func checkDMAFile(_ fd: FileDescriptor, for request: DMAMapRequest) throws(Errno) {
-    let kind = try DescriptorKind(of: fd)
-    guard case .regularFile(let size) = kind else {
+  /// would kill the server with SIGBUS). Returns the file's status, which
+  /// `DMATable.prepare` uses rather than asking again.
+  private func checkDMAFile(_ fd: FileDescriptor, for request: DMAMapRequest) throws(Errno)
+    -> FileStatus
+  {
+    let status = try FileStatus(of: fd)
+    guard status.isRegularFile else {
+      // What it is, for the log (a refusal: the second look costs nothing that matters).
+      let kind = (try? DescriptorKind(of: fd)).map { "\($0)" } ?? "unknown"
       logger.warning(
         "DMA_MAP with a descriptor that is not a memory file (\(kind)): EBADF")
       throw .badFileDescriptor
     }
+    let size = status.size
     guard request.offset <= UInt64(size), UInt64(size) - request.offset >= request.size else {
       logger.warning(
         "DMA_MAP of 0x\(String(request.size, radix: 16)) bytes at file offset 0x\(String(request.offset, radix: 16)) beyond the end of a file of 0x\(String(size, radix: 16)) bytes: EINVAL"
       )
       throw .invalidArgument
     }
+    return status
   }
 
   /// Removes the windows inside the range (the kernel's type1v2 rules, see

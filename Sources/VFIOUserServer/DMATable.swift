@@ -57,6 +57,28 @@ final class FileMapping {
   }
 }
 
+/// What a DMA window's mapping needs of its file's `fstat`: the caller that
+/// checked the file hands it on, so a DMA_MAP asks once (a `stat` is 144
+/// bytes, copied at every step it is passed; this is 40).
+struct FileStatus {
+  var isRegularFile: Bool
+  var device: UInt64
+  var inode: UInt64
+  var size: Int64
+  var blockSize: Int64
+
+  /// The status of `file` (one fstat).
+  init(of file: FileDescriptor) throws(Errno) {
+    var status = stat()
+    guard fstat(file.rawValue, &status) == 0 else { throw Errno(rawValue: errno) }
+    isRegularFile = status.st_mode & S_IFMT == S_IFREG
+    device = UInt64(status.st_dev)
+    inode = UInt64(status.st_ino)
+    size = Int64(status.st_size)
+    blockSize = Int64(status.st_blksize)
+  }
+}
+
 /// The client's DMA windows. Windows sent with an fd are reached through the
 /// server's mapping of that file (one per file and protection, shared); the
 /// fd itself goes to the device (which keeps it or lets it go, so 65535
@@ -98,9 +120,14 @@ struct DMATable {
   /// Checks a new window, in the order the kernel's type1 does: alignment
   /// (EINVAL), a free slot (ENOSPC), overlap (EEXIST), then the device's IOVA
   /// ranges (ERANGE); then maps the client's `file` (lent, not closed here),
-  /// or takes a mapping of it already made. The window is not in the table
-  /// yet: `insert` adds it, and `release` undoes this when it cannot.
-  mutating func prepare(_ request: DMAMapRequest, file: FileDescriptor?) throws(Errno) -> Entry {
+  /// or takes a mapping of it already made. `status` is the file's, when the
+  /// caller has just asked for it (nil: asked here). The window is not in the
+  /// table yet: `insert` adds it, and `release` undoes this when it cannot.
+  mutating func prepare(
+    _ request: DMAMapRequest, file: FileDescriptor?, status: FileStatus? = nil
+  )
+    throws(Errno) -> Entry
+  {
     let mask = pageSize - 1
     guard request.address & mask == 0, request.size & mask == 0 else { throw .invalidArgument }
     if file != nil { guard request.offset & mask == 0 else { throw .invalidArgument } }
@@ -120,7 +147,8 @@ struct DMATable {
       if entry.window.readable { protection |= PROT_READ }
       if entry.window.writable { protection |= PROT_WRITE }
       let backing = try mapping(
-        of: file, protection: protection, offset: request.offset, size: request.size)
+        of: file, status: status, protection: protection, offset: request.offset,
+        size: request.size)
       backing.windows += 1
       entry.backing = backing
       entry.window.mapping =
@@ -133,20 +161,22 @@ struct DMATable {
   /// the file's current one when it reaches that far, else a new one of the
   /// whole file (or up to the window's end, past the end of the file, which
   /// is what a mapping of the window alone would give too).
+  ///
+  /// Taking the current mapping costs no question about seals: they belong
+  /// to the file and can only be added, so its mapping's `mayShrink` (and
+  /// the SIGBUS guard installed for it) still holds. A vIOMMU client's
+  /// DMA_MAPs of guest RAM take this path: one fcntl each, no fstat here.
   private mutating func mapping(
-    of file: FileDescriptor, protection: Int32, offset: UInt64, size: UInt64
+    of file: FileDescriptor, status known: FileStatus?, protection: Int32, offset: UInt64,
+    size: UInt64
   ) throws(Errno) -> FileMapping {
     let (end, overflow) = offset.addingReportingOverflow(size)
     guard !overflow, end <= UInt64(Int64.max) else { throw .overflow }
-    var status = stat()
-    guard fstat(file.rawValue, &status) == 0 else { throw Errno(rawValue: errno) }
-    let mayShrink = !cvfu_file_cannot_shrink(file.rawValue)
-    if mayShrink {
-      let installed = cvfu_guard_install()
-      guard installed == 0 else { throw Errno(rawValue: -installed) }
-    }
-    guard status.st_mode & S_IFMT == S_IFREG else {
+    let status: FileStatus
+    if let known { status = known } else { status = try FileStatus(of: file) }
+    guard status.isRegularFile else {
       // A device or other special file: its own mapping, as mmap allows it.
+      let mayShrink = try Self.mayShrink(file)
       let base = try Self.map(file, protection, offset: offset, length: size)
       return try Self.keeping(file, unmapping: base, length: Int(size)) { kept in
         FileMapping(
@@ -161,13 +191,13 @@ struct DMATable {
     guard access == O_RDWR || (access == O_RDONLY && protection & PROT_WRITE == 0) else {
       throw .permissionDenied
     }
-    let key = FileMapping.Key(
-      device: UInt64(status.st_dev), inode: UInt64(status.st_ino), protection: protection)
+    let key = FileMapping.Key(device: status.device, inode: status.inode, protection: protection)
     if let current = files[key], end <= UInt64(current.length) { return current }
+    let mayShrink = try Self.mayShrink(file)
     // hugetlbfs maps (and unmaps) whole huge pages, its st_blksize.
-    let block = UInt64(max(status.st_blksize, 0))
+    let block = UInt64(max(status.blockSize, 0))
     let page = block.nonzeroBitCount == 1 ? max(Self.systemPage, block) : Self.systemPage
-    let fileSize = (UInt64(max(status.st_size, 0)) + page - 1) / page * page
+    let fileSize = (UInt64(max(status.size, 0)) + page - 1) / page * page
     let length = max(fileSize, end)
     let base = try Self.map(file, protection, offset: 0, length: length)
     let mapping = try Self.keeping(file, unmapping: base, length: Int(length)) { kept in
@@ -191,6 +221,16 @@ struct DMATable {
       throw error
     }
     return make(FileDescriptor(rawValue: kept))
+  }
+
+  /// Whether the client can cut `file` short under a mapping (no
+  /// F_SEAL_SHRINK); if so, the SIGBUS guard the copies through it need is
+  /// installed (once per process).
+  private static func mayShrink(_ file: FileDescriptor) throws(Errno) -> Bool {
+    guard !cvfu_file_cannot_shrink(file.rawValue) else { return false }
+    let installed = cvfu_guard_install()
+    guard installed == 0 else { throw Errno(rawValue: -installed) }
+    return true
   }
 
   private static func map(

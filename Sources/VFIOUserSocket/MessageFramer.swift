@@ -171,11 +171,8 @@ public struct MessageFramer: ~Copyable {
   /// offered (`count` may be 0 when the peer closed as it sent them).
   public mutating func received(_ count: Int, descriptors: consuming OwnedFileDescriptors) {
     if !descriptors.isEmpty {
-      var kept = OwnedFileDescriptors()
-      for i in 0..<min(descriptors.count, maxFDs) {
-        if let descriptor = descriptors.take(i) { kept.append(descriptor) }
-      }
-      fdBatch = kept  // the batch before, never claimed, closes; so do the surplus ones
+      descriptors.keepFirst(maxFDs)  // the surplus ones close
+      fdBatch = descriptors  // the batch before, never claimed, closes
       state.fdChunkEnd = state.streamBase + UInt64(state.end) + UInt64(count)
     }
     state.end += count

@@ -64,6 +64,31 @@ struct ShrunkDMAFileTests {
     }
   }
 
+  /// A second window of the same file takes the mapping the first one made
+  /// (the server asks its seals only when it maps): its copies are guarded
+  /// too, so a shrink behind it fails the transfer with EFAULT.
+  @Test func aWindowSharingTheMappingIsGuardedToo() throws {
+    try withServer(TestDevice()) { server, device in
+      let client = try server.connect()
+      let file = GuestFile(size: 0x1_0000)
+      try client.dmaMap(address: Self.base, size: 0x8000, flags: Self.rw, fd: file.fd)
+      try client.dmaMap(
+        address: Self.base + 0x10_0000, size: 0x8000, flags: Self.rw, fd: file.fd,
+        offset: 0x8000)
+      #expect(file.serverMappings.count == 1, "one mapping of the file serves both windows")
+      for i in 0..<64 { device.memory[i] = UInt8(0x20 + i) }
+      #expect(try deviceDMA(client, to: Self.base + 0x10_0000, length: 64) == .done)
+      #expect(file.bytes(at: 0x8000, count: 64) == Array(device.memory[0..<64]))
+      #expect(ftruncate(file.fd, 0x4000) == 0)
+      #expect(try deviceDMA(client, to: Self.base + 0x10_0000, length: 64) == .failed(EFAULT))
+      #expect(try deviceDMA(client, from: Self.base + 0x10_0000, length: 64) == .failed(EFAULT))
+      #expect(try deviceDMA(client, to: Self.base, length: 64) == .done)
+      try client.dmaUnmap(address: Self.base, size: 0x20_0000)
+      #expect(file.serverMappings.count == 0)
+      #expect(file.openDescriptors == 1)
+    }
+  }
+
   /// A memfd sealed against shrinking (as QEMU's memory-backend-memfd makes
   /// it) cannot be cut short: ftruncate fails with EPERM and DMA goes on.
   /// The server needs to do nothing for it.
