@@ -40,7 +40,9 @@ extension Connection {
     out.string(dmaLayout.rawValue)
     out.bool(writeMultipleNegotiated)
     out.bool(sparseMigration)
-    out.bool(awaitingEnable)
+    let tracking = stats.events.enableTracking
+    out.bool(tracking.awaiting)
+    out.bool(tracking.enabled)
     out.int(irqIndexesSet.count)
     for set in irqIndexesSet { out.bool(set) }
     out.int(irqVectorsWired.count)
@@ -103,7 +105,10 @@ extension Connection {
     if sparseMigration, migratable?.sparseStreamTransform == nil {
       throw HandoverRefusal("the client negotiated the sparse stream, which this device lacks")
     }
-    awaitingEnable = try input.bool()
+    let awaiting = try input.bool()
+    let enabled = try input.bool()
+    // Where the enable check stands: `run()` reads it back.
+    stats.events.restoreEnableTracking(enabled: enabled, awaiting: awaiting)
     guard try input.int() == irqIndexesSet.count else {
       throw HandoverRefusal("the device has a different number of interrupt indexes here")
     }

@@ -243,6 +243,18 @@ public final class ServerEvents: Sendable {
   /// The device waits to be enabled since a reset (read when a client arrives).
   var awaitingEnable: Bool { tracker.withLock { $0.awaitingEnable } }
 
+  /// Whether the client enabled the device since the last reset, and whether
+  /// it waits to be enabled again: a live update carries both.
+  var enableTracking: (enabled: Bool, awaiting: Bool) {
+    tracker.withLock { ($0.enabled, $0.awaitingEnable) }
+  }
+  func restoreEnableTracking(enabled: Bool, awaiting: Bool) {
+    tracker.withLock {
+      $0.enabled = enabled
+      $0.awaitingEnable = awaiting
+    }
+  }
+
   /// A client left the device disabled after a reset (`takeLeftDisabled` disarmed it).
   func noteLeftDisabled(seconds: Int) {
     post(.leftDisabled(seconds: seconds))

@@ -216,14 +216,9 @@ extension Serve {
       updater.controlServer.withLock { $0 = made }
       control = made
     }
-    do {
-      try takeSignals(Interruption.signals) { number in
-        logger.info("signal \(number): shutting down")
-        server.stop()
-      }
-    } catch {
-      throw HandoverRefusal("cannot take the signals: \(error)")
-    }
+    // No signal handling before the commit: a SIGTERM now ends this process
+    // by default, before it touched anything shared, and the old server
+    // carries on (a stop would shut down the listener the old one still uses).
     try link.send(.ready)
     let answer = try link.receive(timeoutMilliseconds: 30_000)
     guard answer.kind == .commit else {
@@ -235,6 +230,14 @@ extension Serve {
       logger.warning("the old server (pid \(previous)) has not exited 5 s after the commit")
     }
     link.close()
+    do {
+      try takeSignals(Interruption.signals) { number in
+        logger.info("signal \(number): shutting down")
+        server.stop()
+      }
+    } catch {
+      logger.error("cannot take SIGINT, SIGTERM and SIGHUP: \(error); they end the server abruptly")
+    }
     let record = ServedRecord(
       device: ServedRecord.simulatedName(pid: getpid()), pid: Int(getpid()),
       socket: fd.map { "fd \($0)" }
