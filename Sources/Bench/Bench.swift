@@ -362,15 +362,16 @@ extension BenchConfiguration {
     let base: UInt64 = 1 << 32
     for i in 0..<live {
       try client.dmaMap(
-        address: base + UInt64(i) * 8192, size: 4096, flags: 3, fd: fd, offset: UInt64(i) * 4096)
+        address: base + UInt64(i) * 8192, size: 4096, flags: [.read, .write], fd: fd,
+        offset: UInt64(i) * 4096)
     }
     let probe = base + UInt64(live) * 8192
     for _ in 0..<200 {
-      try client.dmaMap(address: probe, size: 4096, flags: 3, fd: fd, offset: 0)
+      try client.dmaMap(address: probe, size: 4096, flags: [.read, .write], fd: fd, offset: 0)
       try client.dmaUnmap(address: probe, size: 4096)
     }
     let rate = try DMABench.bestBurstRate(total: pairs) {
-      try client.dmaMap(address: probe, size: 4096, flags: 3, fd: fd, offset: 0)
+      try client.dmaMap(address: probe, size: 4096, flags: [.read, .write], fd: fd, offset: 0)
       try client.dmaUnmap(address: probe, size: 4096)
     }
     try client.dmaUnmapAll()
@@ -395,7 +396,7 @@ extension BenchConfiguration {
         // Scattered pages, or the consecutive ones of a huge page.
         let page = rangedUnmap ? i : (i * 37) % windows
         try client.dmaMap(
-          address: base + UInt64(i) * 4096, size: 4096, flags: 3, fd: fd,
+          address: base + UInt64(i) * 4096, size: 4096, flags: [.read, .write], fd: fd,
           offset: UInt64(page) * 4096)
       }
       if rangedUnmap {

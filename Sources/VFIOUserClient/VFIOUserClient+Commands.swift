@@ -73,7 +73,7 @@ extension VFIOUserClient {
       let part = Array(fds[offset..<min(offset + chunk, fds.count)])
       try setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger, index: index,
+          flags: [.dataEventfd, .actionTrigger], index: index,
           start: start + UInt32(offset), count: UInt32(part.count)), fds: part)
       offset += part.count
     }
@@ -144,7 +144,7 @@ extension VFIOUserClient {
 
   /// DMA_MAP, optionally with the fd that backs the window (sent with SCM_RIGHTS). No allocation.
   public func dmaMap(
-    address: UInt64, size: UInt64, flags: UInt32, fd: Int32? = nil, offset: UInt64 = 0
+    address: UInt64, size: UInt64, flags: VFIODMAMapFlags, fd: Int32? = nil, offset: UInt64 = 0
   )
     throws(VFIOUserClientError)
   {
@@ -185,7 +185,7 @@ extension VFIOUserClient {
       DMAUnmapPayload.self,
       request(
         .dmaUnmap,
-        payload: DMAUnmapPayload(flags: VFIODMAUnmapFlags.all, address: 0, size: 0).encoded()))
+        payload: DMAUnmapPayload(flags: .all, address: 0, size: 0).encoded()))
   }
 
   public func reset() throws(VFIOUserClientError) { try request(.deviceReset) }
@@ -386,7 +386,7 @@ extension VFIOUserClient {
     let buffer = UnsafeMutableRawBufferPointer(rebasing: requestScratch[0..<32])
     MessageHeader(
       messageID: id, command: .regionWrite, size: UInt32(32 + data.count),
-      flags: posted ? MessageHeader.noReplyFlag : 0
+      flags: posted ? .noReply : .command
     ).encode(into: buffer)
     RegionAccessHeader(offset: offset, region: region, count: UInt32(data.count)).encode(
       into: UnsafeMutableRawBufferPointer(rebasing: buffer[16...]))

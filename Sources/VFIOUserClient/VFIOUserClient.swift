@@ -164,7 +164,7 @@ public final class VFIOUserClient {
   {
     let id = allocateID()
     let bytes = encodeMessage(
-      id: id, command: command.rawValue, flags: noReply ? MessageHeader.noReplyFlag : 0,
+      id: id, command: command.rawValue, flags: noReply ? .noReply : .command,
       payload: payload)
     try sendRaw(bytes, fds: fds)
     if noReply {
@@ -222,7 +222,7 @@ public final class VFIOUserClient {
         try sendRaw(
           encodeMessage(
             id: h.messageID, command: h.command,
-            flags: MessageHeader.typeReply | MessageHeader.errorFlag, error: UInt32(e.rawValue),
+            flags: [.reply, .error], error: UInt32(e.rawValue),
             payload: []))
       }
     }
@@ -249,7 +249,7 @@ public final class VFIOUserClient {
       if h.wantsReply {
         try sendRaw(
           encodeMessage(
-            id: h.messageID, command: h.command, flags: MessageHeader.typeReply, payload: reply))
+            id: h.messageID, command: h.command, flags: .reply, payload: reply))
       }
     case .dmaWrite:
       guard message.payload.count == 16 + count else { return try fail(.invalidArgument) }
@@ -266,7 +266,7 @@ public final class VFIOUserClient {
         let payload: [UInt8] = dmaLayout == .qemu ? [] : Array(message.payload[0..<16])
         try sendRaw(
           encodeMessage(
-            id: h.messageID, command: h.command, flags: MessageHeader.typeReply, payload: payload))
+            id: h.messageID, command: h.command, flags: .reply, payload: payload))
       }
     default:
       try fail(.noFunction)

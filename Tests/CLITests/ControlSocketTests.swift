@@ -19,7 +19,7 @@ struct ControlSocketTests {
     let serve = try ServeProcess()
     defer { _ = serve.stop() }
     let client = try serve.connect()
-    try client.dmaMap(address: 1 << 30, size: 2 << 20, flags: 3)
+    try client.dmaMap(address: 1 << 30, size: 2 << 20, flags: [.read, .write])
     let text = try run(["info", "--socket-path", serve.socketPath])
     #expect(text.status == 0, "\(text.stderr)")
     #expect(text.stdout.contains("a client is attached"), "\(text.stdout)")

@@ -106,8 +106,9 @@ struct LifecycleStressTests {
       try client.sendRaw(message, fds: [material.memfd])
     case .dmaAndEventfdsLive:
       let client = try connect(serve)
-      try client.dmaMap(address: 1 << 30, size: 1 << 16, flags: 3, fd: material.memfd)
-      try client.dmaMap(address: 2 << 30, size: 1 << 16, flags: 3)
+      try client.dmaMap(
+        address: 1 << 30, size: 1 << 16, flags: [.read, .write], fd: material.memfd)
+      try client.dmaMap(address: 2 << 30, size: 1 << 16, flags: [.read, .write])
       let count = Int.random(in: 1...material.eventfds.count, using: &rng)
       try client.setIRQEventfds(
         index: VFIOPCIIRQ.msix, start: 0, fds: Array(material.eventfds.prefix(count)), chunk: count)

@@ -124,7 +124,7 @@ struct OperateTests {
     #expect(first.status == 0, "\(first.stderr)")
     let before = try Self.parse(first.stdout)
     for _ in 0..<250 { _ = try client.read32(region: VFIOPCIRegion.config, offset: 0) }
-    try client.dmaMap(address: 1 << 30, size: 1 << 20, flags: 3)
+    try client.dmaMap(address: 1 << 30, size: 1 << 20, flags: [.read, .write])
     let after = try Self.parse(try cli("metrics").stdout)
     let name = "simulated-\(server.process.processIdentifier)"
     let reads = "xe_vfio_user_messages_total{server=\"\(name)\",command=\"REGION_READ\"}"

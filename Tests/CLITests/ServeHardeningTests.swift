@@ -180,7 +180,7 @@ struct ServeHardeningTests {
     let memfd = cvfu_memfd_create("xvu-signal", 1)
     defer { close(memfd) }
     ftruncate(memfd, 1 << 20)
-    try client.dmaMap(address: 1 << 30, size: 1 << 20, flags: 3, fd: memfd)
+    try client.dmaMap(address: 1 << 30, size: 1 << 20, flags: [.read, .write], fd: memfd)
     let eventfds = (0..<4).map { _ in cvfu_eventfd(0, O_CLOEXEC) }
     defer { eventfds.forEach { close($0) } }
     try client.setIRQEventfds(index: VFIOPCIIRQ.msix, start: 0, fds: eventfds, chunk: 4)

@@ -156,13 +156,13 @@ struct ServeProcessTests {
       let client = try serve.connect()
       let memfd = cvfu_memfd_create("guest", 0)
       ftruncate(memfd, 1 << 20)
-      try client.dmaMap(address: 1 << 30, size: 1 << 20, flags: 3, fd: memfd)
-      try client.dmaMap(address: 2 << 30, size: 1 << 20, flags: 3)
+      try client.dmaMap(address: 1 << 30, size: 1 << 20, flags: [.read, .write], fd: memfd)
+      try client.dmaMap(address: 2 << 30, size: 1 << 20, flags: [.read, .write])
       let eventfds = (0..<16).map { _ in cvfu_eventfd(0, 0) }
       try client.setIRQEventfds(index: VFIOPCIIRQ.msix, start: 0, fds: eventfds, chunk: 8)
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger, index: 3, start: 0,
+          flags: [.dataEventfd, .actionTrigger], index: 3, start: 0,
           count: 1),
         fds: [eventfds[0]])
       let (_, regionFD) = try client.regionInfo(2)

@@ -196,7 +196,7 @@ struct ControlCommandTests {
     let memfd = cvfu_memfd_create("guest", 0)
     defer { close(memfd) }
     ftruncate(memfd, 1 << 20)
-    try client.dmaMap(address: 1 << 30, size: 1 << 20, flags: 3, fd: memfd)
+    try client.dmaMap(address: 1 << 30, size: 1 << 20, flags: [.read, .write], fd: memfd)
     let eventfd = cvfu_eventfd(0, 0)
     defer { close(eventfd) }
     try client.setIRQEventfds(index: VFIOPCIIRQ.msix, start: 2, fds: [eventfd], chunk: 1)

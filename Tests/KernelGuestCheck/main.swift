@@ -119,8 +119,7 @@ if mapOnly {
   let (fd, _) = sharedBuffer(2 << 20)
   let result = outcome { () throws(VFIOUserClientError) in
     try client.dmaMap(
-      address: 0x1_0000_0000, size: 2 << 20, flags: VFIODMAMapFlags.read | VFIODMAMapFlags.write,
-      fd: fd)
+      address: 0x1_0000_0000, size: 2 << 20, flags: [.read, .write], fd: fd)
   }
   say("\(arguments[3]) \(result)")
   exit(0)
@@ -134,7 +133,7 @@ if mttyMode {
   exit(0)
 }
 let info = must("DEVICE_GET_INFO") { () throws(VFIOUserClientError) in try client.deviceInfo() }
-say("device-info flags \(hex(info.flags)) regions \(info.numRegions) irqs \(info.numIRQs)")
+say("device-info flags \(hex(info.flags.rawValue)) regions \(info.numRegions) irqs \(info.numIRQs)")
 
 // 1. Config space through the server, against the guest kernel's own view.
 let configInfo = must("config region") { () throws(VFIOUserClientError) in
@@ -201,8 +200,8 @@ say("bar0-scratch \(hex(scratch))")
 let (bar2Info, bar2FD) = must("BAR2 region") { () throws(VFIOUserClientError) in
   try client.regionInfo(VFIOPCIRegion.bar2)
 }
-guard let bar2FD, bar2Info.flags & VFIORegionFlags.mmap != 0 else {
-  fail("BAR2 is not mappable (flags \(hex(bar2Info.flags)))")
+guard let bar2FD, bar2Info.flags.contains(.mmap) else {
+  fail("BAR2 is not mappable (flags \(hex(bar2Info.flags.rawValue)))")
 }
 var linkTarget = [UInt8](repeating: 0, count: 256)
 let linkLength = linkTarget.withUnsafeMutableBytes {
@@ -229,7 +228,7 @@ say(
 // 4. DMA windows the server must refuse.
 let size = 2 << 20
 let (memfd, buffer) = sharedBuffer(size)
-let rw = VFIODMAMapFlags.read | VFIODMAMapFlags.write
+let rw: VFIODMAMapFlags = [.read, .write]
 say(
   "dma-map-nofd \(outcome { () throws(VFIOUserClientError) in try client.dmaMap(address: 0x2_0000_0000, size: 4096, flags: rw) })"
 )

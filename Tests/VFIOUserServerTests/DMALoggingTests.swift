@@ -17,7 +17,7 @@ struct DMALoggingTests {
   static let guestSize = 1 << 20
   /// A window the client serves with DMA_READ / DMA_WRITE messages (no fd).
   static let messageBase: UInt64 = 0x2000_0000
-  static let rw = VFIODMAMapFlags.read | VFIODMAMapFlags.write
+  static let rw: VFIODMAMapFlags = [.read, .write]
   static let page: UInt64 = 4096
 
   /// A connected client with bus mastering on and the guest RAM mapped with its memfd.

@@ -11,7 +11,7 @@ import VFIOUserServer
 /// last window of it.
 @Suite("DMA map cache")
 struct DMAMapCacheTests {
-  static let rw = VFIODMAMapFlags.read | VFIODMAMapFlags.write
+  static let rw: VFIODMAMapFlags = [.read, .write]
   static let base: UInt64 = 0x1_0000_0000
 
   /// The server's mappings of `file`, by permissions ("rw-s", "r--s").
@@ -53,7 +53,7 @@ struct DMAMapCacheTests {
       let file = GuestFile(size: 1 << 20)
       try client.dmaMap(address: Self.base, size: 0x1_0000, flags: Self.rw, fd: file.fd)
       try client.dmaMap(
-        address: Self.base + 0x1_0000, size: 0x1_0000, flags: VFIODMAMapFlags.read, fd: file.fd,
+        address: Self.base + 0x1_0000, size: 0x1_0000, flags: .read, fd: file.fd,
         offset: 0x1_0000)
       #expect(mappings(file) == ["r--s", "rw-s"])
       #expect(try deviceDMA(client, to: Self.base + 0x1_0000, length: 16) == .failed(EPERM))
@@ -66,7 +66,7 @@ struct DMAMapCacheTests {
         try client.dmaMap(address: Self.base + 0x8_0000, size: 0x1000, flags: Self.rw, fd: readOnly)
       }
       try client.dmaMap(
-        address: Self.base + 0x8_0000, size: 0x1000, flags: VFIODMAMapFlags.read, fd: readOnly)
+        address: Self.base + 0x8_0000, size: 0x1000, flags: .read, fd: readOnly)
       #expect(mappings(file) == ["r--s", "rw-s"], "the read-only mapping serves it")
       #expect(server.server.statistics.snapshot.dmaRegions == 3)
     }

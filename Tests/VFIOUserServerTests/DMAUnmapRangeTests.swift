@@ -50,7 +50,7 @@ final class GuestFile {
 /// "DMA_UNMAP ranges"), as a client behind a vIOMMU sends it.
 @Suite("DMA_UNMAP ranges")
 struct DMAUnmapRangeTests {
-  static let rw = VFIODMAMapFlags.read | VFIODMAMapFlags.write
+  static let rw: VFIODMAMapFlags = [.read, .write]
   static let base: UInt64 = 0x1_0000_0000
 
   /// Three windows inside the 1 MiB block at `base` (4, 8 and 8 KiB, with a

@@ -27,7 +27,7 @@ extension GuestFile {
 /// client's files, set the DMA limits, refuse a SET_IRQS, own the migration state.
 @Suite("The device's part: DMA, interrupts, migration state")
 struct DeviceInterfaceTests {
-  static let rw = VFIODMAMapFlags.read | VFIODMAMapFlags.write
+  static let rw: VFIODMAMapFlags = [.read, .write]
   static let base: UInt64 = 0x1_0000_0000
   static var keep: ServerLimits {
     var limits = ServerLimits()
@@ -173,7 +173,7 @@ struct DeviceInterfaceTests {
   /// rules, changes nothing: wired vectors stay wired, a masked one keeps its
   /// latch, and the eventfds the refused request brought are closed.
   @Test func aRefusedSetIRQsLeavesTheInterruptsAsTheyWere() throws {
-    let trigger = VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger
+    let trigger: VFIOIRQSetFlags = [.dataEventfd, .actionTrigger]
     let device = TestDevice()
     try withServer(device) { server, _ in
       let client = try server.connect()
@@ -182,7 +182,7 @@ struct DeviceInterfaceTests {
       try client.setIRQs(IRQSetPayload(flags: trigger, index: 2, start: 0, count: 2), fds: fds)
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionMask, index: 2, start: 1,
+          flags: [.dataNone, .actionMask], index: 2, start: 1,
           count: 1))
       try client.write32(region: 0, offset: 4, 2 << 16 | 1)  // raised while masked: latched
       let before = device.lastIRQConfiguration[2]
@@ -207,7 +207,7 @@ struct DeviceInterfaceTests {
       expectServerError(.invalidArgument) {  // only INTx's unmask takes an eventfd
         try client.setIRQs(
           IRQSetPayload(
-            flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionUnmask, index: 2, start: 1,
+            flags: [.dataEventfd, .actionUnmask], index: 2, start: 1,
             count: 1),
           fds: [unmaskProbe.fds[0]])
       }
@@ -219,7 +219,7 @@ struct DeviceInterfaceTests {
       #expect(eventCount(fds[0]) == 1)
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionUnmask, index: 2, start: 1,
+          flags: [.dataNone, .actionUnmask], index: 2, start: 1,
           count: 1))
       #expect(eventCount(fds[1]) == 1)
     }
@@ -228,8 +228,8 @@ struct DeviceInterfaceTests {
   /// When the client leaves, only the indexes it set up and did not disable
   /// itself are disabled: a kernel refuses to disable one that is not enabled.
   @Test func aHangUpDisablesTheIndexesTheClientSetUp() throws {
-    let trigger = VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger
-    let disable = VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionTrigger
+    let trigger: VFIOIRQSetFlags = [.dataEventfd, .actionTrigger]
+    let disable: VFIOIRQSetFlags = [.dataNone, .actionTrigger]
     let device = TestDevice()
     try withServer(device) { server, _ in
       do {

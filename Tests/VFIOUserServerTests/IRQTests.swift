@@ -9,7 +9,7 @@ import VFIOUserServer
 
 @Suite("SET_IRQS semantics")
 struct IRQTests {
-  let trigger = VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger
+  let trigger: VFIOIRQSetFlags = [.dataEventfd, .actionTrigger]
 
   /// Asks the device to raise (index, vector), then reads a register so the write has been handled.
   func fire(_ client: VFIOUserClient, index: UInt32, vector: UInt32) throws {
@@ -35,17 +35,17 @@ struct IRQTests {
       // Loopback trigger from the client: DATA_NONE and DATA_BOOL.
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionTrigger, index: 2, start: 0,
+          flags: [.dataNone, .actionTrigger], index: 2, start: 0,
           count: 2))
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataBool | VFIOIRQSetFlags.actionTrigger, index: 2, start: 4,
+          flags: [.dataBool, .actionTrigger], index: 2, start: 4,
           count: 3, bools: [1, 0, 1]))
       #expect(fds.map(eventCount) == [1, 1, 0, 0, 1, 0, 1, 0])
       // count 0 + DATA_NONE tears the index down.
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionTrigger, index: 2, start: 0,
+          flags: [.dataNone, .actionTrigger], index: 2, start: 0,
           count: 0))
       #expect(server.server.statistics.snapshot.irqFDs == 0)
       try fire(client, index: VFIOPCIIRQ.msix, vector: 0)
@@ -61,13 +61,13 @@ struct IRQTests {
       try client.setIRQs(IRQSetPayload(flags: trigger, index: 2, start: 5, count: 1), fds: [fd])
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionMask, index: 2, start: 5, count: 1
+          flags: [.dataNone, .actionMask], index: 2, start: 5, count: 1
         ))
       try fire(client, index: 2, vector: 5)
       #expect(eventCount(fd) == 0)
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataBool | VFIOIRQSetFlags.actionUnmask, index: 2, start: 5,
+          flags: [.dataBool, .actionUnmask], index: 2, start: 5,
           count: 1, bools: [1]))
       #expect(eventCount(fd) == 1)  // the pending interrupt is delivered on unmask
     }
@@ -84,7 +84,7 @@ struct IRQTests {
       #expect(eventCount(fd) == 1)  // masked by the first
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionUnmask, index: 0, start: 0,
+          flags: [.dataNone, .actionUnmask], index: 0, start: 0,
           count: 1))
       #expect(eventCount(fd) == 1)  // the latched one
       // The resample (unmask) eventfd: signalled by the "guest", it unmasks before the next interrupt.
@@ -92,7 +92,7 @@ struct IRQTests {
       defer { close(resample) }
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionUnmask, index: 0, start: 0,
+          flags: [.dataEventfd, .actionUnmask], index: 0, start: 0,
           count: 1),
         fds: [resample])
       #expect(server.server.statistics.snapshot.irqFDs == 2)
@@ -107,10 +107,10 @@ struct IRQTests {
       let client = try server.connect()
       let fd = makeEventFD()
       defer { close(fd) }
-      let none = VFIOIRQSetFlags.dataNone
       // Index out of range, vectors out of range.
       expectServerError(.invalidArgument) {
-        try client.setIRQs(IRQSetPayload(flags: none | 32, index: 5, start: 0, count: 1))
+        try client.setIRQs(
+          IRQSetPayload(flags: [.dataNone, .actionTrigger], index: 5, start: 0, count: 1))
       }
       expectServerError(.invalidArgument) {
         try client.setIRQs(
@@ -123,25 +123,26 @@ struct IRQTests {
       // MSI (not maskable) refuses MASK; ERR refuses MASK.
       expectServerError(.invalidArgument) {
         try client.setIRQs(
-          IRQSetPayload(flags: none | VFIOIRQSetFlags.actionMask, index: 1, start: 0, count: 1))
+          IRQSetPayload(flags: [.dataNone, .actionMask], index: 1, start: 0, count: 1))
       }
       expectServerError(.invalidArgument) {
         try client.setIRQs(
-          IRQSetPayload(flags: none | VFIOIRQSetFlags.actionMask, index: 3, start: 0, count: 1))
+          IRQSetPayload(flags: [.dataNone, .actionMask], index: 3, start: 0, count: 1))
       }
       // MASK with an eventfd; two data types; no action (codec); count 0 with eventfd.
       expectServerError(.invalidArgument) {
         try client.setIRQs(
           IRQSetPayload(
-            flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionMask, index: 0, start: 0,
+            flags: [.dataEventfd, .actionMask], index: 0, start: 0,
             count: 1), fds: [fd])
       }
       expectServerError(.invalidArgument) {
         try client.setIRQs(
-          IRQSetPayload(flags: none | VFIOIRQSetFlags.dataBool | 32, index: 2, start: 0, count: 1))
+          IRQSetPayload(
+            flags: [.dataNone, .dataBool, .actionTrigger], index: 2, start: 0, count: 1))
       }
       expectServerError(.invalidArgument) {
-        try client.setIRQs(IRQSetPayload(flags: none, index: 2, start: 0, count: 1))
+        try client.setIRQs(IRQSetPayload(flags: .dataNone, index: 2, start: 0, count: 1))
       }
       expectServerError(.invalidArgument) {
         try client.setIRQs(IRQSetPayload(flags: trigger, index: 2, start: 0, count: 0))
@@ -151,7 +152,7 @@ struct IRQTests {
         try client.request(
           .deviceSetIRQs,
           payload: IRQSetPayload(
-            flags: VFIOIRQSetFlags.dataBool | 32, index: 2, start: 0, count: 3, bools: [1, 1, 1]
+            flags: [.dataBool, .actionTrigger], index: 2, start: 0, count: 3, bools: [1, 1, 1]
           ).encoded().dropLast(1).map { $0 })
       }
       #expect(server.server.statistics.snapshot.irqFDs == 0)

@@ -467,7 +467,8 @@ struct MalformedCorpusSocketTests {
       "\(name): reply is id \(h.messageID) command \(h.command), expected id \(request.messageID) command \(request.command)",
       sourceLocation: sourceLocation)
     #expect(
-      h.isReply && !h.isError, "\(name): expected success, got flags \(h.flags) error \(h.error)",
+      h.isReply && !h.isError,
+      "\(name): expected success, got flags \(h.flags.rawValue) error \(h.error)",
       sourceLocation: sourceLocation)
   }
 
@@ -481,7 +482,8 @@ struct MalformedCorpusSocketTests {
       h.messageID == request.messageID && h.command == request.command,
       "\(name): reply is id \(h.messageID) command \(h.command), expected id \(request.messageID) command \(request.command)",
       sourceLocation: sourceLocation)
-    #expect(h.isReply, "\(name): not a reply (flags \(h.flags))", sourceLocation: sourceLocation)
+    #expect(
+      h.isReply, "\(name): not a reply (flags \(h.flags.rawValue))", sourceLocation: sourceLocation)
     #expect(
       h.isError && h.error == UInt32(bitPattern: errno.rawValue),
       "\(name): expected \(errno.name), got \(got)",
@@ -506,7 +508,7 @@ struct MalformedCorpusSocketTests {
         }
         for fd in message.fds { _ = close(fd) }
         Issue.record(
-          "\(what): got message id \(message.header.messageID) flags \(message.header.flags) error \(message.header.error)",
+          "\(what): got message id \(message.header.messageID) flags \(message.header.flags.rawValue) error \(message.header.error)",
           sourceLocation: sourceLocation)
       } catch .disconnected {
         return
@@ -524,7 +526,7 @@ struct MalformedCorpusSocketTests {
     if let message = try client.receiveMessage(timeoutMilliseconds: SocketCorpus.silenceTimeout) {
       for fd in message.fds { _ = close(fd) }
       Issue.record(
-        "\(name): expected no reply, got id \(message.header.messageID) command \(message.header.command) flags \(message.header.flags) error \(message.header.error)",
+        "\(name): expected no reply, got id \(message.header.messageID) command \(message.header.command) flags \(message.header.flags.rawValue) error \(message.header.error)",
         sourceLocation: sourceLocation)
     }
   }

@@ -42,12 +42,12 @@ struct MisbehavingClientTests {
       let memfd = cvfu_memfd_create("xvu-misbehaving", 1)
       defer { close(memfd) }
       ftruncate(memfd, 1 << 16)
-      try client.dmaMap(address: 1 << 30, size: 1 << 16, flags: 3, fd: memfd)
+      try client.dmaMap(address: 1 << 30, size: 1 << 16, flags: [.read, .write], fd: memfd)
       let eventfd = cvfu_eventfd(0, O_CLOEXEC)
       defer { close(eventfd) }
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger, index: 2, start: 0,
+          flags: [.dataEventfd, .actionTrigger], index: 2, start: 0,
           count: 1), fds: [eventfd])
       // A DEVICE_GET_INFO (32 bytes) cut short: the rest never comes.
       var message = [UInt8](repeating: 0, count: 32)

@@ -13,7 +13,7 @@ struct RegionTests {
       let client = try server.connect()
       let info = try client.deviceInfo()
       #expect(info.argsz == 16)
-      #expect(info.flags == VFIODeviceFlags.pci | VFIODeviceFlags.reset)
+      #expect(info.flags == [.pci, .reset])
       #expect(info.numRegions == 9 && info.numIRQs == 5)
       expectServerError(.invalidArgument) { _ = try client.deviceInfo(argsz: 8) }
     }
@@ -28,13 +28,12 @@ struct RegionTests {
       let shortInfo = try RegionInfoPayload(decoding: short.payload)
       #expect(short.payload.count == 32 && short.fds.isEmpty)
       #expect(shortInfo.argsz == 32 + 16 + 32)
-      #expect(shortInfo.flags & VFIORegionFlags.caps != 0 && shortInfo.capOffset == 32)
+      #expect(shortInfo.flags.contains(.caps) && shortInfo.capOffset == 32)
 
       let (info, fd) = try client.regionInfo(2)
       #expect(info.size == UInt64(TestDevice.bar2Size))
       #expect(
-        info.flags == VFIORegionFlags.read | VFIORegionFlags.write | VFIORegionFlags.mmap
-          | VFIORegionFlags.caps)
+        info.flags == [.read, .write, .mmap, .caps])
       #expect(
         info.capabilities == [
           .sparseMmap([
@@ -60,7 +59,7 @@ struct RegionTests {
       let client = try server.connect(capabilities: Capabilities(maxMsgFDs: 0))
       let (info, fd) = try client.regionInfo(2)
       #expect(fd == nil)
-      #expect(info.flags == VFIORegionFlags.read | VFIORegionFlags.write)
+      #expect(info.flags == [.read, .write])
       #expect(info.capabilities.isEmpty && info.size == UInt64(TestDevice.bar2Size))
       try client.write(region: 2, offset: 0x20, data: le32(0x1234_5678))
       #expect(try client.read(region: 2, offset: 0x20, count: 4) == le32(0x1234_5678))
@@ -96,12 +95,12 @@ struct RegionTests {
       let (bar0, fd0) = try client.regionInfo(0)
       #expect(
         fd0 == nil && bar0.size == 4096
-          && bar0.flags == VFIORegionFlags.read | VFIORegionFlags.write)
+          && bar0.flags == [.read, .write])
       #expect(bar0.capabilities.isEmpty && bar0.argsz == 32)
       let (rom, _) = try client.regionInfo(6)
       #expect(rom.flags == VFIORegionFlags.read)
       let (vga, _) = try client.regionInfo(8)
-      #expect(vga.size == 0 && vga.flags == 0)
+      #expect(vga.size == 0 && vga.flags.isEmpty)
       expectServerError(.invalidArgument) { _ = try client.regionInfo(9) }
       expectServerError(.invalidArgument) {
         try client.request(
@@ -130,7 +129,7 @@ struct RegionTests {
     try withServer(TestDevice()) { server, _ in
       let client = try server.connect()
       let intx = try client.irqInfo(VFIOPCIIRQ.intx)
-      #expect(intx.count == 1 && intx.flags & VFIOIRQInfoFlags.automasked != 0)
+      #expect(intx.count == 1 && intx.flags.contains(.automasked))
       #expect(try client.irqInfo(VFIOPCIIRQ.msix).count == 8)
       expectServerError(.invalidArgument) { _ = try client.irqInfo(5) }
     }

@@ -25,7 +25,7 @@ func deviceDMA(_ client: VFIOUserClient, from address: UInt64, length: UInt32) t
 /// the server keeps serving, and the window stays until the client unmaps it.
 @Suite("DMA through a file the client shrank")
 struct ShrunkDMAFileTests {
-  static let rw = VFIODMAMapFlags.read | VFIODMAMapFlags.write
+  static let rw: VFIODMAMapFlags = [.read, .write]
   static let base: UInt64 = 0x1_0000_0000
 
   /// The server's DMA writes and reads (the test device's `dmaWrite` /

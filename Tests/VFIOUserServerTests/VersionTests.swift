@@ -170,7 +170,8 @@ struct FramingTests {
     try withServer(TestDevice()) { server, _ in
       let client = try server.connect()
       try client.sendRaw(
-        encodeMessage(id: 5, command: 4, flags: 0x3, payload: DeviceInfoPayload().encoded()))
+        encodeMessage(
+          id: 5, command: 4, flags: .init(rawValue: 0x3), payload: DeviceInfoPayload().encoded()))
       // Type 3 is neither command nor reply; the size still frames it, so the stream survives.
       let reply = try #require(try client.receiveMessage())
       #expect(
