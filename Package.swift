@@ -218,7 +218,10 @@ let package = Package(
     // in release and copied into the initramfs; see KernelGuestTests).
     .executableTarget(
       name: "xe-vfu-guest-check",
-      dependencies: ["VFIOUser", "VFIOUserClient", "CVFIOUser"],
+      dependencies: [
+        "VFIOUser", "VFIOUserClient", "CVFIOUser",
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
       path: "Tests/KernelGuestCheck", swiftSettings: strict),
     .testTarget(
       name: "KernelVFIOTests",
@@ -243,6 +246,7 @@ let package = Package(
       dependencies: [
         "Control", "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF",
         "CVFIOUser", .product(name: "Logging", package: "swift-log"),
+        .product(name: "SystemPackage", package: "swift-system"),
       ],
       swiftSettings: strict),
     .testTarget(
@@ -274,6 +278,7 @@ let package = Package(
       name: "CLITests",
       dependencies: [
         "VFIOUser", "VFIODevice", "VFIOUserClient", "CVFIOUser", "XeVF", "Control", "Checkpoint",
+        .product(name: "SystemPackage", package: "swift-system"),
       ],
       exclude: ["Scripts"], swiftSettings: strict),
     // libFuzzer targets (scripts/fuzz.sh builds them with -sanitize=fuzzer,address

@@ -69,8 +69,7 @@ struct Info: ParsableCommand {
     let device = try client.deviceInfo()
     var regions: [DeviceReport.Region] = []
     for index in 0..<device.numRegions {
-      let (info, fd) = try client.regionInfo(index)
-      if let fd { close(fd) }
+      let info = try client.regionInfo(index).info  // its descriptor closes with the reply
       var areas: [DeviceReport.Region.Area] = []
       var type: DeviceReport.Region.RegionType?
       var msixMappable = false

@@ -1,5 +1,6 @@
 import CVFIOUser
 import Foundation
+import SystemPackage
 import Testing
 import VFIOUser
 import VFIOUserClient
@@ -180,10 +181,12 @@ struct ServeHardeningTests {
     let memfd = cvfu_memfd_create("xvu-signal", 1)
     defer { close(memfd) }
     ftruncate(memfd, 1 << 20)
-    try client.dmaMap(address: 1 << 30, size: 1 << 20, flags: [.read, .write], fd: memfd)
+    try client.dmaMap(
+      address: 1 << 30, size: 1 << 20, flags: [.read, .write], fd: FileDescriptor(rawValue: memfd))
     let eventfds = (0..<4).map { _ in cvfu_eventfd(0, O_CLOEXEC) }
     defer { eventfds.forEach { close($0) } }
-    try client.setIRQEventfds(index: VFIOPCIIRQ.msix, start: 0, fds: eventfds, chunk: 4)
+    try client.setIRQEventfds(
+      index: VFIOPCIIRQ.msix, start: 0, fds: eventfds.map(FileDescriptor.init(rawValue:)), chunk: 4)
     expectCleanStop(
       serve, client, signal: signal,
       logs: ["client disconnected (shutdown); DMA and eventfds released, device reset"])

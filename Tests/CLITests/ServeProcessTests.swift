@@ -1,5 +1,6 @@
 import CVFIOUser
 import Foundation
+import SystemPackage
 import Testing
 import VFIOUser
 import VFIOUserClient
@@ -156,18 +157,22 @@ struct ServeProcessTests {
       let client = try serve.connect()
       let memfd = cvfu_memfd_create("guest", 0)
       ftruncate(memfd, 1 << 20)
-      try client.dmaMap(address: 1 << 30, size: 1 << 20, flags: [.read, .write], fd: memfd)
+      try client.dmaMap(
+        address: 1 << 30, size: 1 << 20, flags: [.read, .write], fd: FileDescriptor(rawValue: memfd)
+      )
       try client.dmaMap(address: 2 << 30, size: 1 << 20, flags: [.read, .write])
       let eventfds = (0..<16).map { _ in cvfu_eventfd(0, 0) }
-      try client.setIRQEventfds(index: VFIOPCIIRQ.msix, start: 0, fds: eventfds, chunk: 8)
+      try client.setIRQEventfds(
+        index: VFIOPCIIRQ.msix, start: 0, fds: eventfds.map(FileDescriptor.init(rawValue:)),
+        chunk: 8)
       try client.setIRQs(
         IRQSetPayload(
           flags: [.dataEventfd, .actionTrigger], index: 3, start: 0,
           count: 1),
-        fds: [eventfds[0]])
-      let (_, regionFD) = try client.regionInfo(2)
-      #expect(regionFD != nil)
-      if let regionFD { close(regionFD) }
+        fds: [FileDescriptor(rawValue: eventfds[0])])
+      var region = try client.regionInfo(2)
+      #expect(region.descriptor != nil)
+      region.fd.take()?.close()
       #expect(serve.openFDs > idle, "round \(round): the server holds the client's eventfds")
       close(memfd)
       eventfds.forEach { close($0) }

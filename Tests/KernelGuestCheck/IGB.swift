@@ -5,6 +5,7 @@
 //
 // The register offsets are the 82576 VF's (Linux drivers/net/ethernet/intel/igbvf/regs.h).
 import CVFIOUser
+import SystemPackage
 import VFIOUser
 import VFIOUserClient
 
@@ -176,7 +177,8 @@ func waitEventfd(_ fd: Int32, milliseconds: Int) -> Int64 {
   let fds = (0..<Int(msixInfo.count)).map { _ in cvfu_eventfd(0, O_NONBLOCK | O_CLOEXEC) }
   guard !fds.isEmpty, fds.allSatisfy({ $0 >= 0 }) else { fail("eventfds") }
   must("SET_IRQS MSI-X") { () throws(VFIOUserClientError) in
-    try client.setIRQEventfds(index: VFIOPCIIRQ.msix, start: 0, fds: fds, chunk: 16)
+    try client.setIRQEventfds(
+      index: VFIOPCIIRQ.msix, start: 0, fds: fds.map(FileDescriptor.init(rawValue:)), chunk: 16)
   }
   say("msix-eventfd set \(fds.count)")
   let enabled = le16(

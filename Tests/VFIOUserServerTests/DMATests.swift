@@ -10,6 +10,8 @@ import VFIOUserServer
 /// Guest memory backed by a memfd, mapped in the test too.
 final class GuestMemory {
   let fd: Int32
+  /// `fd`, lent for as long as this lives (DMA_MAP sends it).
+  var descriptor: FileDescriptor { FileDescriptor(rawValue: fd) }
   let bytes: UnsafeMutableRawBufferPointer
   init(size: Int) {
     fd = cvfu_memfd_create("guest", 0)
@@ -32,7 +34,8 @@ struct DMATests {
       let client = try server.connect()
       let guest = GuestMemory(size: 1 << 20)
       let rw: VFIODMAMapFlags = [.read, .write]
-      try client.dmaMap(address: 0x10_0000, size: 0x1_0000, flags: rw, fd: guest.fd, offset: 0)
+      try client.dmaMap(
+        address: 0x10_0000, size: 0x1_0000, flags: rw, fd: guest.descriptor, offset: 0)
       #expect(server.server.statistics.snapshot.dmaRegions == 1)
       #expect(device.mappedWindows == 1)
       // Overlaps, exact and partial, at either end.
@@ -81,11 +84,12 @@ struct DMATests {
           .dmaMap,
           payload: DMAMapRequest(flags: [.read, .write], offset: 0, address: 0, size: 4096)
             .encoded(),
-          fds: [a.fd, b.fd])
+          fds: [a.descriptor, b.descriptor])
       }
       // An fd on a command that takes none is closed and the command refused.
       expectServerError(.invalidArgument) {
-        try client.request(.deviceGetInfo, payload: DeviceInfoPayload().encoded(), fds: [a.fd])
+        try client.request(
+          .deviceGetInfo, payload: DeviceInfoPayload().encoded(), fds: [a.descriptor])
       }
       #expect(server.server.statistics.snapshot.dmaRegions == 0)
     }
@@ -96,7 +100,8 @@ struct DMATests {
     try withServer(TestDevice()) { server, device in
       let client = try server.connect()
       let guest = GuestMemory(size: 1 << 20)
-      try client.dmaMap(address: 0x4000_0000, size: 1 << 20, flags: [.read, .write], fd: guest.fd)
+      try client.dmaMap(
+        address: 0x4000_0000, size: 1 << 20, flags: [.read, .write], fd: guest.descriptor)
       for i in 0..<20000 { device.memory[i] = UInt8(truncatingIfNeeded: i * 7) }
       try runDMA(client, address: 0x4000_0000 + 0x1000, length: 20000, toClient: true)
       #expect(Array(guest.bytes[0x1000..<(0x1000 + 20000)]) == Array(device.memory[0..<20000]))

@@ -46,14 +46,16 @@ struct DeviceInterfaceTests {
     try withServer(device) { server, _ in
       do {
         let client = try server.connect()
-        try client.dmaMap(address: Self.base, size: 0x1000, flags: Self.rw, fd: file.fd, offset: 0)
         try client.dmaMap(
-          address: Self.base + 0x1000, size: 0x2000, flags: Self.rw, fd: file.fd, offset: 0x1_0000)
+          address: Self.base, size: 0x1000, flags: Self.rw, fd: file.descriptor, offset: 0)
         try client.dmaMap(
-          address: Self.base + 0x8_0000, size: 0x2000, flags: Self.rw, fd: file.fd,
+          address: Self.base + 0x1000, size: 0x2000, flags: Self.rw, fd: file.descriptor,
+          offset: 0x1_0000)
+        try client.dmaMap(
+          address: Self.base + 0x8_0000, size: 0x2000, flags: Self.rw, fd: file.descriptor,
           offset: 0x3_0000)
         try client.dmaMap(
-          address: Self.base + 0x10_0000, size: 0x2000, flags: Self.rw, fd: file.fd,
+          address: Self.base + 0x10_0000, size: 0x2000, flags: Self.rw, fd: file.descriptor,
           offset: 0x4_0000)
         var mappedWhenTold: [Int] = []
         device.onUnmap = { _ in mappedWhenTold.append(file.serverMappings.count) }
@@ -99,10 +101,11 @@ struct DeviceInterfaceTests {
     try withServer(device) { server, _ in
       let client = try server.connect()
       #expect(file.openDescriptors == 1)  // the test's own
-      try client.dmaMap(address: 0x10000, size: 0x1000, flags: Self.rw, fd: file.fd)
+      try client.dmaMap(address: 0x10000, size: 0x1000, flags: Self.rw, fd: file.descriptor)
       #expect(file.openDescriptors == 1)  // mapped by the server, let go by the device
       device.keepFiles = true
-      try client.dmaMap(address: 0x20000, size: 0x1000, flags: Self.rw, fd: file.fd, offset: 0x1000)
+      try client.dmaMap(
+        address: 0x20000, size: 0x1000, flags: Self.rw, fd: file.descriptor, offset: 0x1000)
       #expect(file.openDescriptors == 2)
       var st = stat()
       let kept = try #require(device.keptFiles[0x20000])
@@ -136,7 +139,8 @@ struct DeviceInterfaceTests {
       }
       // Outside the ranges, across the end of one, below them: ERANGE; the file is closed.
       expectServerError(.outOfRange) {
-        try client.dmaMap(address: 0x2_0000_0000, size: 0x1_0000, flags: Self.rw, fd: file.fd)
+        try client.dmaMap(
+          address: 0x2_0000_0000, size: 0x1_0000, flags: Self.rw, fd: file.descriptor)
       }
       #expect(file.openDescriptors == 1)
       expectServerError(.outOfRange) {
@@ -147,7 +151,7 @@ struct DeviceInterfaceTests {
       }
       #expect(device.mappedWindows == 0)
       // Inside: to the very end of a range, a whole range; then no fourth.
-      try client.dmaMap(address: 0x1_0000_0000, size: 0x1_0000, flags: Self.rw, fd: file.fd)
+      try client.dmaMap(address: 0x1_0000_0000, size: 0x1_0000, flags: Self.rw, fd: file.descriptor)
       try client.dmaMap(address: 0x1_FFFF_0000, size: 0x1_0000, flags: Self.rw)
       try client.dmaMap(address: 0x3_0000_0000, size: 0x10_0000, flags: Self.rw)
       expectServerError(.noSpace) {
@@ -179,7 +183,9 @@ struct DeviceInterfaceTests {
       let client = try server.connect()
       let fds = (0..<2).map { _ in makeEventFD() }
       defer { fds.forEach { close($0) } }
-      try client.setIRQs(IRQSetPayload(flags: trigger, index: 2, start: 0, count: 2), fds: fds)
+      try client.setIRQs(
+        IRQSetPayload(flags: trigger, index: 2, start: 0, count: 2),
+        fds: fds.map(FileDescriptor.init(rawValue:)))
       try client.setIRQs(
         IRQSetPayload(
           flags: [.dataNone, .actionMask], index: 2, start: 1,
@@ -194,7 +200,7 @@ struct DeviceInterfaceTests {
       expectServerError(.resourceBusy) {
         try client.setIRQs(
           IRQSetPayload(flags: trigger, index: 2, start: 0, count: 2),
-          fds: [probe.fds[0], probe.fds[0]])
+          fds: [probe.lent[0], probe.lent[0]])
       }
       #expect(probe.leaked().isEmpty)
       probe.close()
@@ -209,7 +215,7 @@ struct DeviceInterfaceTests {
           IRQSetPayload(
             flags: [.dataEventfd, .actionUnmask], index: 2, start: 1,
             count: 1),
-          fds: [unmaskProbe.fds[0]])
+          fds: [unmaskProbe.lent[0]])
       }
       #expect(unmaskProbe.leaked().isEmpty)
       unmaskProbe.close()
@@ -236,9 +242,12 @@ struct DeviceInterfaceTests {
         let client = try server.connect()
         let fd = makeEventFD()
         defer { close(fd) }
-        try client.setIRQs(IRQSetPayload(flags: trigger, index: 2, start: 0, count: 1), fds: [fd])
         try client.setIRQs(
-          IRQSetPayload(flags: trigger, index: VFIOPCIIRQ.err, start: 0, count: 1), fds: [fd])
+          IRQSetPayload(flags: trigger, index: 2, start: 0, count: 1),
+          fds: [FileDescriptor(rawValue: fd)])
+        try client.setIRQs(
+          IRQSetPayload(flags: trigger, index: VFIOPCIIRQ.err, start: 0, count: 1),
+          fds: [FileDescriptor(rawValue: fd)])
         try client.setIRQs(IRQSetPayload(flags: disable, index: VFIOPCIIRQ.err, start: 0, count: 0))
         device.setIRQsCalls = []
       }

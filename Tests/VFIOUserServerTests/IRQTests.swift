@@ -21,7 +21,8 @@ struct IRQTests {
       let client = try server.connect()
       let fds = (0..<8).map { _ in makeEventFD() }
       defer { fds.forEach { close($0) } }
-      try client.setIRQEventfds(index: VFIOPCIIRQ.msix, start: 0, fds: fds, chunk: 3)
+      try client.setIRQEventfds(
+        index: VFIOPCIIRQ.msix, start: 0, fds: fds.map(FileDescriptor.init(rawValue:)), chunk: 3)
       #expect(server.server.statistics.snapshot.irqFDs == 8)
       #expect(
         device.lastIRQConfiguration[VFIOPCIIRQ.msix]?.triggerFDs.allSatisfy { $0 != nil } == true)
@@ -58,7 +59,9 @@ struct IRQTests {
       let client = try server.connect()
       let fd = makeEventFD()
       defer { close(fd) }
-      try client.setIRQs(IRQSetPayload(flags: trigger, index: 2, start: 5, count: 1), fds: [fd])
+      try client.setIRQs(
+        IRQSetPayload(flags: trigger, index: 2, start: 5, count: 1),
+        fds: [FileDescriptor(rawValue: fd)])
       try client.setIRQs(
         IRQSetPayload(
           flags: [.dataNone, .actionMask], index: 2, start: 5, count: 1
@@ -78,7 +81,9 @@ struct IRQTests {
       let client = try server.connect()
       let fd = makeEventFD()
       defer { close(fd) }
-      try client.setIRQs(IRQSetPayload(flags: trigger, index: 0, start: 0, count: 1), fds: [fd])
+      try client.setIRQs(
+        IRQSetPayload(flags: trigger, index: 0, start: 0, count: 1),
+        fds: [FileDescriptor(rawValue: fd)])
       try fire(client, index: 0, vector: 0)
       try fire(client, index: 0, vector: 0)
       #expect(eventCount(fd) == 1)  // masked by the first
@@ -94,7 +99,7 @@ struct IRQTests {
         IRQSetPayload(
           flags: [.dataEventfd, .actionUnmask], index: 0, start: 0,
           count: 1),
-        fds: [resample])
+        fds: [FileDescriptor(rawValue: resample)])
       #expect(server.server.statistics.snapshot.irqFDs == 2)
       _ = cvfuSignal(resample)
       try fire(client, index: 0, vector: 0)
@@ -114,11 +119,14 @@ struct IRQTests {
       }
       expectServerError(.invalidArgument) {
         try client.setIRQs(
-          IRQSetPayload(flags: trigger, index: 2, start: 7, count: 2), fds: [fd, fd])
+          IRQSetPayload(flags: trigger, index: 2, start: 7, count: 2),
+          fds: [FileDescriptor(rawValue: fd), FileDescriptor(rawValue: fd)])
       }
       // Fds count must match count.
       expectServerError(.invalidArgument) {
-        try client.setIRQs(IRQSetPayload(flags: trigger, index: 2, start: 0, count: 2), fds: [fd])
+        try client.setIRQs(
+          IRQSetPayload(flags: trigger, index: 2, start: 0, count: 2),
+          fds: [FileDescriptor(rawValue: fd)])
       }
       // MSI (not maskable) refuses MASK; ERR refuses MASK.
       expectServerError(.invalidArgument) {
@@ -134,7 +142,7 @@ struct IRQTests {
         try client.setIRQs(
           IRQSetPayload(
             flags: [.dataEventfd, .actionMask], index: 0, start: 0,
-            count: 1), fds: [fd])
+            count: 1), fds: [FileDescriptor(rawValue: fd)])
       }
       expectServerError(.invalidArgument) {
         try client.setIRQs(
@@ -158,9 +166,11 @@ struct IRQTests {
       #expect(server.server.statistics.snapshot.irqFDs == 0)
       // ERR and REQ take one eventfd each.
       try client.setIRQs(
-        IRQSetPayload(flags: trigger, index: VFIOPCIIRQ.err, start: 0, count: 1), fds: [fd])
+        IRQSetPayload(flags: trigger, index: VFIOPCIIRQ.err, start: 0, count: 1),
+        fds: [FileDescriptor(rawValue: fd)])
       try client.setIRQs(
-        IRQSetPayload(flags: trigger, index: VFIOPCIIRQ.req, start: 0, count: 1), fds: [fd])
+        IRQSetPayload(flags: trigger, index: VFIOPCIIRQ.req, start: 0, count: 1),
+        fds: [FileDescriptor(rawValue: fd)])
       #expect(server.server.statistics.snapshot.irqFDs == 2)
     }
   }

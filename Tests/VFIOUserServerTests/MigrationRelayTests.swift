@@ -1,4 +1,5 @@
 import Foundation
+import SystemPackage
 import Testing
 import VFIOUser
 import VFIOUserClient
@@ -86,8 +87,10 @@ struct MigrationRelayTests {
     }
     source.start()
     destination.start()
-    let sourceClient = VFIOUserClient(fd: sourceEnd)
-    let destinationClient = VFIOUserClient(fd: destinationEnd)
+    let sourceClient = VFIOUserClient(
+      socket: OwnedFileDescriptor(taking: FileDescriptor(rawValue: sourceEnd)))
+    let destinationClient = VFIOUserClient(
+      socket: OwnedFileDescriptor(taking: FileDescriptor(rawValue: destinationEnd)))
     do throws(RelayError) {
       _ = try VFIOUserClient.relayMigrationData(
         from: sourceClient, to: destinationClient, chunk: chunk)

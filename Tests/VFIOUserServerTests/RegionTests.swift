@@ -30,7 +30,8 @@ struct RegionTests {
       #expect(shortInfo.argsz == 32 + 16 + 32)
       #expect(shortInfo.flags.contains(.caps) && shortInfo.capOffset == 32)
 
-      let (info, fd) = try client.regionInfo(2)
+      let region = try client.regionInfo(2)  // its descriptor closes with it, after the defers
+      let info = region.info
       #expect(info.size == UInt64(TestDevice.bar2Size))
       #expect(
         info.flags == [.read, .write, .mmap, .caps])
@@ -40,8 +41,8 @@ struct RegionTests {
             SparseMmapArea(offset: 0, size: 0x4000), SparseMmapArea(offset: 0x8000, size: 0x8000),
           ])
         ])
-      let mapFD = try #require(fd)
-      defer { close(mapFD) }
+      let lent = region.descriptor
+      let mapFD = try #require(lent).rawValue
       // The descriptor maps the device's memory: a store through it is what the device sees.
       let p = try #require(
         mmap(nil, 0x4000, PROT_READ | PROT_WRITE, MAP_SHARED, mapFD, off_t(info.offset)))
@@ -57,8 +58,9 @@ struct RegionTests {
   @Test func aClientTakingNoDescriptorsGetsNoMmap() throws {
     try withServer(TestDevice()) { server, _ in
       let client = try server.connect(capabilities: Capabilities(maxMsgFDs: 0))
-      let (info, fd) = try client.regionInfo(2)
-      #expect(fd == nil)
+      let region = try client.regionInfo(2)
+      let info = region.info
+      #expect(region.descriptor == nil)
       #expect(info.flags == [.read, .write])
       #expect(info.capabilities.isEmpty && info.size == UInt64(TestDevice.bar2Size))
       try client.write(region: 2, offset: 0x20, data: le32(0x1234_5678))
@@ -72,19 +74,17 @@ struct RegionTests {
     device.bar2MSIXMappable = true
     try withServer(device) { server, _ in
       do {
-        let (info, fd) = try server.connect().regionInfo(2)
-        if let fd { close(fd) }
+        let info = try server.connect().regionInfo(2).info  // its descriptor closes with it
         #expect(info.capabilities.contains(.msixMappable))
         #expect(info.capabilities.contains { if case .sparseMmap = $0 { true } else { false } })
       }
       #expect(server.waitFor { !$0.clientConnected })
       // No descriptors, no mapping, so no MSI-X table to map either.
-      let (bare, fd) = try server.connect(capabilities: Capabilities(maxMsgFDs: 0)).regionInfo(2)
-      #expect(fd == nil && bare.capabilities.isEmpty)
+      let bare = try server.connect(capabilities: Capabilities(maxMsgFDs: 0)).regionInfo(2)
+      #expect(bare.descriptor == nil && bare.info.capabilities.isEmpty)
     }
     try withServer(TestDevice()) { server, _ in
-      let (info, fd) = try server.connect().regionInfo(2)
-      if let fd { close(fd) }
+      let info = try server.connect().regionInfo(2).info  // its descriptor closes with it
       #expect(!info.capabilities.contains(.msixMappable))
     }
   }
@@ -92,14 +92,15 @@ struct RegionTests {
   @Test func plainRegionsAndErrors() throws {
     try withServer(TestDevice()) { server, _ in
       let client = try server.connect()
-      let (bar0, fd0) = try client.regionInfo(0)
+      let bar0Reply = try client.regionInfo(0)
+      let bar0 = bar0Reply.info
       #expect(
-        fd0 == nil && bar0.size == 4096
+        bar0Reply.descriptor == nil && bar0.size == 4096
           && bar0.flags == [.read, .write])
       #expect(bar0.capabilities.isEmpty && bar0.argsz == 32)
-      let (rom, _) = try client.regionInfo(6)
-      #expect(rom.flags == VFIORegionFlags.read)
-      let (vga, _) = try client.regionInfo(8)
+      let rom = try client.regionInfo(6).info
+      #expect(rom.flags == .read)
+      let vga = try client.regionInfo(8).info
       #expect(vga.size == 0 && vga.flags.isEmpty)
       expectServerError(.invalidArgument) { _ = try client.regionInfo(9) }
       expectServerError(.invalidArgument) {
@@ -112,10 +113,11 @@ struct RegionTests {
   @Test func regionIOFDsIsAnEmptySet() throws {
     try withServer(TestDevice()) { server, _ in
       let client = try server.connect()
-      let (reply, fds) = try client.regionIOFDs(0)
+      let answer = try client.regionIOFDs(0)
+      let reply = answer.payload
       #expect(
         reply.count == 0 && reply.argsz == 16 && reply.index == 0 && reply.subRegions.isEmpty
-          && fds.isEmpty)
+          && answer.fds.isEmpty)
       expectServerError(.invalidArgument) { _ = try client.regionIOFDs(42) }
       expectServerError(.invalidArgument) {
         try client.request(

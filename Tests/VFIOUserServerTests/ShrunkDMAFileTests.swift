@@ -36,7 +36,7 @@ struct ShrunkDMAFileTests {
     try withServer(TestDevice()) { server, device in
       let client = try server.connect()
       let file = GuestFile(size: 0x1_0000)
-      try client.dmaMap(address: Self.base, size: 0x1_0000, flags: Self.rw, fd: file.fd)
+      try client.dmaMap(address: Self.base, size: 0x1_0000, flags: Self.rw, fd: file.descriptor)
       for i in 0..<64 { device.memory[i] = UInt8(0x40 + i) }
       #expect(try deviceDMA(client, to: Self.base + 0x8000, length: 64) == .done)
       #expect(ftruncate(file.fd, 0x4000) == 0)
@@ -75,7 +75,8 @@ struct ShrunkDMAFileTests {
       defer { close(fd) }
       #expect(ftruncate(fd, 0x1_0000) == 0)
       #expect(cvfu_seal_shrink(fd) == 0)
-      try client.dmaMap(address: Self.base, size: 0x1_0000, flags: Self.rw, fd: fd)
+      try client.dmaMap(
+        address: Self.base, size: 0x1_0000, flags: Self.rw, fd: FileDescriptor(rawValue: fd))
       #expect(ftruncate(fd, 0x4000) == -1 && errno == EPERM)
       for i in 0..<64 { device.memory[i] = UInt8(0x80 + i) }
       #expect(try deviceDMA(client, to: Self.base + 0x8000, length: 64) == .done)
@@ -100,7 +101,7 @@ extension DMALoggingTests {
       let client = try server.connect()
       try enableBusMaster(client)
       try client.dmaMap(
-        address: Self.guestBase, size: UInt64(Self.guestSize), flags: Self.rw, fd: file.fd)
+        address: Self.guestBase, size: UInt64(Self.guestSize), flags: Self.rw, fd: file.descriptor)
       try client.startDMALogging(
         pageSize: Self.page,
         ranges: [DMALoggingRange(iova: Self.guestBase, length: UInt64(Self.guestSize))])
