@@ -1,6 +1,7 @@
 import CVFIOUser
 import Foundation
 import SystemPackage
+import TestSupport
 import Testing
 import VFIOUser
 import VFIOUserClient
@@ -178,7 +179,7 @@ struct LifecycleStressTests {
         "GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.pthread.stack_cache_size=0"
       ])
     defer { _ = serve.stop() }
-    let pid = serve.process.processIdentifier
+    let pid = serve.pid
     let material = Material()
     do {
       let client = try serve.connect()
