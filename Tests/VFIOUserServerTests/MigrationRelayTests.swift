@@ -52,7 +52,7 @@ struct MigrationRelayTests {
     head.withUnsafeMutableBytes {
       MessageHeader(
         messageID: id, command: .migDataRead, size: UInt32(24 + count),
-        flags: MessageHeader.typeReply
+        flags: .reply
       ).encode(into: $0)
       MigDataHeader(argsz: UInt32(8 + count), size: UInt32(count)).encode(
         into: UnsafeMutableRawBufferPointer(rebasing: $0[16...]))

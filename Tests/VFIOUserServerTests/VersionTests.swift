@@ -161,7 +161,7 @@ struct FramingTests {
     try withServer(TestDevice()) { server, _ in
       let client = try server.connect()
       try client.sendRaw(
-        encodeMessage(id: 0x4444, command: 11, flags: MessageHeader.typeReply, payload: []))
+        encodeMessage(id: 0x4444, command: 11, flags: .reply, payload: []))
       #expect(try client.deviceInfo().numRegions == 9)
     }
   }
