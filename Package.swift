@@ -206,8 +206,11 @@ let package = Package(
       name: "IdleFloor", dependencies: ["CVFIOUser"], swiftSettings: strict,
       linkerSettings: leanExecutable),
     // What the test suites share: the protocol/ files, the malformed corpus's one
-    // schema, the one hex decoder.
-    .target(name: "TestSupport", path: "Tests/TestSupport", swiftSettings: strict),
+    // schema, the one hex decoder, and `serve` and other child processes started
+    // the one way.
+    .target(
+      name: "TestSupport", dependencies: ["VFIOUserClient", "CVFIOUser"], path: "Tests/TestSupport",
+      swiftSettings: strict),
     .testTarget(
       name: "VFIOUserTests", dependencies: ["VFIOUser", "TestSupport"],
       swiftSettings: strict),
@@ -228,7 +231,10 @@ let package = Package(
     // in release and copied into the initramfs; see KernelGuestTests).
     .executableTarget(
       name: "xe-vfu-guest-check",
-      dependencies: ["VFIOUser", "VFIOUserClient", "CVFIOUser"],
+      dependencies: [
+        "VFIOUser", "VFIOUserClient", "CVFIOUser",
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
       path: "Tests/KernelGuestCheck", swiftSettings: strict),
     .testTarget(
       name: "KernelVFIOTests",
@@ -253,6 +259,7 @@ let package = Package(
       dependencies: [
         "Control", "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF",
         "CVFIOUser", .product(name: "Logging", package: "swift-log"),
+        .product(name: "SystemPackage", package: "swift-system"),
       ],
       swiftSettings: strict),
     .testTarget(
@@ -284,6 +291,7 @@ let package = Package(
       name: "CLITests",
       dependencies: [
         "VFIOUser", "VFIODevice", "VFIOUserClient", "CVFIOUser", "XeVF", "Control", "Checkpoint",
+        "TestSupport", .product(name: "SystemPackage", package: "swift-system"),
       ],
       exclude: ["Scripts"], swiftSettings: strict),
     // libFuzzer targets (scripts/fuzz.sh builds them with -sanitize=fuzzer,address
@@ -321,7 +329,8 @@ let package = Package(
     // Real QEMU (qtest, and a Linux guest under TCG) attached to the built `xe-vfio-user`.
     // Guest/ holds the C program the vIOMMU guest runs; the tests build it with gcc -static.
     .testTarget(
-      name: "QEMUInteropTests", dependencies: ["VFIOUser", "VFIOUserClient", "XeVF", "CVFIOUser"],
+      name: "QEMUInteropTests",
+      dependencies: ["VFIOUser", "VFIOUserClient", "XeVF", "CVFIOUser", "TestSupport"],
       exclude: ["Guest"], swiftSettings: strict),
   ]
 )

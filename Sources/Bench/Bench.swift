@@ -388,19 +388,21 @@ extension BenchConfiguration {
   private func dmaPairs(_ client: VFIOUserClient, live: Int, pairs: Int) throws -> Double {
     let fd = cvfu_memfd_create("bench-guest", 0)
     defer { close(fd) }
+    let memfd = FileDescriptor(rawValue: fd)  // lent to each DMA_MAP
     ftruncate(fd, off_t(live + 1) * 4096)
     let base: UInt64 = 1 << 32
     for i in 0..<live {
       try client.dmaMap(
-        address: base + UInt64(i) * 8192, size: 4096, flags: 3, fd: fd, offset: UInt64(i) * 4096)
+        address: base + UInt64(i) * 8192, size: 4096, flags: [.read, .write], fd: memfd,
+        offset: UInt64(i) * 4096)
     }
     let probe = base + UInt64(live) * 8192
     for _ in 0..<200 {
-      try client.dmaMap(address: probe, size: 4096, flags: 3, fd: fd, offset: 0)
+      try client.dmaMap(address: probe, size: 4096, flags: [.read, .write], fd: memfd, offset: 0)
       try client.dmaUnmap(address: probe, size: 4096)
     }
     let rate = try DMABench.bestBurstRate(total: pairs) {
-      try client.dmaMap(address: probe, size: 4096, flags: 3, fd: fd, offset: 0)
+      try client.dmaMap(address: probe, size: 4096, flags: [.read, .write], fd: memfd, offset: 0)
       try client.dmaUnmap(address: probe, size: 4096)
     }
     try client.dmaUnmapAll()
@@ -418,6 +420,7 @@ extension BenchConfiguration {
     let windows = 512
     let fd = cvfu_memfd_create("bench-viommu", 0)
     defer { close(fd) }
+    let memfd = FileDescriptor(rawValue: fd)  // lent to each DMA_MAP
     ftruncate(fd, off_t(windows) * 4096)
     let base: UInt64 = 1 << 32
     func round() throws {
@@ -425,7 +428,7 @@ extension BenchConfiguration {
         // Scattered pages, or the consecutive ones of a huge page.
         let page = rangedUnmap ? i : (i * 37) % windows
         try client.dmaMap(
-          address: base + UInt64(i) * 4096, size: 4096, flags: 3, fd: fd,
+          address: base + UInt64(i) * 4096, size: 4096, flags: [.read, .write], fd: memfd,
           offset: UInt64(page) * 4096)
       }
       if rangedUnmap {

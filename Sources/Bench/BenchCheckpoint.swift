@@ -71,7 +71,8 @@ enum CheckpointBench {
     }
     // VRAM's memfd, read with pread (which reads a hole as zeros without
     // allocating it, where the mapping would allocate it).
-    guard let vramFD = try current!.regionInfo(VFIOPCIRegion.bar2).fd else {
+    var bar2 = try current!.regionInfo(VFIOPCIRegion.bar2)
+    guard let vramFD = bar2.fd.take()?.release().rawValue else {
       throw CLIError("checkpoint bench: BAR2 came without its fd")
     }
     defer { close(vramFD) }

@@ -1,5 +1,6 @@
 import CVFIOUser
 import MigrationTools
+import SystemPackage
 import VFIODevice
 import VFIOUser
 import VFIOUserClient
@@ -136,7 +137,8 @@ enum DMABench {
     ftruncate(fd, off_t(windowSize))
     let base: UInt64 = 1 << 40
     try client.write32(region: VFIOPCIRegion.config, offset: 4, 0x0006)  // memory + bus master
-    try client.dmaMap(address: base, size: windowSize, flags: 3, fd: fd)
+    try client.dmaMap(
+      address: base, size: windowSize, flags: [.read, .write], fd: FileDescriptor(rawValue: fd))
     defer { _ = try? client.dmaUnmapAll() }
     try writeVRAMData(client, count: Int(transfer))
     // 64 MiB of the window, over and over: warm pages, as a guest's DMA buffers are.
@@ -156,7 +158,9 @@ enum DMABench {
     ftruncate(sealedFD, off_t(span))
     guard cvfu_seal_shrink(sealedFD) == 0 else { throw CLIError("cannot seal a memfd") }
     let sealedBase: UInt64 = 2 << 40
-    try client.dmaMap(address: sealedBase, size: span, flags: 3, fd: sealedFD)
+    try client.dmaMap(
+      address: sealedBase, size: span, flags: [.read, .write],
+      fd: FileDescriptor(rawValue: sealedFD))
     func transferNext(_ base: UInt64, toDevice: Bool) -> () throws -> Void {
       {
         try engineTransfer(

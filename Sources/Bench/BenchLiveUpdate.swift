@@ -58,7 +58,8 @@ enum LiveUpdateBench {
       ftruncate(memfd, off_t(windows) * 4096)
       for i in 0..<windows {
         try client.dmaMap(
-          address: 1 << 32 + UInt64(i) * 4096, size: 4096, flags: 3, fd: memfd,
+          address: 1 << 32 + UInt64(i) * 4096, size: 4096, flags: [.read, .write],
+          fd: FileDescriptor(rawValue: memfd),
           offset: UInt64(i) * 4096)
       }
     }

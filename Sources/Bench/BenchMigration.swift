@@ -169,9 +169,11 @@ enum MigrationBench {
     // The source's VRAM memfd, read with pread: through the mapping, its
     // never-written pages would be allocated before the first round.
     let sourceVRAM = try {
-      guard let fd = try benchClient(paths[0], sparse: false).regionInfo(VFIOPCIRegion.bar2).fd
-      else { throw CLIError("sparse migration bench: BAR2 came without its fd") }
-      return fd
+      var bar2 = try benchClient(paths[0], sparse: false).regionInfo(VFIOPCIRegion.bar2)
+      guard let fd = bar2.fd.take() else {
+        throw CLIError("sparse migration bench: BAR2 came without its fd")
+      }
+      return fd.release().rawValue
     }()
     defer { close(sourceVRAM) }
     let expected = try CheckpointBench.vramChecksum(sourceVRAM, size: vram)

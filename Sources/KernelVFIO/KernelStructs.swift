@@ -12,11 +12,11 @@ public struct KernelStructError: Error, Equatable, CustomStringConvertible {
 /// `struct vfio_device_info` (24 bytes).
 public struct KernelDeviceInfo: Sendable, Equatable {
   public static let size = Int(CVFU_DEVICE_INFO_SIZE)
-  public var flags: UInt32
+  public var flags: VFIODeviceFlags
   public var numRegions: UInt32
   public var numIRQs: UInt32
 
-  public init(flags: UInt32, numRegions: UInt32, numIRQs: UInt32) {
+  public init(flags: VFIODeviceFlags, numRegions: UInt32, numIRQs: UInt32) {
     self.flags = flags
     self.numRegions = numRegions
     self.numIRQs = numIRQs
@@ -26,7 +26,7 @@ public struct KernelDeviceInfo: Sendable, Equatable {
     guard raw.count >= Self.size else { throw KernelStructError("vfio_device_info is short") }
     self = try parseKernel(raw, "vfio_device_info") { b in
       KernelDeviceInfo(
-        flags: try b.u32(at: KernelLayout.flags),
+        flags: VFIODeviceFlags(rawValue: try b.u32(at: KernelLayout.flags)),
         numRegions: try b.u32(at: Int(CVFU_DEVICE_INFO_NUM_REGIONS_OFFSET)),
         numIRQs: try b.u32(at: Int(CVFU_DEVICE_INFO_NUM_IRQS_OFFSET)))
     }
@@ -40,7 +40,7 @@ public struct KernelRegionInfo: Sendable, Equatable {
   public static let fixedSize = Int(CVFU_REGION_INFO_SIZE)
   public var index: UInt32
   /// VFIO_REGION_INFO_FLAG_* (READ, WRITE, MMAP, CAPS).
-  public var flags: UInt32
+  public var flags: VFIORegionFlags
   public var size: UInt64
   /// The device fd offset of the region's first byte, for pread, pwrite and mmap.
   public var offset: UInt64
@@ -55,7 +55,7 @@ public struct KernelRegionInfo: Sendable, Equatable {
   public var unknownCapabilities: [UInt16] = []
 
   public init(
-    index: UInt32, flags: UInt32, size: UInt64, offset: UInt64,
+    index: UInt32, flags: VFIORegionFlags, size: UInt64, offset: UInt64,
     sparseAreas: [SparseMmapArea]? = nil, type: (type: UInt32, subtype: UInt32)? = nil,
     msixMappable: Bool = false
   ) {
@@ -68,9 +68,9 @@ public struct KernelRegionInfo: Sendable, Equatable {
     self.msixMappable = msixMappable
   }
 
-  public var readable: Bool { flags & VFIORegionFlags.read != 0 }
-  public var writable: Bool { flags & VFIORegionFlags.write != 0 }
-  public var mmappable: Bool { flags & VFIORegionFlags.mmap != 0 }
+  public var readable: Bool { flags.contains(.read) }
+  public var writable: Bool { flags.contains(.write) }
+  public var mmappable: Bool { flags.contains(.mmap) }
 
   /// The argsz the kernel asked for when the capabilities did not fit (0 when they did).
   static func neededSize(_ raw: [UInt8]) -> Int {
@@ -95,11 +95,11 @@ public struct KernelRegionInfo: Sendable, Equatable {
   private static func decode(_ b: ByteReader) throws -> KernelRegionInfo {
     var info = KernelRegionInfo(
       index: try b.u32(at: Int(CVFU_REGION_INFO_INDEX_OFFSET)),
-      flags: try b.u32(at: KernelLayout.flags),
+      flags: VFIORegionFlags(rawValue: try b.u32(at: KernelLayout.flags)),
       size: try b.u64(at: Int(CVFU_REGION_INFO_SIZE_OFFSET)),
       offset: try b.u64(at: Int(CVFU_REGION_INFO_OFFSET_OFFSET)))
     let (index, size) = (info.index, info.size)
-    guard info.flags & VFIORegionFlags.caps != 0 else { return info }
+    guard info.flags.contains(.caps) else { return info }
     let argsz = min(Int(try b.u32(at: KernelLayout.argsz)), b.count)
     var next = Int(try b.u32(at: Int(CVFU_REGION_INFO_CAP_OFFSET_OFFSET)))
     var previous = Self.fixedSize - 1
@@ -173,10 +173,10 @@ public struct KernelIRQInfo: Sendable, Equatable {
   public static let size = Int(CVFU_IRQ_INFO_SIZE)
   public var index: UInt32
   /// VFIO_IRQ_INFO_* (EVENTFD, MASKABLE, AUTOMASKED, NORESIZE).
-  public var flags: UInt32
+  public var flags: VFIOIRQInfoFlags
   public var count: UInt32
 
-  public init(index: UInt32, flags: UInt32, count: UInt32) {
+  public init(index: UInt32, flags: VFIOIRQInfoFlags, count: UInt32) {
     self.index = index
     self.flags = flags
     self.count = count
@@ -187,7 +187,7 @@ public struct KernelIRQInfo: Sendable, Equatable {
     self = try parseKernel(raw, "vfio_irq_info") { b in
       KernelIRQInfo(
         index: try b.u32(at: Int(CVFU_IRQ_INFO_INDEX_OFFSET)),
-        flags: try b.u32(at: KernelLayout.flags),
+        flags: VFIOIRQInfoFlags(rawValue: try b.u32(at: KernelLayout.flags)),
         count: try b.u32(at: Int(CVFU_IRQ_INFO_COUNT_OFFSET)))
     }
   }
@@ -198,7 +198,7 @@ public struct KernelIRQInfo: Sendable, Equatable {
     return b
   }
 
-  public var noResize: Bool { flags & VFIOIRQInfoFlags.noresize != 0 }
+  public var noResize: Bool { flags.contains(.noresize) }
 }
 
 /// One VFIO_DEVICE_SET_IRQS call: `struct vfio_irq_set` (20 bytes) and its data.
@@ -207,14 +207,14 @@ public struct KernelIRQSet: Sendable, Equatable, CustomStringConvertible {
   public var start: UInt32
   public var count: UInt32
   /// VFIO_IRQ_SET_DATA_* | VFIO_IRQ_SET_ACTION_*.
-  public var flags: UInt32
+  public var flags: VFIOIRQSetFlags
   /// One per vector for DATA_EVENTFD (-1 de-assigns), else empty.
   public var fds: [Int32]
   /// One byte per vector for DATA_BOOL, else empty.
   public var bools: [UInt8]
 
   public init(
-    index: UInt32, start: UInt32, count: UInt32, flags: UInt32, fds: [Int32] = [],
+    index: UInt32, start: UInt32, count: UInt32, flags: VFIOIRQSetFlags, fds: [Int32] = [],
     bools: [UInt8] = []
   ) {
     self.index = index
@@ -229,20 +229,20 @@ public struct KernelIRQSet: Sendable, Equatable, CustomStringConvertible {
   public static func disable(_ index: UInt32) -> KernelIRQSet {
     KernelIRQSet(
       index: index, start: 0, count: 0,
-      flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionTrigger)
+      flags: [.dataNone, .actionTrigger])
   }
 
   /// Trigger eventfds for vectors `start..<start + fds.count`.
   public static func triggers(_ index: UInt32, start: UInt32, _ fds: [Int32]) -> KernelIRQSet {
     KernelIRQSet(
       index: index, start: start, count: UInt32(fds.count),
-      flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger, fds: fds)
+      flags: [.dataEventfd, .actionTrigger], fds: fds)
   }
 
   /// `struct vfio_irq_set` followed by its data (eventfds as s32, or bools).
   func encoded() throws(Errno) -> ByteWriter {
     let data = Int(CVFU_IRQ_SET_DATA_OFFSET)
-    var b = try kernelStruct(size: data + 4 * fds.count + bools.count, flags: flags)
+    var b = try kernelStruct(size: data + 4 * fds.count + bools.count, flags: flags.rawValue)
     try b.put(index, at: Int(CVFU_IRQ_SET_INDEX_OFFSET))
     try b.put(start, at: Int(CVFU_IRQ_SET_START_OFFSET))
     try b.put(count, at: Int(CVFU_IRQ_SET_COUNT_OFFSET))
@@ -253,15 +253,15 @@ public struct KernelIRQSet: Sendable, Equatable, CustomStringConvertible {
 
   public var description: String {
     let action =
-      switch flags & VFIOIRQSetFlags.actionTypeMask {
-      case VFIOIRQSetFlags.actionMask: "MASK"
-      case VFIOIRQSetFlags.actionUnmask: "UNMASK"
+      switch flags.action {
+      case .actionMask: "MASK"
+      case .actionUnmask: "UNMASK"
       default: "TRIGGER"
       }
     let data =
-      switch flags & VFIOIRQSetFlags.dataTypeMask {
-      case VFIOIRQSetFlags.dataEventfd: " eventfds \(fds)"
-      case VFIOIRQSetFlags.dataBool: " bools \(bools)"
+      switch flags.dataType {
+      case .dataEventfd: " eventfds \(fds)"
+      case .dataBool: " bools \(bools)"
       default: ""
       }
     return "\(VFIOPCIIRQ.name(index)) \(action) [\(start), +\(count))\(data)"

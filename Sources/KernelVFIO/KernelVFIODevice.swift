@@ -99,10 +99,10 @@ public final class KernelVFIODevice {
     } catch {
       throw KernelVFIOError(.kernel, "VFIO_DEVICE_GET_INFO: \(error)")
     }
-    guard info.flags & VFIODeviceFlags.pci != 0 else {
+    guard info.flags.contains(.pci) else {
       throw KernelVFIOError(
         .kernel,
-        "\(name) is not a PCI device to VFIO (flags 0x\(String(info.flags, radix: 16)))")
+        "\(name) is not a PCI device to VFIO (flags 0x\(String(info.flags.rawValue, radix: 16)))")
     }
     regions = try (0..<info.numRegions).map { (index) throws(KernelVFIOError) in
       try Self.regionInfo(file, index)
@@ -120,7 +120,7 @@ public final class KernelVFIODevice {
             .kernel, "VFIO_DEVICE_GET_IRQ_INFO(\(index)) failed: \(error.name) (\(error))",
             errno: error)
         }
-        return KernelIRQInfo(index: index, flags: 0, count: 0)
+        return KernelIRQInfo(index: index, flags: [], count: 0)
       }
       do throws(KernelStructError) {
         return try KernelIRQInfo(parsing: request.bytes)
@@ -160,7 +160,7 @@ public final class KernelVFIODevice {
             .kernel, "VFIO_DEVICE_GET_REGION_INFO(\(index)) failed: \(error.name) (\(error))",
             errno: error)
         }
-        return KernelRegionInfo(index: index, flags: 0, size: 0, offset: 0)
+        return KernelRegionInfo(index: index, flags: [], size: 0, offset: 0)
       }
       let needed = KernelRegionInfo.neededSize(request.bytes)
       if needed > size {

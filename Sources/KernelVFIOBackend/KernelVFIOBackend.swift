@@ -86,8 +86,8 @@ public class KernelVFIOBackend: VFIODeviceBackend {
 
   // MARK: Description
 
-  public var deviceFlags: UInt32 {
-    device.info.flags & (VFIODeviceFlags.pci | VFIODeviceFlags.reset)
+  public var deviceFlags: VFIODeviceFlags {
+    device.info.flags.intersection([.pci, .reset])
   }
   public var regionCount: UInt32 { UInt32(device.regions.count) }
   public var irqCount: UInt32 { UInt32(device.irqs.count) }

@@ -30,8 +30,7 @@ public struct DeviceIdentity: Codable, Equatable, CustomStringConvertible {
     let ids = try client.read32(region: VFIOPCIRegion.config, offset: 0)
     let classRev = try client.read32(region: VFIOPCIRegion.config, offset: 8)
     let subsystem = try client.read32(region: VFIOPCIRegion.config, offset: 0x2C)
-    let bar2 = try client.regionInfo(VFIOPCIRegion.bar2)
-    if let fd = bar2.fd { close(fd) }
+    let bar2 = try client.regionInfo(VFIOPCIRegion.bar2)  // its descriptor closes with it
     return DeviceIdentity(
       vendorID: UInt16(truncatingIfNeeded: ids), deviceID: UInt16(truncatingIfNeeded: ids >> 16),
       revision: UInt8(truncatingIfNeeded: classRev),

@@ -104,7 +104,7 @@ public protocol VFIODeviceBackend: AnyObject {
   // MARK: Description (read once per client)
 
   /// VFIO_DEVICE_FLAGS_* (PCI, RESET).
-  var deviceFlags: UInt32 { get }
+  var deviceFlags: VFIODeviceFlags { get }
   var regionCount: UInt32 { get }
   var irqCount: UInt32 { get }
   func region(_ index: UInt32) -> RegionDescription?

@@ -192,7 +192,7 @@ extension IRQEmulation {
     for index in indexes {
       writer.append(index.description.index)
       writer.append(index.description.count)
-      writer.append(index.description.flags)
+      writer.append(index.description.flags.rawValue)
       for v in index.triggerFDs.indices {
         writer.append(lend(index.triggerFDs[v]))
         writer.append(UInt8((index.masked[v] ? 1 : 0) | (index.pending[v] ? 2 : 0)))
@@ -229,7 +229,7 @@ extension IRQEmulation {
       let exported = IRQDescription(
         index: try reader.handoverField("\(field)'s number"),
         count: try reader.handoverField("\(field)'s vector count"),
-        flags: try reader.handoverField("\(field)'s flags"))
+        flags: VFIOIRQInfoFlags(rawValue: try reader.handoverField("\(field)'s flags")))
       guard exported == descriptions[i] else {
         throw HandoverRefusal(
           "\(field) was \(exported) in the exporting server, and is \(descriptions[i]) here: the client's view of the device would be wrong"

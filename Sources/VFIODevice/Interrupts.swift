@@ -5,15 +5,14 @@ import VFIOUser
 public struct IRQDescription: Sendable, Equatable {
   public var index: UInt32
   public var count: UInt32
-  /// VFIO_IRQ_INFO_* flags.
-  public var flags: UInt32
-  public init(index: UInt32, count: UInt32, flags: UInt32) {
+  public var flags: VFIOIRQInfoFlags
+  public init(index: UInt32, count: UInt32, flags: VFIOIRQInfoFlags) {
     self.index = index
     self.count = count
     self.flags = flags
   }
-  public var maskable: Bool { flags & VFIOIRQInfoFlags.maskable != 0 }
-  public var automasked: Bool { flags & VFIOIRQInfoFlags.automasked != 0 }
+  public var maskable: Bool { flags.contains(.maskable) }
+  public var automasked: Bool { flags.contains(.automasked) }
 }
 
 /// One DEVICE_SET_IRQS, decoded (`IRQSetPayload`) and checked against the
@@ -52,17 +51,17 @@ public struct IRQSetRequest: ~Copyable {
   ) throws(Errno) {
     guard let irq, irq.count > 0 else { throw .invalidArgument }
     let action: Action
-    switch payload.action {
-    case VFIOIRQSetFlags.actionTrigger: action = .trigger
-    case VFIOIRQSetFlags.actionMask: action = .mask
-    case VFIOIRQSetFlags.actionUnmask: action = .unmask
+    switch payload.flags.action {
+    case .actionTrigger: action = .trigger
+    case .actionMask: action = .mask
+    case .actionUnmask: action = .unmask
     default: throw .invalidArgument
     }
     let dataType: DataType
-    switch payload.dataType {
-    case VFIOIRQSetFlags.dataNone: dataType = .none
-    case VFIOIRQSetFlags.dataBool: dataType = .bool
-    case VFIOIRQSetFlags.dataEventfd: dataType = .eventFD
+    switch payload.flags.dataType {
+    case .dataNone: dataType = .none
+    case .dataBool: dataType = .bool
+    case .dataEventfd: dataType = .eventFD
     default: throw .invalidArgument
     }
     if dataType != .eventFD, !descriptors.isEmpty { throw .invalidArgument }
@@ -118,20 +117,20 @@ public struct IRQSetRequest: ~Copyable {
   public var vectors: Range<Int> { Int(start)..<Int(start + count) }
 
   /// The VFIO_IRQ_SET_* flags, as `struct vfio_irq_set` carries them.
-  public var flags: UInt32 {
-    let data: UInt32 =
+  public var flags: VFIOIRQSetFlags {
+    let data: VFIOIRQSetFlags =
       switch dataType {
-      case .none: VFIOIRQSetFlags.dataNone
-      case .bool: VFIOIRQSetFlags.dataBool
-      case .eventFD: VFIOIRQSetFlags.dataEventfd
+      case .none: .dataNone
+      case .bool: .dataBool
+      case .eventFD: .dataEventfd
       }
-    let act: UInt32 =
+    let act: VFIOIRQSetFlags =
       switch action {
-      case .trigger: VFIOIRQSetFlags.actionTrigger
-      case .mask: VFIOIRQSetFlags.actionMask
-      case .unmask: VFIOIRQSetFlags.actionUnmask
+      case .trigger: .actionTrigger
+      case .mask: .actionMask
+      case .unmask: .actionUnmask
       }
-    return data | act
+    return [data, act]
   }
 
   /// Whether vector `k` of the range (0-based from `start`) is selected:

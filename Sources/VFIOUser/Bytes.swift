@@ -29,7 +29,8 @@ extension WirePayload {
 /// Builds a whole message (header plus payload) as bytes; used by clients,
 /// tests and the golden vectors, never on the server's hot path.
 public func encodeMessage(
-  id: UInt16, command: UInt16, flags: UInt32 = 0, error: UInt32 = 0, payload: [UInt8]
+  id: UInt16, command: UInt16, flags: MessageHeader.Flags = .command, error: UInt32 = 0,
+  payload: [UInt8]
 ) -> [UInt8] {
   var out = [UInt8](repeating: 0, count: MessageHeader.size + payload.count)
   out.withUnsafeMutableBytes { raw in

@@ -1,9 +1,16 @@
 // Values shared with linux/vfio.h, which the vfio-user messages reuse.
 
-public enum VFIODeviceFlags {
-  public static let reset: UInt32 = 1 << 0
-  public static let pci: UInt32 = 1 << 1
-  public static let caps: UInt32 = 1 << 7
+// The flag words are option sets of their wire width: free to test and
+// combine, and a decoded word keeps every bit it had, unknown ones included
+// (`rawValue`), so that a strict decoder can refuse them explicitly.
+
+/// VFIO_DEVICE_FLAGS_*: DEVICE_GET_INFO's `flags` (and `struct vfio_device_info`'s).
+public struct VFIODeviceFlags: OptionSet, Sendable, Hashable {
+  public let rawValue: UInt32
+  @inlinable public init(rawValue: UInt32) { self.rawValue = rawValue }
+  public static let reset = VFIODeviceFlags(rawValue: 1 << 0)
+  public static let pci = VFIODeviceFlags(rawValue: 1 << 1)
+  public static let caps = VFIODeviceFlags(rawValue: 1 << 7)
 }
 
 public enum VFIOPCIRegion {
@@ -30,11 +37,14 @@ public enum VFIOPCIRegion {
   }
 }
 
-public enum VFIORegionFlags {
-  public static let read: UInt32 = 1 << 0
-  public static let write: UInt32 = 1 << 1
-  public static let mmap: UInt32 = 1 << 2
-  public static let caps: UInt32 = 1 << 3
+/// VFIO_REGION_INFO_FLAG_*: DEVICE_GET_REGION_INFO's `flags`.
+public struct VFIORegionFlags: OptionSet, Sendable, Hashable {
+  public let rawValue: UInt32
+  @inlinable public init(rawValue: UInt32) { self.rawValue = rawValue }
+  public static let read = VFIORegionFlags(rawValue: 1 << 0)
+  public static let write = VFIORegionFlags(rawValue: 1 << 1)
+  public static let mmap = VFIORegionFlags(rawValue: 1 << 2)
+  public static let caps = VFIORegionFlags(rawValue: 1 << 3)
 }
 
 public enum VFIORegionCapID {
@@ -64,33 +74,51 @@ public enum VFIOPCIIRQ {
   }
 }
 
-public enum VFIOIRQInfoFlags {
-  public static let eventfd: UInt32 = 1 << 0
-  public static let maskable: UInt32 = 1 << 1
-  public static let automasked: UInt32 = 1 << 2
-  public static let noresize: UInt32 = 1 << 3
+/// VFIO_IRQ_INFO_*: DEVICE_GET_IRQ_INFO's `flags`.
+public struct VFIOIRQInfoFlags: OptionSet, Sendable, Hashable {
+  public let rawValue: UInt32
+  @inlinable public init(rawValue: UInt32) { self.rawValue = rawValue }
+  public static let eventfd = VFIOIRQInfoFlags(rawValue: 1 << 0)
+  public static let maskable = VFIOIRQInfoFlags(rawValue: 1 << 1)
+  public static let automasked = VFIOIRQInfoFlags(rawValue: 1 << 2)
+  public static let noresize = VFIOIRQInfoFlags(rawValue: 1 << 3)
 }
 
-public enum VFIOIRQSetFlags {
-  public static let dataNone: UInt32 = 1 << 0
-  public static let dataBool: UInt32 = 1 << 1
-  public static let dataEventfd: UInt32 = 1 << 2
-  public static let actionMask: UInt32 = 1 << 3
-  public static let actionUnmask: UInt32 = 1 << 4
-  public static let actionTrigger: UInt32 = 1 << 5
-  public static let dataTypeMask: UInt32 = dataNone | dataBool | dataEventfd
-  public static let actionTypeMask: UInt32 = actionMask | actionUnmask | actionTrigger
+/// VFIO_IRQ_SET_DATA_* and VFIO_IRQ_SET_ACTION_*: DEVICE_SET_IRQS's `flags`,
+/// exactly one of each kind in a valid request.
+public struct VFIOIRQSetFlags: OptionSet, Sendable, Hashable {
+  public let rawValue: UInt32
+  @inlinable public init(rawValue: UInt32) { self.rawValue = rawValue }
+  public static let dataNone = VFIOIRQSetFlags(rawValue: 1 << 0)
+  public static let dataBool = VFIOIRQSetFlags(rawValue: 1 << 1)
+  public static let dataEventfd = VFIOIRQSetFlags(rawValue: 1 << 2)
+  public static let actionMask = VFIOIRQSetFlags(rawValue: 1 << 3)
+  public static let actionUnmask = VFIOIRQSetFlags(rawValue: 1 << 4)
+  public static let actionTrigger = VFIOIRQSetFlags(rawValue: 1 << 5)
+  public static let dataTypeMask: VFIOIRQSetFlags = [.dataNone, .dataBool, .dataEventfd]
+  public static let actionTypeMask: VFIOIRQSetFlags = [.actionMask, .actionUnmask, .actionTrigger]
+
+  /// The data type bits alone (one of them in a valid request).
+  @inlinable public var dataType: VFIOIRQSetFlags { intersection(.dataTypeMask) }
+  /// The action bits alone (one of them in a valid request).
+  @inlinable public var action: VFIOIRQSetFlags { intersection(.actionTypeMask) }
 }
 
-public enum VFIODMAMapFlags {
-  public static let read: UInt32 = 1 << 0
-  public static let write: UInt32 = 1 << 1
+/// VFIO_DMA_MAP_FLAG_*: DMA_MAP's `flags`, the access the window allows.
+public struct VFIODMAMapFlags: OptionSet, Sendable, Hashable {
+  public let rawValue: UInt32
+  @inlinable public init(rawValue: UInt32) { self.rawValue = rawValue }
+  public static let read = VFIODMAMapFlags(rawValue: 1 << 0)
+  public static let write = VFIODMAMapFlags(rawValue: 1 << 1)
 }
 
-public enum VFIODMAUnmapFlags {
+/// VFIO_DMA_UNMAP_FLAG_*: DMA_UNMAP's `flags`.
+public struct VFIODMAUnmapFlags: OptionSet, Sendable, Hashable {
+  public let rawValue: UInt32
+  @inlinable public init(rawValue: UInt32) { self.rawValue = rawValue }
   /// VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP: part of the retired v1 migration, refused.
-  public static let getDirtyBitmap: UInt32 = 1 << 0
-  public static let all: UInt32 = 1 << 1
+  public static let getDirtyBitmap = VFIODMAUnmapFlags(rawValue: 1 << 0)
+  public static let all = VFIODMAUnmapFlags(rawValue: 1 << 1)
 }
 
 public enum VFIODeviceFeatureFlags {

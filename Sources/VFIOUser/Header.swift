@@ -47,22 +47,35 @@ public enum Command: UInt16, Sendable, CaseIterable, CustomStringConvertible {
 public struct MessageHeader: Equatable, Sendable {
   public static let size = 16
 
-  public static let typeMask: UInt32 = 0xF
-  public static let typeCommand: UInt32 = 0
-  public static let typeReply: UInt32 = 1
-  public static let noReplyFlag: UInt32 = 0x10
-  public static let errorFlag: UInt32 = 0x20
+  /// The header's flags word: a 4-bit type field (command 0, reply 1; the
+  /// other values are invalid), NO_REPLY and ERROR. A decoded word keeps its
+  /// reserved bits, which a command must not set (`hasOnlyCommandFlags`).
+  public struct Flags: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt32
+    @inlinable public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// The type field (a value, not a set of bits: test it with `type`).
+    public static let typeMask = Flags(rawValue: 0xF)
+    /// A command: type 0, the empty set.
+    public static let command: Flags = []
+    /// A reply: type 1.
+    public static let reply = Flags(rawValue: 1)
+    public static let noReply = Flags(rawValue: 0x10)
+    public static let error = Flags(rawValue: 0x20)
+
+    /// The type field alone: `.command`, `.reply`, or an invalid value.
+    @inlinable public var type: Flags { intersection(.typeMask) }
+  }
 
   public var messageID: UInt16
   /// Raw command number: an unknown number must still round-trip into an ENOSYS reply.
   public var command: UInt16
   /// Size of the whole message, header included.
   public var size: UInt32
-  public var flags: UInt32
+  public var flags: Flags
   public var error: UInt32
 
   public init(
-    messageID: UInt16, command: UInt16, size: UInt32, flags: UInt32 = 0, error: UInt32 = 0
+    messageID: UInt16, command: UInt16, size: UInt32, flags: Flags = .command, error: UInt32 = 0
   ) {
     self.messageID = messageID
     self.command = command
@@ -72,17 +85,17 @@ public struct MessageHeader: Equatable, Sendable {
   }
 
   public init(
-    messageID: UInt16, command: Command, size: UInt32, flags: UInt32 = 0, error: UInt32 = 0
+    messageID: UInt16, command: Command, size: UInt32, flags: Flags = .command, error: UInt32 = 0
   ) {
     self.init(
       messageID: messageID, command: command.rawValue, size: size, flags: flags, error: error)
   }
 
   public var knownCommand: Command? { Command(rawValue: command) }
-  public var isReply: Bool { flags & Self.typeMask == Self.typeReply }
-  public var isCommand: Bool { flags & Self.typeMask == Self.typeCommand }
-  public var wantsReply: Bool { flags & Self.noReplyFlag == 0 }
-  public var isError: Bool { flags & Self.errorFlag != 0 }
+  public var isReply: Bool { flags.type == .reply }
+  public var isCommand: Bool { flags.type == .command }
+  public var wantsReply: Bool { !flags.contains(.noReply) }
+  public var isError: Bool { flags.contains(.error) }
   public var payloadSize: Int { Int(size) - Self.size }
 
   /// Decodes and validates a header: size at least 16 and a known type (command or reply).
@@ -101,18 +114,18 @@ public struct MessageHeader: Equatable, Sendable {
     messageID = try r.u16(at: 0)
     command = try r.u16(at: 2)
     size = try r.u32(at: 4)
-    flags = try r.u32(at: 8)
+    flags = Flags(rawValue: try r.u32(at: 8))
     error = try r.u32(at: 12)
     guard size >= Self.size else { throw .invalidArgument }
   }
 
   /// Type bits say command (0) or reply (1); the other 14 values are invalid.
-  public var hasValidType: Bool { flags & Self.typeMask <= Self.typeReply }
+  public var hasValidType: Bool { flags.type.rawValue <= Flags.reply.rawValue }
 
   /// A command carries no ERROR flag, no errno and no reserved flag bit:
   /// only its type and NO_REPLY.
   public var hasOnlyCommandFlags: Bool {
-    flags & ~(Self.typeMask | Self.noReplyFlag) == 0 && error == 0
+    flags.isSubset(of: [.typeMask, .noReply]) && error == 0
   }
 
   @inlinable
@@ -120,7 +133,7 @@ public struct MessageHeader: Equatable, Sendable {
     bytes.storeBytes(of: messageID, toByteOffset: 0, as: UInt16.self)
     bytes.storeBytes(of: command, toByteOffset: 2, as: UInt16.self)
     bytes.storeBytes(of: size, toByteOffset: 4, as: UInt32.self)
-    bytes.storeBytes(of: flags, toByteOffset: 8, as: UInt32.self)
+    bytes.storeBytes(of: flags.rawValue, toByteOffset: 8, as: UInt32.self)
     bytes.storeBytes(of: error, toByteOffset: 12, as: UInt32.self)
   }
 
@@ -128,13 +141,13 @@ public struct MessageHeader: Equatable, Sendable {
   public func reply(payloadSize: Int) -> MessageHeader {
     MessageHeader(
       messageID: messageID, command: command, size: UInt32(Self.size + payloadSize),
-      flags: Self.typeReply)
+      flags: .reply)
   }
 
   /// The header of an error reply to this command (an error reply is header only).
   public func errorReply(_ errno: Errno) -> MessageHeader {
     MessageHeader(
       messageID: messageID, command: command, size: UInt32(Self.size),
-      flags: Self.typeReply | Self.errorFlag, error: UInt32(bitPattern: errno.rawValue))
+      flags: [.reply, .error], error: UInt32(bitPattern: errno.rawValue))
   }
 }

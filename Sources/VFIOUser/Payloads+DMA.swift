@@ -6,12 +6,14 @@ import SystemPackage
 public struct DMAMapRequest: WirePayload {
   public static let size = 32
   public var argsz: UInt32
-  public var flags: UInt32
+  public var flags: VFIODMAMapFlags
   public var offset: UInt64
   public var address: UInt64
   public var size: UInt64
 
-  public init(flags: UInt32, offset: UInt64, address: UInt64, size: UInt64, argsz: UInt32 = 32) {
+  public init(
+    flags: VFIODMAMapFlags, offset: UInt64, address: UInt64, size: UInt64, argsz: UInt32 = 32
+  ) {
     self.argsz = argsz
     self.flags = flags
     self.offset = offset
@@ -23,14 +25,13 @@ public struct DMAMapRequest: WirePayload {
     let r = ByteReader(bytes)
     guard bytes.count == Self.size else { throw .invalidArgument }
     argsz = try r.u32(at: 0)
-    flags = try r.u32(at: 4)
+    flags = VFIODMAMapFlags(rawValue: try r.u32(at: 4))
     offset = try r.u64(at: 8)
     address = try r.u64(at: 16)
     size = try r.u64(at: 24)
     guard argsz == UInt32(Self.size) else { throw .invalidArgument }
-    guard flags & ~(VFIODMAMapFlags.read | VFIODMAMapFlags.write) == 0 else {
-      throw .invalidArgument
-    }
+    // The decoded word keeps unknown bits: any is refused.
+    guard flags.isSubset(of: [.read, .write]) else { throw .invalidArgument }
     guard size > 0, address.addingReportingOverflow(size).overflow == false,
       offset.addingReportingOverflow(size).overflow == false
     else { throw .invalidArgument }
@@ -39,7 +40,7 @@ public struct DMAMapRequest: WirePayload {
   public var encodedSize: Int { Self.size }
   public func encode(into bytes: UnsafeMutableRawBufferPointer) {
     bytes.put(argsz, at: 0)
-    bytes.put(flags, at: 4)
+    bytes.put(flags.rawValue, at: 4)
     bytes.put(offset, at: 8)
     bytes.put(address, at: 16)
     bytes.put(size, at: 24)
@@ -50,11 +51,11 @@ public struct DMAMapRequest: WirePayload {
 public struct DMAUnmapPayload: WirePayload {
   public static let size = 24
   public var argsz: UInt32
-  public var flags: UInt32
+  public var flags: VFIODMAUnmapFlags
   public var address: UInt64
   public var size: UInt64
 
-  public init(flags: UInt32 = 0, address: UInt64, size: UInt64, argsz: UInt32 = 24) {
+  public init(flags: VFIODMAUnmapFlags = [], address: UInt64, size: UInt64, argsz: UInt32 = 24) {
     self.argsz = argsz
     self.flags = flags
     self.address = address
@@ -65,13 +66,13 @@ public struct DMAUnmapPayload: WirePayload {
     let r = ByteReader(bytes)
     guard bytes.count == Self.size else { throw .invalidArgument }
     argsz = try r.u32(at: 0)
-    flags = try r.u32(at: 4)
+    flags = VFIODMAUnmapFlags(rawValue: try r.u32(at: 4))
     address = try r.u64(at: 8)
     size = try r.u64(at: 16)
     guard argsz >= UInt32(Self.size) else { throw .invalidArgument }
     // Only UNMAP_ALL exists in this protocol; the dirty-bitmap flag belonged to v1 migration.
-    guard flags & ~VFIODMAUnmapFlags.all == 0 else { throw .invalidArgument }
-    if flags & VFIODMAUnmapFlags.all != 0 {
+    guard flags.isSubset(of: .all) else { throw .invalidArgument }
+    if flags.contains(.all) {
       guard address == 0, size == 0 else { throw .invalidArgument }
     } else {
       // As VFIO_IOMMU_UNMAP_DMA: the last byte must not wrap, so a range may end at
@@ -85,7 +86,7 @@ public struct DMAUnmapPayload: WirePayload {
   public var encodedSize: Int { Self.size }
   public func encode(into bytes: UnsafeMutableRawBufferPointer) {
     bytes.put(argsz, at: 0)
-    bytes.put(flags, at: 4)
+    bytes.put(flags.rawValue, at: 4)
     bytes.put(address, at: 8)
     bytes.put(size, at: 16)
   }

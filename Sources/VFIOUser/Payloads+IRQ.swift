@@ -6,11 +6,11 @@ import SystemPackage
 public struct IRQInfoPayload: WirePayload {
   public static let size = 16
   public var argsz: UInt32
-  public var flags: UInt32
+  public var flags: VFIOIRQInfoFlags
   public var index: UInt32
   public var count: UInt32
 
-  public init(argsz: UInt32 = 16, flags: UInt32 = 0, index: UInt32, count: UInt32 = 0) {
+  public init(argsz: UInt32 = 16, flags: VFIOIRQInfoFlags = [], index: UInt32, count: UInt32 = 0) {
     self.argsz = argsz
     self.flags = flags
     self.index = index
@@ -21,7 +21,7 @@ public struct IRQInfoPayload: WirePayload {
     let r = ByteReader(bytes)
     guard bytes.count == Self.size else { throw .invalidArgument }
     argsz = try r.u32(at: 0)
-    flags = try r.u32(at: 4)
+    flags = VFIOIRQInfoFlags(rawValue: try r.u32(at: 4))
     index = try r.u32(at: 8)
     count = try r.u32(at: 12)
   }
@@ -29,7 +29,7 @@ public struct IRQInfoPayload: WirePayload {
   public var encodedSize: Int { Self.size }
   public func encode(into bytes: UnsafeMutableRawBufferPointer) {
     bytes.put(argsz, at: 0)
-    bytes.put(flags, at: 4)
+    bytes.put(flags.rawValue, at: 4)
     bytes.put(index, at: 8)
     bytes.put(count, at: 12)
   }
@@ -39,7 +39,7 @@ public struct IRQInfoPayload: WirePayload {
 public struct IRQSetPayload: WirePayload {
   public static let fixedSize = 20
   public var argsz: UInt32
-  public var flags: UInt32
+  public var flags: VFIOIRQSetFlags
   public var index: UInt32
   public var start: UInt32
   public var count: UInt32
@@ -47,7 +47,7 @@ public struct IRQSetPayload: WirePayload {
   public var bools: [UInt8]
 
   public init(
-    argsz: UInt32? = nil, flags: UInt32, index: UInt32, start: UInt32, count: UInt32,
+    argsz: UInt32? = nil, flags: VFIOIRQSetFlags, index: UInt32, start: UInt32, count: UInt32,
     bools: [UInt8] = []
   ) {
     self.argsz = argsz ?? UInt32(Self.fixedSize + bools.count)
@@ -58,27 +58,22 @@ public struct IRQSetPayload: WirePayload {
     self.bools = bools
   }
 
-  public var dataType: UInt32 { flags & VFIOIRQSetFlags.dataTypeMask }
-  public var action: UInt32 { flags & VFIOIRQSetFlags.actionTypeMask }
-
   public init(decoding bytes: UnsafeRawBufferPointer) throws(Errno) {
     let r = ByteReader(bytes)
     guard bytes.count >= Self.fixedSize else { throw .invalidArgument }
     argsz = try r.u32(at: 0)
-    flags = try r.u32(at: 4)
+    flags = VFIOIRQSetFlags(rawValue: try r.u32(at: 4))
     index = try r.u32(at: 8)
     start = try r.u32(at: 12)
     count = try r.u32(at: 16)
     guard argsz >= UInt32(Self.fixedSize) else { throw .invalidArgument }
     // Exactly one data type and one action, nothing else.
-    let data = flags & VFIOIRQSetFlags.dataTypeMask
-    let action = flags & VFIOIRQSetFlags.actionTypeMask
-    guard flags & ~(VFIOIRQSetFlags.dataTypeMask | VFIOIRQSetFlags.actionTypeMask) == 0,
-      data.nonzeroBitCount == 1, action.nonzeroBitCount == 1
+    guard flags.isSubset(of: [.dataTypeMask, .actionTypeMask]),
+      flags.dataType.rawValue.nonzeroBitCount == 1, flags.action.rawValue.nonzeroBitCount == 1
     else { throw .invalidArgument }
     guard start.addingReportingOverflow(count).overflow == false else { throw .invalidArgument }
     let extra = bytes.count - Self.fixedSize
-    if data == VFIOIRQSetFlags.dataBool {
+    if flags.dataType == .dataBool {
       guard extra == Int(count) else { throw .invalidArgument }
       bools = Array(try r.rest(from: Self.fixedSize))
     } else {
@@ -90,7 +85,7 @@ public struct IRQSetPayload: WirePayload {
   public var encodedSize: Int { Self.fixedSize + bools.count }
   public func encode(into bytes: UnsafeMutableRawBufferPointer) {
     bytes.put(argsz, at: 0)
-    bytes.put(flags, at: 4)
+    bytes.put(flags.rawValue, at: 4)
     bytes.put(index, at: 8)
     bytes.put(start, at: 12)
     bytes.put(count, at: 16)

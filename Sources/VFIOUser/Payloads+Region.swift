@@ -32,7 +32,7 @@ public enum RegionCapability: Equatable, Sendable {
 public struct RegionInfoPayload: WirePayload {
   public static let fixedSize = 32
   public var argsz: UInt32
-  public var flags: UInt32
+  public var flags: VFIORegionFlags
   public var index: UInt32
   public var capOffset: UInt32
   public var size: UInt64
@@ -40,7 +40,8 @@ public struct RegionInfoPayload: WirePayload {
   public var capabilities: [RegionCapability]
 
   public init(
-    argsz: UInt32 = 32, flags: UInt32 = 0, index: UInt32, capOffset: UInt32 = 0, size: UInt64 = 0,
+    argsz: UInt32 = 32, flags: VFIORegionFlags = [], index: UInt32, capOffset: UInt32 = 0,
+    size: UInt64 = 0,
     offset: UInt64 = 0, capabilities: [RegionCapability] = []
   ) {
     self.argsz = argsz
@@ -59,13 +60,13 @@ public struct RegionInfoPayload: WirePayload {
     let r = ByteReader(bytes)
     guard bytes.count >= Self.fixedSize else { throw .invalidArgument }
     argsz = try r.u32(at: 0)
-    flags = try r.u32(at: 4)
+    flags = VFIORegionFlags(rawValue: try r.u32(at: 4))
     index = try r.u32(at: 8)
     capOffset = try r.u32(at: 12)
     size = try r.u64(at: 16)
     offset = try r.u64(at: 24)
     capabilities = []
-    guard flags & VFIORegionFlags.caps != 0, bytes.count > Self.fixedSize else { return }
+    guard flags.contains(.caps), bytes.count > Self.fixedSize else { return }
     var next = Int(capOffset)
     var seen = 0
     while next != 0 {
@@ -104,7 +105,7 @@ public struct RegionInfoPayload: WirePayload {
 
   public func encode(into bytes: UnsafeMutableRawBufferPointer) {
     bytes.put(argsz, at: 0)
-    bytes.put(flags, at: 4)
+    bytes.put(flags.rawValue, at: 4)
     bytes.put(index, at: 8)
     // The chain is written right after the fixed part, so that is where the
     // first capability is, whatever offset a decoded reply had.

@@ -54,11 +54,13 @@ public struct VersionPayload: WirePayload {
 public struct DeviceInfoPayload: WirePayload {
   public static let size = 16
   public var argsz: UInt32
-  public var flags: UInt32
+  public var flags: VFIODeviceFlags
   public var numRegions: UInt32
   public var numIRQs: UInt32
 
-  public init(argsz: UInt32 = 16, flags: UInt32 = 0, numRegions: UInt32 = 0, numIRQs: UInt32 = 0) {
+  public init(
+    argsz: UInt32 = 16, flags: VFIODeviceFlags = [], numRegions: UInt32 = 0, numIRQs: UInt32 = 0
+  ) {
     self.argsz = argsz
     self.flags = flags
     self.numRegions = numRegions
@@ -69,7 +71,7 @@ public struct DeviceInfoPayload: WirePayload {
     let r = ByteReader(bytes)
     guard bytes.count == Self.size else { throw .invalidArgument }
     argsz = try r.u32(at: 0)
-    flags = try r.u32(at: 4)
+    flags = VFIODeviceFlags(rawValue: try r.u32(at: 4))
     numRegions = try r.u32(at: 8)
     numIRQs = try r.u32(at: 12)
   }
@@ -77,7 +79,7 @@ public struct DeviceInfoPayload: WirePayload {
   public var encodedSize: Int { Self.size }
   public func encode(into bytes: UnsafeMutableRawBufferPointer) {
     bytes.put(argsz, at: 0)
-    bytes.put(flags, at: 4)
+    bytes.put(flags.rawValue, at: 4)
     bytes.put(numRegions, at: 8)
     bytes.put(numIRQs, at: 12)
   }

@@ -8,7 +8,7 @@ import VFIOUserSocket
 #endif
 
 extension VFIOUserClient {
-  private func decode<P: WirePayload>(_ type: P.Type, _ message: ClientMessage)
+  private func decode<P: WirePayload>(_ type: P.Type, _ message: borrowing ClientMessage)
     throws(VFIOUserClientError) -> P
   {
     do throws(Errno) {
@@ -25,32 +25,31 @@ extension VFIOUserClient {
   }
 
   /// Region info with its capability chain, and the mmap descriptor when the
-  /// region is mappable (the caller owns it). Re-asks with a larger argsz when
-  /// the first answer says the capabilities did not fit, as QEMU does.
-  public func regionInfo(_ index: UInt32, argsz: UInt32 = 32) throws(VFIOUserClientError) -> (
-    info: RegionInfoPayload, fd: Int32?
-  ) {
+  /// region is mappable (the caller's). Re-asks with a larger argsz when the
+  /// first answer says the capabilities did not fit, as QEMU does.
+  public func regionInfo(_ index: UInt32, argsz: UInt32 = 32) throws(VFIOUserClientError)
+    -> RegionInfoReply
+  {
     var size = argsz
     while true {
-      let reply = try request(
+      // Descriptors of a short answer, and any past the first, close with it.
+      var reply = try request(
         .deviceGetRegionInfo, payload: RegionInfoPayload(argsz: size, index: index).encoded())
       let info = try decode(RegionInfoPayload.self, reply)
       if info.argsz > size {
-        for fd in reply.fds { _ = close(fd) }
         size = info.argsz
         continue
       }
-      for fd in reply.fds.dropFirst() { _ = close(fd) }
-      return (info, reply.fds.first)
+      return RegionInfoReply(info: info, fd: reply.fds.isEmpty ? nil : reply.fds.take(0))
     }
   }
 
-  public func regionIOFDs(_ index: UInt32) throws(VFIOUserClientError) -> (
-    RegionIOFDsPayload, [Int32]
-  ) {
-    let reply = try request(
+  /// DEVICE_GET_REGION_IO_FDS, with the descriptors its sub-regions name (the caller's).
+  public func regionIOFDs(_ index: UInt32) throws(VFIOUserClientError) -> RegionIOFDsReply {
+    var reply = try request(
       .deviceGetRegionIOFDs, payload: RegionIOFDsPayload(argsz: 4096, index: index).encoded())
-    return (try decode(RegionIOFDsPayload.self, reply), reply.fds)
+    return RegionIOFDsReply(
+      payload: try decode(RegionIOFDsPayload.self, reply), fds: reply.fds.takeAll())
   }
 
   public func irqInfo(_ index: UInt32) throws(VFIOUserClientError) -> IRQInfoPayload {
@@ -59,13 +58,16 @@ extension VFIOUserClient {
       request(.deviceGetIRQInfo, payload: IRQInfoPayload(index: index).encoded()))
   }
 
-  public func setIRQs(_ payload: IRQSetPayload, fds: [Int32] = []) throws(VFIOUserClientError) {
+  /// DEVICE_SET_IRQS with `fds` (lent: the caller keeps its eventfds).
+  public func setIRQs(_ payload: IRQSetPayload, fds: [FileDescriptor] = [])
+    throws(VFIOUserClientError)
+  {
     try request(.deviceSetIRQs, payload: payload.encoded(), fds: fds)
   }
 
-  /// Eventfds for `fds.count` vectors from `start`, in messages of at most
-  /// `chunk` descriptors (QEMU sends max_msg_fds at a time).
-  public func setIRQEventfds(index: UInt32, start: UInt32, fds: [Int32], chunk: Int)
+  /// Eventfds (lent) for `fds.count` vectors from `start`, in messages of at
+  /// most `chunk` descriptors (QEMU sends max_msg_fds at a time).
+  public func setIRQEventfds(index: UInt32, start: UInt32, fds: [FileDescriptor], chunk: Int)
     throws(VFIOUserClientError)
   {
     var offset = 0
@@ -73,7 +75,7 @@ extension VFIOUserClient {
       let part = Array(fds[offset..<min(offset + chunk, fds.count)])
       try setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger, index: index,
+          flags: [.dataEventfd, .actionTrigger], index: index,
           start: start + UInt32(offset), count: UInt32(part.count)), fds: part)
       offset += part.count
     }
@@ -142,9 +144,11 @@ extension VFIOUserClient {
     return decoded.wrCnt
   }
 
-  /// DMA_MAP, optionally with the fd that backs the window (sent with SCM_RIGHTS). No allocation.
+  /// DMA_MAP, optionally with the fd that backs the window (lent: sent with
+  /// SCM_RIGHTS, the caller keeps it). No allocation.
   public func dmaMap(
-    address: UInt64, size: UInt64, flags: UInt32, fd: Int32? = nil, offset: UInt64 = 0
+    address: UInt64, size: UInt64, flags: VFIODMAMapFlags, fd: FileDescriptor? = nil,
+    offset: UInt64 = 0
   )
     throws(VFIOUserClientError)
   {
@@ -156,7 +160,7 @@ extension VFIOUserClient {
     do throws(Errno) {
       try channel.send(
         UnsafeRawBufferPointer(request), UnsafeRawBufferPointer(start: nil, count: 0),
-        fd: fd.map { FileDescriptor(rawValue: $0) })
+        fd: fd)
     } catch { throw .system(error) }
     try receiveAck(id: id)
   }
@@ -185,7 +189,7 @@ extension VFIOUserClient {
       DMAUnmapPayload.self,
       request(
         .dmaUnmap,
-        payload: DMAUnmapPayload(flags: VFIODMAUnmapFlags.all, address: 0, size: 0).encoded()))
+        payload: DMAUnmapPayload(flags: .all, address: 0, size: 0).encoded()))
   }
 
   public func reset() throws(VFIOUserClientError) { try request(.deviceReset) }
@@ -386,7 +390,7 @@ extension VFIOUserClient {
     let buffer = UnsafeMutableRawBufferPointer(rebasing: requestScratch[0..<32])
     MessageHeader(
       messageID: id, command: .regionWrite, size: UInt32(32 + data.count),
-      flags: posted ? MessageHeader.noReplyFlag : 0
+      flags: posted ? .noReply : .command
     ).encode(into: buffer)
     RegionAccessHeader(offset: offset, region: region, count: UInt32(data.count)).encode(
       into: UnsafeMutableRawBufferPointer(rebasing: buffer[16...]))
@@ -414,8 +418,7 @@ extension VFIOUserClient {
       // DMA_MAP or DMA_UNMAP): answered first, as `awaitReply` does.
       try serve(
         ClientMessage(
-          header: received.header, payload: Array(received.payload),
-          fds: received.fds.takeAll().release().map(\.rawValue)))
+          header: received.header, payload: Array(received.payload), fds: received.fds.takeAll()))
     }
     guard message.header.messageID == id, message.header.isReply else {
       throw .protocolViolation("reply id \(message.header.messageID) for \(id)")

@@ -7,11 +7,53 @@ import VFIOUserSocket
   import Glibc
 #endif
 
-/// A reply (or a server request) copied out of the stream.
-public struct ClientMessage: Sendable {
+/// A reply (or a server request) copied out of the stream, with the
+/// descriptors that came with it: the receiver's, closed when it lets the
+/// message go unless it took them (`fds.take(_:)`).
+public struct ClientMessage: ~Copyable {
   public var header: MessageHeader
   public var payload: [UInt8]
-  public var fds: [Int32]
+  public var fds: OwnedFileDescriptors
+
+  public init(
+    header: MessageHeader, payload: [UInt8],
+    fds: consuming OwnedFileDescriptors = OwnedFileDescriptors()
+  ) {
+    self.header = header
+    self.payload = payload
+    self.fds = fds
+  }
+}
+
+/// DEVICE_GET_REGION_INFO's answer: the region, and the descriptor to map
+/// it by when it is mappable (the caller's, closed with the value unless taken).
+public struct RegionInfoReply: ~Copyable {
+  public var info: RegionInfoPayload
+  public var fd: OwnedFileDescriptor?
+
+  public init(info: RegionInfoPayload, fd: consuming OwnedFileDescriptor?) {
+    self.info = info
+    self.fd = fd
+  }
+
+  /// `fd`, lent for as long as this reply holds it.
+  public var descriptor: FileDescriptor? {
+    switch fd {
+    case .some(let owned): owned.descriptor
+    case .none: nil
+    }
+  }
+}
+
+/// DEVICE_GET_REGION_IO_FDS's answer and the descriptors its sub-regions name (the caller's).
+public struct RegionIOFDsReply: ~Copyable {
+  public var payload: RegionIOFDsPayload
+  public var fds: OwnedFileDescriptors
+
+  public init(payload: RegionIOFDsPayload, fds: consuming OwnedFileDescriptors) {
+    self.payload = payload
+    self.fds = fds
+  }
 }
 
 /// A vfio-user client: speaks every command, answers the server's DMA_READ /
@@ -37,10 +79,12 @@ public final class VFIOUserClient {
 
   /// Wraps a connected socket, which it owns from then on, without
   /// negotiating (for raw protocol tests).
-  public init(fd: Int32, dmaLayout: DMATransferLayout = .spec, capacity: Int = (1 << 20) + 4096) {
-    socket = FileDescriptor(rawValue: fd)
-    channel = MessageChannel(
-      socket: OwnedFileDescriptor(taking: socket), capacity: max(capacity, 64 * 1024 + 64))
+  public init(
+    socket connected: consuming OwnedFileDescriptor, dmaLayout: DMATransferLayout = .spec,
+    capacity: Int = (1 << 20) + 4096
+  ) {
+    socket = connected.descriptor
+    channel = MessageChannel(socket: connected, capacity: max(capacity, 64 * 1024 + 64))
     self.dmaLayout = dmaLayout
     requestScratch = .allocate(byteCount: 64, alignment: 16)
   }
@@ -58,7 +102,9 @@ public final class VFIOUserClient {
   {
     let fd = cvfu_connect_unix(path)
     guard fd >= 0 else { throw .system(Errno(rawValue: -fd)) }
-    return VFIOUserClient(fd: fd, dmaLayout: dmaLayout, capacity: capacity)
+    return VFIOUserClient(
+      socket: OwnedFileDescriptor(taking: FileDescriptor(rawValue: fd)), dmaLayout: dmaLayout,
+      capacity: capacity)
   }
 
   /// The capabilities this client proposes by default.
@@ -119,8 +165,11 @@ public final class VFIOUserClient {
 
   // MARK: Raw messages
 
-  public func sendRaw(_ bytes: [UInt8], fds: [Int32] = []) throws(VFIOUserClientError) {
-    do throws(Errno) { try channel.send(bytes: bytes, fds: fds) } catch { throw .system(error) }
+  /// Sends `bytes` as they are, with `fds` (lent: the caller keeps them).
+  public func sendRaw(_ bytes: [UInt8], fds: [FileDescriptor] = []) throws(VFIOUserClientError) {
+    do throws(Errno) { try channel.send(bytes: bytes, fds: fds.map(\.rawValue)) } catch {
+      throw .system(error)
+    }
   }
 
   /// The next message from the server, or nil if none came within `timeoutMilliseconds`.
@@ -144,9 +193,7 @@ public final class VFIOUserClient {
     case .interrupted: preconditionFailure("a client's channel has no wake")
     case .message(var m):
       // The caller owns them from here.
-      return ClientMessage(
-        header: m.header, payload: Array(m.payload),
-        fds: m.fds.takeAll().release().map(\.rawValue))
+      return ClientMessage(header: m.header, payload: Array(m.payload), fds: m.fds.takeAll())
     }
   }
 
@@ -156,21 +203,22 @@ public final class VFIOUserClient {
     return id
   }
 
-  /// Sends a command and waits for its reply, answering server requests meanwhile.
+  /// Sends a command with `fds` (lent) and waits for its reply, answering
+  /// server requests meanwhile.
   @discardableResult
   public func request(
-    _ command: Command, payload: [UInt8] = [], fds: [Int32] = [], noReply: Bool = false
+    _ command: Command, payload: [UInt8] = [], fds: [FileDescriptor] = [], noReply: Bool = false
   )
     throws(VFIOUserClientError) -> ClientMessage
   {
     let id = allocateID()
     let bytes = encodeMessage(
-      id: id, command: command.rawValue, flags: noReply ? MessageHeader.noReplyFlag : 0,
+      id: id, command: command.rawValue, flags: noReply ? .noReply : .command,
       payload: payload)
     try sendRaw(bytes, fds: fds)
     if noReply {
       return ClientMessage(
-        header: MessageHeader(messageID: id, command: command, size: 16), payload: [], fds: [])
+        header: MessageHeader(messageID: id, command: command, size: 16), payload: [])
     }
     return try awaitReply(id: id, command: command.rawValue)
   }
@@ -178,20 +226,18 @@ public final class VFIOUserClient {
   /// Waits for the reply to message `id`, serving DMA requests that arrive first.
   public func awaitReply(id: UInt16, command: UInt16) throws(VFIOUserClientError) -> ClientMessage {
     while true {
-      guard var message = try receiveMessage() else { throw .timedOut }
+      guard let message = try receiveMessage() else { throw .timedOut }
       if message.header.isCommand {
         try serve(message)
         continue
       }
+      // A reply refused here closes its descriptors as it goes.
       guard message.header.messageID == id, message.header.command == command else {
-        for fd in message.fds { _ = close(fd) }
         throw .protocolViolation(
           "reply id \(message.header.messageID) command \(message.header.command), expected id \(id) command \(command)"
         )
       }
       if message.header.isError {
-        for fd in message.fds { _ = close(fd) }
-        message.fds = []
         throw .server(Errno(rawValue: Int32(bitPattern: message.header.error)), command: command)
       }
       return message
@@ -214,16 +260,16 @@ public final class VFIOUserClient {
     return handled
   }
 
-  /// Answers one DMA_READ / DMA_WRITE from `memory` (ENOSYS to anything else, like QEMU).
-  func serve(_ message: ClientMessage) throws(VFIOUserClientError) {
+  /// Answers one DMA_READ / DMA_WRITE from `memory` (ENOSYS to anything else,
+  /// like QEMU); descriptors it brought are closed with it.
+  func serve(_ message: borrowing ClientMessage) throws(VFIOUserClientError) {
     let h = message.header
-    for fd in message.fds { _ = close(fd) }
     func fail(_ e: Errno) throws(VFIOUserClientError) {
       if h.wantsReply {
         try sendRaw(
           encodeMessage(
             id: h.messageID, command: h.command,
-            flags: MessageHeader.typeReply | MessageHeader.errorFlag, error: UInt32(e.rawValue),
+            flags: [.reply, .error], error: UInt32(e.rawValue),
             payload: []))
       }
     }
@@ -250,7 +296,7 @@ public final class VFIOUserClient {
       if h.wantsReply {
         try sendRaw(
           encodeMessage(
-            id: h.messageID, command: h.command, flags: MessageHeader.typeReply, payload: reply))
+            id: h.messageID, command: h.command, flags: .reply, payload: reply))
       }
     case .dmaWrite:
       guard message.payload.count == 16 + count else { return try fail(.invalidArgument) }
@@ -267,7 +313,7 @@ public final class VFIOUserClient {
         let payload: [UInt8] = dmaLayout == .qemu ? [] : Array(message.payload[0..<16])
         try sendRaw(
           encodeMessage(
-            id: h.messageID, command: h.command, flags: MessageHeader.typeReply, payload: payload))
+            id: h.messageID, command: h.command, flags: .reply, payload: payload))
       }
     default:
       try fail(.noFunction)

@@ -88,7 +88,7 @@ extension Connection {
   /// memory released before the reply, which echoes the request.
   func dmaUnmap(_ payload: UnsafeRawBufferPointer) throws(Errno) -> Int {
     let request = try DMAUnmapPayload(decoding: payload)
-    let all = request.flags & VFIODMAUnmapFlags.all != 0
+    let all = request.flags.contains(.all)
     let windows: [DMAWindow]
     if all {
       windows = dma.windows

@@ -23,7 +23,7 @@ extension Connection {
       return handleVersion(header, message.payload, fds: message.fds.takeAll())
     case .invalidType:
       logger.warning(
-        "message \(header.messageID) has invalid type bits \(header.flags & MessageHeader.typeMask): EINVAL"
+        "message \(header.messageID) has invalid type bits \(header.flags.type.rawValue): EINVAL"
       )
       if header.wantsReply { sendError(to: header, .invalidArgument) }
       return nil
@@ -33,7 +33,7 @@ extension Connection {
       return nil
     case .invalidFlags(let command):
       logger.warning(
-        "\(command) id=\(header.messageID) with flags 0x\(String(header.flags, radix: 16)) error \(header.error): only NO_REPLY may be set on a command; EINVAL"
+        "\(command) id=\(header.messageID) with flags 0x\(String(header.flags.rawValue, radix: 16)) error \(header.error): only NO_REPLY may be set on a command; EINVAL"
       )
       if header.wantsReply { sendError(to: header, .invalidArgument) }
       return nil
@@ -260,13 +260,13 @@ extension Connection {
     if let region = regions[Int(request.index)] {
       info.size = region.size
       if region.size > 0 {
-        if region.readable { info.flags |= VFIORegionFlags.read }
-        if region.writable { info.flags |= VFIORegionFlags.write }
+        if region.readable { info.flags.insert(.read) }
+        if region.writable { info.flags.insert(.write) }
       }
       // A client that takes no descriptors cannot be handed the mapping: it
       // reaches the region through REGION_READ/WRITE instead.
       if let mmap = region.mmap, region.size > 0, clientCapabilities.effectiveMaxMsgFDs > 0 {
-        info.flags |= VFIORegionFlags.mmap
+        info.flags.insert(.mmap)
         info.offset = mmap.offset
         if !region.sparseAreas.isEmpty { info.capabilities.append(.sparseMmap(region.sparseAreas)) }
         if region.msixMappable { info.capabilities.append(.msixMappable) }
@@ -278,7 +278,7 @@ extension Connection {
     let full = info.fullSize
     info.argsz = UInt32(full)
     if !info.capabilities.isEmpty {
-      info.flags |= VFIORegionFlags.caps
+      info.flags.insert(.caps)
       // QEMU checks cap_offset lies within argsz even in a short reply, then asks again.
       info.capOffset = UInt32(RegionInfoPayload.fixedSize)
     }
@@ -290,7 +290,7 @@ extension Connection {
       return RegionInfoPayload.fixedSize
     }
     info.encode(into: out)
-    if info.flags & VFIORegionFlags.mmap != 0, let mmap = regions[Int(request.index)]?.mmap {
+    if info.flags.contains(.mmap), let mmap = regions[Int(request.index)]?.mmap {
       fd = mmap.fd  // lent: sent, not closed
     }
     return full
@@ -361,10 +361,10 @@ extension Connection {
   /// unwires the index; masks and the other data types leave it alone.
   private func noteWiring(_ payload: IRQSetPayload, eventFDs: Int) {
     let index = Int(payload.index)
-    guard payload.action == VFIOIRQSetFlags.actionTrigger else { return }
+    guard payload.flags.action == .actionTrigger else { return }
     if payload.count == 0 {
       for vector in irqVectorsWired[index].indices { irqVectorsWired[index][vector] = false }
-    } else if payload.dataType == VFIOIRQSetFlags.dataEventfd {
+    } else if payload.flags.dataType == .dataEventfd {
       for vector in Int(payload.start)..<Int(payload.start + payload.count) {
         irqVectorsWired[index][vector] = eventFDs > 0
       }

@@ -109,7 +109,7 @@ final class Connection {
       pageSize: dmaLimits.pageSizes & (~dmaLimits.pageSizes &+ 1),
       limit: Int(dmaLimits.maxWindows), limits: dmaLimits)
     irqDescriptions = (0..<backend.irqCount).map {
-      backend.irq($0) ?? IRQDescription(index: $0, count: 0, flags: 0)
+      backend.irq($0) ?? IRQDescription(index: $0, count: 0, flags: [])
     }
     irqIndexesSet = Array(repeating: false, count: irqDescriptions.count)
     irqVectorsWired = irqDescriptions.map { Array(repeating: false, count: Int($0.count)) }
@@ -376,7 +376,7 @@ final class Connection {
     MessageHeader(
       messageID: request.messageID, command: request.command,
       size: UInt32(length + (extra?.count ?? 0)),
-      flags: MessageHeader.typeReply
+      flags: .reply
     ).encode(into: UnsafeMutableRawBufferPointer(rebasing: tx[txUsed...]))
     guard fd != nil || extra != nil else {
       txUsed += length

@@ -139,8 +139,8 @@ struct DMATable {
     var entry = Entry(
       window: DMAWindow(
         address: request.address, size: request.size,
-        readable: request.flags & VFIODMAMapFlags.read != 0,
-        writable: request.flags & VFIODMAMapFlags.write != 0,
+        readable: request.flags.contains(.read),
+        writable: request.flags.contains(.write),
         fileOffset: file == nil ? 0 : request.offset))
     if let file {
       var protection: Int32 = 0

@@ -388,7 +388,7 @@ private struct HandoverImport {
       vf.irqs = try IRQEmulation.importHandover(
         from: &r, descriptors: &descriptors,
         describedAs: (0..<VFIOPCIIRQ.count).map {
-          SimulatedXeVF.describeIRQ($0) ?? IRQDescription(index: $0, count: 0, flags: 0)
+          SimulatedXeVF.describeIRQ($0) ?? IRQDescription(index: $0, count: 0, flags: [])
         })
     case .dirtyLog:
       if try r.handoverFlag("the dirty page log's presence") {

@@ -27,7 +27,7 @@ public final class SimulatedXeVF: VFIODeviceBackend {
   /// The client's interrupt eventfds, with vfio-pci's SET_IRQS semantics in software.
   var irqs = IRQEmulation(
     (0..<VFIOPCIIRQ.count).map {
-      SimulatedXeVF.describeIRQ($0) ?? IRQDescription(index: $0, count: 0, flags: 0)
+      SimulatedXeVF.describeIRQ($0) ?? IRQDescription(index: $0, count: 0, flags: [])
     })
   /// Sees every interrupt the device raises towards the client, before
   /// SET_IRQS masking (tests: the order of interrupts, which eventfds cannot tell).
@@ -41,7 +41,7 @@ public final class SimulatedXeVF: VFIODeviceBackend {
   var dirtyLog: DirtyPageLog?
   public internal(set) var resetCount = 0
 
-  public let deviceFlags = VFIODeviceFlags.pci | VFIODeviceFlags.reset
+  public let deviceFlags: VFIODeviceFlags = [.pci, .reset]
   public let regionCount = VFIOPCIRegion.count
   public let irqCount = VFIOPCIIRQ.count
 
@@ -118,13 +118,13 @@ public final class SimulatedXeVF: VFIODeviceBackend {
     case VFIOPCIIRQ.intx:
       return IRQDescription(
         index: index, count: 0,
-        flags: eventfd | VFIOIRQInfoFlags.maskable | VFIOIRQInfoFlags.automasked)
+        flags: [eventfd, .maskable, .automasked])
     case VFIOPCIIRQ.msi:
-      return IRQDescription(index: index, count: 0, flags: eventfd | VFIOIRQInfoFlags.noresize)
+      return IRQDescription(index: index, count: 0, flags: [eventfd, .noresize])
     case VFIOPCIIRQ.msix:
       return IRQDescription(index: index, count: UInt32(MSIXState.vectors), flags: eventfd)
     case VFIOPCIIRQ.err, VFIOPCIIRQ.req:
-      return IRQDescription(index: index, count: 1, flags: eventfd | VFIOIRQInfoFlags.noresize)
+      return IRQDescription(index: index, count: 1, flags: [eventfd, .noresize])
     default: return nil
     }
   }

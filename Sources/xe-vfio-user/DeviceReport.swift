@@ -1,4 +1,5 @@
 import MigrationTools
+import VFIOUser
 
 /// What `info` reports: a vfio-user device as a client sees it. The PCI part is
 /// decoded from the config space read through the socket; only the names of
@@ -249,6 +250,39 @@ struct DeviceReport: Codable, Equatable {
       migrationPath = String(record.migration.prefix { $0 != ":" })
       migrationDetail = record.migration
     }
+  }
+}
+
+// Each flags word as the report spells it: its raw value and a Bool for each known bit.
+
+extension DeviceReport.DeviceFlags {
+  init(_ flags: VFIODeviceFlags) {
+    self.init(raw: Int(flags.rawValue), pci: flags.contains(.pci), reset: flags.contains(.reset))
+  }
+}
+
+extension DeviceReport.Region.Flags {
+  init(_ flags: VFIORegionFlags, msixMappable: Bool) {
+    self.init(
+      raw: Int(flags.rawValue), read: flags.contains(.read), write: flags.contains(.write),
+      mmap: flags.contains(.mmap), msixMappable: msixMappable)
+  }
+}
+
+extension DeviceReport.IRQ.Flags {
+  init(_ flags: VFIOIRQInfoFlags) {
+    self.init(
+      raw: Int(flags.rawValue), eventfd: flags.contains(.eventfd),
+      maskable: flags.contains(.maskable), automasked: flags.contains(.automasked),
+      noresize: flags.contains(.noresize))
+  }
+}
+
+extension DeviceReport.Migration.Flags {
+  init(_ flags: MigrationFlags) {
+    self.init(
+      raw: flags.rawValue, stopCopy: flags.contains(.stopCopy), p2p: flags.contains(.p2p),
+      preCopy: flags.contains(.preCopy))
   }
 }
 

@@ -69,8 +69,7 @@ struct Info: ParsableCommand {
     let device = try client.deviceInfo()
     var regions: [DeviceReport.Region] = []
     for index in 0..<device.numRegions {
-      let (info, fd) = try client.regionInfo(index)
-      if let fd { close(fd) }
+      let info = try client.regionInfo(index).info  // its descriptor closes with the reply
       var areas: [DeviceReport.Region.Area] = []
       var type: DeviceReport.Region.RegionType?
       var msixMappable = false
@@ -81,28 +80,18 @@ struct Info: ParsableCommand {
         case .msixMappable: msixMappable = true
         }
       }
-      let flags = Int(info.flags)
       regions.append(
         .init(
           index: Int(index), name: VFIOPCIRegion.name(index), size: info.size,
-          flags: .init(
-            raw: flags, read: flags & Int(VFIORegionFlags.read) != 0,
-            write: flags & Int(VFIORegionFlags.write) != 0,
-            mmap: flags & Int(VFIORegionFlags.mmap) != 0, msixMappable: msixMappable),
-          mmapAreas: areas, type: type))
+          flags: .init(info.flags, msixMappable: msixMappable), mmapAreas: areas, type: type))
     }
     var irqs: [DeviceReport.IRQ] = []
     for index in 0..<device.numIRQs {
       let info = try client.irqInfo(index)
-      let flags = Int(info.flags)
       irqs.append(
         .init(
           index: Int(index), name: VFIOPCIIRQ.name(index), count: Int(info.count),
-          flags: .init(
-            raw: flags, eventfd: flags & Int(VFIOIRQInfoFlags.eventfd) != 0,
-            maskable: flags & Int(VFIOIRQInfoFlags.maskable) != 0,
-            automasked: flags & Int(VFIOIRQInfoFlags.automasked) != 0,
-            noresize: flags & Int(VFIOIRQInfoFlags.noresize) != 0)))
+          flags: .init(info.flags)))
     }
 
     // The whole config space (4 KiB for PCIe) in reads the server accepts.
@@ -125,11 +114,8 @@ struct Info: ParsableCommand {
     // Migration: VFIO_DEVICE_FEATURE_MIGRATION, then the current MIG_DEVICE_STATE.
     var migration = DeviceReport.Migration(supported: false)
     do {
-      let flags = try client.migrationFlags()
+      migration.flags = .init(try client.migrationFlags())
       migration.supported = true
-      migration.flags = .init(
-        raw: flags.rawValue, stopCopy: flags.contains(.stopCopy), p2p: flags.contains(.p2p),
-        preCopy: flags.contains(.preCopy))
       migration.state = try client.migrationState().description
     } catch let error {
       guard let errno = error.errno else { throw error }
@@ -158,9 +144,7 @@ struct Info: ParsableCommand {
       className: PCINames.class(classCode), headerType: config.u8(0x0E),
       command: pci.header.command, status: pci.header.status, interruptPin: config.u8(0x3D),
       bars: pci.bars, capabilities: pci.capabilities, extendedCapabilities: pci.extended,
-      deviceFlags: .init(
-        raw: Int(device.flags), pci: device.flags & VFIODeviceFlags.pci != 0,
-        reset: device.flags & VFIODeviceFlags.reset != 0),
+      deviceFlags: .init(device.flags),
       regions: regions, irqs: irqs, migration: migration, dmaLogging: dmaLogging,
       server: .init(
         maxDataXferSize: Int(caps.effectiveMaxDataXferSize),

@@ -1,6 +1,7 @@
 import CVFIOUser
 import Checkpoint
 import Foundation
+import TestSupport
 import Testing
 import VFIOUser
 import VFIOUserClient

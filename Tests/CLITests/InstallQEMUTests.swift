@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 /// scripts/install-qemu.sh and scripts/guest.sh as a user runs them, against a
@@ -21,7 +22,9 @@ struct InstallQEMUTests {
     let fake = try FakeDebian()
     defer { fake.cleanUp() }
     let first = try fake.start(script, environment: ["FAKE_SECONDS": "0.5"])
-    #expect(waitUntil { fake.starts.contains("debootstrap") }, "\(tail(first.output))")
+    #expect(
+      waitUntil(timeout: 30, interval: 0.02) { fake.starts.contains("debootstrap") },
+      "\(tail(first.output))")
     let second = try fake.start(script, environment: ["FAKE_SECONDS": "0.5"])
     let firstStatus = first.finish()
     let secondStatus = second.finish()
@@ -51,11 +54,13 @@ struct InstallQEMUTests {
     let fake = try FakeDebian()
     defer { fake.cleanUp() }
     let first = try fake.start(script, environment: ["FAKE_HANG": step])
-    #expect(waitUntil { fake.hanging != nil }, "\(tail(first.output))")
+    #expect(waitUntil(timeout: 30, interval: 0.02) { fake.hanging != nil }, "\(tail(first.output))")
     let hanging = try #require(fake.hanging)
     let second = try fake.start(script)
     let waiting = "waiting for another install-qemu.sh (pid \(first.pid))"
-    _ = waitUntil { second.output.contains(waiting) || !second.process.isRunning }
+    _ = waitUntil(timeout: 30, interval: 0.02) {
+      second.output.contains(waiting) || !second.process.isRunning
+    }
     let waited = second.output.contains(waiting)
     #expect(waited, "\(tail(second.output))")
 
@@ -292,23 +297,13 @@ final class ScriptRun {
   /// Waits for the exit: the status, or the signal that ended it. One that
   /// hangs is a failure, and killed.
   func finish(seconds: Double = 120) -> Int32 {
-    if !waitUntil(seconds: seconds, { !process.isRunning }) {
+    if !waitUntil(timeout: seconds, interval: 0.02, { !process.isRunning }) {
       Issue.record("\(process.executableURL?.path ?? "") still runs after \(seconds) s: killed")
       kill(pid, SIGKILL)
     }
     process.waitUntilExit()
     return process.terminationStatus
   }
-}
-
-/// Polls `condition` until it holds or `seconds` pass.
-func waitUntil(seconds: Double = 30, _ condition: () -> Bool) -> Bool {
-  let deadline = Date().addingTimeInterval(seconds)
-  while Date() < deadline {
-    if condition() { return true }
-    usleep(20_000)
-  }
-  return condition()
 }
 
 /// The last lines of a script's output, for a failure's message.

@@ -1,5 +1,7 @@
 import CVFIOUser
 import Foundation
+import SystemPackage
+import TestSupport
 import Testing
 import VFIOUser
 import VFIOUserClient
@@ -103,17 +105,20 @@ struct LifecycleStressTests {
     case .midMessageWithDescriptor:
       let client = try connect(serve)
       let message = header(.dmaMap, size: 16 + 32) + [UInt8](repeating: 0, count: 8)
-      try client.sendRaw(message, fds: [material.memfd])
+      try client.sendRaw(message, fds: [FileDescriptor(rawValue: material.memfd)])
     case .dmaAndEventfdsLive:
       let client = try connect(serve)
-      try client.dmaMap(address: 1 << 30, size: 1 << 16, flags: 3, fd: material.memfd)
-      try client.dmaMap(address: 2 << 30, size: 1 << 16, flags: 3)
+      try client.dmaMap(
+        address: 1 << 30, size: 1 << 16, flags: [.read, .write],
+        fd: FileDescriptor(rawValue: material.memfd))
+      try client.dmaMap(address: 2 << 30, size: 1 << 16, flags: [.read, .write])
       let count = Int.random(in: 1...material.eventfds.count, using: &rng)
       try client.setIRQEventfds(
-        index: VFIOPCIIRQ.msix, start: 0, fds: Array(material.eventfds.prefix(count)), chunk: count)
+        index: VFIOPCIIRQ.msix, start: 0,
+        fds: material.eventfds.prefix(count).map(FileDescriptor.init(rawValue:)),
+        chunk: count)
       if Bool.random(using: &rng) {
-        let (_, fd) = try client.regionInfo(VFIOPCIRegion.bar0)
-        if let fd { close(fd) }
+        _ = try client.regionInfo(VFIOPCIRegion.bar0)  // its descriptor closes with it
       }
     case .inStopCopy:
       let client = try connect(serve)
@@ -174,7 +179,7 @@ struct LifecycleStressTests {
         "GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.pthread.stack_cache_size=0"
       ])
     defer { _ = serve.stop() }
-    let pid = serve.process.processIdentifier
+    let pid = serve.pid
     let material = Material()
     do {
       let client = try serve.connect()

@@ -1,6 +1,8 @@
 import CVFIOUser
 import Control
 import Foundation
+import SystemPackage
+import TestSupport
 import Testing
 import VFIODevice
 import VFIOUser
@@ -86,7 +88,7 @@ struct LiveUpdateTests {
   @Test func aClientMidWorkCarriesOnAcrossAHundredUpdates() throws {
     let server = try ServeProcess(["--vram-size", "16M", "--quiet"])
     let control = server.socketPath + ".control"
-    var pid = server.process.processIdentifier
+    var pid = server.pid
     defer {
       if kill(pid, 0) == 0 { kill(pid, SIGTERM) }
       _ = server.stop()
@@ -98,8 +100,9 @@ struct LiveUpdateTests {
     ftruncate(memfd, 1 << 20)
     let guest = mmap(nil, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0)!
     defer { munmap(guest, 1 << 20) }
-    try client.dmaMap(address: 1 << 30, size: 1 << 20, flags: 3, fd: memfd)
-    try client.dmaMap(address: 2 << 30, size: 1 << 20, flags: 3)  // reached by messages
+    try client.dmaMap(
+      address: 1 << 30, size: 1 << 20, flags: [.read, .write], fd: FileDescriptor(rawValue: memfd))
+    try client.dmaMap(address: 2 << 30, size: 1 << 20, flags: [.read, .write])  // reached by messages
     // 300 windows of as many files: more descriptors than one SCM_RIGHTS message
     // carries (the handover sends them 250 at a time), and 2,000 of one file.
     var files: [Int32] = []
@@ -108,19 +111,24 @@ struct LiveUpdateTests {
       let file = cvfu_memfd_create("window-\(i)", 0)
       ftruncate(file, 4096)
       files.append(file)
-      try client.dmaMap(address: 3 << 30 + UInt64(i) * 4096, size: 4096, flags: 3, fd: file)
+      try client.dmaMap(
+        address: 3 << 30 + UInt64(i) * 4096, size: 4096, flags: [.read, .write],
+        fd: FileDescriptor(rawValue: file))
     }
     let shared = cvfu_memfd_create("windows", 0)
     defer { close(shared) }
     ftruncate(shared, 2000 * 4096)
     for i in 0..<2000 {
       try client.dmaMap(
-        address: 4 << 30 + UInt64(i) * 4096, size: 4096, flags: 3, fd: shared,
+        address: 4 << 30 + UInt64(i) * 4096, size: 4096, flags: [.read, .write],
+        fd: FileDescriptor(rawValue: shared),
         offset: UInt64(i) * 4096)
     }
     let eventfds = (0..<4).map { _ in cvfu_eventfd(0, 0o4000) }
     defer { eventfds.forEach { close($0) } }
-    try client.setIRQEventfds(index: VFIOPCIIRQ.msix, start: 0, fds: eventfds, chunk: 4)
+    try client.setIRQEventfds(
+      index: VFIOPCIIRQ.msix, start: 0, fds: eventfds.map { FileDescriptor(rawValue: $0) }, chunk: 4
+    )
     try client.startDMALogging(
       pageSize: 4096, ranges: [DMALoggingRange(iova: 1 << 30, length: 1 << 20)])
     // Enable memory and bus mastering, and MSI-X, as a guest driver does.
@@ -224,7 +232,7 @@ struct LiveUpdateTests {
   @Test func refusalsLeaveTheServerServing() throws {
     let server = try ServeProcess(["--vram-size", "16M", "--quiet"])
     let control = server.socketPath + ".control"
-    let pid = server.process.processIdentifier
+    let pid = server.pid
     defer { _ = server.stop() }
     let client = try server.connect()
     try client.write32(region: VFIOPCIRegion.bar0, offset: Reg.scratch(gt: 0, index: 0), 0xC0FFEE)
@@ -313,7 +321,7 @@ struct LiveUpdateTests {
     #expect(result.stdout.contains("serves \(server.socketPath) now"), "\(result.stdout)")
     #expect(result.stdout.contains("requests paused"), "\(result.stdout)")
     let pid = try LiveUpdateTests.servingPID(server.socketPath + ".control")
-    #expect(pid != server.process.processIdentifier)
+    #expect(pid != server.pid)
     // A new client is served by the successor.
     let client = try server.connect()
     #expect(try client.read32(region: VFIOPCIRegion.config, offset: 0) & 0xFFFF == 0x8086)

@@ -1,5 +1,6 @@
 import CVFIOUser
 import Foundation
+import TestSupport
 import Testing
 import VFIOUser
 import VFIOUserClient

@@ -2,6 +2,7 @@ import CVFIOUser
 import Checkpoint
 import Control
 import Foundation
+import TestSupport
 import Testing
 import VFIODevice
 import VFIOUser
@@ -119,7 +120,7 @@ struct MigrationFailureTests {
     ])
     #expect(migrate.waitFor("migrating: "))
     if halfway { #expect(migrate.waitFor("migrating: ", times: 5)) }
-    kill(destination.process.processIdentifier, SIGKILL)
+    kill(destination.pid, SIGKILL)
     let status = migrate.wait()
     #expect(status == 1, "\(migrate.stderr)")  // a reported failure, not a signal
     #expect(migrate.stderr.contains("--to \(destination.socketPath)"), "\(migrate.stderr)")
@@ -178,7 +179,7 @@ struct MigrationFailureTests {
     let status = try ControlClient(path: destination.socketPath + ".control").execute(
       "query-status")
     #expect(status["migration"]?["state"] == .string("RESUMING"), "\(status)")
-    kill(source.process.processIdentifier, SIGKILL)
+    kill(source.pid, SIGKILL)
     kill(migrate.process.processIdentifier, SIGCONT)
     #expect(migrate.wait() == 1)
     #expect(migrate.stderr.contains("--from \(source.socketPath)"), "\(migrate.stderr)")
@@ -324,7 +325,7 @@ struct MigrationFailureTests {
       "save", "-s", source.socketPath, "-o", target, "--progress", "--no-compress",
     ])
     #expect(save.waitFor("saving: "))
-    kill(source.process.processIdentifier, SIGKILL)  // the source server dies mid-save
+    kill(source.pid, SIGKILL)  // the source server dies mid-save
     #expect(save.wait() == 1)
     #expect(save.stderr.contains("-s \(source.socketPath)"), "\(save.stderr)")
     #expect(try String(contentsOfFile: target, encoding: .utf8) == "previous checkpoint")

@@ -1,6 +1,7 @@
 import CVFIOUser
 import Control
 import Foundation
+import TestSupport
 import Testing
 import VFIODevice
 import VFIOUser
@@ -31,7 +32,7 @@ struct OperateTests {
   /// Waits for `serve`'s record and control socket.
   func ready(_ server: ServeProcess) throws -> VFIOUserClient {
     let client = try server.connect()
-    let record = runDirectory + "/simulated-\(server.process.processIdentifier)"
+    let record = runDirectory + "/simulated-\(server.pid)"
     for _ in 0..<500
     where !FileManager.default.fileExists(atPath: server.socketPath + ".control")
       || !FileManager.default.fileExists(atPath: record)
@@ -65,13 +66,13 @@ struct OperateTests {
       text = try cli("list")
     }
     #expect(text.status == 0, "\(text.stderr)")
-    let busyPID = busy.process.processIdentifier
+    let busyPID = busy.pid
     #expect(text.stdout.contains("Servers (records in \(runDirectory)):"), "\(text.stdout)")
     #expect(
       text.stdout.contains(
         "simulated-\(busyPID): pid \(busyPID), simulated Xe VF bmg [8086:e211], 256 MiB VRAM on \(busy.socketPath)"
       ), "\(text.stdout)")
-    #expect(text.stdout.contains("simulated-\(idle.process.processIdentifier): pid"))
+    #expect(text.stdout.contains("simulated-\(idle.pid): pid"))
     #expect(text.stdout.contains("Removed the record simulated-999999: its server is gone"))
     #expect(!FileManager.default.fileExists(atPath: stale))
     let json = try JSON.parse(Array(try cli("list --json").stdout.utf8))
@@ -124,9 +125,9 @@ struct OperateTests {
     #expect(first.status == 0, "\(first.stderr)")
     let before = try Self.parse(first.stdout)
     for _ in 0..<250 { _ = try client.read32(region: VFIOPCIRegion.config, offset: 0) }
-    try client.dmaMap(address: 1 << 30, size: 1 << 20, flags: 3)
+    try client.dmaMap(address: 1 << 30, size: 1 << 20, flags: [.read, .write])
     let after = try Self.parse(try cli("metrics").stdout)
-    let name = "simulated-\(server.process.processIdentifier)"
+    let name = "simulated-\(server.pid)"
     let reads = "xe_vfio_user_messages_total{server=\"\(name)\",command=\"REGION_READ\"}"
     #expect(after.samples[reads]! - before.samples[reads]! == 250)
     #expect(after.samples["xe_vfio_user_up{server=\"\(name)\"}"] == 1)
@@ -210,7 +211,7 @@ struct OperateTests {
     #expect(lines.count == 3)
     #expect(lines[1].hasPrefix("SERVER") && lines[1].contains("MSG/S"))
     let row = lines[2].split(separator: " ", omittingEmptySubsequences: true)
-    #expect(row[0] == "simulated-\(server.process.processIdentifier)")
+    #expect(row[0] == "simulated-\(server.pid)")
     #expect(row[2] == "\(getpid())" && row[3] == "RUNNING")
     #expect((Int(row[4]) ?? 0) > 0, "messages/s while the client reads: \(lines[2])")
     let frames = try cli("top -n 2 --interval 0.2")

@@ -1,5 +1,7 @@
 import CVFIOUser
 import Foundation
+import SystemPackage
+import TestSupport
 import Testing
 import VFIOUser
 import VFIOUserClient
@@ -39,21 +41,13 @@ struct ServeHardeningTests {
   @Test(arguments: [SIGTERM, SIGHUP])
   func aLogReaderThatLeavesNeverKillsTheServer(stop signal: Int32) throws {
     try withTemporaryDirectory("xvu-log") { directory in
-      let path = directory + "/vf0.sock"
       var ends: [Int32] = [-1, -1]
       #expect(pipe(&ends) == 0)
-      let serve = Process()
-      serve.executableURL = executable
-      serve.arguments = ["serve", "--socket-path", path, "--vram-size", "16M"]
-      let writer = FileHandle(fileDescriptor: ends[1], closeOnDealloc: false)
-      serve.standardOutput = writer
-      serve.standardError = writer
-      try serve.run()
+      let serve = try ServeProcess(
+        ["--vram-size", "16M"], directory: directory, outputDescriptor: ends[1])
+      let path = serve.socketPath
       close(ends[1])
-      defer {
-        if serve.isRunning { kill(serve.processIdentifier, SIGKILL) }
-        serve.waitUntilExit()
-      }
+      defer { serve.stop(signal: SIGKILL, keepDirectory: true) }
       // Like `head -1`: the first line, then the reader is gone.
       var byte: UInt8 = 0
       while read(ends[0], &byte, 1) == 1, byte != UInt8(ascii: "\n") {}
@@ -70,9 +64,8 @@ struct ServeHardeningTests {
         #expect(try served.deviceInfo().numRegions == 9)
         #expect(serve.isRunning, "round \(round)")
       }
-      kill(serve.processIdentifier, signal)
-      serve.waitUntilExit()
-      #expect(serve.terminationReason == .exit && serve.terminationStatus == 0)
+      // Exit 0, not a signal's end (128 + the signal).
+      #expect(serve.stop(signal: signal, keepDirectory: true).status == 0)
       #expect(!FileManager.default.fileExists(atPath: path), "the socket was left behind")
     }
   }
@@ -87,15 +80,9 @@ struct ServeHardeningTests {
   func staleSocketIsReplaced(in directory: String) throws {
     let path = directory + "/vf0.sock"
     makeStaleSocket(path)
-    let serve = Process()
-    serve.executableURL = executable
-    serve.arguments = ["serve", "--socket-path", path, "--quiet"]
-    serve.standardError = FileHandle.nullDevice
-    try serve.run()
-    defer {
-      kill(serve.processIdentifier, SIGTERM)
-      serve.waitUntilExit()
-    }
+    let serve = try ServeProcess(["--quiet"], directory: directory)
+    #expect(serve.socketPath == path)
+    defer { serve.stop(keepDirectory: true) }
     var client: VFIOUserClient?
     for _ in 0..<500 where client == nil {
       client = try? VFIOUserClient.connect(path: path)
@@ -180,10 +167,12 @@ struct ServeHardeningTests {
     let memfd = cvfu_memfd_create("xvu-signal", 1)
     defer { close(memfd) }
     ftruncate(memfd, 1 << 20)
-    try client.dmaMap(address: 1 << 30, size: 1 << 20, flags: 3, fd: memfd)
+    try client.dmaMap(
+      address: 1 << 30, size: 1 << 20, flags: [.read, .write], fd: FileDescriptor(rawValue: memfd))
     let eventfds = (0..<4).map { _ in cvfu_eventfd(0, O_CLOEXEC) }
     defer { eventfds.forEach { close($0) } }
-    try client.setIRQEventfds(index: VFIOPCIIRQ.msix, start: 0, fds: eventfds, chunk: 4)
+    try client.setIRQEventfds(
+      index: VFIOPCIIRQ.msix, start: 0, fds: eventfds.map(FileDescriptor.init(rawValue:)), chunk: 4)
     expectCleanStop(
       serve, client, signal: signal,
       logs: ["client disconnected (shutdown); DMA and eventfds released, device reset"])
@@ -277,7 +266,7 @@ struct ServeHardeningTests {
     let data = try loadDevice(source, vram: 16 << 20, seed: 3)
     _ = try destination.connect()
     for serve in [source, destination] {
-      let ids = credentials(serve.process.processIdentifier)
+      let ids = credentials(serve.pid)
       #expect(ids.uids == "65534 65534 65534" && ids.gids == "65534 65534 65534", "\(ids)")
       var st = stat()
       #expect(stat(serve.socketPath, &st) == 0)

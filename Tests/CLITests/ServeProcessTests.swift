@@ -1,76 +1,13 @@
 import CVFIOUser
 import Foundation
+import SystemPackage
+import TestSupport
 import Testing
 import VFIOUser
 import VFIOUserClient
 
-/// The built executable (`swift build` puts it next to the test bundle).
-let executable: URL = {
-  var dir = URL(fileURLWithPath: #filePath)
-  while dir.lastPathComponent != "Tests" { dir.deleteLastPathComponent() }
-  let root = dir.deletingLastPathComponent()
-  for config in ["debug", "release"] {
-    let url = root.appendingPathComponent(".build/\(config)/xe-vfio-user")
-    if FileManager.default.isExecutableFile(atPath: url.path) { return url }
-  }
-  return root.appendingPathComponent(".build/debug/xe-vfio-user")
-}()
-
-/// `xe-vfio-user serve` as a child process, with its output captured.
-final class ServeProcess: @unchecked Sendable {
-  let process = Process()
-  let output = Pipe()
-  let errors = Pipe()
-  let socketPath: String
-  let directory: String
-
-  /// - Parameter directoryMode: the socket directory's mode (01777 lets a
-  ///   server that dropped root remove its socket there).
-  ///   `environment`: variables added to the test's own for the server.
-  init(
-    _ arguments: [String] = [], directoryMode: mode_t? = nil, environment: [String: String] = [:]
-  ) throws {
-    directory = NSTemporaryDirectory() + "xvu-cli-\(UUID().uuidString.prefix(8))"
-    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-    if let directoryMode { chmod(directory, directoryMode) }
-    socketPath = directory + "/vf0.sock"
-    process.executableURL = executable
-    process.arguments = ["serve", "--socket-path", socketPath] + arguments
-    if !environment.isEmpty {
-      process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
-    }
-    process.standardOutput = output
-    process.standardError = errors
-    try process.run()
-  }
-
-  /// Connects once the socket is up.
-  func connect() throws -> VFIOUserClient {
-    for _ in 0..<500 {
-      if let client = try? VFIOUserClient.connect(path: socketPath) { return client }
-      usleep(10_000)
-    }
-    return try VFIOUserClient.connect(path: socketPath)
-  }
-
-  var openFDs: Int {
-    (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(process.processIdentifier)/fd")
-      .count) ?? -1
-  }
-
-  /// Signals the server (unless it has exited) and collects its output; the
-  /// socket directory is removed afterwards unless `keepDirectory`.
-  func stop(signal: Int32 = SIGTERM, keepDirectory: Bool = false) -> (
-    status: Int32, stdout: String, stderr: String
-  ) {
-    if process.isRunning { kill(process.processIdentifier, signal) }
-    process.waitUntilExit()
-    let out = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    let err = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    if !keepDirectory { try? FileManager.default.removeItem(atPath: directory) }
-    return (process.terminationStatus, out, err)
-  }
-}
+/// The built executable (TestSupport finds it), for running it directly.
+let executable = URL(fileURLWithPath: xeVFIOUserExecutable)
 
 /// Runs the executable with `arguments` (or a shell line given as `["__shell__", line]`).
 func run(_ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
@@ -156,18 +93,22 @@ struct ServeProcessTests {
       let client = try serve.connect()
       let memfd = cvfu_memfd_create("guest", 0)
       ftruncate(memfd, 1 << 20)
-      try client.dmaMap(address: 1 << 30, size: 1 << 20, flags: 3, fd: memfd)
-      try client.dmaMap(address: 2 << 30, size: 1 << 20, flags: 3)
+      try client.dmaMap(
+        address: 1 << 30, size: 1 << 20, flags: [.read, .write], fd: FileDescriptor(rawValue: memfd)
+      )
+      try client.dmaMap(address: 2 << 30, size: 1 << 20, flags: [.read, .write])
       let eventfds = (0..<16).map { _ in cvfu_eventfd(0, 0) }
-      try client.setIRQEventfds(index: VFIOPCIIRQ.msix, start: 0, fds: eventfds, chunk: 8)
+      try client.setIRQEventfds(
+        index: VFIOPCIIRQ.msix, start: 0, fds: eventfds.map(FileDescriptor.init(rawValue:)),
+        chunk: 8)
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger, index: 3, start: 0,
+          flags: [.dataEventfd, .actionTrigger], index: 3, start: 0,
           count: 1),
-        fds: [eventfds[0]])
-      let (_, regionFD) = try client.regionInfo(2)
-      #expect(regionFD != nil)
-      if let regionFD { close(regionFD) }
+        fds: [FileDescriptor(rawValue: eventfds[0])])
+      var region = try client.regionInfo(2)
+      #expect(region.descriptor != nil)
+      region.fd.take()?.close()
       #expect(serve.openFDs > idle, "round \(round): the server holds the client's eventfds")
       close(memfd)
       eventfds.forEach { close($0) }

@@ -1,5 +1,6 @@
 import CVFIOUser
 import Foundation
+import TestSupport
 import Testing
 import VFIOUser
 import VFIOUserClient
@@ -125,7 +126,7 @@ struct SparseFallbackTests {
       "migrate", "--from", source.socketPath, "--to", destination.socketPath, "--progress",
     ])
     #expect(migrate.waitFor("migrating: ", times: 3))
-    kill(destination.process.processIdentifier, SIGKILL)
+    kill(destination.pid, SIGKILL)
     let status = migrate.wait()
     #expect(status == 1, "\(migrate.stderr)")
     #expect(migrate.stderr.contains("--to \(destination.socketPath)"), "\(migrate.stderr)")

@@ -3,6 +3,7 @@ import Control
 import Foundation
 import Logging
 import Synchronization
+import SystemPackage
 import Testing
 import VFIODevice
 import VFIOUser
@@ -194,10 +195,12 @@ struct ControlCommandTests {
     let memfd = cvfu_memfd_create("guest", 0)
     defer { close(memfd) }
     ftruncate(memfd, 1 << 20)
-    try client.dmaMap(address: 1 << 30, size: 1 << 20, flags: 3, fd: memfd)
+    try client.dmaMap(
+      address: 1 << 30, size: 1 << 20, flags: [.read, .write], fd: FileDescriptor(rawValue: memfd))
     let eventfd = cvfu_eventfd(0, 0)
     defer { close(eventfd) }
-    try client.setIRQEventfds(index: VFIOPCIIRQ.msix, start: 2, fds: [eventfd], chunk: 1)
+    try client.setIRQEventfds(
+      index: VFIOPCIIRQ.msix, start: 2, fds: [FileDescriptor(rawValue: eventfd)], chunk: 1)
     typealias D = XeSimRegisters.DMA
     try client.write64(region: 0, offset: D.src, 0)
     try client.write64(region: 0, offset: D.dst, 1 << 30)

@@ -2,6 +2,7 @@ import CVFIOUser
 import Control
 import Foundation
 import Synchronization
+import SystemPackage
 import Testing
 import VFIODevice
 import VFIOUser
@@ -92,13 +93,15 @@ struct ControlChannelTests {
     let memfd = cvfu_memfd_create("guest", 0)
     defer { close(memfd) }
     ftruncate(memfd, 1 << 20)
-    try client.dmaMap(address: 1 << 30, size: 1 << 20, flags: 3, fd: memfd)
-    try client.dmaMap(address: 2 << 30, size: 2 << 20, flags: 3)
-    try client.dmaMap(address: 3 << 30, size: 1 << 20, flags: 3)
+    try client.dmaMap(
+      address: 1 << 30, size: 1 << 20, flags: [.read, .write], fd: FileDescriptor(rawValue: memfd))
+    try client.dmaMap(address: 2 << 30, size: 2 << 20, flags: [.read, .write])
+    try client.dmaMap(address: 3 << 30, size: 1 << 20, flags: [.read, .write])
     try client.dmaUnmap(address: 3 << 30, size: 1 << 20)
     let eventfds = (0..<4).map { _ in cvfu_eventfd(0, 0) }
     defer { eventfds.forEach { close($0) } }
-    try client.setIRQEventfds(index: VFIOPCIIRQ.msix, start: 0, fds: eventfds, chunk: 4)
+    try client.setIRQEventfds(
+      index: VFIOPCIIRQ.msix, start: 0, fds: eventfds.map(FileDescriptor.init(rawValue:)), chunk: 4)
     try client.startDMALogging(
       pageSize: 4096, ranges: [DMALoggingRange(iova: 1 << 30, length: 1 << 20)])
     try client.setMigrationState(.stop)
@@ -133,7 +136,7 @@ struct ControlChannelTests {
 
     try client.setIRQs(
       IRQSetPayload(
-        flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionTrigger, index: VFIOPCIIRQ.msix,
+        flags: [.dataNone, .actionTrigger], index: VFIOPCIIRQ.msix,
         start: 0, count: 0))
     try client.stopDMALogging()
     try client.reset()

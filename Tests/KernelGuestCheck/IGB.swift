@@ -5,6 +5,7 @@
 //
 // The register offsets are the 82576 VF's (Linux drivers/net/ethernet/intel/igbvf/regs.h).
 import CVFIOUser
+import SystemPackage
 import VFIOUser
 import VFIOUserClient
 
@@ -83,7 +84,7 @@ func waitEventfd(_ fd: Int32, milliseconds: Int) -> Int64 {
 
   let info = must("DEVICE_GET_INFO") { () throws(VFIOUserClientError) in try client.deviceInfo() }
   say(
-    "device-info pci \(info.flags & VFIODeviceFlags.pci != 0 ? 1 : 0) reset \(info.flags & VFIODeviceFlags.reset != 0 ? 1 : 0) regions \(info.numRegions) irqs \(info.numIRQs)"
+    "device-info pci \(info.flags.contains(.pci) ? 1 : 0) reset \(info.flags.contains(.reset) ? 1 : 0) regions \(info.numRegions) irqs \(info.numIRQs)"
   )
 
   // 2. Config space through the server against the guest kernel's sysfs view.
@@ -150,7 +151,8 @@ func waitEventfd(_ fd: Int32, milliseconds: Int) -> Int64 {
   let intxInfo = must("GET_IRQ_INFO INTx") { () throws(VFIOUserClientError) in
     try client.irqInfo(VFIOPCIIRQ.intx)
   }
-  say("irq-info msix \(msixInfo.count) flags \(hex(msixInfo.flags)) intx \(intxInfo.count)")
+  say(
+    "irq-info msix \(msixInfo.count) flags \(hex(msixInfo.flags.rawValue)) intx \(intxInfo.count)")
 
   // Memory decoding and bus mastering (an MSI is a write by the device).
   let command = le16(served, 4) | 0x6
@@ -175,7 +177,8 @@ func waitEventfd(_ fd: Int32, milliseconds: Int) -> Int64 {
   let fds = (0..<Int(msixInfo.count)).map { _ in cvfu_eventfd(0, O_NONBLOCK | O_CLOEXEC) }
   guard !fds.isEmpty, fds.allSatisfy({ $0 >= 0 }) else { fail("eventfds") }
   must("SET_IRQS MSI-X") { () throws(VFIOUserClientError) in
-    try client.setIRQEventfds(index: VFIOPCIIRQ.msix, start: 0, fds: fds, chunk: 16)
+    try client.setIRQEventfds(
+      index: VFIOPCIIRQ.msix, start: 0, fds: fds.map(FileDescriptor.init(rawValue:)), chunk: 16)
   }
   say("msix-eventfd set \(fds.count)")
   let enabled = le16(
@@ -197,7 +200,7 @@ func waitEventfd(_ fd: Int32, milliseconds: Int) -> Int64 {
   let teardown = outcome { () throws(VFIOUserClientError) in
     try client.setIRQs(
       IRQSetPayload(
-        flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionTrigger, index: VFIOPCIIRQ.msix,
+        flags: [.dataNone, .actionTrigger], index: VFIOPCIIRQ.msix,
         start: 0, count: 0))
   }
   let disabled = le16(

@@ -35,7 +35,7 @@ func mttyRead8(_ client: VFIOUserClient, _ offset: UInt64) -> UInt8 {
   case "probe":
     let info = must("DEVICE_GET_INFO") { () throws(VFIOUserClientError) in try client.deviceInfo() }
     say(
-      "mtty-device pci \(info.flags & VFIODeviceFlags.pci != 0 ? 1 : 0) regions \(info.numRegions) irqs \(info.numIRQs)"
+      "mtty-device pci \(info.flags.contains(.pci) ? 1 : 0) regions \(info.numRegions) irqs \(info.numIRQs)"
     )
     let config = must("config") { () throws(VFIOUserClientError) in
       try client.read(region: VFIOPCIRegion.config, offset: 0, count: 4)
@@ -44,7 +44,7 @@ func mttyRead8(_ client: VFIOUserClient, _ offset: UInt64) -> UInt8 {
     let bar0 = must("BAR0 info") { () throws(VFIOUserClientError) in
       try client.regionInfo(VFIOPCIRegion.bar0).info
     }
-    say("mtty-bar0 size \(bar0.size) mmap \(bar0.flags & VFIORegionFlags.mmap != 0 ? 1 : 0)")
+    say("mtty-bar0 size \(bar0.size) mmap \(bar0.flags.contains(.mmap) ? 1 : 0)")
     let irqs = [VFIOPCIIRQ.intx, VFIOPCIIRQ.msi, VFIOPCIIRQ.msix].map { index in
       let count = (try? client.irqInfo(index).count) ?? 0
       return "\(VFIOPCIIRQ.name(index)) \(count)"

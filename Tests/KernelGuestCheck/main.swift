@@ -59,7 +59,7 @@ func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
   (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed) &+ ($0 >> 8)) }
 }
 
-func must<T>(_ what: String, _ body: () throws(VFIOUserClientError) -> T) -> T {
+func must<T: ~Copyable>(_ what: String, _ body: () throws(VFIOUserClientError) -> T) -> T {
   do throws(VFIOUserClientError) {
     return try body()
   } catch {
@@ -105,12 +105,12 @@ func connect() -> VFIOUserClient {
 }
 
 /// A shared memory buffer for DMA: its memfd and the client's mapping of it.
-func sharedBuffer(_ size: Int) -> (fd: Int32, UnsafeMutableRawBufferPointer) {
+func sharedBuffer(_ size: Int) -> (fd: FileDescriptor, UnsafeMutableRawBufferPointer) {
   let fd = cvfu_memfd_create("guest-check-dma", 1)  // MFD_CLOEXEC
   guard fd >= 0, ftruncate(fd, off_t(size)) == 0,
     let base = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), base != MAP_FAILED
   else { fail("memfd of \(size) bytes") }
-  return (fd, UnsafeMutableRawBufferPointer(start: base, count: size))
+  return (FileDescriptor(rawValue: fd), UnsafeMutableRawBufferPointer(start: base, count: size))
 }
 
 let client = connect()
@@ -119,8 +119,7 @@ if mapOnly {
   let (fd, _) = sharedBuffer(2 << 20)
   let result = outcome { () throws(VFIOUserClientError) in
     try client.dmaMap(
-      address: 0x1_0000_0000, size: 2 << 20, flags: VFIODMAMapFlags.read | VFIODMAMapFlags.write,
-      fd: fd)
+      address: 0x1_0000_0000, size: 2 << 20, flags: [.read, .write], fd: fd)
   }
   say("\(arguments[3]) \(result)")
   exit(0)
@@ -134,7 +133,7 @@ if mttyMode {
   exit(0)
 }
 let info = must("DEVICE_GET_INFO") { () throws(VFIOUserClientError) in try client.deviceInfo() }
-say("device-info flags \(hex(info.flags)) regions \(info.numRegions) irqs \(info.numIRQs)")
+say("device-info flags \(hex(info.flags.rawValue)) regions \(info.numRegions) irqs \(info.numIRQs)")
 
 // 1. Config space through the server, against the guest kernel's own view.
 let configInfo = must("config region") { () throws(VFIOUserClientError) in
@@ -198,11 +197,13 @@ say("bar0-scratch \(hex(scratch))")
 }
 
 // 3. BAR2 (VRAM): the region's fd is the guest's VFIO device fd; the client maps it.
-let (bar2Info, bar2FD) = must("BAR2 region") { () throws(VFIOUserClientError) in
+var bar2 = must("BAR2 region") { () throws(VFIOUserClientError) in
   try client.regionInfo(VFIOPCIRegion.bar2)
 }
-guard let bar2FD, bar2Info.flags & VFIORegionFlags.mmap != 0 else {
-  fail("BAR2 is not mappable (flags \(hex(bar2Info.flags)))")
+let bar2Info = bar2.info
+// Mapped below, and closed by hand at the end.
+guard let bar2FD = bar2.fd.take()?.release().rawValue, bar2Info.flags.contains(.mmap) else {
+  fail("BAR2 is not mappable (flags \(hex(bar2Info.flags.rawValue)))")
 }
 var linkTarget = [UInt8](repeating: 0, count: 256)
 let linkLength = linkTarget.withUnsafeMutableBytes {
@@ -229,7 +230,7 @@ say(
 // 4. DMA windows the server must refuse.
 let size = 2 << 20
 let (memfd, buffer) = sharedBuffer(size)
-let rw = VFIODMAMapFlags.read | VFIODMAMapFlags.write
+let rw: VFIODMAMapFlags = [.read, .write]
 say(
   "dma-map-nofd \(outcome { () throws(VFIOUserClientError) in try client.dmaMap(address: 0x2_0000_0000, size: 4096, flags: rw) })"
 )
@@ -241,7 +242,8 @@ say(
 let efd = cvfu_eventfd(0, O_NONBLOCK | O_CLOEXEC)
 guard efd >= 0 else { fail("eventfd") }
 must("SET_IRQS MSI-X") { () throws(VFIOUserClientError) in
-  try client.setIRQEventfds(index: VFIOPCIIRQ.msix, start: 0, fds: [efd], chunk: 16)
+  try client.setIRQEventfds(
+    index: VFIOPCIIRQ.msix, start: 0, fds: [FileDescriptor(rawValue: efd)], chunk: 16)
 }
 say("msix-eventfd set")
 
@@ -331,6 +333,6 @@ say("left-mapped iova \(hex(iova)) \(leftover)")
 
 munmap(mapped, window)
 munmap(buffer.baseAddress, size)
-close(memfd)
+try? memfd.close()
 close(bar2FD)
 say("check-done")

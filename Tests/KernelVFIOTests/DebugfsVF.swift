@@ -24,7 +24,7 @@ final class DebugfsVF: VFIODeviceBackend, PFDebugfsMigratable {
 
   func logPFError(_ message: String) { pfErrors.append(message) }
 
-  var deviceFlags: UInt32 { vf.deviceFlags }
+  var deviceFlags: VFIODeviceFlags { vf.deviceFlags }
   var regionCount: UInt32 { vf.regionCount }
   var irqCount: UInt32 { vf.irqCount }
   func region(_ index: UInt32) -> RegionDescription? { vf.region(index) }

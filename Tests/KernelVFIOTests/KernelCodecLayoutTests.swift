@@ -24,7 +24,8 @@ struct KernelCodecLayoutTests {
     var raw = cStruct(CVFU_SAMPLE_DEVICE_INFO)
     raw += [UInt8](repeating: 0, count: KernelDeviceInfo.size - raw.count)
     #expect(
-      try KernelDeviceInfo(parsing: raw) == KernelDeviceInfo(flags: 0x83, numRegions: 9, numIRQs: 5)
+      try KernelDeviceInfo(parsing: raw)
+        == KernelDeviceInfo(flags: .init(rawValue: 0x83), numRegions: 9, numIRQs: 5)
     )
     let request = try KernelDeviceInfo.request().bytes
     #expect(request.count == KernelDeviceInfo.size)
@@ -37,7 +38,8 @@ struct KernelCodecLayoutTests {
     #expect(
       try KernelRegionInfo(parsing: raw)
         == KernelRegionInfo(
-          index: 2, flags: 0x7, size: 0x1122_3344_5566_7788, offset: 0x200_0000_0000))
+          index: 2, flags: .init(rawValue: 0x7), size: 0x1122_3344_5566_7788,
+          offset: 0x200_0000_0000))
     var expected = ByteWriter(count: 32)
     try expected.put(UInt32(32), at: 0)
     try expected.put(UInt32(2), at: 8)
@@ -46,13 +48,15 @@ struct KernelCodecLayoutTests {
 
   @Test func irqInfo() throws {
     let raw = cStruct(CVFU_SAMPLE_IRQ_INFO)
-    #expect(try KernelIRQInfo(parsing: raw) == KernelIRQInfo(index: 2, flags: 0x9, count: 64))
+    #expect(
+      try KernelIRQInfo(parsing: raw)
+        == KernelIRQInfo(index: 2, flags: .init(rawValue: 0x9), count: 64))
     let request = try KernelIRQInfo.request(index: 2).bytes
     #expect(request == [16, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0])
   }
 
   @Test func irqSet() throws {
-    let set = KernelIRQSet(index: 2, start: 3, count: 0, flags: 0x21)
+    let set = KernelIRQSet(index: 2, start: 3, count: 0, flags: .init(rawValue: 0x21))
     #expect(try set.encoded().bytes == cStruct(CVFU_SAMPLE_IRQ_SET))
     // Data follows at the C struct's flexible array.
     let triggers = try KernelIRQSet.triggers(2, start: 0, [7, -1]).encoded().bytes

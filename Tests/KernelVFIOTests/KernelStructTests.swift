@@ -17,12 +17,12 @@ struct RawReply {
 
   /// A vfio_region_info reply with capability headers at the given offsets.
   static func region(
-    index: UInt32, flags: UInt32, size: UInt64, offset: UInt64, argsz: Int = 32,
+    index: UInt32, flags: VFIORegionFlags, size: UInt64, offset: UInt64, argsz: Int = 32,
     capOffset: UInt32 = 0
   ) -> RawReply {
     var r = RawReply(count: argsz)
     r.put(UInt32(argsz), at: 0)
-    r.put(flags, at: 4)
+    r.put(flags.rawValue, at: 4)
     r.put(index, at: 8)
     r.put(capOffset, at: 12)
     r.put(size, at: 16)
@@ -39,7 +39,7 @@ struct RawReply {
 
 @Suite("Kernel VFIO: region info capability chains")
 struct RegionInfoTests {
-  let rw = VFIORegionFlags.read | VFIORegionFlags.write
+  let rw: VFIORegionFlags = [.read, .write]
   let bar2Offset: UInt64 = 2 << 40  // vfio-pci puts region N at N << 40
 
   @Test func aPlainRegionHasNoCapabilities() throws {
@@ -53,7 +53,7 @@ struct RegionInfoTests {
   /// plus the MSIX_MAPPABLE capability.
   @Test func msixMappable() throws {
     var raw = RawReply.region(
-      index: 0, flags: rw | VFIORegionFlags.mmap | VFIORegionFlags.caps, size: 16 << 20, offset: 0,
+      index: 0, flags: rw.union([.mmap, .caps]), size: 16 << 20, offset: 0,
       argsz: 40, capOffset: 32)
     raw.capHeader(at: 32, id: 3, next: 0)
     let info = try KernelRegionInfo(parsing: raw.bytes)
@@ -64,7 +64,7 @@ struct RegionInfoTests {
   /// Sparse mmap (two areas around a hole), then a type capability, chained.
   @Test func sparseThenType() throws {
     var raw = RawReply.region(
-      index: 2, flags: rw | VFIORegionFlags.mmap | VFIORegionFlags.caps, size: 1 << 20,
+      index: 2, flags: rw.union([.mmap, .caps]), size: 1 << 20,
       offset: bar2Offset, argsz: 32 + 48 + 16, capOffset: 32)
     raw.capHeader(at: 32, id: 1, next: 80)
     raw.put(UInt32(2), at: 40)
@@ -86,7 +86,7 @@ struct RegionInfoTests {
 
   @Test func unknownCapabilitiesAreSkippedAndListed() throws {
     var raw = RawReply.region(
-      index: 9, flags: rw | VFIORegionFlags.caps, size: 4096, offset: 9 << 40, argsz: 32 + 24 + 16,
+      index: 9, flags: rw.union(.caps), size: 4096, offset: 9 << 40, argsz: 32 + 24 + 16,
       capOffset: 32)
     raw.capHeader(at: 32, id: 4, next: 56)  // NVLINK2_SSATGT: 24 bytes, not ours
     raw.capHeader(at: 56, id: 2, next: 0)
@@ -100,7 +100,7 @@ struct RegionInfoTests {
   @Test func theNeededSizeOfAShortReplyIsSeen() throws {
     // The kernel answers a 32-byte request with argsz = what the chain needs, and no chain.
     var raw = RawReply.region(
-      index: 2, flags: rw | VFIORegionFlags.mmap | VFIORegionFlags.caps, size: 1 << 20,
+      index: 2, flags: rw.union([.mmap, .caps]), size: 1 << 20,
       offset: bar2Offset)
     raw.put(UInt32(64), at: 0)
     let info = try KernelRegionInfo(parsing: raw.bytes)
@@ -111,7 +111,7 @@ struct RegionInfoTests {
     func refuses(_ raw: RawReply, _ why: String) {
       #expect(throws: KernelStructError.self, "\(why)") { try KernelRegionInfo(parsing: raw.bytes) }
     }
-    let caps = rw | VFIORegionFlags.caps
+    let caps = rw.union(.caps)
     var loop = RawReply.region(
       index: 0, flags: caps, size: 4096, offset: 0, argsz: 48, capOffset: 32)
     loop.capHeader(at: 32, id: 3, next: 32)
@@ -146,7 +146,7 @@ struct RegionInfoTests {
 
   @Test func aMappableRegionOffersTheDeviceFDAtItsOffset() throws {
     let whole = KernelRegionInfo(
-      index: 2, flags: rw | VFIORegionFlags.mmap, size: 256 << 20, offset: bar2Offset)
+      index: 2, flags: rw.union(.mmap), size: 256 << 20, offset: bar2Offset)
     let d = KernelVFIOBackend.describe(whole, deviceFD: 42)
     #expect(
       d
@@ -155,7 +155,7 @@ struct RegionInfoTests {
           mmap: MmapSource(fd: FileDescriptor(rawValue: 42), offset: bar2Offset)))
 
     let sparse = KernelRegionInfo(
-      index: 0, flags: rw | VFIORegionFlags.mmap | VFIORegionFlags.caps, size: 16 << 20, offset: 0,
+      index: 0, flags: rw.union([.mmap, .caps]), size: 16 << 20, offset: 0,
       sparseAreas: [
         SparseMmapArea(offset: 0, size: 0x3F8000), SparseMmapArea(offset: 0x3FA000, size: 0xC06000),
       ])
@@ -168,12 +168,12 @@ struct RegionInfoTests {
     msix.msixMappable = true
     #expect(KernelVFIOBackend.describe(msix, deviceFD: 42).msixMappable)
     var unmappable = msix
-    unmappable.flags &= ~VFIORegionFlags.mmap
+    unmappable.flags.remove(.mmap)
     #expect(!KernelVFIOBackend.describe(unmappable, deviceFD: 42).msixMappable)
 
     // A sparse capability with no (non-empty) areas: nothing may be mapped.
     let none = KernelRegionInfo(
-      index: 0, flags: rw | VFIORegionFlags.mmap | VFIORegionFlags.caps, size: 4096, offset: 0,
+      index: 0, flags: rw.union([.mmap, .caps]), size: 4096, offset: 0,
       sparseAreas: [SparseMmapArea(offset: 0, size: 0)])
     #expect(KernelVFIOBackend.describe(none, deviceFD: 42).mmap == nil)
   }
@@ -183,16 +183,16 @@ struct RegionInfoTests {
     #expect(
       KernelVFIOBackend.describe(config, deviceFD: 5) == RegionDescription(index: 7, size: 4096))
     let rom = KernelRegionInfo(
-      index: 6, flags: VFIORegionFlags.read, size: 0x20000, offset: 6 << 40)
+      index: 6, flags: .read, size: 0x20000, offset: 6 << 40)
     #expect(
       KernelVFIOBackend.describe(rom, deviceFD: 5)
         == RegionDescription(index: 6, size: 0x20000, writable: false))
-    let vga = KernelRegionInfo(index: 8, flags: 0, size: 0, offset: 8 << 40)
+    let vga = KernelRegionInfo(index: 8, flags: [], size: 0, offset: 8 << 40)
     #expect(
       KernelVFIOBackend.describe(vga, deviceFD: 5)
         == RegionDescription(index: 8, size: 0, readable: false, writable: false))
     let typed = KernelRegionInfo(
-      index: 9, flags: VFIORegionFlags.read | VFIORegionFlags.caps, size: 8192, offset: 9 << 40,
+      index: 9, flags: [.read, .caps], size: 8192, offset: 9 << 40,
       type: (0x8086_0000 | 3, 1))
     let t = KernelVFIOBackend.describe(typed, deviceFD: 5)
     #expect(t.type?.type == 0x8086_0003 && t.type?.subtype == 1 && t.mmap == nil)

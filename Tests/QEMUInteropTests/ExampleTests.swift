@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 #if canImport(Glibc)
@@ -89,12 +90,11 @@ struct ExampleTests {
   @Test func serverPrintsTheREADMECommandLine() throws {
     let directory = try makeScratchDirectory("readme")
     defer { try? FileManager.default.removeItem(atPath: directory) }
-    let socket = directory + "/vfu.sock"
-    let serve = try ChildProcess(
-      executable: InteropEnvironment.current.server, arguments: ["serve", "--socket-path", socket],
-      logPath: directory + "/server.log")
+    let serve = try ServeProcess(
+      directory: directory, socketName: "vfu.sock", logPath: directory + "/server.log")
+    let socket = serve.socketPath
     #expect(waitUntil(timeout: 10) { serve.output.contains("# your disk") })
-    #expect(serve.stop() == 0)
+    #expect(serve.stop(grace: 5, keepDirectory: true).status == 0)
     let block = try readmeCommandBlock().replacingOccurrences(of: Self.readmeSocket, with: socket)
     #expect(
       serve.output.contains(block), "README block:\n\(block)\nserve printed:\n\(serve.output)")
@@ -326,7 +326,7 @@ struct ExampleTests {
     let id = ours?["id"] as? [String: Any]
     #expect(id?["vendor"] as? Int == 0x8086 && id?["device"] as? Int == 0xE211, "\(rig.logs)")
     #expect(
-      rig.server.received("DMA_MAP").contains { ServerProcess.fds($0) == 1 },
+      rig.server.received("DMA_MAP").contains { ServeProcess.fds($0) == 1 },
       "guest RAM shared as an fd")
   }
 

@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 import VFIOUser
 import VFIOUserClient
@@ -93,8 +94,8 @@ struct GuestBootTests {
     // What the server saw: the guest's session, with BAR0 accesses as messages...
     let log = rig.server.log
     #expect(rig.server.waitForLog("client disconnected"), "\(rig.logs)")
-    #expect(ServerProcess.received("REGION_WRITE", in: log).count >= 2)
-    #expect(ServerProcess.received("DMA_MAP", in: log).contains { ServerProcess.fds($0) == 1 })
+    #expect(ServeProcess.received("REGION_WRITE", in: log).count >= 2)
+    #expect(ServeProcess.received("DMA_MAP", in: log).contains { ServeProcess.fds($0) == 1 })
     // ...and the guest's VRAM writes in its VRAM, read back by a client afterwards.
     let client = try VFIOUserClient.connect(path: rig.server.socketPath)
     #expect(try client.read32(region: VFIOPCIRegion.bar2, offset: 0x1000) == 0xA5A5_5A5A)

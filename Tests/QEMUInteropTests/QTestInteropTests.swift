@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 import VFIOUser
 import VFIOUserClient
@@ -58,7 +59,7 @@ struct QTestInteropTests {
       "VERSION", "DEVICE_GET_INFO", "DEVICE_GET_REGION_INFO", "DEVICE_GET_IRQ_INFO", "REGION_READ",
     ] {
       #expect(
-        !ServerProcess.received(command, in: log).isEmpty,
+        !ServeProcess.received(command, in: log).isEmpty,
         "server never received \(command)\n\(rig.logs)")
     }
     // Limits negotiated as QEMU offers them, and QEMU's DMA message layout picked.
@@ -158,10 +159,10 @@ struct QTestInteropTests {
     #expect(try qt.readl(QEMUSession.bar2 + 0x20000) == 0x600D_F00D)
     let silence = rig.server.log(since: mark)
     #expect(
-      ServerProcess.received("REGION_WRITE", in: silence).isEmpty,
+      ServeProcess.received("REGION_WRITE", in: silence).isEmpty,
       "VRAM writes must not reach the server")
     #expect(
-      ServerProcess.received("REGION_READ", in: silence).isEmpty,
+      ServeProcess.received("REGION_READ", in: silence).isEmpty,
       "VRAM reads must not reach the server")
 
     // ...and yet the bytes are in the server's VRAM: its DMA engine copies them out.
@@ -189,7 +190,7 @@ struct QTestInteropTests {
     let qt = qemu.qtest
     let maps = rig.server.received("DMA_MAP")
     #expect(
-      maps.contains { ServerProcess.fds($0) == 1 }, "guest RAM arrives with its memfd\n\(rig.logs)")
+      maps.contains { ServeProcess.fds($0) == 1 }, "guest RAM arrives with its memfd\n\(rig.logs)")
 
     // Device → guest RAM.
     let outbound = pattern(64 << 10, seed: 1)
@@ -235,7 +236,7 @@ struct QTestInteropTests {
     let qt = qemu.qtest
     let maps = rig.server.received("DMA_MAP")
     #expect(
-      !maps.isEmpty && maps.allSatisfy { ServerProcess.fds($0) == 0 },
+      !maps.isEmpty && maps.allSatisfy { ServeProcess.fds($0) == 0 },
       "anonymous RAM: no fds\n\(rig.logs)")
 
     // 1 MiB + 4 KiB: 9 DMA_WRITE messages of at most 128 KiB (max_data_xfer_size).
@@ -329,7 +330,7 @@ struct QTestInteropTests {
     #expect(try qemu.config16(UInt32(XePCIConfig.msixCap + 2)) & XePCIConfig.msixEnable != 0)
     let irqSets = rig.server.received("DEVICE_SET_IRQS", since: mark)
     #expect(
-      irqSets.contains { ServerProcess.fds($0) >= 1 }, "QEMU hands the server eventfds\n\(rig.logs)"
+      irqSets.contains { ServeProcess.fds($0) >= 1 }, "QEMU hands the server eventfds\n\(rig.logs)"
     )
 
     #expect(try qt.readl(address) == 0, "nothing delivered before the completion")
@@ -406,7 +407,7 @@ struct QTestInteropTests {
     // The first "device reset" came at realize.
     #expect(rig.server.waitForLog("device reset", count: 2), "\(rig.logs)")
     let log = rig.server.log(since: mark)
-    #expect(ServerProcess.received("DEVICE_RESET", in: log).count == 1, "\(log)")
+    #expect(ServeProcess.received("DEVICE_RESET", in: log).count == 1, "\(log)")
     #expect(log.contains("DEVICE_RESET: function reset"))
 
     // QEMU's view: the function is back to its reset state...
@@ -454,7 +455,7 @@ struct QTestInteropTests {
       wrong.isEmpty,
       "\(wrong.count) of \(count) posted writes missing or out of order, first \(wrong.prefix(5))")
     let log = rig.server.log(since: mark)
-    let multi = ServerProcess.received("REGION_WRITE_MULTI", in: log)
+    let multi = ServeProcess.received("REGION_WRITE_MULTI", in: log)
     #expect(!multi.isEmpty, "QEMU batched writes into REGION_WRITE_MULTI")
     #expect(!qemu.traced("vfio_user_wrmulti").isEmpty)
     #expect(
@@ -497,8 +498,8 @@ struct QTestInteropTests {
         "vector \(vector)")
     }
     let sets = rig.server.received("DEVICE_SET_IRQS", since: mark)
-    #expect(sets.allSatisfy { ServerProcess.fds($0) <= 4 }, "\(sets)")
-    #expect(sets.reduce(0) { $0 + ServerProcess.fds($1) } >= Reg.msixVectors)
+    #expect(sets.allSatisfy { ServeProcess.fds($0) <= 4 }, "\(sets)")
+    #expect(sets.reduce(0) { $0 + ServeProcess.fds($1) } >= Reg.msixVectors)
 
     let length = 64 << 10
     let data = pattern(length, seed: 5)

@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 /// QEMU with a virtual IOMMU (`q35`, `intel-iommu,caching-mode=on`) and a Linux
@@ -125,8 +126,8 @@ struct VIOMMUGuestTests {
       guard line.contains("DMA_UNMAP "), line.hasSuffix(" windows removed") else { return nil }
       return Int(line.split(separator: " ").dropLast(2).last ?? "")
     }
-    let maps = ServerProcess.received("DMA_MAP", in: log).count
-    let unmaps = ServerProcess.received("DMA_UNMAP", in: log).count
+    let maps = ServeProcess.received("DMA_MAP", in: log).count
+    let unmaps = ServeProcess.received("DMA_UNMAP", in: log).count
     #expect(removed.count == unmaps, "every DMA_UNMAP succeeded and says what it removed")
     #expect(removed.contains(0), "no empty range was unmapped")
     #expect(

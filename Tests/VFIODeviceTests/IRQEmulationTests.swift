@@ -11,11 +11,11 @@ import VFIOUser
 let pciIRQs: [IRQDescription] = [
   IRQDescription(
     index: 0, count: 1,
-    flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.maskable | VFIOIRQInfoFlags.automasked),
-  IRQDescription(index: 1, count: 4, flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.noresize),
-  IRQDescription(index: 2, count: 8, flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.maskable),
-  IRQDescription(index: 3, count: 1, flags: VFIOIRQInfoFlags.eventfd),
-  IRQDescription(index: 4, count: 1, flags: VFIOIRQInfoFlags.eventfd),
+    flags: [.eventfd, .maskable, .automasked]),
+  IRQDescription(index: 1, count: 4, flags: [.eventfd, .noresize]),
+  IRQDescription(index: 2, count: 8, flags: [.eventfd, .maskable]),
+  IRQDescription(index: 3, count: 1, flags: .eventfd),
+  IRQDescription(index: 4, count: 1, flags: .eventfd),
 ]
 
 /// An eventfd the test keeps; `lend()` gives the emulation a duplicate it owns.
@@ -81,7 +81,7 @@ func eventFDID(_ fd: Int32) -> String? {
 }
 
 func request(
-  _ flags: UInt32, index: UInt32, start: UInt32 = 0, count: UInt32, bools: [UInt8] = [],
+  _ flags: VFIOIRQSetFlags, index: UInt32, start: UInt32 = 0, count: UInt32, bools: [UInt8] = [],
   fds: [FileDescriptor] = []
 ) throws(Errno) -> IRQSetRequest {
   try IRQSetRequest(
@@ -90,12 +90,12 @@ func request(
     irq: index < UInt32(pciIRQs.count) ? pciIRQs[Int(index)] : nil)
 }
 
-let triggerFD = VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger
-let triggerNone = VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionTrigger
-let triggerBool = VFIOIRQSetFlags.dataBool | VFIOIRQSetFlags.actionTrigger
-let maskNone = VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionMask
-let unmaskNone = VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionUnmask
-let unmaskFD = VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionUnmask
+let triggerFD: VFIOIRQSetFlags = [.dataEventfd, .actionTrigger]
+let triggerNone: VFIOIRQSetFlags = [.dataNone, .actionTrigger]
+let triggerBool: VFIOIRQSetFlags = [.dataBool, .actionTrigger]
+let maskNone: VFIOIRQSetFlags = [.dataNone, .actionMask]
+let unmaskNone: VFIOIRQSetFlags = [.dataNone, .actionUnmask]
+let unmaskFD: VFIOIRQSetFlags = [.dataEventfd, .actionUnmask]
 
 @Suite("IRQEmulation: SET_IRQS in software")
 struct IRQEmulationTests {
@@ -194,16 +194,16 @@ struct IRQEmulationTests {
     try irqs.apply(request(maskNone, index: 2, start: 1, count: 1))
     irqs.trigger(index: 2, vector: 1)
     let before = irqs.configuration(2)
-    let refused: [(UInt32, UInt32, UInt32)] = [
+    let refused: [(VFIOIRQSetFlags, UInt32, UInt32)] = [
       (maskNone, 1, 1),  // MSI is not maskable
       (maskNone, 3, 1),  // ERR takes TRIGGER only
       (unmaskFD, 2, 1),  // only INTx's unmask takes an eventfd
-      (VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionMask, 0, 1),  // MASK with an eventfd
+      ([.dataEventfd, .actionMask], 0, 1),  // MASK with an eventfd
     ]
     for (flags, index, count) in refused {
       let probe = ClosureProbe()
-      let fds = flags & VFIOIRQSetFlags.dataEventfd != 0 ? [probe.descriptor] : []
-      #expect(throws: Errno.invalidArgument, "flags \(flags) index \(index)") {
+      let fds = flags.contains(.dataEventfd) ? [probe.descriptor] : []
+      #expect(throws: Errno.invalidArgument, "flags \(flags.rawValue) index \(index)") {
         try irqs.apply(request(flags, index: index, count: count, fds: fds))
       }
       if !fds.isEmpty {
@@ -226,7 +226,7 @@ struct IRQEmulationTests {
 struct IRQSetRequestTests {
   struct Refused {
     var name: String
-    var flags: UInt32
+    var flags: VFIOIRQSetFlags
     var index: UInt32
     var start: UInt32 = 0
     var count: UInt32
@@ -240,7 +240,7 @@ struct IRQSetRequestTests {
       Refused(name: "no such index", flags: triggerNone, index: 7, count: 1),
       Refused(
         name: "index without vectors", flags: triggerNone, index: 1, count: 0,
-        irq: IRQDescription(index: 1, count: 0, flags: VFIOIRQInfoFlags.eventfd)),
+        irq: IRQDescription(index: 1, count: 0, flags: .eventfd)),
       Refused(name: "vectors past the end", flags: triggerFD, index: 2, start: 7, count: 2),
       Refused(
         name: "descriptors without DATA_EVENTFD", flags: triggerNone, index: 2, count: 1,

@@ -17,7 +17,7 @@ struct DMALoggingTests {
   static let guestSize = 1 << 20
   /// A window the client serves with DMA_READ / DMA_WRITE messages (no fd).
   static let messageBase: UInt64 = 0x2000_0000
-  static let rw = VFIODMAMapFlags.read | VFIODMAMapFlags.write
+  static let rw: VFIODMAMapFlags = [.read, .write]
   static let page: UInt64 = 4096
 
   /// A connected client with bus mastering on and the guest RAM mapped with its memfd.
@@ -25,7 +25,7 @@ struct DMALoggingTests {
     let client = try server.connect()
     try enableBusMaster(client)
     try client.dmaMap(
-      address: Self.guestBase, size: UInt64(Self.guestSize), flags: Self.rw, fd: guest.fd,
+      address: Self.guestBase, size: UInt64(Self.guestSize), flags: Self.rw, fd: guest.descriptor,
       offset: 0)
     return client
   }
@@ -234,7 +234,8 @@ struct DMALoggingTests {
       #expect(try report(client) == [3])
       // Mapped again (half of it, at another file offset): logged again.
       try client.dmaMap(
-        address: Self.guestBase, size: UInt64(Self.guestSize / 2), flags: Self.rw, fd: guest.fd,
+        address: Self.guestBase, size: UInt64(Self.guestSize / 2), flags: Self.rw,
+        fd: guest.descriptor,
         offset: 0x1000)
       try client.write(region: VFIOPCIRegion.bar2, offset: 0, data: [1, 2, 3, 4])
       try transfer(client, client: Self.guestBase + 9 * 4096, length: 4)
@@ -281,7 +282,7 @@ struct DMALoggingTests {
       for entry in entries {
         let bytes = try entry.message()
         try client.sendRaw(bytes)
-        let reply = try #require(try client.receiveMessage(timeoutMilliseconds: 5000))
+        let reply = try requireMessage(client, timeoutMilliseconds: 5000)
         let errno = try #require(Errno(name: entry.expect), "\(entry.name)")
         MalformedCorpusSocketTests.expectErrorReply(
           reply, to: RawHeader(bytes), errno: errno, name: entry.name)

@@ -11,7 +11,7 @@ import VFIOUserServer
 /// last window of it.
 @Suite("DMA map cache")
 struct DMAMapCacheTests {
-  static let rw = VFIODMAMapFlags.read | VFIODMAMapFlags.write
+  static let rw: VFIODMAMapFlags = [.read, .write]
   static let base: UInt64 = 0x1_0000_0000
 
   /// The server's mappings of `file`, by permissions ("rw-s", "r--s").
@@ -27,7 +27,8 @@ struct DMAMapCacheTests {
       let file = GuestFile(size: 1 << 20)
       for i in 0..<256 {
         try client.dmaMap(
-          address: Self.base + UInt64(i) * 0x2000, size: 0x1000, flags: Self.rw, fd: file.fd,
+          address: Self.base + UInt64(i) * 0x2000, size: 0x1000, flags: Self.rw,
+          fd: file.descriptor,
           offset: UInt64(255 - i) * 0x1000)
       }
       #expect(mappings(file) == ["rw-s"])
@@ -51,9 +52,9 @@ struct DMAMapCacheTests {
     try withServer(TestDevice()) { server, device in
       let client = try server.connect()
       let file = GuestFile(size: 1 << 20)
-      try client.dmaMap(address: Self.base, size: 0x1_0000, flags: Self.rw, fd: file.fd)
+      try client.dmaMap(address: Self.base, size: 0x1_0000, flags: Self.rw, fd: file.descriptor)
       try client.dmaMap(
-        address: Self.base + 0x1_0000, size: 0x1_0000, flags: VFIODMAMapFlags.read, fd: file.fd,
+        address: Self.base + 0x1_0000, size: 0x1_0000, flags: .read, fd: file.descriptor,
         offset: 0x1_0000)
       #expect(mappings(file) == ["r--s", "rw-s"])
       #expect(try deviceDMA(client, to: Self.base + 0x1_0000, length: 16) == .failed(EPERM))
@@ -63,10 +64,13 @@ struct DMAMapCacheTests {
       #expect(readOnly >= 0)
       defer { close(readOnly) }
       expectServerError(.permissionDenied) {
-        try client.dmaMap(address: Self.base + 0x8_0000, size: 0x1000, flags: Self.rw, fd: readOnly)
+        try client.dmaMap(
+          address: Self.base + 0x8_0000, size: 0x1000, flags: Self.rw,
+          fd: FileDescriptor(rawValue: readOnly))
       }
       try client.dmaMap(
-        address: Self.base + 0x8_0000, size: 0x1000, flags: VFIODMAMapFlags.read, fd: readOnly)
+        address: Self.base + 0x8_0000, size: 0x1000, flags: .read,
+        fd: FileDescriptor(rawValue: readOnly))
       #expect(mappings(file) == ["r--s", "rw-s"], "the read-only mapping serves it")
       #expect(server.server.statistics.snapshot.dmaRegions == 3)
     }
@@ -78,10 +82,10 @@ struct DMAMapCacheTests {
     try withServer(TestDevice()) { server, device in
       let client = try server.connect()
       let file = GuestFile(size: 1 << 16)
-      try client.dmaMap(address: Self.base, size: 0x1000, flags: Self.rw, fd: file.fd)
+      try client.dmaMap(address: Self.base, size: 0x1000, flags: Self.rw, fd: file.descriptor)
       ftruncate(file.fd, 1 << 20)
       try client.dmaMap(
-        address: Self.base + 0x10_0000, size: 0x1000, flags: Self.rw, fd: file.fd,
+        address: Self.base + 0x10_0000, size: 0x1000, flags: Self.rw, fd: file.descriptor,
         offset: 0xF_0000)
       #expect(mappings(file).count == 2)
       for i in 0..<16 { device.memory[i] = UInt8(i + 1) }
@@ -92,7 +96,7 @@ struct DMAMapCacheTests {
       try client.dmaUnmap(address: Self.base, size: 0x1000)
       #expect(mappings(file).count == 1)
       // The larger mapping serves the old range too.
-      try client.dmaMap(address: Self.base, size: 0x1000, flags: Self.rw, fd: file.fd)
+      try client.dmaMap(address: Self.base, size: 0x1000, flags: Self.rw, fd: file.descriptor)
       #expect(mappings(file).count == 1)
     }
   }
@@ -106,7 +110,7 @@ struct DMAMapCacheTests {
         for i in 0..<64 {
           try client.dmaMap(
             address: Self.base + UInt64(i) * 0x1000, size: 0x1000,
-            flags: i % 2 == 0 ? Self.rw : VFIODMAMapFlags.read, fd: file.fd,
+            flags: i % 2 == 0 ? Self.rw : VFIODMAMapFlags.read, fd: file.descriptor,
             offset: UInt64(i) * 0x1000)
         }
         #expect(mappings(file) == ["r--s", "rw-s"])

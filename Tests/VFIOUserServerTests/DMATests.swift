@@ -10,6 +10,8 @@ import VFIOUserServer
 /// Guest memory backed by a memfd, mapped in the test too.
 final class GuestMemory {
   let fd: Int32
+  /// `fd`, lent for as long as this lives (DMA_MAP sends it).
+  var descriptor: FileDescriptor { FileDescriptor(rawValue: fd) }
   let bytes: UnsafeMutableRawBufferPointer
   init(size: Int) {
     fd = cvfu_memfd_create("guest", 0)
@@ -31,8 +33,9 @@ struct DMATests {
     try withServer(TestDevice(), limits: limits) { server, device in
       let client = try server.connect()
       let guest = GuestMemory(size: 1 << 20)
-      let rw = VFIODMAMapFlags.read | VFIODMAMapFlags.write
-      try client.dmaMap(address: 0x10_0000, size: 0x1_0000, flags: rw, fd: guest.fd, offset: 0)
+      let rw: VFIODMAMapFlags = [.read, .write]
+      try client.dmaMap(
+        address: 0x10_0000, size: 0x1_0000, flags: rw, fd: guest.descriptor, offset: 0)
       #expect(server.server.statistics.snapshot.dmaRegions == 1)
       #expect(device.mappedWindows == 1)
       // Overlaps, exact and partial, at either end.
@@ -47,7 +50,7 @@ struct DMATests {
       }
       // Adjacent is fine; no fd is fine (message-based access).
       try client.dmaMap(address: 0x11_0000, size: 0x1000, flags: rw)
-      try client.dmaMap(address: 0xF_F000, size: 0x1000, flags: VFIODMAMapFlags.read)
+      try client.dmaMap(address: 0xF_F000, size: 0x1000, flags: .read)
       // Unaligned and zero sizes.
       expectServerError(.invalidArgument) {
         try client.dmaMap(address: 0x20_0800, size: 0x1000, flags: rw)
@@ -78,12 +81,15 @@ struct DMATests {
       let b = GuestMemory(size: 4096)
       expectServerError(.invalidArgument) {
         try client.request(
-          .dmaMap, payload: DMAMapRequest(flags: 3, offset: 0, address: 0, size: 4096).encoded(),
-          fds: [a.fd, b.fd])
+          .dmaMap,
+          payload: DMAMapRequest(flags: [.read, .write], offset: 0, address: 0, size: 4096)
+            .encoded(),
+          fds: [a.descriptor, b.descriptor])
       }
       // An fd on a command that takes none is closed and the command refused.
       expectServerError(.invalidArgument) {
-        try client.request(.deviceGetInfo, payload: DeviceInfoPayload().encoded(), fds: [a.fd])
+        try client.request(
+          .deviceGetInfo, payload: DeviceInfoPayload().encoded(), fds: [a.descriptor])
       }
       #expect(server.server.statistics.snapshot.dmaRegions == 0)
     }
@@ -94,7 +100,8 @@ struct DMATests {
     try withServer(TestDevice()) { server, device in
       let client = try server.connect()
       let guest = GuestMemory(size: 1 << 20)
-      try client.dmaMap(address: 0x4000_0000, size: 1 << 20, flags: 3, fd: guest.fd)
+      try client.dmaMap(
+        address: 0x4000_0000, size: 1 << 20, flags: [.read, .write], fd: guest.descriptor)
       for i in 0..<20000 { device.memory[i] = UInt8(truncatingIfNeeded: i * 7) }
       try runDMA(client, address: 0x4000_0000 + 0x1000, length: 20000, toClient: true)
       #expect(Array(guest.bytes[0x1000..<(0x1000 + 20000)]) == Array(device.memory[0..<20000]))
@@ -119,7 +126,7 @@ struct DMATests {
       defer { guest.deallocate() }
       guest.initializeMemory(as: UInt8.self, repeating: 0)
       client.memory.add(address: 0x8000_0000, buffer: guest)
-      try client.dmaMap(address: 0x8000_0000, size: 0x10000, flags: 3)
+      try client.dmaMap(address: 0x8000_0000, size: 0x10000, flags: [.read, .write])
       for i in 0..<10000 { device.memory[i] = UInt8(truncatingIfNeeded: i * 13 + 1) }
       try runDMA(client, address: 0x8000_0100, length: 10000, toClient: true)
       #expect(Array(guest[0x100..<(0x100 + 10000)]) == Array(device.memory[0..<10000]))
@@ -134,7 +141,7 @@ struct DMATests {
   @Test func clientErrorReplyFailsTheTransfer() throws {
     try withServer(TestDevice()) { server, _ in
       let client = try server.connect()
-      try client.dmaMap(address: 0x8000_0000, size: 0x1000, flags: 3)  // no memory registered: client answers EFAULT
+      try client.dmaMap(address: 0x8000_0000, size: 0x1000, flags: [.read, .write])  // no memory registered: client answers EFAULT
       try runDMA(client, address: 0x8000_0000, length: 64, toClient: true, expect: 3, errno: EFAULT)
     }
   }
@@ -142,7 +149,7 @@ struct DMATests {
   @Test func resetCancelsTransferInFlight() throws {
     try withServer(TestDevice()) { server, device in
       let client = try server.connect()
-      try client.dmaMap(address: 0x8000_0000, size: 0x1000, flags: 3)
+      try client.dmaMap(address: 0x8000_0000, size: 0x1000, flags: [.read, .write])
       try client.write32(region: 0, offset: 0x08, 0x8000_0000)
       try client.write32(region: 0, offset: 0x0C, 0)
       try client.write32(region: 0, offset: 0x10, 64)

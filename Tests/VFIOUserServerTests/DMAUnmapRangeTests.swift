@@ -12,6 +12,8 @@ import VFIOUserServer
 final class GuestFile {
   let name = "viommu-\(UUID().uuidString.prefix(8))"
   let fd: Int32
+  /// `fd`, lent for as long as this lives (DMA_MAP sends it).
+  var descriptor: FileDescriptor { FileDescriptor(rawValue: fd) }
 
   init(size: Int) {
     fd = cvfu_memfd_create(name, 0)
@@ -50,20 +52,24 @@ final class GuestFile {
 /// "DMA_UNMAP ranges"), as a client behind a vIOMMU sends it.
 @Suite("DMA_UNMAP ranges")
 struct DMAUnmapRangeTests {
-  static let rw = VFIODMAMapFlags.read | VFIODMAMapFlags.write
+  static let rw: VFIODMAMapFlags = [.read, .write]
   static let base: UInt64 = 0x1_0000_0000
 
   /// Three windows inside the 1 MiB block at `base` (4, 8 and 8 KiB, with a
   /// hole before the third) and an 8 KiB one just past it. The file offsets
   /// have gaps, so the kernel cannot merge two mappings into one line of maps.
   private func mapFour(_ client: VFIOUserClient, _ file: GuestFile) throws {
-    try client.dmaMap(address: Self.base, size: 0x1000, flags: Self.rw, fd: file.fd, offset: 0)
     try client.dmaMap(
-      address: Self.base + 0x1000, size: 0x2000, flags: Self.rw, fd: file.fd, offset: 0x1_0000)
+      address: Self.base, size: 0x1000, flags: Self.rw, fd: file.descriptor, offset: 0)
     try client.dmaMap(
-      address: Self.base + 0x8_0000, size: 0x2000, flags: Self.rw, fd: file.fd, offset: 0x3_0000)
+      address: Self.base + 0x1000, size: 0x2000, flags: Self.rw, fd: file.descriptor,
+      offset: 0x1_0000)
     try client.dmaMap(
-      address: Self.base + 0x10_0000, size: 0x2000, flags: Self.rw, fd: file.fd, offset: 0x4_0000)
+      address: Self.base + 0x8_0000, size: 0x2000, flags: Self.rw, fd: file.descriptor,
+      offset: 0x3_0000)
+    try client.dmaMap(
+      address: Self.base + 0x10_0000, size: 0x2000, flags: Self.rw, fd: file.descriptor,
+      offset: 0x4_0000)
   }
 
   @Test func aRangeHoldingNoWindowSucceeds() throws {
@@ -118,7 +124,8 @@ struct DMAUnmapRangeTests {
       #expect(try deviceDMA(client, to: Self.base + 0x10_0000, length: 64) == .done)
       #expect(file.bytes(at: 0x4_0000, count: 64) == Array(device.memory[0..<64]))
       // The freed range takes new windows again.
-      try client.dmaMap(address: Self.base + 0x1000, size: 0x1000, flags: Self.rw, fd: file.fd)
+      try client.dmaMap(
+        address: Self.base + 0x1000, size: 0x1000, flags: Self.rw, fd: file.descriptor)
       #expect(server.server.statistics.snapshot.dmaRegions == 2)
       #expect(file.serverMappings.count == 1)
     }
@@ -180,10 +187,11 @@ struct DMAUnmapRangeTests {
       let client = try server.connect()
       let file = GuestFile(size: 1 << 20)
       let top: UInt64 = 0xFFFF_FFFF_FFFF_E000
-      try client.dmaMap(address: 0xFEE0_0000, size: 0x1000, flags: Self.rw, fd: file.fd)
+      try client.dmaMap(address: 0xFEE0_0000, size: 0x1000, flags: Self.rw, fd: file.descriptor)
       try client.dmaMap(
-        address: Self.base, size: 0x1000, flags: Self.rw, fd: file.fd, offset: 0x2000)
-      try client.dmaMap(address: top, size: 0x1000, flags: Self.rw, fd: file.fd, offset: 0x4000)
+        address: Self.base, size: 0x1000, flags: Self.rw, fd: file.descriptor, offset: 0x2000)
+      try client.dmaMap(
+        address: top, size: 0x1000, flags: Self.rw, fd: file.descriptor, offset: 0x4000)
       #expect(file.serverMappings.count == 1, "one mapping of the file for its three windows")
       let size = 0 &- UInt64(0xFEF0_0000)
       let echoed = try client.dmaUnmap(address: 0xFEF0_0000, size: size)

@@ -27,7 +27,7 @@ extension GuestFile {
 /// client's files, set the DMA limits, refuse a SET_IRQS, own the migration state.
 @Suite("The device's part: DMA, interrupts, migration state")
 struct DeviceInterfaceTests {
-  static let rw = VFIODMAMapFlags.read | VFIODMAMapFlags.write
+  static let rw: VFIODMAMapFlags = [.read, .write]
   static let base: UInt64 = 0x1_0000_0000
   static var keep: ServerLimits {
     var limits = ServerLimits()
@@ -46,14 +46,16 @@ struct DeviceInterfaceTests {
     try withServer(device) { server, _ in
       do {
         let client = try server.connect()
-        try client.dmaMap(address: Self.base, size: 0x1000, flags: Self.rw, fd: file.fd, offset: 0)
         try client.dmaMap(
-          address: Self.base + 0x1000, size: 0x2000, flags: Self.rw, fd: file.fd, offset: 0x1_0000)
+          address: Self.base, size: 0x1000, flags: Self.rw, fd: file.descriptor, offset: 0)
         try client.dmaMap(
-          address: Self.base + 0x8_0000, size: 0x2000, flags: Self.rw, fd: file.fd,
+          address: Self.base + 0x1000, size: 0x2000, flags: Self.rw, fd: file.descriptor,
+          offset: 0x1_0000)
+        try client.dmaMap(
+          address: Self.base + 0x8_0000, size: 0x2000, flags: Self.rw, fd: file.descriptor,
           offset: 0x3_0000)
         try client.dmaMap(
-          address: Self.base + 0x10_0000, size: 0x2000, flags: Self.rw, fd: file.fd,
+          address: Self.base + 0x10_0000, size: 0x2000, flags: Self.rw, fd: file.descriptor,
           offset: 0x4_0000)
         var mappedWhenTold: [Int] = []
         device.onUnmap = { _ in mappedWhenTold.append(file.serverMappings.count) }
@@ -101,10 +103,11 @@ struct DeviceInterfaceTests {
     try withServer(device) { server, _ in
       let client = try server.connect()
       #expect(file.openDescriptors == 1)  // the test's own
-      try client.dmaMap(address: 0x10000, size: 0x1000, flags: Self.rw, fd: file.fd)
+      try client.dmaMap(address: 0x10000, size: 0x1000, flags: Self.rw, fd: file.descriptor)
       #expect(file.openDescriptors == 2)  // the server's copy of its mapping; the device let go
       device.keepFiles = true
-      try client.dmaMap(address: 0x20000, size: 0x1000, flags: Self.rw, fd: file.fd, offset: 0x1000)
+      try client.dmaMap(
+        address: 0x20000, size: 0x1000, flags: Self.rw, fd: file.descriptor, offset: 0x1000)
       #expect(file.openDescriptors == 3, "the device's, and no second copy: one mapping")
       var st = stat()
       let kept = try #require(device.keptFiles[0x20000])
@@ -140,7 +143,8 @@ struct DeviceInterfaceTests {
       }
       // Outside the ranges, across the end of one, below them: ERANGE; the file is closed.
       expectServerError(.outOfRange) {
-        try client.dmaMap(address: 0x2_0000_0000, size: 0x1_0000, flags: Self.rw, fd: file.fd)
+        try client.dmaMap(
+          address: 0x2_0000_0000, size: 0x1_0000, flags: Self.rw, fd: file.descriptor)
       }
       #expect(file.openDescriptors == 1)
       expectServerError(.outOfRange) {
@@ -151,7 +155,7 @@ struct DeviceInterfaceTests {
       }
       #expect(device.mappedWindows == 0)
       // Inside: to the very end of a range, a whole range; then no fourth.
-      try client.dmaMap(address: 0x1_0000_0000, size: 0x1_0000, flags: Self.rw, fd: file.fd)
+      try client.dmaMap(address: 0x1_0000_0000, size: 0x1_0000, flags: Self.rw, fd: file.descriptor)
       try client.dmaMap(address: 0x1_FFFF_0000, size: 0x1_0000, flags: Self.rw)
       try client.dmaMap(address: 0x3_0000_0000, size: 0x10_0000, flags: Self.rw)
       expectServerError(.noSpace) {
@@ -177,16 +181,18 @@ struct DeviceInterfaceTests {
   /// rules, changes nothing: wired vectors stay wired, a masked one keeps its
   /// latch, and the eventfds the refused request brought are closed.
   @Test func aRefusedSetIRQsLeavesTheInterruptsAsTheyWere() throws {
-    let trigger = VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger
+    let trigger: VFIOIRQSetFlags = [.dataEventfd, .actionTrigger]
     let device = TestDevice()
     try withServer(device) { server, _ in
       let client = try server.connect()
       let fds = (0..<2).map { _ in makeEventFD() }
       defer { fds.forEach { close($0) } }
-      try client.setIRQs(IRQSetPayload(flags: trigger, index: 2, start: 0, count: 2), fds: fds)
+      try client.setIRQs(
+        IRQSetPayload(flags: trigger, index: 2, start: 0, count: 2),
+        fds: fds.map(FileDescriptor.init(rawValue:)))
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionMask, index: 2, start: 1,
+          flags: [.dataNone, .actionMask], index: 2, start: 1,
           count: 1))
       try client.write32(region: 0, offset: 4, 2 << 16 | 1)  // raised while masked: latched
       let before = device.lastIRQConfiguration[2]
@@ -198,7 +204,7 @@ struct DeviceInterfaceTests {
       expectServerError(.resourceBusy) {
         try client.setIRQs(
           IRQSetPayload(flags: trigger, index: 2, start: 0, count: 2),
-          fds: [probe.fds[0], probe.fds[0]])
+          fds: [probe.lent[0], probe.lent[0]])
       }
       #expect(probe.leaked().isEmpty)
       probe.close()
@@ -211,9 +217,9 @@ struct DeviceInterfaceTests {
       expectServerError(.invalidArgument) {  // only INTx's unmask takes an eventfd
         try client.setIRQs(
           IRQSetPayload(
-            flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionUnmask, index: 2, start: 1,
+            flags: [.dataEventfd, .actionUnmask], index: 2, start: 1,
             count: 1),
-          fds: [unmaskProbe.fds[0]])
+          fds: [unmaskProbe.lent[0]])
       }
       #expect(unmaskProbe.leaked().isEmpty)
       unmaskProbe.close()
@@ -223,7 +229,7 @@ struct DeviceInterfaceTests {
       #expect(eventCount(fds[0]) == 1)
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionUnmask, index: 2, start: 1,
+          flags: [.dataNone, .actionUnmask], index: 2, start: 1,
           count: 1))
       #expect(eventCount(fds[1]) == 1)
     }
@@ -232,17 +238,20 @@ struct DeviceInterfaceTests {
   /// When the client leaves, only the indexes it set up and did not disable
   /// itself are disabled: a kernel refuses to disable one that is not enabled.
   @Test func aHangUpDisablesTheIndexesTheClientSetUp() throws {
-    let trigger = VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger
-    let disable = VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionTrigger
+    let trigger: VFIOIRQSetFlags = [.dataEventfd, .actionTrigger]
+    let disable: VFIOIRQSetFlags = [.dataNone, .actionTrigger]
     let device = TestDevice()
     try withServer(device) { server, _ in
       do {
         let client = try server.connect()
         let fd = makeEventFD()
         defer { close(fd) }
-        try client.setIRQs(IRQSetPayload(flags: trigger, index: 2, start: 0, count: 1), fds: [fd])
         try client.setIRQs(
-          IRQSetPayload(flags: trigger, index: VFIOPCIIRQ.err, start: 0, count: 1), fds: [fd])
+          IRQSetPayload(flags: trigger, index: 2, start: 0, count: 1),
+          fds: [FileDescriptor(rawValue: fd)])
+        try client.setIRQs(
+          IRQSetPayload(flags: trigger, index: VFIOPCIIRQ.err, start: 0, count: 1),
+          fds: [FileDescriptor(rawValue: fd)])
         try client.setIRQs(IRQSetPayload(flags: disable, index: VFIOPCIIRQ.err, start: 0, count: 0))
         device.setIRQsCalls = []
       }

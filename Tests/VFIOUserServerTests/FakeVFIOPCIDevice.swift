@@ -94,7 +94,8 @@ final class FakeVFIOPCIDevice: VFIODeviceFile {
 
   private func getInfo(_ arg: UnsafeMutableRawPointer) -> Int32 {
     guard arg.u32(0) >= 16 else { return -EINVAL }  // minsz: offsetofend(num_irqs)
-    arg.put(VFIODeviceFlags.pci | (resetBehaviour == .none ? 0 : VFIODeviceFlags.reset), 4)
+    let flags: VFIODeviceFlags = resetBehaviour == .none ? .pci : [.pci, .reset]
+    arg.put(flags.rawValue, 4)
     arg.put(VFIOPCIRegion.count, 8)
     arg.put(VFIOPCIIRQ.count, 12)
     return 0
@@ -105,24 +106,22 @@ final class FakeVFIOPCIDevice: VFIODeviceFile {
     let argsz = arg.u32(0)
     let index = arg.u32(8)
     guard argsz >= 32, index < VFIOPCIRegion.count else { return -EINVAL }
-    var flags: UInt32 = 0
+    var flags: VFIORegionFlags = []
     var size: UInt64 = 0
     var caps: [UInt8] = []
     switch index {
     case VFIOPCIRegion.bar0:
-      (flags, size) = (VFIORegionFlags.read | VFIORegionFlags.write, UInt64(Self.bar0Size))
+      (flags, size) = ([.read, .write], UInt64(Self.bar0Size))
     case VFIOPCIRegion.bar2:
-      (flags, size) = (
-        VFIORegionFlags.read | VFIORegionFlags.write | VFIORegionFlags.mmap, UInt64(Self.bar2Size)
-      )
+      (flags, size) = ([.read, .write, .mmap], UInt64(Self.bar2Size))
       // vfio_region_info_cap_sparse_mmap: header {id, version, next}, nr_areas, reserved, areas.
       caps = le16(VFIORegionCapID.sparseMmap) + le16(1) + le32(0) + le32(2) + le32(0)
       for (offset, length) in [(0, 0x4000), (0x8000, 0x8000)] as [(UInt64, UInt64)] {
         caps += le64(offset) + le64(length)
       }
-    case VFIOPCIRegion.rom: (flags, size) = (VFIORegionFlags.read, UInt64(Self.romSize))
+    case VFIOPCIRegion.rom: (flags, size) = (.read, UInt64(Self.romSize))
     case VFIOPCIRegion.config:
-      (flags, size) = (VFIORegionFlags.read | VFIORegionFlags.write, UInt64(Self.configSize))
+      (flags, size) = ([.read, .write], UInt64(Self.configSize))
     case VFIOPCIRegion.vga: return -EINVAL  // !vdev->has_vga
     default: break  // an absent BAR: size 0, flags 0
     }
@@ -130,7 +129,7 @@ final class FakeVFIOPCIDevice: VFIODeviceFile {
     arg.put(size, 16)
     var capOffset: UInt32 = 0
     if !caps.isEmpty {
-      flags |= VFIORegionFlags.caps
+      flags.insert(.caps)
       if argsz < UInt32(32 + caps.count) {
         arg.put(UInt32(32 + caps.count), 0)
       } else {
@@ -139,7 +138,7 @@ final class FakeVFIOPCIDevice: VFIODeviceFile {
         capOffset = 32
       }
     }
-    arg.put(flags, 4)
+    arg.put(flags.rawValue, 4)
     arg.put(capOffset, 12)
     return 0
   }
@@ -147,11 +146,9 @@ final class FakeVFIOPCIDevice: VFIODeviceFile {
   private func getIRQInfo(_ arg: UnsafeMutableRawPointer) -> Int32 {
     let index = arg.u32(8)
     guard arg.u32(0) >= 16, index < VFIOPCIIRQ.count else { return -EINVAL }
-    var flags = VFIOIRQInfoFlags.eventfd
-    flags |=
-      index == VFIOPCIIRQ.intx
-      ? VFIOIRQInfoFlags.maskable | VFIOIRQInfoFlags.automasked : VFIOIRQInfoFlags.noresize
-    arg.put(flags, 4)
+    let flags: VFIOIRQInfoFlags =
+      index == VFIOPCIIRQ.intx ? [.eventfd, .maskable, .automasked] : [.eventfd, .noresize]
+    arg.put(flags.rawValue, 4)
     arg.put(Self.irqCounts[Int(index)], 12)
     return 0
   }
@@ -160,33 +157,32 @@ final class FakeVFIOPCIDevice: VFIODeviceFile {
 
   private func setIRQs(_ arg: UnsafeMutableRawPointer) -> Int32 {
     let (argsz, flags, index, start, count) = (
-      arg.u32(0), arg.u32(4), arg.u32(8), arg.u32(12), arg.u32(16)
+      arg.u32(0), VFIOIRQSetFlags(rawValue: arg.u32(4)), arg.u32(8), arg.u32(12), arg.u32(16)
     )
     // vfio_set_irqs_validate_and_prepare
     let minsz: UInt32 = 20
     guard argsz >= minsz, index < VFIOPCIIRQ.count, count < UInt32.max - start,
-      flags & ~(VFIOIRQSetFlags.dataTypeMask | VFIOIRQSetFlags.actionTypeMask) == 0
+      flags.isSubset(of: [.dataTypeMask, .actionTypeMask])
     else { return -EINVAL }
     let max = Self.irqCounts[Int(index)]
     guard start < max, start + count <= max else { return -EINVAL }
     let size: UInt32
-    switch flags & VFIOIRQSetFlags.dataTypeMask {
-    case VFIOIRQSetFlags.dataNone: size = 0
-    case VFIOIRQSetFlags.dataBool: size = 1
-    case VFIOIRQSetFlags.dataEventfd: size = 4
+    switch flags.dataType {
+    case .dataNone: size = 0
+    case .dataBool: size = 1
+    case .dataEventfd: size = 4
     default: return -EINVAL
     }
     guard argsz - minsz >= count * size else { return -EINVAL }
     let data = arg + Int(minsz)
     // vfio_pci_set_irqs_ioctl: which action each index has.
-    let action = flags & VFIOIRQSetFlags.actionTypeMask
-    switch (index, action) {
-    case (VFIOPCIIRQ.intx, VFIOIRQSetFlags.actionMask):
+    switch (index, flags.action) {
+    case (VFIOPCIIRQ.intx, .actionMask):
       guard irqType == VFIOPCIIRQ.intx, start == 0, count == 1 else { return -EINVAL }
-      return flags & VFIOIRQSetFlags.dataEventfd != 0 ? -ENOTTY : 0
-    case (VFIOPCIIRQ.intx, VFIOIRQSetFlags.actionUnmask):
+      return flags.contains(.dataEventfd) ? -ENOTTY : 0
+    case (VFIOPCIIRQ.intx, .actionUnmask):
       guard irqType == VFIOPCIIRQ.intx, start == 0, count == 1 else { return -EINVAL }
-      if flags & VFIOIRQSetFlags.dataEventfd != 0 {
+      if flags.contains(.dataEventfd) {
         let fd = data.s32(0)
         if fd < 0 {
           intxUnmaskFD = nil
@@ -198,18 +194,18 @@ final class FakeVFIOPCIDevice: VFIODeviceFile {
         }
       }
       return 0
-    case (VFIOPCIIRQ.intx, VFIOIRQSetFlags.actionTrigger):
+    case (VFIOPCIIRQ.intx, .actionTrigger):
       return intxTrigger(flags, start, count, data)
-    case (VFIOPCIIRQ.msi, VFIOIRQSetFlags.actionTrigger),
-      (VFIOPCIIRQ.msix, VFIOIRQSetFlags.actionTrigger):
+    case (VFIOPCIIRQ.msi, .actionTrigger),
+      (VFIOPCIIRQ.msix, .actionTrigger):
       return msiTrigger(index, flags, start, count, data)
-    case (VFIOPCIIRQ.msi, VFIOIRQSetFlags.actionMask),
-      (VFIOPCIIRQ.msi, VFIOIRQSetFlags.actionUnmask),
-      (VFIOPCIIRQ.msix, VFIOIRQSetFlags.actionMask),
-      (VFIOPCIIRQ.msix, VFIOIRQSetFlags.actionUnmask):
+    case (VFIOPCIIRQ.msi, .actionMask),
+      (VFIOPCIIRQ.msi, .actionUnmask),
+      (VFIOPCIIRQ.msix, .actionMask),
+      (VFIOPCIIRQ.msix, .actionUnmask):
       return -ENOTTY  // "XXX Need masking support exported"
-    case (VFIOPCIIRQ.err, VFIOIRQSetFlags.actionTrigger),
-      (VFIOPCIIRQ.req, VFIOIRQSetFlags.actionTrigger):
+    case (VFIOPCIIRQ.err, .actionTrigger),
+      (VFIOPCIIRQ.req, .actionTrigger):
       return singleTrigger(index, flags, count, data)
     default:
       return -ENOTTY  // no func for the action (ERR/REQ mask, or no action at all)
@@ -218,15 +214,15 @@ final class FakeVFIOPCIDevice: VFIODeviceFile {
 
   /// vfio_pci_set_intx_trigger.
   private func intxTrigger(
-    _ flags: UInt32, _ start: UInt32, _ count: UInt32, _ data: UnsafeMutableRawPointer
+    _ flags: VFIOIRQSetFlags, _ start: UInt32, _ count: UInt32, _ data: UnsafeMutableRawPointer
   ) -> Int32 {
     let intx = VFIOPCIIRQ.intx
-    if irqType == intx, count == 0, flags & VFIOIRQSetFlags.dataNone != 0 {
+    if irqType == intx, count == 0, flags.contains(.dataNone) {
       disable(intx)
       return 0
     }
     guard irqType == intx || irqType == nil, start == 0, count == 1 else { return -EINVAL }
-    if flags & VFIOIRQSetFlags.dataEventfd != 0 {
+    if flags.contains(.dataEventfd) {
       let fd = data.s32(0)
       var id: String?
       if fd >= 0 {
@@ -244,15 +240,15 @@ final class FakeVFIOPCIDevice: VFIODeviceFile {
 
   /// vfio_pci_set_msi_trigger and vfio_msi_set_block.
   private func msiTrigger(
-    _ index: UInt32, _ flags: UInt32, _ start: UInt32, _ count: UInt32,
+    _ index: UInt32, _ flags: VFIOIRQSetFlags, _ start: UInt32, _ count: UInt32,
     _ data: UnsafeMutableRawPointer
   ) -> Int32 {
-    if irqType == index, count == 0, flags & VFIOIRQSetFlags.dataNone != 0 {
+    if irqType == index, count == 0, flags.contains(.dataNone) {
       disable(index)
       return 0
     }
     guard irqType == index || irqType == nil else { return -EINVAL }
-    guard flags & VFIOIRQSetFlags.dataEventfd != 0 else {
+    guard flags.contains(.dataEventfd) else {
       return irqType == index ? 0 : -EINVAL  // loopback triggers of enabled vectors
     }
     let enabling = irqType == nil
@@ -283,15 +279,15 @@ final class FakeVFIOPCIDevice: VFIODeviceFile {
 
   /// vfio_pci_set_ctx_trigger_single (ERR, REQ).
   private func singleTrigger(
-    _ index: UInt32, _ flags: UInt32, _ count: UInt32, _ data: UnsafeMutableRawPointer
+    _ index: UInt32, _ flags: VFIOIRQSetFlags, _ count: UInt32, _ data: UnsafeMutableRawPointer
   ) -> Int32 {
-    if flags & VFIOIRQSetFlags.dataNone != 0 {
+    if flags.contains(.dataNone) {
       guard triggers[index]?[0] != nil else { return -EINVAL }
       if count == 0 { triggers[index] = nil }
       return 0
     }
     guard count > 0 else { return -EINVAL }
-    if flags & VFIOIRQSetFlags.dataBool != 0 { return 0 }
+    if flags.contains(.dataBool) { return 0 }
     let fd = data.s32(0)
     if fd == -1 {
       triggers[index] = nil

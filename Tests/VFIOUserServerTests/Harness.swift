@@ -101,3 +101,17 @@ func eventually(timeout: Double = 5, _ condition: () throws -> Bool) rethrows ->
 }
 
 func le32(_ v: UInt32) -> [UInt8] { withUnsafeBytes(of: v.littleEndian) { Array($0) } }
+
+/// The next message from the server, as `#require` would take it out of the
+/// optional (which it cannot for a noncopyable message): none within the
+/// timeout records an issue and throws.
+func requireMessage(
+  _ client: VFIOUserClient, timeoutMilliseconds: Int32? = nil, _ comment: Comment? = nil,
+  sourceLocation: SourceLocation = #_sourceLocation
+) throws -> ClientMessage {
+  let message = try client.receiveMessage(timeoutMilliseconds: timeoutMilliseconds)
+  let arrived = message != nil
+  try #require(arrived, comment, sourceLocation: sourceLocation)
+  guard let message else { preconditionFailure("#require(arrived) throws") }
+  return message
+}

@@ -9,7 +9,7 @@ import VFIOUserServer
 
 @Suite("SET_IRQS semantics")
 struct IRQTests {
-  let trigger = VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger
+  let trigger: VFIOIRQSetFlags = [.dataEventfd, .actionTrigger]
 
   /// Asks the device to raise (index, vector), then reads a register so the write has been handled.
   func fire(_ client: VFIOUserClient, index: UInt32, vector: UInt32) throws {
@@ -21,7 +21,8 @@ struct IRQTests {
       let client = try server.connect()
       let fds = (0..<8).map { _ in makeEventFD() }
       defer { fds.forEach { close($0) } }
-      try client.setIRQEventfds(index: VFIOPCIIRQ.msix, start: 0, fds: fds, chunk: 3)
+      try client.setIRQEventfds(
+        index: VFIOPCIIRQ.msix, start: 0, fds: fds.map(FileDescriptor.init(rawValue:)), chunk: 3)
       #expect(server.server.statistics.snapshot.irqFDs == 8)
       #expect(
         device.lastIRQConfiguration[VFIOPCIIRQ.msix]?.triggerFDs.allSatisfy { $0 != nil } == true)
@@ -35,17 +36,17 @@ struct IRQTests {
       // Loopback trigger from the client: DATA_NONE and DATA_BOOL.
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionTrigger, index: 2, start: 0,
+          flags: [.dataNone, .actionTrigger], index: 2, start: 0,
           count: 2))
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataBool | VFIOIRQSetFlags.actionTrigger, index: 2, start: 4,
+          flags: [.dataBool, .actionTrigger], index: 2, start: 4,
           count: 3, bools: [1, 0, 1]))
       #expect(fds.map(eventCount) == [1, 1, 0, 0, 1, 0, 1, 0])
       // count 0 + DATA_NONE tears the index down.
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionTrigger, index: 2, start: 0,
+          flags: [.dataNone, .actionTrigger], index: 2, start: 0,
           count: 0))
       #expect(server.server.statistics.snapshot.irqFDs == 0)
       try fire(client, index: VFIOPCIIRQ.msix, vector: 0)
@@ -58,16 +59,18 @@ struct IRQTests {
       let client = try server.connect()
       let fd = makeEventFD()
       defer { close(fd) }
-      try client.setIRQs(IRQSetPayload(flags: trigger, index: 2, start: 5, count: 1), fds: [fd])
+      try client.setIRQs(
+        IRQSetPayload(flags: trigger, index: 2, start: 5, count: 1),
+        fds: [FileDescriptor(rawValue: fd)])
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionMask, index: 2, start: 5, count: 1
+          flags: [.dataNone, .actionMask], index: 2, start: 5, count: 1
         ))
       try fire(client, index: 2, vector: 5)
       #expect(eventCount(fd) == 0)
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataBool | VFIOIRQSetFlags.actionUnmask, index: 2, start: 5,
+          flags: [.dataBool, .actionUnmask], index: 2, start: 5,
           count: 1, bools: [1]))
       #expect(eventCount(fd) == 1)  // the pending interrupt is delivered on unmask
     }
@@ -78,13 +81,15 @@ struct IRQTests {
       let client = try server.connect()
       let fd = makeEventFD()
       defer { close(fd) }
-      try client.setIRQs(IRQSetPayload(flags: trigger, index: 0, start: 0, count: 1), fds: [fd])
+      try client.setIRQs(
+        IRQSetPayload(flags: trigger, index: 0, start: 0, count: 1),
+        fds: [FileDescriptor(rawValue: fd)])
       try fire(client, index: 0, vector: 0)
       try fire(client, index: 0, vector: 0)
       #expect(eventCount(fd) == 1)  // masked by the first
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionUnmask, index: 0, start: 0,
+          flags: [.dataNone, .actionUnmask], index: 0, start: 0,
           count: 1))
       #expect(eventCount(fd) == 1)  // the latched one
       // The resample (unmask) eventfd: signalled by the "guest", it unmasks before the next interrupt.
@@ -92,9 +97,9 @@ struct IRQTests {
       defer { close(resample) }
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionUnmask, index: 0, start: 0,
+          flags: [.dataEventfd, .actionUnmask], index: 0, start: 0,
           count: 1),
-        fds: [resample])
+        fds: [FileDescriptor(rawValue: resample)])
       #expect(server.server.statistics.snapshot.irqFDs == 2)
       _ = cvfuSignal(resample)
       try fire(client, index: 0, vector: 0)
@@ -107,41 +112,45 @@ struct IRQTests {
       let client = try server.connect()
       let fd = makeEventFD()
       defer { close(fd) }
-      let none = VFIOIRQSetFlags.dataNone
       // Index out of range, vectors out of range.
       expectServerError(.invalidArgument) {
-        try client.setIRQs(IRQSetPayload(flags: none | 32, index: 5, start: 0, count: 1))
+        try client.setIRQs(
+          IRQSetPayload(flags: [.dataNone, .actionTrigger], index: 5, start: 0, count: 1))
       }
       expectServerError(.invalidArgument) {
         try client.setIRQs(
-          IRQSetPayload(flags: trigger, index: 2, start: 7, count: 2), fds: [fd, fd])
+          IRQSetPayload(flags: trigger, index: 2, start: 7, count: 2),
+          fds: [FileDescriptor(rawValue: fd), FileDescriptor(rawValue: fd)])
       }
       // Fds count must match count.
       expectServerError(.invalidArgument) {
-        try client.setIRQs(IRQSetPayload(flags: trigger, index: 2, start: 0, count: 2), fds: [fd])
+        try client.setIRQs(
+          IRQSetPayload(flags: trigger, index: 2, start: 0, count: 2),
+          fds: [FileDescriptor(rawValue: fd)])
       }
       // MSI (not maskable) refuses MASK; ERR refuses MASK.
       expectServerError(.invalidArgument) {
         try client.setIRQs(
-          IRQSetPayload(flags: none | VFIOIRQSetFlags.actionMask, index: 1, start: 0, count: 1))
+          IRQSetPayload(flags: [.dataNone, .actionMask], index: 1, start: 0, count: 1))
       }
       expectServerError(.invalidArgument) {
         try client.setIRQs(
-          IRQSetPayload(flags: none | VFIOIRQSetFlags.actionMask, index: 3, start: 0, count: 1))
+          IRQSetPayload(flags: [.dataNone, .actionMask], index: 3, start: 0, count: 1))
       }
       // MASK with an eventfd; two data types; no action (codec); count 0 with eventfd.
       expectServerError(.invalidArgument) {
         try client.setIRQs(
           IRQSetPayload(
-            flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionMask, index: 0, start: 0,
-            count: 1), fds: [fd])
+            flags: [.dataEventfd, .actionMask], index: 0, start: 0,
+            count: 1), fds: [FileDescriptor(rawValue: fd)])
       }
       expectServerError(.invalidArgument) {
         try client.setIRQs(
-          IRQSetPayload(flags: none | VFIOIRQSetFlags.dataBool | 32, index: 2, start: 0, count: 1))
+          IRQSetPayload(
+            flags: [.dataNone, .dataBool, .actionTrigger], index: 2, start: 0, count: 1))
       }
       expectServerError(.invalidArgument) {
-        try client.setIRQs(IRQSetPayload(flags: none, index: 2, start: 0, count: 1))
+        try client.setIRQs(IRQSetPayload(flags: .dataNone, index: 2, start: 0, count: 1))
       }
       expectServerError(.invalidArgument) {
         try client.setIRQs(IRQSetPayload(flags: trigger, index: 2, start: 0, count: 0))
@@ -151,15 +160,17 @@ struct IRQTests {
         try client.request(
           .deviceSetIRQs,
           payload: IRQSetPayload(
-            flags: VFIOIRQSetFlags.dataBool | 32, index: 2, start: 0, count: 3, bools: [1, 1, 1]
+            flags: [.dataBool, .actionTrigger], index: 2, start: 0, count: 3, bools: [1, 1, 1]
           ).encoded().dropLast(1).map { $0 })
       }
       #expect(server.server.statistics.snapshot.irqFDs == 0)
       // ERR and REQ take one eventfd each.
       try client.setIRQs(
-        IRQSetPayload(flags: trigger, index: VFIOPCIIRQ.err, start: 0, count: 1), fds: [fd])
+        IRQSetPayload(flags: trigger, index: VFIOPCIIRQ.err, start: 0, count: 1),
+        fds: [FileDescriptor(rawValue: fd)])
       try client.setIRQs(
-        IRQSetPayload(flags: trigger, index: VFIOPCIIRQ.req, start: 0, count: 1), fds: [fd])
+        IRQSetPayload(flags: trigger, index: VFIOPCIIRQ.req, start: 0, count: 1),
+        fds: [FileDescriptor(rawValue: fd)])
       #expect(server.server.statistics.snapshot.irqFDs == 2)
     }
   }

@@ -113,7 +113,7 @@ struct InPlaceWriteTests {
         let id = b.allocateID()
         try b.sendRaw(Self.rawMigDataWrite(id: id, argsz: argsz, sizeField: sizeField, data: junk))
         let error = #expect(throws: VFIOUserClientError.self) {
-          try b.awaitReply(id: id, command: Command.migDataWrite.rawValue)
+          _ = try b.awaitReply(id: id, command: Command.migDataWrite.rawValue)
         }
         #expect(error?.errno == .invalidArgument, "argsz \(argsz) size \(sizeField)")
       }

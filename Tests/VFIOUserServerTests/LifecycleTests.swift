@@ -15,13 +15,14 @@ struct LifecycleTests {
       defer { close(fd) }
       do {
         let client = try server.connect()
-        try client.dmaMap(address: 0x10000, size: 0x10000, flags: 3, fd: guest.fd)
-        try client.dmaMap(address: 0x20000, size: 0x1000, flags: 3)
+        try client.dmaMap(
+          address: 0x10000, size: 0x10000, flags: [.read, .write], fd: guest.descriptor)
+        try client.dmaMap(address: 0x20000, size: 0x1000, flags: [.read, .write])
         try client.setIRQs(
           IRQSetPayload(
-            flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger, index: 2, start: 0,
+            flags: [.dataEventfd, .actionTrigger], index: 2, start: 0,
             count: 1),
-          fds: [fd])
+          fds: [FileDescriptor(rawValue: fd)])
         try client.write32(region: 0, offset: 0, 42)
         #expect(server.server.statistics.snapshot.dmaRegions == 2)
       }

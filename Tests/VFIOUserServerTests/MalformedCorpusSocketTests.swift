@@ -129,6 +129,8 @@ extension MalformedCase {
 struct SentDescriptors {
   private(set) var fds: [Int32] = []
   private(set) var fingerprints: [String] = []
+  /// The descriptors, lent to a send.
+  var lent: [FileDescriptor] { fds.map(FileDescriptor.init(rawValue:)) }
 
   mutating func append(_ fd: Int32) {
     fds.append(fd)
@@ -281,7 +283,7 @@ struct MalformedCorpusSocketTests {
         let bytes = try entry.message()
         let descriptors = try entry.makeDescriptors()
         defer { sent.append((entry.name, descriptors)) }
-        try client.sendRaw(bytes, fds: descriptors.fds)
+        try client.sendRaw(bytes, fds: descriptors.lent)
         pending.append(
           Pending(
             name: entry.name, header: RawHeader(bytes), errno: entry.expectedErrno,
@@ -294,7 +296,7 @@ struct MalformedCorpusSocketTests {
           Issue.record("\(expected.name): no reply (the burst stalled)")
           return
         }
-        let check = {
+        func check() {
           if let errno = expected.errno {
             Self.expectErrorReply(reply, to: expected.header, errno: errno, name: expected.name)
           } else {
@@ -302,7 +304,6 @@ struct MalformedCorpusSocketTests {
           }
         }
         if let issue = expected.knownIssue { withKnownIssue(issue) { check() } } else { check() }
-        for fd in reply.fds { _ = close(fd) }
       }
       try Self.expectSilence(client, "after the burst")
       try Self.expectWorks(client, "after the burst")
@@ -352,9 +353,9 @@ struct MalformedCorpusSocketTests {
         let eventFDs = i < (entry.setupFDs?.count ?? 0) ? entry.setupFDs![i] : 0
         fds += (0..<eventFDs).map { _ in cvfu_eventfd(0, O_NONBLOCK | O_CLOEXEC) }
         defer { for fd in fds { _ = close(fd) } }
-        try client.sendRaw(bytes, fds: fds)
-        let reply = try #require(
-          try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout),
+        try client.sendRaw(bytes, fds: fds.map(FileDescriptor.init(rawValue:)))
+        let reply = try requireMessage(
+          client, timeoutMilliseconds: SocketCorpus.replyTimeout,
           "\(name): no reply to setup \(i)")
         let header = RawHeader(bytes)
         expectSuccessReply(reply, to: header, name: "\(name) setup \(i)")
@@ -365,7 +366,7 @@ struct MalformedCorpusSocketTests {
       let bytes = try entry.message()
       let header = RawHeader(bytes)
       var descriptors = try entry.makeDescriptors()
-      try client.sendRaw(bytes, fds: descriptors.fds)
+      try client.sendRaw(bytes, fds: descriptors.lent)
       // Run last, after a round trip (or the hang-up) that follows the
       // server's handling of the message: every descriptor sent is closed.
       defer {
@@ -400,11 +401,10 @@ struct MalformedCorpusSocketTests {
         expectNoLeaks(server, device(), dmaRegions: mappedBySetup, name)
 
       case "ok":
-        let reply = try #require(
-          try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout),
+        let reply = try requireMessage(
+          client, timeoutMilliseconds: SocketCorpus.replyTimeout,
           "\(name): no reply within \(SocketCorpus.replyTimeout) ms")
         expectSuccessReply(reply, to: header, name: name)
-        for fd in reply.fds { _ = close(fd) }
         if !entry.afterVersion { try handshake(client) }
         try expectWorks(client, name)
         expectNoLeaks(server, device(), dmaRegions: mappedBySetup, name)
@@ -412,11 +412,10 @@ struct MalformedCorpusSocketTests {
       default:
         let errno = try #require(
           entry.expectedErrno, "\(name): unknown expectation \(entry.expectation)")
-        let reply = try #require(
-          try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout),
+        let reply = try requireMessage(
+          client, timeoutMilliseconds: SocketCorpus.replyTimeout,
           "\(name): no reply within \(SocketCorpus.replyTimeout) ms")
         expectErrorReply(reply, to: header, errno: errno, name: name)
-        for fd in reply.fds { _ = close(fd) }
         if entry.disconnectsAfterError {
           expectHangUp(client, "\(name): expected the server to close after the error reply")
           #expect(
@@ -449,8 +448,8 @@ struct MalformedCorpusSocketTests {
       }
     }
     try client.sendRaw(request)
-    let reply = try #require(
-      try client.receiveMessage(timeoutMilliseconds: SocketCorpus.replyTimeout),
+    let reply = try requireMessage(
+      client, timeoutMilliseconds: SocketCorpus.replyTimeout,
       "no reply to VERSION")
     expectSuccessReply(reply, to: RawHeader(request), name: "VERSION")
     let version = try VersionPayload(decoding: reply.payload)
@@ -458,7 +457,7 @@ struct MalformedCorpusSocketTests {
   }
 
   static func expectSuccessReply(
-    _ reply: ClientMessage, to request: RawHeader, name: String,
+    _ reply: borrowing ClientMessage, to request: RawHeader, name: String,
     sourceLocation: SourceLocation = #_sourceLocation
   ) {
     let h = reply.header
@@ -467,12 +466,13 @@ struct MalformedCorpusSocketTests {
       "\(name): reply is id \(h.messageID) command \(h.command), expected id \(request.messageID) command \(request.command)",
       sourceLocation: sourceLocation)
     #expect(
-      h.isReply && !h.isError, "\(name): expected success, got flags \(h.flags) error \(h.error)",
+      h.isReply && !h.isError,
+      "\(name): expected success, got flags \(h.flags.rawValue) error \(h.error)",
       sourceLocation: sourceLocation)
   }
 
   static func expectErrorReply(
-    _ reply: ClientMessage, to request: RawHeader, errno: Errno, name: String,
+    _ reply: borrowing ClientMessage, to request: RawHeader, errno: Errno, name: String,
     sourceLocation: SourceLocation = #_sourceLocation
   ) {
     let h = reply.header
@@ -481,7 +481,8 @@ struct MalformedCorpusSocketTests {
       h.messageID == request.messageID && h.command == request.command,
       "\(name): reply is id \(h.messageID) command \(h.command), expected id \(request.messageID) command \(request.command)",
       sourceLocation: sourceLocation)
-    #expect(h.isReply, "\(name): not a reply (flags \(h.flags))", sourceLocation: sourceLocation)
+    #expect(
+      h.isReply, "\(name): not a reply (flags \(h.flags.rawValue))", sourceLocation: sourceLocation)
     #expect(
       h.isError && h.error == UInt32(bitPattern: errno.rawValue),
       "\(name): expected \(errno.name), got \(got)",
@@ -504,9 +505,8 @@ struct MalformedCorpusSocketTests {
           Issue.record("\(what): the connection is still open", sourceLocation: sourceLocation)
           return
         }
-        for fd in message.fds { _ = close(fd) }
         Issue.record(
-          "\(what): got message id \(message.header.messageID) flags \(message.header.flags) error \(message.header.error)",
+          "\(what): got message id \(message.header.messageID) flags \(message.header.flags.rawValue) error \(message.header.error)",
           sourceLocation: sourceLocation)
       } catch .disconnected {
         return
@@ -522,9 +522,8 @@ struct MalformedCorpusSocketTests {
     _ client: VFIOUserClient, _ name: String, sourceLocation: SourceLocation = #_sourceLocation
   ) throws {
     if let message = try client.receiveMessage(timeoutMilliseconds: SocketCorpus.silenceTimeout) {
-      for fd in message.fds { _ = close(fd) }
       Issue.record(
-        "\(name): expected no reply, got id \(message.header.messageID) command \(message.header.command) flags \(message.header.flags) error \(message.header.error)",
+        "\(name): expected no reply, got id \(message.header.messageID) command \(message.header.command) flags \(message.header.flags.rawValue) error \(message.header.error)",
         sourceLocation: sourceLocation)
     }
   }

@@ -28,7 +28,7 @@ struct MemoryEngineTests {
     payload: VersionPayload(major: 0, minor: 0, json: "{\"capabilities\":{}}").encoded())
 
   static func message(
-    _ id: UInt16, _ command: Command, flags: UInt32 = 0, _ payload: [UInt8] = []
+    _ id: UInt16, _ command: Command, flags: MessageHeader.Flags = .command, _ payload: [UInt8] = []
   ) -> [UInt8] {
     encodeMessage(id: id, command: command.rawValue, flags: flags, payload: payload)
   }
@@ -91,12 +91,12 @@ struct MemoryEngineTests {
     memory.deliver(Self.message(1, .deviceGetInfo, info))  // before VERSION
     memory.deliver(encodeMessage(id: 2, command: 99, payload: []))  // unknown
     memory.deliver(Self.version)
-    memory.deliver(Self.message(4, .deviceGetInfo, flags: 0x20, info))  // ERROR flag on a command
-    memory.deliver(Self.message(5, .deviceGetInfo, flags: 0x7, info))  // type bits 7
+    memory.deliver(Self.message(4, .deviceGetInfo, flags: .error, info))  // ERROR flag on a command
+    memory.deliver(Self.message(5, .deviceGetInfo, flags: .init(rawValue: 0x7), info))  // type bits 7
     memory.deliver(
       Self.message(6, .deviceGetInfo, info),
       descriptors: Self.copy(of: file))
-    memory.deliver(Self.message(7, .deviceGetInfo, flags: MessageHeader.noReplyFlag | 0x20, info))
+    memory.deliver(Self.message(7, .deviceGetInfo, flags: [.noReply, .error], info))
     memory.deliver(Self.message(8, .deviceGetInfo, info))
     memory.hangUp()
     #expect(Self.server().serve(memory: memory) == .clientClosed)
@@ -134,7 +134,7 @@ struct MemoryEngineTests {
     memory.deliver(Self.version)
     var map = [UInt8](repeating: 0, count: DMAMapRequest.size)
     map.withUnsafeMutableBytes {
-      DMAMapRequest(flags: VFIODMAMapFlags.read, offset: 0, address: 0x10000, size: 0x1000)
+      DMAMapRequest(flags: .read, offset: 0, address: 0x10000, size: 0x1000)
         .encode(into: $0)
     }
     memory.deliver(

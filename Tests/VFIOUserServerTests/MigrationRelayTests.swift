@@ -1,4 +1,5 @@
 import Foundation
+import SystemPackage
 import Testing
 import VFIOUser
 import VFIOUserClient
@@ -51,7 +52,7 @@ struct MigrationRelayTests {
     head.withUnsafeMutableBytes {
       MessageHeader(
         messageID: id, command: .migDataRead, size: UInt32(24 + count),
-        flags: MessageHeader.typeReply
+        flags: .reply
       ).encode(into: $0)
       MigDataHeader(argsz: UInt32(8 + count), size: UInt32(count)).encode(
         into: UnsafeMutableRawBufferPointer(rebasing: $0[16...]))
@@ -86,8 +87,10 @@ struct MigrationRelayTests {
     }
     source.start()
     destination.start()
-    let sourceClient = VFIOUserClient(fd: sourceEnd)
-    let destinationClient = VFIOUserClient(fd: destinationEnd)
+    let sourceClient = VFIOUserClient(
+      socket: OwnedFileDescriptor(taking: FileDescriptor(rawValue: sourceEnd)))
+    let destinationClient = VFIOUserClient(
+      socket: OwnedFileDescriptor(taking: FileDescriptor(rawValue: destinationEnd)))
     do throws(RelayError) {
       _ = try VFIOUserClient.relayMigrationData(
         from: sourceClient, to: destinationClient, chunk: chunk)

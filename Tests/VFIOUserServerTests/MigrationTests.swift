@@ -337,7 +337,8 @@ struct KeepOnDisconnectTests {
       do {
         let client = try server.connect()
         try client.write32(region: 0, offset: 0, 0xabcd)
-        try client.dmaMap(address: 0x10000, size: 0x10000, flags: 3, fd: guest.fd)
+        try client.dmaMap(
+          address: 0x10000, size: 0x10000, flags: [.read, .write], fd: guest.descriptor)
       }
       #expect(server.waitFor { !$0.clientConnected })
       #expect(device.resets == 0 && server.server.statistics.snapshot.dmaRegions == 0)

@@ -1,5 +1,6 @@
 import CVFIOUser
 import Foundation
+import SystemPackage
 import Testing
 import VFIOUser
 import VFIOUserClient
@@ -42,13 +43,15 @@ struct MisbehavingClientTests {
       let memfd = cvfu_memfd_create("xvu-misbehaving", 1)
       defer { close(memfd) }
       ftruncate(memfd, 1 << 16)
-      try client.dmaMap(address: 1 << 30, size: 1 << 16, flags: 3, fd: memfd)
+      try client.dmaMap(
+        address: 1 << 30, size: 1 << 16, flags: [.read, .write], fd: FileDescriptor(rawValue: memfd)
+      )
       let eventfd = cvfu_eventfd(0, O_CLOEXEC)
       defer { close(eventfd) }
       try client.setIRQs(
         IRQSetPayload(
-          flags: VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger, index: 2, start: 0,
-          count: 1), fds: [eventfd])
+          flags: [.dataEventfd, .actionTrigger], index: 2, start: 0,
+          count: 1), fds: [FileDescriptor(rawValue: eventfd)])
       // A DEVICE_GET_INFO (32 bytes) cut short: the rest never comes.
       var message = [UInt8](repeating: 0, count: 32)
       message.withUnsafeMutableBytes {
@@ -93,7 +96,7 @@ struct MisbehavingClientTests {
       try client.sendRaw(Array(message[..<10]))
       usleep(UInt32(Self.bound) / 3 * 1000)
       try client.sendRaw(Array(message[10...]))
-      let reply = try #require(try client.receiveMessage(timeoutMilliseconds: 5000))
+      let reply = try requireMessage(client, timeoutMilliseconds: 5000)
       #expect(reply.header.messageID == 10 && !reply.header.isError)
     }
   }

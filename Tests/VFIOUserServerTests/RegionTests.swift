@@ -13,7 +13,7 @@ struct RegionTests {
       let client = try server.connect()
       let info = try client.deviceInfo()
       #expect(info.argsz == 16)
-      #expect(info.flags == VFIODeviceFlags.pci | VFIODeviceFlags.reset)
+      #expect(info.flags == [.pci, .reset])
       #expect(info.numRegions == 9 && info.numIRQs == 5)
       expectServerError(.invalidArgument) { _ = try client.deviceInfo(argsz: 8) }
     }
@@ -28,21 +28,21 @@ struct RegionTests {
       let shortInfo = try RegionInfoPayload(decoding: short.payload)
       #expect(short.payload.count == 32 && short.fds.isEmpty)
       #expect(shortInfo.argsz == 32 + 16 + 32)
-      #expect(shortInfo.flags & VFIORegionFlags.caps != 0 && shortInfo.capOffset == 32)
+      #expect(shortInfo.flags.contains(.caps) && shortInfo.capOffset == 32)
 
-      let (info, fd) = try client.regionInfo(2)
+      let region = try client.regionInfo(2)  // its descriptor closes with it, after the defers
+      let info = region.info
       #expect(info.size == UInt64(TestDevice.bar2Size))
       #expect(
-        info.flags == VFIORegionFlags.read | VFIORegionFlags.write | VFIORegionFlags.mmap
-          | VFIORegionFlags.caps)
+        info.flags == [.read, .write, .mmap, .caps])
       #expect(
         info.capabilities == [
           .sparseMmap([
             SparseMmapArea(offset: 0, size: 0x4000), SparseMmapArea(offset: 0x8000, size: 0x8000),
           ])
         ])
-      let mapFD = try #require(fd)
-      defer { close(mapFD) }
+      let lent = region.descriptor
+      let mapFD = try #require(lent).rawValue
       // The descriptor maps the device's memory: a store through it is what the device sees.
       let p = try #require(
         mmap(nil, 0x4000, PROT_READ | PROT_WRITE, MAP_SHARED, mapFD, off_t(info.offset)))
@@ -58,9 +58,10 @@ struct RegionTests {
   @Test func aClientTakingNoDescriptorsGetsNoMmap() throws {
     try withServer(TestDevice()) { server, _ in
       let client = try server.connect(capabilities: Capabilities(maxMsgFDs: 0))
-      let (info, fd) = try client.regionInfo(2)
-      #expect(fd == nil)
-      #expect(info.flags == VFIORegionFlags.read | VFIORegionFlags.write)
+      let region = try client.regionInfo(2)
+      let info = region.info
+      #expect(region.descriptor == nil)
+      #expect(info.flags == [.read, .write])
       #expect(info.capabilities.isEmpty && info.size == UInt64(TestDevice.bar2Size))
       try client.write(region: 2, offset: 0x20, data: le32(0x1234_5678))
       #expect(try client.read(region: 2, offset: 0x20, count: 4) == le32(0x1234_5678))
@@ -73,19 +74,17 @@ struct RegionTests {
     device.bar2MSIXMappable = true
     try withServer(device) { server, _ in
       do {
-        let (info, fd) = try server.connect().regionInfo(2)
-        if let fd { close(fd) }
+        let info = try server.connect().regionInfo(2).info  // its descriptor closes with it
         #expect(info.capabilities.contains(.msixMappable))
         #expect(info.capabilities.contains { if case .sparseMmap = $0 { true } else { false } })
       }
       #expect(server.waitFor { !$0.clientConnected })
       // No descriptors, no mapping, so no MSI-X table to map either.
-      let (bare, fd) = try server.connect(capabilities: Capabilities(maxMsgFDs: 0)).regionInfo(2)
-      #expect(fd == nil && bare.capabilities.isEmpty)
+      let bare = try server.connect(capabilities: Capabilities(maxMsgFDs: 0)).regionInfo(2)
+      #expect(bare.descriptor == nil && bare.info.capabilities.isEmpty)
     }
     try withServer(TestDevice()) { server, _ in
-      let (info, fd) = try server.connect().regionInfo(2)
-      if let fd { close(fd) }
+      let info = try server.connect().regionInfo(2).info  // its descriptor closes with it
       #expect(!info.capabilities.contains(.msixMappable))
     }
   }
@@ -93,15 +92,16 @@ struct RegionTests {
   @Test func plainRegionsAndErrors() throws {
     try withServer(TestDevice()) { server, _ in
       let client = try server.connect()
-      let (bar0, fd0) = try client.regionInfo(0)
+      let bar0Reply = try client.regionInfo(0)
+      let bar0 = bar0Reply.info
       #expect(
-        fd0 == nil && bar0.size == 4096
-          && bar0.flags == VFIORegionFlags.read | VFIORegionFlags.write)
+        bar0Reply.descriptor == nil && bar0.size == 4096
+          && bar0.flags == [.read, .write])
       #expect(bar0.capabilities.isEmpty && bar0.argsz == 32)
-      let (rom, _) = try client.regionInfo(6)
-      #expect(rom.flags == VFIORegionFlags.read)
-      let (vga, _) = try client.regionInfo(8)
-      #expect(vga.size == 0 && vga.flags == 0)
+      let rom = try client.regionInfo(6).info
+      #expect(rom.flags == .read)
+      let vga = try client.regionInfo(8).info
+      #expect(vga.size == 0 && vga.flags.isEmpty)
       expectServerError(.invalidArgument) { _ = try client.regionInfo(9) }
       expectServerError(.invalidArgument) {
         try client.request(
@@ -113,10 +113,11 @@ struct RegionTests {
   @Test func regionIOFDsIsAnEmptySet() throws {
     try withServer(TestDevice()) { server, _ in
       let client = try server.connect()
-      let (reply, fds) = try client.regionIOFDs(0)
+      let answer = try client.regionIOFDs(0)
+      let reply = answer.payload
       #expect(
         reply.count == 0 && reply.argsz == 16 && reply.index == 0 && reply.subRegions.isEmpty
-          && fds.isEmpty)
+          && answer.fds.isEmpty)
       expectServerError(.invalidArgument) { _ = try client.regionIOFDs(42) }
       expectServerError(.invalidArgument) {
         try client.request(
@@ -130,7 +131,7 @@ struct RegionTests {
     try withServer(TestDevice()) { server, _ in
       let client = try server.connect()
       let intx = try client.irqInfo(VFIOPCIIRQ.intx)
-      #expect(intx.count == 1 && intx.flags & VFIOIRQInfoFlags.automasked != 0)
+      #expect(intx.count == 1 && intx.flags.contains(.automasked))
       #expect(try client.irqInfo(VFIOPCIIRQ.msix).count == 8)
       expectServerError(.invalidArgument) { _ = try client.irqInfo(5) }
     }

@@ -25,7 +25,7 @@ func deviceDMA(_ client: VFIOUserClient, from address: UInt64, length: UInt32) t
 /// the server keeps serving, and the window stays until the client unmaps it.
 @Suite("DMA through a file the client shrank")
 struct ShrunkDMAFileTests {
-  static let rw = VFIODMAMapFlags.read | VFIODMAMapFlags.write
+  static let rw: VFIODMAMapFlags = [.read, .write]
   static let base: UInt64 = 0x1_0000_0000
 
   /// The server's DMA writes and reads (the test device's `dmaWrite` /
@@ -36,7 +36,7 @@ struct ShrunkDMAFileTests {
     try withServer(TestDevice()) { server, device in
       let client = try server.connect()
       let file = GuestFile(size: 0x1_0000)
-      try client.dmaMap(address: Self.base, size: 0x1_0000, flags: Self.rw, fd: file.fd)
+      try client.dmaMap(address: Self.base, size: 0x1_0000, flags: Self.rw, fd: file.descriptor)
       for i in 0..<64 { device.memory[i] = UInt8(0x40 + i) }
       #expect(try deviceDMA(client, to: Self.base + 0x8000, length: 64) == .done)
       #expect(ftruncate(file.fd, 0x4000) == 0)
@@ -71,9 +71,9 @@ struct ShrunkDMAFileTests {
     try withServer(TestDevice()) { server, device in
       let client = try server.connect()
       let file = GuestFile(size: 0x1_0000)
-      try client.dmaMap(address: Self.base, size: 0x8000, flags: Self.rw, fd: file.fd)
+      try client.dmaMap(address: Self.base, size: 0x8000, flags: Self.rw, fd: file.descriptor)
       try client.dmaMap(
-        address: Self.base + 0x10_0000, size: 0x8000, flags: Self.rw, fd: file.fd,
+        address: Self.base + 0x10_0000, size: 0x8000, flags: Self.rw, fd: file.descriptor,
         offset: 0x8000)
       #expect(file.serverMappings.count == 1, "one mapping of the file serves both windows")
       for i in 0..<64 { device.memory[i] = UInt8(0x20 + i) }
@@ -100,7 +100,8 @@ struct ShrunkDMAFileTests {
       defer { close(fd) }
       #expect(ftruncate(fd, 0x1_0000) == 0)
       #expect(cvfu_seal_shrink(fd) == 0)
-      try client.dmaMap(address: Self.base, size: 0x1_0000, flags: Self.rw, fd: fd)
+      try client.dmaMap(
+        address: Self.base, size: 0x1_0000, flags: Self.rw, fd: FileDescriptor(rawValue: fd))
       #expect(ftruncate(fd, 0x4000) == -1 && errno == EPERM)
       for i in 0..<64 { device.memory[i] = UInt8(0x80 + i) }
       #expect(try deviceDMA(client, to: Self.base + 0x8000, length: 64) == .done)
@@ -125,7 +126,7 @@ extension DMALoggingTests {
       let client = try server.connect()
       try enableBusMaster(client)
       try client.dmaMap(
-        address: Self.guestBase, size: UInt64(Self.guestSize), flags: Self.rw, fd: file.fd)
+        address: Self.guestBase, size: UInt64(Self.guestSize), flags: Self.rw, fd: file.descriptor)
       try client.startDMALogging(
         pageSize: Self.page,
         ranges: [DMALoggingRange(iova: Self.guestBase, length: UInt64(Self.guestSize))])

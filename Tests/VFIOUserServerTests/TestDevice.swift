@@ -32,7 +32,7 @@ class TestDevice: VFIODeviceBackend {
   /// When set, SET_IRQS is refused with it, before the emulation sees the request.
   var refuseSetIRQs: Errno?
   /// Every SET_IRQS the device was handed: index, count and VFIO_IRQ_SET_* flags.
-  var setIRQsCalls: [(index: UInt32, count: UInt32, flags: UInt32)] = []
+  var setIRQsCalls: [(index: UInt32, count: UInt32, flags: VFIOIRQSetFlags)] = []
   /// Every dmaUnmap call, in order, with the windows it named.
   var unmapCalls: [[DMAWindow]] = []
   /// Runs at the start of each dmaUnmap (tests: what is still mapped then).
@@ -68,7 +68,7 @@ class TestDevice: VFIODeviceBackend {
     return all
   }
 
-  var deviceFlags: UInt32 { VFIODeviceFlags.pci | VFIODeviceFlags.reset }
+  var deviceFlags: VFIODeviceFlags { [.pci, .reset] }
   var regionCount: UInt32 { 9 }
   var irqCount: UInt32 { 5 }
 
@@ -98,14 +98,14 @@ class TestDevice: VFIODeviceBackend {
     case 0:
       IRQDescription(
         index: 0, count: 1,
-        flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.maskable | VFIOIRQInfoFlags.automasked)
+        flags: [.eventfd, .maskable, .automasked])
     case 1:
       IRQDescription(
-        index: 1, count: 4, flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.noresize)
+        index: 1, count: 4, flags: [.eventfd, .noresize])
     case 2:
       IRQDescription(
-        index: 2, count: 8, flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.maskable)
-    case 3, 4: IRQDescription(index: index, count: 1, flags: VFIOIRQInfoFlags.eventfd)
+        index: 2, count: 8, flags: [.eventfd, .maskable])
+    case 3, 4: IRQDescription(index: index, count: 1, flags: .eventfd)
     default: nil
     }
   }

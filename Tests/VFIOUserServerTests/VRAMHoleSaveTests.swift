@@ -32,10 +32,10 @@ struct VRAMHoleSaveTests {
     }
   }
 
-  /// VRAM's memfd, from the region's description.
+  /// VRAM's memfd, from the region's description: the caller's to close.
   static func vramFD(_ client: VFIOUserClient) throws -> Int32 {
-    let fd = try #require(try client.regionInfo(2).fd)
-    return fd
+    var region = try client.regionInfo(2)
+    return try #require(region.fd.take()?.release().rawValue)
   }
 
   /// Bytes of the memfd backed by memory.
@@ -127,7 +127,7 @@ struct VRAMHoleSaveTests {
       let guest = GuestFile(size: 1 << 20)
       let guestBase: UInt64 = 0x1000_0000
       try client.dmaMap(
-        address: guestBase, size: 1 << 20, flags: DMALoggingTests.rw, fd: guest.fd)
+        address: guestBase, size: 1 << 20, flags: DMALoggingTests.rw, fd: guest.descriptor)
       let fd = try Self.vramFD(client)
       defer { close(fd) }
       let before = Self.allocated(fd)

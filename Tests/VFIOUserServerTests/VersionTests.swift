@@ -74,10 +74,10 @@ struct VersionTests {
     try withServer(TestDevice()) { server, _ in
       let client = try VFIOUserClient.open(path: server.path)
       try client.sendRaw(encodeMessage(id: 7, command: Command.version.rawValue, payload: payload))
-      let reply = try #require(try client.receiveMessage())
+      let reply = try requireMessage(client)
       #expect(reply.header.messageID == 7)
       #expect(reply.header.isError && reply.header.error == UInt32(EINVAL), "\(name)")
-      #expect(throws: VFIOUserClientError.disconnected) { try client.receiveMessage() }
+      #expect(throws: VFIOUserClientError.disconnected) { _ = try client.receiveMessage() }
       // The server keeps serving.
       #expect(server.waitFor { !$0.clientConnected })
       _ = try server.connect().deviceInfo()
@@ -113,7 +113,7 @@ struct FramingTests {
     try withServer(TestDevice()) { server, _ in
       let client = try server.connect()
       try client.sendRaw(encodeMessage(id: 3, command: command, payload: [1, 2, 3]))
-      let reply = try #require(try client.receiveMessage())
+      let reply = try requireMessage(client)
       #expect(reply.header.isReply && reply.header.isError && reply.header.error == UInt32(ENOSYS))
       #expect(reply.header.messageID == 3 && reply.header.command == command)
       #expect(try client.deviceInfo().numIRQs == 5)
@@ -137,7 +137,7 @@ struct FramingTests {
       var bytes = encodeMessage(id: 1, command: 4, payload: [])
       bytes[4] = 8  // msg_size 8 < 16: the stream cannot be resynchronised
       try client.sendRaw(bytes)
-      #expect(throws: VFIOUserClientError.disconnected) { try client.receiveMessage() }
+      #expect(throws: VFIOUserClientError.disconnected) { _ = try client.receiveMessage() }
       #expect(server.waitFor { !$0.clientConnected && $0.lastEnd != .clientClosed })
     }
   }
@@ -150,7 +150,7 @@ struct FramingTests {
       let big = RegionAccessHeader(offset: 0, region: 2, count: 100_000).encoded(
         data: [UInt8](repeating: 7, count: 100_000))
       try client.sendRaw(encodeMessage(id: 9, command: Command.regionWrite.rawValue, payload: big))
-      let reply = try #require(try client.receiveMessage())
+      let reply = try requireMessage(client)
       #expect(reply.header.messageID == 9 && reply.header.error == UInt32(E2BIG))
       // The stream is still in step.
       #expect(try client.read(region: 2, offset: 0, count: 4) == [0, 0, 0, 0])
@@ -161,7 +161,7 @@ struct FramingTests {
     try withServer(TestDevice()) { server, _ in
       let client = try server.connect()
       try client.sendRaw(
-        encodeMessage(id: 0x4444, command: 11, flags: MessageHeader.typeReply, payload: []))
+        encodeMessage(id: 0x4444, command: 11, flags: .reply, payload: []))
       #expect(try client.deviceInfo().numRegions == 9)
     }
   }
@@ -170,9 +170,10 @@ struct FramingTests {
     try withServer(TestDevice()) { server, _ in
       let client = try server.connect()
       try client.sendRaw(
-        encodeMessage(id: 5, command: 4, flags: 0x3, payload: DeviceInfoPayload().encoded()))
+        encodeMessage(
+          id: 5, command: 4, flags: .init(rawValue: 0x3), payload: DeviceInfoPayload().encoded()))
       // Type 3 is neither command nor reply; the size still frames it, so the stream survives.
-      let reply = try #require(try client.receiveMessage())
+      let reply = try requireMessage(client)
       #expect(
         reply.header.messageID == 5 && reply.header.isError && reply.header.error == UInt32(EINVAL))
       #expect(try client.deviceInfo().numRegions == 9)

@@ -144,7 +144,9 @@ final class PipeProbe {
   deinit { _ = close(reader) }
 }
 
-func request(_ id: UInt16, _ command: UInt16 = 9, payload count: Int, flags: UInt32 = 0)
+func request(
+  _ id: UInt16, _ command: UInt16 = 9, payload count: Int, flags: MessageHeader.Flags = .command
+)
   -> [UInt8]
 {
   encodeMessage(

@@ -217,7 +217,7 @@ struct MessageFramerTests {
   /// The framer frames whatever the flags say: type bits, NO_REPLY and
   /// ERROR are the engine's to judge (`Connection.admission`).
   @Test func flagsAreNotTheFramersToJudge() throws {
-    let odd = request(5, payload: 3, flags: 0xFFFF_FFFF)
+    let odd = request(5, payload: 3, flags: MessageHeader.Flags(rawValue: 0xFFFF_FFFF))
     var framer = MessageFramer(capacity: 4096)
     var feeder = Feeder([Chunk(bytes: odd)])
     #expect(

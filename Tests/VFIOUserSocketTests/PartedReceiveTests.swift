@@ -64,7 +64,7 @@ struct PartedReceiveTests {
 
   /// Replies, small payloads and messages that brought descriptors are framed whole.
   @Test func onlyLargeCommandsWithoutDescriptorsAreOffered() throws {
-    let reply = request(4, Self.command, payload: 8 + 20_000, flags: MessageHeader.typeReply)
+    let reply = request(4, Self.command, payload: 8 + 20_000, flags: .reply)
     let short = request(5, Self.command, payload: 8 + 63)
     let probe = PipeProbe()
     var framer = Self.framer()

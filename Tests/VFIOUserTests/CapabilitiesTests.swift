@@ -277,7 +277,7 @@ func lenientJSONIsRefused(_ json: String) {
   var bytes = [UInt8](repeating: 0, count: 40 + 16)
   bytes.withUnsafeMutableBytes { raw in
     raw.put(UInt32(raw.count), at: 0)
-    raw.put(VFIORegionFlags.caps | VFIORegionFlags.read, at: 4)
+    raw.put(([.caps, .read] as VFIORegionFlags).rawValue, at: 4)
     raw.put(UInt32(2), at: 8)
     raw.put(UInt32(40), at: 12)  // an 8-byte gap after the 32-byte fixed part
     raw.put(VFIORegionCapID.sparseMmap, at: 40)

@@ -44,7 +44,7 @@ func goldenVector(_ vector: Vector) throws {
   #expect(header.messageID == (try fields.u16("messageID")))
   #expect(header.command == (try fields.u16("command")))
   #expect(header.size == (try fields.u32("size")))
-  #expect(header.flags == (try fields.u32("flags")))
+  #expect(header.flags.rawValue == (try fields.u32("flags")))
   #expect(header.error == (try fields.u32("error")))
   #expect(header.command == vector.command)
   #expect(Int(header.size) == bytes.count, "size covers the whole message")
@@ -75,7 +75,7 @@ func goldenVector(_ vector: Vector) throws {
 
   let message = encodeMessage(
     id: try fields.u16("messageID"), command: try fields.u16("command"),
-    flags: try fields.u32("flags"),
+    flags: MessageHeader.Flags(rawValue: try fields.u32("flags")),
     error: try fields.u32("error"), payload: rebuilt)
   #expect(message == bytes, "whole message re-encodes to the vector's bytes")
 }
@@ -103,7 +103,8 @@ func decodeAndRebuildPayload(_ vector: Vector, _ payload: [UInt8]) throws -> [UI
   case "DMAMapRequest":
     let decoded = try DMAMapRequest(decoding: payload)
     let expected = DMAMapRequest(
-      flags: try p.u32("flags"), offset: try p.u64("offset"), address: try p.u64("address"),
+      flags: .init(rawValue: try p.u32("flags")), offset: try p.u64("offset"),
+      address: try p.u64("address"),
       size: try p.u64("size"), argsz: try p.u32("argsz"))
     #expect(decoded == expected)
     return expected.encoded()
@@ -111,7 +112,8 @@ func decodeAndRebuildPayload(_ vector: Vector, _ payload: [UInt8]) throws -> [UI
   case "DMAUnmapPayload":
     let decoded = try DMAUnmapPayload(decoding: payload)
     let expected = DMAUnmapPayload(
-      flags: try p.u32("flags"), address: try p.u64("address"), size: try p.u64("size"),
+      flags: .init(rawValue: try p.u32("flags")), address: try p.u64("address"),
+      size: try p.u64("size"),
       argsz: try p.u32("argsz"))
     #expect(decoded == expected)
     return expected.encoded()
@@ -119,7 +121,8 @@ func decodeAndRebuildPayload(_ vector: Vector, _ payload: [UInt8]) throws -> [UI
   case "DeviceInfoPayload":
     let decoded = try DeviceInfoPayload(decoding: payload)
     let expected = DeviceInfoPayload(
-      argsz: try p.u32("argsz"), flags: try p.u32("flags"), numRegions: try p.u32("numRegions"),
+      argsz: try p.u32("argsz"), flags: .init(rawValue: try p.u32("flags")),
+      numRegions: try p.u32("numRegions"),
       numIRQs: try p.u32("numIRQs"))
     #expect(decoded == expected)
     return expected.encoded()
@@ -128,7 +131,8 @@ func decodeAndRebuildPayload(_ vector: Vector, _ payload: [UInt8]) throws -> [UI
     let decoded = try RegionInfoPayload(decoding: payload)
     let capabilities = try p.objects("capabilities").map(regionCapability)
     let expected = RegionInfoPayload(
-      argsz: try p.u32("argsz"), flags: try p.u32("flags"), index: try p.u32("index"),
+      argsz: try p.u32("argsz"), flags: .init(rawValue: try p.u32("flags")),
+      index: try p.u32("index"),
       capOffset: try p.u32("capOffset"), size: try p.u64("size"), offset: try p.u64("offset"),
       capabilities: capabilities)
     #expect(decoded == expected)
@@ -154,7 +158,8 @@ func decodeAndRebuildPayload(_ vector: Vector, _ payload: [UInt8]) throws -> [UI
   case "IRQInfoPayload":
     let decoded = try IRQInfoPayload(decoding: payload)
     let expected = IRQInfoPayload(
-      argsz: try p.u32("argsz"), flags: try p.u32("flags"), index: try p.u32("index"),
+      argsz: try p.u32("argsz"), flags: .init(rawValue: try p.u32("flags")),
+      index: try p.u32("index"),
       count: try p.u32("count"))
     #expect(decoded == expected)
     return expected.encoded()
@@ -162,11 +167,14 @@ func decodeAndRebuildPayload(_ vector: Vector, _ payload: [UInt8]) throws -> [UI
   case "IRQSetPayload":
     let decoded = try IRQSetPayload(decoding: payload)
     let expected = IRQSetPayload(
-      argsz: try p.u32("argsz"), flags: try p.u32("flags"), index: try p.u32("index"),
+      argsz: try p.u32("argsz"), flags: .init(rawValue: try p.u32("flags")),
+      index: try p.u32("index"),
       start: try p.u32("start"), count: try p.u32("count"),
       bools: try p.integers("bools", as: UInt8.self))
     #expect(decoded == expected)
-    #expect(decoded.dataType.nonzeroBitCount == 1 && decoded.action.nonzeroBitCount == 1)
+    #expect(
+      decoded.flags.dataType.rawValue.nonzeroBitCount == 1
+        && decoded.flags.action.rawValue.nonzeroBitCount == 1)
     return expected.encoded()
 
   case "RegionAccessHeader":
@@ -333,13 +341,16 @@ func replyHeaderHelpers(_ vector: Vector) throws {
   }
   #expect(vectors.contains { $0.kind == "error" }, "no error reply vector")
   #expect(
-    vectors.contains { $0.header.values["flags"] == .integer(UInt64(MessageHeader.noReplyFlag)) })
+    vectors.contains {
+      $0.header.values["flags"] == .integer(UInt64(MessageHeader.Flags.noReply.rawValue))
+    })
 }
 
 @Test func headerRoundTripsEveryFlagCombination() throws {
   for flags: UInt32 in [0, 1, 0x10, 0x11, 0x20, 0x21, 0x30, 0x31, 0xFFFF_FFF0, 0xFFFF_FFF1] {
     let header = MessageHeader(
-      messageID: 0xBEEF, command: 0x1234, size: 0xFFFF_FFFF, flags: flags, error: 0xDEAD_BEEF)
+      messageID: 0xBEEF, command: 0x1234, size: 0xFFFF_FFFF, flags: .init(rawValue: flags),
+      error: 0xDEAD_BEEF)
     var bytes = [UInt8](repeating: 0, count: MessageHeader.size)
     bytes.withUnsafeMutableBytes { header.encode(into: $0) }
     #expect(try decodeHeader(bytes) == header)

@@ -77,7 +77,8 @@ extension SimulatedXeVF {
 
   /// SET_IRQS as the server passes it on.
   func setIRQs(
-    _ flags: UInt32, index: UInt32, start: UInt32 = 0, count: UInt32, fds: [FileDescriptor] = []
+    _ flags: VFIOIRQSetFlags, index: UInt32, start: UInt32 = 0, count: UInt32,
+    fds: [FileDescriptor] = []
   ) throws {
     try setIRQs(
       IRQSetRequest(
@@ -217,10 +218,10 @@ struct HandoverTests {
         control: D.control(toDevice: false, vector: 5, interrupt: true))
       host.runDeferred()
       try vf.setIRQs(
-        VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger, index: VFIOPCIIRQ.msix,
+        [.dataEventfd, .actionTrigger], index: VFIOPCIIRQ.msix,
         count: 4, fds: msix.map { $0.lend() })
       try vf.setIRQs(
-        VFIOIRQSetFlags.dataEventfd | VFIOIRQSetFlags.actionTrigger, index: VFIOPCIIRQ.err,
+        [.dataEventfd, .actionTrigger], index: VFIOPCIIRQ.err,
         count: 1, fds: [err.lend()])
       try vf.startDMALogging(pageSize: 4096, ranges: [HandoverTests.logged])
       // Three pages dirtied, vector 2 signalled; then vector 3, masked in the table: pending.
@@ -281,7 +282,7 @@ struct HandoverTests {
     #expect(new.msixPending == 0)
     // ERR's eventfd came along too: a loopback trigger from the client reaches it.
     try new.setIRQs(
-      VFIOIRQSetFlags.dataNone | VFIOIRQSetFlags.actionTrigger, index: VFIOPCIIRQ.err, count: 1)
+      [.dataNone, .actionTrigger], index: VFIOPCIIRQ.err, count: 1)
     #expect(rich.err.count() == 1)
     // And a new transfer dirties pages the carried log reports.
     try new.startDMA(

@@ -35,7 +35,7 @@ import VFIOUser
 
   @Test func deviceDescription() throws {
     let vf = try SimulatedXeVF(profile: .bmg)
-    #expect(vf.deviceFlags == VFIODeviceFlags.pci | VFIODeviceFlags.reset)
+    #expect(vf.deviceFlags == [.pci, .reset])
     #expect(vf.regionCount == 9)
     #expect(vf.irqCount == 5)
     #expect(vf.region(0)?.size == 16 << 20)
@@ -52,18 +52,18 @@ import VFIOUser
     #expect(vf.irq(VFIOPCIIRQ.msi)?.count == 0)
     #expect(
       vf.irq(VFIOPCIIRQ.msix)
-        == IRQDescription(index: 2, count: 16, flags: VFIOIRQInfoFlags.eventfd))
+        == IRQDescription(index: 2, count: 16, flags: .eventfd))
     #expect(
       vf.irq(VFIOPCIIRQ.err)
         == IRQDescription(
-          index: 3, count: 1, flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.noresize))
+          index: 3, count: 1, flags: [.eventfd, .noresize]))
     #expect(
       vf.irq(VFIOPCIIRQ.req)
         == IRQDescription(
-          index: 4, count: 1, flags: VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.noresize))
+          index: 4, count: 1, flags: [.eventfd, .noresize]))
     #expect(
       vf.irq(VFIOPCIIRQ.intx)?.flags
-        == VFIOIRQInfoFlags.eventfd | VFIOIRQInfoFlags.maskable | VFIOIRQInfoFlags.automasked)
+        == [.eventfd, .maskable, .automasked])
     #expect(vf.irq(5) == nil)
   }
 

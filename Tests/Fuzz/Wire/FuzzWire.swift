@@ -50,7 +50,7 @@ func fuzzWire(_ input: UnsafeRawBufferPointer) {
     roundTrip(IRQInfoPayload.self, payload)
   case .deviceSetIRQs:
     if !reply, let set = roundTrip(IRQSetPayload.self, payload) {
-      _ = (set.dataType, set.action)
+      _ = (set.flags.dataType, set.flags.action)
     }
   case .regionRead, .regionWrite:
     if let access = try? RegionAccessHeader(decoding: payload) {

@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 /// Where the interop tests find QEMU, the guest kernel and busybox, and the
@@ -71,7 +72,7 @@ struct InteropEnvironment: Sendable {
         },
       libvirtRoot: settings["XE_VFU_LIBVIRT_ROOT"],
       compiler: settings["XE_VFU_CC"] ?? findInPath("gcc"),
-      server: locateServer(root: root), root: root)
+      server: xeVFIOUserExecutable, root: root)
     if let qemu = env.qemu {
       if !files.isExecutableFile(atPath: qemu) {
         env.qemuMissing = "\(qemu) (from XE_VFU_QEMU) is not executable"
@@ -134,23 +135,6 @@ struct InteropEnvironment: Sendable {
     }
   }
 
-  /// `xe-vfio-user` next to the running test bundle (any scratch path), else in
-  /// the usual build directories; `XE_VFU_BIN` overrides.
-  private static func locateServer(root: String) -> String {
-    if let path = ProcessInfo.processInfo.environment["XE_VFU_BIN"] { return path }
-    let files = FileManager.default
-    if let exe = try? files.destinationOfSymbolicLink(atPath: "/proc/self/exe") {
-      let candidate = URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent(
-        "xe-vfio-user"
-      ).path
-      if files.isExecutableFile(atPath: candidate) { return candidate }
-    }
-    for dir in [".build/debug", ".build-qemu/debug", ".build/release"] {
-      let candidate = root + "/" + dir + "/xe-vfio-user"
-      if files.isExecutableFile(atPath: candidate) { return candidate }
-    }
-    return root + "/.build/debug/xe-vfio-user"
-  }
 }
 
 /// Enables a suite only when QEMU is there. On CI a missing QEMU is a failure
@@ -189,19 +173,6 @@ struct QEMUAvailabilityTests {
       print("⚠️  QEMU interop tests are SKIPPED: \(reason)")
     }
   }
-}
-
-/// Polls `condition` every `interval` seconds until it holds or `timeout` passes.
-@discardableResult
-func waitUntil(timeout: Double, interval: Double = 0.01, _ condition: () throws -> Bool) rethrows
-  -> Bool
-{
-  let deadline = Date().addingTimeInterval(timeout)
-  repeat {
-    if try condition() { return true }
-    usleep(UInt32(interval * 1_000_000))
-  } while Date() < deadline
-  return try condition()
 }
 
 /// A fresh directory under /tmp (the QEMU wrapper shares /tmp, and socket paths stay short).

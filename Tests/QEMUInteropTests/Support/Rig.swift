@@ -1,18 +1,21 @@
 import Foundation
+import TestSupport
 
 /// Our server and a QEMU attached to it, in a private directory under /tmp.
 /// `close()` stops both and removes the directory (set XE_VFU_KEEP=1 to keep
 /// the logs: server.log, qemu-*.log, qemu-trace-*.log).
 final class Rig {
   let directory: String
-  let server: ServerProcess
+  let server: ServeProcess
   private(set) var qemu: QEMUSession!
 
   init(_ tag: String, server arguments: [String] = [], qemu options: QEMUOptions? = QEMUOptions())
     throws
   {
     directory = try makeScratchDirectory(tag)
-    server = try ServerProcess(directory: directory, arguments: arguments)
+    server = try ServeProcess(
+      arguments, directory: directory, socketName: "vfu.sock",
+      logPath: directory + "/server.log", tracing: true, waitUntilServing: true)
     if let options { try attach(options) }
   }
 
@@ -25,7 +28,7 @@ final class Rig {
 
   func close() {
     qemu?.process.stop()
-    server.stop()
+    server.stop(grace: 5, keepDirectory: true)
     if ProcessInfo.processInfo.environment["XE_VFU_KEEP"] == nil {
       try? FileManager.default.removeItem(atPath: directory)
     } else {
