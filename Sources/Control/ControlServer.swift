@@ -145,11 +145,11 @@ public final class ControlServer: Sendable {
         continue
       }
       guard
-        let client = acceptNext(
+        let accepted = acceptNext(
           fd, stopping: { stopping.load(ordering: .acquiring) }, logger: logger,
           what: "control accept", wake: wake)
       else { break }
-      if client >= 0 { admit(client) }
+      if case .client(let client) = consume accepted { admit(client) }
     }
     // Every client's blocking recv or send ends with its socket shut down.
     clients.withLock { for client in $0 { _ = shutdown(client, Int32(SHUT_RDWR)) } }
@@ -160,13 +160,16 @@ public final class ControlServer: Sendable {
   }
 
   /// Applies the device socket's peer policy and the client cap, then serves the client.
-  private func admit(_ client: Int32) {
+  private func admit(_ owned: consuming OwnedFileDescriptor) {
+    // Lent to the serving thread through `clients` (for a shutdown at stop);
+    // the handoff owns it, and its thread closes it.
+    let client = owned.descriptor.rawValue
     _ = cvfu_set_send_timeout_ms(client, sendTimeoutMilliseconds)
     let peer = Peer(socket: client)
     let (pid, uid, gid) = (peer.pid, peer.uid, peer.gid)
     guard server.limits.admits(peer, logger: logger, as: "control client") else {
       refuse(
-        client, "permission denied: uid \(uid) gid \(gid) is not allowed (--allow-uid, --allow-gid)"
+        owned, "permission denied: uid \(uid) gid \(gid) is not allowed (--allow-uid, --allow-gid)"
       )
       return
     }
@@ -177,29 +180,32 @@ public final class ControlServer: Sendable {
     }
     guard admitted else {
       logger.warning("refusing control client pid \(pid): \(maxClients) control clients already")
-      refuse(client, "too many control clients (at most \(maxClients) at once)")
+      refuse(owned, "too many control clients (at most \(maxClients) at once)")
       return
     }
     servedClients.add(1, ordering: .relaxed)
+    let handoff = DescriptorHandoff(owned)
     let failed = startThread(name: "control-client", stackSize: 256 << 10) { [self] in
+      guard let socket = handoff.take() else { return }
       serve(client, pid: pid)
+      // Out of the set before it closes: a stop never shuts down a reused number.
       clients.withLock { _ = $0.remove(client) }
-      _ = close(client)
+      socket.close()
     }
     if let failed {
       logger.error("cannot start a thread for a control client: \(failed)")
       clients.withLock { _ = $0.remove(client) }
-      _ = close(client)
     }
   }
 
   /// An error line in place of the greeting, then the hang-up. The socket
   /// is non-blocking here: the accept loop never waits on a refused client.
-  private func refuse(_ client: Int32, _ why: String) {
+  private func refuse(_ owned: consuming OwnedFileDescriptor, _ why: String) {
     refusedClients.add(1, ordering: .relaxed)
+    let client = owned.descriptor.rawValue
     _ = fcntl(client, F_SETFL, fcntl(client, F_GETFL) | O_NONBLOCK)
     _ = Self.send(client, ControlProtocol.error(.genericError, why, id: nil))
-    _ = close(client)
+    owned.close()
   }
 
   /// One control client: the greeting, then a reply to each request line,

@@ -36,6 +36,24 @@ public struct OwnedFileDescriptor: ~Copyable {
   deinit { _ = Glibc.close(descriptor.rawValue) }
 }
 
+/// A descriptor on its way to another thread (a client accepted here and
+/// served there): the handoff owns it until the receiving thread takes it,
+/// once, and closes it if nobody does (the thread never started).
+public final class DescriptorHandoff: @unchecked Sendable {
+  // Taken once, by the one thread the handoff was given to.
+  private var owned: OwnedFileDescriptor?
+  /// The descriptor, lent while the handoff or its taker holds it.
+  public let descriptor: FileDescriptor
+
+  public init(_ descriptor: consuming OwnedFileDescriptor) {
+    self.descriptor = descriptor.descriptor
+    owned = consume descriptor
+  }
+
+  /// The descriptor, with its ownership (nil after the first call).
+  public func take() -> OwnedFileDescriptor? { owned.take() }
+}
+
 /// The descriptors one message brought, owned as a group: those still here
 /// when the value goes away are closed. `take(_:)` moves one out, with its
 /// ownership. SET_IRQS hands its eventfds to the backend this way: the

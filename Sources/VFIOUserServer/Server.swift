@@ -131,24 +131,31 @@ extension ServerLimits {
   }
 }
 
+/// What an accept loop's wait gave.
+public enum Accepted: ~Copyable {
+  case client(OwnedFileDescriptor)
+  /// Woken (`ThreadWake`) with no client: the loop has something to do first.
+  case woken
+}
+
 /// The next client accepted on `listener`, retrying after a pause while the
 /// process is out of descriptors or memory; nil once `stopping` (a client
 /// accepted meanwhile is closed) or when accepting failed for good (logged).
-/// The device socket's accept loop and the control socket's share it. With
-/// `wake`, a woken wait returns -EINTR (no client).
+/// The device socket's accept loop and the control socket's share it; with
+/// `wake`, its wait can be woken.
 public func acceptNext(
   _ listener: Int32, stopping: () -> Bool, logger: Logger, what: String, wake: ThreadWake? = nil
-) -> Int32? {
+) -> Accepted? {
   while true {
     wake?.enter()
     let client = cvfu_accept_wakeable(listener, wake != nil ? 1 : 0)
     wake?.leave()
-    if client == -EINTR, wake != nil, !stopping() { return client }
+    if client == -EINTR, wake != nil, !stopping() { return .woken }
     if stopping() {
       if client >= 0 { _ = close(client) }
       return nil
     }
-    if client >= 0 { return client }
+    if client >= 0 { return .client(OwnedFileDescriptor(taking: FileDescriptor(rawValue: client))) }
     if -client == EMFILE || -client == ENFILE || -client == ENOMEM {
       logger.error("\(what) failed: \(Errno(rawValue: -client)); retrying")
       usleep(100_000)
@@ -278,13 +285,12 @@ public final class VFIOUserServer: Sendable {
         continue
       }
       guard
-        let client = acceptNext(
+        let accepted = acceptNext(
           fd, stopping: { statistics.snapshot.stopping }, logger: logger, what: "accept",
           wake: wake)
       else { break }
-      if client < 0 { continue }  // woken: a hold asked for
-
-      let peer = Peer(socket: client)
+      guard case .client(let client) = consume accepted else { continue }  // woken: a hold asked for
+      let peer = Peer(socket: client.descriptor.rawValue)
       let (pid, uid, gid) = (peer.pid, peer.uid, peer.gid)
       guard limits.admits(peer, logger: logger, as: "client") else {
         refuse(client, .permissionDenied)
@@ -314,7 +320,7 @@ public final class VFIOUserServer: Sendable {
     logger.info("server stopped")
   }
 
-  private func serve(_ client: Int32, pid: Int32, uid: UInt32, gid: UInt32)
+  private func serve(_ client: consuming OwnedFileDescriptor, pid: Int32, uid: UInt32, gid: UInt32)
     -> VFIODevice.Semaphore
   {
     var connectionLogger = logger
@@ -329,15 +335,17 @@ public final class VFIOUserServer: Sendable {
       $0.connectionsServed += 1
     }
     statistics.events.post(.clientConnected(pid: pid, uid: uid, gid: gid))
-    activeSocket.withLock { $0 = client }
+    let raw = client.descriptor.rawValue
+    activeSocket.withLock { $0 = raw }
     // Room for two of the largest messages each way, so a 1 MiB reply is one
     // sendmsg rather than a dozen wake-ups (the kernel caps it at wmem_max).
-    _ = cvfu_socket_buffers(client, Int32(clamping: 2 * limits.maxMessageSize))
-    _ = cvfu_set_send_timeout_ms(client, limits.sendTimeoutMilliseconds)
-    return serve(client, pid: pid, logger: connectionLogger) { [self, connectionLogger] in
+    _ = cvfu_socket_buffers(raw, Int32(clamping: 2 * limits.maxMessageSize))
+    _ = cvfu_set_send_timeout_ms(raw, limits.sendTimeoutMilliseconds)
+    // Closed with the handoff if the client's thread never starts.
+    let handoff = DescriptorHandoff(client)
+    return serve(pid: pid, logger: connectionLogger) { [self, connectionLogger] in
       let channel = MessageChannel(
-        socket: OwnedFileDescriptor(taking: FileDescriptor(rawValue: client)),
-        capacity: Connection.receiveCapacity(limits))
+        socket: handoff.take()!, capacity: Connection.receiveCapacity(limits))
       return Connection(
         channel: channel, backend: slot.backend, limits: limits, logger: connectionLogger,
         stats: statistics)
@@ -347,15 +355,15 @@ public final class VFIOUserServer: Sendable {
   /// Serves the connection a live update brought, as `serve` serves a new one.
   private func serve(adopted: AdoptedConnection) -> VFIODevice.Semaphore {
     activeSocket.withLock { $0 = adopted.socket }
-    return serve(adopted.socket, pid: adopted.pid, logger: adopted.connection.logger) {
+    return serve(pid: adopted.pid, logger: adopted.connection.logger) {
       adopted.connection
     }
   }
 
   /// Runs the connection `make` gives on a thread of its own until it ends.
+  /// (Whatever `make` would have taken goes with it if the thread never starts.)
   private func serve(
-    _ client: Int32, pid: Int32, logger connectionLogger: Logger,
-    make: @escaping @Sendable () -> Connection
+    pid: Int32, logger connectionLogger: Logger, make: @escaping @Sendable () -> Connection
   ) -> VFIODevice.Semaphore {
     let done = VFIODevice.Semaphore(value: 0)
     let failed = startThread(name: "vfio-user-client", stackSize: 1 << 20) {
@@ -386,7 +394,6 @@ public final class VFIOUserServer: Sendable {
     if let failed {
       logger.error("cannot start a thread for the client: \(failed); disconnecting it")
       activeSocket.withLock { $0 = -1 }
-      _ = close(client)
       statistics.update {
         $0.clientConnected = false
         $0.client = nil
@@ -422,15 +429,16 @@ public final class VFIOUserServer: Sendable {
 
   /// A client not served: answer its first message with `errno` and hang up,
   /// on a short-lived thread so the active client is never delayed.
-  private func refuse(_ client: Int32, _ errno: Errno) {
+  private func refuse(_ client: consuming OwnedFileDescriptor, _ errno: Errno) {
     statistics.update { $0.clientsRefused += 1 }
     let timeout = limits.refusalTimeoutMilliseconds
-    let failed = startThread(name: "vfio-user-busy") {
-      let channel = MessageChannel(
-        socket: OwnedFileDescriptor(taking: FileDescriptor(rawValue: client)),
-        capacity: ServerLimits.maxVersionMessage)
+    let handoff = DescriptorHandoff(client)
+    _ = startThread(name: "vfio-user-busy") {
+      guard let socket = handoff.take() else { return }
+      let raw = socket.descriptor.rawValue
+      let channel = MessageChannel(socket: socket, capacity: ServerLimits.maxVersionMessage)
       channel.maxFDs = 0
-      if cvfu_wait_readable(client, timeout) > 0,
+      if cvfu_wait_readable(raw, timeout) > 0,
         let request = try? channel.receive().commandHeader
       {
         var header = [UInt8](repeating: 0, count: MessageHeader.size)
@@ -439,6 +447,5 @@ public final class VFIOUserServer: Sendable {
       }
       channel.close()
     }
-    if failed != nil { _ = close(client) }
   }
 }
