@@ -2,6 +2,7 @@
 #include "cvfu_posix.h"
 
 #include <pthread.h>
+#include <spawn.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/socket.h>
@@ -23,6 +24,38 @@ int cvfu_set_thread_name(const char *name) {
 
 int cvfu_spawn_closefrom(posix_spawn_file_actions_t *actions, int lowfd) {
   return posix_spawn_file_actions_addclosefrom_np(actions, lowfd);
+}
+
+extern char **environ;
+
+int cvfu_spawn(pid_t *pid, const char *path, char *const argv[], char *const envp[],
+               const int *dups, int ndups, int close_from, int default_signals) {
+  posix_spawn_file_actions_t actions;
+  posix_spawnattr_t attributes;
+  int rc = posix_spawn_file_actions_init(&actions);
+  if (rc) return rc;
+  rc = posix_spawnattr_init(&attributes);
+  if (rc) {
+    posix_spawn_file_actions_destroy(&actions);
+    return rc;
+  }
+  for (int i = 0; i < ndups && !rc; i++)
+    rc = posix_spawn_file_actions_adddup2(&actions, dups[2 * i], dups[2 * i + 1]);
+  if (!rc) rc = posix_spawn_file_actions_addclosefrom_np(&actions, close_from);
+  sigset_t none, all;
+  sigemptyset(&none);
+  sigfillset(&all);
+  short flags = POSIX_SPAWN_SETSIGMASK;
+  if (!rc) rc = posix_spawnattr_setsigmask(&attributes, &none);
+  if (!rc && default_signals) {
+    rc = posix_spawnattr_setsigdefault(&attributes, &all);
+    flags |= POSIX_SPAWN_SETSIGDEF;
+  }
+  if (!rc) rc = posix_spawnattr_setflags(&attributes, flags);
+  if (!rc) rc = posix_spawn(pid, path, &actions, &attributes, argv, envp ? envp : environ);
+  posix_spawnattr_destroy(&attributes);
+  posix_spawn_file_actions_destroy(&actions);
+  return rc;
 }
 
 int cvfu_get_credentials(uid_t uids[3], gid_t gids[3]) {

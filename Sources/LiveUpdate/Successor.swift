@@ -71,24 +71,13 @@ public final class Successor: @unchecked Sendable {
       throw HandoverRefusal("cannot make the handover socket: \(error)")
     }
     self.link = link
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    defer { posix_spawn_file_actions_destroy(&actions) }
-    // dup2 clears close-on-exec on the copy; everything else above 3 is closed.
-    posix_spawn_file_actions_adddup2(&actions, childEnd.descriptor.rawValue, successorHandoverFD)
-    cvfu_spawn_closefrom(&actions, successorHandoverFD + 1)
-    var attributes = posix_spawnattr_t()
-    posix_spawnattr_init(&attributes)
-    defer { posix_spawnattr_destroy(&attributes) }
-    var noSignals = sigset_t()
-    sigemptyset(&noSignals)
-    posix_spawnattr_setsigmask(&attributes, &noSignals)
-    posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK))
     let arguments = [binary, "serve", "--handover-fd", "\(successorHandoverFD)"]
     let argv = arguments.map { strdup($0) } + [nil]
     defer { for pointer in argv { free(pointer) } }
     var pid: pid_t = 0
-    let rc = posix_spawn(&pid, binary, &actions, &attributes, argv, environ)
+    // dup2 clears close-on-exec on the copy; everything else above 3 is closed.
+    let dups: [Int32] = [childEnd.descriptor.rawValue, successorHandoverFD]
+    let rc = cvfu_spawn(&pid, binary, argv, nil, dups, 1, successorHandoverFD + 1, 0)
     childEnd.close()
     guard rc == 0 else {
       throw HandoverRefusal("cannot start the new binary \(binary): \(Errno(rawValue: rc))")

@@ -72,24 +72,13 @@ public struct ChildProcess {
   public init(_ executable: String, _ arguments: [String], silenceStandardError: Bool = false)
     throws(Errno)
   {
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    defer { posix_spawn_file_actions_destroy(&actions) }
-    if silenceStandardError {
-      posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
-    }
-    cvfu_spawn_closefrom(&actions, 3)
-    var attributes = posix_spawnattr_t()
-    posix_spawnattr_init(&attributes)
-    defer { posix_spawnattr_destroy(&attributes) }
-    var noSignals = sigset_t()
-    sigemptyset(&noSignals)
-    posix_spawnattr_setsigmask(&attributes, &noSignals)
-    posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK))
+    let silence = silenceStandardError ? open("/dev/null", O_WRONLY | O_CLOEXEC) : -1
+    defer { if silence >= 0 { close(silence) } }
     let argv = ([executable] + arguments).map { strdup($0) } + [nil]
     defer { for pointer in argv { free(pointer) } }
     var pid: pid_t = 0
-    let rc = posix_spawn(&pid, executable, &actions, &attributes, argv, environ)
+    let dups: [Int32] = silence >= 0 ? [silence, 2] : []
+    let rc = cvfu_spawn(&pid, executable, argv, nil, dups, Int32(dups.count / 2), 3, 0)
     guard rc == 0 else { throw Errno(rawValue: rc) }
     self.pid = pid
   }

@@ -51,30 +51,20 @@ public class ChildProcess: @unchecked Sendable {
   ) throws {
     self.logPath = logPath
     self.outputPath = outputPath ?? logPath + ".stdout"
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    defer { posix_spawn_file_actions_destroy(&actions) }
-    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-    if let outputDescriptor {
-      posix_spawn_file_actions_adddup2(&actions, outputDescriptor, 1)
-      posix_spawn_file_actions_adddup2(&actions, outputDescriptor, 2)
-    } else {
-      posix_spawn_file_actions_addopen(
-        &actions, 1, self.outputPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-      posix_spawn_file_actions_addopen(&actions, 2, logPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+    // Opened here (close-on-exec), placed as 0, 1 and 2 in the child.
+    var opened: [Int32] = []
+    defer { opened.forEach { close($0) } }
+    func open(_ path: String, _ flags: Int32) throws -> Int32 {
+      let fd = Glibc.open(path, flags | O_CLOEXEC, 0o644)
+      guard fd >= 0 else {
+        throw ChildProcessError("cannot open \(path): \(String(cString: strerror(errno)))")
+      }
+      opened.append(fd)
+      return fd
     }
-    cvfu_spawn_closefrom(&actions, 3)
-    var attributes = posix_spawnattr_t()
-    posix_spawnattr_init(&attributes)
-    defer { posix_spawnattr_destroy(&attributes) }
-    var none = sigset_t()
-    sigemptyset(&none)
-    posix_spawnattr_setsigmask(&attributes, &none)
-    var all = sigset_t()
-    sigfillset(&all)
-    posix_spawnattr_setsigdefault(&attributes, &all)
-    posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-
+    let input = try open("/dev/null", O_RDONLY)
+    let output = try outputDescriptor ?? open(self.outputPath, O_WRONLY | O_CREAT | O_TRUNC)
+    let errors = try outputDescriptor ?? open(logPath, O_WRONLY | O_CREAT | O_TRUNC)
     let variables = ProcessInfo.processInfo.environment.merging(environment ?? [:]) { $1 }
     let argv = ([executable] + arguments).map { strdup($0) } + [nil]
     let envp = variables.map { strdup("\($0.key)=\($0.value)") } + [nil]
@@ -82,7 +72,8 @@ public class ChildProcess: @unchecked Sendable {
       for pointer in argv + envp { free(pointer) }
     }
     var child: pid_t = 0
-    let result = posix_spawn(&child, executable, &actions, &attributes, argv, envp)
+    let dups: [Int32] = [input, 0, output, 1, errors, 2]
+    let result = cvfu_spawn(&child, executable, argv, envp, dups, 3, 3, 1)
     guard result == 0 else {
       throw ChildProcessError("cannot start \(executable): \(String(cString: strerror(result)))")
     }

@@ -15,6 +15,16 @@ int cvfu_set_thread_name(const char *name);
 /// Adds "close every descriptor from `lowfd` up" to `actions`. Returns 0 or an errno.
 int cvfu_spawn_closefrom(posix_spawn_file_actions_t *actions, int lowfd);
 
+/// Starts `path` with `argv` and `envp` (NULL: this process's environment)
+/// the one way every child of this project starts: each of the `ndups`
+/// pairs `dups[2i] -> dups[2i+1]` dup2'ed in the child (standard output to a
+/// log file, a handover socket to descriptor 3), then every descriptor from
+/// `close_from` up closed, every signal unblocked and, with `default_signals`,
+/// at its default disposition (what this process ignores is not the child's
+/// business). The child's pid goes to `*pid`. Returns 0 or an errno.
+int cvfu_spawn(pid_t *pid, const char *path, char *const argv[], char *const envp[],
+               const int *dups, int ndups, int close_from, int default_signals);
+
 /// The real, effective and saved user and group ids (getresuid, getresgid). 0 or -errno.
 int cvfu_get_credentials(uid_t uids[3], gid_t gids[3]);
 
