@@ -283,6 +283,10 @@ let package = Package(
         .product(name: "SystemPackage", package: "swift-system"),
       ],
       swiftSettings: strict),
+    // The config-space decoder on the simulated VF's real config space and on broken ones.
+    .testTarget(
+      name: "DeviceReportTests", dependencies: ["DeviceReport", "XeVF", "VFIOUser"],
+      swiftSettings: strict),
     // bench's table and summaries, and its checkpoint figures on a small VF in-process.
     .testTarget(
       name: "BenchTests",

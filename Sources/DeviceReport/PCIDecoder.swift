@@ -15,6 +15,12 @@ public struct ConfigBytes: Sendable {
 extension DeviceReport {
   /// The PCI header, BARs and capabilities of `config`; `regionSizes[i]` is the size
   /// of region i (BAR i for i < 6).
+  ///
+  /// Every walk ends: a capability list at an offset seen before, outside its
+  /// range, or whose header is past the bytes read; the standard list also at
+  /// ID 0xFF, a broken chain or no device (all ones), as Linux's walk and lspci
+  /// end it. A capability whose header was read but whose body was cut short
+  /// reads the rest as 0.
   public static func decodePCI(_ config: ConfigBytes, regionSizes: [UInt64]) -> (
     header: (command: CommandRegister, status: StatusRegister), bars: [BAR],
     capabilities: [Capability], extended: [ExtendedCapability]
@@ -50,7 +56,9 @@ extension DeviceReport {
     if status.capabilitiesList {
       var offset = c.u8(0x34) & 0xFC
       var seen = Set<Int>()
-      while offset >= 0x40, offset <= 0xFC, seen.insert(offset).inserted {
+      while offset >= 0x40, offset <= 0xFC, offset + 2 <= c.bytes.count, c.u8(offset) != 0xFF,
+        seen.insert(offset).inserted
+      {
         capabilities.append(capability(c, at: offset))
         offset = c.u8(offset + 1) & 0xFC
       }
