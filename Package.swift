@@ -189,12 +189,15 @@ let package = Package(
         .product(name: "SystemPackage", package: "swift-system"),
       ],
       swiftSettings: strict),
+    // What `info` reports (the report's model, encoded as JSON) and the PCI config-space
+    // decoder it fills the model with: header, BARs, capability lists, lspci's names.
+    .target(name: "DeviceReport", dependencies: ["VFIOUser"], swiftSettings: strict),
     .executableTarget(
       name: "xe-vfio-user",
       dependencies: [
         "VFIOUser", "VFIODevice", "VFIOUserServer", "VFIOUserClient", "XeVF", "XeStream",
         "CVFIOUser", "KernelVFIO", "KernelVFIOBackend", "CZstd", "Control", "Checkpoint",
-        "MigrationTools", "Bench", "LiveUpdate",
+        "MigrationTools", "Bench", "LiveUpdate", "DeviceReport",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Logging", package: "swift-log"),
         .product(name: "SystemPackage", package: "swift-system"),
@@ -279,6 +282,10 @@ let package = Package(
         "MigrationTools", "Checkpoint", "VFIODevice",
         .product(name: "SystemPackage", package: "swift-system"),
       ],
+      swiftSettings: strict),
+    // The config-space decoder on the simulated VF's real config space and on broken ones.
+    .testTarget(
+      name: "DeviceReportTests", dependencies: ["DeviceReport", "XeVF", "VFIOUser"],
       swiftSettings: strict),
     // bench's table and summaries, and its checkpoint figures on a small VF in-process.
     .testTarget(

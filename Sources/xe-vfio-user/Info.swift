@@ -1,5 +1,6 @@
 import ArgumentParser
 import Control
+import DeviceReport
 import FoundationEssentials
 import MigrationTools
 import SystemPackage
@@ -151,7 +152,9 @@ struct Info: ParsableCommand {
         maxDMAMaps: Int(caps.effectiveMaxDMAMaps),
         maxMsgFDs: Int(caps.effectiveMaxMsgFDs), pgsizes: caps.effectivePgsizes,
         writeMultiple: caps.writeMultiple ?? false),
-      kernelDevice: ServedRecord.serving(socket: socketPath).map(DeviceReport.KernelDevice.init))
+      kernelDevice: ServedRecord.serving(socket: socketPath).map {
+        .init(address: $0.device, pid: $0.pid, migration: $0.migration, opened: $0.opened)
+      })
   }
 
   /// `lspci -vv`'s layout for the PCI part, then the vfio-user view.
