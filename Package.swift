@@ -221,14 +221,15 @@ let package = Package(
     .testTarget(
       name: "VFIOUserSocketTests",
       dependencies: [
-        "VFIOUserSocket", "VFIOUser", "CVFIOUser",
+        "VFIOUserSocket", "VFIOUser", "CVFIOUser", "TestSupport",
         .product(name: "SystemPackage", package: "swift-system"),
       ],
       swiftSettings: strict),
     // The device interface's helpers on their own: interrupt emulation, SET_IRQS
     // checks, the migration walk and its stream handling.
     .testTarget(
-      name: "VFIODeviceTests", dependencies: ["VFIODevice", "VFIOUser", "CVFIOUser"],
+      name: "VFIODeviceTests",
+      dependencies: ["VFIODevice", "VFIOUser", "CVFIOUser", "TestSupport"],
       swiftSettings: strict),
     // The client the kernel-backed guest test runs inside its guest (built static
     // in release and copied into the initramfs; see KernelGuestTests).

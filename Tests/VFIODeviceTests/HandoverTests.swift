@@ -1,28 +1,10 @@
 import CVFIOUser
 import Glibc
 import SystemPackage
+import TestSupport
 import Testing
 import VFIODevice
 import VFIOUser
-
-/// How many descriptors of this process refer to the eventfd `fd` refers to
-/// (by its `eventfd-id`, unique while any descriptor holds it): a leak check
-/// that other tests opening and closing descriptors at the same time cannot
-/// disturb, as a count of /proc/self/fd would be.
-func eventFDReferences(_ fd: Int32) -> Int {
-  guard let id = eventFDID(fd), let directory = opendir("/proc/self/fd") else { return -1 }
-  defer { closedir(directory) }
-  let listing = dirfd(directory)
-  var found = 0
-  while let entry = readdir(directory) {
-    let name = withUnsafeBytes(of: entry.pointee.d_name) {
-      String(cString: $0.bindMemory(to: CChar.self).baseAddress!)
-    }
-    guard let other = Int32(name), other != listing else { continue }
-    if eventFDID(other) == id { found += 1 }
-  }
-  return found
-}
 
 /// What crosses the process boundary: the bytes, and a duplicate of each lent
 /// descriptor (as SCM_RIGHTS would make in the new process).
@@ -47,7 +29,7 @@ func importing<T: ~Copyable>(
 struct IRQEmulationHandoverTests {
   /// INTx with its resample fd and a latched interrupt, MSI-X with eventfds
   /// on some vectors, one masked with an interrupt pending, ERR wired.
-  func rich(_ fds: [EventFD]) throws -> IRQEmulation {
+  func rich(_ fds: [TestEventFD]) throws -> IRQEmulation {
     var irqs = IRQEmulation(pciIRQs)
     try irqs.apply(request(triggerFD, index: 0, count: 1, fds: [fds[0].lend()]))
     try irqs.apply(request(unmaskFD, index: 0, count: 1, fds: [fds[1].lend()]))
@@ -80,7 +62,7 @@ struct IRQEmulationHandoverTests {
   }
 
   @Test func aRoundTripKeepsEveryEventfdMaskAndLatch() throws {
-    let fds = (0..<6).map { _ in EventFD() }
+    let fds = (0..<6).map { _ in TestEventFD() }
     let old = try rich(fds)
     let state = export(old)
     #expect(state.descriptors.count == 6)
@@ -105,7 +87,7 @@ struct IRQEmulationHandoverTests {
   }
 
   @Test func nothingLeaksOnceBothAreGone() throws {
-    let fds = (0..<6).map { _ in EventFD() }
+    let fds = (0..<6).map { _ in TestEventFD() }
     do {
       let old = try rich(fds)
       let new = try importState(export(old))
@@ -116,7 +98,7 @@ struct IRQEmulationHandoverTests {
   }
 
   @Test func anotherLayoutIsRefused() throws {
-    let fds = (0..<6).map { _ in EventFD() }
+    let fds = (0..<6).map { _ in TestEventFD() }
     let old = try rich(fds)
     let state = export(old)
     var other = pciIRQs
@@ -127,7 +109,7 @@ struct IRQEmulationHandoverTests {
   }
 
   @Test func aDescriptorThatIsNoEventfdIsRefused() throws {
-    let fds = (0..<6).map { _ in EventFD() }
+    let fds = (0..<6).map { _ in TestEventFD() }
     let old = try rich(fds)
     var state = export(old)
     var pipeEnds: [Int32] = [-1, -1]
@@ -143,7 +125,7 @@ struct IRQEmulationHandoverTests {
   /// Every prefix of the blob, and every byte flipped: refused or imported,
   /// never a trap, and every descriptor a refusal got is closed.
   @Test func truncatedAndCorruptedBlobsAreRefusedCleanly() throws {
-    let fds = (0..<6).map { _ in EventFD() }
+    let fds = (0..<6).map { _ in TestEventFD() }
     let old = try rich(fds)
     let state = export(old)
     for length in 0..<state.bytes.count {

@@ -1,6 +1,7 @@
 import CVFIOUser
 import Glibc
 import SystemPackage
+import TestSupport
 import Testing
 import VFIODevice
 import VFIOUser
@@ -18,20 +19,6 @@ let pciIRQs: [IRQDescription] = [
   IRQDescription(index: 4, count: 1, flags: .eventfd),
 ]
 
-/// An eventfd the test keeps; `lend()` gives the emulation a duplicate it owns.
-final class EventFD {
-  let fd: Int32
-  init() {
-    fd = cvfu_eventfd(0, O_NONBLOCK | O_CLOEXEC)
-    precondition(fd >= 0)
-  }
-  deinit { close(fd) }
-  func lend() -> FileDescriptor { FileDescriptor(rawValue: dup(fd)) }
-  /// Reads and clears the counter: how many times it was signalled.
-  func count() -> Int64 { max(cvfu_eventfd_drain(fd), 0) }
-  func signal() { _ = cvfu_eventfd_signal(fd) }
-}
-
 /// An eventfd handed over as the only copy (`descriptor`): whether its new
 /// owner closed it is known without racing other tests for descriptor
 /// numbers. The probe keeps a duplicate, so the eventfd's `eventfd-id` stays
@@ -46,7 +33,7 @@ final class ClosureProbe {
     precondition(fd >= 0)
     descriptor = FileDescriptor(rawValue: fd)
     witness = dup(fd)
-    let id = eventFDID(witness)
+    let id = eventFDIdentity(witness)
     precondition(id != nil, "no eventfd-id in /proc/self/fdinfo (Linux 6.3 or later)")
     self.id = id!
   }
@@ -62,22 +49,10 @@ final class ClosureProbe {
         String(cString: $0.bindMemory(to: CChar.self).baseAddress!)
       }
       guard let fd = Int32(name), fd != witness, fd != listing else { continue }
-      if eventFDID(fd) == id { return false }
+      if eventFDIdentity(fd) == id { return false }
     }
     return true
   }
-}
-
-/// The `eventfd-id:` line of an eventfd's /proc/self/fdinfo entry, or nil.
-func eventFDID(_ fd: Int32) -> String? {
-  let info = open("/proc/self/fdinfo/\(fd)", O_RDONLY | O_CLOEXEC)
-  guard info >= 0 else { return nil }
-  defer { close(info) }
-  var bytes = [UInt8](repeating: 0, count: 512)
-  let n = read(info, &bytes, bytes.count)
-  guard n > 0 else { return nil }
-  let text = String(decoding: bytes[..<n], as: UTF8.self)
-  return text.split(separator: "\n").first { $0.hasPrefix("eventfd-id:") }.map(String.init)
 }
 
 func request(
@@ -101,7 +76,7 @@ let unmaskFD: VFIOIRQSetFlags = [.dataEventfd, .actionUnmask]
 struct IRQEmulationTests {
   @Test func triggersReachTheirEventfdsAndDeassignedVectorsNothing() throws {
     var irqs = IRQEmulation(pciIRQs)
-    let fds = (0..<8).map { _ in EventFD() }
+    let fds = (0..<8).map { _ in TestEventFD() }
     try irqs.apply(request(triggerFD, index: 2, count: 8, fds: fds.map { $0.lend() }))
     #expect(irqs.descriptorCount == 8)
     for v: UInt32 in [0, 3, 7] { irqs.trigger(index: 2, vector: v) }
@@ -124,7 +99,7 @@ struct IRQEmulationTests {
 
   @Test func maskLatchesAndUnmaskDelivers() throws {
     var irqs = IRQEmulation(pciIRQs)
-    let fd = EventFD()
+    let fd = TestEventFD()
     try irqs.apply(request(triggerFD, index: 2, start: 5, count: 1, fds: [fd.lend()]))
     try irqs.apply(request(maskNone, index: 2, start: 5, count: 1))
     irqs.trigger(index: 2, vector: 5)
@@ -140,8 +115,8 @@ struct IRQEmulationTests {
 
   @Test func intxAutomasksUntilUnmaskedOrResampled() throws {
     var irqs = IRQEmulation(pciIRQs)
-    let fd = EventFD()
-    let resample = EventFD()
+    let fd = TestEventFD()
+    let resample = TestEventFD()
     try irqs.apply(request(triggerFD, index: 0, count: 1, fds: [fd.lend()]))
     irqs.trigger(index: 0, vector: 0)
     irqs.trigger(index: 0, vector: 0)
@@ -158,7 +133,7 @@ struct IRQEmulationTests {
   @Test func disablingAnIndexClosesItsEventfdsAndClearsItsMasks() throws {
     var irqs = IRQEmulation(pciIRQs)
     let probe = ClosureProbe()
-    let other = EventFD()
+    let other = TestEventFD()
     try irqs.apply(request(triggerFD, index: 2, count: 1, fds: [probe.descriptor]))
     try irqs.apply(request(triggerFD, index: 3, count: 1, fds: [other.lend()]))
     try irqs.apply(request(maskNone, index: 2, start: 1, count: 1))
@@ -189,7 +164,7 @@ struct IRQEmulationTests {
   /// stay as they were, and the descriptors the request brought are closed.
   @Test func aRefusedRequestLeavesTheStateAsItWas() throws {
     var irqs = IRQEmulation(pciIRQs)
-    let fds = (0..<2).map { _ in EventFD() }
+    let fds = (0..<2).map { _ in TestEventFD() }
     try irqs.apply(request(triggerFD, index: 2, count: 2, fds: fds.map { $0.lend() }))
     try irqs.apply(request(maskNone, index: 2, start: 1, count: 1))
     irqs.trigger(index: 2, vector: 1)
@@ -265,7 +240,7 @@ struct IRQSetRequestTests {
   }
 
   @Test func aRequestCarriesWhatVFIODeviceSetIRQsNeeds() throws {
-    let fd = EventFD()
+    let fd = TestEventFD()
     var made = try request(triggerFD, index: 2, start: 3, count: 1, fds: [fd.lend()])
     #expect(made.flags == triggerFD)
     #expect(made.vectors == 3..<4 && !made.disablesIndex)

@@ -1,4 +1,5 @@
 import SystemPackage
+import TestSupport
 import VFIOUser
 import VFIOUserSocket
 
@@ -119,29 +120,6 @@ struct Feeder {
     }
     return true
   }
-}
-
-/// A pipe whose write end is given away: `writerClosed` tells whether every
-/// copy of it has been closed, whatever descriptor number it had.
-final class PipeProbe {
-  let reader: Int32
-  let writer: FileDescriptor
-
-  init() {
-    var ends: [Int32] = [-1, -1]
-    precondition(pipe(&ends) == 0)
-    reader = ends[0]
-    writer = FileDescriptor(rawValue: ends[1])
-    _ = fcntl(reader, F_SETFL, O_NONBLOCK)
-  }
-
-  /// True once no write end is open anywhere (the reader sees end of file).
-  var writerClosed: Bool {
-    var byte: UInt8 = 0
-    return read(reader, &byte, 1) == 0
-  }
-
-  deinit { _ = close(reader) }
 }
 
 func request(

@@ -1,4 +1,5 @@
 import SystemPackage
+import TestSupport
 import Testing
 import VFIOUser
 
@@ -6,34 +7,11 @@ import VFIOUser
   import Glibc
 #endif
 
-/// A pipe whose write end is the descriptor under test: its read end sees
-/// end of file once every copy of the write end is closed (a check that a
-/// descriptor number reused by another test cannot fool).
-private final class WriteEnd {
-  let reader: Int32
-  let writer: FileDescriptor
-
-  init() {
-    var ends: [Int32] = [-1, -1]
-    precondition(pipe(&ends) == 0)
-    reader = ends[0]
-    writer = FileDescriptor(rawValue: ends[1])
-    _ = fcntl(reader, F_SETFL, O_NONBLOCK)
-  }
-
-  var closed: Bool {
-    var byte: UInt8 = 0
-    return read(reader, &byte, 1) == 0
-  }
-
-  deinit { _ = close(reader) }
-}
-
 @Suite struct OwnedFileDescriptorsTests {
   /// Past the inline places too: every descriptor comes back in order and
   /// the ones not taken close with the value.
   @Test func manyAreHeldInOrderAndTheRestCloseWithTheValue() {
-    let ends = (0..<21).map { _ in WriteEnd() }
+    let ends = (0..<21).map { _ in PipeProbe() }
     var owned = OwnedFileDescriptors(taking: ends.map(\.writer))
     let count = owned.count
     #expect(count == 21)
@@ -52,19 +30,19 @@ private final class WriteEnd {
     #expect(countAfter == 21, "taken places still count")
     _ = consume owned
     for (i, end) in ends.enumerated() {
-      #expect(end.closed == ![2, 5, 17].contains(i), "descriptor \(i)")
+      #expect(end.writerClosed == ![2, 5, 17].contains(i), "descriptor \(i)")
     }
     _ = consume taken2
     _ = consume taken5
     _ = consume taken17
-    let allClosed = ends.allSatisfy { $0.closed }
+    let allClosed = ends.allSatisfy { $0.writerClosed }
     #expect(allClosed)
   }
 
   /// `keepFirst` keeps the first places' descriptors in order, without the
   /// taken ones, and closes those after them.
   @Test func keepFirstClosesTheSurplusAndCloseUpTheTakenPlaces() {
-    let ends = (0..<9).map { _ in WriteEnd() }
+    let ends = (0..<9).map { _ in PipeProbe() }
     var owned = OwnedFileDescriptors(taking: ends.map(\.writer))
     let taken = owned.take(1)
     owned.keepFirst(6)
@@ -74,10 +52,10 @@ private final class WriteEnd {
       let held = owned[i]
       #expect(held == ends[end].writer)
     }
-    for i in 6..<9 { #expect(ends[i].closed, "descriptor \(i)") }
-    for i in [0, 2, 3, 4, 5] { #expect(!ends[i].closed, "descriptor \(i)") }
+    for i in 6..<9 { #expect(ends[i].writerClosed, "descriptor \(i)") }
+    for i in [0, 2, 3, 4, 5] { #expect(!ends[i].writerClosed, "descriptor \(i)") }
     // Appending after the cut reuses the places.
-    let extra = WriteEnd()
+    let extra = PipeProbe()
     owned.append(OwnedFileDescriptor(taking: extra.writer))
     let appended = owned[5]
     #expect(appended == extra.writer)
@@ -85,24 +63,24 @@ private final class WriteEnd {
     #expect(released == [0, 2, 3, 4, 5].map { ends[$0].writer } + [extra.writer])
     for descriptor in released { _ = close(descriptor.rawValue) }
     _ = consume taken
-    let allClosed = ends.allSatisfy { $0.closed }
-    #expect(allClosed && extra.closed)
+    let allClosed = ends.allSatisfy { $0.writerClosed }
+    #expect(allClosed && extra.writerClosed)
   }
 
   @Test func takeAllLeavesAnEmptyValue() {
-    let ends = (0..<6).map { _ in WriteEnd() }
+    let ends = (0..<6).map { _ in PipeProbe() }
     var owned = OwnedFileDescriptors(taking: ends.map(\.writer))
     var all = owned.takeAll()
     let emptied = owned.isEmpty
     let moved = all.count
     #expect(emptied && moved == 6)
     _ = consume owned
-    let anyClosed = ends.contains { $0.closed }
+    let anyClosed = ends.contains { $0.writerClosed }
     #expect(!anyClosed)
     all.keepFirst(0)
     let none = all.isEmpty
     #expect(none)
-    let allClosed = ends.allSatisfy { $0.closed }
+    let allClosed = ends.allSatisfy { $0.writerClosed }
     #expect(allClosed)
   }
 }

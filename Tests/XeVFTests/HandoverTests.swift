@@ -1,6 +1,7 @@
 import CVFIOUser
 import Glibc
 import SystemPackage
+import TestSupport
 import Testing
 import VFIODevice
 import VFIOUser
@@ -8,61 +9,6 @@ import VFIOUser
 @testable import XeVF
 
 // MARK: Descriptors
-
-/// An eventfd the test keeps; `lend()` gives the device a duplicate it owns.
-final class TestEventFD {
-  let fd: Int32
-  init() {
-    fd = cvfu_eventfd(0, O_NONBLOCK | O_CLOEXEC)
-    precondition(fd >= 0)
-  }
-  deinit { close(fd) }
-  func lend() -> FileDescriptor { FileDescriptor(rawValue: dup(fd)) }
-  /// Reads and clears the counter: how many times it was signalled since.
-  func count() -> Int64 { max(cvfu_eventfd_drain(fd), 0) }
-  /// Descriptors of this process on this eventfd (its own included).
-  var references: Int { openDescriptors { eventFDIdentity($0) == eventFDIdentity(fd) } }
-}
-
-/// The `eventfd-id:` line of an eventfd's /proc/self/fdinfo entry (unique
-/// per eventfd while a descriptor holds it; all eventfds share one inode).
-func eventFDIdentity(_ fd: Int32) -> String? {
-  let info = open("/proc/self/fdinfo/\(fd)", O_RDONLY | O_CLOEXEC)
-  guard info >= 0 else { return nil }
-  defer { close(info) }
-  var bytes = [UInt8](repeating: 0, count: 512)
-  let n = read(info, &bytes, bytes.count)
-  guard n > 0 else { return nil }
-  return String(decoding: bytes[..<n], as: UTF8.self).split(separator: "\n")
-    .first { $0.hasPrefix("eventfd-id:") }.map(String.init)
-}
-
-/// Descriptors of this process on the file `fd` refers to (by device and inode).
-func fileReferences(_ fd: Int32) -> Int {
-  var target = stat()
-  guard fstat(fd, &target) == 0 else { return -1 }
-  return openDescriptors {
-    var other = stat()
-    return fstat($0, &other) == 0 && other.st_dev == target.st_dev && other.st_ino == target.st_ino
-  }
-}
-
-/// How many open descriptors satisfy `matches`. Counting one object's
-/// descriptors, rather than all of /proc/self/fd, keeps a leak check exact
-/// while other tests open and close descriptors in parallel.
-func openDescriptors(_ matches: (Int32) -> Bool) -> Int {
-  guard let directory = opendir("/proc/self/fd") else { return -1 }
-  defer { closedir(directory) }
-  let listing = dirfd(directory)
-  var found = 0
-  while let entry = readdir(directory) {
-    let name = withUnsafeBytes(of: entry.pointee.d_name) {
-      String(cString: $0.bindMemory(to: CChar.self).baseAddress!)
-    }
-    if let fd = Int32(name), fd != listing, matches(fd) { found += 1 }
-  }
-  return found
-}
 
 // MARK: Handing over
 
