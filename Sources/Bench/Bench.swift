@@ -453,12 +453,7 @@ extension BenchConfiguration {
   ) {
     let executable = currentExecutable()
     let path = "/tmp/xe-vfio-user-rss-\(getpid()).sock"
-    let serve = try ChildProcess(
-      executable,
-      [
-        "serve", "--socket-path", path, "--quiet", "--log-level", "error", "--vram-size",
-        "\(vramSize)",
-      ])
+    let serve = try startServe(path, vram: vramSize)
     defer {
       serve.interrupt()
       serve.wait()

@@ -31,14 +31,8 @@ enum LiveUpdateBench {
   static let rounds = 3
 
   static func run(vram: UInt64, windows: Int, dataBytes: UInt64, name: String) throws -> Figures {
-    let executable = currentExecutable()
     let path = "/tmp/xe-vfio-user-lu-\(getpid())-\(windows)-\(vram >> 20).sock"
-    let serve = try ChildProcess(
-      executable,
-      [
-        "serve", "--socket-path", path, "--quiet", "--log-level", "error", "--vram-size",
-        "\(vram)",
-      ])
+    let serve = try startServe(path, vram: vram)
     var serving = serve.pid
     defer {
       kill(serving, SIGTERM)
@@ -130,4 +124,13 @@ private final class PauseWatcher: @unchecked Sendable {
     done.wait()
     return longest.withLock { $0 }
   }
+}
+
+/// A quiet `serve` child of this very executable on `path`, with `vram` of VRAM.
+func startServe(_ path: String, vram: UInt64) throws(Errno) -> ChildProcess {
+  try ChildProcess(
+    currentExecutable(),
+    [
+      "serve", "--socket-path", path, "--quiet", "--log-level", "error", "--vram-size", "\(vram)",
+    ])
 }
