@@ -338,7 +338,9 @@ let package = Package(
     // Guest/ holds the C program the vIOMMU guest runs; the tests build it with gcc -static.
     .testTarget(
       name: "QEMUInteropTests",
-      dependencies: ["VFIOUser", "VFIOUserClient", "XeVF", "CVFIOUser", "TestSupport"],
+      dependencies: [
+        "VFIOUser", "VFIOUserClient", "XeVF", "CVFIOUser", "TestSupport", "VFIODevice",
+      ],
       exclude: ["Guest"], swiftSettings: strict),
   ]
 )
