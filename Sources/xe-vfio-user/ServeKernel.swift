@@ -38,6 +38,9 @@ extension Serve {
     logger.info(
       "IOMMU: IOVA ranges \(device.iommu.iovaRanges.text), page sizes 0x\(String(device.iommu.pageSizes, radix: 16)), max_dma_maps \(dma.maxWindows); \(pinning)"
     )
+    logger.info(
+      "live update: \(device.iommu.vaddrUpdateRefusal.map { "refused while DMA windows are mapped: \($0)" } ?? "DMA windows stay mapped across one (the container has VFIO_UPDATE_VADDR)")"
+    )
     if case .none = plan, migration == .auto {
       logger.warning("migration path: \(plan.summary)")
     } else {

@@ -286,7 +286,9 @@ extension Serve {
         if let warning = try record.claim() { logger.notice("\(warning)") }
         return
       } catch {
-        if attempt == 99 { logger.warning("\(error)") }
+        if attempt == 99 {
+          logger.warning("\(error) (pid \(previous) served it before this process)")
+        }
         usleep(20_000)
       }
     }
