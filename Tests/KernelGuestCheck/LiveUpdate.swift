@@ -97,17 +97,7 @@ import VFIOUserClient
     )
   }
 
-  /// `xe-vfio-user live-update` on this server, its one line of output said.
-  func liveUpdate(_ label: String) {
-    let output = "/tmp/live-update-\(label).txt"
-    let status = system("/bin/xe-vfio-user live-update -s \(socket) >\(output) 2>&1")
-    let fd = open(output, O_RDONLY)
-    var text = [UInt8](repeating: 0, count: 1024)
-    let n = fd >= 0 ? read(fd, &text, text.count) : 0
-    if fd >= 0 { close(fd) }
-    let line = String(decoding: text[0..<max(0, n)], as: UTF8.self).split(separator: "\n").first
-    say("\(label) exit \(status) \(line.map(String.init) ?? "")")
-  }
+  func liveUpdate(_ label: String) { runLiveUpdate(label, socket: socket) }
 
   roundTrip("lu-before", window: buffer, iova: iova, vram: 2 << 20, seed: 0x31)
   liveUpdate("lu-update-1")
@@ -140,4 +130,16 @@ import VFIOUserClient
   close(memfd2)
   close(efd)
   say("lu-done")
+}
+
+/// `xe-vfio-user live-update -s SOCKET`, its exit status and first line of output said as `label`.
+func runLiveUpdate(_ label: String, socket: String) {
+  let output = "/tmp/live-update-\(label).txt"
+  let status = system("/bin/xe-vfio-user live-update -s \(socket) >\(output) 2>&1")
+  let fd = open(output, O_RDONLY)
+  var text = [UInt8](repeating: 0, count: 2048)
+  let n = fd >= 0 ? read(fd, &text, text.count) : 0
+  if fd >= 0 { close(fd) }
+  let line = String(decoding: text[0..<max(0, n)], as: UTF8.self).split(separator: "\n").first
+  say("\(label) exit \((status >> 8) & 0xFF) \(line.map(String.init) ?? "")")
 }
