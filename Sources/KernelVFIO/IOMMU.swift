@@ -87,10 +87,59 @@ public protocol IOMMUDomain: AnyObject {
   @discardableResult func unmap(iova: UInt64, size: UInt64) throws(Errno) -> UInt64
   /// The domain's dirty-page tracking, when the kernel offers it.
   var dirtyTracking: IOMMUDirtyTracking? { get }
+
+  // Live update: the mappings stay in the IOMMU while another process takes
+  // the domain over; only the server's addresses of the memory change.
+
+  /// Why the mappings cannot keep their IOVAs across a change of process
+  /// (a live update), or nil when they can.
+  var vaddrUpdateRefusal: String? { get }
+  /// Forgets the server's address of the mapping at exactly [iova, iova +
+  /// size): the IOVA stays mapped to the same pages, and the device's DMA
+  /// goes on, until `updateVaddr` names the memory's address again (type1:
+  /// VFIO_IOMMU_UNMAP_DMA with VFIO_DMA_UNMAP_FLAG_VADDR).
+  func invalidateVaddr(iova: UInt64, size: UInt64) throws(Errno)
+  /// Names `vaddr`, this process's address of the same memory, for the
+  /// mapping at exactly [iova, iova + size) whose address was invalidated;
+  /// the kernel moves the pinned pages' accounting to this process (type1:
+  /// VFIO_IOMMU_MAP_DMA with VFIO_DMA_MAP_FLAG_VADDR).
+  func updateVaddr(_ vaddr: UnsafeRawPointer, iova: UInt64, size: UInt64) throws(Errno)
+  /// What another process needs to take the domain over (its descriptors,
+  /// lent), or nil when it cannot be handed over.
+  var handover: IOMMUHandover? { get }
 }
 
 extension IOMMUDomain {
   public var dirtyTracking: IOMMUDirtyTracking? { nil }
+  public var vaddrUpdateRefusal: String? {
+    "the IOMMU domain (\(path)) cannot keep its mappings across a change of process"
+  }
+  public func invalidateVaddr(iova: UInt64, size: UInt64) throws(Errno) { throw .notSupported }
+  public func updateVaddr(_ vaddr: UnsafeRawPointer, iova: UInt64, size: UInt64) throws(Errno) {
+    throw .notSupported
+  }
+  public var handover: IOMMUHandover? { nil }
+}
+
+/// An IOMMU domain as a live update hands it to the next process: the kernel
+/// objects stay, the descriptors travel (SCM_RIGHTS), and the new process
+/// adopts them.
+public struct IOMMUHandover {
+  public enum Kind: UInt8, Sendable {
+    /// A type1v2 container: the container's descriptor, then the group's.
+    case type1 = 1
+  }
+  public var kind: Kind
+  /// Lent: the domain still owns them.
+  public var descriptors: [FileDescriptor]
+  /// The IOMMU group's number (type1).
+  public var group: Int
+
+  public init(kind: Kind, descriptors: [FileDescriptor], group: Int) {
+    self.kind = kind
+    self.descriptors = descriptors
+    self.group = group
+  }
 }
 
 /// A type1 container's dirty-page tracking (VFIO_IOMMU_DIRTY_PAGES): the
@@ -176,6 +225,32 @@ public final class Type1Container: IOMMUDomain {
     groupNumber = number
   }
 
+  /// A container and its group that another process opened and set up (a
+  /// live update hands them over): owned from here. The group must be
+  /// viable and in a container, and the IOMMU's facts are asked again.
+  public init(
+    adoptingContainer container: consuming OwnedFileDescriptor,
+    group: consuming OwnedFileDescriptor, groupNumber number: Int
+  ) throws(KernelVFIOError) {
+    let groupFD = group.descriptor.rawValue
+    let flags = try kernelCall("VFIO_GROUP_GET_STATUS") { () throws(Errno) in
+      var status = try kernelStruct(size: Int(CVFU_GROUP_STATUS_SIZE))
+      try kernelIoctl(groupFD, VFIOIoctl.groupGetStatus, &status)
+      return try status.reading { r throws(Errno) in try r.u32(at: KernelLayout.flags) }
+    }
+    let wanted = VFIOKernel.groupViable | VFIOKernel.groupContainerSet
+    guard flags & wanted == wanted else {
+      throw KernelVFIOError(
+        .kernel,
+        "IOMMU group \(number) as handed over is not viable in a container (flags 0x\(String(flags, radix: 16)))"
+      )
+    }
+    info = try Self.queryInfo(container.descriptor.rawValue)
+    self.container = container.release().rawValue
+    self.group = group.release().rawValue
+    groupNumber = number
+  }
+
   deinit {
     close(group)  // leaves the container; its mappings go with it
     close(container)
@@ -238,6 +313,53 @@ public final class Type1Container: IOMMUDomain {
 
   /// Present when VFIO_IOMMU_GET_INFO has the migration capability.
   public var dirtyTracking: IOMMUDirtyTracking? { info.dirtyPageSizes != nil ? self : nil }
+
+  // MARK: Live update (VFIO_UPDATE_VADDR)
+
+  /// Asked of the container each time: an mdev added to it turns it off.
+  public var vaddrUpdateRefusal: String? {
+    Self.vaddrUpdateRefusal(
+      Result { () throws(Errno) in
+        try kernelIoctl(
+          container, VFIOIoctl.checkExtension, value: VFIOKernel.updateVaddrExtension)
+      })
+  }
+
+  /// What VFIO_CHECK_EXTENSION(VFIO_UPDATE_VADDR) answered, as a refusal.
+  public static func vaddrUpdateRefusal(_ answer: Result<Int32, Errno>) -> String? {
+    switch answer {
+    case .success(let value) where value > 0: nil
+    case .success:
+      "the kernel's type1 IOMMU does not offer VFIO_UPDATE_VADDR for this container (Linux 5.12 and later have it, and turn it off while the container holds a mediated device (mdev), whose IOMMU group is emulated): the DMA windows cannot stay mapped while the server's process is replaced"
+    case .failure(let error):
+      "VFIO_CHECK_EXTENSION(VFIO_UPDATE_VADDR) failed (\(error.name)): the DMA windows cannot stay mapped while the server's process is replaced"
+    }
+  }
+
+  public func invalidateVaddr(iova: UInt64, size: UInt64) throws(Errno) {
+    var u = try kernelStruct(size: Int(CVFU_DMA_UNMAP_SIZE), flags: VFIOKernel.dmaUnmapVaddr)
+    try u.put(iova, at: Int(CVFU_DMA_UNMAP_IOVA_OFFSET))
+    try u.put(size, at: Int(CVFU_DMA_UNMAP_SIZE_OFFSET))
+    try kernelIoctl(container, VFIOIoctl.iommuUnmapDMA, &u)
+    // A range holding no mapping succeeds with nothing done: not this mapping.
+    guard try KernelDMA.unmappedSize(u) == size else { throw .noSuchFileOrDirectory }
+  }
+
+  /// The kernel takes no READ or WRITE flag with VADDR: the mapping keeps its protection.
+  public func updateVaddr(_ vaddr: UnsafeRawPointer, iova: UInt64, size: UInt64) throws(Errno) {
+    var m = try kernelStruct(size: Int(CVFU_DMA_MAP_SIZE), flags: VFIOKernel.dmaMapVaddr)
+    try m.put(UInt64(UInt(bitPattern: vaddr)), at: Int(CVFU_DMA_MAP_VADDR_OFFSET))
+    try m.put(iova, at: Int(CVFU_DMA_MAP_IOVA_OFFSET))
+    try m.put(size, at: Int(CVFU_DMA_MAP_SIZE_OFFSET))
+    try kernelIoctl(container, VFIOIoctl.iommuMapDMA, &m)
+  }
+
+  public var handover: IOMMUHandover? {
+    IOMMUHandover(
+      kind: .type1,
+      descriptors: [FileDescriptor(rawValue: container), FileDescriptor(rawValue: group)],
+      group: groupNumber)
+  }
 }
 
 extension Type1Container: IOMMUDirtyTracking {
@@ -363,6 +485,14 @@ public final class IOMMUFDDomain: IOMMUDomain {
 
   public var path: String { "iommufd (cdev \(cdev), IOAS \(ioas))" }
   public var mappingsAvailable: UInt32? { nil }
+
+  /// The IOAS pins the client's memory by this process's addresses. Linux
+  /// 6.13's IOMMU_IOAS_CHANGE_PROCESS moves an IOAS to another process, but
+  /// only for memory mapped by its file (IOMMU_IOAS_MAP_FILE), which this
+  /// server does not do yet: refused, whatever the kernel has.
+  public var vaddrUpdateRefusal: String? {
+    "an iommufd IOAS cannot be handed to a new process yet: IOMMU_IOAS_CHANGE_PROCESS (Linux 6.13) moves only mappings made by file (IOMMU_IOAS_MAP_FILE), and this server maps the client's memory by address"
+  }
 
   public func map(
     vaddr: UnsafeRawPointer, iova: UInt64, size: UInt64, readable: Bool, writable: Bool

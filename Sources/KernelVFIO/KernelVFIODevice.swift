@@ -78,11 +78,28 @@ public final class KernelVFIODevice {
     try KernelVFIODevice(sysfs: nil, file: file, iommu: iommu, path: .group)
   }
 
+  /// A device another process opened, handed over by a live update: its
+  /// device fd (`file`, owning it from here) behind the `iommu` handed over
+  /// with it, asked again what it has, exactly as a device `open` opened.
+  /// `address` or `mdev` name it (the record of the old process); sysfs is
+  /// read again for its facts (the driver, the PF), and a device sysfs no
+  /// longer shows keeps its name.
+  public static func adopt(
+    handedOver file: any VFIODeviceFile, iommu: IOMMUDomain, path: IOMMUPath,
+    address: PCIAddress?, mdev uuid: String?, paths: SystemPaths = .live
+  ) throws(KernelVFIOError) -> KernelVFIODevice {
+    let mdev =
+      uuid.map { paths.mdevDevice($0) ?? SysfsMdevDevice(uuid: $0) }
+    return try KernelVFIODevice(
+      sysfs: address.flatMap { paths.pciDevice(at: $0) }, mdev: mdev, file: file, iommu: iommu,
+      path: path, address: address)
+  }
+
   private init(
     sysfs device: SysfsPCIDevice?, mdev: SysfsMdevDevice? = nil, file: any VFIODeviceFile,
-    iommu: IOMMUDomain, path: IOMMUPath
+    iommu: IOMMUDomain, path: IOMMUPath, address named: PCIAddress? = nil
   ) throws(KernelVFIOError) {
-    address = device?.address
+    address = device?.address ?? named
     sysfs = device
     self.mdev = mdev
     self.file = file

@@ -34,6 +34,14 @@ public enum PFControl: String, CaseIterable, Sendable {
 public protocol PFControlFile: AnyObject, Sendable {
   func pread(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) -> Result<Int, Errno>
   func pwrite(_ bytes: UnsafeRawBufferPointer, at offset: Int64) -> Result<Int, Errno>
+  /// The open file's descriptor (lent), which a live update hands to the
+  /// next process (debugfs is root's; the next process may not be); nil
+  /// for a file that is not one.
+  var descriptor: FileDescriptor? { get }
+}
+
+extension PFControlFile {
+  public var descriptor: FileDescriptor? { nil }
 }
 
 /// Where the control files come from: the real debugfs through POSIX calls
@@ -69,6 +77,8 @@ final class DescriptorControlFile: PFControlFile {
   let fd: Int32
   init(fd: Int32) { self.fd = fd }
   deinit { close(fd) }
+
+  var descriptor: FileDescriptor? { FileDescriptor(rawValue: fd) }
 
   func pread(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) -> Result<Int, Errno> {
     while true {

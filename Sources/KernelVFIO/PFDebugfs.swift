@@ -34,6 +34,13 @@ public struct PFDebugfsLocation: Sendable, Equatable {
   public var vfNumber: Int
   public var directory: String
 
+  public init(vf: PCIAddress, pf: PCIAddress, vfNumber: Int, directory: String) {
+    self.vf = vf
+    self.pf = pf
+    self.vfNumber = vfNumber
+    self.directory = directory
+  }
+
   /// Finds the controls of `vf` from sysfs and debugfs, or says why there
   /// are none. Listing goes through `files` because debugfs answers a
   /// non-root user EACCES (the tree is mode 0700).
@@ -209,6 +216,26 @@ public final class PFVFControls: @unchecked Sendable {
   }
 
   func file(_ control: PFControl) -> any PFControlFile { files[control]! }
+
+  /// Every control file's descriptor (lent), in `PFControl.allCases`
+  /// order, for a live update; nil when one is not a descriptor.
+  public var handoverDescriptors: [FileDescriptor]? {
+    let descriptors = PFControl.allCases.compactMap { files[$0]?.descriptor }
+    return descriptors.count == PFControl.allCases.count ? descriptors : nil
+  }
+
+  /// The controls another process opened, handed over by a live update:
+  /// `descriptors` in `PFControl.allCases` order, owned from here.
+  public static func adopt(_ location: PFDebugfsLocation, descriptors: [FileDescriptor])
+    -> PFVFControls
+  {
+    precondition(descriptors.count == PFControl.allCases.count)
+    var files: [PFControl: any PFControlFile] = [:]
+    for (control, fd) in zip(PFControl.allCases, descriptors) {
+      files[control] = DescriptorControlFile(fd: fd.rawValue)
+    }
+    return PFVFControls(location: location, files: files)
+  }
 
   /// Writes the boolean "1" (the controls take `kstrtobool`, not words).
   public func trigger(_ control: PFControl) throws(Errno) {

@@ -28,9 +28,15 @@ public final class PFDebugfsMigration {
   public private(set) var failed = false
   private var stream: MigrationDataFile?
 
-  public init(controls: PFVFControls, timeout: Duration = .seconds(10)) {
+  /// `state` and `failed`: where a live update's old process left them.
+  public init(
+    controls: PFVFControls, timeout: Duration = .seconds(10), state: MigrationState = .running,
+    failed: Bool = false
+  ) {
     self.controls = controls
     self.timeout = timeout
+    self.state = state
+    self.failed = failed
   }
 
   /// As `xe-vfio-pci`: no PRE_COPY, the hardware cannot track dirty pages.

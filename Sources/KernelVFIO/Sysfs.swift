@@ -102,6 +102,17 @@ public struct SysfsMdevDevice: Sendable, Equatable {
   public var parent: String?
   public var driver: String?
   public var iommuGroup: Int?
+
+  public init(
+    uuid: String, type: String? = nil, parent: String? = nil, driver: String? = nil,
+    iommuGroup: Int? = nil
+  ) {
+    self.uuid = uuid
+    self.type = type
+    self.parent = parent
+    self.driver = driver
+    self.iommuGroup = iommuGroup
+  }
 }
 
 extension SystemPaths {

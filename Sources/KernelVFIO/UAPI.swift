@@ -70,6 +70,15 @@ public enum VFIOKernel {
   /// vfio_iommu_type1_dma_map flags
   public static let dmaMapRead: UInt32 = 1 << 0
   public static let dmaMapWrite: UInt32 = 1 << 1
+  /// VFIO_DMA_MAP_FLAG_VADDR: a new vaddr for a mapping whose vaddr was invalidated.
+  public static let dmaMapVaddr: UInt32 = 1 << 2
+  /// VFIO_DMA_UNMAP_FLAG_VADDR: invalidate the vaddr, keep the IOVA mapped.
+  public static let dmaUnmapVaddr: UInt32 = 1 << 2
+  /// VFIO_UPDATE_VADDR, the extension (VFIO_CHECK_EXTENSION on a container
+  /// with its IOMMU set) that says the container takes the two flags above:
+  /// Linux 5.12 and later, and 0 while the container holds an mdev (Linux 6.2
+  /// and later; an emulated IOMMU group pins pages by the vaddr).
+  public static let updateVaddrExtension: UInt = 10
   /// iommu_ioas_map flags
   public static let ioasMapFixedIOVA: UInt32 = 1 << 0
   public static let ioasMapWriteable: UInt32 = 1 << 1

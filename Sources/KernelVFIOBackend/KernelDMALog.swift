@@ -31,6 +31,10 @@ public final class KernelDMALog {
     self.log = log
   }
 
+  /// A log a live update brought: the container, handed over with it,
+  /// tracks already (its tracking is the kernel's, not the process's).
+  public func adopt(_ log: DirtyPageLog) { self.log = log }
+
   /// Stops the container's tracking too; a refusal leaves nothing to undo.
   public func stop() {
     guard log != nil else { return }

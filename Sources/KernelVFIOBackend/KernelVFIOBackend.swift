@@ -30,6 +30,14 @@ public class KernelVFIOBackend: VFIODeviceBackend {
   /// The windows in the IOMMU, by address: what DMA logging gathers from.
   var mappedWindows: [UInt64: DMAWindow] = [:]
   let dmaLog: KernelDMALog
+  /// What migrates the device (`MigrationPlan.decide`), for the log, `list` and a live update.
+  public let plan: MigrationPlan
+  /// How long one blocking read or write of a migration stream may take.
+  let migrationTimeout: Duration
+  /// A live update's part: the windows whose vaddr this process invalidated
+  /// (restored if the update is called off), and in an imported backend the
+  /// windows the IOMMU holds that wait for this process's addresses.
+  var handover = KernelHandoverProgress()
 
   /// A migratable device gets a subclass, which the server recognises as
   /// `MigrationCapable`: the kernel's data_fd, or the PF's debugfs controls,
@@ -38,7 +46,8 @@ public class KernelVFIOBackend: VFIODeviceBackend {
     _ device: KernelVFIODevice, logger: Logger, plan: MigrationPlan? = nil,
     migrationTimeout: Duration = .seconds(10)
   ) -> KernelVFIOBackend {
-    switch plan ?? device.migrationFlags.map(MigrationPlan.vfio) ?? .none("") {
+    let plan = plan ?? device.migrationFlags.map(MigrationPlan.vfio) ?? .none("")
+    return switch plan {
     case .vfio:
       MigratableKernelVFIOBackend(device, logger: logger, migrationTimeout: migrationTimeout)
     case .pfDebugfs(let controls):
@@ -46,14 +55,19 @@ public class KernelVFIOBackend: VFIODeviceBackend {
         device, logger: logger,
         migration: PFDebugfsMigration(controls: controls, timeout: migrationTimeout))
     case .none:
-      KernelVFIOBackend(device, logger: logger)
+      KernelVFIOBackend(device, logger: logger, plan: plan, migrationTimeout: migrationTimeout)
     }
   }
 
-  init(_ device: KernelVFIODevice, logger: Logger, migration: KernelMigration? = nil) {
+  init(
+    _ device: KernelVFIODevice, logger: Logger, migration: KernelMigration? = nil,
+    plan: MigrationPlan, migrationTimeout: Duration
+  ) {
     self.device = device
     self.logger = logger
     self.migration = migration
+    self.plan = plan
+    self.migrationTimeout = migrationTimeout
     regionDescriptions = device.regions.map { Self.describe($0, deviceFD: device.fd) }
     let sizes = device.iommu.pageSizes
     dmaLimits = DMALimits(
@@ -259,13 +273,17 @@ public final class MigratableKernelVFIOBackend: KernelVFIOBackend, MigrationCapa
   /// reset. The kernel's drivers stay in the state of the arc that failed
   /// (xe-vfio-pci in RESUMING after a restore that did not validate), so this
   /// is the one thing the adapter keeps besides what the kernel says.
-  private var failed = false
+  var failed = false
 
-  init(_ device: KernelVFIODevice, logger: Logger, migrationTimeout: Duration) {
+  /// `failed`: where a live update's old process left it.
+  init(_ device: KernelVFIODevice, logger: Logger, migrationTimeout: Duration, failed: Bool = false)
+  {
+    let flags = device.migrationFlags ?? []
+    self.failed = failed
     super.init(
       device, logger: logger,
-      migration: KernelMigration(
-        driver: device, flags: device.migrationFlags ?? [], timeout: migrationTimeout))
+      migration: KernelMigration(driver: device, flags: flags, timeout: migrationTimeout),
+      plan: .vfio(flags), migrationTimeout: migrationTimeout)
   }
 
   public var migrationFlags: MigrationFlags { migration!.flags }
@@ -309,7 +327,9 @@ public final class PFMigratedKernelVFIOBackend: KernelVFIOBackend, PFDebugfsMigr
 
   init(_ device: KernelVFIODevice, logger: Logger, migration: PFDebugfsMigration) {
     pfMigration = migration
-    super.init(device, logger: logger)
+    super.init(
+      device, logger: logger, plan: .pfDebugfs(migration.controls),
+      migrationTimeout: migration.timeout)
   }
 
   public func logPFError(_ message: String) { logger.error("\(message)") }

@@ -26,13 +26,32 @@ public struct HandoverState {
 }
 
 /// A device a live update can hand to a new server process with all its
-/// state. Both calls come on the connection thread (or with no client
-/// attached, from the thread running the update), between two messages.
+/// state. The old process's calls come on the connection thread (or with no
+/// client attached, from the thread running the update), between two
+/// messages; the new process's before it serves anything.
 public protocol HandoverCapable: AnyObject {
   /// Why the device's state cannot be handed over now (a migration stream
   /// open, work in flight), or nil when it can.
   var handoverRefusal: String? { get }
   /// The device's whole state now. Until the process exits or the update is
-  /// called off, the device is not called again.
+  /// called off (`handoverAbandoned`), the device is not called again. A
+  /// refusal thrown here leaves the device as it was.
   func exportHandover() throws(HandoverRefusal) -> HandoverState
+  /// The update was called off after `exportHandover` succeeded (the new
+  /// process refused, died or timed out, or the commit could not be sent),
+  /// and the new process is gone: the device undoes what its export did to
+  /// things the two processes share (a kernel device names its own
+  /// addresses of the DMA windows again), then serves on. Called on the
+  /// connection thread before it serves the next message.
+  func handoverAbandoned()
+  /// In the new process, once the connection is rebuilt and before ready:
+  /// the client's DMA windows as this process's server mapped them again
+  /// (`DMAWindow.mapping` is this process's address; none without a
+  /// client). A refusal calls the update off.
+  func adoptDMAWindows(_ windows: [DMAWindow]) throws(HandoverRefusal)
+}
+
+extension HandoverCapable {
+  public func handoverAbandoned() {}
+  public func adoptDMAWindows(_ windows: [DMAWindow]) throws(HandoverRefusal) {}
 }

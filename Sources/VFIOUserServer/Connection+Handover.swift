@@ -25,7 +25,7 @@ extension Connection {
       return "the connection is inside a message being placed in parts: try again"
     }
     guard let device = backend as? HandoverCapable else {
-      return "this device cannot be handed to a new process yet (only the simulated VF can)"
+      return "this device's backend cannot be handed to a new process"
     }
     return device.handoverRefusal
   }

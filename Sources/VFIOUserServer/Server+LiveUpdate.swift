@@ -102,8 +102,7 @@ extension VFIOUserServer {
       successor.abandon("the device cannot be handed over")
       return .failure(
         HandoverRefusal(
-          "this device cannot be handed to a new process yet (only the simulated VF can): the server carries on"
-        ))
+          "this device's backend cannot be handed to a new process: the server carries on"))
     }
     guard !statistics.snapshot.stopping else {
       successor.abandon("the server is stopping")
@@ -182,6 +181,13 @@ extension VFIOUserServer {
     out.int(state.descriptors.count)
     for fd in state.descriptors { out.descriptor(fd) }
     record.sections.append((.device, out.bytes))
+    // From here a failure calls the update off with the device's export
+    // undone, once the successor is gone (it may have touched what both share).
+    func calledOff(_ error: HandoverRefusal) -> Result<LiveUpdateReport, HandoverRefusal> {
+      let exit = successor.abandon(error.reason)
+      device.handoverAbandoned()
+      return .failure(HandoverRefusal(error.reason + exit))
+    }
     do throws(HandoverRefusal) {
       try successor.link.send(.state, record.encoded(), descriptors: out.descriptors)
       let answer = try successor.link.receive(timeoutMilliseconds: readyTimeout)
@@ -195,7 +201,7 @@ extension VFIOUserServer {
         throw HandoverRefusal("the new binary answered \(answer.kind) instead of ready")
       }
     } catch {
-      return .failure(error)
+      return calledOff(error)
     }
     let report = LiveUpdateReport(
       successorPID: successor.pid, successorVersion: successor.hello?.version ?? "",
@@ -225,7 +231,10 @@ extension VFIOUserServer {
     let raw = socket.release().rawValue
     listener.withLock { $0 = raw }
     path.withLock { $0 = socketPath }
-    guard let bytes = record.section(.connection) else { return (pausedAt, nil) }
+    guard let bytes = record.section(.connection) else {
+      try (slot.backend as? HandoverCapable)?.adoptDMAWindows([])
+      return (pausedAt, nil)
+    }
     var connectionInput = HandoverDecoder(bytes, what: "connection")
     let pid = Int32(bitPattern: try connectionInput.u32())
     let uid = try connectionInput.u32()
@@ -239,6 +248,8 @@ extension VFIOUserServer {
     guard case .socket(let client) = connection.channel.transport else {
       throw HandoverRefusal("the connection has no socket")
     }
+    // The windows are this process's now: the device learns their addresses.
+    try (slot.backend as? HandoverCapable)?.adoptDMAWindows(connection.dma.windows)
     let monotonic = cvfu_monotonic_ms() - (Int64(time(nil)) - since) * 1000
     statistics.update {
       $0.clientConnected = true

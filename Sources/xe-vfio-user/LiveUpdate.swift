@@ -19,7 +19,10 @@ struct LiveUpdateCommand: ParsableCommand {
       keeps its connection and sees its requests answered by the new process
       after a pause of milliseconds. If anything fails the old server carries
       on serving as before, and this command says why (exit status 1).
-      Devices behind the kernel's VFIO cannot be handed over yet.
+      A device behind the kernel's VFIO (serve --device) is handed over
+      open, its DMA windows staying mapped in the IOMMU: this needs
+      VFIO_UPDATE_VADDR (Linux 5.12 or later, no mdev in the container)
+      while windows are mapped, and is refused on the iommufd path.
       """)
 
   @Option(

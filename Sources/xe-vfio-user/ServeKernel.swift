@@ -1,8 +1,11 @@
 import KernelVFIO
 import KernelVFIOBackend
+import LiveUpdate
 import Logging
 import MigrationTools
+import SystemPackage
 import VFIODevice
+import VFIOUser
 import VFIOUserServer
 
 extension Serve {
@@ -35,6 +38,9 @@ extension Serve {
     logger.info(
       "IOMMU: IOVA ranges \(device.iommu.iovaRanges.text), page sizes 0x\(String(device.iommu.pageSizes, radix: 16)), max_dma_maps \(dma.maxWindows); \(pinning)"
     )
+    logger.info(
+      "live update: \(device.iommu.vaddrUpdateRefusal.map { "refused while DMA windows are mapped: \($0)" } ?? "DMA windows stay mapped across one (the container has VFIO_UPDATE_VADDR)")"
+    )
     if case .none = plan, migration == .auto {
       logger.warning("migration path: \(plan.summary)")
     } else {
@@ -47,6 +53,31 @@ extension Serve {
       backend,
       "kernel VFIO device \(device.identity) (\(device.iommuPath.rawValue) path, migration \(plan.name))",
       plan
+    )
+  }
+
+  /// A live update's successor: the device `--device` names, handed over
+  /// open by the old process (its device fd, container and group), with the
+  /// backend's state. Nothing is opened again: the device's group is the old
+  /// process's until it exits, and a second open would find it busy.
+  func importKernelDevice(
+    _ argument: String, _ bytes: [UInt8], descriptors: consuming OwnedFileDescriptors,
+    logger: Logger
+  ) throws(HandoverRefusal) -> (backend: KernelVFIOBackend, description: String) {
+    let backend = try KernelVFIOBackend.importHandover(
+      bytes, descriptors: descriptors, logger: logger)
+    let device = backend.device
+    if let named = try? DeviceSelection.parse(argument),
+      named.address.map({ $0 != device.address }) ?? (named.mdev != device.mdev?.uuid)
+    {
+      throw HandoverRefusal(
+        "the old server handed over \(device.name), but its --device \(argument) names another")
+    }
+    logger.info("kernel VFIO device (handed over): \(device.summary)")
+    logger.info("migration path: \(backend.plan.summary)")
+    return (
+      backend,
+      "kernel VFIO device \(device.identity) (\(device.iommuPath.rawValue) path, migration \(backend.plan.name))"
     )
   }
 }

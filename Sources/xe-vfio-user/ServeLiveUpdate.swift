@@ -1,6 +1,8 @@
 import ArgumentParser
 import CVFIOUser
 import Control
+import KernelVFIO
+import KernelVFIOBackend
 import LiveUpdate
 import Logging
 import MigrationTools
@@ -188,25 +190,34 @@ extension Serve {
     history: ServeHistory, previous: Int32, control controlSocket: (fd: Int32, path: String?)?
   ) throws(HandoverRefusal) {
     let logger = bootstrapLogging(level: logLevel)
-    guard kernelDevice == nil else {
-      throw HandoverRefusal("a kernel device cannot be handed over yet")
-    }
     var state = try record.deviceState(descriptors: &descriptors)
-    let device = try SimulatedXeVF.importHandover(
-      state.bytes, descriptors: state.descriptors.takeAll(), logger: logger)
+    let backend: any VFIODeviceBackend
+    let served: String
+    let kernel: KernelVFIOBackend?
+    if let kernelDevice {
+      // Open already, through the old process's descriptors: taken, not opened again.
+      let imported = try importKernelDevice(
+        kernelDevice, state.bytes, descriptors: state.descriptors.takeAll(), logger: logger)
+      (backend, served, kernel) = (imported.backend, imported.description, imported.backend)
+    } else {
+      let device = try SimulatedXeVF.importHandover(
+        state.bytes, descriptors: state.descriptors.takeAll(), logger: logger)
+      let vram = device.vramSize > 0 ? ", \(formatBytes(device.vramSize)) VRAM" : ""
+      backend = device
+      served =
+        "simulated Xe VF \(device.profile.name) [8086:\(String(device.profile.deviceID, radix: 16))]\(vram)"
+      kernel = nil
+    }
     let limits = makeLimits()
-    let server = VFIOUserServer(backend: device, limits: limits, logger: logger)
+    let server = VFIOUserServer(backend: backend, limits: limits, logger: logger)
     let (pausedAt, client) = try server.adopt(record, descriptors: &descriptors)
-    let vram = device.vramSize > 0 ? ", \(formatBytes(device.vramSize)) VRAM" : ""
-    let served =
-      "simulated Xe VF \(device.profile.name) [8086:\(String(device.profile.deviceID, radix: 16))]\(vram)"
     let updater = LiveUpdater(server: server, logger: logger, history: history)
-    var control: ControlServer?
+    var controlServer: ControlServer?
     if let controlSocket {
       let made = ControlServer(
         server: server,
         identity: ControlIdentity(
-          device: served, backend: "simulated",
+          device: served, backend: kernel == nil ? "simulated" : "kernel",
           socket: fd.map { "fd \($0)" }
             ?? ServedRecord.absolutePath(socketPath ?? defaultSocketPath),
           version: XeVFIOUser.configuration.version),
@@ -214,7 +225,7 @@ extension Serve {
       made.listen(fd: controlSocket.fd, socketPath: controlSocket.path)
       updater.control.withLock { $0 = controlSocket }
       updater.controlServer.withLock { $0 = made }
-      control = made
+      controlServer = made
     }
     // No signal handling before the commit: a SIGTERM now ends this process
     // by default, before it touched anything shared, and the old server
@@ -238,13 +249,23 @@ extension Serve {
     } catch {
       logger.error("cannot take SIGINT, SIGTERM and SIGHUP: \(error); they end the server abruptly")
     }
-    let record = ServedRecord(
-      device: ServedRecord.simulatedName(pid: getpid()), pid: Int(getpid()),
-      socket: fd.map { "fd \($0)" }
-        ?? ServedRecord.absolutePath(socketPath ?? defaultSocketPath),
-      migration: "simulated: the simulated PF's stream",
-      control: controlSocket?.path.map(ServedRecord.absolutePath), served: served)
-    if let warning = try? record.claim() { logger.notice("\(warning)") }
+    let socket = fd.map { "fd \($0)" } ?? ServedRecord.absolutePath(socketPath ?? defaultSocketPath)
+    let control = controlSocket?.path.map(ServedRecord.absolutePath)
+    let record: ServedRecord
+    if let kernel {
+      // The device's record, under its name as `run` writes it: the old
+      // process's lock went with it (a moment after its end of the link).
+      record = ServedRecord(
+        device: kernel.device.name, pid: Int(getpid()), socket: socket,
+        migration: kernel.plan.summary, opened: kernel.device.reach, control: control,
+        served: served)
+      claimAfter(previous: previous, record, logger: logger)
+    } else {
+      record = ServedRecord(
+        device: ServedRecord.simulatedName(pid: getpid()), pid: Int(getpid()), socket: socket,
+        migration: "simulated: the simulated PF's stream", control: control, served: served)
+      if let warning = try? record.claim() { logger.notice("\(warning)") }
+    }
     let pause = cvfu_monotonic_ms() - pausedAt
     server.statistics.recordLiveUpdate(
       LiveUpdateInfo(
@@ -253,10 +274,26 @@ extension Serve {
     logger.notice(
       "live update: took over from pid \(previous) (update \(history.updates)) serving \(served)\(client.map { " with client pid \($0)" } ?? ""); requests paused \(pause) ms"
     )
-    control?.start()
+    controlServer?.start()
     server.start()
     server.wait()
-    control?.stop()
+    controlServer?.stop()
     record.release()
+  }
+
+  /// Claims the record `previous` held: its lock goes when that process has
+  /// gone, which may be a moment after its end of the handover socket closed.
+  private func claimAfter(previous: Int32, _ record: ServedRecord, logger: Logger) {
+    for attempt in 0..<100 {
+      do {
+        if let warning = try record.claim() { logger.notice("\(warning)") }
+        return
+      } catch {
+        if attempt == 99 {
+          logger.warning("\(error) (pid \(previous) served it before this process)")
+        }
+        usleep(20_000)
+      }
+    }
   }
 }

@@ -10,6 +10,9 @@
 //                       the stream then answers ENODEV and the device is RUNNING
 //   write SOCKET TEXT   TEXT into the FIFO, byte by byte
 //   read SOCKET COUNT   COUNT bytes out of the FIFO (and the line status after)
+//   live-update SOCKET  with a DMA window mapped, `xe-vfio-user live-update` is refused
+//                       (an mdev's container has no VFIO_UPDATE_VADDR); without, it
+//                       goes through, and the FIFO still reads data ready
 import VFIOUser
 import VFIOUserClient
 
@@ -81,6 +84,20 @@ func mttyRead8(_ client: VFIOUserClient, _ offset: UInt64) -> UInt8 {
     let bytes = (0..<count).map { _ in mttyRead8(client, MTTYReg.data) }
     say("mtty-read \(String(decoding: bytes, as: UTF8.self))")
     say("mtty-read-lsr \(hex(mttyRead8(client, MTTYReg.lineStatus)))")
+  case "live-update":
+    let (memfd, buffer) = sharedBuffer(1 << 20)
+    let window: UInt64 = 0x1_0000_0000
+    say(
+      "mtty-lu-map \(outcome { () throws(VFIOUserClientError) in try client.dmaMap(address: window, size: 1 << 20, flags: [.read, .write], fd: memfd) })"
+    )
+    runLiveUpdate("mtty-lu-refused", socket: socket)
+    say(
+      "mtty-lu-unmap \(outcome { () throws(VFIOUserClientError) in _ = try client.dmaUnmap(address: window, size: 1 << 20) })"
+    )
+    runLiveUpdate("mtty-lu-update", socket: socket)
+    say("mtty-lu-lsr \(hex(mttyRead8(client, MTTYReg.lineStatus)))")
+    munmap(buffer.baseAddress, buffer.count)
+    close(memfd.rawValue)
   default:
     fail("unknown mtty step \(step)")
   }

@@ -9,6 +9,7 @@
 //        xe-vfu-guest-check --map SOCKET LABEL
 //        xe-vfu-guest-check --igb SOCKET VF-ADDRESS   (an igb VF: IGB.swift)
 //        xe-vfu-guest-check --mtty STEP SOCKET [ARG]  (an mtty mdev: MTTY.swift)
+//        xe-vfu-guest-check --live-update SOCKET      (DMA across live updates: LiveUpdate.swift)
 //
 // Built static (release, --static-swift-stdlib) and copied into the initramfs
 // with the dynamic libraries it needs. It uses only the client library, not
@@ -86,13 +87,16 @@ let mapOnly = arguments.count == 4 && arguments[1] == "--map"
 let igbMode = arguments.count == 4 && arguments[1] == "--igb"
 /// `--mtty STEP SOCKET [ARG]`: a step of the checks for an mtty mdev (MTTY.swift).
 let mttyMode = (4...5).contains(arguments.count) && arguments[1] == "--mtty"
+/// `--live-update SOCKET`: DMA and MSI-X across live updates of the server (LiveUpdate.swift).
+let liveUpdateMode = arguments.count == 3 && arguments[1] == "--live-update"
 guard arguments.count == 3 || mapOnly || igbMode || mttyMode else {
   say(
-    "error usage: xe-vfu-guest-check SOCKET PCI-ADDRESS | --map SOCKET LABEL | --igb SOCKET VF-ADDRESS | --mtty STEP SOCKET [ARG]"
+    "error usage: xe-vfu-guest-check SOCKET PCI-ADDRESS | --map SOCKET LABEL | --igb SOCKET VF-ADDRESS | --mtty STEP SOCKET [ARG] | --live-update SOCKET"
   )
   exit(2)
 }
-let socket = mttyMode ? arguments[3] : mapOnly || igbMode ? arguments[2] : arguments[1]
+let socket =
+  mttyMode ? arguments[3] : mapOnly || igbMode || liveUpdateMode ? arguments[2] : arguments[1]
 let address = igbMode ? arguments[3] : arguments[2]
 
 /// Connects, waiting for a server that starts in the background.
@@ -130,6 +134,10 @@ if igbMode {
 }
 if mttyMode {
   mttyChecks(client, step: arguments[2], argument: arguments.count == 5 ? arguments[4] : nil)
+  exit(0)
+}
+if liveUpdateMode {
+  liveUpdateChecks(client, socket: socket)
   exit(0)
 }
 let info = must("DEVICE_GET_INFO") { () throws(VFIOUserClientError) in try client.deviceInfo() }

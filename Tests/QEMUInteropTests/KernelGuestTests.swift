@@ -14,8 +14,10 @@ import XeVF
 /// client in the guest, drives that server: config space against sysfs, BAR0
 /// registers, BAR2 mapped through the fd the server passes, refused DMA
 /// windows, an MSI-X eventfd handed to VFIO_DEVICE_SET_IRQS, DMA through the
-/// guest's IOMMU into its memfd and not after the unmap, and a reset. After
-/// the guest powers off, the host reads its VF through its own client.
+/// guest's IOMMU into its memfd and not after the unmap, and a reset; then,
+/// with `--live-update`, the same DMA and MSI-X across two live updates of the
+/// server under one connection. After the guest powers off, the host reads its
+/// VF through its own client.
 ///
 /// Both binaries are the release builds with the Swift runtime linked in
 /// (scripts/build.sh; scripts/test.sh builds them), copied into the
@@ -73,6 +75,9 @@ struct KernelGuestTests {
     # The window the check left mapped went with it: the same IOVA maps again.
     /bin/xe-vfu-guest-check --map /tmp/g.sock remap-after-hangup || echo "XEVF: error map exit $?"
     hangups 3
+    # Live updates under a client mid-work: its windows stay mapped in the IOMMU (VFIO_UPDATE_VADDR).
+    /bin/xe-vfu-guest-check --live-update /tmp/g.sock || echo "XEVF: error live-update exit $?"
+    hangups 4
     sed 's/^/XEVF-LOG: /' /tmp/server.log
     echo "XEVF: done $(cut -d' ' -f1 /proc/uptime)"
     # No kill, no close: the guest's vfio-pci would reset the VF when the server let go of it.
@@ -257,6 +262,42 @@ struct KernelGuestTests {
     #expect(
       !serverLog.contains { $0.contains("IOMMU unmap") || $0.contains("SET_IRQS for") },
       "\(serverLog)")
+
+    // Live updates of the kernel-backed server under the same client (Tests/KernelGuestCheck/
+    // LiveUpdate.swift): the guest kernel has VFIO_UPDATE_VADDR, so the windows stay mapped in
+    // the guest's IOMMU while the server's process changes, the copy engine's DMA reaches the same
+    // windows (the one the first process mapped, and one the second mapped) after each update,
+    // MSI-X still fires through the eventfd the kernel holds, and the last process unmaps.
+    #expect(
+      serverLog.contains {
+        $0.contains(
+          "live update: DMA windows stay mapped across one (the container has VFIO_UPDATE_VADDR)")
+      }, "\(serverLog.prefix(12))")
+    #expect(lines["lu-map"] == ["iova 0x100000000 size 1048576 ok"], "\(context)")
+    #expect(lines["lu-map-2"] == ["iova 0x100400000 ok"])
+    for label in ["lu-before", "lu-after-1", "lu-window-2", "lu-after-2", "lu-after-2-window-2"] {
+      #expect(
+        lines[label] == ["status 0x2 0x2 match 1 msix 1"],
+        "\(label): \(lines[label] ?? [])\n\(context)")
+    }
+    for label in ["lu-update-1", "lu-update-2"] {
+      let line = lines[label]?.first ?? ""
+      #expect(
+        line.hasPrefix("exit 0 live update: pid ") && line.contains("serves /tmp/g.sock now"),
+        "\(label): \(line)")
+    }
+    #expect(lines["lu-unmapped"] == ["ok status 0x4 errno 14 untouched 1"], "\(context)")
+    #expect(lines["lu-done"] != nil)
+    let tookOver = serverLog.filter { $0.contains("live update: took over from pid") }
+    #expect(
+      tookOver.count == 2 && tookOver.allSatisfy { $0.contains("with client pid") }, "\(tookOver)")
+    for count in [1, 2] {
+      #expect(
+        serverLog.contains {
+          $0.contains("live update: \(count) DMA windows have this process's addresses")
+        },
+        "\(count) windows")
+    }
 
     // The host's VF holds what the guest wrote through the kernel-backed server.
     let scratch = try #require(lines["final-scratch"]?.first).split(separator: " ").map(String.init)

@@ -38,6 +38,8 @@ struct MTTYGuestTests {
     check probe /tmp/a.sock
     check reset /tmp/a.sock
     check write /tmp/a.sock \(text)
+    check live-update /tmp/a.sock
+    echo "XEVF: info-kernel-a $(/bin/xe-vfio-user info -s /tmp/a.sock | grep 'Kernel device:' | tr -d '\\t')"
     /bin/xe-vfio-user migrate --from /tmp/a.sock --to /tmp/b.sock >/tmp/migrate.txt 2>&1
     echo "XEVF: migrate exit $? $(tail -n 1 /tmp/migrate.txt)"
     check read /tmp/b.sock \(text.utf8.count)
@@ -115,7 +117,35 @@ struct MTTYGuestTests {
     if wrote.count == 3, let lsr = UInt8(wrote[2].dropFirst(2), radix: 16) {
       #expect(lsr & 1 == 1, "LSR \(wrote[2]): no data ready")
     }
-    // ... moved with the device state through both kernels' data_fds ...
+    // A live update of the source's server: refused while a DMA window is mapped (an mdev's
+    // container has no VFIO_UPDATE_VADDR), the server carrying on; without windows the mdev is
+    // handed over open, with its migration path, and the new process claims its record.
+    #expect(lines["mtty-lu-map"] == ["ok"], "\(context)")
+    let refused = lines["mtty-lu-refused"]?.first ?? ""
+    #expect(
+      refused.hasPrefix("exit 1 ") && refused.contains("VFIO_UPDATE_VADDR")
+        && refused.contains("the server carries on"), "\(refused)")
+    #expect(lines["mtty-lu-unmap"] == ["ok"])
+    let updated = lines["mtty-lu-update"]?.first ?? ""
+    #expect(
+      updated.hasPrefix("exit 0 live update: pid ") && updated.contains("serves /tmp/a.sock now"),
+      "\(updated)\n\(context)")
+    if let lsr = lines["mtty-lu-lsr"]?.first.flatMap({ UInt8($0.dropFirst(2), radix: 16) }) {
+      #expect(lsr & 1 == 1, "LSR 0x\(String(lsr, radix: 16)) after the update: no data ready")
+    }
+    #expect(
+      log.contains {
+        $0.hasPrefix("a: ") && $0.contains("live update: refused while DMA windows are mapped: ")
+      }, "\(log)")
+    #expect(
+      log.contains { $0.hasPrefix("a: ") && $0.contains("live update: took over from pid ") },
+      "\(log)")
+    let infoA = lines["info-kernel-a"]?.first ?? ""
+    #expect(
+      infoA.hasPrefix("Kernel device: mdev \(Self.source) (mtty-1 of mtty) driver mtty through "),
+      "the successor's record: \(infoA)")
+    // ... moved with the device state through both kernels' data_fds (the source's served by the
+    // new process) ...
     let migrate = lines["migrate"]?.first ?? ""
     #expect(
       migrate.hasPrefix("exit 0 migrated ") && migrate.hasSuffix("destination RUNNING"),
