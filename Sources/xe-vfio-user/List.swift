@@ -78,6 +78,9 @@ struct List: ParsableCommand {
     var clientPID: Int64?
     var state: String?
     var unreachable: String?
+    /// Live updates since the server first started, and the last one's time (nil: never updated).
+    var liveUpdates: Int64?
+    var lastLiveUpdate: Int64?
   }
 
   struct PF: Codable, Equatable {
@@ -145,7 +148,8 @@ struct List: ParsableCommand {
       ServerEntry(
         name: live.name, pid: live.record.pid, socket: live.record.socket,
         control: live.record.control, served: live.record.served, clientPID: live.clientPID,
-        state: live.state, unreachable: live.unreachable)
+        state: live.state, unreachable: live.unreachable, liveUpdates: live.liveUpdates?.count,
+        lastLiveUpdate: live.liveUpdates?.at)
     }
     return Listing(
       pfs: pfs, runDirectory: ServedRecord.directory, servers: servers,
@@ -198,8 +202,12 @@ struct List: ParsableCommand {
     var out = ""
     if !listing.servers.isEmpty { out += "Servers (records in \(listing.runDirectory)):\n" }
     for server in listing.servers {
+      let updated =
+        server.liveUpdates.map { count in
+          ", live-updated \(count)× (last \(Info.utcTime(server.lastLiveUpdate ?? 0)))"
+        } ?? ""
       out +=
-        "\t\(server.name): pid \(server.pid), \(server.served ?? "a device") on \(server.socket)\n"
+        "\t\(server.name): pid \(server.pid)\(updated), \(server.served ?? "a device") on \(server.socket)\n"
       if let why = server.unreachable {
         out += "\t\tControl: \(why)\n"
       } else {

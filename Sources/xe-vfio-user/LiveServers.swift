@@ -36,6 +36,13 @@ struct LiveServer {
   var clientPID: Int64? { status?["client"]?["pid"]?.integer }
   /// The device's migration state ("RUNNING", ...), or nil.
   var state: String? { status?["migration"]?["state"]?.string }
+  /// Live updates since the server was first started, and when the last was
+  /// (seconds since the epoch); nil for a server never updated.
+  var liveUpdates: (count: Int64, at: Int64)? {
+    guard let update = status?["server"]?["live-update"], let count = update["count"]?.integer
+    else { return nil }
+    return (count, update["at"]?.integer ?? 0)
+  }
 
   /// One message type's count, or 0.
   func messages(_ command: String) -> UInt64 {

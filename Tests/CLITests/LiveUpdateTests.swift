@@ -322,6 +322,9 @@ struct LiveUpdateTests {
     #expect(result.stdout.contains("requests paused"), "\(result.stdout)")
     let pid = try LiveUpdateTests.servingPID(server.socketPath + ".control")
     #expect(pid != server.pid)
+    // list names the successor, and that it was live-updated.
+    let listed = try run(["list"])
+    #expect(listed.stdout.contains("pid \(pid), live-updated 1× (last "), "\(listed.stdout)")
     // A new client is served by the successor.
     let client = try server.connect()
     #expect(try client.read32(region: VFIOPCIRegion.config, offset: 0) & 0xFFFF == 0x8086)
