@@ -66,7 +66,7 @@ private struct KernelHandoverImport {
       if device == nil, let deviceFD { _ = Glibc.close(deviceFD.rawValue) }
     }
     for section in Section.allCases {
-      var body = try open(section, &reader)
+      var body = try reader.openHandoverSection(section.rawValue, section.name)
       switch section {
       case .device: try readDevice(&body, &descriptors)
       case .iommu: try readIOMMU(&body, &descriptors)
@@ -74,7 +74,7 @@ private struct KernelHandoverImport {
       case .windows: try readWindows(&body)
       case .dirtyLog: try readDirtyLog(&body)
       }
-      try close(section, body, &reader)
+      try reader.closeHandoverSection(body, section.name)
     }
     guard reader.remaining == 0 else {
       throw HandoverRefusal.corrupt(
@@ -85,36 +85,6 @@ private struct KernelHandoverImport {
       "imported from a live update: \(backend.device.reach), \(backend.handover.awaitingAddresses?.count ?? 0) DMA windows"
     )
     return backend
-  }
-
-  private func open(_ section: Section, _ reader: inout ByteReader) throws(HandoverRefusal)
-    -> ByteReader
-  {
-    let at = reader.offset
-    let tag: UInt32 = try reader.handoverField("the \(section.name) section's tag")
-    guard tag == section.rawValue else {
-      throw HandoverRefusal.corrupt(
-        "a section tag", at: at,
-        "section \(tag) where section \(section.rawValue) (\(section.name)) belongs")
-    }
-    let length: UInt64 = try reader.handoverField("the \(section.name) section's length")
-    guard length <= UInt64(reader.remaining) else {
-      throw HandoverRefusal.truncated(
-        "the \(section.name) section", at: reader.offset, size: Int(clamping: length),
-        of: reader.count)
-    }
-    let end = reader.offset + Int(length)
-    return ByteReader(UnsafeRawBufferPointer(rebasing: reader.bytes[..<end]), offset: reader.offset)
-  }
-
-  private func close(_ section: Section, _ body: ByteReader, _ reader: inout ByteReader)
-    throws(HandoverRefusal)
-  {
-    guard body.remaining == 0 else {
-      throw HandoverRefusal.corrupt(
-        "the \(section.name) section", at: body.offset, "\(body.remaining) bytes left unread")
-    }
-    reader.offset = body.count
   }
 
   private func address(_ r: inout ByteReader, _ field: String) throws(HandoverRefusal)

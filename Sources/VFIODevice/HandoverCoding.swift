@@ -39,6 +39,41 @@ extension ByteReader {
   }
 }
 
+extension ByteReader {
+  /// Reads the header of section `tag` (`name`, for the refusals): a tag u32
+  /// and a length u64. Returns a reader of its body, which ends with the
+  /// section; offsets stay the blob's, so refusals name the blob's byte.
+  public mutating func openHandoverSection(_ tag: UInt32, _ name: String)
+    throws(HandoverRefusal) -> ByteReader
+  {
+    let at = offset
+    let found: UInt32 = try handoverField("the \(name) section's tag")
+    guard found == tag else {
+      throw HandoverRefusal.corrupt(
+        "a section tag", at: at, "section \(found) where section \(tag) (\(name)) belongs")
+    }
+    let length: UInt64 = try handoverField("the \(name) section's length")
+    guard length <= UInt64(remaining) else {
+      throw HandoverRefusal.truncated(
+        "the \(name) section", at: offset, size: Int(clamping: length), of: count)
+    }
+    let end = offset + Int(length)
+    return ByteReader(UnsafeRawBufferPointer(rebasing: bytes[..<end]), offset: offset)
+  }
+
+  /// Ends section `name`, whose `body` must have been read to its end; this
+  /// reader goes on after it.
+  public mutating func closeHandoverSection(_ body: ByteReader, _ name: String)
+    throws(HandoverRefusal)
+  {
+    guard body.remaining == 0 else {
+      throw HandoverRefusal.corrupt(
+        "the \(name) section", at: body.offset, "\(body.remaining) bytes left unread")
+    }
+    offset = body.count
+  }
+}
+
 extension OwnedFileDescriptors {
   /// Takes descriptor `index` of an imported handover for `field`: refused when
   /// the handover brought no such descriptor, or another field took it already.

@@ -211,7 +211,7 @@ private struct HandoverImport {
     var identity: (profile: XeProfile, vramSize: UInt64, vfid: UInt16)?
     var device: SimulatedXeVF?
     for section in Section.allCases {
-      var body = try open(section, &reader)
+      var body = try reader.openHandoverSection(section.rawValue, section.name)
       switch (section, identity, device) {
       case (.profile, _, _):
         identity = try profile(&body)
@@ -224,7 +224,7 @@ private struct HandoverImport {
       default:
         break  // unreachable: the profile and memory sections come first
       }
-      try close(section, body, &reader)
+      try reader.closeHandoverSection(body, section.name)
     }
     guard reader.remaining == 0 else {
       throw HandoverRefusal.corrupt(
@@ -234,39 +234,6 @@ private struct HandoverImport {
     device.logger.debug(
       "imported from a live update: \(device.migrationState), \(device.eventFDCount) eventfds")
     return device
-  }
-
-  /// Reads section `section`'s header: a reader of its body, which ends with
-  /// the section (offsets stay the blob's, for the refusals).
-  private func open(_ section: Section, _ reader: inout ByteReader) throws(HandoverRefusal)
-    -> ByteReader
-  {
-    let at = reader.offset
-    let tag: UInt32 = try reader.handoverField("the \(section.name) section's tag")
-    guard tag == section.rawValue else {
-      throw HandoverRefusal.corrupt(
-        "a section tag", at: at,
-        "section \(tag) where section \(section.rawValue) (\(section.name)) belongs")
-    }
-    let length: UInt64 = try reader.handoverField("the \(section.name) section's length")
-    guard length <= UInt64(reader.remaining) else {
-      throw HandoverRefusal.truncated(
-        "the \(section.name) section", at: reader.offset, size: Int(clamping: length),
-        of: reader.count)
-    }
-    let end = reader.offset + Int(length)
-    return ByteReader(UnsafeRawBufferPointer(rebasing: reader.bytes[..<end]), offset: reader.offset)
-  }
-
-  /// Ends a section `body` read, which must have read it all.
-  private func close(_ section: Section, _ body: ByteReader, _ reader: inout ByteReader)
-    throws(HandoverRefusal)
-  {
-    guard body.remaining == 0 else {
-      throw HandoverRefusal.corrupt(
-        "the \(section.name) section", at: body.offset, "\(body.remaining) bytes left unread")
-    }
-    reader.offset = body.count
   }
 
   private func profile(_ r: inout ByteReader) throws(HandoverRefusal) -> (
