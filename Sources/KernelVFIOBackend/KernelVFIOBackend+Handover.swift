@@ -156,9 +156,7 @@ extension KernelVFIOBackend: HandoverCapable {
     for section in HandoverSection.allCases {
       var body = ByteWriter()
       export(section, into: &body, descriptors: &descriptors, iommu: iommu, windows: windows)
-      writer.append(section.rawValue)
-      writer.append(UInt64(body.count))
-      writer.append(body.bytes)
+      writer.appendHandoverSection(section.rawValue, body)
     }
     // Last, so that nothing fails after it: the device's DMA goes on, and
     // the kernel pins nothing new for these windows until an address is named.

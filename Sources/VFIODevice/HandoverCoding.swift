@@ -74,6 +74,15 @@ extension ByteReader {
   }
 }
 
+extension ByteWriter {
+  /// Writes section `tag` with its `body`: what `openHandoverSection` reads.
+  public mutating func appendHandoverSection(_ tag: UInt32, _ body: ByteWriter) {
+    append(tag)
+    append(UInt64(body.count))
+    append(body.bytes)
+  }
+}
+
 extension OwnedFileDescriptors {
   /// Takes descriptor `index` of an imported handover for `field`: refused when
   /// the handover brought no such descriptor, or another field took it already.

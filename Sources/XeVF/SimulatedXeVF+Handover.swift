@@ -84,9 +84,7 @@ extension SimulatedXeVF: HandoverCapable {
     for section in HandoverSection.allCases {
       var body = ByteWriter()
       export(section, into: &body, descriptors: &descriptors)
-      writer.append(section.rawValue)
-      writer.append(UInt64(body.count))
-      writer.append(body.bytes)
+      writer.appendHandoverSection(section.rawValue, body)
     }
     return HandoverState(bytes: writer.bytes, descriptors: descriptors)
   }
