@@ -129,12 +129,12 @@ public struct HandoverDecoder {
     return Array(input[offset..<(offset + count)])
   }
 
+  /// The next `T`, through the project's checked cursor (`ByteReader`).
   private mutating func load<T: FixedWidthInteger>(_: T.Type) throws(HandoverRefusal) -> T {
-    let size = MemoryLayout<T>.size
-    guard size <= remaining else { throw corrupt() }
-    var value: T = 0
-    for i in 0..<size { value |= T(truncatingIfNeeded: input[offset + i]) << (8 * i) }
-    offset += size
+    let at = offset
+    let value = input.withUnsafeBytes { try? ByteReader($0).load(T.self, at: at) }
+    guard let value else { throw corrupt() }
+    offset += MemoryLayout<T>.size
     return value
   }
 
