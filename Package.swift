@@ -214,6 +214,14 @@ let package = Package(
     .target(
       name: "TestSupport", dependencies: ["VFIOUserClient", "CVFIOUser"], path: "Tests/TestSupport",
       swiftSettings: strict),
+    // The live-update record and handover socket on their own.
+    .testTarget(
+      name: "HandoverCodecTests",
+      dependencies: [
+        "LiveUpdate", "VFIODevice", "VFIOUser", "CVFIOUser", "TestSupport",
+        .product(name: "SystemPackage", package: "swift-system"),
+      ],
+      swiftSettings: strict),
     .testTarget(
       name: "VFIOUserTests", dependencies: ["VFIOUser", "TestSupport"],
       swiftSettings: strict),
