@@ -17,35 +17,10 @@ import VFIOUserClient
 #endif
 
 @MainActor func liveUpdateChecks(_ client: VFIOUserClient, socket: String) {
-  func rd(_ offset: UInt64) -> UInt32 {
-    must("BAR0 read \(hex(offset))") { () throws(VFIOUserClientError) in
-      try client.read32(region: VFIOPCIRegion.bar0, offset: offset)
-    }
-  }
-  func wr(_ offset: UInt64, _ value: UInt32) {
-    must("BAR0 write \(hex(offset))") { () throws(VFIOUserClientError) in
-      try client.write32(region: VFIOPCIRegion.bar0, offset: offset, value)
-    }
-  }
-  /// One copy-engine transfer; the final STATUS (then cleared).
   func copy(toDevice: Bool, vram: UInt64, iova: UInt64, length: Int, interrupt: Bool) -> UInt32 {
-    let (src, dst) = toDevice ? (iova, vram) : (vram, iova)
-    wr(Reg.dmaSrc, UInt32(truncatingIfNeeded: src))
-    wr(Reg.dmaSrc + 4, UInt32(truncatingIfNeeded: src >> 32))
-    wr(Reg.dmaDst, UInt32(truncatingIfNeeded: dst))
-    wr(Reg.dmaDst + 4, UInt32(truncatingIfNeeded: dst >> 32))
-    wr(Reg.dmaLen, UInt32(length))
-    wr(Reg.dmaCtrl, (toDevice ? Reg.ctrlToDevice : 0) | (interrupt ? Reg.ctrlInterrupt : 0))
-    wr(Reg.dmaDoorbell, 1)
-    for _ in 0..<60_000 {
-      let status = rd(Reg.dmaStatus)
-      if status & Reg.busy == 0, status & (Reg.done | Reg.error) != 0 {
-        wr(Reg.dmaStatus, Reg.done | Reg.error)
-        return status
-      }
-      usleep(500)
-    }
-    fail("copy engine timed out")
+    copyEngine(
+      client, toDevice: toDevice, vramOffset: vram, iova: iova, length: UInt32(length),
+      interrupt: interrupt)
   }
 
   // COMMAND: memory decode and bus mastering on (the earlier checks left them so; again anyway).

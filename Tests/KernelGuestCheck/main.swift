@@ -193,16 +193,8 @@ let scratch = must("scratch read") { () throws(VFIOUserClientError) in
 }
 say("bar0-scratch \(hex(scratch))")
 
-@MainActor func rd(_ offset: UInt64) -> UInt32 {
-  must("BAR0 read \(hex(offset))") { () throws(VFIOUserClientError) in
-    try client.read32(region: bar0, offset: offset)
-  }
-}
-@MainActor func wr(_ offset: UInt64, _ value: UInt32) {
-  must("BAR0 write \(hex(offset))") { () throws(VFIOUserClientError) in
-    try client.write32(region: bar0, offset: offset, value)
-  }
-}
+@MainActor func rd(_ offset: UInt64) -> UInt32 { bar0Read(client, offset) }
+@MainActor func wr(_ offset: UInt64, _ value: UInt32) { bar0Write(client, offset, value) }
 
 // 3. BAR2 (VRAM): the region's fd is the guest's VFIO device fd; the client maps it.
 var bar2 = must("BAR2 region") { () throws(VFIOUserClientError) in
@@ -258,26 +250,10 @@ say("msix-eventfd set")
 /// One copy-engine transfer; returns the final STATUS (then cleared).
 @MainActor func copy(
   toDevice: Bool, vramOffset: UInt64, iova: UInt64, length: UInt32, interrupt: Bool
-)
-  -> UInt32
-{
-  let (src, dst) = toDevice ? (iova, vramOffset) : (vramOffset, iova)
-  wr(Reg.dmaSrc, UInt32(truncatingIfNeeded: src))
-  wr(Reg.dmaSrc + 4, UInt32(truncatingIfNeeded: src >> 32))
-  wr(Reg.dmaDst, UInt32(truncatingIfNeeded: dst))
-  wr(Reg.dmaDst + 4, UInt32(truncatingIfNeeded: dst >> 32))
-  wr(Reg.dmaLen, length)
-  wr(Reg.dmaCtrl, (toDevice ? Reg.ctrlToDevice : 0) | (interrupt ? Reg.ctrlInterrupt : 0))
-  wr(Reg.dmaDoorbell, 1)
-  for _ in 0..<60_000 {
-    let status = rd(Reg.dmaStatus)
-    if status & Reg.busy == 0, status & (Reg.done | Reg.error) != 0 {
-      wr(Reg.dmaStatus, Reg.done | Reg.error)
-      return status
-    }
-    usleep(500)
-  }
-  fail("copy engine timed out")
+) -> UInt32 {
+  copyEngine(
+    client, toDevice: toDevice, vramOffset: vramOffset, iova: iova, length: length,
+    interrupt: interrupt)
 }
 
 @MainActor func drainEventfd(waitingUpTo seconds: Int) -> UInt64 {
